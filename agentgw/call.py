@@ -1,0 +1,106 @@
+"""The protocol-free vocabulary of the pipeline: who calls (`Principal`), what (`Call`), and the `Reply`.
+
+Ingress adapters build a `Call` from a wire message; filters read and enrich it; the terminal
+stage (the upstream client chosen by the ingress) turns it into a `Reply`. Nothing here knows MCP,
+A2A or OpenAI shapes: `Reply.payload` is opaque to every filter.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["ANONYMOUS", "Action", "Call", "Principal", "Protocol", "Reply", "Usage"]
+
+Protocol = Literal["mcp", "a2a", "llm"]
+# list: discovery; call: invocation; read: resources; send: A2A messages;
+# session: protocol control (initialize, ping, ...) that reveals no capability.
+Action = Literal["list", "call", "read", "send", "session"]
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller, as policy sees it.
+
+    Attributes:
+        subject: `user:alice`, `client:ci-bot`, or `anonymous`.
+        client_id: the OAuth client the token was issued to, if any.
+        roles: roles and groups from configured claims (Casbin `g` rules add more).
+        scopes: OAuth scopes granted to the token.
+        actors: the delegation chain from the `act` claim, outermost (current) actor first.
+        credential: the inbound token, kept only for token exchange; never logged or forwarded.
+    """
+
+    subject: str
+    client_id: str | None = None
+    roles: tuple[str, ...] = ()
+    scopes: frozenset[str] = frozenset()
+    actors: tuple[str, ...] = ()
+    credential: str | None = field(default=None, repr=False, compare=False)
+
+
+ANONYMOUS = Principal(subject="anonymous")
+
+
+@dataclass(slots=True)
+class Usage:
+    """What a call consumed, for budgets and audit."""
+
+    calls: int = 1
+    tokens: int = 0
+    cost: float = 0.0
+
+
+@dataclass(slots=True)
+class Call:
+    """One request through the gateway, whatever its protocol.
+
+    Attributes:
+        protocol: which ingress built it.
+        action: see `Action`.
+        resource: the policy object, e.g. `mcp:github/create_issue`; for a list, the listed container
+            (`mcp:github`), and `Reply.listing` names the items.
+        upstream: the registry name of the upstream that will serve it.
+        method: the wire method, for audit and logs only (filters must not branch on it).
+        credentials: the raw `Authorization` header value from the ingress, for the identity stage.
+        run_id: the agent run this call belongs to (budgets span a run across protocols).
+        arguments: the call's arguments, for audit digests and redaction.
+        principal: set by the identity stage.
+        upstream_authorization: set by the credentials stage; the only credential sent upstream.
+    """
+
+    protocol: Protocol
+    action: Action
+    resource: str
+    upstream: str
+    method: str
+    credentials: str | None = field(default=None, repr=False)
+    run_id: str | None = None
+    session_id: str | None = None
+    arguments: Mapping[str, Any] | None = field(default=None, repr=False)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    principal: Principal | None = None
+    upstream_authorization: str | None = field(default=None, repr=False)
+    estimate: Usage = field(default_factory=Usage)
+    # The policy rule that decided, for audit (`None` when no rule was consulted).
+    decided_by: str | None = None
+
+
+@dataclass(slots=True)
+class Reply:
+    """What the terminal stage produced.
+
+    Attributes:
+        payload: protocol-specific result the ingress renders; opaque to filters.
+        listing: for discovery calls, the policy object of every listed item, in order; the policy
+            stage narrows it and the ingress keeps only the items still named.
+        status: outcome for audit (`ok`, `error`, `upstream_error`, ...).
+        usage: what the call actually consumed, when the upstream reports it.
+    """
+
+    payload: Any = None
+    listing: Sequence[str] | None = None
+    status: str = "ok"
+    usage: Usage | None = None

@@ -1,0 +1,333 @@
+"""`/mcp/{server}` for a streamable-HTTP upstream: the client's messages go upstream as data.
+
+Everything the upstream's transport does (both eras, SSE streams, resumability with `Last-Event-ID`,
+server->client requests on a legacy session) passes through unchanged; the gateway reads each
+message only to classify it, runs the pipeline, and narrows discovery results to what policy allows.
+Upstream session ids are replaced by gateway-minted ones bound to the principal that created them,
+so one caller can never ride another caller's session.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from agentgw.call import Call, Reply
+from agentgw.errors import BadRequest, PayloadTooLarge, SessionNotFound, UnsupportedMediaType, UpstreamError
+from agentgw.ingress.mcp.messages import LIST_KEYS, Message, classify, item_object, parse
+from agentgw.ingress.mcp.rendering import jsonrpc_error_response, run_id_of
+from agentgw.pipeline import Pipeline
+from agentgw.upstream.mcp import McpHttpUpstream, forwarded_headers
+from registry.models import McpServerSpec
+
+__all__ = ["PassThrough", "SessionTable", "read_body"]
+
+log = logging.getLogger(__name__)
+
+RESPONSE_HEADERS = ("content-type", "mcp-protocol-version", "cache-control")
+
+
+@dataclass(slots=True)
+class _Session:
+    server: str
+    upstream_id: str
+    subject: str
+
+
+class SessionTable:
+    """Gateway session id -> (server, upstream session id, owner). In memory: one node's sessions."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, _Session] = {}
+
+    def bind(self, server: str, upstream_id: str, subject: str) -> str:
+        session_id = secrets.token_urlsafe(24)
+        self._sessions[session_id] = _Session(server, upstream_id, subject)
+        return session_id
+
+    def resolve(self, session_id: str, server: str, subject: str) -> str:
+        """The upstream session id behind `session_id`.
+
+        Raises:
+            SessionNotFound: unknown, for another server, or owned by another principal (indistinguishable).
+        """
+        session = self._sessions.get(session_id)
+        if session is None or session.server != server or session.subject != subject:
+            raise SessionNotFound("session not found: start a new session with initialize")
+        return session.upstream_id
+
+    def drop(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read the request body, refusing it as soon as it passes `limit` bytes.
+
+    Raises:
+        UnsupportedMediaType: the content type is not JSON.
+        PayloadTooLarge: the body is larger than `limit`.
+    """
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";", 1)[0].strip().lower() != "application/json":
+        raise UnsupportedMediaType("unsupported media type: send application/json")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body too large: the limit is {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body too large: the limit is {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+_SSE_EVENT_SPLIT = re.compile(rb"\r?\n\r?\n")
+
+
+def _narrow(result: Any, kind: str, allowed: set[str], server: str, modern: bool) -> Any:
+    if not isinstance(result, dict) or not isinstance(result.get(kind), list):
+        raise UpstreamError(f"upstream {server!r} answered a list request with a malformed result")
+    result[kind] = [
+        i for i in result[kind] if isinstance(i, dict) and item_object(server, kind, i) in allowed
+    ]
+    if modern:
+        # The list is narrowed for this caller: no shared cache may hand it to anyone else.
+        result["cacheScope"] = "private"
+    return result
+
+
+@dataclass(slots=True)
+class _Listing:
+    """A JSON answer read whole: checked, and for discovery narrowed before the client sees it."""
+
+    response: httpx.Response
+    body: bytes
+    kind: str | None  # the list key to narrow, or None to send the body as it is
+    modern: bool
+
+
+class PassThrough:
+    """Serves `/mcp/{server}` for streamable-HTTP upstreams."""
+
+    def __init__(
+        self, pipeline: Pipeline, upstream: McpHttpUpstream, sessions: SessionTable, max_body_bytes: int
+    ) -> None:
+        self._pipeline = pipeline
+        self._upstream = upstream
+        self._sessions = sessions
+        self._max_body = max_body_bytes
+
+    async def handle(self, request: Request, spec: McpServerSpec) -> Response:
+        if request.method == "POST":
+            return await self._post(request, spec)
+        return await self._other(request, spec)
+
+    # --- POST: one JSON-RPC message ---
+    async def _post(self, request: Request, spec: McpServerSpec) -> Response:
+        try:
+            raw = await read_body(request, self._max_body)
+            message = parse(raw, request.headers)
+        except BadRequest as exc:
+            return jsonrpc_error_response(None, exc)
+        action, resource = classify(spec.name, message)
+        call = Call(
+            protocol="mcp",
+            action=action,
+            resource=resource,
+            upstream=spec.name,
+            method=message.method or "response",
+            credentials=request.headers.get("authorization"),
+            run_id=run_id_of(request.headers, message.params),
+            session_id=request.headers.get("mcp-session-id"),
+            arguments=message.params.get("arguments") if message.method == "tools/call" else None,
+        )
+
+        async def terminal(call: Call) -> Reply:
+            return await self._forward_post(call, request, spec, message)
+
+        try:
+            reply = await self._pipeline.run(call, terminal)
+        except Exception as exc:
+            return jsonrpc_error_response(message.id, exc, in_pipeline=True)
+        return self._render(reply, spec)
+
+    def _upstream_headers(
+        self, call: Call, incoming: Mapping[str, str], spec: McpServerSpec
+    ) -> dict[str, str]:
+        headers = forwarded_headers(incoming)
+        headers["content-type"] = "application/json"
+        headers.setdefault("accept", "application/json, text/event-stream")
+        if call.session_id:
+            assert call.principal is not None
+            headers["mcp-session-id"] = self._sessions.resolve(
+                call.session_id, spec.name, call.principal.subject
+            )
+        if call.upstream_authorization:
+            headers["authorization"] = call.upstream_authorization
+        return headers
+
+    async def _forward_post(
+        self, call: Call, request: Request, spec: McpServerSpec, message: Message
+    ) -> Reply:
+        assert spec.url is not None and call.principal is not None
+        headers = self._upstream_headers(call, request.headers, spec)
+        response = await self._upstream.send(
+            "POST", spec.url, headers, message.raw, spec.timeout_s, spec.name
+        )
+        upstream_session = response.headers.get("mcp-session-id")
+        if upstream_session and message.method == "initialize" and response.status_code == 200:
+            response.headers["mcp-session-id"] = self._sessions.bind(
+                spec.name, upstream_session, call.principal.subject
+            )
+        elif upstream_session:
+            response.headers["mcp-session-id"] = call.session_id or ""
+        kind = LIST_KEYS.get(message.method or "")
+        content_type = response.headers.get("content-type", "")
+        is_sse = content_type.startswith("text/event-stream")
+        if not message.is_request or response.status_code != 200 or (is_sse and kind is None):
+            status = "ok" if response.status_code < 400 else f"upstream_{response.status_code}"
+            return Reply(payload=response, status=status)
+        if not is_sse and not content_type.startswith("application/json"):
+            await response.aclose()
+            raise UpstreamError(f"upstream {spec.name!r} answered with unexpected content ({content_type!r})")
+        try:
+            body = await response.aread()
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"upstream {spec.name!r} broke off its answer") from exc
+        finally:
+            await response.aclose()
+        messages = _messages(body, content_type)
+        answer = next((m for m in messages if isinstance(m, dict) and m.get("id") == message.id), None)
+        if answer is None or ("result" in answer) == ("error" in answer):
+            raise UpstreamError(
+                f"upstream {spec.name!r} answered with something that is not a JSON-RPC response"
+            )
+        if kind is None or "error" in answer:
+            return Reply(payload=_Listing(response, body, None, message.is_modern))
+        items = answer["result"].get(kind) if isinstance(answer["result"], dict) else None
+        if not isinstance(items, list):
+            raise UpstreamError(f"upstream {spec.name!r} answered a list request with a malformed result")
+        listing = [item_object(spec.name, kind, i) for i in items if isinstance(i, dict)]
+        return Reply(payload=_Listing(response, body, kind, message.is_modern), listing=listing)
+
+    def _render(self, reply: Reply, spec: McpServerSpec) -> Response:
+        payload = reply.payload
+        if isinstance(payload, _Listing):
+            body = payload.body
+            if payload.kind is not None:
+                body = _rewrite(payload, set(reply.listing or ()), spec.name)
+            return Response(body, status_code=200, headers=_response_headers(payload.response))
+        assert isinstance(payload, httpx.Response)
+        return _stream(payload)
+
+    # --- GET (standalone SSE stream of a legacy session) and DELETE (end a session) ---
+    async def _other(self, request: Request, spec: McpServerSpec) -> Response:
+        assert spec.url is not None
+        call = Call(
+            protocol="mcp",
+            action="session",
+            resource=f"mcp:{spec.name}",
+            upstream=spec.name,
+            method=f"HTTP {request.method}",
+            credentials=request.headers.get("authorization"),
+            session_id=request.headers.get("mcp-session-id"),
+        )
+        url = spec.url
+
+        async def terminal(call: Call) -> Reply:
+            headers = self._upstream_headers(call, request.headers, spec)
+            headers.pop("content-type", None)
+            if request.method == "GET":
+                headers["accept"] = "text/event-stream"
+            response = await self._upstream.send(
+                request.method, url, headers, None, spec.timeout_s, spec.name
+            )
+            if request.method == "DELETE" and call.session_id and response.status_code < 300:
+                self._sessions.drop(call.session_id)
+            if call.session_id and "mcp-session-id" in response.headers:
+                response.headers["mcp-session-id"] = call.session_id
+            return Reply(payload=response, status="ok" if response.status_code < 400 else "upstream_error")
+
+        try:
+            reply = await self._pipeline.run(call, terminal)
+        except Exception as exc:
+            return jsonrpc_error_response(None, exc, in_pipeline=True)
+        return self._render(reply, spec)
+
+
+def _messages(body: bytes, content_type: str) -> list[Any]:
+    if content_type.startswith("text/event-stream"):
+        out = []
+        for event in _SSE_EVENT_SPLIT.split(body):
+            data = b"\n".join(
+                line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")
+            )
+            if data:
+                try:
+                    out.append(orjson.loads(data))
+                except orjson.JSONDecodeError:
+                    continue
+        return out
+    try:
+        return [orjson.loads(body)]
+    except orjson.JSONDecodeError:
+        return []
+
+
+def _rewrite(listing: _Listing, allowed: set[str], server: str) -> bytes:
+    assert listing.kind is not None
+    content_type = listing.response.headers.get("content-type", "")
+    if not content_type.startswith("text/event-stream"):
+        message = orjson.loads(listing.body)
+        message["result"] = _narrow(message["result"], listing.kind, allowed, server, listing.modern)
+        return orjson.dumps(message)
+    events = []
+    for event in _SSE_EVENT_SPLIT.split(listing.body):
+        lines = event.splitlines()
+        data = b"\n".join(line[5:].lstrip(b" ") for line in lines if line.startswith(b"data:"))
+        try:
+            message = orjson.loads(data) if data else None
+        except orjson.JSONDecodeError:
+            message = None
+        if isinstance(message, dict) and "result" in message:
+            message["result"] = _narrow(message["result"], listing.kind, allowed, server, listing.modern)
+            lines = [line for line in lines if not line.startswith(b"data:")]
+            lines.append(b"data: " + orjson.dumps(message))
+        if lines:
+            events.append(b"\n".join(lines))
+    return b"\n\n".join(events) + b"\n\n"
+
+
+def _response_headers(response: httpx.Response) -> dict[str, str]:
+    headers = {name: response.headers[name] for name in RESPONSE_HEADERS if name in response.headers}
+    if response.headers.get("mcp-session-id"):
+        headers["mcp-session-id"] = response.headers["mcp-session-id"]
+    return headers
+
+
+def _stream(response: httpx.Response) -> Response:
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in response.aiter_raw():
+                yield chunk
+        except httpx.HTTPError:
+            log.warning("upstream stream broke off", extra={"url": str(response.request.url)})
+
+    return StreamingResponse(
+        body(),
+        status_code=response.status_code,
+        headers=_response_headers(response),
+        background=BackgroundTask(response.aclose),
+    )

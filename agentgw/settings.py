@@ -1,0 +1,132 @@
+"""One typed settings object: environment variables `AGENTGW_*` over an optional YAML config file.
+
+The config file is the GitOps source for upstreams, virtual servers and policy; environment
+variables override scalar settings (host, port, database URL, ...). Values in the file may name
+environment variables as `${NAME}` so that one file serves several machines.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from registry.models import McpServerSpec, VirtualServerSpec
+
+__all__ = ["ConfigError", "PolicySettings", "Settings", "load_settings"]
+
+_ENV_REF = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)\}")
+PACKAGE_POLICIES = Path(__file__).parent / "policies"
+
+
+class ConfigError(ValueError):
+    """The config file or environment cannot be turned into settings."""
+
+
+class PolicySettings(BaseModel):
+    """Where the Casbin policy comes from."""
+
+    model: Path = PACKAGE_POLICIES / "model.conf"
+    file: Path | None = None
+    # Inline policy lines (CSV rows such as `p, anonymous, mcp:demo/*, *, allow`), added to the file's.
+    rules: list[str] = Field(default_factory=list)
+    # Default deny makes an empty policy a gateway that refuses everything: almost always a mistake.
+    allow_empty: bool = False
+
+
+class Settings(BaseSettings):
+    """Everything the gateway is configured with; built once at start-up and passed down."""
+
+    model_config = SettingsConfigDict(env_prefix="AGENTGW_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # The gateway's canonical URL as clients see it (RFC 8707 audience, metadata documents).
+    public_url: str | None = None
+    database_url: str = "sqlite:///agentgw.db"
+    config_file: Path | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    upstream_timeout_s: float = 30.0
+    # Per-upstream budget for a fan-out list on /mcp: a slow upstream drops out, it does not stall.
+    list_timeout_s: float = 5.0
+    namespace_separator: str = "__"
+    # Callers without credentials become the principal `anonymous`; policy still decides what it may do.
+    allow_anonymous: bool = False
+    log_level: str = "INFO"
+    # Mount the built-in demo upstream at /_demo/mcp (used by `agentgw serve` with no config).
+    demo: bool = False
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    servers: list[McpServerSpec] = Field(default_factory=list)
+    virtual_servers: list[VirtualServerSpec] = Field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the config file (passed as init arguments).
+        return (env_settings, init_settings)
+
+
+def _expand(value: Any, path: str) -> Any:
+    if isinstance(value, str):
+
+        def sub(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in os.environ:
+                raise ConfigError(f"{path}: environment variable {name} is not set")
+            return os.environ[name]
+
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, list):
+        return [_expand(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{path}.{k}") for k, v in value.items()}
+    return value
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from an optional YAML file, the environment and explicit overrides.
+
+    Raises:
+        ConfigError: the file is unreadable, not YAML, or has invalid fields.
+    """
+    config_file = config_file or (
+        Path(os.environ["AGENTGW_CONFIG"]) if "AGENTGW_CONFIG" in os.environ else None
+    )
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            loaded = yaml.safe_load(config_file.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {config_file} must hold a mapping at the top level")
+        data = _expand(loaded, str(config_file))
+        # Relative policy paths are relative to the config file, so a config directory is portable.
+        policy = data.get("policy") or {}
+        for key in ("model", "file"):
+            if isinstance(policy.get(key), str):
+                policy[key] = str((config_file.parent / policy[key]).resolve())
+        data["config_file"] = config_file
+    try:
+        settings = Settings(**data)
+        # Command-line options are the most specific statement of intent: they win over everything.
+        return Settings.model_validate(
+            settings.model_dump() | {k: v for k, v in overrides.items() if v is not None}
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc

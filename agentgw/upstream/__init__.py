@@ -1,0 +1,1 @@
+"""Wire out: the terminal stage, one client per upstream protocol."""
