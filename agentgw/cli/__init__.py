@@ -1,0 +1,38 @@
+"""`agentgw <command>`: the operator's command line. Each command lives in its own module with a
+`register(subparsers)` function; add new commands to `COMMANDS`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from agentgw.cli import registry, serve
+from agentgw.settings import ConfigError
+
+__all__ = ["main"]
+
+COMMANDS = (serve, registry)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agentgw", description="agentgw: a gateway for agent traffic")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit status (2 for a bad config)."""
+    args = _parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""`agentgw registry list|show|add|remove`: upstream MCP servers, straight in the database.
+
+A running gateway picks up the change within seconds (it polls the registry's version row)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from agentgw.cli.settings import add_common_options, settings_from_args
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    reg = sub.add_parser("registry", help="upstream MCP servers")
+    reg_sub = reg.add_subparsers(dest="registry_command", required=True)
+    add_common_options(reg_sub.add_parser("list", help="list servers"))
+    show = reg_sub.add_parser("show", help="show one server")
+    add_common_options(show)
+    show.add_argument("name")
+    add = reg_sub.add_parser("add", help="add a server")
+    add_common_options(add)
+    add.add_argument("name")
+    add.add_argument("--transport", default="streamable-http", choices=["streamable-http", "sse", "stdio"])
+    add.add_argument("--url")
+    add.add_argument("--command")
+    add.add_argument("--arg", action="append", help="an argument of the stdio command (repeat)")
+    add.add_argument("--timeout", type=float, default=30.0)
+    remove = reg_sub.add_parser("remove", help="remove a server")
+    add_common_options(remove)
+    remove.add_argument("name")
+    reg.set_defaults(func=_registry)
+
+
+def _registry(args: argparse.Namespace) -> int:
+    from agentgw.storage import create_db, make_engine
+    from registry.models import McpServerSpec
+    from registry.store import RegistryConflict, RegistryStore
+
+    settings = settings_from_args(args)
+    engine = make_engine(settings.database_url)
+    create_db(engine)
+    store = RegistryStore(engine)
+    store.refresh(force=True)
+    if args.registry_command == "list":
+        for spec in store.all_servers():
+            where = spec.url or " ".join([spec.command or "", *spec.args])
+            state = "enabled" if spec.enabled else "disabled"
+            print(f"{spec.name}\t{spec.transport}\t{where}\t{state}")
+        return 0
+    if args.registry_command == "show":
+        found = next((s for s in store.all_servers() if s.name == args.name), None)
+        if found is None:
+            print(f"error: no server named {args.name!r}", file=sys.stderr)
+            return 1
+        print(json.dumps(found.model_dump(), indent=2))
+        return 0
+    if args.registry_command == "add":
+        try:
+            spec = McpServerSpec(
+                name=args.name,
+                transport=args.transport,
+                url=args.url,
+                command=args.command,
+                args=args.arg or [],
+                timeout_s=args.timeout,
+            )
+            store.put_server(spec)
+        except ValidationError as exc:
+            for error in exc.errors():
+                field = ".".join(str(p) for p in error["loc"]) or "server"
+                print(f"error: {field}: {error['msg']}", file=sys.stderr)
+            return 2
+        except RegistryConflict as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"added {spec.name}")
+        return 0
+    try:
+        removed = store.remove_server(args.name)
+    except RegistryConflict as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if not removed:
+        print(f"error: no server named {args.name!r}", file=sys.stderr)
+        return 1
+    print(f"removed {args.name}")
+    return 0
