@@ -13,23 +13,24 @@ from typing import Any
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from starlette.responses import Response
 from starlette.routing import Mount, Route
 
 from agentgw.call import Principal
 from agentgw.demo.upstream import demo_server
-from agentgw.errors import Forbidden, GatewayError, NotFound
+from agentgw.errors import Forbidden, GatewayError
 from agentgw.filters.audit import Audit, SqlAuditSink
 from agentgw.filters.authenticate import Authenticate
 from agentgw.filters.authorize import Authorize, CasbinAuthorizer
 from agentgw.filters.budget import Budget
 from agentgw.filters.credentials import Credentials
+from agentgw.ingress.mcp.bridge import Bridge
 from agentgw.ingress.mcp.passthrough import PassThrough, SessionTable
-from agentgw.ingress.mcp.rendering import jsonrpc_error_response
+from agentgw.ingress.mcp.routes import McpIngress
 from agentgw.pipeline import Pipeline, ordered
 from agentgw.settings import Settings
 from agentgw.storage import create_db, make_engine
 from agentgw.upstream.mcp import McpHttpUpstream
+from agentgw.upstream.mcp_sessions import UpstreamSessions
 from registry.api import registry_router
 from registry.store import RegistryStore
 
@@ -51,6 +52,8 @@ class Gateway:
     pipeline: Pipeline
     mcp_upstream: McpHttpUpstream
     passthrough: PassThrough
+    sessions: UpstreamSessions
+    bridge: Bridge
 
 
 def build_gateway(settings: Settings) -> Gateway:
@@ -84,7 +87,18 @@ def build_gateway(settings: Settings) -> Gateway:
     )
     upstream = McpHttpUpstream()
     passthrough = PassThrough(pipeline, upstream, SessionTable(), settings.max_body_bytes)
-    return Gateway(settings, registry, authenticate, authorizer, pipeline, upstream, passthrough)
+    sessions = UpstreamSessions()
+    bridge = Bridge(
+        pipeline,
+        sessions,
+        separator=settings.namespace_separator,
+        list_timeout_s=settings.list_timeout_s,
+        max_body_bytes=settings.max_body_bytes,
+    )
+    sessions.on_list_changed(bridge.on_list_changed)
+    return Gateway(
+        settings, registry, authenticate, authorizer, pipeline, upstream, passthrough, sessions, bridge
+    )
 
 
 def _admin_guard(gateway: Gateway, area: str, act: str) -> Callable[[Request], Awaitable[Principal]]:
@@ -108,6 +122,15 @@ def create_app(settings: Settings) -> FastAPI:
         async with contextlib.AsyncExitStack() as stack:
             if demo is not None:
                 await stack.enter_async_context(demo.session_manager.run())
+            await stack.enter_async_context(gateway.bridge.session_manager.run())
+            loop = asyncio.get_running_loop()
+
+            # Registry changes may come from the poller's thread: resync on the event loop.
+            def resync() -> None:
+                loop.call_soon_threadsafe(gateway.sessions.sync, gateway.registry.servers())
+
+            gateway.registry.on_change(resync)
+            gateway.sessions.sync(gateway.registry.servers())
             poller = asyncio.create_task(_poll_registry(gateway.registry))
             try:
                 yield
@@ -115,6 +138,7 @@ def create_app(settings: Settings) -> FastAPI:
                 poller.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await poller
+                await gateway.sessions.aclose()
                 await gateway.mcp_upstream.aclose()
 
     app = FastAPI(title="agentgw", version="0.1.0", lifespan=lifespan)
@@ -126,19 +150,10 @@ def create_app(settings: Settings) -> FastAPI:
     async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, status_code=exc.http_status, headers=exc.headers)
 
-    async def mcp_server(request: Request) -> Response:
-        name = request.path_params["server"]
-        spec = gateway.registry.server(name)
-        if spec is None:
-            return jsonrpc_error_response(None, NotFound(f"unknown MCP server {name!r}"))
-        if spec.transport == "streamable-http":
-            return await gateway.passthrough.handle(request, spec)
-        return jsonrpc_error_response(
-            None, NotFound(f"MCP server {name!r} is not reachable over this path yet")
-        )
-
-    # The data plane is plain Starlette routes: no FastAPI validation on the hot path.
-    app.router.routes.append(Route("/mcp/{server}", mcp_server, methods=["GET", "POST", "DELETE"]))
+    # The data plane is plain ASGI routes: no FastAPI validation on the hot path.
+    mcp = McpIngress(gateway.registry, gateway.passthrough, gateway.bridge, gateway.authenticate)
+    app.router.routes.append(Route("/mcp", mcp, methods=["GET", "POST", "DELETE"]))
+    app.router.routes.append(Route("/mcp/{server}", mcp, methods=["GET", "POST", "DELETE"]))
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, Any]:

@@ -1,0 +1,381 @@
+"""Bridged MCP endpoints: the gateway is the MCP server, its upstreams are SDK client sessions.
+
+Serves `/mcp` (every upstream, merged), virtual servers (`/mcp/<virtual>`), and `/mcp/<server>` for
+upstreams that are not streamable HTTP (stdio, legacy SSE). The SDK's server speaks both eras to the
+client; each request runs through the pipeline; upstream requests go through `UpstreamSessions`.
+
+Namespacing, when an endpoint prefixes (the default for `/mcp` and virtual servers):
+    tool or prompt `name` of server `github`   ->  `github__name`  (separator configurable)
+    resource URI `file:///x` of server `fs`     ->  `fs+file:///x`  (still a URI: `fs+file` is a scheme)
+Server names use only `[a-z0-9-]` and the separator must contain another character, so the split is
+never ambiguous. Lists are fetched from every upstream in parallel, each with its own timeout: a slow
+or dead upstream drops out of the list (and is logged) instead of failing or stalling it. Lists are
+narrowed by policy, then paginated with gateway-minted opaque cursors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import mcp_types as types
+import orjson
+from mcp.server import Server
+from mcp.server.context import ServerRequestContext
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.shared.exceptions import MCPError
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from starlette.requests import Request
+from starlette.types import Receive, Scope, Send
+
+from agentgw.call import Call, Reply
+from agentgw.errors import GatewayError, NotFound, UpstreamError
+from agentgw.ingress.mcp.messages import LIST_KEYS, item_object
+from agentgw.ingress.mcp.rendering import run_id_of
+from agentgw.pipeline import Pipeline
+from agentgw.upstream.mcp_sessions import UpstreamSessions
+from registry.models import McpServerSpec, VirtualServerSpec
+
+__all__ = ["Bridge", "Endpoint"]
+
+log = logging.getLogger(__name__)
+
+SCOPE_KEY = "agentgw.endpoint"
+CATALOG_TTL_S = 30.0
+MAX_UPSTREAM_PAGES = 50
+# Which selector list of a virtual server governs each list key.
+_SELECTOR_KIND = {
+    "tools": "tools",
+    "prompts": "prompts",
+    "resources": "resources",
+    "resourceTemplates": "resources",
+}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What one bridged URL serves: member servers, an optional selection of each, and naming."""
+
+    label: str  # for audit: "*" for /mcp, else the virtual or server name
+    servers: tuple[str, ...]
+    prefix: bool
+    selection: Mapping[str, Mapping[str, frozenset[str]]] | None = None  # kind -> server -> names ("*" = all)
+
+    @classmethod
+    def merged(cls, servers: list[McpServerSpec]) -> Endpoint:
+        return cls("*", tuple(s.name for s in servers), prefix=True)
+
+    @classmethod
+    def single(cls, spec: McpServerSpec) -> Endpoint:
+        return cls(spec.name, (spec.name,), prefix=False)
+
+    @classmethod
+    def virtual(cls, spec: VirtualServerSpec) -> Endpoint:
+        selection: dict[str, dict[str, set[str]]] = {}
+        for kind, selectors in (
+            ("tools", spec.tools),
+            ("prompts", spec.prompts),
+            ("resources", spec.resources),
+        ):
+            for selector in selectors:
+                server, _, name = selector.partition("/")
+                selection.setdefault(kind, {}).setdefault(server, set()).add(name)
+        servers = tuple(sorted({s for per_kind in selection.values() for s in per_kind}))
+        frozen = {k: {s: frozenset(n) for s, n in v.items()} for k, v in selection.items()}
+        return cls(spec.name, servers, prefix=spec.prefix, selection=frozen)
+
+    def selects(self, kind: str, server: str, name: str) -> bool:
+        if self.selection is None:
+            return True
+        names = self.selection.get(_SELECTOR_KIND[kind], {}).get(server)
+        return names is not None and ("*" in names or name in names)
+
+
+@dataclass
+class _Cached:
+    items: list[dict[str, Any]]
+    at: float
+
+
+@dataclass
+class _Catalog:
+    """Upstream lists, cached per (server, list key); dropped on list_changed and after a TTL."""
+
+    entries: dict[tuple[str, str], _Cached] = field(default_factory=dict)
+
+    def get(self, server: str, kind: str) -> list[dict[str, Any]] | None:
+        cached = self.entries.get((server, kind))
+        if cached is None or time.monotonic() - cached.at > CATALOG_TTL_S:
+            return None
+        return cached.items
+
+    def put(self, server: str, kind: str, items: list[dict[str, Any]]) -> None:
+        self.entries[(server, kind)] = _Cached(items, time.monotonic())
+
+    def invalidate(self, server: str) -> None:
+        for key in [k for k in self.entries if k[0] == server]:
+            del self.entries[key]
+
+
+def _item_name(kind: str, item: Mapping[str, Any]) -> str:
+    key = "name" if kind in ("tools", "prompts") else ("uri" if kind == "resources" else "uriTemplate")
+    value = item.get(key)
+    return value if isinstance(value, str) else ""
+
+
+class Bridge:
+    """The gateway's own MCP server for bridged endpoints (one SDK server, routed per request)."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        sessions: UpstreamSessions,
+        *,
+        separator: str,
+        list_timeout_s: float,
+        page_size: int = 100,
+        max_body_bytes: int,
+    ) -> None:
+        if all(c.isalnum() or c == "-" for c in separator):
+            raise ValueError("the namespace separator needs a character outside [a-z0-9-] to be unambiguous")
+        self._pipeline = pipeline
+        self._sessions = sessions
+        self._sep = separator
+        self._list_timeout = list_timeout_s
+        self._page_size = page_size
+        self.catalog = _Catalog()
+        server: Server[Any] = Server(
+            "agentgw", version="0.1.0", instructions="agentgw: tools of many servers"
+        )
+        for method in LIST_KEYS:
+            server.add_request_handler(method, types.PaginatedRequestParams, self._list)
+        server.add_request_handler("tools/call", types.CallToolRequestParams, self._invoke)
+        server.add_request_handler("prompts/get", types.GetPromptRequestParams, self._invoke)
+        server.add_request_handler("resources/read", types.ReadResourceRequestParams, self._invoke)
+        server.add_request_handler("resources/subscribe", types.SubscribeRequestParams, self._invoke)
+        server.add_request_handler("completion/complete", types.CompleteRequestParams, self._invoke)
+        self.server = server
+        self.session_manager = StreamableHTTPSessionManager(app=server, max_request_body_size=max_body_bytes)
+
+    def on_list_changed(self, server: str) -> None:
+        self.catalog.invalidate(server)
+
+    async def handle(self, request: Request, endpoint: Endpoint) -> None:
+        """Serve one HTTP request of a bridged endpoint (ASGI; the SDK writes the response)."""
+        request.scope[SCOPE_KEY] = endpoint
+        await self.session_manager.handle_request(request.scope, request.receive, request._send)
+
+    async def asgi(self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
+        scope[SCOPE_KEY] = endpoint
+        await self.session_manager.handle_request(scope, receive, send)
+
+    # --- naming ---
+    def _expose(self, kind: str, server: str, item: dict[str, Any], endpoint: Endpoint) -> dict[str, Any]:
+        if not endpoint.prefix:
+            return item
+        item = dict(item)
+        if kind in ("tools", "prompts"):
+            item["name"] = f"{server}{self._sep}{item.get('name', '')}"
+        elif kind == "resources":
+            item["uri"] = f"{server}+{item.get('uri', '')}"
+        else:
+            item["uriTemplate"] = f"{server}+{item.get('uriTemplate', '')}"
+        return item
+
+    def _route(self, endpoint: Endpoint, kind: str, exposed: str) -> tuple[str, str] | None:
+        """(server, upstream name) for an exposed name, or None when it names nothing routable."""
+        if endpoint.prefix:
+            server, sep, name = exposed.partition("+" if kind == "resources" else self._sep)
+            if not sep or server not in endpoint.servers:
+                return None
+        else:
+            server, name = self._owner(endpoint, kind, exposed)
+            if not server:
+                return None
+        return (server, name) if endpoint.selects(kind, server, name) or kind == "resources" else None
+
+    def _owner(self, endpoint: Endpoint, kind: str, name: str) -> tuple[str, str]:
+        if len(endpoint.servers) == 1:
+            return endpoint.servers[0], name
+        for server in endpoint.servers:
+            if endpoint.selects(kind, server, name):
+                return server, name
+        return "", name
+
+    # --- discovery ---
+    async def _fetch(self, server: str, method: str, kind: str) -> list[dict[str, Any]]:
+        cached = self.catalog.get(server, kind)
+        if cached is not None:
+            return cached
+        items: list[dict[str, Any]] = []
+        cursor: str | None = None
+        for _ in range(MAX_UPSTREAM_PAGES):
+            params = {"cursor": cursor} if cursor else None
+            result = await self._sessions.request(server, method, params, timeout_s=self._list_timeout)
+            items.extend(i for i in result.get(kind) or [] if isinstance(i, dict))
+            cursor = result.get("nextCursor")
+            if not isinstance(cursor, str) or not cursor:
+                break
+        self.catalog.put(server, kind, items)
+        return items
+
+    async def _gather(self, endpoint: Endpoint, method: str, kind: str) -> list[tuple[str, dict[str, Any]]]:
+        async def one(server: str) -> list[tuple[str, dict[str, Any]]]:
+            try:
+                async with asyncio.timeout(self._list_timeout):
+                    return [(server, item) for item in await self._fetch(server, method, kind)]
+            except (TimeoutError, GatewayError) as exc:
+                log.warning("upstream %s left out of %s: %s", server, method, exc)
+                return []
+
+        results = await asyncio.gather(*(one(s) for s in endpoint.servers))
+        return [pair for per_server in results for pair in per_server]
+
+    async def _list(self, ctx: ServerRequestContext[Any, Any], _params: Any) -> dict[str, Any]:
+        endpoint, request = self._context(ctx)
+        kind = LIST_KEYS[ctx.method]
+        raw = dict(ctx.params or {})
+        offset = _decode_cursor(raw.get("cursor"))
+        call = self._call(ctx, request, endpoint, "list", f"mcp:{endpoint.label}")
+
+        async def terminal(_call: Call) -> Reply:
+            pairs = [
+                (server, item)
+                for server, item in await self._gather(endpoint, ctx.method, kind)
+                if endpoint.selects(kind, server, _item_name(kind, item))
+            ]
+            return Reply(payload=pairs, listing=[item_object(s, kind, i) for s, i in pairs])
+
+        reply = await self._run(call, terminal)
+        allowed = set(reply.listing or ())
+        seen: set[str] = set()
+        visible = []
+        for server, item in reply.payload:
+            if item_object(server, kind, item) not in allowed:
+                continue
+            exposed = self._expose(kind, server, item, endpoint)
+            name = _item_name(kind, exposed)
+            if name in seen:  # unprefixed names may collide: the first server listed keeps the name
+                log.warning("%s %r of %s hidden: the name is taken on %s", kind, name, server, endpoint.label)
+                continue
+            seen.add(name)
+            visible.append(exposed)
+        page = visible[offset : offset + self._page_size]
+        result: dict[str, Any] = {kind: page}
+        if offset + self._page_size < len(visible):
+            result["nextCursor"] = _encode_cursor(offset + self._page_size)
+        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            # Narrowed for this caller: no shared cache may serve it to anyone else.
+            result |= {"resultType": "complete", "ttlMs": 0, "cacheScope": "private"}
+        return result
+
+    # --- invocation ---
+    async def _invoke(self, ctx: ServerRequestContext[Any, Any], _params: Any) -> dict[str, Any]:
+        endpoint, request = self._context(ctx)
+        params = dict(ctx.params or {})
+        method = ctx.method
+        if method == "completion/complete":
+            ref = dict(params.get("ref") or {})
+            kind, key = ("prompts", "name") if ref.get("type") == "ref/prompt" else ("resources", "uri")
+            target: dict[str, Any] = ref
+        else:
+            kind = {"tools/call": "tools", "prompts/get": "prompts"}.get(method, "resources")
+            key = "uri" if kind == "resources" else "name"
+            target = params
+        exposed = target.get(key)
+        route = self._route(endpoint, kind, exposed) if isinstance(exposed, str) else None
+        server, name = route if route else (endpoint.label, exposed if isinstance(exposed, str) else "")
+        action = "call" if kind in ("tools", "prompts") else "read"
+        call = self._call(ctx, request, endpoint, action, item_object(server, kind, {key: name}))
+        call.upstream = server
+        if method == "tools/call":
+            call.arguments = params.get("arguments")
+
+        async def terminal(_call: Call) -> Reply:
+            if route is None:
+                raise NotFound(f"unknown {kind[:-1]} {exposed!r}")
+            target[key] = name
+            if target is not params:
+                params["ref"] = target
+            result = await self._sessions.request(
+                server, method, params, progress=self._progress(ctx, params)
+            )
+            return Reply(payload=result)
+
+        reply = await self._run(call, terminal)
+        payload: dict[str, Any] = reply.payload
+        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            # A handshake-era upstream's result has no resultType; the modern era requires one.
+            payload.setdefault("resultType", "complete")
+        return payload
+
+    def _progress(self, ctx: ServerRequestContext[Any, Any], params: Mapping[str, Any]) -> Any:
+        meta = params.get("_meta")
+        token = meta.get("progressToken") if isinstance(meta, dict) else None
+        if token is None:
+            return None
+
+        async def forward(progress: float, total: float | None, message: str | None) -> None:
+            await ctx.session.send_progress_notification(
+                token, progress, total, message, related_request_id=str(ctx.request_id)
+            )
+
+        return forward
+
+    # --- pipeline glue ---
+    @staticmethod
+    def _context(ctx: ServerRequestContext[Any, Any]) -> tuple[Endpoint, Request]:
+        request = ctx.request
+        if not isinstance(request, Request) or SCOPE_KEY not in request.scope:
+            raise MCPError(code=-32603, message="the bridged endpoint needs an HTTP request")
+        endpoint: Endpoint = request.scope[SCOPE_KEY]
+        return endpoint, request
+
+    @staticmethod
+    def _call(
+        ctx: ServerRequestContext[Any, Any], request: Request, endpoint: Endpoint, action: Any, resource: str
+    ) -> Call:
+        params = ctx.params or {}
+        return Call(
+            protocol="mcp",
+            action=action,
+            resource=resource,
+            upstream=endpoint.label,
+            method=ctx.method,
+            credentials=request.headers.get("authorization"),
+            run_id=run_id_of(request.headers, params),
+            session_id=request.headers.get("mcp-session-id"),
+        )
+
+    async def _run(self, call: Call, terminal: Any) -> Reply:
+        try:
+            return await self._pipeline.run(call, terminal)
+        except UpstreamError as exc:
+            code = exc.data.get("code") if isinstance(exc.data, dict) else None
+            raise MCPError(
+                code=code if isinstance(code, int) else exc.jsonrpc_code, message=exc.message
+            ) from exc
+        except GatewayError as exc:
+            raise MCPError(code=exc.jsonrpc_code, message=exc.message, data=exc.data) from exc
+
+
+def _encode_cursor(offset: int) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps({"o": offset})).decode()
+
+
+def _decode_cursor(cursor: Any) -> int:
+    if cursor is None:
+        return 0
+    try:
+        offset = orjson.loads(base64.urlsafe_b64decode(str(cursor)))["o"]
+    except (binascii.Error, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise MCPError(code=-32602, message="invalid cursor") from exc
+    if not isinstance(offset, int) or offset < 0:
+        raise MCPError(code=-32602, message="invalid cursor")
+    return offset

@@ -1,0 +1,250 @@
+"""Long-lived SDK client sessions to upstream MCP servers of any transport, for the bridged endpoints.
+
+One supervised connection per upstream: stdio servers are spawned (stderr to the log), restarted when
+they exit and stopped on shutdown; HTTP (either era, the SDK negotiates) and legacy SSE servers are
+reconnected after a failure. Requests travel as typed SDK requests built from the client's own
+method and params, so the SDK stamps what the upstream's era needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import anyio
+import mcp_types as types
+from mcp import Client, StdioServerParameters
+from mcp.client.sse import sse_client
+from mcp.shared.dispatcher import ProgressFnT as ProgressFn
+from mcp.shared.exceptions import MCPError
+from pydantic import TypeAdapter, ValidationError
+
+from agentgw.errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout
+from registry.models import McpServerSpec
+
+__all__ = ["ProgressFn", "UpstreamSessions"]
+
+log = logging.getLogger(__name__)
+
+_REQUEST = TypeAdapter[Any](types.ClientRequest)
+_RAW = TypeAdapter(dict[str, Any])
+# Reserved per-request keys of the client's era: the upstream session stamps its own.
+_RESERVED_META = "io.modelcontextprotocol/"
+RESTART_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class _StderrToLog:
+    """A file-like sink the SDK's stdio transport writes the child's stderr to."""
+
+    def __init__(self, server: str) -> None:
+        self._read, self._write = os.pipe()
+        self._server = server
+        self._task: asyncio.Task[None] | None = None
+
+    def fileno(self) -> int:
+        return self._write
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._pump())
+
+    async def _pump(self) -> None:
+        reader = asyncio.StreamReader()
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(self._read, "rb", 0)
+        )
+        try:
+            while line := await reader.readline():
+                log.info("stdio upstream %s: %s", self._server, line.decode(errors="replace").rstrip())
+        finally:
+            transport.close()
+
+    def close(self) -> None:
+        os.close(self._write)
+
+
+class _Connection:
+    """One upstream's supervised session."""
+
+    def __init__(self, spec: McpServerSpec, on_list_changed: Callable[[str], None]) -> None:
+        self.spec = spec
+        self._on_list_changed = on_list_changed
+        self.client: Client | None = None
+        self.ready = asyncio.Event()
+        self.dead = asyncio.Event()
+        self.failures = 0
+
+    def mark_dead(self) -> None:
+        self.client = None
+        self.ready.clear()
+        self.dead.set()
+
+    def _transport_target(self) -> Any:
+        spec = self.spec
+        if spec.transport == "stdio":
+            assert spec.command is not None
+            env = {"PATH": os.environ.get("PATH", "")} | spec.env
+            return StdioServerParameters(command=spec.command, args=spec.args, env=env)
+        assert spec.url is not None
+        if spec.transport == "sse":
+            return sse_client(spec.url, timeout=spec.timeout_s)
+        return spec.url
+
+    async def _message(self, message: Any) -> None:
+        method = getattr(getattr(message, "root", message), "method", "")
+        if isinstance(method, str) and method.endswith("/list_changed"):
+            self._on_list_changed(self.spec.name)
+
+    async def run(self) -> None:
+        """Keep a session open until cancelled; reconnect (restart a stdio child) after each failure."""
+        while True:
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # the SDK raises exception groups from its task groups
+                self.failures += 1
+                log.warning("upstream %s disconnected (%s); reconnecting", self.spec.name, type(exc).__name__)
+            finally:
+                self.client = None
+                self.ready.clear()
+            await anyio.sleep(RESTART_BACKOFF_S[min(self.failures, len(RESTART_BACKOFF_S) - 1)])
+
+    async def _session(self) -> None:
+        target = self._transport_target()
+        stderr = _StderrToLog(self.spec.name) if self.spec.transport == "stdio" else None
+        try:
+            if stderr is not None:
+                stderr.start()
+                from mcp.client.stdio import stdio_client
+
+                target = stdio_client(target, errlog=stderr)  # type: ignore[arg-type]  # needs only fileno()
+            mode = "legacy" if self.spec.transport in ("sse", "stdio") else "auto"
+            async with Client(target, mode=mode, message_handler=self._message, cache=None) as client:
+                self.dead.clear()
+                self.client = client
+                self.failures = 0
+                self.ready.set()
+                log.info("upstream %s connected (%s)", self.spec.name, client.session.protocol_version)
+                await self._until_closed(client)
+        finally:
+            if stderr is not None:
+                stderr.close()
+
+    async def _until_closed(self, client: Client) -> None:
+        # Leave (and so reconnect) when a request saw the connection close; ping now and then so that
+        # a stdio child that died or an HTTP session that expired is noticed between requests too.
+        while True:
+            with anyio.move_on_after(15):
+                await self.dead.wait()
+                return
+            with anyio.fail_after(10):
+                await client.session.send_ping()
+
+
+class UpstreamSessions:
+    """The bridge's upstream connections, one supervised session per registered server."""
+
+    def __init__(self) -> None:
+        self._listeners: list[Callable[[str], None]] = []
+        self._connections: dict[str, tuple[_Connection, asyncio.Task[None]]] = {}
+
+    def on_list_changed(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(server)` whenever an upstream says one of its lists changed."""
+        self._listeners.append(listener)
+
+    def _list_changed(self, server: str) -> None:
+        for listener in self._listeners:
+            listener(server)
+
+    def sync(self, specs: list[McpServerSpec]) -> None:
+        """Start connections for new or changed servers, stop those of removed ones."""
+        wanted = {s.name: s for s in specs}
+        for name, (conn, task) in list(self._connections.items()):
+            if wanted.get(name) != conn.spec:
+                task.cancel()
+                del self._connections[name]
+        for name, spec in wanted.items():
+            if name not in self._connections:
+                conn = _Connection(spec, self._list_changed)
+                task = asyncio.get_running_loop().create_task(conn.run(), name=f"upstream:{name}")
+                self._connections[name] = (conn, task)
+
+    async def aclose(self) -> None:
+        tasks = [task for _, task in self._connections.values()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._connections.clear()
+
+    async def request(
+        self,
+        server: str,
+        method: str,
+        params: Mapping[str, Any] | None,
+        *,
+        timeout_s: float | None = None,
+        progress: ProgressFn | None = None,
+    ) -> dict[str, Any]:
+        """Send one request upstream and return its raw result.
+
+        Raises:
+            BadRequest: the method and params are not a request the client may send.
+            UpstreamTimeout: no connection or no answer in time.
+            UpstreamError: the upstream answered with an error or garbage (the error's text travels).
+        """
+        entry = self._connections.get(server)
+        if entry is None:
+            raise UpstreamError(f"upstream {server!r} is not connected")
+        conn = entry[0]
+        timeout = timeout_s or conn.spec.timeout_s
+        try:
+            request = _REQUEST.validate_python({"method": method, "params": _strip_era(params)})
+        except ValidationError as exc:
+            raise BadRequest(f"invalid params for {method}") from exc
+        try:
+            with anyio.fail_after(timeout):
+                await conn.ready.wait()
+                client = conn.client
+                if client is None:
+                    raise UpstreamError(f"upstream {server!r} is not connected")
+                # A TypeAdapter of a plain dict keeps the result raw; the SDK has already checked it
+                # against the negotiated era's schema before it gets here.
+                result: dict[str, Any] = await client.session.send_request(  # type: ignore[type-var]
+                    request, _RAW, request_read_timeout_seconds=timeout, progress_callback=progress
+                )
+                return result
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"upstream {server!r} did not answer within {timeout:g}s") from exc
+        except MCPError as exc:
+            if exc.error.code == types.CONNECTION_CLOSED:
+                # The session is gone (a stdio child exited, say): later calls wait for the supervisor's
+                # reconnect instead of failing on the dead session. This call is not retried: it may
+                # have run upstream before the connection closed.
+                conn.mark_dead()
+                raise UpstreamError(f"upstream {server!r} closed the connection") from exc
+            raise UpstreamError(exc.error.message, data={"code": exc.error.code}) from exc
+        except GatewayError:
+            raise
+        except Exception as exc:
+            raise UpstreamError(f"upstream {server!r} failed: {type(exc).__name__}") from exc
+
+
+def _strip_era(params: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if params is None:
+        return None
+    out = dict(params)
+    meta = out.get("_meta")
+    if isinstance(meta, dict):
+        kept = {k: v for k, v in meta.items() if not k.startswith(_RESERVED_META)}
+        if kept:
+            out["_meta"] = kept
+        else:
+            out.pop("_meta")
+    return out
