@@ -4,6 +4,11 @@ One supervised connection per upstream: stdio servers are spawned (stderr to the
 they exit and stopped on shutdown; HTTP (either era, the SDK negotiates) and legacy SSE servers are
 reconnected after a failure. Requests travel as typed SDK requests built from the client's own
 method and params, so the SDK stamps what the upstream's era needs.
+
+Server->client requests (sampling, elicitation, roots) need to reach the one client whose call caused
+them. A shared connection has no such client, so it answers them with an error; a caller that can
+answer (a legacy client session) gets its own upstream session per HTTP/SSE upstream, bound to its
+session key, whose callbacks go to that caller's `Relay`. Such sessions close after an idle period.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -26,7 +32,7 @@ from pydantic import TypeAdapter, ValidationError
 from agentgw.errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout
 from registry.models import McpServerSpec
 
-__all__ = ["ProgressFn", "UpstreamSessions"]
+__all__ = ["ProgressFn", "Relay", "UpstreamSessions"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +41,28 @@ _RAW = TypeAdapter(dict[str, Any])
 # Reserved per-request keys of the client's era: the upstream session stamps its own.
 _RESERVED_META = "io.modelcontextprotocol/"
 RESTART_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+PEER_IDLE_S = 300.0
+
+# Sends one server->client request (method, params) to the calling client; returns the raw result.
+Relay = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+_SAMPLING = TypeAdapter[Any](types.CreateMessageResult | types.CreateMessageResultWithTools)
+
+
+class _PeerRelay:
+    """The relay of the caller currently using a session-bound connection (one principal's session)."""
+
+    def __init__(self) -> None:
+        self.current: Relay | None = None
+
+    async def ask(self, method: str, params: Any) -> dict[str, Any] | types.ErrorData:
+        relay = self.current
+        if relay is None:
+            return types.ErrorData(code=types.METHOD_NOT_FOUND, message=f"{method} is not available")
+        raw = params.model_dump(by_alias=True, mode="json", exclude_none=True) if params is not None else {}
+        try:
+            return await relay(method, raw)
+        except MCPError as exc:
+            return exc.error
 
 
 class _StderrToLog:
@@ -70,13 +98,33 @@ class _StderrToLog:
 class _Connection:
     """One upstream's supervised session."""
 
-    def __init__(self, spec: McpServerSpec, on_list_changed: Callable[[str], None]) -> None:
+    def __init__(
+        self, spec: McpServerSpec, on_list_changed: Callable[[str], None], *, session_bound: bool = False
+    ) -> None:
         self.spec = spec
         self._on_list_changed = on_list_changed
+        # Every connection declares sampling, elicitation and roots, so that a 2026-07-28 upstream
+        # returns input_required for the end client to answer; a shared connection's relay stays
+        # empty and answers a handshake-era server->client request with an error.
+        self.relay = _PeerRelay()
+        self.session_bound = session_bound
+        self.last_used = time.monotonic()
         self.client: Client | None = None
         self.ready = asyncio.Event()
         self.dead = asyncio.Event()
         self.failures = 0
+
+    async def _sampling(self, context: Any, params: Any) -> Any:
+        raw = await self.relay.ask("sampling/createMessage", params)
+        return raw if isinstance(raw, types.ErrorData) else _SAMPLING.validate_python(raw)
+
+    async def _elicitation(self, context: Any, params: Any) -> Any:
+        raw = await self.relay.ask("elicitation/create", params)
+        return raw if isinstance(raw, types.ErrorData) else types.ElicitResult.model_validate(raw)
+
+    async def _roots(self, context: Any) -> Any:
+        raw = await self.relay.ask("roots/list", None)
+        return raw if isinstance(raw, types.ErrorData) else types.ListRootsResult.model_validate(raw)
 
     def mark_dead(self) -> None:
         self.client = None
@@ -98,6 +146,17 @@ class _Connection:
         method = getattr(getattr(message, "root", message), "method", "")
         if isinstance(method, str) and method.endswith("/list_changed"):
             self._on_list_changed(self.spec.name)
+
+    async def run_once(self) -> None:
+        """One session, for a session-bound connection: it ends on failure or when idle."""
+        try:
+            await self._session()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            log.info("session-bound upstream %s closed (%s)", self.spec.name, type(exc).__name__)
+        finally:
+            self.mark_dead()
 
     async def run(self) -> None:
         """Keep a session open until cancelled; reconnect (restart a stdio child) after each failure."""
@@ -124,7 +183,15 @@ class _Connection:
 
                 target = stdio_client(target, errlog=stderr)  # type: ignore[arg-type]  # needs only fileno()
             mode = "legacy" if self.spec.transport in ("sse", "stdio") else "auto"
-            async with Client(target, mode=mode, message_handler=self._message, cache=None) as client:
+            async with Client(
+                target,
+                mode=mode,
+                message_handler=self._message,
+                cache=None,
+                sampling_callback=self._sampling,
+                elicitation_callback=self._elicitation,
+                list_roots_callback=self._roots,
+            ) as client:
                 self.dead.clear()
                 self.client = client
                 self.failures = 0
@@ -142,6 +209,8 @@ class _Connection:
             with anyio.move_on_after(15):
                 await self.dead.wait()
                 return
+            if self.session_bound and time.monotonic() - self.last_used > PEER_IDLE_S:
+                return
             with anyio.fail_after(10):
                 await client.session.send_ping()
 
@@ -152,6 +221,7 @@ class UpstreamSessions:
     def __init__(self) -> None:
         self._listeners: list[Callable[[str], None]] = []
         self._connections: dict[str, tuple[_Connection, asyncio.Task[None]]] = {}
+        self._peers: dict[tuple[str, str], tuple[_Connection, asyncio.Task[None]]] = {}
 
     def on_list_changed(self, listener: Callable[[str], None]) -> None:
         """Call `listener(server)` whenever an upstream says one of its lists changed."""
@@ -168,6 +238,10 @@ class UpstreamSessions:
             if wanted.get(name) != conn.spec:
                 task.cancel()
                 del self._connections[name]
+        for key, (conn, task) in list(self._peers.items()):
+            if wanted.get(key[0]) != conn.spec:
+                task.cancel()
+                del self._peers[key]
         for name, spec in wanted.items():
             if name not in self._connections:
                 conn = _Connection(spec, self._list_changed)
@@ -175,13 +249,29 @@ class UpstreamSessions:
                 self._connections[name] = (conn, task)
 
     async def aclose(self) -> None:
-        tasks = [task for _, task in self._connections.values()]
+        tasks = [task for _, task in (*self._connections.values(), *self._peers.values())]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._connections.clear()
+        self._peers.clear()
+
+    def _peer(self, server: str, key: str, relay: Relay) -> _Connection | None:
+        shared = self._connections.get(server)
+        if shared is None or shared[0].spec.transport == "stdio":
+            return None  # one stdio child serves everyone: it can never know which caller to ask
+        entry = self._peers.get((server, key))
+        if entry is None or entry[1].done():
+            conn = _Connection(shared[0].spec, self._list_changed, session_bound=True)
+            task = asyncio.get_running_loop().create_task(conn.run_once(), name=f"upstream:{server}:peer")
+            task.add_done_callback(lambda _t: self._peers.pop((server, key), None))
+            entry = self._peers[(server, key)] = (conn, task)
+        conn = entry[0]
+        conn.relay.current = relay
+        conn.last_used = time.monotonic()
+        return conn
 
     async def request(
         self,
@@ -191,6 +281,8 @@ class UpstreamSessions:
         *,
         timeout_s: float | None = None,
         progress: ProgressFn | None = None,
+        relay_key: str | None = None,
+        relay: Relay | None = None,
     ) -> dict[str, Any]:
         """Send one request upstream and return its raw result.
 
@@ -203,6 +295,8 @@ class UpstreamSessions:
         if entry is None:
             raise UpstreamError(f"upstream {server!r} is not connected")
         conn = entry[0]
+        if relay_key is not None and relay is not None:
+            conn = self._peer(server, relay_key, relay) or conn
         timeout = timeout_s or conn.spec.timeout_s
         try:
             request = _REQUEST.validate_python({"method": method, "params": _strip_era(params)})

@@ -32,7 +32,7 @@ def gateway(
             {"name": "local", "transport": "stdio", "command": command, "args": args},
         ],
         "virtual_servers": [
-            {"name": "mixed", "tools": ["modern/echo", "local/add"], "prefix": False},
+            {"name": "mixed", "tools": ["modern/echo", "local/add", "legacy/sample"], "prefix": False},
             {"name": "prefixed", "tools": ["modern/*", "old-sse/echo"]},
         ],
         "policy": {
@@ -42,6 +42,9 @@ def gateway(
                 "p, anonymous, mcp:modern/prompt/*, *, allow",
                 "p, anonymous, mcp:modern/resource/*, *, allow",
                 "p, anonymous, mcp:legacy/echo, *, allow",
+                "p, anonymous, mcp:legacy/sample, *, allow",
+                "p, anonymous, mcp:legacy/elicit, *, allow",
+                "p, anonymous, mcp:modern/ask_user, *, allow",
                 "p, anonymous, mcp:old-sse/*, *, allow",
                 "p, anonymous, mcp:local/*, *, allow",
                 "p, anonymous, mcp:local/crash, *, deny",
@@ -66,9 +69,12 @@ async def test_the_merged_catalog_prefixes_names_and_shows_only_what_policy_allo
         names = sorted(t.name for t in (await client.list_tools()).tools)
         assert names == [
             "legacy__echo",
+            "legacy__elicit",
+            "legacy__sample",
             "local__add",
             "local__echo",
             "modern__add",
+            "modern__ask_user",
             "modern__echo",
             "old-sse__add",
             "old-sse__echo",
@@ -94,7 +100,7 @@ async def test_merged_prompts_and_resources_are_namespaced_and_readable(gateway:
 @pytest.mark.parametrize("mode", MODES)
 async def test_a_virtual_server_serves_its_selection_unprefixed(gateway: RunningGateway, mode: str) -> None:
     async with Client(gateway.mcp("mixed"), mode=mode) as client:  # type: ignore[arg-type]
-        assert sorted(t.name for t in (await client.list_tools()).tools) == ["add", "echo"]
+        assert sorted(t.name for t in (await client.list_tools()).tools) == ["add", "echo", "sample"]
         assert text(await client.call_tool("echo", {"text": "v"})) == "v"
         assert text(await client.call_tool("add", {"a": 1, "b": 1})) == "2"
 
@@ -103,6 +109,7 @@ async def test_a_prefixed_virtual_server_hides_what_it_does_not_select(gateway: 
     async with Client(gateway.mcp("prefixed"), mode="2026-07-28") as client:
         assert sorted(t.name for t in (await client.list_tools()).tools) == [
             "modern__add",
+            "modern__ask_user",
             "modern__echo",
             "old-sse__echo",
         ]
@@ -152,3 +159,39 @@ async def test_a_stdio_upstream_that_exits_is_restarted(tmp_path: Path) -> None:
             # The supervisor restarts the child; the next call waits for it (bounded by the timeout).
             assert text(await client.call_tool("echo", {"text": "after"})) == "after"
         assert gw.output().count("fixture stdio ready") >= 2  # the child's stderr reaches the log
+
+
+async def sampling(_ctx: Any, params: Any) -> Any:
+    from mcp_types import CreateMessageResult, TextContent
+
+    return CreateMessageResult(role="assistant", content=TextContent(type="text", text="sampled!"), model="m")
+
+
+async def elicitation(_ctx: Any, params: Any) -> Any:
+    from mcp_types import ElicitResult
+
+    return ElicitResult(action="accept", content={"answer": "yes", "name": "Ada"})
+
+
+@pytest.mark.parametrize("url", ["/mcp", "/mcp/mixed"])
+async def test_sampling_from_a_legacy_upstream_reaches_the_calling_legacy_client(
+    gateway: RunningGateway, url: str
+) -> None:
+    tool = "legacy__sample" if url == "/mcp" else "sample"
+    async with Client(gateway.url + url, mode="legacy", sampling_callback=sampling) as client:
+        assert "sampled!" in text(await client.call_tool(tool, {}))
+
+
+async def test_elicitation_from_a_legacy_upstream_reaches_the_calling_legacy_client(gateway: RunningGateway) -> None:
+    async with Client(gateway.mcp(), mode="legacy", elicitation_callback=elicitation) as client:
+        assert "yes" in text(await client.call_tool("legacy__elicit", {}))
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_an_input_required_result_is_answered_by_the_client_in_every_era(
+    gateway: RunningGateway, mode: str
+) -> None:
+    # 2026-07-28 clients get input_required untouched and retry; legacy clients are asked the old way.
+    async with Client(gateway.mcp(), mode=mode, elicitation_callback=elicitation) as client:  # type: ignore[arg-type]
+        answer = text(await client.call_tool("modern__ask_user", {}))
+    assert "Ada" in answer or "yes" in answer

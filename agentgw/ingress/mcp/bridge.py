@@ -30,7 +30,9 @@ from mcp.server import Server
 from mcp.server.context import ServerRequestContext
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.shared.exceptions import MCPError
+from mcp.shared.message import ServerMessageMetadata
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from pydantic import BaseModel, TypeAdapter
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
@@ -39,7 +41,7 @@ from agentgw.errors import GatewayError, NotFound, UpstreamError
 from agentgw.ingress.mcp.messages import LIST_KEYS, item_object
 from agentgw.ingress.mcp.rendering import run_id_of
 from agentgw.pipeline import Pipeline
-from agentgw.upstream.mcp_sessions import UpstreamSessions
+from agentgw.upstream.mcp_sessions import Relay, UpstreamSessions
 from registry.models import McpServerSpec, VirtualServerSpec
 
 __all__ = ["Bridge", "Endpoint"]
@@ -49,6 +51,13 @@ log = logging.getLogger(__name__)
 SCOPE_KEY = "agentgw.endpoint"
 CATALOG_TTL_S = 30.0
 MAX_UPSTREAM_PAGES = 50
+MAX_INPUT_ROUNDS = 8
+_SERVER_REQUEST = TypeAdapter[Any](types.ServerRequest)
+_INPUT_RESULTS: dict[str, type[BaseModel]] = {
+    "sampling/createMessage": types.CreateMessageResult,
+    "elicitation/create": types.ElicitResult,
+    "roots/list": types.ListRootsResult,
+}
 # Which selector list of a virtual server governs each list key.
 _SELECTOR_KIND = {
     "tools": "tools",
@@ -303,10 +312,7 @@ class Bridge:
             target[key] = name
             if target is not params:
                 params["ref"] = target
-            result = await self._sessions.request(
-                server, method, params, progress=self._progress(ctx, params)
-            )
-            return Reply(payload=result)
+            return Reply(payload=await self._forward(ctx, request, server, method, params))
 
         reply = await self._run(call, terminal)
         payload: dict[str, Any] = reply.payload
@@ -314,6 +320,58 @@ class Bridge:
             # A handshake-era upstream's result has no resultType; the modern era requires one.
             payload.setdefault("resultType", "complete")
         return payload
+
+    async def _forward(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        request: Request,
+        server: str,
+        method: str,
+        params: dict[str, Any],
+    ) -> dict[str, Any]:
+        progress = self._progress(ctx, params)
+        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            # A 2026-07-28 client answers input requests itself (MRTR): results pass through untouched,
+            # and its retry, carrying requestState, routes by name to the same upstream.
+            return await self._sessions.request(server, method, params, progress=progress)
+        relay = self._relay(ctx)
+        session_key = request.headers.get("mcp-session-id")
+        result = await self._sessions.request(
+            server, method, params, progress=progress, relay_key=session_key, relay=relay
+        )
+        # A handshake-era client cannot read input_required: answer the upstream's input requests by
+        # asking the client the legacy way, then retry with the answers, as a 2026 client would.
+        for _ in range(MAX_INPUT_ROUNDS):
+            if result.get("resultType") != "input_required":
+                return result
+            requests = result.get("inputRequests") or {}
+            answers = {
+                k: await relay(r.get("method", ""), r.get("params") or {}) for k, r in requests.items()
+            }
+            retry = {**params, "inputResponses": answers}
+            if "requestState" in result:
+                retry["requestState"] = result["requestState"]
+            result = await self._sessions.request(
+                server, method, retry, progress=progress, relay_key=session_key, relay=relay
+            )
+        raise UpstreamError(f"upstream {server!r} asked for input more than {MAX_INPUT_ROUNDS} times")
+
+    @staticmethod
+    def _relay(ctx: ServerRequestContext[Any, Any]) -> Relay:
+        """Sends a server->client request on the stream of the client's current request."""
+
+        async def relay(method: str, params: dict[str, Any]) -> dict[str, Any]:
+            result_type = _INPUT_RESULTS.get(method)
+            if result_type is None:
+                raise MCPError(code=types.METHOD_NOT_FOUND, message=f"cannot relay {method!r}")
+            server_request = _SERVER_REQUEST.validate_python({"method": method, "params": params})
+            result = await ctx.session.send_request(
+                server_request, result_type, metadata=ServerMessageMetadata(related_request_id=ctx.request_id)
+            )
+            dumped: dict[str, Any] = result.model_dump(by_alias=True, mode="json", exclude_none=True)
+            return dumped
+
+        return relay
 
     def _progress(self, ctx: ServerRequestContext[Any, Any], params: Mapping[str, Any]) -> Any:
         meta = params.get("_meta")

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 import orjson
+from mcp.shared.inbound import decode_header_value
 
 from agentgw.call import Action
 from agentgw.errors import BadRequest, HeaderMismatch, ParseError
@@ -124,17 +125,26 @@ def parse(raw: bytes, headers: Mapping[str, str]) -> Message:
     return message
 
 
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    # Surrounding whitespace is not part of an HTTP field value (RFC 9110 5.5), whatever the server
+    # library kept; a value that needs exact bytes travels in the `=?base64?...?=` form.
+    value = headers.get(name)
+    return None if value is None else decode_header_value(value.strip(" \t"))
+
+
 def _check_headers(message: Message, headers: Mapping[str, str]) -> None:
     method = message.method
-    header_method = headers.get("mcp-method")
-    if header_method is not None and header_method != method:
+    header_method = _header(headers, "mcp-method")
+    if "mcp-method" in headers and header_method != method:
         raise HeaderMismatch(f"header mismatch: Mcp-Method {header_method!r} but the body says {method!r}")
-    header_name = headers.get("mcp-name")
-    if header_name is not None and method in NAME_PARAM:
-        body_name = message.params.get(NAME_PARAM[method])
-        if header_name != body_name:
-            raise HeaderMismatch("header mismatch: Mcp-Name does not match the body")
-    header_version = headers.get("mcp-protocol-version")
+    name_param = NAME_PARAM.get(method or "")
+    if (
+        "mcp-name" in headers
+        and name_param
+        and _header(headers, "mcp-name") != message.params.get(name_param)
+    ):
+        raise HeaderMismatch("header mismatch: Mcp-Name does not match the body")
+    header_version = _header(headers, "mcp-protocol-version")
     body_version = message.protocol_version
     if header_version and body_version and header_version != body_version:
         raise HeaderMismatch(
