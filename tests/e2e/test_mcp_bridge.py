@@ -182,7 +182,9 @@ async def test_sampling_from_a_legacy_upstream_reaches_the_calling_legacy_client
         assert "sampled!" in text(await client.call_tool(tool, {}))
 
 
-async def test_elicitation_from_a_legacy_upstream_reaches_the_calling_legacy_client(gateway: RunningGateway) -> None:
+async def test_elicitation_from_a_legacy_upstream_reaches_the_calling_legacy_client(
+    gateway: RunningGateway,
+) -> None:
     async with Client(gateway.mcp(), mode="legacy", elicitation_callback=elicitation) as client:
         assert "yes" in text(await client.call_tool("legacy__elicit", {}))
 
