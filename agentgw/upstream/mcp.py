@@ -56,8 +56,9 @@ class McpHttpUpstream:
 
 def forwarded_headers(incoming: Mapping[str, str]) -> dict[str, str]:
     """The client's MCP headers that travel upstream (plus unknown `Mcp-Param-*`, as the spec asks)."""
-    out = {name: incoming[name] for name in FORWARDED_REQUEST_HEADERS if name in incoming}
+    # Values are trimmed: surrounding whitespace is not part of a field value (RFC 9110 5.5).
+    out = {name: incoming[name].strip(" \t") for name in FORWARDED_REQUEST_HEADERS if name in incoming}
     for name, value in incoming.items():
         if name.startswith("mcp-param-"):
-            out[name] = value
+            out[name] = value.strip(" \t")
     return out
