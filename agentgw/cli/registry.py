@@ -42,11 +42,16 @@ def _registry(args: argparse.Namespace) -> int:
     from registry.models import McpServerSpec
     from registry.store import RegistryConflict, RegistryStore
 
-    settings = settings_from_args(args)
+    settings = settings_from_args(args, demo=False)
     engine = make_engine(settings.database_url)
     create_db(engine)
     store = RegistryStore(engine)
-    store.refresh(force=True)
+    if settings.config_file is not None:
+        # The config file owns its declarations: the registry shows them as the gateway would.
+        store.sync_config(settings.servers, settings.virtual_servers)
+    else:
+        # Without a file nothing is declared; rows a file owns stay as the gateway last wrote them.
+        store.refresh(force=True)
     if args.registry_command == "list":
         for spec in store.all_servers():
             where = spec.url or " ".join([spec.command or "", *spec.args])

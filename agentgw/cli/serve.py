@@ -29,6 +29,7 @@ def _serve(args: argparse.Namespace) -> int:
     # Decisions go to the audit log; casbin's and httpx's per-request lines would only repeat them.
     logging.getLogger("casbin").setLevel(logging.ERROR)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
     app = create_app(settings)
     base = settings.base_url
     print(f"agentgw listening on {base}", flush=True)

@@ -20,14 +20,14 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database-url", help="SQLAlchemy URL (default: sqlite:///agentgw.db)")
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """The settings a command runs with.
+def settings_from_args(args: argparse.Namespace, *, demo: bool = True) -> Settings:
+    """The settings a command runs with; with no config file anywhere, the demo's (if `demo`).
 
     Raises:
         ConfigError: the config file or environment is invalid.
     """
     overrides = {k: getattr(args, k, None) for k in ("host", "port", "database_url")}
-    if args.config is None and "AGENTGW_CONFIG" not in os.environ:
+    if demo and args.config is None and "AGENTGW_CONFIG" not in os.environ:
         return _demo_settings(overrides)
     return load_settings(args.config, **overrides)
 

@@ -1,0 +1,69 @@
+"""`agentgw registry`: add, list, show and remove servers in the database; bad input is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agentgw.cli import main
+
+
+def run(capsys: pytest.CaptureFixture[str], db: str, *args: str) -> tuple[int, str, str]:
+    code = main(["registry", args[0], "--database-url", db, *args[1:]])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_server_added_is_listed_shown_and_removed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    code, out, _ = run(capsys, db, "add", "github", "--url", "http://127.0.0.1:9/mcp", "--timeout", "5")
+    assert (code, out.strip()) == (0, "added github")
+    code, out, _ = run(capsys, db, "list")
+    assert "github\tstreamable-http\thttp://127.0.0.1:9/mcp\tenabled" in out
+    code, out, _ = run(capsys, db, "show", "github")
+    assert json.loads(out)["timeout_s"] == 5
+    code, out, _ = run(capsys, db, "remove", "github")
+    assert (code, out.strip()) == (0, "removed github")
+    code, out, _ = run(capsys, db, "list")
+    assert "github" not in out
+
+
+def test_bad_input_is_refused_field_by_field_and_nothing_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    code, _, err = run(capsys, db, "add", "Bad/Name", "--url", "ftp://x")
+    assert code == 2
+    assert "name: Value error, invalid name" in err
+    assert "url: Value error, invalid url" in err
+    code, _, err = run(capsys, db, "add", "local", "--transport", "stdio")
+    assert code == 2 and "needs a command" in err
+    assert run(capsys, db, "list")[1] == ""
+
+
+def test_duplicates_and_unknown_names_are_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    assert run(capsys, db, "add", "a", "--url", "http://127.0.0.1:9/mcp")[0] == 0
+    code, _, err = run(capsys, db, "add", "a", "--url", "http://127.0.0.1:9/mcp")
+    assert code == 1 and "already exists" in err
+    assert run(capsys, db, "remove", "nope")[0] == 1
+    assert run(capsys, db, "show", "nope")[0] == 1
+
+
+def test_servers_owned_by_the_config_file_cannot_be_edited_from_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        "servers:\n  - name: owned\n    url: http://127.0.0.1:9/mcp\npolicy:\n  allow_empty: true\n"
+    )
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    code = main(["registry", "list", "--config", str(config), "--database-url", db])
+    capsys.readouterr()
+    assert code == 0
+    code, _, err = run(capsys, db, "remove", "owned")
+    assert code == 1 and "declared in the config file" in err
