@@ -27,6 +27,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
 from mcp.shared.dispatcher import ProgressFnT as ProgressFn
 from mcp.shared.exceptions import MCPError
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import TypeAdapter, ValidationError
 
 from agentgw.errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout
@@ -42,6 +43,16 @@ _RAW = TypeAdapter(dict[str, Any])
 _RESERVED_META = "io.modelcontextprotocol/"
 RESTART_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 PEER_IDLE_S = 300.0
+_LIST_CHANGED = {
+    "notifications/tools/list_changed": "tools",
+    "notifications/prompts/list_changed": "prompts",
+    "notifications/resources/list_changed": "resources",
+}
+_EVENT_KINDS = {
+    "ToolsListChanged": "tools",
+    "PromptsListChanged": "prompts",
+    "ResourcesListChanged": "resources",
+}
 
 # Sends one server->client request (method, params) to the calling client; returns the raw result.
 Relay = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -99,7 +110,7 @@ class _Connection:
     """One upstream's supervised session."""
 
     def __init__(
-        self, spec: McpServerSpec, on_list_changed: Callable[[str], None], *, session_bound: bool = False
+        self, spec: McpServerSpec, on_list_changed: Callable[[str, str], None], *, session_bound: bool = False
     ) -> None:
         self.spec = spec
         self._on_list_changed = on_list_changed
@@ -144,8 +155,22 @@ class _Connection:
 
     async def _message(self, message: Any) -> None:
         method = getattr(getattr(message, "root", message), "method", "")
-        if isinstance(method, str) and method.endswith("/list_changed"):
-            self._on_list_changed(self.spec.name)
+        kind = _LIST_CHANGED.get(method) if isinstance(method, str) else None
+        if kind is not None:
+            self._on_list_changed(self.spec.name, kind)
+
+    async def _listen(self, client: Client) -> None:
+        # A 2026-07-28 upstream sends change events only on a subscriptions/listen stream.
+        try:
+            async with client.listen(
+                tools_list_changed=True, prompts_list_changed=True, resources_list_changed=True
+            ) as subscription:
+                async for event in subscription:
+                    kind = _EVENT_KINDS.get(type(event).__name__)
+                    if kind is not None:
+                        self._on_list_changed(self.spec.name, kind)
+        except Exception as exc:  # an upstream without listen support still serves calls
+            log.info("upstream %s: no change events (%s)", self.spec.name, type(exc).__name__)
 
     async def run_once(self) -> None:
         """One session, for a session-bound connection: it ends on failure or when idle."""
@@ -197,7 +222,11 @@ class _Connection:
                 self.failures = 0
                 self.ready.set()
                 log.info("upstream %s connected (%s)", self.spec.name, client.session.protocol_version)
-                await self._until_closed(client)
+                async with anyio.create_task_group() as tg:
+                    if client.session.protocol_version in MODERN_PROTOCOL_VERSIONS and not self.session_bound:
+                        tg.start_soon(self._listen, client)
+                    await self._until_closed(client)
+                    tg.cancel_scope.cancel()
         finally:
             if stderr is not None:
                 stderr.close()
@@ -219,17 +248,17 @@ class UpstreamSessions:
     """The bridge's upstream connections, one supervised session per registered server."""
 
     def __init__(self) -> None:
-        self._listeners: list[Callable[[str], None]] = []
+        self._listeners: list[Callable[[str, str], None]] = []
         self._connections: dict[str, tuple[_Connection, asyncio.Task[None]]] = {}
         self._peers: dict[tuple[str, str], tuple[_Connection, asyncio.Task[None]]] = {}
 
-    def on_list_changed(self, listener: Callable[[str], None]) -> None:
-        """Call `listener(server)` whenever an upstream says one of its lists changed."""
+    def on_list_changed(self, listener: Callable[[str, str], None]) -> None:
+        """Call `listener(server, kind)` when an upstream says its tools, prompts or resources changed."""
         self._listeners.append(listener)
 
-    def _list_changed(self, server: str) -> None:
+    def _list_changed(self, server: str, kind: str) -> None:
         for listener in self._listeners:
-            listener(server)
+            listener(server, kind)
 
     def sync(self, specs: list[McpServerSpec]) -> None:
         """Start connections for new or changed servers, stop those of removed ones."""

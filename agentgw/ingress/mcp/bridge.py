@@ -20,7 +20,8 @@ import base64
 import binascii
 import logging
 import time
-from collections.abc import Mapping
+import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,14 @@ import orjson
 from mcp.server import Server
 from mcp.server.context import ServerRequestContext
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
+from mcp.server.subscriptions import (
+    InMemorySubscriptionBus,
+    ListenHandler,
+    PromptsListChanged,
+    ResourcesListChanged,
+    ServerEvent,
+    ToolsListChanged,
+)
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import ServerMessageMetadata
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
@@ -53,6 +62,16 @@ CATALOG_TTL_S = 30.0
 MAX_UPSTREAM_PAGES = 50
 MAX_INPUT_ROUNDS = 8
 _SERVER_REQUEST = TypeAdapter[Any](types.ServerRequest)
+_EVENTS: dict[str, Callable[[], ServerEvent]] = {
+    "tools": ToolsListChanged,
+    "prompts": PromptsListChanged,
+    "resources": ResourcesListChanged,
+}
+_LEGACY_NOTICE = {
+    "tools": "send_tool_list_changed",
+    "prompts": "send_prompt_list_changed",
+    "resources": "send_resource_list_changed",
+}
 _INPUT_RESULTS: dict[str, type[BaseModel]] = {
     "sampling/createMessage": types.CreateMessageResult,
     "elicitation/create": types.ElicitResult,
@@ -169,11 +188,39 @@ class Bridge:
         server.add_request_handler("resources/read", types.ReadResourceRequestParams, self._invoke)
         server.add_request_handler("resources/subscribe", types.SubscribeRequestParams, self._invoke)
         server.add_request_handler("completion/complete", types.CompleteRequestParams, self._invoke)
+        # Change events: 2026-07-28 clients listen on subscriptions/listen streams fed by this bus;
+        # handshake-era sessions get list_changed notifications on their standalone streams.
+        self.bus = InMemorySubscriptionBus()
+        server.add_request_handler(
+            "subscriptions/listen", types.SubscriptionsListenRequestParams, ListenHandler(self.bus)
+        )
+        self._legacy_connections: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._notify_tasks: set[asyncio.Task[None]] = set()
         self.server = server
         self.session_manager = StreamableHTTPSessionManager(app=server, max_request_body_size=max_body_bytes)
 
-    def on_list_changed(self, server: str) -> None:
+    def on_list_changed(self, server: str, kind: str) -> None:
+        """An upstream's list changed: drop its cached lists and tell the clients that listen."""
         self.catalog.invalidate(server)
+        task = asyncio.get_running_loop().create_task(self._announce(kind))
+        self._notify_tasks.add(task)
+        task.add_done_callback(self._notify_tasks.discard)
+
+    async def _announce(self, kind: str) -> None:
+        await self.bus.publish(_EVENTS[kind]())
+        for connection in list(self._legacy_connections):
+            if not connection.has_standalone_channel:
+                continue
+            try:
+                await getattr(connection, _LEGACY_NOTICE[kind])()
+            except Exception as exc:  # a client that went away must not stop the others' notices
+                log.info("list_changed not delivered to a client: %s", type(exc).__name__)
+
+    def _remember(self, ctx: ServerRequestContext[Any, Any]) -> None:
+        # The SDK exposes the connection (whose standalone stream carries notices) only privately.
+        connection = getattr(ctx.session, "_connection", None)
+        if connection is not None and ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            self._legacy_connections.add(connection)
 
     async def handle(self, request: Request, endpoint: Endpoint) -> None:
         """Serve one HTTP request of a bridged endpoint (ASGI; the SDK writes the response)."""
@@ -248,6 +295,7 @@ class Bridge:
 
     async def _list(self, ctx: ServerRequestContext[Any, Any], _params: Any) -> dict[str, Any]:
         endpoint, request = self._context(ctx)
+        self._remember(ctx)
         kind = LIST_KEYS[ctx.method]
         raw = dict(ctx.params or {})
         offset = _decode_cursor(raw.get("cursor"))
@@ -287,6 +335,7 @@ class Bridge:
     # --- invocation ---
     async def _invoke(self, ctx: ServerRequestContext[Any, Any], _params: Any) -> dict[str, Any]:
         endpoint, request = self._context(ctx)
+        self._remember(ctx)
         params = dict(ctx.params or {})
         method = ctx.method
         if method == "completion/complete":
