@@ -69,4 +69,21 @@ def registry_router(store: RegistryStore, read_guard: Guard, write_guard: Guard)
     async def list_virtual(_: Read) -> list[VirtualServerSpec]:
         return store.virtual_servers()
 
+    @router.post("/virtual-servers", response_model=VirtualServerSpec, status_code=status.HTTP_201_CREATED)
+    async def add_virtual(spec: VirtualServerSpec, _: Write) -> VirtualServerSpec:
+        try:
+            store.put_virtual(spec)
+        except RegistryConflict as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+        return spec
+
+    @router.delete("/virtual-servers/{name}", status_code=status.HTTP_204_NO_CONTENT)
+    async def remove_virtual(name: str, _: Write) -> None:
+        try:
+            removed = store.remove_virtual(_name(name))
+        except RegistryConflict as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+        if not removed:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no virtual server named {name!r}")
+
     return router

@@ -66,7 +66,20 @@ class RegistryStore:
 
     # --- writes ---
     def sync_config(self, servers: Sequence[McpServerSpec], virtual: Sequence[VirtualServerSpec]) -> None:
-        """Make the config file's declarations the truth for the rows it owns."""
+        """Make the config file's declarations the truth for the rows it owns.
+
+        Raises:
+            RegistryConflict: a name is declared twice, or a virtual server selects an undeclared server.
+        """
+        names = [s.name for s in servers] + [v.name for v in virtual]
+        if duplicates := sorted({n for n in names if names.count(n) > 1}):
+            raise RegistryConflict(
+                f"declared more than once (servers and virtual servers share /mcp/<name>): {duplicates}"
+            )
+        for vspec in virtual:
+            selected = {sel.partition("/")[0] for sel in (*vspec.tools, *vspec.prompts, *vspec.resources)}
+            if unknown := sorted(selected - {s.name for s in servers}):
+                raise RegistryConflict(f"virtual server {vspec.name!r} selects undeclared servers: {unknown}")
         with Session(self._engine) as session:
             server_names = {s.name for s in servers}
             for row in session.exec(select(McpServerRow).where(McpServerRow.source == "config")).all():
@@ -90,9 +103,12 @@ class RegistryStore:
         """Add (or with `replace`, update) an API-owned server.
 
         Raises:
-            RegistryConflict: the name exists (and `replace` is false) or the config file owns it.
+            RegistryConflict: the name exists (and `replace` is false), a virtual server has it, or the
+                config file owns it.
         """
         with Session(self._engine) as session:
+            if session.get(VirtualServerRow, spec.name) is not None:
+                raise RegistryConflict(f"{spec.name!r} is a virtual server: both are served at /mcp/<name>")
             row = session.get(McpServerRow, spec.name)
             if row is not None and row.source == "config":
                 raise RegistryConflict(f"server {spec.name!r} is declared in the config file; edit it there")
@@ -115,6 +131,56 @@ class RegistryStore:
                 return False
             if row.source == "config":
                 raise RegistryConflict(f"server {name!r} is declared in the config file; edit it there")
+            session.delete(row)
+            self._bump(session)
+            session.commit()
+        self.refresh(force=True)
+        return True
+
+    def put_virtual(self, spec: VirtualServerSpec, *, replace: bool = False) -> None:
+        """Add (or with `replace`, update) an API-owned virtual server.
+
+        Raises:
+            RegistryConflict: the name is taken (by a server, or by a virtual server when not
+                replacing), the config file owns it, or a selector names an unknown server.
+        """
+        with Session(self._engine) as session:
+            if session.get(McpServerRow, spec.name) is not None:
+                raise RegistryConflict(f"{spec.name!r} is a server: both are served at /mcp/<name>")
+            unknown = sorted(
+                {sel.partition("/")[0] for sel in (*spec.tools, *spec.prompts, *spec.resources)}
+                - {r.name for r in session.exec(select(McpServerRow))}
+            )
+            if unknown:
+                raise RegistryConflict(
+                    f"virtual server {spec.name!r} selects unknown servers: {', '.join(unknown)}"
+                )
+            row = session.get(VirtualServerRow, spec.name)
+            if row is not None and row.source == "config":
+                raise RegistryConflict(
+                    f"virtual server {spec.name!r} is declared in the config file; edit it there"
+                )
+            if row is not None and not replace:
+                raise RegistryConflict(f"virtual server {spec.name!r} already exists")
+            session.merge(VirtualServerRow(name=spec.name, spec=spec.model_dump(), source="api"))
+            self._bump(session)
+            session.commit()
+        self.refresh(force=True)
+
+    def remove_virtual(self, name: str) -> bool:
+        """Remove an API-owned virtual server; returns whether it existed.
+
+        Raises:
+            RegistryConflict: the config file owns it.
+        """
+        with Session(self._engine) as session:
+            row = session.get(VirtualServerRow, name)
+            if row is None:
+                return False
+            if row.source == "config":
+                raise RegistryConflict(
+                    f"virtual server {name!r} is declared in the config file; edit it there"
+                )
             session.delete(row)
             self._bump(session)
             session.commit()
