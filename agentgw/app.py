@@ -11,24 +11,38 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.routing import Mount, Route
 
+from agentgw.admin.audit import audit_router
+from agentgw.admin.budgets import budgets_router
 from agentgw.call import Principal
 from agentgw.demo.upstream import demo_server
 from agentgw.errors import Forbidden, GatewayError
-from agentgw.filters.audit import Audit, SqlAuditSink
+from agentgw.filters.audit import Audit
 from agentgw.filters.authenticate import Authenticate
-from agentgw.filters.authorize import Authorize, CasbinAuthorizer
-from agentgw.filters.budget import Budget
-from agentgw.filters.credentials import Credentials
+from agentgw.filters.authorize import Authorize, CasbinAuthorizer, policy_router
+from agentgw.filters.budget import Budget, BudgetStore
+from agentgw.filters.credentials import Credentials, TokenService
+from agentgw.ingress.a2a import A2aIngress
+from agentgw.ingress.llm import LlmIngress
 from agentgw.ingress.mcp.bridge import Bridge
-from agentgw.ingress.mcp.passthrough import PassThrough, SessionTable
+from agentgw.ingress.mcp.passthrough import PassThrough
 from agentgw.ingress.mcp.routes import McpIngress
+from agentgw.ingress.mcp.sessions import MemorySessionStore, RedisSessionStore, SessionStore
+from agentgw.oauth.apikeys import api_key_router
+from agentgw.oauth.identity import Identity, build_identity
+from agentgw.oauth.metadata import protected_resource_router
+from agentgw.oauth.server import oauth_router
 from agentgw.pipeline import Pipeline, ordered
 from agentgw.settings import Settings
 from agentgw.storage import create_db, make_engine
+from agentgw.storage.audit_log import SqlAuditLog
+from agentgw.storage.budget_counters import budget_store
+from agentgw.storage.budget_rules import BudgetRuleBook
 from agentgw.upstream.mcp import McpHttpUpstream
 from agentgw.upstream.mcp_sessions import UpstreamSessions
 from registry.api import registry_router
@@ -54,6 +68,13 @@ class Gateway:
     passthrough: PassThrough
     sessions: UpstreamSessions
     bridge: Bridge
+    llm: LlmIngress
+    audit_log: SqlAuditLog
+    budget_rules: BudgetRuleBook
+    budget_store: BudgetStore
+    identity: Identity
+    a2a: A2aIngress
+    credentials: Credentials | None = None
 
 
 def build_gateway(settings: Settings) -> Gateway:
@@ -61,6 +82,7 @@ def build_gateway(settings: Settings) -> Gateway:
 
     Raises:
         PolicyError: the policy is unreadable, malformed, or empty when that is not allowed.
+        ConfigError: an LLM route's, A2A agent's or MCP upstream's secret is missing or unreadable.
     """
     engine = make_engine(settings.database_url)
     create_db(engine)
@@ -71,23 +93,33 @@ def build_gateway(settings: Settings) -> Gateway:
         settings.policy.file,
         settings.policy.rules,
         allow_empty=settings.policy.allow_empty,
+        database=engine if settings.policy.database else None,
     )
-    resource_metadata = f"{settings.base_url}/.well-known/oauth-protected-resource/mcp"
-    authenticate = Authenticate(
-        None,
-        allow_anonymous=settings.allow_anonymous,
-        challenge=f'Bearer resource_metadata="{resource_metadata}"',
-    )
+    identity = build_identity(settings, engine, registry)
+    authenticate = identity.authenticate
+    credentials = Credentials(registry.server, builtin=_builtin_token_service(settings, identity))
+    credentials.prepare(registry.servers())  # a missing upstream secret stops start-up
+    audit_engine = make_engine(settings.audit.database_url) if settings.audit.database_url else engine
+    audit_log = SqlAuditLog(audit_engine, settings.audit)
+    audit = Audit(audit_log, settings.audit.redact)
+    budget_rules = BudgetRuleBook(engine)
+    budget_rules.sync_config(settings.budgets.rules)
+    budgets = budget_store(settings.budgets, engine, settings.redis_url)
     pipeline = ordered(
-        audit=Audit(SqlAuditSink(engine)),
+        audit=audit,
         authenticate=authenticate,
         authorize=Authorize(authorizer),
-        budget=Budget(),
-        credentials=Credentials(),
+        budget=Budget(budgets, budget_rules, run_ttl_s=settings.budgets.run_ttl_s),
+        credentials=credentials,
+        admitted=audit.admitted,
     )
     upstream = McpHttpUpstream()
-    passthrough = PassThrough(pipeline, upstream, SessionTable(), settings.max_body_bytes)
-    sessions = UpstreamSessions()
+    # Sessions in Redis let any node continue a session another node started.
+    mcp_sessions: SessionStore = (
+        RedisSessionStore(settings.redis_url) if settings.redis_url else MemorySessionStore()
+    )
+    passthrough = PassThrough(pipeline, upstream, mcp_sessions, settings.max_body_bytes)
+    sessions = UpstreamSessions(credentials.session_credential)
     bridge = Bridge(
         pipeline,
         sessions,
@@ -96,9 +128,43 @@ def build_gateway(settings: Settings) -> Gateway:
         max_body_bytes=settings.max_body_bytes,
     )
     sessions.on_list_changed(bridge.on_list_changed)
-    return Gateway(
-        settings, registry, authenticate, authorizer, pipeline, upstream, passthrough, sessions, bridge
+    llm = LlmIngress.build(settings.llm_routes, pipeline, max_body_bytes=settings.max_body_bytes)
+    a2a = A2aIngress.build(
+        settings.a2a_agents,
+        pipeline,
+        base_url=settings.base_url,
+        allow_anonymous=settings.allow_anonymous,
+        max_body_bytes=settings.max_body_bytes,
     )
+    return Gateway(
+        settings,
+        registry,
+        authenticate,
+        authorizer,
+        pipeline,
+        upstream,
+        passthrough,
+        sessions,
+        bridge,
+        llm,
+        audit_log=audit_log,
+        budget_rules=budget_rules,
+        budget_store=budgets,
+        identity=identity,
+        a2a=a2a,
+        credentials=credentials,
+    )
+
+
+def _builtin_token_service(settings: Settings, identity: Identity) -> TokenService | None:
+    """The built-in authorization server's token endpoint, reached in-process (no loopback HTTP, which
+    a public URL behind a load balancer would send elsewhere)."""
+    if identity.server is None:
+        return None
+    app = FastAPI()
+    app.include_router(oauth_router(identity.server))
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url=settings.base_url)
+    return TokenService(f"{settings.base_url}/oauth/token", http)
 
 
 def _admin_guard(gateway: Gateway, area: str, act: str) -> Callable[[Request], Awaitable[Principal]]:
@@ -132,16 +198,30 @@ def create_app(settings: Settings) -> FastAPI:
             gateway.registry.on_change(resync)
             gateway.sessions.sync(gateway.registry.servers())
             poller = asyncio.create_task(_poll_registry(gateway.registry))
+            policy_watch = asyncio.create_task(gateway.authorizer.watch())
             try:
                 yield
             finally:
-                poller.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await poller
+                for task in (poller, policy_watch):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                await gateway.identity.aclose()
+                if gateway.credentials is not None:
+                    await gateway.credentials.aclose()
                 await gateway.sessions.aclose()
                 await gateway.mcp_upstream.aclose()
+                await gateway.llm.aclose()
+                await gateway.a2a.aclose()
+                await gateway.budget_store.aclose()
+                # Commit what the audit writer still holds before the process goes.
+                await anyio.to_thread.run_sync(gateway.audit_log.close)
 
     app = FastAPI(title="agentgw", version="0.1.0", lifespan=lifespan)
+    hosts = settings.trusted_hosts()
+    if hosts == ["*"]:
+        log.warning("no allowed_hosts or public_url: answering any Host header (DNS rebinding unchecked)")
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
     if demo is not None:
         app.router.routes.append(Mount("/_demo", app=demo.streamable_http_app(host=settings.host)))
     app.state.gateway = gateway
@@ -154,6 +234,8 @@ def create_app(settings: Settings) -> FastAPI:
     mcp = McpIngress(gateway.registry, gateway.passthrough, gateway.bridge, gateway.authenticate)
     app.router.routes.append(Route("/mcp", mcp, methods=["GET", "POST", "DELETE"]))
     app.router.routes.append(Route("/mcp/{server}", mcp, methods=["GET", "POST", "DELETE"]))
+    app.router.routes.extend(gateway.llm.routes())  # /v1: OpenAI-compatible chat, embeddings, models
+    app.router.routes.extend(gateway.a2a.routes())  # /a2a/<agent>: cards, JSON-RPC, HTTP+JSON
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, Any]:
@@ -166,6 +248,38 @@ def create_app(settings: Settings) -> FastAPI:
             write_guard=_admin_guard(gateway, "registry", "write"),
         )
     )
+    app.include_router(
+        budgets_router(
+            gateway.budget_rules,
+            gateway.budget_store,
+            read_guard=_admin_guard(gateway, "budgets", "read"),
+            write_guard=_admin_guard(gateway, "budgets", "write"),
+        )
+    )
+    app.include_router(
+        audit_router(gateway.audit_log.engine, read_guard=_admin_guard(gateway, "audit", "read"))
+    )
+    app.include_router(
+        policy_router(
+            gateway.authorizer,
+            read_guard=_admin_guard(gateway, "policies", "read"),
+            write_guard=_admin_guard(gateway, "policies", "write"),
+        )
+    )
+    app.include_router(
+        api_key_router(
+            gateway.identity.api_keys,
+            gateway.identity.api_key_verifier,
+            read_guard=_admin_guard(gateway, "keys", "read"),
+            write_guard=_admin_guard(gateway, "keys", "write"),
+        )
+    )
+    # Public OAuth documents: RFC 9728 metadata for every endpoint, the built-in authorization server.
+    app.include_router(
+        protected_resource_router(settings.base_url, gateway.registry, lambda: gateway.identity.issuers)
+    )
+    if gateway.identity.server is not None:
+        app.include_router(oauth_router(gateway.identity.server))
     return app
 
 

@@ -8,11 +8,11 @@ A2A or OpenAI shapes: `Reply.payload` is opaque to every filter.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["ANONYMOUS", "Action", "Call", "Principal", "Protocol", "Reply", "Usage"]
+__all__ = ["ANONYMOUS", "Action", "Call", "Principal", "Protocol", "Reply", "Settle", "Usage"]
 
 Protocol = Literal["mcp", "a2a", "llm"]
 # list: discovery; call: invocation; read: resources; send: A2A messages;
@@ -65,10 +65,16 @@ class Call:
         upstream: the registry name of the upstream that will serve it.
         method: the wire method, for audit and logs only (filters must not branch on it).
         credentials: the raw `Authorization` header value from the ingress, for the identity stage.
+        endpoint: the gateway path the client called (`/mcp`, `/mcp/github`): its canonical URI is the
+            audience a token must carry (RFC 8707) and names the metadata in the OAuth challenge.
         run_id: the agent run this call belongs to (budgets span a run across protocols).
         arguments: the call's arguments, for audit digests and redaction.
         principal: set by the identity stage.
         upstream_authorization: set by the credentials stage; the only credential sent upstream.
+        credential_mode: set by the credentials stage, for audit: how `upstream_authorization` was
+            obtained (`none`, `static`, `client_credentials`, `token_exchange`, `id_jag`).
+        upstream_actors: set by the credentials stage, for audit: the delegation chain the upstream's
+            token carries (`client:<sub>`, current actor first); empty when it carries none.
     """
 
     protocol: Protocol
@@ -77,12 +83,15 @@ class Call:
     upstream: str
     method: str
     credentials: str | None = field(default=None, repr=False)
+    endpoint: str | None = None
     run_id: str | None = None
     session_id: str | None = None
     arguments: Mapping[str, Any] | None = field(default=None, repr=False)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     principal: Principal | None = None
     upstream_authorization: str | None = field(default=None, repr=False)
+    credential_mode: str | None = None
+    upstream_actors: tuple[str, ...] = ()
     estimate: Usage = field(default_factory=Usage)
     # The policy rule that decided, for audit (`None` when no rule was consulted).
     decided_by: str | None = None
@@ -98,9 +107,46 @@ class Reply:
             stage narrows it and the ingress keeps only the items still named.
         status: outcome for audit (`ok`, `error`, `upstream_error`, ...).
         usage: what the call actually consumed, when the upstream reports it.
+        streaming: the answer is still flowing when the pipeline returns (an SSE stream), so its
+            usage is known only at its end. Stages that account for usage (budget settle, audit
+            tokens and cost) then register with `on_settle` on the way back instead of reading
+            `usage`; the ingress awaits `settle(usage, status)` exactly once when the stream ends,
+            whether it completed, the upstream cut it, or the client went away.
     """
 
     payload: Any = None
     listing: Sequence[str] | None = None
     status: str = "ok"
     usage: Usage | None = None
+    streaming: bool = False
+    _settle_hooks: list[Settle] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def on_settle(self, hook: Settle) -> None:
+        """Have `hook` called with the final usage when a streamed answer ends (inner stages first)."""
+        self._settle_hooks.append(hook)
+
+    async def settle(self, usage: Usage, status: str | None = None) -> None:
+        """Record the final usage (and outcome) of a streamed answer and tell every registered hook.
+
+        Every hook runs even if an earlier one fails, so one broken stage cannot leak another's
+        reservation; hooks run once (a second call is a no-op for them).
+
+        Raises:
+            Exception: the first error a hook raised, after all hooks have run.
+        """
+        self.usage = usage
+        if status is not None:
+            self.status = status
+        hooks, self._settle_hooks = self._settle_hooks, []
+        first: Exception | None = None
+        for hook in hooks:
+            try:
+                await hook(usage)
+            except Exception as exc:
+                first = first or exc
+        if first is not None:
+            raise first
+
+
+# Called with the final usage of a streamed answer; see `Reply.settle`.
+Settle = Callable[[Usage], Awaitable[None]]

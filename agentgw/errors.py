@@ -16,6 +16,7 @@ ingress adapters render it in their protocol's own shape.
     ├── UpstreamError (502, -32603)       upstream down or answered garbage
     │   └── UpstreamTimeout (504, -32603)
     ├── CredentialError (502, -32603)     no upstream credential could be obtained
+    │   └── UpstreamUnauthorized (502)    the upstream refused the gateway's credential (HTTP 401)
     └── Unavailable (503, -32603)         a store the gateway must consult is unreachable (fail closed)
 """
 
@@ -40,6 +41,7 @@ __all__ = [
     "UnsupportedMediaType",
     "UpstreamError",
     "UpstreamTimeout",
+    "UpstreamUnauthorized",
 ]
 
 
@@ -130,6 +132,14 @@ class UpstreamTimeout(UpstreamError):
 class CredentialError(GatewayError):
     http_status = 502
     reason = "credential_error"
+
+
+class UpstreamUnauthorized(CredentialError):
+    """The upstream answered 401 to the credential the gateway sent. The credentials stage drops that
+    credential and retries once with a fresh one; a caller never sees the upstream's 401 (it would
+    read as "your token is bad" and invite token passthrough)."""
+
+    reason = "upstream_unauthorized"
 
 
 class Unavailable(GatewayError):

@@ -11,11 +11,17 @@ import os
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from agentgw.filters.audit import AuditSettings
+from agentgw.filters.budget import BudgetSettings
+from agentgw.oauth.config import AuthSettings
+from registry.a2a import A2aAgentSpec
+from registry.llm import LlmRouteList
 from registry.models import McpServerSpec, VirtualServerSpec
 
 __all__ = ["ConfigError", "PolicySettings", "Settings", "load_settings"]
@@ -37,6 +43,8 @@ class PolicySettings(BaseModel):
     rules: list[str] = Field(default_factory=list)
     # Default deny makes an empty policy a gateway that refuses everything: almost always a mistake.
     allow_empty: bool = False
+    # Also keep rules in the database (Casbin SQL adapter), editable through /admin/policies.
+    database: bool = False
 
 
 class Settings(BaseSettings):
@@ -55,14 +63,40 @@ class Settings(BaseSettings):
     # Per-upstream budget for a fan-out list on /mcp: a slow upstream drops out, it does not stall.
     list_timeout_s: float = 5.0
     namespace_separator: str = "__"
+    # Host names the gateway answers to (DNS-rebinding defence). Empty: loopback names, plus the host
+    # of public_url; binding a non-loopback address without either answers any host (and warns).
+    allowed_hosts: list[str] = Field(default_factory=list)
     # Callers without credentials become the principal `anonymous`; policy still decides what it may do.
     allow_anonymous: bool = False
+    # Shared state for scale-out (MCP session bindings): redis://host:port/db. Unset: in-process.
+    redis_url: str | None = None
     log_level: str = "INFO"
     # Mount the built-in demo upstream at /_demo/mcp (used by `agentgw serve` with no config).
     demo: bool = False
     policy: PolicySettings = Field(default_factory=PolicySettings)
+    # Trusted token issuers, the built-in authorization server, API keys; see agentgw/oauth/config.py.
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    # Run and principal budgets (rate limits included); see agentgw/filters/budget.py.
+    budgets: BudgetSettings = Field(default_factory=BudgetSettings)
+    # The hash-chained audit log: redaction, retention, its own database; see agentgw/filters/audit.py.
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     servers: list[McpServerSpec] = Field(default_factory=list)
     virtual_servers: list[VirtualServerSpec] = Field(default_factory=list)
+    # Virtual models served at /v1 (see registry/llm.py); secrets are named (env/file), never inline.
+    llm_routes: LlmRouteList = Field(default_factory=list)
+    # A2A agents served at /a2a/<name> (see registry/a2a.py); secrets are named (env/file), never inline.
+    a2a_agents: list[A2aAgentSpec] = Field(default_factory=list)
+
+    def trusted_hosts(self) -> list[str]:
+        """The Host header values the gateway accepts (`*` for any)."""
+        if self.allowed_hosts:
+            return self.allowed_hosts
+        hosts = ["127.0.0.1", "localhost", "::1", "[::1]"]
+        if self.public_url:
+            hosts.append(urlsplit(self.public_url).hostname or "")
+        elif self.host not in ("127.0.0.1", "localhost", "::1"):
+            return ["*"]
+        return hosts
 
     @property
     def base_url(self) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, status
 
@@ -18,8 +18,10 @@ Guard = Callable[..., Awaitable[Any]]
 def registry_router(store: RegistryStore, read_guard: Guard, write_guard: Guard) -> APIRouter:
     """Routes under /admin/registry; each guarded by the policy grant on `admin:registry`."""
     router = APIRouter(prefix="/admin/registry", tags=["registry"])
-    Read = Annotated[Any, Depends(read_guard)]
-    Write = Annotated[Any, Depends(write_guard)]
+    # Guards as default values, not local Annotated aliases: FastAPI cannot resolve a local alias
+    # under postponed annotations (it would become a required query parameter).
+    read = Depends(read_guard)
+    write = Depends(write_guard)
 
     def _name(name: str) -> str:
         try:
@@ -28,18 +30,18 @@ def registry_router(store: RegistryStore, read_guard: Guard, write_guard: Guard)
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
 
     @router.get("/servers", response_model=list[McpServerSpec])
-    async def list_servers(_: Read) -> list[McpServerSpec]:
+    async def list_servers(_: Any = read) -> list[McpServerSpec]:
         return store.all_servers()
 
     @router.get("/servers/{name}", response_model=McpServerSpec)
-    async def show_server(name: str, _: Read) -> McpServerSpec:
+    async def show_server(name: str, _: Any = read) -> McpServerSpec:
         for spec in store.all_servers():
             if spec.name == _name(name):
                 return spec
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no server named {name!r}")
 
     @router.post("/servers", response_model=McpServerSpec, status_code=status.HTTP_201_CREATED)
-    async def add_server(spec: McpServerSpec, _: Write) -> McpServerSpec:
+    async def add_server(spec: McpServerSpec, _: Any = write) -> McpServerSpec:
         try:
             store.put_server(spec)
         except RegistryConflict as exc:
@@ -47,7 +49,7 @@ def registry_router(store: RegistryStore, read_guard: Guard, write_guard: Guard)
         return spec
 
     @router.put("/servers/{name}", response_model=McpServerSpec)
-    async def replace_server(name: str, spec: McpServerSpec, _: Write) -> McpServerSpec:
+    async def replace_server(name: str, spec: McpServerSpec, _: Any = write) -> McpServerSpec:
         if _name(name) != spec.name:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "the name in the path and body differ")
         try:
@@ -57,7 +59,7 @@ def registry_router(store: RegistryStore, read_guard: Guard, write_guard: Guard)
         return spec
 
     @router.delete("/servers/{name}", status_code=status.HTTP_204_NO_CONTENT)
-    async def remove_server(name: str, _: Write) -> None:
+    async def remove_server(name: str, _: Any = write) -> None:
         try:
             removed = store.remove_server(_name(name))
         except RegistryConflict as exc:
@@ -66,11 +68,11 @@ def registry_router(store: RegistryStore, read_guard: Guard, write_guard: Guard)
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no server named {name!r}")
 
     @router.get("/virtual-servers", response_model=list[VirtualServerSpec])
-    async def list_virtual(_: Read) -> list[VirtualServerSpec]:
+    async def list_virtual(_: Any = read) -> list[VirtualServerSpec]:
         return store.virtual_servers()
 
     @router.post("/virtual-servers", response_model=VirtualServerSpec, status_code=status.HTTP_201_CREATED)
-    async def add_virtual(spec: VirtualServerSpec, _: Write) -> VirtualServerSpec:
+    async def add_virtual(spec: VirtualServerSpec, _: Any = write) -> VirtualServerSpec:
         try:
             store.put_virtual(spec)
         except RegistryConflict as exc:
@@ -78,7 +80,7 @@ def registry_router(store: RegistryStore, read_guard: Guard, write_guard: Guard)
         return spec
 
     @router.delete("/virtual-servers/{name}", status_code=status.HTTP_204_NO_CONTENT)
-    async def remove_virtual(name: str, _: Write) -> None:
+    async def remove_virtual(name: str, _: Any = write) -> None:
         try:
             removed = store.remove_virtual(_name(name))
         except RegistryConflict as exc:

@@ -18,9 +18,17 @@ from sqlmodel import SQLModel
 
 __all__ = [
     "NAME_PATTERN",
+    "PER_CALLER_MODES",
+    "ClientAuth",
     "McpServerRow",
     "McpServerSpec",
     "Transport",
+    "UpstreamClientCredentials",
+    "UpstreamCredential",
+    "UpstreamIdJag",
+    "UpstreamNone",
+    "UpstreamStatic",
+    "UpstreamTokenExchange",
     "VirtualServerRow",
     "VirtualServerSpec",
     "validate_name",
@@ -57,6 +65,140 @@ def _validate_url(url: str) -> str:
 Name = Annotated[str, AfterValidator(validate_name)]
 Url = Annotated[str, AfterValidator(_validate_url)]
 
+# --- upstream credentials (docs/decisions/0600) ---------------------------------------------------
+# A spec names where a secret lives (an environment variable or a file), never the secret: specs are
+# stored in the database, logged and returned by the admin API. The credentials stage reads the
+# secrets once, when it builds an upstream's credential source.
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 3.3 scope-token
+
+
+def _validate_env_name(name: str) -> str:
+    if not _ENV_NAME.fullmatch(name):
+        raise ValueError(f"invalid environment variable name {name!r}")
+    return name
+
+
+def _validate_scopes(scopes: list[str]) -> list[str]:
+    for scope in scopes:
+        if not _SCOPE.fullmatch(scope):
+            raise ValueError(f"invalid scope {scope!r}: one scope token per list item, no spaces or quotes")
+    return scopes
+
+
+EnvName = Annotated[str, AfterValidator(_validate_env_name)]
+Scopes = Annotated[list[str], AfterValidator(_validate_scopes)]
+TokenType = Literal["access_token", "jwt", "id_token"]
+
+
+class _SecretRef(BaseModel):
+    """Exactly one of `env` (a variable name) or `file` (a path) holds the secret."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    env: EnvName | None = None
+    # A path (a plain string: specs are stored as JSON).
+    file: str | None = Field(default=None, min_length=1, max_length=4096)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> _SecretRef:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of env (a variable name) or file (a path) for the secret")
+        return self
+
+
+class ClientAuth(_SecretRef):
+    """How the gateway authenticates itself at a token endpoint, as an OAuth client.
+
+    `client_secret_basic` / `client_secret_post` (RFC 6749 2.3.1): the secret is the client secret.
+    `private_key_jwt` (RFC 7523 2.2): the secret is a PEM private key that signs a short assertion.
+    """
+
+    client_id: str = Field(min_length=1, max_length=256)
+    method: Literal["client_secret_basic", "client_secret_post", "private_key_jwt"] = "client_secret_basic"
+    # For private_key_jwt: the `kid` header the token endpoint finds the public key by, and the algorithm.
+    key_id: str | None = Field(default=None, max_length=256)
+    algorithm: Literal["RS256", "PS256", "ES256", "EdDSA"] = "RS256"
+
+
+class UpstreamNone(BaseModel):
+    """No Authorization header upstream."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["none"] = "none"
+
+
+class UpstreamStatic(_SecretRef):
+    """A fixed secret (an API key), sent as `Authorization: Bearer <secret>`."""
+
+    mode: Literal["static"]
+
+
+class _TokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # RFC 8707 resource the token is for; default: the upstream's URL.
+    resource: Url | None = None
+    # RFC 8693 audience (a logical name some token services want instead of, or besides, a resource).
+    audience: str | None = Field(default=None, min_length=1, max_length=1000)
+    # Scopes asked for on every call to this upstream.
+    scopes: Scopes = Field(default_factory=list)
+    # How long to wait for a token endpoint before the call fails.
+    timeout_s: float = Field(default=10.0, gt=0, le=120)
+
+
+class UpstreamClientCredentials(_TokenRequest):
+    """The gateway's own identity: the client credentials grant (RFC 6749 4.4).
+
+    `token_url` unset: the built-in authorization server (its client needs `exchange.audiences`
+    naming the upstream).
+    """
+
+    mode: Literal["client_credentials"]
+    token_url: Url | None = None
+    client: ClientAuth
+
+
+class UpstreamTokenExchange(_TokenRequest):
+    """RFC 8693: the caller's token is exchanged for one meant for this upstream, naming the gateway as
+    the actor. `token_url` unset: the built-in authorization server."""
+
+    mode: Literal["token_exchange"]
+    token_url: Url | None = None
+    client: ClientAuth
+    # Extra scopes per tool (`<tool name>: [scopes]`), added to `scopes` for calls of that tool.
+    tool_scopes: dict[str, Scopes] = Field(default_factory=dict)
+    subject_token_type: TokenType = "access_token"  # noqa: S105  (a token type, not a secret)
+    requested_token_type: Literal["access_token", "jwt"] = "access_token"  # noqa: S105
+    # Send the gateway's own token (client credentials at the same endpoint) as the actor_token, so the
+    # issued token's `act` names the gateway; off for services that name the authenticated client.
+    actor_token: bool = True
+
+
+class UpstreamIdJag(_TokenRequest):
+    """MCP enterprise-managed authorization: an RFC 8693 exchange at the IdP for an ID-JAG meant for
+    the upstream's authorization server, then the RFC 7523 jwt-bearer grant there."""
+
+    mode: Literal["id_jag"]
+    idp_token_url: Url
+    idp_client: ClientAuth
+    # The upstream's authorization server: its issuer (the ID-JAG's audience) and token endpoint.
+    authorization_server: str = Field(min_length=1, max_length=1000)
+    token_url: Url
+    client: ClientAuth
+    tool_scopes: dict[str, Scopes] = Field(default_factory=dict)
+    subject_token_type: TokenType = "access_token"  # noqa: S105  (a token type, not a secret)
+
+
+UpstreamCredential = Annotated[
+    UpstreamNone | UpstreamStatic | UpstreamClientCredentials | UpstreamTokenExchange | UpstreamIdJag,
+    Field(discriminator="mode"),
+]
+# Modes whose token stands for the caller: one per caller, so never on a session shared by callers.
+PER_CALLER_MODES = frozenset({"token_exchange", "id_jag"})
+
 
 class McpServerSpec(BaseModel):
     """An upstream MCP server as declared in the config file or through the admin API."""
@@ -73,9 +215,23 @@ class McpServerSpec(BaseModel):
     enabled: bool = True
     # Scopes a token must carry to use this server at all (published in the resource metadata).
     scopes: list[str] = Field(default_factory=list)
+    # What the gateway sends upstream as Authorization; never the caller's token (docs/decisions/0600).
+    credential: UpstreamCredential = Field(default_factory=UpstreamNone)
+
+    @property
+    def per_caller_credential(self) -> bool:
+        """The upstream gets a token per caller (token exchange, ID-JAG): served by pass-through only."""
+        return self.credential.mode in PER_CALLER_MODES
 
     @model_validator(mode="after")
     def _transport_fields(self) -> McpServerSpec:
+        if self.transport == "stdio" and self.credential.mode != "none":
+            raise ValueError("a stdio server has no Authorization header: its credential mode must be none")
+        if self.transport != "streamable-http" and self.per_caller_credential:
+            raise ValueError(
+                f"credential mode {self.credential.mode} needs transport streamable-http: per-caller tokens "
+                "cannot ride a connection shared by every caller"
+            )
         if self.transport == "stdio":
             if not self.command:
                 raise ValueError("a stdio server needs a command")

@@ -24,6 +24,15 @@ class RegistryConflict(ValueError):
     """A write that the registry refuses (owned by the config file, or a duplicate name)."""
 
 
+def _refuse_per_caller(virtual: str, servers: set[str]) -> None:
+    # Virtual servers are bridged over sessions shared by every caller: no place for a caller's token.
+    if servers:
+        raise RegistryConflict(
+            f"virtual server {virtual!r} selects {sorted(servers)}, whose credential is per caller (token "
+            "exchange, ID-JAG): such servers are served at /mcp/<name> only (docs/decisions/0602)"
+        )
+
+
 class RegistryVersion(SQLModel, table=True):
     __tablename__ = "registry_version"
 
@@ -76,10 +85,12 @@ class RegistryStore:
             raise RegistryConflict(
                 f"declared more than once (servers and virtual servers share /mcp/<name>): {duplicates}"
             )
+        per_caller = {s.name for s in servers if s.per_caller_credential}
         for vspec in virtual:
             selected = {sel.partition("/")[0] for sel in (*vspec.tools, *vspec.prompts, *vspec.resources)}
             if unknown := sorted(selected - {s.name for s in servers}):
                 raise RegistryConflict(f"virtual server {vspec.name!r} selects undeclared servers: {unknown}")
+            _refuse_per_caller(vspec.name, selected & per_caller)
         with Session(self._engine) as session:
             server_names = {s.name for s in servers}
             for row in session.exec(select(McpServerRow).where(McpServerRow.source == "config")).all():
@@ -114,6 +125,13 @@ class RegistryStore:
                 raise RegistryConflict(f"server {spec.name!r} is declared in the config file; edit it there")
             if row is not None and not replace:
                 raise RegistryConflict(f"server {spec.name!r} already exists")
+            if spec.per_caller_credential:
+                for vrow in session.exec(select(VirtualServerRow)):
+                    vspec = VirtualServerSpec.model_validate(vrow.spec)
+                    if spec.name in {
+                        sel.partition("/")[0] for sel in (*vspec.tools, *vspec.prompts, *vspec.resources)
+                    }:
+                        _refuse_per_caller(vspec.name, {spec.name})
             session.merge(McpServerRow(name=spec.name, spec=spec.model_dump(), source="api"))
             self._bump(session)
             session.commit()
@@ -155,6 +173,15 @@ class RegistryStore:
                 raise RegistryConflict(
                     f"virtual server {spec.name!r} selects unknown servers: {', '.join(unknown)}"
                 )
+            selected = {sel.partition("/")[0] for sel in (*spec.tools, *spec.prompts, *spec.resources)}
+            _refuse_per_caller(
+                spec.name,
+                {
+                    r.name
+                    for r in session.exec(select(McpServerRow))
+                    if r.name in selected and McpServerSpec.model_validate(r.spec).per_caller_credential
+                },
+            )
             row = session.get(VirtualServerRow, spec.name)
             if row is not None and row.source == "config":
                 raise RegistryConflict(

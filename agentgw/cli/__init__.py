@@ -7,12 +7,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from agentgw.cli import registry, serve
+from agentgw.cli import audit, budget, keys, policy, registry, serve, token
 from agentgw.settings import ConfigError
 
 __all__ = ["main"]
 
-COMMANDS = (serve, registry)
+COMMANDS = (serve, registry, audit, budget, policy, token, keys)
 
 
 def _parser() -> argparse.ArgumentParser:

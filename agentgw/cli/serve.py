@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+import os
+import sys
+from typing import TYPE_CHECKING, Any
 
 from agentgw.cli.settings import add_common_options, settings_from_args
 
-__all__ = ["register"]
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from agentgw.settings import Settings
+
+__all__ = ["register", "worker_app"]
+
+# Worker processes are spawned, not forked: they read the parent's settings from here.
+WORKER_SETTINGS_ENV = "_AGENTGW_WORKER_SETTINGS"
 
 
 def register(sub: Any) -> None:
@@ -16,7 +26,45 @@ def register(sub: Any) -> None:
     add_common_options(serve)
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8080)")
+    # Chosen by measurement (bench/RESULTS.md): uvloop + httptools cost the least CPU per call here.
+    serve.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop")
+    serve.add_argument("--http", choices=("httptools", "h11"), default="httptools", help="HTTP/1.1 parser")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the port (more than 1 needs redis_url for shared MCP sessions)",
+    )
     serve.set_defaults(func=_serve)
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Decisions go to the audit log; casbin's and httpx's per-request lines would only repeat them.
+    logging.getLogger("casbin").setLevel(logging.ERROR)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
+    # authlib logs every token it issues at DEBUG ("Issue token {...}"): never below INFO.
+    logging.getLogger("authlib").setLevel(max(logging.INFO, logging.getLogger().level))
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker process (`--workers` > 1), built from the parent's settings.
+
+    Raises:
+        RuntimeError: not started by `agentgw serve --workers`.
+    """
+    from agentgw.app import create_app
+    from agentgw.settings import Settings
+
+    encoded = os.environ.get(WORKER_SETTINGS_ENV)
+    if encoded is None:
+        raise RuntimeError(
+            f"{WORKER_SETTINGS_ENV} is not set: start workers with `agentgw serve --workers N`"
+        )
+    settings = Settings.model_validate_json(encoded)
+    _configure_logging(settings)
+    return create_app(settings)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -25,13 +73,19 @@ def _serve(args: argparse.Namespace) -> int:
     from agentgw.app import create_app
 
     settings = settings_from_args(args)
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # Decisions go to the audit log; casbin's and httpx's per-request lines would only repeat them.
-    logging.getLogger("casbin").setLevel(logging.ERROR)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpx2").setLevel(logging.WARNING)
-    app = create_app(settings)
+    if args.workers < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
+        return 2
+    # Pass-through sessions live in the process that bound them unless they are in Redis: with
+    # several workers a legacy client's next request may reach another worker and lose its session.
+    if args.workers > 1 and not getattr(settings, "redis_url", None):
+        print("error: --workers > 1 needs redis_url (MCP sessions shared between workers)", file=sys.stderr)
+        return 2
+    _configure_logging(settings)
     base = settings.base_url
+    if args.workers > 1:
+        return _serve_workers(args, settings)
+    app = create_app(settings)
     print(f"agentgw listening on {base}", flush=True)
     for spec in app.state.gateway.registry.servers():
         print(f"  MCP server {spec.name!r}: {base}/mcp/{spec.name}", flush=True)
@@ -40,5 +94,35 @@ def _serve(args: argparse.Namespace) -> int:
             "  demo mode: SQLite, the built-in demo upstream and demo policy; anonymous callers allowed",
             flush=True,
         )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", lifespan="on")
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop=args.loop,
+        http=args.http,
+        log_level="warning",
+        # Every call is in the audit log; an access log line per request would only repeat it.
+        access_log=False,
+        lifespan="on",
+    )
+    return 0
+
+
+def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    os.environ[WORKER_SETTINGS_ENV] = settings.model_dump_json()
+    print(f"agentgw listening on {settings.base_url} with {args.workers} workers", flush=True)
+    uvicorn.run(
+        "agentgw.cli.serve:worker_app",
+        factory=True,
+        workers=args.workers,
+        host=settings.host,
+        port=settings.port,
+        loop=args.loop,
+        http=args.http,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+    )
     return 0

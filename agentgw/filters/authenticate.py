@@ -1,51 +1,378 @@
-"""Identity stage: turns the caller's credentials into a `Principal`, or refuses with a challenge."""
+"""Identity stage: turns the caller's credentials into a `Principal`, or refuses with a challenge.
+
+The gateway is an OAuth resource server (RFC 9728, RFC 8707). A bearer credential is either an API
+key (`agk_...`) or a JWT access token from a trusted issuer, checked locally: signature against the
+issuer's keys, an asymmetric-only algorithm allow-list, `iss`, `exp`/`nbf`/`iat` with a small leeway,
+and an audience that is the canonical URI of the endpoint called (or a parent of it). A verified
+token is cached until it expires; the audience is still checked on every call.
+
+A refusal is a 401 whose `WWW-Authenticate` names the endpoint's protected resource metadata; a token
+that lacks the scopes the endpoint requires gets 403 `insufficient_scope` naming all of them.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import jwt
 
 from agentgw.call import ANONYMOUS, Call, Principal, Reply
-from agentgw.errors import Unauthenticated
+from agentgw.errors import InsufficientScope, Unauthenticated
+from agentgw.oauth.apikeys import KEY_PREFIX, role_names
+from agentgw.oauth.config import ALLOWED_ALGORITHMS
+from agentgw.oauth.jwks import KeySet
 from agentgw.pipeline import CallNext
 
-__all__ = ["Authenticate", "TokenVerifier"]
+__all__ = [
+    "Authenticate",
+    "BearerVerifier",
+    "JwtVerifier",
+    "TokenVerifier",
+    "TrustedIssuer",
+    "audience_covers",
+    "canonical_uri",
+    "principal_from_claims",
+]
+
+MAX_CACHED_TOKENS = 10_000
+# Which key type each algorithm family must be verified with (no key confusion across families).
+_KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
+_EC_CURVES = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
 
 
 class TokenVerifier(Protocol):
-    """Checks a bearer credential; returns the principal or raises `Unauthenticated`."""
+    """Checks a bearer credential meant for `resource`; returns the principal or raises `Unauthenticated`."""
 
-    async def verify(self, credential: str, call: Call | None) -> Principal: ...
+    async def verify(self, credential: str, resource: str) -> Principal: ...
+
+
+def canonical_uri(uri: str) -> str:
+    """RFC 8707 canonical form: lower-case scheme and host, no fragment, no trailing slash."""
+    parts = urlsplit(uri)
+    path = parts.path.rstrip("/")
+    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), path, parts.query, ""))
+
+
+def audience_covers(audience: str, resource: str) -> bool:
+    """True if a token for `audience` may be used at `resource`: the same URI, or a path parent of it.
+
+    `http://gw/mcp` covers `http://gw/mcp/github` but not `http://gw/mcpx`; both are canonicalised.
+    """
+    aud, res = canonical_uri(audience), canonical_uri(resource)
+    if not urlsplit(aud).scheme or urlsplit(aud).query:
+        return aud == res
+    return res == aud or res.startswith(aud + "/")
+
+
+def _claim(claims: Mapping[str, Any], path: str) -> Any:
+    value: Any = claims
+    for part in path.split("."):  # `realm_access.roles` reaches into nested claims
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    return []
+
+
+def principal_from_claims(claims: Mapping[str, Any], role_claims: Sequence[str]) -> Principal:
+    """The principal a verified token stands for.
+
+    `sub` becomes `client:<sub>` when it is the token's own client (client credentials), else
+    `user:<sub>`; roles come from the first of `role_claims` present, as `role:<name>`; scopes from
+    `scope` or `scp`; actors from the `act` chain, outermost (current) first, as `client:<sub>`.
+
+    Raises:
+        Unauthenticated: no usable `sub`, or malformed roles, scopes or `act`.
+    """
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub or len(sub) > 256:
+        raise Unauthenticated("the token has no usable sub claim")
+    client_id = next(
+        (v for k in ("client_id", "azp", "cid") if isinstance(v := claims.get(k), str) and v), None
+    )
+    subject = f"client:{sub}" if sub == client_id else f"user:{sub}"
+    roles: tuple[str, ...] = ()
+    for name in role_claims:
+        value = _claim(claims, name)
+        if value is not None:
+            try:
+                roles = role_names(_strings(value))
+            except ValueError as exc:
+                raise Unauthenticated(f"the token's {name} claim holds an invalid role name") from exc
+            break
+    scopes = frozenset(_strings(claims.get("scope")) or _strings(claims.get("scp")))
+    actors: list[str] = []
+    act = claims.get("act")
+    while act is not None:
+        if not isinstance(act, Mapping) or not isinstance(act.get("sub"), str) or not act["sub"]:
+            raise Unauthenticated("the token's act claim is malformed")
+        actors.append(f"client:{act['sub']}")
+        act = act.get("act")
+        if len(actors) > 16:
+            raise Unauthenticated("the token's delegation chain is too long")
+    return Principal(subject=subject, client_id=client_id, roles=roles, scopes=scopes, actors=tuple(actors))
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedIssuer:
+    """An issuer whose tokens are accepted, and how to read them."""
+
+    issuer: str
+    keys: KeySet
+    algorithms: frozenset[str] = frozenset({"RS256"})
+    audiences: frozenset[str] = frozenset()
+    role_claims: tuple[str, ...] = ("roles", "groups")
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    principal: Principal
+    claims: Mapping[str, Any]
+    audiences: tuple[str, ...]
+    extra_audiences: frozenset[str]
+    expires_at: float
+
+
+@dataclass(slots=True)
+class JwtVerifier:
+    """Verifies JWT access tokens from several trusted issuers, locally, with a cache until `exp`."""
+
+    issuers: Sequence[TrustedIssuer]
+    leeway_s: int = 30
+    clock: Callable[[], float] = time.time
+    _cache: dict[str, _Verified] = field(default_factory=dict)
+
+    async def verify(self, credential: str, resource: str) -> Principal:
+        """The principal behind a JWT meant for `resource`.
+
+        Raises:
+            Unauthenticated: malformed, forged, expired, not yet valid, from an untrusted issuer,
+                or for another audience.
+            Unavailable: the issuer's keys cannot be fetched at all.
+        """
+        verified = await self._verified(credential)
+        if not any(a in verified.extra_audiences or audience_covers(a, resource) for a in verified.audiences):
+            raise Unauthenticated(f"the token is not meant for {resource}")
+        return verified.principal
+
+    async def inspect(self, credential: str) -> tuple[Principal, Mapping[str, Any]]:
+        """The principal and claims of a valid token, whatever its audience (for token exchange).
+
+        Raises:
+            Unauthenticated: malformed, forged, expired, not yet valid, or from an untrusted issuer.
+            Unavailable: the issuer's keys cannot be fetched at all.
+        """
+        verified = await self._verified(credential)
+        return verified.principal, verified.claims
+
+    async def _verified(self, credential: str) -> _Verified:
+        verified = self._cache.get(credential)
+        if verified is None:
+            verified = await self._verify(credential)
+            if len(self._cache) >= MAX_CACHED_TOKENS:
+                self._evict()
+            self._cache[credential] = verified
+        elif self.clock() > verified.expires_at + self.leeway_s:
+            del self._cache[credential]
+            raise Unauthenticated("the token has expired")
+        return verified
+
+    def _evict(self) -> None:
+        now = self.clock()
+        for token in [t for t, v in self._cache.items() if v.expires_at + self.leeway_s < now]:
+            del self._cache[token]
+        while len(self._cache) >= MAX_CACHED_TOKENS:  # still full of live tokens: drop the oldest
+            del self._cache[next(iter(self._cache))]
+
+    async def _verify(self, token: str) -> _Verified:
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError as exc:
+            raise Unauthenticated("the token is not a well-formed JWT") from exc
+        alg = header.get("alg")
+        iss = unverified.get("iss")
+        trusted = next((i for i in self.issuers if i.issuer == iss), None)
+        if trusted is None:
+            raise Unauthenticated("the token's issuer is not trusted")
+        if not isinstance(alg, str) or alg not in trusted.algorithms or alg not in ALLOWED_ALGORITHMS:
+            raise Unauthenticated("the token's signing algorithm is not accepted")
+        kid = header.get("kid")
+        jwk = await trusted.keys.key(kid if isinstance(kid, str) else None)
+        if jwk is None:
+            raise Unauthenticated("the token is signed with an unknown key")
+        if not _key_fits(jwk, alg):
+            raise Unauthenticated("the token's algorithm does not fit its key")
+        try:
+            key = jwt.PyJWK(jwk, algorithm=alg).key
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                issuer=trusted.issuer,
+                leeway=self.leeway_s,
+                options={"require": ["exp", "iss", "sub"], "verify_aud": False},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise Unauthenticated("the token has expired") from exc
+        except jwt.ImmatureSignatureError as exc:
+            raise Unauthenticated("the token is not valid yet") from exc
+        except jwt.PyJWTError as exc:
+            raise Unauthenticated("the token's signature or claims are invalid") from exc
+        aud = claims.get("aud")
+        audiences = (aud,) if isinstance(aud, str) else tuple(a for a in aud or () if isinstance(a, str))
+        if not audiences:
+            raise Unauthenticated("the token has no audience")
+        return _Verified(
+            principal_from_claims(claims, trusted.role_claims),
+            claims,
+            audiences,
+            trusted.audiences,
+            float(claims["exp"]),
+        )
+
+
+def _key_fits(jwk: Mapping[str, Any], alg: str) -> bool:
+    if jwk.get("kty") != _KEY_TYPES.get(alg[:2]):
+        return False
+    if "alg" in jwk and jwk["alg"] != alg:
+        return False
+    if jwk.get("use", "sig") != "sig":
+        return False
+    return alg not in _EC_CURVES or jwk.get("crv") == _EC_CURVES[alg]
+
+
+class BearerVerifier:
+    """Routes a bearer credential by its shape: API keys to `api_keys`, everything else to `jwt`."""
+
+    def __init__(self, jwt_verifier: TokenVerifier | None, api_keys: TokenVerifier | None) -> None:
+        self._jwt = jwt_verifier
+        self._api_keys = api_keys
+
+    async def verify(self, credential: str, resource: str) -> Principal:
+        """The principal of `credential`.
+
+        Raises:
+            Unauthenticated: the credential kind is not enabled, or its verifier refused it.
+        """
+        verifier = self._api_keys if credential.startswith(KEY_PREFIX) else self._jwt
+        if verifier is None:
+            raise Unauthenticated("this kind of credential is not accepted by this gateway")
+        return await verifier.verify(credential, resource)
 
 
 class Authenticate:
-    """Bearer credentials go to the verifiers; no credentials make `anonymous` only if allowed."""
+    """Bearer credentials go to the verifier; no credentials make `anonymous` only if allowed.
 
-    def __init__(self, verifier: TokenVerifier | None, *, allow_anonymous: bool, challenge: str) -> None:
+    `required_scopes(call)` names the scopes the called endpoint needs (from the registry).
+    """
+
+    def __init__(
+        self,
+        verifier: TokenVerifier | None,
+        *,
+        allow_anonymous: bool,
+        base_url: str,
+        required_scopes: Callable[[Call], Sequence[str]] | None = None,
+    ) -> None:
         self._verifier = verifier
         self._allow_anonymous = allow_anonymous
-        self._challenge = challenge
+        self._base_url = base_url.rstrip("/")
+        self._required_scopes = required_scopes
 
-    def _refuse(self, message: str, error: str | None = None) -> Unauthenticated:
-        value = self._challenge if error is None else f'{self._challenge}, error="{error}"'
-        return Unauthenticated(message, headers={"WWW-Authenticate": value})
+    @staticmethod
+    def endpoint_of(call: Call | None, endpoint: str | None = None) -> str:
+        """The gateway path a credential is presented at: `endpoint` if given, else the call's
+        endpoint (the gateway root when the ingress set none), else `/admin` (the admin API)."""
+        if endpoint is not None:
+            return endpoint
+        if call is None:
+            return "/admin"
+        return call.endpoint or ""
 
-    async def principal(self, header: str | None, call: Call | None = None) -> Principal:
-        """The principal behind an `Authorization` header value (also used by the admin API).
+    def resource_uri(self, endpoint: str) -> str:
+        """The canonical URI of `endpoint` (the RFC 8707 audience a token must carry)."""
+        return f"{self._base_url}{endpoint}"
+
+    def metadata_url(self, endpoint: str) -> str:
+        """Where the protected resource metadata of `endpoint` is published (RFC 9728 section 3.1)."""
+        return f"{self._base_url}/.well-known/oauth-protected-resource{endpoint}"
+
+    def _refuse(
+        self, message: str, endpoint: str, error: str | None = None, scopes: Sequence[str] = ()
+    ) -> Unauthenticated:
+        params = []
+        if error is not None:
+            params.append(f'error="{error}"')
+        if scopes:
+            params.append(f'scope="{" ".join(scopes)}"')
+        params.append(f'resource_metadata="{self.metadata_url(endpoint)}"')
+        return Unauthenticated(message, headers={"WWW-Authenticate": "Bearer " + ", ".join(params)})
+
+    async def principal(
+        self, header: str | None, call: Call | None = None, *, endpoint: str | None = None
+    ) -> Principal:
+        """The principal behind an `Authorization` header value presented at `endpoint` (a gateway
+        path such as `/mcp`; default: the call's endpoint, or `/admin` without a call).
 
         Raises:
             Unauthenticated: no acceptable credentials; carries the `WWW-Authenticate` challenge.
+            Unavailable: a key store the verifier must consult is unreachable.
         """
+        path = self.endpoint_of(call, endpoint)
         if not header:
             if not self._allow_anonymous:
-                raise self._refuse("authentication required")
+                raise self._refuse("authentication required", path, scopes=self._scopes(call))
             return ANONYMOUS
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise self._refuse("the Authorization header must be 'Bearer <token>'", "invalid_request")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise self._refuse("the Authorization header must be 'Bearer <token>'", path, "invalid_request")
         if self._verifier is None:
-            raise self._refuse("no token issuer is configured on this gateway", "invalid_token")
-        return await self._verifier.verify(token.strip(), call)
+            raise self._refuse("no token issuer is configured on this gateway", path, "invalid_token")
+        try:
+            principal = await self._verifier.verify(token, self.resource_uri(path))
+        except Unauthenticated as exc:
+            # Tokens and keys never appear in messages; the reason is safe to show.
+            raise self._refuse(exc.message, path, "invalid_token") from exc
+        return Principal(
+            subject=principal.subject,
+            client_id=principal.client_id,
+            roles=principal.roles,
+            scopes=principal.scopes,
+            actors=principal.actors,
+            credential=token,
+        )
+
+    def _scopes(self, call: Call | None) -> list[str]:
+        if call is None or self._required_scopes is None:
+            return []
+        return sorted(set(self._required_scopes(call)))
 
     async def __call__(self, call: Call, call_next: CallNext) -> Reply:
-        call.principal = await self.principal(call.credentials, call)
+        principal = await self.principal(call.credentials, call)
+        needed = self._scopes(call)
+        if needed and not set(needed) <= principal.scopes:
+            if principal is ANONYMOUS:
+                raise self._refuse("authentication required", self.endpoint_of(call), scopes=needed)
+            scope = " ".join(needed)
+            raise InsufficientScope(
+                f"insufficient scope: this endpoint needs {scope}",
+                headers={
+                    "WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{scope}", '
+                    f'resource_metadata="{self.metadata_url(self.endpoint_of(call))}"'
+                },
+            )
+        call.principal = principal
         return await call_next(call)

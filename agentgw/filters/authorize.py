@@ -2,26 +2,63 @@
 
 pycasbin ships no type hints, so it appears only in this module, behind the `Authorizer` protocol.
 Discovery uses the same decision as invocation: a listed item is kept only if `list` is allowed.
+
+The policy is the union of three sources: a CSV file (GitOps; reloaded when it changes, and a
+broken edit keeps the last good policy), inline rules from the config, and rules in the database
+through Casbin's SQL adapter (edited through the admin API; other nodes notice a version row).
+Decisions are cached and the cache is dropped on every policy change.
+
+A caller acting through a delegation chain (`Principal.actors`) is allowed only what both the
+subject and the current (outermost) actor are allowed: an agent never exceeds its user or itself.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
+import anyio
+import anyio.to_thread
 import casbin
+from casbin_sqlalchemy_adapter import Adapter as SqlAdapter
+from casbin_sqlalchemy_adapter.adapter import CasbinRule
+from fastapi import APIRouter, Depends, HTTPException, status
+from pydantic import BaseModel, Field
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+from sqlmodel import Field as SQLField
+from sqlmodel import SQLModel
 
 from agentgw.call import Call, Principal, Reply
 from agentgw.errors import Forbidden, GatewayError
 from agentgw.pipeline import CallNext
 
-__all__ = ["Authorize", "Authorizer", "CasbinAuthorizer", "Decision", "PolicyError", "object_match"]
+__all__ = [
+    "ACTIONS",
+    "Authorize",
+    "Authorizer",
+    "CasbinAuthorizer",
+    "Decision",
+    "PolicyError",
+    "Rule",
+    "object_match",
+    "parse_rule",
+    "policy_router",
+    "read_rules",
+]
 
 log = logging.getLogger(__name__)
+
+ACTIONS = ("list", "call", "read", "send", "write", "*")
+MAX_CACHED_DECISIONS = 50_000
+DB_POLL_S = 2.0
+_FIELD = re.compile(r"^[^\s,\[\]()\"]+$")
 
 
 class PolicyError(GatewayError):
@@ -34,8 +71,25 @@ class Decision:
     rule: str | None  # the rule that decided, e.g. "p, role:dev, mcp:github/*, call, allow"
 
 
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One policy line: `p, sub, obj, act, eft` or `g, member, role`, and where it came from."""
+
+    kind: Literal["p", "g"]
+    fields: tuple[str, ...]
+    source: str = "config"
+
+    @property
+    def text(self) -> str:
+        return ", ".join((self.kind, *self.fields))
+
+
 class Authorizer(Protocol):
     def decide(self, principal: Principal, obj: str, act: str) -> Decision: ...
+
+    def refresh(self) -> None:
+        """Pick up policy changes; cheap when nothing changed (called once per call)."""
+        ...
 
 
 def object_match(request_obj: str, pattern: str) -> bool:
@@ -45,26 +99,143 @@ def object_match(request_obj: str, pattern: str) -> bool:
     return request_obj == pattern
 
 
-class CasbinAuthorizer:
-    """Casbin enforcer over a model file, a policy CSV file and inline rules, with a decision cache.
+def parse_rule(line: str, source: str = "config") -> Rule:
+    """Parse one policy line (an omitted effect means `allow`).
 
-    The cache is dropped whenever the policy changes; decisions are pure given the policy.
+    Raises:
+        PolicyError: not `p, sub, obj, act[, allow|deny]` or `g, member, role`, or a field with
+            whitespace, a comma, brackets or quotes.
+    """
+    kind, *fields = [f.strip() for f in line.split(",")]
+    if kind == "p":
+        if len(fields) == 3:
+            fields.append("allow")
+        if len(fields) != 4 or fields[3] not in ("allow", "deny"):
+            raise PolicyError(f"{source}: bad policy rule {line!r}: want p, sub, obj, act[, allow|deny]")
+        if fields[2] not in ACTIONS:
+            raise PolicyError(f"{source}: bad action in {line!r}: use one of {', '.join(ACTIONS)}")
+    elif kind == "g":
+        if len(fields) != 2:
+            raise PolicyError(f"{source}: bad role rule {line!r}: want g, member, role")
+    else:
+        raise PolicyError(f"{source}: bad policy line {line!r}: it must start with p or g")
+    for value in fields:
+        if not _FIELD.fullmatch(value):
+            raise PolicyError(f"{source}: bad field {value!r} in {line!r}")
+    return Rule("p" if kind == "p" else "g", tuple(fields), source)
+
+
+def read_rules(path: Path) -> list[Rule]:
+    """The rules of a policy CSV file (blank lines and `#` comments skipped).
+
+    Raises:
+        PolicyError: the file is unreadable or a line is malformed.
+    """
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"cannot read policy file {path}: {exc}") from exc
+    return [
+        parse_rule(line, f"{path}:{number}")
+        for number, line in enumerate(text.splitlines(), 1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+
+
+class PolicyVersion(SQLModel, table=True):
+    """Bumped on every database policy change, so other nodes reload."""
+
+    __tablename__ = "policy_version"
+
+    id: int = SQLField(default=1, primary_key=True)
+    version: int = 0
+
+
+def _fingerprint(path: Path | None) -> tuple[int, int, int] | None:
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1, -1)
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class CasbinAuthorizer:
+    """Casbin enforcer over a model file, a policy CSV file, inline rules and database rules.
+
+    The decision cache is dropped whenever the policy changes; decisions are pure given the policy.
     """
 
     def __init__(
-        self, model: Path, policy_file: Path | None, rules: list[str], *, allow_empty: bool = False
+        self,
+        model: Path,
+        policy_file: Path | None,
+        rules: Sequence[str | Rule],
+        *,
+        allow_empty: bool = False,
+        database: Engine | None = None,
     ) -> None:
         self._model = model
         self._policy_file = policy_file
-        self._rules = rules
+        # Inline rules: config lines, or parsed rules that keep their file and line (policy tooling).
+        self._inline = [
+            r if isinstance(r, Rule) else parse_rule(r, "config")
+            for r in rules
+            if isinstance(r, Rule) or (r.strip() and not r.lstrip().startswith("#"))
+        ]
         self._allow_empty = allow_empty
+        self._engine = database
+        self._adapter: Any = None
+        if database is not None:
+            self._adapter = SqlAdapter(database)
+            SQLModel.metadata.create_all(database, tables=[PolicyVersion.__table__])  # type: ignore[attr-defined]  # SQLModel declares tables dynamically
         self._lock = threading.Lock()
-        self._cache: dict[tuple[str, tuple[str, ...], str, str], Decision] = {}
-        self._enforcer, self._explainer = self._load()
+        self._cache: dict[tuple[str, tuple[str, ...], tuple[str, ...], str, str], Decision] = {}
+        self._seen = (_fingerprint(model), _fingerprint(policy_file))
+        self._db_version = self._read_db_version()
+        self._rules: list[Rule] = []
+        self.last_error: str | None = None
+        self.generation = 0
+        # (enforcer, explainer), swapped as one object so a decision never mixes two policies.
+        self._pair = self._load()
+
+    @property
+    def database_enabled(self) -> bool:
+        return self._adapter is not None
+
+    @property
+    def rules(self) -> list[Rule]:
+        """Every rule in force, file rules first, then config, then database."""
+        return list(self._rules)
+
+    # --- loading ---
+    def _db_rules(self) -> list[Rule]:
+        if self._engine is None:
+            return []
+        with Session(self._engine) as session:
+            rows = session.execute(select(CasbinRule).order_by(CasbinRule.id)).scalars().all()
+        out = []
+        for row in rows:
+            values = [v for v in (row.v0, row.v1, row.v2, row.v3, row.v4, row.v5) if v is not None]
+            out.append(parse_rule(", ".join([row.ptype, *values]), f"database:{row.id}"))
+        return out
+
+    def _read_db_version(self) -> int:
+        if self._engine is None:
+            return 0
+        with Session(self._engine) as session:
+            row = session.get(PolicyVersion, 1)
+            return row.version if row is not None else 0
 
     def _load(self) -> tuple[Any, Any]:
         try:
             text = self._model.read_text()
+            rules = [
+                *(read_rules(self._policy_file) if self._policy_file else []),
+                *self._inline,
+                *self._db_rules(),
+            ]
             # Casbin explains a denial but not an allow under "allow and no deny"; a twin enforcer
             # with an allow-only effect names the allowing rule for audit records.
             explain_text = re.sub(r"(?m)^e\s*=.*$", "e = some(where (p.eft == allow))", text)
@@ -74,35 +245,20 @@ class CasbinAuthorizer:
                 model.load_model_from_text(model_text)
                 enforcer = casbin.Enforcer(model)
                 enforcer.add_function("objectMatch", object_match)
+                for rule in rules:
+                    if rule.kind == "p":
+                        enforcer.add_policy(*rule.fields)
+                    else:
+                        enforcer.add_grouping_policy(*rule.fields)
                 enforcers.append(enforcer)
-            for line in self._lines():
-                kind, *fields = [f.strip() for f in line.split(",")]
-                if kind == "p":
-                    if len(fields) == 3:
-                        fields.append("allow")
-                    if len(fields) != 4 or fields[3] not in ("allow", "deny"):
-                        raise PolicyError(f"bad policy rule {line!r}: want p, sub, obj, act[, allow|deny]")
-                    for enforcer in enforcers:
-                        enforcer.add_policy(*fields)
-                elif kind == "g":
-                    if len(fields) != 2:
-                        raise PolicyError(f"bad role rule {line!r}: want g, member, role")
-                    for enforcer in enforcers:
-                        enforcer.add_grouping_policy(*fields)
-                else:
-                    raise PolicyError(f"bad policy line {line!r}: it must start with p or g")
         except PolicyError:
             raise
         except Exception as exc:  # casbin raises bare exceptions for unreadable models
             raise PolicyError(f"cannot load policy: {exc}") from exc
-        if not enforcers[0].get_policy() and not self._allow_empty:
+        if not any(r.kind == "p" for r in rules) and not self._allow_empty:
             raise PolicyError("the policy is empty: every call would be denied (set policy.allow_empty)")
+        self._rules = rules
         return enforcers[0], enforcers[1]
-
-    def _lines(self) -> list[str]:
-        text = self._policy_file.read_text() if self._policy_file else ""
-        lines = [*text.splitlines(), *self._rules]
-        return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
 
     def reload(self) -> None:
         """Load the policy again; on failure keep the last good one.
@@ -110,32 +266,150 @@ class CasbinAuthorizer:
         Raises:
             PolicyError: the new policy is broken (the old one stays in force).
         """
-        enforcers = self._load()
         with self._lock:
-            self._enforcer, self._explainer = enforcers
+            before = self._rules
+            try:
+                enforcers = self._load()
+            except PolicyError:
+                self._rules = before
+                raise
+            self._pair = enforcers
             self._cache = {}
+            self.generation += 1
+            self.last_error = None
 
+    def refresh(self) -> None:
+        """Reload if the model or policy file changed since the last look (a `stat` each)."""
+        seen = (_fingerprint(self._model), _fingerprint(self._policy_file))
+        if seen == self._seen:
+            return
+        self._seen = seen
+        try:
+            self.reload()
+        except PolicyError as exc:
+            self.last_error = exc.message
+            log.error("policy reload refused, the last good policy stays in force: %s", exc.message)
+            return
+        # A file written in place may have changed again while it was read: look again next call.
+        if (_fingerprint(self._model), _fingerprint(self._policy_file)) != seen:
+            self._seen = (None, None)
+        log.info("policy reloaded rules=%d", len(self._rules))
+
+    def refresh_database(self) -> bool:
+        """Reload if another node changed the database rules; True if it reloaded."""
+        version = self._read_db_version()
+        if version == self._db_version:
+            return False
+        self._db_version = version
+        try:
+            self.reload()
+        except PolicyError as exc:
+            self.last_error = exc.message
+            log.error("policy reload refused, the last good policy stays in force: %s", exc.message)
+            return False
+        return True
+
+    async def watch(self, interval_s: float = DB_POLL_S) -> None:
+        """Poll the database policy version (and the files) until cancelled."""
+        while True:
+            await anyio.sleep(interval_s)
+            try:
+                self.refresh()
+                if self._engine is not None:
+                    await anyio.to_thread.run_sync(self.refresh_database)
+            except Exception:
+                log.exception("policy refresh failed; the last good policy stays in force")
+
+    # --- database edits (admin API) ---
+    def _bump(self) -> None:
+        assert self._engine is not None
+        with Session(self._engine) as session:
+            row = session.get(PolicyVersion, 1) or PolicyVersion(id=1, version=0)
+            row.version += 1
+            session.add(row)
+            session.commit()
+            self._db_version = row.version
+
+    def add_rule(self, line: str) -> Rule:
+        """Add a rule to the database and put it in force at once.
+
+        Raises:
+            PolicyError: the rule is malformed, already present, the database source is off, or
+                the reload failed (the rule is stored; the last good policy stays in force).
+        """
+        rule = parse_rule(line, "database")
+        if self._adapter is None:
+            raise PolicyError("policy rules are managed in files here: enable policy.database to edit them")
+        if any(r.kind == rule.kind and r.fields == rule.fields for r in self._db_rules()):
+            raise PolicyError(f"the rule {rule.text!r} is already in the database")
+        self._adapter.add_policy(rule.kind, rule.kind, list(rule.fields))
+        self._bump()
+        self._reload_after_edit()
+        return rule
+
+    def remove_rule(self, line: str) -> bool:
+        """Remove a database rule; False if the database holds no such rule.
+
+        Raises:
+            PolicyError: the rule is malformed, the database source is off, the removal would
+                leave the policy empty, or the reload failed (the removal stands).
+        """
+        rule = parse_rule(line, "database")
+        if self._adapter is None:
+            raise PolicyError("policy rules are managed in files here: enable policy.database to edit them")
+        rest = [r for r in self._rules if not (r.kind == rule.kind and r.fields == rule.fields)]
+        if not any(r.kind == "p" for r in rest) and not self._allow_empty:
+            raise PolicyError("removing this rule would leave the policy empty (set policy.allow_empty)")
+        if not self._adapter.remove_policy(rule.kind, rule.kind, list(rule.fields)):
+            return False
+        self._bump()
+        self._reload_after_edit()
+        return True
+
+    def _reload_after_edit(self) -> None:
+        try:
+            self.reload()
+        except PolicyError as exc:
+            # The database edit stands; another source (a broken file) keeps the old policy in force.
+            self.last_error = exc.message
+            raise PolicyError(f"the change is stored but the policy was not reloaded: {exc.message}") from exc
+
+    # --- decisions ---
     def decide(self, principal: Principal, obj: str, act: str) -> Decision:
-        key = (principal.subject, principal.roles, obj, act)
+        key = (principal.subject, principal.roles, principal.actors[:1], obj, act)
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        decision = self._decide(principal, obj, act)
+        decision = self.explain(principal.subject, principal.roles, principal.actors[:1], obj, act)
+        if len(self._cache) >= MAX_CACHED_DECISIONS:  # object names come from callers: stay bounded
+            self._cache = {}
         self._cache[key] = decision
         return decision
 
-    def _decide(self, principal: Principal, obj: str, act: str) -> Decision:
+    def explain(
+        self, subject: str, roles: Sequence[str], actors: Sequence[str], obj: str, act: str
+    ) -> Decision:
+        """The decision for `subject` (with token `roles`) acting through `actors` (current first)."""
+        decision = self._decide_as((subject, *roles), obj, act)
+        if not decision.allowed or not actors:
+            return decision
+        # Delegation: the current actor must be allowed too; the stricter answer wins.
+        as_actor = self._decide_as((actors[0],), obj, act)
+        return as_actor if not as_actor.allowed else decision
+
+    def _decide_as(self, identities: Sequence[str], obj: str, act: str) -> Decision:
+        enforcer, explainer = self._pair
         allowed_as: str | None = None
         # Roles from the token are identities too; an explicit deny reached from any of them wins.
-        for subject in (principal.subject, *principal.roles):
-            allowed, explain = self._enforcer.enforce_ex(subject, obj, act)
+        for identity in identities:
+            allowed, explain = enforcer.enforce_ex(identity, obj, act)
             if not allowed and explain:
                 return Decision(False, "p, " + ", ".join(explain))
             if allowed and allowed_as is None:
-                allowed_as = subject
+                allowed_as = identity
         if allowed_as is None:
             return Decision(False, None)
-        _, explain = self._explainer.enforce_ex(allowed_as, obj, act)
+        _, explain = explainer.enforce_ex(allowed_as, obj, act)
         return Decision(True, "p, " + ", ".join(explain) if explain else None)
 
 
@@ -149,6 +423,7 @@ class Authorize:
         principal = call.principal
         if principal is None:  # a pipeline built without the identity stage: refuse, never pass
             raise Forbidden("denied by policy: no principal")
+        self._authorizer.refresh()
         if call.action == "session":
             return await call_next(call)
         if call.action == "list":
@@ -163,3 +438,74 @@ class Authorize:
             # The same words whether or not the object exists: a denial must not reveal a tool.
             raise Forbidden(f"denied by policy: {principal.subject} may not {call.action} this object")
         return await call_next(call)
+
+
+# --- admin API: /admin/policies, guarded by admin:policies ---
+
+
+class RuleIn(BaseModel):
+    rule: str = Field(description="a policy line: `p, sub, obj, act[, allow|deny]` or `g, member, role`")
+
+
+class RuleOut(BaseModel):
+    rule: str
+    source: str
+
+
+class PolicyOut(BaseModel):
+    rules: list[RuleOut]
+    database: bool = Field(description="whether rules can be edited through this API")
+    last_error: str | None = Field(description="why the last reload was refused, if it was")
+
+
+class CheckIn(BaseModel):
+    subject: str
+    object: str
+    action: str
+    roles: list[str] = Field(default_factory=list)
+    actors: list[str] = Field(default_factory=list)
+
+
+class CheckOut(BaseModel):
+    allowed: bool
+    rule: str | None
+
+
+Guard = Callable[..., Awaitable[Any]]
+
+
+def policy_router(authorizer: CasbinAuthorizer, read_guard: Guard, write_guard: Guard) -> APIRouter:
+    """Routes under /admin/policies; reads need `read` on `admin:policies`, edits `write`."""
+    router = APIRouter(prefix="/admin/policies", tags=["policies"])
+    # Plain defaults, not Annotated aliases: under postponed annotations FastAPI cannot see a local alias.
+    read = Depends(read_guard)
+    write = Depends(write_guard)
+
+    @router.get("", response_model=PolicyOut)
+    async def show_policy(_: Any = read) -> PolicyOut:
+        rules = [RuleOut(rule=r.text, source=r.source) for r in authorizer.rules]
+        return PolicyOut(rules=rules, database=authorizer.database_enabled, last_error=authorizer.last_error)
+
+    @router.post("/rules", response_model=RuleOut, status_code=status.HTTP_201_CREATED)
+    async def add_rule(body: RuleIn, _: Any = write) -> RuleOut:
+        try:
+            rule = await anyio.to_thread.run_sync(authorizer.add_rule, body.rule)
+        except PolicyError as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, exc.message) from exc
+        return RuleOut(rule=rule.text, source=rule.source)
+
+    @router.post("/rules/delete", status_code=status.HTTP_204_NO_CONTENT)
+    async def remove_rule(body: RuleIn, _: Any = write) -> None:
+        try:
+            removed = await anyio.to_thread.run_sync(authorizer.remove_rule, body.rule)
+        except PolicyError as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, exc.message) from exc
+        if not removed:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "the database holds no such rule")
+
+    @router.post("/check", response_model=CheckOut)
+    async def check(body: CheckIn, _: Any = read) -> CheckOut:
+        decision = authorizer.explain(body.subject, body.roles, body.actors, body.object, body.action)
+        return CheckOut(allowed=decision.allowed, rule=decision.rule)
+
+    return router

@@ -1,14 +1,479 @@
-"""Budget stage: reserve before the upstream is called, settle after. Budgets are not configured yet;
-this stage is the seam where they plug in, so its position in the pipeline is already fixed."""
+"""Budget stage: reserve from every budget a call falls under before it is forwarded, settle after.
+
+A budget is a `BudgetRule`: a limit on calls, tokens and/or cost, counted per agent run or per
+principal (subject, role or client) within a window (minute, hour, day, month); rate limits are
+budgets with a `calls` limit. Deciding what a call must reserve is pure (`plan`); the counters live
+behind the `BudgetStore` protocol (SQL: `agentgw.storage.budget_counters.SqlBudgetStore`, Redis:
+`RedisBudgetStore`), whose `reserve` is all-or-nothing and atomic across processes.
+
+The run a call belongs to is `Call.run_id` (the `Agent-Run-Id` header or the `io.agentgw/runId`
+`_meta` key), falling back to `Call.session_id`; a call with neither is in no run, and run budgets do
+not apply to it. Only spending actions (`call`, `read`, `send`) spend; discovery and session
+messages pass free.
+"""
 
 from __future__ import annotations
 
-from agentgw.call import Call, Reply
+import calendar
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal, Protocol, Self
+from urllib.parse import quote
+
+import anyio
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from agentgw.call import Call, Principal, Reply, Usage
+from agentgw.errors import BudgetExceeded
+from agentgw.filters.authorize import object_match
 from agentgw.pipeline import CallNext
 
-__all__ = ["Budget"]
+__all__ = [
+    "COST_SCALE",
+    "SPENDING_ACTIONS",
+    "Budget",
+    "BudgetRule",
+    "BudgetSettings",
+    "BudgetStore",
+    "Charge",
+    "Metric",
+    "RuleSource",
+    "Shortfall",
+    "StaticRules",
+    "Target",
+    "effective_budgets",
+    "exhausted",
+    "plan",
+    "run_key",
+    "targets",
+    "window_bounds",
+]
+
+log = logging.getLogger(__name__)
+
+Window = Literal["minute", "hour", "day", "month"]
+Per = Literal["run", "subject", "role", "client"]
+Metric = Literal["calls", "tokens", "cost"]
+
+SPENDING_ACTIONS = frozenset({"call", "read", "send"})
+# Cost is counted in millionths so that counters are integers: atomic arithmetic on floats drifts.
+COST_SCALE = 1_000_000
+_FIXED_WINDOWS: dict[str, int] = {"minute": 60, "hour": 3600, "day": 86400}
+
+
+class BudgetRule(BaseModel):
+    """One budget: limits on calls, tokens and cost, per run or per principal, per window.
+
+    Attributes:
+        name: unique; names the budget in errors, audit records and the admin API.
+        per: what is counted separately: each `run`, each `subject`, each `role`, each `client`.
+        match: which runs/subjects/roles/clients the budget applies to (exact, or a trailing `*`).
+        window: the counting window; required for principal budgets, optional for runs (a run
+            budget without one lasts the run).
+        resource: the policy objects it covers (`mcp:github/*`, `llm:gpt-4o`); `*` for all.
+        per_resource: count each tool/model separately ("at most 5 calls per tool").
+        calls, tokens, cost: the limits (at least one, or `duration_s`).
+        duration_s: for runs only: no call is admitted this long after the run's first call.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    per: Per = "run"
+    match: str = "*"
+    window: Window | None = None
+    resource: str = "*"
+    per_resource: bool = False
+    calls: int | None = Field(default=None, ge=0)
+    tokens: int | None = Field(default=None, ge=0)
+    cost: float | None = Field(default=None, ge=0)
+    duration_s: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.name == "effective":
+            raise ValueError("'effective' is reserved (GET /admin/budgets/effective): choose another name")
+        if self.calls is None and self.tokens is None and self.cost is None and self.duration_s is None:
+            raise ValueError(f"budget {self.name!r} sets no limit: give calls, tokens, cost or duration_s")
+        if self.per != "run" and self.window is None:
+            raise ValueError(f"budget {self.name!r} counts per {self.per}: it needs a window")
+        if self.per != "run" and self.duration_s is not None:
+            raise ValueError(f"budget {self.name!r}: duration_s applies to run budgets only")
+        return self
+
+    def limits(self) -> list[tuple[Metric, int]]:
+        """The counted limits, cost in millionths."""
+        out: list[tuple[Metric, int]] = []
+        if self.calls is not None:
+            out.append(("calls", self.calls))
+        if self.tokens is not None:
+            out.append(("tokens", self.tokens))
+        if self.cost is not None:
+            out.append(("cost", round(self.cost * COST_SCALE)))
+        return out
+
+
+class BudgetSettings(BaseModel):
+    """The `budgets:` section of the config file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Where counters live: `sql` (the gateway's database) or `redis` (shared by many nodes, fastest).
+    store: Literal["sql", "redis"] = "sql"
+    # Unset: the gateway's top-level `redis_url`.
+    redis_url: str | None = None
+    redis_prefix: str = "agentgw:budget:"
+    # A run's counters are dropped this long after its first call.
+    run_ttl_s: float = Field(default=7 * 86400, gt=0)
+    rules: list[BudgetRule] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Self:
+        names = [r.name for r in self.rules]
+        if len(names) != len(set(names)):
+            raise ValueError("budget names must be unique")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One counted thing a rule applies to: `per=value` within the current window."""
+
+    rule: BudgetRule
+    value: str  # the run id, subject, role or client id
+    start: float  # window start (epoch seconds); for a windowless run budget, 0
+    resets_at: float | None  # window end; None: the budget does not reset (start a new run)
+    resource: str | None  # set when the rule counts per resource
+
+    def key(self, metric: str) -> str:
+        """The counter's identity; values are percent-encoded so no value can forge another key."""
+        parts = [quote(self.rule.name, safe=""), self.rule.per, quote(self.value, safe="")]
+        parts.append(str(int(self.start)) if self.rule.window else "run")
+        if self.resource is not None:
+            parts.append(quote(self.resource, safe=""))
+        parts.append(metric)
+        return "|".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """An amount to reserve on one counter, refused if it would pass `limit`."""
+
+    key: str
+    amount: int
+    limit: int
+    expires_at: float  # the counter may be dropped after this (epoch seconds)
+    target: Target
+    metric: Metric
+
+
+@dataclass(frozen=True, slots=True)
+class Shortfall:
+    """Why a reservation was refused: `charges[index]` did not fit; the counter stood at `used`."""
+
+    index: int
+    used: int
+
+
+class BudgetStore(Protocol):
+    """Counters. `reserve` is atomic: all charges are taken, or none (then the first that did not fit).
+
+    Every charge is checked with the rule of `admits`. `now` is the caller's clock (injectable in
+    tests): a counter whose `expires_at` is not after `now` counts as absent.
+    """
+
+    async def reserve(self, charges: Sequence[Charge], now: float) -> Shortfall | None: ...
+
+    async def adjust(self, deltas: Sequence[tuple[str, int]]) -> None:
+        """Add (or with a negative delta, give back) amounts unconditionally: settle and release."""
+        ...
+
+    async def started(self, key: str, now: float, expires_at: float) -> float:
+        """When the run behind `key` started: `now` for the first caller, the stored time after."""
+        ...
+
+    async def used(self, keys: Sequence[str], now: float | None = None) -> dict[str, int]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class RuleSource(Protocol):
+    """The budgets in force; may refresh itself from a shared store."""
+
+    async def current(self) -> Sequence[BudgetRule]: ...
+
+
+class StaticRules:
+    """Budgets fixed at construction (the config file alone)."""
+
+    def __init__(self, rules: Sequence[BudgetRule]) -> None:
+        self._rules = tuple(rules)
+
+    async def current(self) -> Sequence[BudgetRule]:
+        return self._rules
+
+
+# --- pure decisions -----------------------------------------------------------------------------
+
+
+def run_key(call: Call) -> str | None:
+    """The run a call is counted under: its run id, else its session, else none."""
+    return call.run_id or call.session_id or None
+
+
+def window_bounds(window: Window, now: float) -> tuple[float, float]:
+    """Start and end (epoch seconds, UTC) of the calendar window containing `now`."""
+    if window in _FIXED_WINDOWS:
+        size = _FIXED_WINDOWS[window]
+        start = math.floor(now / size) * size
+        return float(start), float(start + size)
+    moment = datetime.fromtimestamp(now, UTC)
+    start_dt = datetime(moment.year, moment.month, 1, tzinfo=UTC)
+    end_dt = datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=UTC)
+    return float(calendar.timegm(start_dt.timetuple())), float(calendar.timegm(end_dt.timetuple()))
+
+
+def _values(rule: BudgetRule, principal: Principal | None, run: str | None) -> list[str]:
+    if rule.per == "run":
+        candidates = [run] if run else []
+    elif principal is None:
+        candidates = []
+    elif rule.per == "subject":
+        candidates = [principal.subject]
+    elif rule.per == "role":
+        candidates = list(principal.roles)
+    else:
+        candidates = [principal.client_id] if principal.client_id else []
+    return [v for v in candidates if object_match(v, rule.match)]
+
+
+def targets(
+    rules: Sequence[BudgetRule],
+    principal: Principal | None,
+    run: str | None,
+    resource: str | None,
+    now: float,
+) -> list[Target]:
+    """Every counter that a call by `principal` in `run` on `resource` falls under, at time `now`.
+
+    With `resource=None` (the `budget show` view) the resource filter is not applied.
+    """
+    out: list[Target] = []
+    for rule in rules:
+        if resource is not None and not object_match(resource, rule.resource):
+            continue
+        if rule.window is not None:
+            start, end = window_bounds(rule.window, now)
+            resets_at: float | None = end
+        else:
+            start, resets_at = 0.0, None
+        counted = resource if rule.per_resource and resource is not None else None
+        out.extend(Target(rule, value, start, resets_at, counted) for value in _values(rule, principal, run))
+    return out
+
+
+def plan(rules: Sequence[BudgetRule], call: Call, now: float, run_ttl_s: float) -> list[Charge]:
+    """What `call` must reserve: one charge per (budget, counted thing, limited metric).
+
+    Tokens and cost are reserved at the call's estimate and trued up after the reply.
+    """
+    if call.action not in SPENDING_ACTIONS:
+        return []
+    estimate = call.estimate
+    amounts: dict[Metric, int] = {
+        "calls": 1,
+        "tokens": max(estimate.tokens, 0),
+        "cost": max(round(estimate.cost * COST_SCALE), 0),
+    }
+    charges: list[Charge] = []
+    for target in targets(rules, call.principal, run_key(call), call.resource, now):
+        expires_at = target.resets_at if target.resets_at is not None else now + run_ttl_s
+        for metric, limit in target.rule.limits():
+            charges.append(Charge(target.key(metric), amounts[metric], limit, expires_at, target, metric))
+    return charges
+
+
+def admits(used: int, amount: int, limit: int) -> bool:
+    """Whether `amount` more fits: within the limit, and nothing fits an exhausted counter.
+
+    The second clause matters for zero estimates (a call that will report tokens only afterwards).
+    """
+    return used + amount <= limit and used < limit
+
+
+def settlement(charges: Sequence[Charge], actual: Usage) -> list[tuple[str, int]]:
+    """The true-up: actual tokens and cost minus what was reserved, per counter."""
+    amounts = {"tokens": max(actual.tokens, 0), "cost": max(round(actual.cost * COST_SCALE), 0)}
+    out = []
+    for charge in charges:
+        if charge.metric in amounts and amounts[charge.metric] != charge.amount:
+            out.append((charge.key, amounts[charge.metric] - charge.amount))
+    return out
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _shown(metric: str, amount: int) -> str:
+    return f"{amount / COST_SCALE:g}" if metric == "cost" else str(amount)
+
+
+def exhausted(target: Target, metric: str, used: int, limit: int, now: float) -> BudgetExceeded:
+    """The error for a budget that refused a call: names it and says when it resets."""
+    rule = target.rule
+    scope = f"{rule.per} {target.value}" + (f" on {target.resource}" if target.resource else "")
+    what = (
+        f"{metric} {_shown(metric, used)} of {_shown(metric, limit)}"
+        if metric != "duration"
+        else f"duration {used}s of {limit}s"
+    )
+    data: dict[str, object] = {
+        "budget": rule.name,
+        "per": rule.per,
+        "metric": metric,
+        "limit": limit / COST_SCALE if metric == "cost" else limit,
+        "used": used / COST_SCALE if metric == "cost" else used,
+        "window": rule.window,
+        "resetsAt": None,
+        "retryAfter": None,
+    }
+    headers: dict[str, str] = {}
+    if target.resets_at is not None:
+        retry_after = max(1, math.ceil(target.resets_at - now))
+        data["resetsAt"] = _iso(target.resets_at)
+        data["retryAfter"] = retry_after
+        headers["Retry-After"] = str(retry_after)
+        when = f"it resets at {data['resetsAt']} (in {retry_after}s)"
+    else:
+        when = "it does not reset: start a new run"
+    return BudgetExceeded(
+        f"budget {rule.name!r} exhausted for {scope}: {what}; {when}", headers=headers, data=data
+    )
+
+
+async def effective_budgets(
+    rules: Sequence[BudgetRule], store: BudgetStore, principal: Principal, run: str | None, now: float
+) -> list[dict[str, object]]:
+    """The budgets `principal` (in `run`, if given) is under now, with what is used of each.
+
+    Budgets counted per resource are listed with `used` None: each tool or model has its own count.
+
+    Raises:
+        Unavailable: the counters cannot be read.
+    """
+    found = targets(rules, principal, run, None, now)
+    keys = [t.key(metric) for t in found for metric, _ in t.rule.limits()]
+    used = await store.used(keys, now)
+    lines: list[dict[str, object]] = []
+    for target in found:
+        rule = target.rule
+        for metric, limit in rule.limits():
+            value = None if rule.per_resource else used.get(target.key(metric), 0)
+            scale = COST_SCALE if metric == "cost" else 1
+            lines.append(
+                {
+                    "budget": rule.name,
+                    "per": rule.per,
+                    "value": target.value,
+                    "resource": rule.resource + (" (each)" if rule.per_resource else ""),
+                    "window": rule.window or "run",
+                    "metric": metric,
+                    "limit": limit / scale if metric == "cost" else limit,
+                    "used": None if value is None else (value / scale if metric == "cost" else value),
+                    "resetsAt": _iso(target.resets_at) if target.resets_at is not None else None,
+                }
+            )
+        if rule.duration_s is not None:
+            lines.append(
+                {
+                    "budget": rule.name,
+                    "per": rule.per,
+                    "value": target.value,
+                    "resource": rule.resource,
+                    "window": "run",
+                    "metric": "duration_s",
+                    "limit": rule.duration_s,
+                    "used": None,
+                    "resetsAt": None,
+                }
+            )
+    return lines
+
+
+# --- the stage ----------------------------------------------------------------------------------
 
 
 class Budget:
+    """Reserves before forwarding, trues up from `Reply.usage`, gives everything back on failure."""
+
+    def __init__(
+        self,
+        store: BudgetStore,
+        rules: RuleSource,
+        *,
+        run_ttl_s: float = 7 * 86400,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._rules = rules
+        self._run_ttl_s = run_ttl_s
+        self._clock = clock
+
     async def __call__(self, call: Call, call_next: CallNext) -> Reply:
-        return await call_next(call)
+        if call.action not in SPENDING_ACTIONS:
+            return await call_next(call)
+        rules = await self._rules.current()
+        now = self._clock()
+        await self._check_durations(rules, call, now)
+        charges = plan(rules, call, now, self._run_ttl_s)
+        if charges:
+            shortfall = await self._store.reserve(charges, now)
+            if shortfall is not None:
+                charge = charges[shortfall.index]
+                raise exhausted(charge.target, charge.metric, shortfall.used, charge.limit, now)
+        try:
+            reply = await call_next(call)
+        except BaseException:
+            # Nothing was consumed that we can know of: give the reservation back, even when cancelled.
+            with anyio.CancelScope(shield=True):
+                await self._adjust([(c.key, -c.amount) for c in charges], "release")
+            raise
+        if not charges:
+            return reply
+        if reply.streaming:
+
+            async def settle(usage: Usage) -> None:
+                await self._adjust(settlement(charges, usage), "settle")
+
+            reply.on_settle(settle)
+        elif reply.usage is not None:
+            await self._adjust(settlement(charges, reply.usage), "settle")
+        return reply
+
+    async def _check_durations(self, rules: Sequence[BudgetRule], call: Call, now: float) -> None:
+        timed = [r for r in rules if r.duration_s is not None]
+        if not timed:
+            return
+        for target in targets(timed, call.principal, run_key(call), call.resource, now):
+            assert target.rule.duration_s is not None
+            key = target.key("started")
+            started = await self._store.started(key, now, now + self._run_ttl_s)
+            elapsed = now - started
+            if elapsed > target.rule.duration_s:
+                raise exhausted(
+                    target, "duration", math.floor(elapsed), math.floor(target.rule.duration_s), now
+                )
+
+    async def _adjust(self, deltas: list[tuple[str, int]], what: str) -> None:
+        if not deltas:
+            return
+        try:
+            await self._store.adjust(deltas)
+        except Exception:
+            # The call already happened (settle) or failed (release); failing it now would help no one.
+            log.exception("budget %s failed; counters may be off until their window ends", what)

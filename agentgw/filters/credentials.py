@@ -1,19 +1,650 @@
 """Credentials stage: the upstream gets a credential meant for it, never the caller's token.
 
-Modes per upstream (token exchange, client credentials, static) plug in here; with mode `none`
-the upstream gets no Authorization header at all.
+Each MCP upstream names a credential mode in the registry (`McpServerSpec.credential`), served by one
+`CredentialSource` per upstream:
+
+    none                no Authorization header
+    static              a secret from an environment variable or a file, read once
+    client_credentials  the gateway's own token (RFC 6749 4.4) from a token endpoint
+    token_exchange      RFC 8693: the caller's token exchanged for one meant for the upstream, with
+                        the gateway's own token as the actor token, so the upstream sees `act`
+    id_jag              enterprise-managed authorization: an ID-JAG from the IdP (RFC 8693), then
+                        the RFC 7523 jwt-bearer grant at the upstream's authorization server
+
+There is no passthrough mode, and no fallback: a credential that cannot be obtained fails the call
+with `CredentialError` (the audit stage records it). Tokens are cached per (caller token hash,
+upstream, scopes) until shortly before they expire; concurrent first calls for one key share one
+request (single flight). When the upstream answers 401, the terminal raises `UpstreamUnauthorized`:
+this stage drops the token it sent and retries once with a fresh one.
+
+Bridged upstreams (one SDK session shared by every caller) can only carry the gateway's own identity:
+`session_credential` gives their HTTP client a header source; per-caller modes are served by the
+pass-through only (docs/decisions/0602).
 """
 
 from __future__ import annotations
 
-from agentgw.call import Call, Reply
-from agentgw.pipeline import CallNext
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple, Protocol
 
-__all__ = ["Credentials"]
+import httpx
+import jwt
+
+from agentgw.call import Call, Principal, Reply
+from agentgw.errors import CredentialError, UpstreamUnauthorized
+from agentgw.oauth.apikeys import KEY_PREFIX
+from agentgw.oauth.exchange import (
+    ACCESS_TOKEN_TYPE,
+    ID_JAG_TOKEN_TYPE,
+    JWT_BEARER,
+    TOKEN_EXCHANGE,
+    TOKEN_TYPES,
+    TokenAnswer,
+    TokenEndpoint,
+)
+from agentgw.pipeline import CallNext
+from agentgw.settings import ConfigError
+from registry.llm import Secret
+from registry.models import (
+    ClientAuth,
+    McpServerSpec,
+    UpstreamClientCredentials,
+    UpstreamCredential,
+    UpstreamIdJag,
+    UpstreamStatic,
+    UpstreamTokenExchange,
+)
+
+__all__ = [
+    "CacheKey",
+    "CredentialConfigError",
+    "CredentialSource",
+    "Credentials",
+    "GatewayCredential",
+    "IssuedCredential",
+    "MemoryTokenCache",
+    "TokenCache",
+    "TokenService",
+    "caller_key",
+    "chain_of",
+    "refresh_at",
+    "scopes_for",
+]
+
+log = logging.getLogger(__name__)
+
+# A cached token is replaced this long before it expires, so no call carries a dying one; a token
+# that lives less than twice this is replaced at half its life.
+EARLY_RENEWAL_S = 30.0
+MAX_CACHED_TOKENS = 10_000
+
+
+class CredentialConfigError(ConfigError):
+    """An upstream's credential cannot be set up: its secret is missing or unusable (at start-up)."""
+
+
+# --- pure pieces -----------------------------------------------------------------------------------
+
+
+class CacheKey(NamedTuple):
+    """What a cached token is for: the caller (token hash; "" for the gateway's own identity), the
+    upstream, the scopes, and what it is (the upstream's token, or the gateway's actor token)."""
+
+    caller: str
+    upstream: str
+    scopes: tuple[str, ...]
+    purpose: str = "upstream"
+
+
+def caller_key(token: str) -> str:
+    """The cache key of a caller's token: its SHA-256, so no cache key holds a usable token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def refresh_at(now: float, lifetime_s: float) -> float:
+    """When a token obtained at `now` and valid `lifetime_s` seconds must be replaced."""
+    return now + max(lifetime_s - EARLY_RENEWAL_S, lifetime_s / 2)
+
+
+def scopes_for(
+    base: Iterable[str], per_tool: dict[str, list[str]], resource: str, upstream: str
+) -> tuple[str, ...]:
+    """The scopes a call of `resource` (a policy object) needs upstream: `base`, plus the tool's own
+    scopes when the call names a tool of `upstream` (`mcp:<upstream>/<tool>`)."""
+    scopes = set(base)
+    prefix = f"mcp:{upstream}/"
+    if resource.startswith(prefix):
+        tool = resource[len(prefix) :]
+        if "/" not in tool:  # prompts and resources are `prompt/<name>`, `resource/<uri>`
+            scopes.update(per_tool.get(tool, ()))
+    return tuple(sorted(scopes))
+
+
+def chain_of(token: str) -> tuple[str, ...]:
+    """The `act` chain of a JWT, current actor first, as `client:<sub>`; empty if it has none.
+
+    Read without verifying: only to name the chain in the audit record. The upstream verifies.
+    """
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return ()
+    actors: list[str] = []
+    act = claims.get("act")
+    while isinstance(act, dict) and isinstance(act.get("sub"), str) and len(actors) < 16:
+        actors.append(f"client:{act['sub']}")
+        act = act.get("act")
+    return tuple(actors)
+
+
+# --- the cache -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCredential:
+    """A credential ready to send.
+
+    Attributes:
+        authorization: the Authorization header value (never log it).
+        refresh_at: monotonic time after which it must not be used; `None` for a static secret.
+        actors: the delegation chain the upstream will see, current first (for audit).
+    """
+
+    authorization: str = field(repr=False)
+    refresh_at: float | None = None
+    actors: tuple[str, ...] = ()
+
+
+Fetch = Callable[[], Awaitable[IssuedCredential]]
+
+
+class TokenCache(Protocol):
+    """Issued credentials by `CacheKey`, with single flight for concurrent misses."""
+
+    async def get(self, key: CacheKey, fetch: Fetch) -> IssuedCredential:
+        """The cached credential for `key`, else the one `fetch` obtains (once for all waiters).
+
+        Raises:
+            CredentialError: `fetch` failed (every concurrent waiter gets the same error).
+        """
+        ...
+
+    def drop(self, key: CacheKey, stale: IssuedCredential) -> None:
+        """Forget `stale` for `key` (an upstream refused it), unless it was already replaced."""
+        ...
+
+    def drop_upstream(self, upstream: str) -> None:
+        """Forget every credential for `upstream` (its configuration changed)."""
+        ...
+
+
+class MemoryTokenCache:
+    """The embedded `TokenCache`: one process's memory, bounded."""
+
+    def __init__(
+        self, *, clock: Callable[[], float] = time.monotonic, max_entries: int = MAX_CACHED_TOKENS
+    ) -> None:
+        self._clock = clock
+        self._max = max_entries
+        self._entries: dict[CacheKey, IssuedCredential] = {}
+        self._inflight: dict[CacheKey, asyncio.Task[IssuedCredential]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _fresh(self, issued: IssuedCredential | None) -> bool:
+        return issued is not None and (issued.refresh_at is None or self._clock() < issued.refresh_at)
+
+    async def get(self, key: CacheKey, fetch: Fetch) -> IssuedCredential:
+        issued = self._entries.get(key)
+        if issued is not None and self._fresh(issued):
+            return issued
+        task = self._inflight.get(key)
+        if task is None:
+            # Its own task: a caller that goes away must not cancel the fetch the others wait for.
+            task = asyncio.get_running_loop().create_task(self._fill(key, fetch))
+            self._inflight[key] = task
+            task.add_done_callback(lambda done: self._settled(key, done))
+        return await asyncio.shield(task)
+
+    def _settled(self, key: CacheKey, task: asyncio.Task[IssuedCredential]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here, so a failure nobody awaited any more is not reported
+
+    async def _fill(self, key: CacheKey, fetch: Fetch) -> IssuedCredential:
+        issued = await fetch()
+        if len(self._entries) >= self._max:
+            self._evict()
+        self._entries[key] = issued
+        return issued
+
+    def _evict(self) -> None:
+        for key in [k for k, v in self._entries.items() if not self._fresh(v)]:
+            del self._entries[key]
+        while len(self._entries) >= self._max:  # still full of live tokens: drop the oldest
+            del self._entries[next(iter(self._entries))]
+
+    def drop(self, key: CacheKey, stale: IssuedCredential) -> None:
+        if self._entries.get(key) is stale:
+            del self._entries[key]
+
+    def drop_upstream(self, upstream: str) -> None:
+        for key in [k for k in self._entries if k.upstream == upstream]:
+            del self._entries[key]
+
+
+# --- sources ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TokenService:
+    """A token endpoint reached through `http`: the built-in authorization server is one, in-process."""
+
+    url: str
+    http: httpx.AsyncClient
+
+
+class CredentialSource(Protocol):
+    """How one upstream's credential is obtained.
+
+    Attributes:
+        mode: the credential mode, for audit.
+        per_caller: the credential stands for the caller (cached per caller token).
+        refreshable: asking again may give a different credential (worth a retry after a 401).
+    """
+
+    mode: str
+    per_caller: bool
+    refreshable: bool
+
+    def scopes(self, resource: str) -> tuple[str, ...]:
+        """The scopes a call of `resource` needs upstream."""
+        ...
+
+    async def obtain(self, principal: Principal | None, scopes: tuple[str, ...]) -> IssuedCredential:
+        """A fresh credential for `principal` (None for the gateway's own identity).
+
+        Raises:
+            CredentialError: it cannot be obtained.
+        """
+        ...
+
+
+def _read_secret(ref: UpstreamStatic | ClientAuth, what: str) -> Secret:
+    if ref.env is not None:
+        value = os.environ.get(ref.env)
+        if not value:
+            raise CredentialConfigError(f"{what}: environment variable {ref.env} is not set or empty")
+        return Secret(value)
+    assert ref.file is not None
+    try:
+        value = Path(ref.file).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        # The path is configuration, not a secret; the OS error says why (missing, permissions).
+        raise CredentialConfigError(f"{what}: cannot read secret file {ref.file}: {exc.strerror}") from exc
+    if not value:
+        raise CredentialConfigError(f"{what}: secret file {ref.file} is empty")
+    return Secret(value)
+
+
+def _subject_token(principal: Principal | None, label: str) -> str:
+    token = principal.credential if principal is not None else None
+    if not token or token.startswith(KEY_PREFIX):
+        # An API key or no credential at all: nothing an STS could exchange. Never another mode.
+        raise CredentialError(
+            f"{label}: the upstream needs a token exchanged from the caller's OAuth access token; "
+            "anonymous callers and API keys cannot be exchanged"
+        )
+    return token
+
+
+def _bearer(answer: TokenAnswer, now: float, label: str, actors: tuple[str, ...] = ()) -> IssuedCredential:
+    if answer.lifetime_s <= 0:
+        raise CredentialError(f"{label}: the token service issued a token that has already expired")
+    return IssuedCredential(f"Bearer {answer.access_token}", refresh_at(now, answer.lifetime_s), actors)
+
+
+class _Static:
+    mode = "static"
+    per_caller = False
+    refreshable = False
+
+    def __init__(self, secret: Secret) -> None:
+        self._secret = secret
+
+    def scopes(self, resource: str) -> tuple[str, ...]:
+        return ()
+
+    async def obtain(self, principal: Principal | None, scopes: tuple[str, ...]) -> IssuedCredential:
+        return IssuedCredential(f"Bearer {self._secret.reveal()}")
+
+
+class _ClientCredentials:
+    mode = "client_credentials"
+    per_caller = False
+    refreshable = True
+
+    def __init__(
+        self,
+        name: str,
+        spec: UpstreamClientCredentials,
+        endpoint: TokenEndpoint,
+        resource: str,
+        clock: Callable[[], float],
+    ) -> None:
+        self._spec = spec
+        self._endpoint = endpoint
+        self._resource = resource
+        self._clock = clock
+        self._label = f"upstream {name!r}"
+
+    def scopes(self, resource: str) -> tuple[str, ...]:
+        return tuple(sorted(set(self._spec.scopes)))
+
+    async def obtain(self, principal: Principal | None, scopes: tuple[str, ...]) -> IssuedCredential:
+        answer = await self._endpoint.request(
+            {
+                "grant_type": "client_credentials",
+                "scope": " ".join(scopes) or None,
+                "resource": self._resource,
+                "audience": self._spec.audience,
+            },
+            "client credentials grant",
+        )
+        return _bearer(answer, self._clock(), self._label)
+
+
+class _TokenExchange:
+    mode = "token_exchange"
+    per_caller = True
+    refreshable = True
+
+    def __init__(
+        self,
+        name: str,
+        spec: UpstreamTokenExchange,
+        endpoint: TokenEndpoint,
+        resource: str,
+        cache: TokenCache,
+        clock: Callable[[], float],
+    ) -> None:
+        self._name = name
+        self._spec = spec
+        self._endpoint = endpoint
+        self._resource = resource
+        self._cache = cache
+        self._clock = clock
+        self._label = f"upstream {name!r}"
+
+    def scopes(self, resource: str) -> tuple[str, ...]:
+        return scopes_for(self._spec.scopes, self._spec.tool_scopes, resource, self._name)
+
+    async def _actor_token(self) -> str:
+        # The gateway's own token at the same service; shared by every caller of this upstream.
+        async def fetch() -> IssuedCredential:
+            answer = await self._endpoint.request({"grant_type": "client_credentials"}, "actor token request")
+            return _bearer(answer, self._clock(), self._label)
+
+        issued = await self._cache.get(CacheKey("", self._name, (), "actor"), fetch)
+        return issued.authorization.removeprefix("Bearer ")
+
+    async def obtain(self, principal: Principal | None, scopes: tuple[str, ...]) -> IssuedCredential:
+        subject = _subject_token(principal, self._label)
+        spec = self._spec
+        requested = TOKEN_TYPES[spec.requested_token_type]
+        form = {
+            "grant_type": TOKEN_EXCHANGE,
+            "subject_token": subject,
+            "subject_token_type": TOKEN_TYPES[spec.subject_token_type],
+            "requested_token_type": requested,
+            "resource": self._resource,
+            "audience": spec.audience,
+            "scope": " ".join(scopes) or None,
+        }
+        if spec.actor_token:
+            form["actor_token"] = await self._actor_token()
+            form["actor_token_type"] = ACCESS_TOKEN_TYPE
+        answer = await self._endpoint.request(form, "token exchange")
+        if answer.issued_token_type not in (None, requested, ACCESS_TOKEN_TYPE):
+            raise CredentialError(f"{self._label}: the token service issued a {answer.issued_token_type}")
+        return _bearer(answer, self._clock(), self._label, chain_of(answer.access_token))
+
+
+class _IdJag:
+    mode = "id_jag"
+    per_caller = True
+    refreshable = True
+
+    def __init__(
+        self,
+        name: str,
+        spec: UpstreamIdJag,
+        idp: TokenEndpoint,
+        authorization_server: TokenEndpoint,
+        resource: str,
+        clock: Callable[[], float],
+    ) -> None:
+        self._name = name
+        self._spec = spec
+        self._idp = idp
+        self._as = authorization_server
+        self._resource = resource
+        self._clock = clock
+        self._label = f"upstream {name!r}"
+
+    def scopes(self, resource: str) -> tuple[str, ...]:
+        return scopes_for(self._spec.scopes, self._spec.tool_scopes, resource, self._name)
+
+    async def obtain(self, principal: Principal | None, scopes: tuple[str, ...]) -> IssuedCredential:
+        subject = _subject_token(principal, self._label)
+        scope = " ".join(scopes) or None
+        grant = await self._idp.request(
+            {
+                "grant_type": TOKEN_EXCHANGE,
+                "requested_token_type": ID_JAG_TOKEN_TYPE,
+                "audience": self._spec.authorization_server,
+                "resource": self._resource,
+                "scope": scope,
+                "subject_token": subject,
+                "subject_token_type": TOKEN_TYPES[self._spec.subject_token_type],
+            },
+            "ID-JAG exchange",
+        )
+        if grant.issued_token_type != ID_JAG_TOKEN_TYPE:
+            raise CredentialError(f"{self._label}: the identity provider did not issue an ID-JAG")
+        answer = await self._as.request(
+            {
+                "grant_type": JWT_BEARER,
+                "assertion": grant.access_token,
+                "scope": scope,
+                "resource": self._resource,
+            },
+            "jwt-bearer grant",
+        )
+        return _bearer(answer, self._clock(), self._label, chain_of(answer.access_token))
+
+
+# --- the stage -------------------------------------------------------------------------------------
+
+
+class GatewayCredential(Protocol):
+    """The gateway's own credential for one upstream, for an HTTP client shared by every caller."""
+
+    async def authorization(self, *, refresh: bool = False) -> str:
+        """The Authorization header value; `refresh` after the upstream refused the last one.
+
+        Raises:
+            CredentialError: it cannot be obtained.
+        """
+        ...
+
+
+class _SharedCredential:
+    def __init__(self, stage: Credentials, spec: McpServerSpec) -> None:
+        self._stage = stage
+        self._spec = spec
+        self._last: IssuedCredential | None = None
+
+    async def authorization(self, *, refresh: bool = False) -> str:
+        source = self._stage.source(self._spec)
+        assert source is not None and not source.per_caller
+        scopes = source.scopes(f"mcp:{self._spec.name}")
+        key = CacheKey("", self._spec.name, scopes)
+        if refresh and self._last is not None:
+            self._stage.cache.drop(key, self._last)
+        self._last = await self._stage.cache.get(key, lambda: source.obtain(None, scopes))
+        return self._last.authorization
 
 
 class Credentials:
+    """The credentials stage: sets `call.upstream_authorization` for MCP upstreams, from their mode.
+
+    `servers` finds an upstream's spec by name (the registry); without it no upstream gets a credential.
+    Other protocols' upstreams (A2A agents, LLM routes) hold their own credentials; for them this stage
+    only makes sure nothing of the caller's travels.
+    """
+
+    def __init__(
+        self,
+        servers: Callable[[str], McpServerSpec | None] = lambda _name: None,
+        *,
+        builtin: TokenService | None = None,
+        http: httpx.AsyncClient | None = None,
+        cache: TokenCache | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._servers = servers
+        self._builtin = builtin
+        self._http = http or httpx.AsyncClient(follow_redirects=False)
+        self._clock = clock
+        self.cache: TokenCache = cache or MemoryTokenCache(clock=clock)
+        self._sources: dict[str, tuple[tuple[UpstreamCredential, str | None], CredentialSource | None]] = {}
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+        if self._builtin is not None:
+            await self._builtin.http.aclose()
+
+    def prepare(self, specs: Iterable[McpServerSpec]) -> None:
+        """Set up every upstream's source now, reading secrets: a missing secret stops start-up.
+
+        Raises:
+            CredentialConfigError: a secret is missing or unusable, or a token endpoint is not configured.
+        """
+        for spec in specs:
+            self.source(spec)
+
+    def source(self, spec: McpServerSpec) -> CredentialSource | None:
+        """The source for `spec` (None for mode none), built again when its configuration changed.
+
+        Raises:
+            CredentialConfigError: a secret is missing or unusable, or a token endpoint is not configured.
+        """
+        config = (spec.credential, spec.url)
+        known = self._sources.get(spec.name)
+        if known is not None and known[0] == config:
+            return known[1]
+        source = self._build(spec)
+        if known is not None:
+            self.cache.drop_upstream(spec.name)
+        self._sources[spec.name] = (config, source)
+        return source
+
+    def session_credential(self, spec: McpServerSpec) -> GatewayCredential | None:
+        """For a session shared by every caller: the gateway's own credential, or None for mode none.
+
+        Raises:
+            CredentialConfigError: the mode is per caller (such upstreams are never bridged), or the
+                source cannot be set up.
+        """
+        if spec.per_caller_credential:
+            raise CredentialConfigError(
+                f"upstream {spec.name!r}: a {spec.credential.mode} credential is per caller"
+            )
+        return None if self.source(spec) is None else _SharedCredential(self, spec)
+
+    def _endpoint(self, url: str | None, client: ClientAuth, timeout_s: float, label: str) -> TokenEndpoint:
+        if url is None:
+            if self._builtin is None:
+                raise CredentialConfigError(
+                    f"{label}: token_url is required (the built-in authorization server is off)"
+                )
+            url, http = self._builtin.url, self._builtin.http
+        else:
+            http = self._http
+        secret = _read_secret(client, f"{label}, client {client.client_id!r}")
+        try:
+            return TokenEndpoint(url, client, secret, http, timeout_s=timeout_s, label=label)
+        except ValueError as exc:
+            raise CredentialConfigError(
+                f"{label}, client {client.client_id!r}: the private key is unusable: {exc}"
+            ) from exc
+
+    def _build(self, spec: McpServerSpec) -> CredentialSource | None:
+        credential = spec.credential
+        label = f"upstream {spec.name!r}"
+        if credential.mode == "none":
+            return None
+        if isinstance(credential, UpstreamStatic):
+            return _Static(_read_secret(credential, label))
+        resource = credential.resource or spec.url or ""
+        if isinstance(credential, UpstreamClientCredentials):
+            endpoint = self._endpoint(credential.token_url, credential.client, credential.timeout_s, label)
+            return _ClientCredentials(spec.name, credential, endpoint, resource, self._clock)
+        if isinstance(credential, UpstreamTokenExchange):
+            endpoint = self._endpoint(credential.token_url, credential.client, credential.timeout_s, label)
+            return _TokenExchange(spec.name, credential, endpoint, resource, self.cache, self._clock)
+        assert isinstance(credential, UpstreamIdJag)
+        idp = self._endpoint(credential.idp_token_url, credential.idp_client, credential.timeout_s, label)
+        authorization_server = self._endpoint(
+            credential.token_url, credential.client, credential.timeout_s, label
+        )
+        return _IdJag(spec.name, credential, idp, authorization_server, resource, self._clock)
+
+    async def _issue(self, call: Call, source: CredentialSource, key: CacheKey) -> IssuedCredential:
+        principal = call.principal if source.per_caller else None
+        issued = await self.cache.get(key, lambda: source.obtain(principal, key.scopes))
+        call.upstream_authorization = issued.authorization
+        call.upstream_actors = issued.actors
+        return issued
+
     async def __call__(self, call: Call, call_next: CallNext) -> Reply:
         # Defence in depth: whatever an earlier stage did, the caller's credentials never go upstream.
         call.upstream_authorization = None
-        return await call_next(call)
+        spec = self._servers(call.upstream) if call.protocol == "mcp" else None
+        if spec is None:
+            return await call_next(call)
+        try:
+            source = self.source(spec)
+        except CredentialConfigError as exc:
+            log.error("upstream credential unavailable: %s", exc)
+            raise CredentialError(
+                f"upstream {spec.name!r}: its credential is not configured correctly"
+            ) from exc
+        call.credential_mode = spec.credential.mode
+        if source is None:
+            return await call_next(call)
+        caller = ""
+        if source.per_caller:
+            caller = caller_key(_subject_token(call.principal, f"upstream {spec.name!r}"))
+        key = CacheKey(caller, spec.name, source.scopes(call.resource))
+        issued = await self._issue(call, source, key)
+        try:
+            return await call_next(call)
+        except UpstreamUnauthorized:
+            if not source.refreshable:
+                raise
+            # The upstream refused the token (revoked, rotated keys, expired early): one fresh try.
+            log.info("upstream %s refused its credential (401); obtaining a new one", spec.name)
+            self.cache.drop(key, issued)
+            await self._issue(call, source, key)
+            return await call_next(call)

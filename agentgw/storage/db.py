@@ -29,7 +29,9 @@ def make_engine(url: str) -> Engine:
 
 def create_db(engine: Engine) -> None:
     """Create every table the imported models declare (idempotent)."""
-    import agentgw.filters.audit  # noqa: F401  (registers its table)
+    # Imported for their side effect: each registers its tables on SQLModel's metadata.
+    import agentgw.storage.budget_counters
+    import agentgw.storage.budget_rules  # noqa: F401
     import registry.models  # noqa: F401
 
     SQLModel.metadata.create_all(engine)

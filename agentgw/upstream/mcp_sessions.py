@@ -9,6 +9,11 @@ Server->client requests (sampling, elicitation, roots) need to reach the one cli
 them. A shared connection has no such client, so it answers them with an error; a caller that can
 answer (a legacy client session) gets its own upstream session per HTTP/SSE upstream, bound to its
 session key, whose callbacks go to that caller's `Relay`. Such sessions close after an idle period.
+
+A shared connection can only carry the gateway's own identity (credential modes static and
+client_credentials): its HTTP client asks the credentials stage for the header on every request and
+retries once after a 401. Upstreams whose credential is per caller (token exchange, ID-JAG) get no
+shared connection: the pass-through serves them (docs/decisions/0602).
 """
 
 from __future__ import annotations
@@ -18,22 +23,25 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
+import httpx2
 import mcp_types as types
 from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.dispatcher import ProgressFnT as ProgressFn
 from mcp.shared.exceptions import MCPError
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import TypeAdapter, ValidationError
 
 from agentgw.errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout
+from agentgw.filters.credentials import GatewayCredential
 from registry.models import McpServerSpec
 
-__all__ = ["ProgressFn", "Relay", "UpstreamSessions"]
+__all__ = ["ProgressFn", "Relay", "SessionCredentials", "UpstreamSessions"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +64,10 @@ _EVENT_KINDS = {
 
 # Sends one server->client request (method, params) to the calling client; returns the raw result.
 Relay = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+# The gateway's own credential for an upstream's shared connection (None: no Authorization header).
+SessionCredentials = Callable[[McpServerSpec], GatewayCredential | None]
+# The SDK's defaults for its own HTTP clients: a response stream may stay open a long time.
+HTTP_TIMEOUT = httpx2.Timeout(30.0, read=300.0)
 _SAMPLING = TypeAdapter[Any](types.CreateMessageResult | types.CreateMessageResultWithTools)
 
 
@@ -106,13 +118,46 @@ class _StderrToLog:
         os.close(self._write)
 
 
+class _GatewayAuth(httpx2.Auth):
+    """Sets the gateway's own credential on every request; after a 401, one retry with a fresh one."""
+
+    requires_request_body = True  # the retry sends the body again
+
+    def __init__(self, credential: GatewayCredential) -> None:
+        self._credential = credential
+
+    async def async_auth_flow(
+        self, request: httpx2.Request
+    ) -> AsyncGenerator[httpx2.Request, httpx2.Response]:
+        request.headers["authorization"] = await self._credential.authorization()
+        response = yield request
+        if response.status_code == 401:
+            request.headers["authorization"] = await self._credential.authorization(refresh=True)
+            yield request
+
+
+@contextlib.asynccontextmanager
+async def _authorized_http(url: str, credential: GatewayCredential) -> AsyncIterator[Any]:
+    async with (
+        httpx2.AsyncClient(auth=_GatewayAuth(credential), timeout=HTTP_TIMEOUT) as http,
+        streamable_http_client(url, http_client=http) as streams,
+    ):
+        yield streams
+
+
 class _Connection:
     """One upstream's supervised session."""
 
     def __init__(
-        self, spec: McpServerSpec, on_list_changed: Callable[[str, str], None], *, session_bound: bool = False
+        self,
+        spec: McpServerSpec,
+        on_list_changed: Callable[[str, str], None],
+        *,
+        session_bound: bool = False,
+        credential: GatewayCredential | None = None,
     ) -> None:
         self.spec = spec
+        self.credential = credential
         self._on_list_changed = on_list_changed
         # Every connection declares sampling, elicitation and roots, so that a 2026-07-28 upstream
         # returns input_required for the end client to answer; a shared connection's relay stays
@@ -149,8 +194,11 @@ class _Connection:
             env = {"PATH": os.environ.get("PATH", "")} | spec.env
             return StdioServerParameters(command=spec.command, args=spec.args, env=env)
         assert spec.url is not None
+        auth = _GatewayAuth(self.credential) if self.credential is not None else None
         if spec.transport == "sse":
-            return sse_client(spec.url, timeout=spec.timeout_s)
+            return sse_client(spec.url, timeout=spec.timeout_s, auth=auth)
+        if self.credential is not None:
+            return _authorized_http(spec.url, self.credential)
         return spec.url
 
     async def _message(self, message: Any) -> None:
@@ -247,7 +295,8 @@ class _Connection:
 class UpstreamSessions:
     """The bridge's upstream connections, one supervised session per registered server."""
 
-    def __init__(self) -> None:
+    def __init__(self, credentials: SessionCredentials | None = None) -> None:
+        self._credentials = credentials
         self._listeners: list[Callable[[str, str], None]] = []
         self._connections: dict[str, tuple[_Connection, asyncio.Task[None]]] = {}
         self._peers: dict[tuple[str, str], tuple[_Connection, asyncio.Task[None]]] = {}
@@ -261,8 +310,12 @@ class UpstreamSessions:
             listener(server, kind)
 
     def sync(self, specs: list[McpServerSpec]) -> None:
-        """Start connections for new or changed servers, stop those of removed ones."""
-        wanted = {s.name: s for s in specs}
+        """Start connections for new or changed servers, stop those of removed ones.
+
+        Servers whose credential is per caller get none: no shared connection may carry one caller's
+        token for everyone (the pass-through serves them).
+        """
+        wanted = {s.name: s for s in specs if not s.per_caller_credential}
         for name, (conn, task) in list(self._connections.items()):
             if wanted.get(name) != conn.spec:
                 task.cancel()
@@ -273,7 +326,12 @@ class UpstreamSessions:
                 del self._peers[key]
         for name, spec in wanted.items():
             if name not in self._connections:
-                conn = _Connection(spec, self._list_changed)
+                try:
+                    credential = self._credentials(spec) if self._credentials is not None else None
+                except ValueError as exc:  # a credential that cannot be set up (a missing secret)
+                    log.error("upstream %s not connected: %s", name, exc)
+                    continue
+                conn = _Connection(spec, self._list_changed, credential=credential)
                 task = asyncio.get_running_loop().create_task(conn.run(), name=f"upstream:{name}")
                 self._connections[name] = (conn, task)
 
@@ -293,7 +351,9 @@ class UpstreamSessions:
             return None  # one stdio child serves everyone: it can never know which caller to ask
         entry = self._peers.get((server, key))
         if entry is None or entry[1].done():
-            conn = _Connection(shared[0].spec, self._list_changed, session_bound=True)
+            conn = _Connection(
+                shared[0].spec, self._list_changed, session_bound=True, credential=shared[0].credential
+            )
             task = asyncio.get_running_loop().create_task(conn.run_once(), name=f"upstream:{server}:peer")
             task.add_done_callback(lambda _t: self._peers.pop((server, key), None))
             entry = self._peers[(server, key)] = (conn, task)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -184,3 +186,48 @@ async def test_a_dead_upstream_gives_a_clear_error(tmp_path: Path) -> None:
         response = post(gw, "dead", b'{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"x"}}')
         assert response.json()["error"]["message"] == "upstream 'dead' is unreachable"
         assert response.json()["id"] == 7
+
+
+def test_a_foreign_host_header_is_refused_against_dns_rebinding(gateway: RunningGateway) -> None:
+    response = post(gateway, "modern", b'{"jsonrpc":"2.0","id":1,"method":"ping"}', host="evil.example.com")
+    assert response.status_code == 400
+
+
+async def test_header_values_are_compared_and_forwarded_without_surrounding_whitespace(
+    gateway: RunningGateway,
+) -> None:
+    async with Client(gateway.mcp("modern"), mode="2026-07-28") as client:
+        await client.list_tools()  # a session of the modern era, so the raw call below is well formed
+    body = {
+        "jsonrpc": "2.0",
+        "id": 5,
+        "method": "tools/call",
+        "params": {
+            "name": "echo",
+            "arguments": {"text": "trimmed"},
+            "_meta": {
+                "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                "io.modelcontextprotocol/clientInfo": {"name": "t", "version": "1"},
+                "io.modelcontextprotocol/clientCapabilities": {},
+            },
+        },
+    }
+    # httpx refuses to send such a header; clients written with other stacks do send it.
+    connection = http.client.HTTPConnection("127.0.0.1", int(gateway.url.rsplit(":", 1)[1]), timeout=10)
+    connection.request(
+        "POST",
+        "/mcp/modern",
+        body=json.dumps(body),
+        headers={
+            "content-type": "application/json",
+            "accept": "application/json, text/event-stream",
+            "mcp-protocol-version": "2026-07-28",
+            "mcp-method": "tools/call",
+            "mcp-name": "  echo  ",
+        },
+    )
+    response = connection.getresponse()
+    text = response.read().decode()
+    connection.close()
+    assert response.status == 200
+    assert "trimmed" in text

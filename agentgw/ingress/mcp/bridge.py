@@ -97,7 +97,8 @@ class Endpoint:
 
     @classmethod
     def merged(cls, servers: list[McpServerSpec]) -> Endpoint:
-        return cls("*", tuple(s.name for s in servers), prefix=True)
+        # Upstreams with a per-caller credential are served by pass-through only (decision 0602).
+        return cls("*", tuple(s.name for s in servers if not s.per_caller_credential), prefix=True)
 
     @classmethod
     def single(cls, spec: McpServerSpec) -> Endpoint:
@@ -456,6 +457,7 @@ class Bridge:
             upstream=endpoint.label,
             method=ctx.method,
             credentials=request.headers.get("authorization"),
+            endpoint=request.url.path.rstrip("/"),  # the token's audience is checked against it
             run_id=run_id_of(request.headers, params),
             session_id=request.headers.get("mcp-session-id"),
         )

@@ -52,7 +52,9 @@ class McpIngress:
                     raise NotFound(f"unknown MCP server {name!r}")
             # The SDK serves the bridged endpoints; refuse bad credentials before it sees the request,
             # so the OAuth challenge is an HTTP 401 whatever the message was.
-            await self._authenticate.principal(request.headers.get("authorization"))
+            await self._authenticate.principal(
+                request.headers.get("authorization"), endpoint="/mcp" if name is None else f"/mcp/{name}"
+            )
         except GatewayError as exc:
             await jsonrpc_error_response(None, exc)(scope, receive, send)
             return

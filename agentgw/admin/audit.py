@@ -1,0 +1,122 @@
+"""Admin API for auditors, under /admin/audit; guarded by the `admin:audit` read grant.
+
+    GET /admin/audit/records  ?since=&until=&subject=&actor=&client=&protocol=&resource=&decision=
+                              &run_id=&request_id=&event=&limit=&after=&newest_first=
+                              -> {"records": [...], "next": <after for the next page> | null}
+    GET /admin/audit/export   same filters, &format=jsonl|otel -> JSON Lines (one record, or one
+                              OpenTelemetry log record, per line)
+    GET /admin/audit/verify   -> {"ok", "records", "chains", "problem"}: the hash chains checked
+
+Times are ISO 8601 (`2026-05-01T10:00:00Z`) or ages (`15m`, `2h`, `7d`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict
+from functools import partial
+from typing import Annotated, Any, Literal
+
+import anyio.to_thread
+import orjson
+from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi.responses import StreamingResponse
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from agentgw.errors import Unavailable
+from agentgw.storage.audit_log import AuditQuery, otel_record, parse_time, query, verify
+
+__all__ = ["audit_router"]
+
+Guard = Callable[..., Awaitable[Any]]
+PAGE = 1000
+
+
+def _filters(
+    since: str | None = None,
+    until: str | None = None,
+    subject: str | None = None,
+    actor: str | None = None,
+    client: str | None = None,
+    protocol: str | None = None,
+    resource: str | None = None,
+    decision: str | None = None,
+    run_id: str | None = None,
+    request_id: str | None = None,
+    event: str | None = None,
+) -> AuditQuery:
+    try:
+        return AuditQuery(
+            since=parse_time(since) if since else None,
+            until=parse_time(until) if until else None,
+            subject=subject,
+            actor=actor,
+            client=client,
+            protocol=protocol,
+            resource=resource,
+            decision=decision,
+            run_id=run_id,
+            request_id=request_id,
+            event=event,
+        )
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+
+
+async def _read(work: Callable[[], Any]) -> Any:
+    try:
+        return await anyio.to_thread.run_sync(work)
+    except SQLAlchemyError as exc:
+        raise Unavailable("audit log unavailable") from exc
+
+
+def audit_router(engine: Engine, read_guard: Guard) -> APIRouter:
+    """Routes under /admin/audit (read-only: the log is append-only, also for administrators)."""
+    router = APIRouter(prefix="/admin/audit", tags=["audit"])
+    # Plain defaults, not Annotated aliases: under postponed annotations FastAPI cannot see a local alias.
+    read = Depends(read_guard)
+    chosen = Depends(_filters)
+
+    @router.get("/records")
+    async def records(
+        _: Any = read,
+        filters: AuditQuery = chosen,
+        limit: Annotated[int, Query(ge=1, le=PAGE)] = 100,
+        after: int | None = None,
+        newest_first: bool = False,
+    ) -> dict[str, Any]:
+        rows = await _read(
+            lambda: query(engine, filters, limit=limit, after_id=after, newest_first=newest_first)
+        )
+        return {"records": rows, "next": rows[-1]["id"] if len(rows) == limit else None}
+
+    @router.get("/export")
+    async def export(
+        _: Any = read,
+        filters: AuditQuery = chosen,
+        fmt: Annotated[Literal["jsonl", "otel"], Query(alias="format")] = "jsonl",
+    ) -> StreamingResponse:
+        async def lines() -> AsyncIterator[bytes]:
+            after = 0
+            while True:
+                rows = await _read(partial(query, engine, filters, limit=PAGE, after_id=after))
+                for row in rows:
+                    yield orjson.dumps(otel_record(row) if fmt == "otel" else row) + b"\n"
+                if len(rows) < PAGE:
+                    return
+                after = rows[-1]["id"]
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @router.get("/verify")
+    async def verify_log(_: Any = read) -> dict[str, Any]:
+        report = await _read(lambda: verify(engine))
+        return {
+            "ok": report.ok,
+            "records": report.records,
+            "chains": report.chains,
+            "problem": asdict(report.problem) if report.problem else None,
+        }
+
+    return router

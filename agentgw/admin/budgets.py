@@ -1,0 +1,87 @@
+"""Admin API for budgets, under /admin/budgets; guarded by `admin:budgets` read and write grants.
+
+- `GET /admin/budgets`: every budget, with its source (config | api)
+- `GET /admin/budgets/{name}`: one budget
+- `PUT /admin/budgets/{name}`: add or replace an API-owned budget (config-owned: 409)
+- `DELETE /admin/budgets/{name}`: remove an API-owned budget
+- `GET /admin/budgets/effective?subject=&role=&client=&run=`: the budgets a principal is under,
+  with what is used of each now
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+import anyio.to_thread
+from fastapi import APIRouter, Depends, HTTPException, Query, status
+from pydantic import BaseModel
+
+from agentgw.call import Principal
+from agentgw.filters.budget import BudgetRule, BudgetStore, effective_budgets
+from agentgw.storage.budget_rules import BudgetRuleBook, BudgetRuleConflict
+
+__all__ = ["BudgetView", "budgets_router"]
+
+Guard = Callable[..., Awaitable[Any]]
+
+
+class BudgetView(BaseModel):
+    rule: BudgetRule
+    source: str
+
+
+def budgets_router(
+    book: BudgetRuleBook, store: BudgetStore, read_guard: Guard, write_guard: Guard
+) -> APIRouter:
+    """Routes under /admin/budgets."""
+    router = APIRouter(prefix="/admin/budgets", tags=["budgets"])
+    # Plain defaults, not Annotated aliases: under postponed annotations FastAPI cannot see a local alias.
+    read = Depends(read_guard)
+    write = Depends(write_guard)
+
+    @router.get("", response_model=list[BudgetView])
+    async def list_budgets(_: Any = read) -> list[BudgetView]:
+        await anyio.to_thread.run_sync(book.refresh)
+        return [BudgetView(rule=r, source=s) for r, s in book.rules()]
+
+    @router.get("/effective")
+    async def effective(
+        subject: str,
+        _: Any = read,
+        role: Annotated[list[str] | None, Query()] = None,
+        client: str | None = None,
+        run: str | None = None,
+    ) -> list[dict[str, object]]:
+        principal = Principal(subject=subject, client_id=client, roles=tuple(role or ()))
+        return await effective_budgets(await book.current(), store, principal, run, time.time())
+
+    @router.get("/{name}", response_model=BudgetView)
+    async def show_budget(name: str, _: Any = read) -> BudgetView:
+        await anyio.to_thread.run_sync(book.refresh)
+        found = book.rule(name)
+        if found is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no budget named {name!r}")
+        return BudgetView(rule=found[0], source=found[1])
+
+    @router.put("/{name}", response_model=BudgetView)
+    async def put_budget(name: str, rule: BudgetRule, _: Any = write) -> BudgetView:
+        if name != rule.name:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "the name in the path and body differ")
+        try:
+            await anyio.to_thread.run_sync(book.put, rule)
+        except BudgetRuleConflict as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+        return BudgetView(rule=rule, source="api")
+
+    @router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT)
+    async def remove_budget(name: str, _: Any = write) -> None:
+        try:
+            removed = await anyio.to_thread.run_sync(book.remove, name)
+        except BudgetRuleConflict as exc:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+        if not removed:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no budget named {name!r}")
+
+    return router

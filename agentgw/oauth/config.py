@@ -1,0 +1,155 @@
+"""The `auth` section of the settings: trusted issuers, the built-in authorization server, API keys.
+
+Plain pydantic models with no imports from the rest of the gateway, so `agentgw/settings.py` can
+embed them without an import cycle.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "ALLOWED_ALGORITHMS",
+    "ApiKeySettings",
+    "AuthSettings",
+    "BuiltinAuthServer",
+    "BuiltinClient",
+    "BuiltinUser",
+    "ExchangePermission",
+    "IssuerSettings",
+]
+
+# Asymmetric algorithms only: `none` and the HS* family are never accepted, whatever the config says
+# (an HS* token verified with a public key is the classic key-confusion forgery).
+ALLOWED_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
+def _check_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment or parts.query:
+        raise ValueError(f"invalid URL {url!r}: an absolute http(s) URL without query or fragment")
+    return url
+
+
+class IssuerSettings(BaseModel):
+    """An external identity provider whose JWT access tokens the gateway accepts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    issuer: str
+    # Default: discovered from the issuer's RFC 8414 / OpenID metadata document.
+    jwks_uri: str | None = None
+    # Audiences accepted besides the endpoint's canonical URI (for IdPs that cannot do RFC 8707).
+    audiences: list[str] = Field(default_factory=list)
+    # Claims whose values become roles (`role:<value>`); the first claim present wins.
+    role_claims: list[str] = Field(default_factory=lambda: ["roles", "groups"])
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "PS256", "ES256", "EdDSA"])
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, value: str) -> str:
+        return _check_url(value)
+
+    @field_validator("jwks_uri")
+    @classmethod
+    def _jwks(cls, value: str | None) -> str | None:
+        return None if value is None else _check_url(value)
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithms(cls, value: list[str]) -> list[str]:
+        bad = sorted(set(value) - ALLOWED_ALGORITHMS)
+        if bad or not value:
+            raise ValueError(f"algorithms {bad or value} are not allowed: use {sorted(ALLOWED_ALGORITHMS)}")
+        return value
+
+
+class ExchangePermission(BaseModel):
+    """What a client may get from the built-in server beyond tokens for the gateway itself."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Resources (RFC 8707) / audiences outside the gateway this client may request tokens for, by
+    # token exchange or client credentials: typically the URLs of upstreams (exact match).
+    audiences: list[str] = Field(default_factory=list)
+    # Scopes an exchanged token may carry although the subject token lacks them (default: none, an
+    # exchange only narrows).
+    scopes: list[str] = Field(default_factory=list)
+
+
+class BuiltinClient(BaseModel):
+    """A client pre-registered with the built-in authorization server."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    client_id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._~-]+$")
+    # sha256 hex of the secret (`agentgw keys hash-secret`); none = a public client (PKCE only).
+    client_secret_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    redirect_uris: list[str] = Field(default_factory=list)
+    grant_types: list[str] = Field(default_factory=lambda: ["authorization_code"])
+    # Scopes this client may ask for; empty = any scope the gateway knows.
+    scopes: list[str] = Field(default_factory=list)
+    # Roles carried by client_credentials tokens of this client.
+    roles: list[str] = Field(default_factory=list)
+    # Token exchange and client credentials for upstreams (docs/decisions/0601).
+    exchange: ExchangePermission = Field(default_factory=ExchangePermission)
+
+
+class BuiltinUser(BaseModel):
+    """A person who can log in at the built-in authorization server's authorization endpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._@-]+$")
+    # `scrypt$<salt hex>$<hash hex>` from `agentgw keys hash-password`.
+    password_hash: str
+    roles: list[str] = Field(default_factory=list)
+
+
+class BuiltinAuthServer(BaseModel):
+    """The embedded authorization server; its issuer is the gateway's base URL."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    # JSON file of signing keys; default `oauth-keys.json` beside the SQLite database (else ./).
+    signing_key: Path | None = None
+    token_ttl_s: int = Field(default=3600, gt=0, le=86400)
+    # The current signing key is replaced when older than this; old keys stay in the JWKS a while.
+    rotate_after_s: int = Field(default=30 * 86400, gt=0)
+    clients: list[BuiltinClient] = Field(default_factory=list)
+    users: list[BuiltinUser] = Field(default_factory=list)
+    # Accept https client ids that point at a Client ID Metadata Document.
+    client_id_metadata_documents: bool = True
+
+
+class ApiKeySettings(BaseModel):
+    """Service-account API keys (`agk_...` bearer tokens), stored hashed in the database."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    # How long a verified key is trusted without asking the database again (revocation delay on
+    # other nodes; the node that revokes forgets at once).
+    cache_s: float = Field(default=10.0, ge=0)
+
+
+class AuthSettings(BaseModel):
+    """Who may present what credentials."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    issuers: list[IssuerSettings] = Field(default_factory=list)
+    builtin: BuiltinAuthServer = Field(default_factory=BuiltinAuthServer)
+    api_keys: ApiKeySettings = Field(default_factory=ApiKeySettings)
+    # Clock skew tolerated on exp/nbf/iat.
+    leeway_s: int = Field(default=30, ge=0, le=300)
+    # An unknown `kid` refetches an issuer's JWKS at most this often (a forged kid cannot DoS the IdP).
+    jwks_min_refresh_s: float = Field(default=30.0, ge=0)
+    # A JWKS is refetched after this long even when every kid is known (rotation at the IdP).
+    jwks_max_age_s: float = Field(default=3600.0, gt=0)

@@ -1,0 +1,113 @@
+"""Assembles the identity side of the gateway from settings: verifiers, the built-in authorization
+server, API keys, and the `Authenticate` stage that uses them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+from sqlalchemy import Engine
+
+from agentgw.call import Call
+from agentgw.filters.authenticate import Authenticate, BearerVerifier, JwtVerifier, TrustedIssuer
+from agentgw.oauth.apikeys import ApiKeyStore, ApiKeyVerifier
+from agentgw.oauth.jwks import LocalKeySet, RemoteKeySet
+from agentgw.oauth.keys import ALGORITHM, SigningKeys, default_key_path
+from agentgw.oauth.metadata import endpoint_scopes
+from agentgw.oauth.server import AuthorizationServer
+from agentgw.settings import Settings
+from registry.store import RegistryStore
+
+__all__ = ["Identity", "build_identity", "signing_keys"]
+
+
+@dataclass
+class Identity:
+    """Everything that turns credentials into principals, built once."""
+
+    authenticate: Authenticate
+    jwt: JwtVerifier
+    api_keys: ApiKeyStore
+    api_key_verifier: ApiKeyVerifier
+    keys: SigningKeys | None
+    server: AuthorizationServer | None
+    http: httpx.AsyncClient
+    issuers: list[str]
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
+def signing_keys(settings: Settings) -> SigningKeys:
+    """The built-in authorization server's key file (created with a first key when missing)."""
+    builtin = settings.auth.builtin
+    path = builtin.signing_key or default_key_path(settings.database_url)
+    return SigningKeys(path, rotate_after_s=builtin.rotate_after_s)
+
+
+def build_identity(settings: Settings, engine: Engine, registry: RegistryStore) -> Identity:
+    """Build the verifiers, the built-in authorization server (if enabled) and the identity stage."""
+    auth = settings.auth
+    http = httpx.AsyncClient(follow_redirects=False)
+    issuers = [
+        TrustedIssuer(
+            issuer.issuer,
+            RemoteKeySet(
+                issuer.issuer,
+                issuer.jwks_uri,
+                http,
+                min_refresh_s=auth.jwks_min_refresh_s,
+                max_age_s=auth.jwks_max_age_s,
+            ),
+            frozenset(issuer.algorithms),
+            frozenset(issuer.audiences),
+            tuple(issuer.role_claims),
+        )
+        for issuer in auth.issuers
+    ]
+    keys = None
+    if auth.builtin.enabled:
+        keys = signing_keys(settings)
+        keys.rotate_if_due()
+        issuers.append(TrustedIssuer(settings.base_url, LocalKeySet(keys), frozenset({ALGORITHM})))
+    jwt_verifier = JwtVerifier(issuers, leeway_s=auth.leeway_s)
+    api_keys = ApiKeyStore(engine)
+    api_key_verifier = ApiKeyVerifier(api_keys, cache_s=auth.api_keys.cache_s)
+
+    def required_scopes(call: Call) -> list[str]:
+        endpoint = call.endpoint or ""
+        if endpoint == "/mcp":
+            # The merged endpoint: a call needs the scopes of the server that serves it.
+            spec = registry.server(call.upstream)
+            return list(spec.scopes) if spec is not None else []
+        return endpoint_scopes(registry, endpoint) or []
+
+    authenticate = Authenticate(
+        BearerVerifier(
+            jwt_verifier if issuers else None, api_key_verifier if auth.api_keys.enabled else None
+        ),
+        allow_anonymous=settings.allow_anonymous,
+        base_url=settings.base_url,
+        required_scopes=required_scopes,
+    )
+    server = None
+    if keys is not None:
+
+        def known_scopes() -> set[str]:
+            scopes = {s for spec in registry.servers() for s in spec.scopes}
+            return scopes | {s for client in auth.builtin.clients for s in client.scopes}
+
+        server = AuthorizationServer(
+            settings.base_url, auth.builtin, keys, verifier=jwt_verifier, known_scopes=known_scopes, http=http
+        )
+    return Identity(
+        authenticate,
+        jwt_verifier,
+        api_keys,
+        api_key_verifier,
+        keys,
+        server,
+        http,
+        [i.issuer for i in issuers if i.issuer != settings.base_url]
+        + ([settings.base_url] if keys is not None else []),
+    )

@@ -1,0 +1,704 @@
+"""The built-in authorization server (authlib), for the embedded default and local use.
+
+    GET  /.well-known/oauth-authorization-server   RFC 8414 metadata; the issuer is the gateway's base URL
+    GET  /oauth/jwks                               public keys (every key still published after rotation)
+    GET  /oauth/authorize                          login form (authorization code + PKCE S256, required)
+    POST /oauth/authorize                          checks the user's password, redirects with a code
+    POST /oauth/token                              authorization_code, client_credentials, and the RFC 8693
+                                                   token-exchange grant
+
+Clients are pre-registered in the config, or are Client ID Metadata Documents: an https client id
+whose document the server fetches. Access tokens are RFC 9068 JWTs whose audience is the RFC 8707
+`resource` the client asked for (default: the gateway's `/mcp`), never wider than the gateway.
+
+authlib's server framework is synchronous and knows no Starlette: each handler reads the request
+(and fetches anything remote, such as a metadata document or a JWKS) first, then hands authlib a
+fully-read request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import html
+import logging
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from authlib.oauth2 import rfc6749
+from authlib.oauth2.rfc6749 import grants
+from authlib.oauth2.rfc6749.errors import (
+    InvalidGrantError,
+    InvalidRequestError,
+    InvalidScopeError,
+    OAuth2Error,
+    UnauthorizedClientError,
+)
+from authlib.oauth2.rfc7636 import CodeChallenge
+from fastapi import APIRouter, Request
+from starlette.datastructures import QueryParams
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+
+from agentgw.call import Principal
+from agentgw.errors import GatewayError
+from agentgw.filters.authenticate import JwtVerifier, audience_covers, canonical_uri
+from agentgw.oauth.config import BuiltinAuthServer, BuiltinClient, BuiltinUser
+from agentgw.oauth.exchange import TOKEN_TYPES, actor_allowed, delegation, narrowed_scopes
+from agentgw.oauth.keys import SigningKeys
+
+__all__ = [
+    "TOKEN_EXCHANGE",
+    "AuthorizationServer",
+    "check_password",
+    "hash_password",
+    "hash_secret",
+    "mint_token",
+]
+
+log = logging.getLogger(__name__)
+
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105  (a URN, not a secret)
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105
+JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105
+CODE_TTL_S = 300
+CIMD_TTL_S = 300
+CIMD_MAX_BYTES = 5 * 1024
+CIMD_TIMEOUT_S = 5.0
+SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+
+
+# --- secrets ---
+
+
+def hash_password(password: str) -> str:
+    """`scrypt$<salt>$<hash>` for a user's password in the config."""
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, **SCRYPT)
+    return f"scrypt${salt.hex()}${digest.hex()}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    """Whether `password` matches a `hash_password` value (False for a malformed one)."""
+    try:
+        scheme, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        actual = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), **SCRYPT)
+        return hmac.compare_digest(actual, bytes.fromhex(digest))
+    except ValueError:
+        return False
+
+
+def hash_secret(secret: str) -> str:
+    """The sha256 hex a client secret is stored as (secrets are random, so no slow hash is needed)."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def mint_token(
+    keys: SigningKeys,
+    issuer: str,
+    *,
+    subject: str,
+    audience: str | Sequence[str],
+    client_id: str | None = None,
+    scopes: Sequence[str] = (),
+    roles: Sequence[str] = (),
+    act: Mapping[str, Any] | None = None,
+    ttl_s: int = 3600,
+    now: float | None = None,
+) -> tuple[str, int]:
+    """Sign an access token; returns it and its lifetime in seconds."""
+    issued = int(time.time() if now is None else now)
+    claims: dict[str, Any] = {
+        "iss": issuer,
+        "sub": subject,
+        "aud": audience if isinstance(audience, str) else list(audience),
+        "iat": issued,
+        "nbf": issued,
+        "exp": issued + ttl_s,
+        "jti": secrets.token_urlsafe(16),
+    }
+    if client_id:
+        claims["client_id"] = client_id
+    if scopes:
+        claims["scope"] = " ".join(scopes)
+    if roles:
+        claims["roles"] = [r.removeprefix("role:") for r in roles]
+    if act:
+        claims["act"] = dict(act)
+    return keys.sign(claims), ttl_s
+
+
+# --- clients and codes (the models authlib asks for) ---
+
+
+@dataclass(slots=True)
+class _Client:
+    client_id: str
+    redirect_uris: list[str]
+    grant_types: list[str]
+    scopes: list[str]
+    roles: list[str]
+    secret_sha256: str | None
+    known_scopes: Callable[[], set[str]]
+    # Resources outside the gateway this client may get tokens for, canonical; extra exchange scopes.
+    audiences: frozenset[str] = frozenset()
+    exchange_scopes: frozenset[str] = frozenset()
+
+    @property
+    def public(self) -> bool:
+        return self.secret_sha256 is None
+
+    def get_client_id(self) -> str:
+        return self.client_id
+
+    def get_default_redirect_uri(self) -> str | None:
+        return self.redirect_uris[0] if len(self.redirect_uris) == 1 else None
+
+    def get_allowed_scope(self, scope: str | None) -> str:
+        allowed = set(self.scopes) or self.known_scopes()
+        return " ".join(s for s in (scope or "").split() if s in allowed)
+
+    def check_redirect_uri(self, redirect_uri: str) -> bool:
+        return redirect_uri in self.redirect_uris
+
+    def check_client_secret(self, client_secret: str) -> bool:
+        return self.secret_sha256 is not None and hmac.compare_digest(
+            self.secret_sha256, hash_secret(client_secret)
+        )
+
+    def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
+        if endpoint != "token":
+            return True
+        return method == "none" if self.public else method in ("client_secret_basic", "client_secret_post")
+
+    def check_response_type(self, response_type: str) -> bool:
+        return response_type == "code" and "authorization_code" in self.grant_types
+
+    def check_grant_type(self, grant_type: str) -> bool:
+        if grant_type in ("client_credentials", TOKEN_EXCHANGE) and self.public:
+            return False  # only confidential clients may act without a user
+        return grant_type in self.grant_types
+
+
+@dataclass(slots=True)
+class _Code:
+    code: str
+    client_id: str
+    redirect_uri: str
+    scope: str
+    user: BuiltinUser
+    resource: str
+    code_challenge: str
+    code_challenge_method: str
+    expires_at: float
+
+    def get_redirect_uri(self) -> str:
+        return self.redirect_uri
+
+    def get_scope(self) -> str:
+        return self.scope
+
+
+class _Payload(rfc6749.OAuth2Payload):  # type: ignore[misc]  # authlib is untyped
+    def __init__(self, datalist: Mapping[str, list[str]]) -> None:
+        self._datalist = defaultdict(list, {k: list(v) for k, v in datalist.items()})
+        self._data = {k: v[0] for k, v in datalist.items() if v}
+
+    @property
+    def data(self) -> dict[str, str]:
+        return self._data
+
+    @property
+    def datalist(self) -> defaultdict[str, list[str]]:
+        return self._datalist
+
+
+class _Request(rfc6749.OAuth2Request):  # type: ignore[misc]  # authlib is untyped
+    """A request read whole, in authlib's shape; `exchange` holds pre-verified RFC 8693 tokens."""
+
+    def __init__(self, method: str, url: str, headers: Mapping[str, str], query: Any, form: Any) -> None:
+        super().__init__(method, url, headers=headers)  # case-insensitive: authlib asks for "Authorization"
+        self._query = {k: query.get(k) for k in query}
+        self._form = {k: form.get(k) for k in form}
+        merged: dict[str, list[str]] = defaultdict(list)
+        for source in (query, form):
+            for key in source:
+                merged[key].extend(str(v) for v in source.getlist(key))
+        self.payload = _Payload(merged)
+        self.exchange: _Exchange | None = None
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return self._query
+
+    @property
+    def form(self) -> dict[str, Any]:
+        return self._form
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    principal: Principal
+    claims: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Exchange:
+    subject: _Verified
+    actor: _Verified | None
+
+
+class InvalidTargetError(OAuth2Error):  # type: ignore[misc]  # authlib is untyped
+    """RFC 8707: the requested resource is not one this server issues tokens for."""
+
+    error = "invalid_target"
+
+
+class _PkceS256(CodeChallenge):  # type: ignore[misc]  # authlib is untyped
+    """PKCE is required of every client, with S256 only (OAuth 2.1)."""
+
+    SUPPORTED_CODE_CHALLENGE_METHOD = ["S256"]  # noqa: RUF012  (authlib's class attribute)
+
+    def validate_code_challenge(self, grant: Any, redirect_uri: str) -> None:
+        data = grant.request.payload.data
+        if not data.get("code_challenge"):
+            raise InvalidRequestError("PKCE is required: send code_challenge with method S256")
+        if data.get("code_challenge_method") != "S256":
+            raise InvalidRequestError("code_challenge_method must be S256")
+        super().validate_code_challenge(grant, redirect_uri)
+
+
+# --- the server ---
+
+
+class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  # authlib is untyped
+    """The built-in authorization server: authlib's framework, with the gateway's clients and keys."""
+
+    def __init__(
+        self,
+        issuer: str,
+        config: BuiltinAuthServer,
+        keys: SigningKeys,
+        *,
+        verifier: JwtVerifier,
+        known_scopes: Callable[[], set[str]],
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        super().__init__()
+        self.issuer = issuer.rstrip("/")
+        self.config = config
+        self.keys = keys
+        self._verifier = verifier
+        self._known_scopes = known_scopes
+        self._http = http or httpx.AsyncClient(follow_redirects=False)
+        self._clients = {c.client_id: self._client(c) for c in config.clients}
+        self._users = {u.name: u for u in config.users}
+        self._codes: dict[str, _Code] = {}
+        self._cimd: dict[str, tuple[float, _Client]] = {}
+        server = self
+
+        class _AuthorizationCode(grants.AuthorizationCodeGrant):  # type: ignore[misc]  # authlib is untyped
+            TOKEN_ENDPOINT_AUTH_METHODS = ["client_secret_basic", "client_secret_post", "none"]  # noqa: RUF012
+
+            def save_authorization_code(self, code: str, request: _Request) -> None:
+                server._save_code(code, request)
+
+            def query_authorization_code(self, code: str, client: _Client) -> _Code | None:
+                return server._take_code(code, client, self.request)
+
+            def delete_authorization_code(self, authorization_code: _Code) -> None:
+                server._codes.pop(authorization_code.code, None)
+
+            def authenticate_user(self, authorization_code: _Code) -> BuiltinUser:
+                return authorization_code.user
+
+            def generate_token(
+                self, user: BuiltinUser | None = None, scope: str | None = None, **_: Any
+            ) -> Any:
+                code: _Code = self.request.authorization_code
+                return server._token(self.request, user.name if user else None, scope, code.resource, user)
+
+        class _ClientCredentials(grants.ClientCredentialsGrant):  # type: ignore[misc]  # authlib is untyped
+            TOKEN_ENDPOINT_AUTH_METHODS = ["client_secret_basic", "client_secret_post"]  # noqa: RUF012
+
+            def validate_requested_scope(self) -> None:
+                super().validate_requested_scope()
+                self.request.scope = self.client.get_allowed_scope(self.request.payload.scope)
+
+            def generate_token(self, scope: str | None = None, **_: Any) -> Any:
+                data = self.request.payload.datalist
+                resource = server._resource(
+                    [*data.get("resource", []), *data.get("audience", [])], self.client
+                )
+                return server._token(self.request, None, self.request.scope, resource, None)
+
+        self.register_grant(_AuthorizationCode, [_PkceS256(required=True)])
+        self.register_grant(_ClientCredentials)
+        self.register_grant(_TokenExchange)
+
+    # authlib hooks
+    def query_client(self, client_id: str) -> _Client | None:
+        if client_id in self._clients:
+            return self._clients[client_id]
+        cached = self._cimd.get(client_id)
+        return cached[1] if cached is not None and cached[0] > time.monotonic() else None
+
+    def save_token(self, token: Any, request: Any) -> None:
+        """JWT access tokens are self-contained: nothing to store."""
+
+    def send_signal(self, name: str, *args: Any, **kwargs: Any) -> None:
+        """No signals."""
+
+    def create_oauth2_request(self, request: Any) -> Any:
+        return request  # handlers build `_Request` themselves, after reading the body
+
+    def handle_response(self, status: int, body: Any, headers: Any) -> Response:
+        header_map = dict(headers or [])
+        if status in (301, 302, 303, 307, 308):
+            return RedirectResponse(header_map["Location"], status_code=302)
+        header_map.pop("Content-Type", None)
+        header_map.setdefault("Cache-Control", "no-store")
+        return JSONResponse(body if isinstance(body, dict) else {}, status_code=status, headers=header_map)
+
+    def validate_requested_scope(self, scope: str | None) -> None:
+        unknown = set((scope or "").split()) - self._known_scopes()
+        if unknown:
+            raise InvalidScopeError(f"unknown scope: {' '.join(sorted(unknown))}")
+
+    # clients
+    def _client(self, spec: BuiltinClient) -> _Client:
+        return _Client(
+            spec.client_id,
+            list(spec.redirect_uris),
+            list(spec.grant_types),
+            list(spec.scopes),
+            list(spec.roles),
+            spec.client_secret_sha256,
+            self._known_scopes,
+            frozenset(canonical_uri(a) for a in spec.exchange.audiences),
+            frozenset(spec.exchange.scopes),
+        )
+
+    async def _prefetch_client(self, client_id: str | None) -> None:
+        """Fetch a Client ID Metadata Document when the client id is its https URL (cached)."""
+        if not client_id or client_id in self._clients or not self.config.client_id_metadata_documents:
+            return
+        parts = urlsplit(client_id)
+        if parts.scheme != "https" or not parts.hostname or parts.path in ("", "/") or parts.fragment:
+            return
+        cached = self._cimd.get(client_id)
+        if cached is not None and cached[0] > time.monotonic():
+            return
+        try:
+            response = await self._http.get(
+                client_id, timeout=CIMD_TIMEOUT_S, headers={"accept": "application/json"}
+            )
+            if response.status_code != 200 or len(response.content) > CIMD_MAX_BYTES:
+                raise ValueError(f"HTTP {response.status_code}, {len(response.content)} bytes")
+            document = response.json()
+            client = self._client_from_document(client_id, document)
+        except (httpx.HTTPError, ValueError) as exc:
+            log.warning("client metadata document refused client_id=%s reason=%s", client_id, exc)
+            return
+        self._cimd[client_id] = (time.monotonic() + CIMD_TTL_S, client)
+
+    def _client_from_document(self, client_id: str, document: Any) -> _Client:
+        if not isinstance(document, dict) or document.get("client_id") != client_id:
+            raise ValueError("the document's client_id is not its own URL")
+        method = document.get("token_endpoint_auth_method", "none")
+        if method != "none":
+            raise ValueError("a metadata-document client is public: token_endpoint_auth_method must be none")
+        redirect_uris = document.get("redirect_uris")
+        if not isinstance(redirect_uris, list) or not all(isinstance(u, str) for u in redirect_uris):
+            raise ValueError("redirect_uris must be a list of strings")
+        return _Client(client_id, redirect_uris, ["authorization_code"], [], [], None, self._known_scopes)
+
+    # codes
+    def _save_code(self, code: str, request: _Request) -> None:
+        user: BuiltinUser = request.user
+        self._codes[code] = _Code(
+            code=code,
+            client_id=request.client.client_id,
+            redirect_uri=request.payload.redirect_uri,
+            scope=request.scope,
+            user=user,
+            resource=self._resource(request.payload.datalist.get("resource", [])),
+            code_challenge=request.payload.data["code_challenge"],
+            code_challenge_method=request.payload.data["code_challenge_method"],
+            expires_at=time.monotonic() + CODE_TTL_S,
+        )
+        now = time.monotonic()
+        for stale in [c for c, v in self._codes.items() if v.expires_at < now]:
+            del self._codes[stale]
+
+    def _take_code(self, code: str, client: _Client, request: _Request) -> _Code | None:
+        # One use only: taken out before it is checked, so a replay finds nothing.
+        found = self._codes.pop(code, None)
+        if found is None or found.client_id != client.client_id or found.expires_at < time.monotonic():
+            return None
+        requested = list(request.payload.datalist.get("resource", []))
+        if requested and requested != [found.resource]:
+            raise InvalidGrantError("the resource differs from the one authorized")
+        return found
+
+    # tokens
+    def _resource(self, resources: Sequence[str], client: _Client | None = None) -> str:
+        """The one RFC 8707 resource a token is for: inside this gateway, or one of the client's
+        allowed audiences (`exchange.audiences`); default `<base>/mcp`."""
+        if len(set(resources)) > 1:
+            raise InvalidTargetError("one resource per token")
+        resource = resources[0] if resources else f"{self.issuer}/mcp"
+        if client is not None and canonical_uri(resource) in client.audiences:
+            return resource
+        if not audience_covers(self.issuer, resource):
+            raise InvalidTargetError(f"resource {resource} is not served by this gateway")
+        return resource
+
+    def _token(
+        self, request: _Request, user: str | None, scope: str | None, resource: str, who: BuiltinUser | None
+    ) -> dict[str, Any]:
+        client: _Client = request.client
+        roles = who.roles if who is not None else client.roles
+        token, ttl = mint_token(
+            self.keys,
+            self.issuer,
+            subject=user or client.client_id,
+            audience=resource,
+            client_id=client.client_id,
+            scopes=(scope or "").split(),
+            roles=roles,
+            ttl_s=self.config.token_ttl_s,
+        )
+        answer: dict[str, Any] = {"access_token": token, "token_type": "Bearer", "expires_in": ttl}
+        if scope:
+            answer["scope"] = scope
+        return answer
+
+    # documents
+    def metadata(self) -> dict[str, Any]:
+        """RFC 8414 authorization server metadata."""
+        return {
+            "issuer": self.issuer,
+            "authorization_endpoint": f"{self.issuer}/oauth/authorize",
+            "token_endpoint": f"{self.issuer}/oauth/token",
+            "jwks_uri": f"{self.issuer}/oauth/jwks",
+            "response_types_supported": ["code"],
+            "grant_types_supported": ["authorization_code", "client_credentials", TOKEN_EXCHANGE],
+            "code_challenge_methods_supported": ["S256"],
+            "token_endpoint_auth_methods_supported": ["none", "client_secret_basic", "client_secret_post"],
+            "scopes_supported": sorted(self._known_scopes()),
+            "client_id_metadata_document_supported": self.config.client_id_metadata_documents,
+        }
+
+    # HTTP
+    async def _read(self, request: Request) -> _Request:
+        """The request read whole; its URL is the issuer's (the public URL), not the socket's.
+
+        Raises:
+            OAuth2Error: the issuer is not https (or loopback http).
+        """
+        form = await request.form() if request.method == "POST" else request.query_params
+        query = request.query_params if request.method == "POST" else QueryParams("")
+        url = f"{self.issuer}{request.url.path}"
+        oauth_request = _Request(request.method, url, request.headers, query, form)
+        await self._prefetch_client(oauth_request.payload.client_id)
+        return oauth_request
+
+    @staticmethod
+    def _bad_request(error: OAuth2Error) -> JSONResponse:
+        return JSONResponse(dict(error.get_body()), status_code=400, headers={"Cache-Control": "no-store"})
+
+    def _login_page(
+        self, oauth_request: _Request, error: str | None = None, status: int = 200
+    ) -> HTMLResponse:
+        fields = "".join(
+            f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
+            for k, values in oauth_request.payload.datalist.items()
+            if k not in ("username", "password")
+            for v in values
+        )
+        client = html.escape(oauth_request.payload.client_id or "")
+        problem = f"<p role='alert'>{html.escape(error)}</p>" if error else ""
+        page = (
+            "<!doctype html><title>agentgw sign-in</title>"
+            f"<h1>Sign in</h1><p>{client} asks to act for you.</p>{problem}"
+            f'<form method="post" action="{self.issuer}/oauth/authorize">{fields}'
+            '<label>User <input name="username" autocomplete="username"></label>'
+            '<label>Password <input name="password" type="password" autocomplete="current-password"></label>'
+            "<button>Sign in</button></form>"
+        )
+        return HTMLResponse(page, status_code=status, headers={"Cache-Control": "no-store"})
+
+    async def authorize(self, request: Request) -> Response:
+        """GET: validate and show the login form; POST: check the password and redirect with a code."""
+        try:
+            oauth_request = await self._read(request)
+        except OAuth2Error as error:
+            return self._bad_request(error)
+        try:
+            grant = self.get_consent_grant(oauth_request)
+            self._resource(oauth_request.payload.datalist.get("resource", []))
+        except OAuth2Error as error:
+            if isinstance(error, InvalidTargetError):  # the client and redirect URI are verified by now
+                error.redirect_uri, error.state = grant.redirect_uri, oauth_request.payload.state
+            if getattr(error, "redirect_uri", None):
+                return self.handle_error_response(oauth_request, error)  # type: ignore[no-any-return]
+            return self._bad_request(error)
+        if request.method == "GET":
+            return self._login_page(oauth_request)
+        form = oauth_request.form
+        user = self._users.get(str(form.get("username") or ""))
+        if user is None or not check_password(str(form.get("password") or ""), user.password_hash):
+            return self._login_page(oauth_request, "Unknown user or wrong password.", 401)
+        return self.create_authorization_response(oauth_request, grant_user=user, grant=grant)  # type: ignore[no-any-return]
+
+    async def token(self, request: Request) -> Response:
+        """The token endpoint."""
+        try:
+            oauth_request = await self._read(request)
+        except OAuth2Error as error:
+            return self._bad_request(error)
+        if oauth_request.payload.grant_type == TOKEN_EXCHANGE:
+            try:
+                oauth_request.exchange = await self._verify_exchange(oauth_request)
+            except OAuth2Error as error:
+                return self.handle_error_response(oauth_request, error)  # type: ignore[no-any-return]
+        return self.create_token_response(oauth_request)  # type: ignore[no-any-return]
+
+    async def _inspect(self, token: str | None, token_type: str | None, what: str) -> _Verified:
+        if not token:
+            raise InvalidRequestError(f"{what} is required")
+        if token_type not in (ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE):
+            raise InvalidRequestError(f"{what}_type must be an access token or a JWT")
+        try:
+            principal, claims = await self._verifier.inspect(token)
+        except GatewayError as exc:
+            raise InvalidGrantError(f"the {what} is invalid: {exc.message}") from exc
+        audiences = claims.get("aud")
+        audiences = [audiences] if isinstance(audiences, str) else audiences or []
+        if not any(isinstance(a, str) and audience_covers(self.issuer, a) for a in audiences):
+            raise InvalidGrantError(f"the {what} was not issued for this gateway")
+        return _Verified(principal, claims)
+
+    async def _verify_exchange(self, request: _Request) -> _Exchange:
+        data = request.payload.data
+        subject = await self._inspect(
+            data.get("subject_token"), data.get("subject_token_type"), "subject_token"
+        )
+        actor = None
+        if data.get("actor_token") or data.get("actor_token_type"):
+            actor = await self._inspect(data.get("actor_token"), data.get("actor_token_type"), "actor_token")
+        requested = data.get("requested_token_type")
+        if requested not in (None, ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE):
+            raise InvalidRequestError("only access tokens can be issued")
+        return _Exchange(subject, actor)
+
+
+def _actor_claims(exchange: _Exchange, client_id: str, issuer: str) -> dict[str, Any]:
+    """Who acts: the actor token's subject (and issuer), else the authenticated client itself."""
+    if exchange.actor is None:
+        return {"sub": client_id}
+    claims = exchange.actor.claims
+    actor = {"sub": str(claims["sub"])}
+    if claims.get("iss") not in (None, issuer):
+        actor["iss"] = str(claims["iss"])
+    return actor
+
+
+class _TokenExchange(grants.BaseGrant, grants.TokenEndpointMixin):  # type: ignore[misc]  # authlib is untyped
+    """RFC 8693: a token for `resource`/`audience` that carries the subject's identity and an `act`
+    claim naming the actor (the actor token's subject, else the client), earlier actors nested inside.
+
+    The checks a real STS makes: the client is confidential and allowed the grant; the subject (and
+    actor) tokens are valid tokens for this gateway; an actor token is the client's own; the target is
+    inside the gateway or one of the client's `exchange.audiences` (else `invalid_target`); scopes only
+    narrow (plus the client's `exchange.scopes`); `may_act` in the subject token names the actor; the
+    chain stays usable; and the token never outlives the subject's (docs/decisions/0601)."""
+
+    GRANT_TYPE = TOKEN_EXCHANGE
+    TOKEN_ENDPOINT_AUTH_METHODS = ["client_secret_basic", "client_secret_post"]  # noqa: RUF012
+
+    def validate_token_request(self) -> None:
+        client = self.authenticate_token_endpoint_client()
+        if not client.check_grant_type(self.GRANT_TYPE):
+            raise UnauthorizedClientError("the client may not use token exchange")
+        self.request.client = client
+        exchange: _Exchange | None = self.request.exchange
+        if exchange is None:
+            raise InvalidRequestError("subject_token is required")
+        if exchange.actor is not None and client.get_client_id() not in (
+            exchange.actor.claims.get("sub"),
+            exchange.actor.principal.client_id,
+        ):
+            raise InvalidGrantError("the actor token is not the authenticated client's own")
+        self.request.scope = " ".join(
+            narrowed_scopes(
+                self.request.payload.scope, exchange.subject.principal.scopes, client.exchange_scopes
+            )
+        )
+        server: AuthorizationServer = self.server
+        actor = _actor_claims(exchange, client.get_client_id(), server.issuer)
+        if not actor_allowed(exchange.subject.claims.get("may_act"), actor):
+            raise InvalidGrantError("the subject token does not allow this actor (may_act)")
+        data = self.request.payload.datalist
+        self.request.resource = server._resource(
+            [*data.get("resource", []), *data.get("audience", [])], client
+        )
+        self.request.act = delegation(actor, exchange.subject.claims.get("act"))
+
+    def create_token_response(self) -> tuple[int, dict[str, Any], Any]:
+        server: AuthorizationServer = self.server
+        exchange: _Exchange = self.request.exchange
+        subject = exchange.subject
+        remaining = int(subject.claims["exp"]) - int(time.time())
+        token, ttl = mint_token(
+            server.keys,
+            server.issuer,
+            subject=str(subject.claims["sub"]),
+            audience=self.request.resource,
+            client_id=self.client.get_client_id(),
+            scopes=self.request.scope.split(),
+            roles=subject.principal.roles,
+            act=self.request.act,
+            ttl_s=max(1, min(server.config.token_ttl_s, remaining)),
+        )
+        requested = self.request.payload.data.get("requested_token_type")
+        body: dict[str, Any] = {
+            "access_token": token,
+            "issued_token_type": requested if requested == TOKEN_TYPES["jwt"] else ACCESS_TOKEN_TYPE,
+            "token_type": "Bearer",
+            "expires_in": ttl,
+        }
+        if self.request.scope:
+            body["scope"] = self.request.scope
+        return 200, body, self.TOKEN_RESPONSE_HEADER
+
+
+def oauth_router(server: AuthorizationServer) -> APIRouter:
+    """The built-in authorization server's public routes."""
+    router = APIRouter(tags=["oauth"])
+
+    @router.get("/.well-known/oauth-authorization-server")
+    async def metadata() -> JSONResponse:
+        return JSONResponse(server.metadata())
+
+    @router.get("/oauth/jwks")
+    async def jwks() -> JSONResponse:
+        return JSONResponse(server.keys.jwks(), headers={"Cache-Control": "max-age=300"})
+
+    @router.api_route("/oauth/authorize", methods=["GET", "POST"], include_in_schema=False)
+    async def authorize(request: Request) -> Response:
+        return await server.authorize(request)
+
+    @router.post("/oauth/token", include_in_schema=False)
+    async def token(request: Request) -> Response:
+        return await server.token(request)
+
+    return router

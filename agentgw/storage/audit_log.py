@@ -1,0 +1,631 @@
+"""The audit log in SQL: append-only, hash-chained, written by group commit; queries and `verify`.
+
+Chains: every gateway process appends to its own chain, named `<node>:<random>` at start-up, so
+several processes (on one machine or many) can write one table without coordinating. Each record
+holds its chain, its position `seq` (1, 2, ...), the hash of its predecessor in the chain and its
+own hash: SHA-256 over the canonical JSON of all its columns but `id` and `hash`. The
+`audit_chain` table holds each chain's head (last seq and hash), updated in the same transaction
+as the records, so that removing the newest records is detected too; retention moves a chain's
+anchor (the last removed record) forward so that a pruned chain still verifies.
+
+Group commit: `SqlAuditLog.write` queues the record and waits; one writer thread takes everything
+queued (up to `batch_max`), inserts it in one transaction, commits (SQLite with
+`synchronous=FULL`: the commit survives a power cut, not only a crash), and wakes every waiter. A
+failed transaction fails every waiter of that batch with `Unavailable` and the chain does not
+advance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import queue
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import orjson
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    and_,
+    delete,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.sql.elements import ColumnElement
+
+from agentgw.errors import Unavailable
+from agentgw.filters.audit import AuditRecord, AuditSettings, timestamp
+
+__all__ = [
+    "GENESIS",
+    "AuditQuery",
+    "Problem",
+    "SqlAuditLog",
+    "VerifyReport",
+    "create_audit_tables",
+    "otel_record",
+    "parse_time",
+    "prune",
+    "query",
+    "record_hash",
+    "verify",
+]
+
+log = logging.getLogger(__name__)
+
+GENESIS = "0" * 64
+PRUNE_EVERY_S = 3600.0
+
+# Core tables on their own metadata: the log is often a database of its own (`audit.database_url`).
+metadata = MetaData()
+audit_log = Table(
+    "audit_log",
+    metadata,
+    # BIGINT on PostgreSQL; SQLite auto-increments only an INTEGER primary key.
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("chain", String(200), nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("time", String(32), nullable=False, index=True),
+    Column("event", String(16), nullable=False),
+    Column("request_id", String(64), nullable=False, index=True),
+    Column("trace_id", String(64)),
+    Column("run_id", String(128), index=True),
+    Column("session_id", String(256)),
+    Column("subject", String(512), index=True),
+    Column("client_id", String(512)),
+    Column("roles", Text, nullable=False),
+    Column("scopes", Text, nullable=False),
+    Column("actors", Text, nullable=False),
+    Column("protocol", String(16), nullable=False),
+    Column("action", String(16), nullable=False),
+    Column("resource", Text, nullable=False),
+    Column("method", String(256), nullable=False),
+    Column("upstream", String(256), nullable=False),
+    Column("decision", String(16), nullable=False),
+    Column("reason", String(64)),
+    Column("rule", Text),
+    Column("detail", Text),
+    Column("status", String(64)),
+    Column("latency_ms", Float),
+    Column("tokens", BigInteger),
+    Column("cost", Float),
+    Column("args_digest", String(80)),
+    Column("arguments", Text),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    UniqueConstraint("chain", "seq", name="uq_audit_log_chain_seq"),
+)
+audit_chain = Table(
+    "audit_chain",
+    metadata,
+    Column("chain", String(200), primary_key=True),
+    Column("node", String(200), nullable=False),
+    Column("started_at", String(32), nullable=False),
+    Column("head_seq", BigInteger, nullable=False),
+    Column("head_hash", String(64), nullable=False),
+    # Retention removed every record up to anchor_seq; the chain continues from anchor_hash.
+    Column("anchor_seq", BigInteger, nullable=False),
+    Column("anchor_hash", String(64), nullable=False),
+)
+_LIST_COLUMNS = ("roles", "scopes", "actors")
+HASHED = tuple(
+    str(c.name) for c in audit_log.columns if c.name not in ("id", "hash")
+)  # orjson keys must be str
+
+
+def create_audit_tables(engine: Engine) -> None:
+    """Create the audit tables if they are missing (idempotent)."""
+    metadata.create_all(engine)
+
+
+def record_hash(row: Mapping[Any, Any]) -> str:
+    """The hash of a stored record: SHA-256 over the canonical JSON of every column but id and hash."""
+    content = {name: row[name] for name in HASHED}
+    return hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _row(record: AuditRecord) -> dict[str, Any]:
+    row = asdict(record)
+    for name in _LIST_COLUMNS:
+        row[name] = orjson.dumps(list(row[name])).decode()
+    return row
+
+
+@dataclass(slots=True)
+class _Pending:
+    record: AuditRecord
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]
+
+
+def _wake(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():  # the waiter was cancelled; the record is written (or not) all the same
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+class SqlAuditLog:
+    """The `AuditSink` of the gateway: one hash chain per process, group-committed by one thread."""
+
+    def __init__(
+        self, engine: Engine, settings: AuditSettings | None = None, *, clock: Any = time.time
+    ) -> None:
+        settings = settings or AuditSettings()
+        self.engine = engine
+        self.node = settings.node_id or socket.gethostname()
+        self.chain = f"{self.node}:{uuid.uuid4().hex[:12]}"
+        self._batch_max = settings.batch_max
+        self._retention_days = settings.retention_days
+        self._clock = clock
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._head = (0, GENESIS)
+        self._chain_written = False
+        self._conn: Connection | None = None
+        self._pruned_at = 0.0
+        self._closed = False
+        # Transactions committed so far (group commit makes this far fewer than the records).
+        self.commits = 0
+        try:
+            create_audit_tables(engine)
+        except SQLAlchemyError:
+            # Start anyway: every call then fails with 503 until the store is back (fail closed).
+            log.exception("audit log: cannot create its tables; calls will be refused until it can")
+
+    # --- the sink ---
+    async def write(self, record: AuditRecord) -> None:
+        """Queue `record` and return once its batch is committed.
+
+        Raises:
+            Unavailable: the batch could not be committed, or the log is closed.
+        """
+        if self._closed:
+            raise Unavailable("audit log unavailable: the gateway is shutting down")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._start()
+        self._queue.put(_Pending(record, loop, future))
+        await future
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Commit what is queued, then stop the writer thread."""
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _start(self) -> None:
+        if self._thread is not None:
+            return
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+                self._thread.start()
+
+    # --- the writer thread ---
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < self._batch_max:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    break
+                batch.append(more)
+            error = self._commit([p.record for p in batch])
+            for pending in batch:
+                try:
+                    pending.loop.call_soon_threadsafe(_wake, pending.future, error)
+                except RuntimeError:  # that event loop is closed: nobody waits any more
+                    continue
+            if error is None and self._retention_days is not None:
+                self._maybe_prune()
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            conn = self.engine.connect()
+            if conn.dialect.name == "sqlite":
+                conn.exec_driver_sql("PRAGMA synchronous=FULL")
+                conn.commit()
+            self._conn = conn
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except SQLAlchemyError:
+                log.debug("audit log: closing a broken connection failed", exc_info=True)
+            self._conn = None
+
+    def _commit(self, records: Sequence[AuditRecord]) -> Unavailable | None:
+        seq, prev = self._head
+        rows = []
+        for record in records:
+            seq += 1
+            row = _row(record) | {"chain": self.chain, "seq": seq, "prev_hash": prev}
+            row["hash"] = prev = record_hash(row)
+            rows.append(row)
+        try:
+            conn = self._connection()
+            try:
+                if not self._chain_written:
+                    create_audit_tables(self.engine)
+                    conn.execute(
+                        insert(audit_chain).values(
+                            chain=self.chain,
+                            node=self.node,
+                            started_at=timestamp(self._clock()),
+                            head_seq=0,
+                            head_hash=GENESIS,
+                            anchor_seq=0,
+                            anchor_hash=GENESIS,
+                        )
+                    )
+                conn.execute(insert(audit_log), rows)
+                conn.execute(
+                    update(audit_chain)
+                    .where(audit_chain.c.chain == self.chain)
+                    .values(head_seq=seq, head_hash=prev)
+                )
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+        except Exception as exc:  # whatever it was, the writer thread must live on and answer
+            log.error("audit log: %d records not written: %s", len(rows), exc)
+            self._drop_connection()
+            error = Unavailable("audit log unavailable: the call cannot be recorded, so it was not forwarded")
+            error.__cause__ = exc
+            return error
+        self._head = (seq, prev)
+        self._chain_written = True
+        self.commits += 1
+        return None
+
+    def _maybe_prune(self) -> None:
+        now = self._clock()
+        if now - self._pruned_at < PRUNE_EVERY_S or self._retention_days is None:
+            return
+        self._pruned_at = now
+        try:
+            removed = prune(self.engine, timestamp(now - self._retention_days * 86400))
+        except SQLAlchemyError:
+            log.exception("audit log: retention pruning failed")
+            return
+        if removed:
+            log.info("audit log: retention removed %d records", removed)
+
+
+def prune(engine: Engine, before: str) -> int:
+    """Delete records older than `before` (a `timestamp`), moving each chain's anchor; returns how many.
+
+    Records go in chain order up to the last one older than `before`, so that a chain never has a
+    hole: what remains starts right after its anchor.
+    """
+    removed = 0
+    with engine.begin() as conn:
+        chains = conn.execute(select(audit_chain.c.chain)).scalars().all()
+        for chain in chains:
+            last = conn.execute(
+                select(audit_log.c.seq, audit_log.c.hash)
+                .where(audit_log.c.chain == chain, audit_log.c.time < before)
+                .order_by(audit_log.c.seq.desc())
+                .limit(1)
+            ).first()
+            if last is None:
+                continue
+            result = conn.execute(
+                delete(audit_log).where(audit_log.c.chain == chain, audit_log.c.seq <= last.seq)
+            )
+            removed += result.rowcount
+            conn.execute(
+                update(audit_chain)
+                .where(audit_chain.c.chain == chain, audit_chain.c.anchor_seq < last.seq)
+                .values(anchor_seq=last.seq, anchor_hash=last.hash)
+            )
+    return removed
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(text: str, now: float | None = None) -> str:
+    """A time filter as a `timestamp`: ISO 8601 (`2026-05-01T10:00:00Z`) or an age (`15m`, `2h`, `7d`).
+
+    Raises:
+        ValueError: neither form.
+    """
+    match = _RELATIVE.match(text.strip())
+    if match:
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+        return timestamp((time.time() if now is None else now) - seconds)
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError as exc:
+        raise ValueError(
+            f"invalid time {text!r}: use ISO 8601 (2026-05-01T10:00:00Z) or an age (15m, 2h, 7d)"
+        ) from exc
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return timestamp(moment.timestamp())
+
+
+@dataclass(slots=True)
+class AuditQuery:
+    """Filters; every one that is set must hold. `resource` takes a trailing `*` for a prefix."""
+
+    since: str | None = None  # timestamp(), inclusive
+    until: str | None = None  # timestamp(), exclusive
+    subject: str | None = None
+    actor: str | None = None
+    client: str | None = None
+    protocol: str | None = None
+    resource: str | None = None
+    decision: str | None = None
+    run_id: str | None = None
+    request_id: str | None = None
+    event: str | None = None
+
+    def where(self) -> list[ColumnElement[bool]]:
+        c = audit_log.c
+        out: list[ColumnElement[bool]] = []
+        if self.since:
+            out.append(c.time >= self.since)
+        if self.until:
+            out.append(c.time < self.until)
+        for value, column in (
+            (self.subject, c.subject),
+            (self.client, c.client_id),
+            (self.protocol, c.protocol),
+            (self.decision, c.decision),
+            (self.run_id, c.run_id),
+            (self.request_id, c.request_id),
+            (self.event, c.event),
+        ):
+            if value:
+                out.append(column == value)
+        if self.actor:
+            out.append(c.actors.contains(orjson.dumps(self.actor).decode(), autoescape=True))
+        if self.resource:
+            if self.resource.endswith("*"):
+                out.append(c.resource.startswith(self.resource[:-1], autoescape=True))
+            else:
+                out.append(c.resource == self.resource)
+        return out
+
+
+def _public(row: Mapping[Any, Any]) -> dict[str, Any]:
+    # Column keys are str subclasses (quoted_name); plain str keeps every JSON encoder happy.
+    out = {str(k): v for k, v in row.items()}
+    for name in _LIST_COLUMNS:
+        out[name] = orjson.loads(out[name])
+    if out.get("arguments") is not None:
+        out["arguments"] = orjson.loads(out["arguments"])
+    return out
+
+
+def query(
+    engine: Engine,
+    filters: AuditQuery,
+    *,
+    limit: int = 100,
+    after_id: int | None = None,
+    newest_first: bool = False,
+) -> list[dict[str, Any]]:
+    """Records matching `filters`, oldest first (or newest first), at most `limit`, after `after_id`."""
+    stmt = select(audit_log).where(and_(True, *filters.where()))
+    if after_id is not None:
+        stmt = stmt.where(audit_log.c.id < after_id if newest_first else audit_log.c.id > after_id)
+    stmt = stmt.order_by(audit_log.c.id.desc() if newest_first else audit_log.c.id).limit(limit)
+    with engine.connect() as conn:
+        return [_public(r._mapping) for r in conn.execute(stmt)]
+
+
+def iter_records(engine: Engine, filters: AuditQuery, *, page: int = 1000) -> Iterator[dict[str, Any]]:
+    """Every record matching `filters`, oldest first, read a page at a time (for export)."""
+    after = 0
+    while True:
+        rows = query(engine, filters, limit=page, after_id=after)
+        yield from rows
+        if len(rows) < page:
+            return
+        after = rows[-1]["id"]
+
+
+_SEVERITY = {"allowed": (9, "INFO"), "denied": (13, "WARN"), "error": (17, "ERROR")}
+
+
+def _any_value(value: Any) -> dict[str, Any]:
+    if isinstance(value, bool):
+        return {"boolValue": value}
+    if isinstance(value, int):
+        return {"intValue": str(value)}
+    if isinstance(value, float):
+        return {"doubleValue": value}
+    if isinstance(value, list):
+        return {"arrayValue": {"values": [_any_value(v) for v in value]}}
+    if isinstance(value, dict):
+        return {"kvlistValue": {"values": [{"key": k, "value": _any_value(v)} for k, v in value.items()]}}
+    return {"stringValue": str(value)}
+
+
+def otel_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """One record as an OpenTelemetry log record (OTLP/JSON `LogRecord`), attributes `agentgw.*`."""
+    moment = datetime.strptime(record["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    nanos = (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1) * 1000
+    number, text = _SEVERITY.get(record["decision"], (9, "INFO"))
+    body = f"{record['decision']} {record['action']} {record['resource']} by {record['subject'] or 'unknown'}"
+    skip = {"time", "trace_id"}
+    attributes = [
+        {"key": f"agentgw.{k}", "value": _any_value(v)}
+        for k, v in record.items()
+        if k not in skip and v is not None and v != []
+    ]
+    out: dict[str, Any] = {
+        "timeUnixNano": str(nanos),
+        "observedTimeUnixNano": str(nanos),
+        "severityNumber": number,
+        "severityText": text,
+        "eventName": f"agentgw.audit.{record['event']}",
+        "body": {"stringValue": body},
+        "attributes": attributes,
+    }
+    if record.get("trace_id"):
+        out["traceId"] = record["trace_id"]
+    return out
+
+
+# --- verify ---------------------------------------------------------------------------------------
+
+ProblemKind = Literal["edited", "removed", "inserted"]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """The first thing wrong with the log."""
+
+    kind: ProblemKind
+    chain: str
+    record_id: int | None  # the record named; None when records at a chain's end are gone
+    seq: int | None
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    records: int
+    chains: int
+    problem: Problem | None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+def verify(engine: Engine) -> VerifyReport:
+    """Walk every chain and report the first record that was edited, removed or inserted."""
+    with engine.connect() as conn:
+        heads = {r.chain: r for r in conn.execute(select(audit_chain))}
+        rows = conn.execution_options(yield_per=1000).execute(
+            select(audit_log).order_by(audit_log.c.chain, audit_log.c.seq, audit_log.c.id)
+        )
+        try:
+            checked, seen, problem = _walk((r._mapping for r in rows), heads)
+        finally:
+            rows.close()  # stopping at the first problem leaves a server-side cursor open otherwise
+    if problem is None:
+        for chain, head in heads.items():
+            if chain not in seen and head.head_seq > head.anchor_seq:
+                span = f"seq {head.anchor_seq + 1} to {head.head_seq}"
+                message = f"every record of chain {chain!r} ({span}) was removed"
+                problem = Problem("removed", chain, None, head.anchor_seq + 1, message)
+                break
+    return VerifyReport(checked, len(heads), problem)
+
+
+def _walk(
+    rows: Iterator[Mapping[Any, Any]], heads: Mapping[str, Any]
+) -> tuple[int, set[str], Problem | None]:
+    checked = 0
+    seen: set[str] = set()
+    state: tuple[str, int, str] | None = None  # chain, expected seq, previous hash
+    for row in rows:
+        chain = row["chain"]
+        if state is None or state[0] != chain:
+            if state is not None and (problem := _tail(heads[state[0]], state[1] - 1)) is not None:
+                return checked, seen, problem
+            head = heads.get(chain)
+            if head is None:
+                return checked, seen, _problem("inserted", row, f"chain {chain!r} was never started")
+            seen.add(chain)
+            state = (chain, head.anchor_seq + 1, head.anchor_hash)
+        problem = _check(row, heads[chain], state[1], state[2])
+        if problem is not None:
+            return checked, seen, problem
+        checked += 1
+        state = (chain, row["seq"] + 1, row["hash"])
+    if state is not None and (problem := _tail(heads[state[0]], state[1] - 1)) is not None:
+        return checked, seen, problem
+    return checked, seen, None
+
+
+def _problem(kind: ProblemKind, row: Mapping[Any, Any], why: str) -> Problem:
+    message = f"record {row['id']} (chain {row['chain']!r}, seq {row['seq']}) was {kind}: {why}"
+    return Problem(kind, row["chain"], row["id"], row["seq"], message)
+
+
+def _check(row: Mapping[Any, Any], head: Any, expected: int, prev_hash: str) -> Problem | None:
+    seq = row["seq"]
+    if seq > head.head_seq:
+        return _problem("inserted", row, f"it lies beyond the chain's recorded head (seq {head.head_seq})")
+    if seq < expected:
+        return _problem("inserted", row, "its position in the chain was already taken or pruned")
+    if record_hash(row) != row["hash"]:
+        return _problem("edited", row, "its content does not match its hash")
+    if seq > expected:
+        missing = f"seq {expected}" if seq == expected + 1 else f"seq {expected} to {seq - 1}"
+        return Problem(
+            "removed",
+            row["chain"],
+            row["id"],
+            seq,
+            f"record(s) {missing} of chain {row['chain']!r}, before record {row['id']}, were removed",
+        )
+    if row["prev_hash"] != prev_hash:
+        return _problem("inserted", row, "it does not follow from its predecessor's hash")
+    return None
+
+
+def _tail(head: Any, last_seq: int) -> Problem | None:
+    if last_seq < head.head_seq:
+        missing = (
+            f"seq {last_seq + 1}"
+            if head.head_seq == last_seq + 1
+            else f"seq {last_seq + 1} to {head.head_seq}"
+        )
+        return Problem(
+            "removed",
+            head.chain,
+            None,
+            last_seq + 1,
+            f"the newest record(s) of chain {head.chain!r} ({missing}) were removed",
+        )
+    return None

@@ -1,0 +1,252 @@
+"""LLM providers: the `LlmProvider` seam and its OpenAI-compatible implementation.
+
+The gateway's LLM ingress speaks OpenAI's wire shapes, so a provider takes and returns OpenAI-shaped
+JSON objects; a provider with another API (Anthropic, Bedrock, ...) translates both ways behind the
+same protocol, and `LlmRouteSpec.provider` names which one serves a route.
+
+What goes upstream is the client's request with two changes only: `model` becomes the route's
+provider model id, and a streamed request asks for usage (`stream_options.include_usage`) so that
+budgets settle from the provider's own count. The caller's Authorization never goes upstream; the
+route's credential does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import anyio
+import httpx
+import orjson
+
+from agentgw.errors import CredentialError, UpstreamError, UpstreamTimeout
+from registry.llm import ClientCredentials, LlmRoute, StaticCredential
+
+__all__ = ["LlmAnswer", "LlmProvider", "OpenAICompatible", "Operation"]
+
+Operation = Literal["chat/completions", "embeddings"]
+# A client-credentials token is renewed this long before it expires, so no request carries a dying one.
+TOKEN_EARLY_RENEWAL_S = 30.0
+# Upstream headers a client may see (rate-limit hints help it back off).
+RELAYED_HEADERS = ("retry-after", "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens")
+# Provider statuses that say the route is misconfigured rather than the request bad.
+GATEWAY_SIDE_REFUSALS = frozenset({401, 403, 404})
+
+
+async def _nothing() -> None:
+    return None
+
+
+@dataclass(slots=True)
+class LlmAnswer:
+    """A provider's answer.
+
+    Attributes:
+        status: the provider's HTTP status (2xx, or a 4xx the client should see; 5xx are raised).
+        body: the JSON answer, or the OpenAI-shaped error body for a 4xx; `None` while streaming.
+        events: for a streamed 200, the chunks as JSON objects; raises `UpstreamError` (cut) or
+            `UpstreamTimeout` (stalled) mid-stream, and ends after the provider's `[DONE]`.
+        headers: provider headers worth relaying (`Retry-After`, rate-limit hints).
+        close: releases the connection; call it once the events are read or abandoned.
+    """
+
+    status: int
+    body: dict[str, Any] | None = None
+    events: AsyncIterator[dict[str, Any]] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    close: Callable[[], Awaitable[None]] = _nothing
+
+
+class LlmProvider(Protocol):
+    """Sends one OpenAI-shaped request for a route.
+
+    `send` raises `UpstreamTimeout` (no answer in time) or `UpstreamError` (unreachable, 5xx, a
+    refusal of the gateway's own credential or model id, garbage): the failures a route's fallbacks
+    cover. A refusal of the request itself (400, 413, 422, 429, ...) comes back as an `LlmAnswer`
+    for the client to see.
+    """
+
+    async def send(
+        self, route: LlmRoute, operation: Operation, body: Mapping[str, Any], *, stream: bool
+    ) -> LlmAnswer: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(slots=True)
+class _Token:
+    value: str
+    expires_at: float
+
+
+class OpenAICompatible:
+    """An OpenAI-compatible HTTP API (OpenAI, Azure OpenAI's v1 API, vLLM, Ollama, LiteLLM, ...)."""
+
+    def __init__(self, client: httpx.AsyncClient | None = None) -> None:
+        self._client = client or httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
+            follow_redirects=False,
+            trust_env=False,
+        )
+        self._tokens: dict[str, _Token] = {}
+        self._token_locks: dict[str, anyio.Lock] = {}
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def send(
+        self, route: LlmRoute, operation: Operation, body: Mapping[str, Any], *, stream: bool
+    ) -> LlmAnswer:
+        """Send `body` to the route's `<base_url>/<operation>`.
+
+        Raises:
+            UpstreamTimeout: no answer within the route's timeout.
+            UpstreamError: unreachable, a 5xx, or an answer that is not what the API promises.
+            CredentialError: the route's client-credentials token could not be obtained.
+        """
+        spec = route.spec
+        payload = {**body, "model": spec.model}
+        if stream:
+            options = payload.get("stream_options")
+            payload["stream_options"] = {
+                **(options if isinstance(options, dict) else {}),
+                "include_usage": True,
+            }
+        headers = {"content-type": "application/json", "accept": "application/json"}
+        if stream:
+            headers["accept"] = "text/event-stream"
+        authorization = await self._authorization(route)
+        if authorization is not None:
+            headers["authorization"] = authorization
+        url = f"{spec.base_url.rstrip('/')}/{operation}"
+        timeout = httpx.Timeout(spec.timeout_s, connect=spec.connect_timeout_s)
+        request = self._client.build_request(
+            "POST", url, headers=headers, content=orjson.dumps(payload), timeout=timeout
+        )
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(f"model {route.name!r}: the provider did not answer in time") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"model {route.name!r}: the provider is unreachable") from exc
+        relayed = {h: response.headers[h] for h in RELAYED_HEADERS if h in response.headers}
+        content_type = response.headers.get("content-type", "")
+        if response.status_code == 200 and stream and content_type.startswith("text/event-stream"):
+            events = _events(response, route.name)
+
+            async def close() -> None:
+                await events.aclose()
+                await response.aclose()
+
+            return LlmAnswer(200, events=events, headers=relayed, close=close)
+        try:
+            raw = await response.aread()
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(f"model {route.name!r}: the provider did not answer in time") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"model {route.name!r}: the provider broke off its answer") from exc
+        finally:
+            await response.aclose()
+        status = response.status_code
+        if status >= 500:
+            raise UpstreamError(f"model {route.name!r}: the provider failed (HTTP {status})")
+        if status in GATEWAY_SIDE_REFUSALS:
+            # The route's credential or model id is wrong: the gateway's fault, not the caller's, and
+            # relaying a 401 would read as "your token is bad" to a client that did nothing wrong.
+            raise UpstreamError(f"model {route.name!r}: the provider refused the gateway (HTTP {status})")
+        parsed = _json_object(raw)
+        if 200 <= status < 300:
+            if parsed is None:
+                raise UpstreamError(f"model {route.name!r}: the provider answered something that is not JSON")
+            return LlmAnswer(status, body=parsed, headers=relayed)
+        if parsed is None or not isinstance(parsed.get("error"), dict):
+            parsed = {"error": {"message": f"the provider refused the request (HTTP {status})"}}
+        return LlmAnswer(status, body=parsed, headers=relayed)
+
+    async def _authorization(self, route: LlmRoute) -> str | None:
+        credential = route.spec.credential
+        if isinstance(credential, StaticCredential):
+            assert route.secret is not None
+            return f"Bearer {route.secret.reveal()}"
+        if isinstance(credential, ClientCredentials):
+            return f"Bearer {await self._client_token(route, credential)}"
+        return None
+
+    async def _client_token(self, route: LlmRoute, credential: ClientCredentials) -> str:
+        token = self._tokens.get(route.name)
+        if token is not None and token.expires_at > time.monotonic():
+            return token.value
+        # One fetch per route at a time: a burst of calls must not stampede the token endpoint.
+        lock = self._token_locks.setdefault(route.name, anyio.Lock())
+        async with lock:
+            token = self._tokens.get(route.name)
+            if token is not None and token.expires_at > time.monotonic():
+                return token.value
+            token = await self._fetch_token(route, credential)
+            self._tokens[route.name] = token
+            return token.value
+
+    async def _fetch_token(self, route: LlmRoute, credential: ClientCredentials) -> _Token:
+        assert route.secret is not None
+        form = {"grant_type": "client_credentials"}
+        if credential.scope:
+            form["scope"] = credential.scope
+        try:
+            response = await self._client.post(
+                credential.token_url,
+                data=form,
+                auth=(credential.client_id, route.secret.reveal()),
+                timeout=httpx.Timeout(route.spec.timeout_s, connect=route.spec.connect_timeout_s),
+            )
+        except httpx.HTTPError as exc:
+            raise CredentialError(f"model {route.name!r}: the token endpoint is unreachable") from exc
+        answer = _json_object(response.content) if response.status_code == 200 else None
+        value = answer.get("access_token") if answer else None
+        if not isinstance(value, str) or not value:
+            raise CredentialError(
+                f"model {route.name!r}: the token endpoint refused the client (HTTP {response.status_code})"
+            )
+        expires_in = answer.get("expires_in") if answer else None
+        lifetime = float(expires_in) if isinstance(expires_in, int | float) else 300.0
+        return _Token(value, time.monotonic() + max(lifetime - TOKEN_EARLY_RENEWAL_S, 0.0))
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+async def _events(response: httpx.Response, model: str) -> AsyncGenerator[dict[str, Any], None]:
+    """The SSE `data:` payloads of `response` as JSON objects, up to `[DONE]`.
+
+    Raises:
+        UpstreamTimeout: the provider went silent for longer than the route's timeout.
+        UpstreamError: the connection broke, the stream ended without `[DONE]`, or a payload is not JSON.
+    """
+    data: list[str] = []
+    try:
+        async for line in response.aiter_lines():
+            if line.startswith("data:"):
+                data.append(line[5:].removeprefix(" "))
+                continue
+            if line or not data:
+                continue  # comments, `event:`/`id:` fields, keep-alives
+            text, data = "\n".join(data), []
+            if text.strip() == "[DONE]":
+                return
+            event = _json_object(text.encode())
+            if event is None:
+                raise UpstreamError(f"model {model!r}: the provider streamed something that is not JSON")
+            yield event
+    except httpx.TimeoutException as exc:
+        raise UpstreamTimeout(f"model {model!r}: the provider stalled mid-stream") from exc
+    except httpx.HTTPError as exc:
+        raise UpstreamError(f"model {model!r}: the provider broke off the stream") from exc
+    if "\n".join(data).strip() == "[DONE]":  # a last event without its closing blank line
+        return
+    raise UpstreamError(f"model {model!r}: the provider ended the stream early")

@@ -1,0 +1,32 @@
+"""`python -m bench {load,upstream,compare}`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from bench import compare, load, upstream
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    load_parser = sub.add_parser("load", help="send a fixed number of calls at a fixed concurrency")
+    load.add_arguments(load_parser)
+    up = sub.add_parser("upstream", help="run the fast fixture MCP upstream")
+    up.add_argument("--port", type=int, required=True)
+    up.add_argument("--server", choices=upstream.SERVERS, default="uvicorn")
+    cmp = sub.add_parser("compare", help="direct vs through the gateway, side by side")
+    compare.add_arguments(cmp)
+    args = parser.parse_args(argv)
+    if args.command == "load":
+        return load.main(args)
+    if args.command == "upstream":
+        upstream.serve(args.port, args.server)
+        return 0
+    return compare.main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""LLM model routes: a virtual model name (what callers ask for) -> a provider endpoint and model id.
+
+Declared in the config file under `llm_routes`:
+
+    llm_routes:
+      - name: fast                          # the virtual model; policy object `llm:fast`
+        base_url: https://api.openai.com/v1 # OpenAI-compatible; requests go to <base_url>/chat/completions
+        model: gpt-4o-mini                  # the provider's model id
+        credential: {mode: static, env: OPENAI_API_KEY}   # or {mode: static, file: /run/secrets/key}
+        input_price: 0.15                   # per MILLION input (prompt) tokens
+        output_price: 0.60                  # per MILLION output (completion) tokens
+        timeout_s: 60                       # wait for the first byte, and at most between stream chunks
+        fallbacks: [fast-backup]            # other routes tried, in order, on 5xx, timeout or unreachable
+
+Secrets never live in a spec: a spec names an environment variable or a file, and `LlmRoutes` reads
+the secret once at start-up into memory (`Secret`, whose repr hides it). So specs may be stored,
+logged and returned by an admin API without leaking anything.
+
+Prices are per million tokens, in whatever currency the operator uses throughout (the unit providers
+publish); `LlmRoute.cost` turns token counts into that currency.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from registry.models import Url
+
+__all__ = [
+    "MODEL_NAME_PATTERN",
+    "ClientCredentials",
+    "LlmRoute",
+    "LlmRouteError",
+    "LlmRouteList",
+    "LlmRouteSpec",
+    "LlmRoutes",
+    "NoCredential",
+    "Secret",
+    "StaticCredential",
+    "check_routes",
+    "validate_model_name",
+]
+
+# Like registry names, plus `.` (model names such as `gpt-4.1` are the norm). Still no `/`, `*`, `:`
+# or whitespace: the name becomes the policy object `llm:<name>` and must not widen a pattern.
+MODEL_NAME_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9.-]{0,62}[a-z0-9])?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PROVIDER_MODEL = re.compile(r"^\S{1,256}$")
+PER_MILLION = 1_000_000
+
+
+class LlmRouteError(ValueError):
+    """A route cannot be used: its secret is missing or unreadable (raised at start-up)."""
+
+
+def validate_model_name(name: str) -> str:
+    """Accept a virtual model name: lower-case letters, digits, inner `.` and `-`, 1-64 long.
+
+    Raises:
+        ValueError: another character, too long, or a doubled separator.
+    """
+    if not MODEL_NAME_PATTERN.fullmatch(name) or ".." in name or "--" in name:
+        raise ValueError(
+            f"invalid model name {name!r}: use 1-64 lower-case letters, digits and single inner '.' or '-'"
+        )
+    return name
+
+
+def _validate_env_name(name: str) -> str:
+    if not _ENV_NAME.fullmatch(name):
+        raise ValueError(f"invalid environment variable name {name!r}")
+    return name
+
+
+def _validate_provider_model(model: str) -> str:
+    if not _PROVIDER_MODEL.fullmatch(model):
+        raise ValueError(f"invalid provider model id {model!r}: 1-256 characters, no whitespace")
+    return model
+
+
+ModelName = Annotated[str, AfterValidator(validate_model_name)]
+EnvName = Annotated[str, AfterValidator(_validate_env_name)]
+
+
+class _SecretSource(BaseModel):
+    """Exactly one of `env` (variable name) or `file` (path) holds the secret."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> _SecretSource:
+        env, file = getattr(self, "env", None), getattr(self, "file", None)
+        if (env is None) == (file is None):
+            raise ValueError("give exactly one of env (a variable name) or file (a path) for the secret")
+        return self
+
+
+class NoCredential(BaseModel):
+    """No Authorization header upstream (a local model server)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["none"] = "none"
+
+
+class StaticCredential(_SecretSource):
+    """A static API key, sent as `Authorization: Bearer <key>`."""
+
+    mode: Literal["static"]
+    env: EnvName | None = None
+    file: Path | None = None
+
+
+class ClientCredentials(_SecretSource):
+    """OAuth client credentials grant (RFC 6749 4.4) at `token_url`; the client secret is env or file."""
+
+    mode: Literal["client_credentials"]
+    token_url: Url
+    client_id: str = Field(min_length=1, max_length=256)
+    scope: str | None = None
+    env: EnvName | None = None
+    file: Path | None = None
+
+
+Credential = Annotated[NoCredential | StaticCredential | ClientCredentials, Field(discriminator="mode")]
+
+
+class LlmRouteSpec(BaseModel):
+    """One virtual model, as declared in the config file under `llm_routes`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: ModelName
+    # Which `LlmProvider` speaks to it; only OpenAI-compatible endpoints exist so far.
+    provider: Literal["openai"] = "openai"
+    base_url: Url
+    model: Annotated[str, AfterValidator(_validate_provider_model)]
+    credential: Credential = Field(default_factory=NoCredential)
+    # Per million tokens; see the module docstring.
+    input_price: float = Field(default=0.0, ge=0, le=1_000_000)
+    output_price: float = Field(default=0.0, ge=0, le=1_000_000)
+    timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    connect_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    # Output tokens reserved from a budget when the request names no max_tokens.
+    default_max_tokens: int = Field(default=1024, ge=1, le=10_000_000)
+    fallbacks: list[ModelName] = Field(default_factory=list)
+    enabled: bool = True
+
+    @model_validator(mode="after")
+    def _fallbacks(self) -> LlmRouteSpec:
+        if self.name in self.fallbacks:
+            raise ValueError(f"route {self.name!r} cannot be its own fallback")
+        if len(set(self.fallbacks)) != len(self.fallbacks):
+            raise ValueError(f"route {self.name!r} names a fallback twice")
+        return self
+
+
+def check_routes(specs: list[LlmRouteSpec]) -> list[LlmRouteSpec]:
+    """Cross-route checks: unique names, and every fallback names a declared route.
+
+    Raises:
+        ValueError: a duplicate name or a fallback to an undeclared route.
+    """
+    names: set[str] = set()
+    for spec in specs:
+        if spec.name in names:
+            raise ValueError(f"llm route {spec.name!r} is declared twice")
+        names.add(spec.name)
+    for spec in specs:
+        for fallback in spec.fallbacks:
+            if fallback not in names:
+                raise ValueError(f"llm route {spec.name!r} falls back to undeclared route {fallback!r}")
+    return specs
+
+
+# The settings field type: each spec validated, then the list as a whole.
+LlmRouteList = Annotated[list[LlmRouteSpec], AfterValidator(check_routes)]
+
+
+class Secret:
+    """A secret held in memory only: its repr and str never show it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret itself, for the one header that carries it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
+def _read_secret(route: str, env: str | None, file: Path | None) -> Secret:
+    if env is not None:
+        value = os.environ.get(env)
+        if not value:
+            raise LlmRouteError(f"llm route {route!r}: environment variable {env} is not set or empty")
+    else:
+        assert file is not None
+        try:
+            value = file.read_text().strip()
+        except OSError as exc:
+            # The path is configuration, not a secret; the OS error says why (missing, permissions).
+            raise LlmRouteError(
+                f"llm route {route!r}: cannot read secret file {file}: {exc.strerror}"
+            ) from exc
+        if not value:
+            raise LlmRouteError(f"llm route {route!r}: secret file {file} is empty")
+    return Secret(value)
+
+
+@dataclass(frozen=True, slots=True)
+class LlmRoute:
+    """A route ready to serve: its spec and, for static or client-credentials modes, the secret."""
+
+    spec: LlmRouteSpec
+    secret: Secret | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        """What `input_tokens` in and `output_tokens` out cost at this route's prices."""
+        return (input_tokens * self.spec.input_price + output_tokens * self.spec.output_price) / PER_MILLION
+
+    @classmethod
+    def load(cls, spec: LlmRouteSpec) -> LlmRoute:
+        """Read the route's secret (once, at start-up).
+
+        Raises:
+            LlmRouteError: the environment variable or file holding the secret is missing or empty.
+        """
+        credential = spec.credential
+        if isinstance(credential, NoCredential):
+            return cls(spec)
+        return cls(spec, _read_secret(spec.name, credential.env, credential.file))
+
+
+class LlmRoutes:
+    """The routes by virtual model name; disabled routes are invisible (as if undeclared)."""
+
+    def __init__(self, routes: Iterable[LlmRoute]) -> None:
+        self._routes = {r.name: r for r in routes}
+
+    @classmethod
+    def load(cls, specs: Sequence[LlmRouteSpec]) -> LlmRoutes:
+        """Validate `specs` together and read every enabled route's secret.
+
+        Raises:
+            LlmRouteError: a secret is missing, or the routes contradict each other.
+        """
+        try:
+            check_routes(list(specs))
+        except ValueError as exc:
+            raise LlmRouteError(str(exc)) from exc
+        return cls(LlmRoute.load(spec) for spec in specs if spec.enabled)
+
+    def get(self, name: str) -> LlmRoute | None:
+        return self._routes.get(name)
+
+    def names(self) -> list[str]:
+        return list(self._routes)
+
+    def chain(self, name: str) -> list[LlmRoute]:
+        """The route `name` then its enabled fallbacks, in order; empty if `name` is unknown or disabled."""
+        first = self._routes.get(name)
+        if first is None:
+            return []
+        rest = (self._routes.get(f) for f in first.spec.fallbacks)
+        return [first, *(r for r in rest if r is not None)]

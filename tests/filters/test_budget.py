@@ -1,0 +1,347 @@
+"""The budget stage: pure planning, and reserve / settle / release through real stores (SQLite, Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from agentgw.call import Call, Principal, Reply, Usage
+from agentgw.errors import BudgetExceeded, Unavailable, UpstreamError
+from agentgw.filters.budget import (
+    Budget,
+    BudgetRule,
+    BudgetSettings,
+    BudgetStore,
+    StaticRules,
+    admits,
+    effective_budgets,
+    exhausted,
+    plan,
+    run_key,
+    targets,
+    window_bounds,
+)
+from agentgw.pipeline import CallNext
+from agentgw.storage import make_engine
+from agentgw.storage.budget_counters import RedisBudgetStore, SqlBudgetStore
+
+ALICE = Principal(subject="user:alice", client_id="ci-bot", roles=("role:dev", "role:ops"))
+NOON = 1_767_268_800.0  # 2026-01-01T12:00:00Z
+
+
+def call(
+    resource: str = "mcp:github/create_issue",
+    *,
+    action: str = "call",
+    run: str | None = "run-1",
+    session: str | None = None,
+    principal: Principal = ALICE,
+    estimate: Usage | None = None,
+) -> Call:
+    made = Call(
+        protocol="mcp",
+        action=action,  # type: ignore[arg-type]
+        resource=resource,
+        upstream="github",
+        method="tools/call",
+        run_id=run,
+        session_id=session,
+        principal=principal,
+    )
+    if estimate is not None:
+        made.estimate = estimate
+    return made
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BudgetStore]:
+    if request.param == "sqlite":
+        built: BudgetStore = SqlBudgetStore(make_engine(f"sqlite:///{tmp_path / 'budgets.db'}"))
+    else:
+        built = RedisBudgetStore("redis://127.0.0.1:6379/0", f"agentgw-test:{uuid.uuid4().hex}:")
+    yield built
+    await built.aclose()
+
+
+def forwarding(counter: list[Call], usage: Usage | None = None) -> CallNext:
+    async def terminal(c: Call) -> Reply:
+        counter.append(c)
+        await asyncio.sleep(0)
+        return Reply(payload="ok", usage=usage)
+
+    return terminal
+
+
+# --- rules -------------------------------------------------------------------------------------
+
+
+def test_a_budget_without_any_limit_is_refused() -> None:
+    with pytest.raises(ValidationError, match="sets no limit"):
+        BudgetRule(name="empty")
+
+
+def test_a_principal_budget_needs_a_window() -> None:
+    with pytest.raises(ValidationError, match="needs a window"):
+        BudgetRule(name="alice", per="subject", calls=3)
+
+
+def test_duration_is_for_run_budgets_only() -> None:
+    with pytest.raises(ValidationError, match="run budgets only"):
+        BudgetRule(name="alice", per="subject", window="day", duration_s=60)
+
+
+def test_budget_names_are_unique_and_plain() -> None:
+    with pytest.raises(ValidationError, match="unique"):
+        BudgetSettings(rules=[BudgetRule(name="a", calls=1), BudgetRule(name="a", calls=2)])
+    with pytest.raises(ValidationError):
+        BudgetRule(name="has space", calls=1)
+    with pytest.raises(ValidationError, match="reserved"):
+        BudgetRule(name="effective", calls=1)
+
+
+def test_negative_limits_are_refused() -> None:
+    with pytest.raises(ValidationError):
+        BudgetRule(name="neg", calls=-1)
+
+
+# --- pure planning -----------------------------------------------------------------------------
+
+
+def test_windows_are_calendar_windows_in_utc() -> None:
+    assert window_bounds("minute", NOON + 59.5) == (NOON, NOON + 60)
+    assert window_bounds("hour", NOON + 3599) == (NOON, NOON + 3600)
+    assert window_bounds("day", NOON) == (NOON - 12 * 3600, NOON + 12 * 3600)
+    start, end = window_bounds("month", NOON)
+    assert (start, end) == (1_767_225_600.0, 1_769_904_000.0)  # 2026-01-01 .. 2026-02-01
+    december = window_bounds("month", 1_796_083_200.0)  # 2026-12-01T00:00:00Z
+    assert december == (1_796_083_200.0, 1_798_761_600.0)  # .. 2027-01-01
+
+
+def test_the_run_is_the_run_id_else_the_session_else_none() -> None:
+    assert run_key(call(run="r", session="s")) == "r"
+    assert run_key(call(run=None, session="s")) == "s"
+    assert run_key(call(run=None, session=None)) is None
+
+
+def test_a_call_is_charged_once_per_matching_budget_and_metric() -> None:
+    rules = [
+        BudgetRule(name="run", calls=10, tokens=1000),
+        BudgetRule(name="alice", per="subject", match="user:alice", window="minute", calls=5),
+        BudgetRule(name="bob", per="subject", match="user:bob", window="minute", calls=5),
+        BudgetRule(name="devs", per="role", match="role:dev", window="hour", cost=2.5),
+        BudgetRule(name="clients", per="client", window="day", calls=100),
+        BudgetRule(name="slack", resource="mcp:slack/*", calls=1),
+    ]
+    charges = plan(rules, call(estimate=Usage(tokens=40, cost=0.25)), NOON, 3600)
+    summary = sorted((c.target.rule.name, c.target.value, c.metric, c.amount, c.limit) for c in charges)
+    assert summary == [
+        ("alice", "user:alice", "calls", 1, 5),
+        ("clients", "ci-bot", "calls", 1, 100),
+        ("devs", "role:dev", "cost", 250_000, 2_500_000),
+        ("run", "run-1", "calls", 1, 10),
+        ("run", "run-1", "tokens", 40, 1000),
+    ]
+    by_rule = {c.target.rule.name: c for c in charges}
+    assert by_rule["alice"].expires_at == NOON + 60
+    assert by_rule["run"].expires_at == NOON + 3600  # the run TTL
+
+
+def test_discovery_and_session_messages_spend_nothing() -> None:
+    rules = [BudgetRule(name="run", calls=1)]
+    assert plan(rules, call(action="list"), NOON, 60) == []
+    assert plan(rules, call(action="session"), NOON, 60) == []
+    assert len(plan(rules, call(action="read"), NOON, 60)) == 1
+    assert len(plan(rules, call(action="send"), NOON, 60)) == 1
+
+
+def test_a_call_in_no_run_is_not_under_run_budgets() -> None:
+    assert plan([BudgetRule(name="run", calls=1)], call(run=None), NOON, 60) == []
+
+
+def test_per_resource_budgets_count_each_tool_apart() -> None:
+    rule = BudgetRule(name="per-tool", per_resource=True, calls=2)
+    first = plan([rule], call("mcp:github/a"), NOON, 60)[0]
+    second = plan([rule], call("mcp:github/b"), NOON, 60)[0]
+    assert first.key != second.key
+
+
+def test_a_value_cannot_forge_another_counter_key() -> None:
+    rule = BudgetRule(name="subjects", per="subject", window="minute", calls=1)
+    key = targets([rule], Principal(subject="a|minute|b"), None, "x", NOON)[0].key("calls")
+    assert key.split("|") == ["subjects", "subject", "a%7Cminute%7Cb", str(int(NOON)), "calls"]
+
+
+def test_nothing_fits_an_exhausted_counter_even_a_zero_estimate() -> None:
+    assert admits(9, 1, 10)
+    assert not admits(10, 1, 10)
+    assert admits(0, 0, 10)
+    assert not admits(10, 0, 10)
+    assert not admits(12, 0, 10)
+
+
+def test_the_exhaustion_error_names_the_budget_and_when_it_resets() -> None:
+    rule = BudgetRule(name="alice-rate", per="subject", window="minute", calls=5)
+    target = targets([rule], ALICE, None, "mcp:x/y", NOON + 15)[0]
+    error = exhausted(target, "calls", 5, 5, NOON + 15)
+    assert "alice-rate" in error.message and "2026-01-01T12:01:00Z" in error.message
+    assert error.headers == {"Retry-After": "45"}
+    assert error.data["resetsAt"] == "2026-01-01T12:01:00Z"
+    assert error.data["budget"] == "alice-rate" and error.data["limit"] == 5
+    assert error.http_status == 429
+
+
+def test_a_run_budget_does_not_reset_and_says_so() -> None:
+    target = targets([BudgetRule(name="run", calls=3)], ALICE, "r", "mcp:x/y", NOON)[0]
+    error = exhausted(target, "calls", 3, 3, NOON)
+    assert "does not reset" in error.message
+    assert error.headers == {}
+    assert error.data["resetsAt"] is None
+
+
+# --- the stage with real stores ----------------------------------------------------------------
+
+
+async def test_a_budget_of_ten_forwards_exactly_ten_of_a_hundred_concurrent_calls(store: BudgetStore) -> None:
+    stage = Budget(store, StaticRules([BudgetRule(name="run", calls=10)]))
+    forwarded: list[Call] = []
+    results = await asyncio.gather(
+        *(stage(call(run="burst"), forwarding(forwarded)) for _ in range(100)), return_exceptions=True
+    )
+    assert len(forwarded) == 10
+    refused = [r for r in results if isinstance(r, BudgetExceeded)]
+    assert len(refused) == 90
+    assert all(r.data["budget"] == "run" for r in refused)
+
+
+async def test_a_per_minute_budget_resets_when_its_window_ends(store: BudgetStore) -> None:
+    clock = Clock(NOON + 10)
+    rule = BudgetRule(name="alice-per-minute", per="subject", window="minute", calls=2)
+    stage = Budget(store, StaticRules([rule]), clock=clock)
+    forwarded: list[Call] = []
+    await stage(call(), forwarding(forwarded))
+    await stage(call(), forwarding(forwarded))
+    with pytest.raises(BudgetExceeded) as refused:
+        await stage(call(), forwarding(forwarded))
+    assert refused.value.headers["Retry-After"] == "50"
+    clock.now = NOON + 60  # the next minute
+    await stage(call(), forwarding(forwarded))
+    assert len(forwarded) == 3
+
+
+async def test_tokens_are_settled_from_the_reply_usage(store: BudgetStore) -> None:
+    stage = Budget(store, StaticRules([BudgetRule(name="tokens", tokens=1000)]))
+    forwarded: list[Call] = []
+    # The estimate says 100; the upstream reports 600 each time: the true-up counts 600.
+    for _ in range(2):
+        await stage(call(estimate=Usage(tokens=100)), forwarding(forwarded, Usage(tokens=600)))
+    with pytest.raises(BudgetExceeded, match="tokens 1200 of 1000"):
+        await stage(call(estimate=Usage(tokens=100)), forwarding(forwarded, Usage(tokens=600)))
+    assert len(forwarded) == 2
+
+
+async def test_a_smaller_actual_cost_gives_back_the_rest_of_the_estimate(store: BudgetStore) -> None:
+    stage = Budget(store, StaticRules([BudgetRule(name="cost", cost=1.0)]))
+    forwarded: list[Call] = []
+    # Each call reserves 0.6 but costs 0.1: five calls fit, where without settlement one would.
+    for _ in range(5):
+        await stage(call(estimate=Usage(cost=0.6)), forwarding(forwarded, Usage(cost=0.1)))
+    with pytest.raises(BudgetExceeded, match="cost"):
+        await stage(call(estimate=Usage(cost=0.6)), forwarding(forwarded, Usage(cost=0.1)))
+    lines = await effective_budgets([BudgetRule(name="cost", cost=1.0)], store, ALICE, "run-1", NOON)
+    assert lines[0]["used"] == pytest.approx(0.5)
+
+
+async def test_a_failed_call_gives_its_reservation_back(store: BudgetStore) -> None:
+    stage = Budget(store, StaticRules([BudgetRule(name="run", calls=1)]))
+
+    async def broken(_: Call) -> Reply:
+        raise UpstreamError("upstream 'github' is unreachable")
+
+    for _ in range(3):
+        with pytest.raises(UpstreamError):
+            await stage(call(), broken)
+    forwarded: list[Call] = []
+    await stage(call(), forwarding(forwarded))
+    assert len(forwarded) == 1
+
+
+async def test_a_streamed_answer_is_settled_when_it_ends(store: BudgetStore) -> None:
+    stage = Budget(store, StaticRules([BudgetRule(name="tokens", tokens=100)]))
+
+    async def streaming(_: Call) -> Reply:
+        return Reply(payload="stream", streaming=True)
+
+    reply = await stage(call(), streaming)
+    await reply.settle(Usage(tokens=150), "ok")
+    with pytest.raises(BudgetExceeded, match="tokens 150 of 100"):
+        await stage(call(), streaming)
+
+
+async def test_discovery_passes_an_exhausted_budget(store: BudgetStore) -> None:
+    stage = Budget(store, StaticRules([BudgetRule(name="run", calls=0)]))
+    forwarded: list[Call] = []
+    await stage(call(action="list"), forwarding(forwarded))
+    await stage(call(action="session"), forwarding(forwarded))
+    with pytest.raises(BudgetExceeded):
+        await stage(call(), forwarding(forwarded))
+    assert len(forwarded) == 2
+
+
+async def test_a_run_past_its_duration_is_stopped(store: BudgetStore) -> None:
+    clock = Clock(NOON)
+    stage = Budget(store, StaticRules([BudgetRule(name="short-run", duration_s=30)]), clock=clock)
+    forwarded: list[Call] = []
+    await stage(call(run="timed"), forwarding(forwarded))
+    clock.now = NOON + 29
+    await stage(call(run="timed"), forwarding(forwarded))
+    clock.now = NOON + 31
+    with pytest.raises(BudgetExceeded, match="duration 31s of 30s"):
+        await stage(call(run="timed"), forwarding(forwarded))
+    await stage(call(run="another"), forwarding(forwarded))
+    assert len(forwarded) == 3
+
+
+async def test_one_budget_full_means_no_other_budget_is_charged(store: BudgetStore) -> None:
+    rules = [BudgetRule(name="a-wide", calls=100), BudgetRule(name="b-narrow", calls=1)]
+    stage = Budget(store, StaticRules(rules))
+    forwarded: list[Call] = []
+    await stage(call(), forwarding(forwarded))
+    for _ in range(3):
+        with pytest.raises(BudgetExceeded, match="b-narrow"):
+            await stage(call(), forwarding(forwarded))
+    lines = await effective_budgets(rules, store, ALICE, "run-1", NOON)
+    assert {line["budget"]: line["used"] for line in lines} == {"a-wide": 1, "b-narrow": 1}
+
+
+async def test_an_unreachable_redis_refuses_the_call() -> None:
+    store = RedisBudgetStore("redis://127.0.0.1:1/0", "agentgw-test:")
+    stage = Budget(store, StaticRules([BudgetRule(name="run", calls=10)]))
+    forwarded: list[Call] = []
+    with pytest.raises(Unavailable, match="budget store unavailable"):
+        await stage(call(), forwarding(forwarded))
+    assert forwarded == []
+    await store.aclose()
+
+
+async def test_an_unwritable_database_refuses_the_call(tmp_path: Path) -> None:
+    path = tmp_path / "budgets.db"
+    SqlBudgetStore(make_engine(f"sqlite:///{path}"))  # creates the table
+    store = SqlBudgetStore(make_engine(f"sqlite:///file:{path}?mode=ro&uri=true"))
+    stage = Budget(store, StaticRules([BudgetRule(name="run", calls=10)]))
+    forwarded: list[Call] = []
+    with pytest.raises(Unavailable):
+        await stage(call(), forwarding(forwarded))
+    assert forwarded == []
