@@ -41,5 +41,7 @@ def _demo_settings(overrides: dict[str, object]) -> Settings:
         allow_anonymous=True,
         servers=[{"name": "demo", "url": demo_url}],
         policy={"file": str(DEMO_POLICY)},
+        # An iteration budget the tour can run into: at most 10 tool calls per agent run.
+        budgets={"rules": [{"name": "demo-run-calls", "per": "run", "calls": 10}]},
         **overrides,
     )

@@ -81,8 +81,8 @@ def test_check_prints_the_decision_and_the_rule_or_that_none_matched(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     demo = str(POLICIES / "demo.csv")
-    code, out = run(capsys, "policy", "check", "user:alice", "mcp:modern/crash", "call", "--policy", demo)
-    assert code == 1 and out.splitlines() == ["deny", "  decided by: p, *, mcp:modern/crash, *, deny"]
+    code, out = run(capsys, "policy", "check", "user:alice", "mcp:demo/delete_repo", "call", "--policy", demo)
+    assert code == 1 and out.splitlines() == ["deny", "  decided by: p, *, mcp:demo/delete_repo, *, deny"]
     code, out = run(
         capsys, "policy", "check", "user:x", "admin:audit", "read", "--role", "auditor", "--policy", demo
     )
@@ -90,7 +90,7 @@ def test_check_prints_the_decision_and_the_rule_or_that_none_matched(
         "allow",
         "  decided by: p, role:auditor, admin:audit, read, allow",
     ]
-    code, out = run(capsys, "policy", "check", "user:x", "mcp:modern/echo", "call", "--policy", demo)
+    code, out = run(capsys, "policy", "check", "user:x", "mcp:demo/get_weather", "call", "--policy", demo)
     assert code == 1 and "no rule matched" in out
 
 

@@ -1,0 +1,52 @@
+"""The README tour works: `agentgw serve` with no config, `agentgw token issue`, then docs/tour.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conformance.fixtures.launch import REPO_ROOT, free_port, start_process
+
+
+def agentgw(database: str, port: int, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "agentgw", *args, "--database-url", database],
+        cwd=REPO_ROOT,
+        env={**os.environ, "AGENTGW_PORT": str(port)},  # the issuer and audience name the gateway's port
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return done.stdout.strip()
+
+
+def test_the_readme_tour_shows_two_users_a_denial_a_budget_stop_and_the_audit_trail(tmp_path: Path) -> None:
+    port = free_port()
+    database = f"sqlite:///{tmp_path / 'agentgw.db'}"  # the demo's signing key is kept beside it
+    serve = [sys.executable, "-m", "agentgw", "serve", "--port", str(port), "--database-url", database]
+    with start_process(serve, port) as gateway:  # no config: the demo
+        tokens = {
+            user.upper(): agentgw(database, port, "token", "issue", "--subject", user)
+            for user in ("alice", "bob")
+        }
+        tour = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "docs" / "tour.py")],
+            env={**os.environ, **tokens, "AGENTGW_URL": gateway.url},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert tour.returncode == 0, tour.stderr
+        assert tour.stdout.splitlines() == [
+            "alice sees ['demo__get_weather', 'demo__search_docs']",
+            "bob sees ['demo__get_weather']",
+            "delete_repo: denied by policy: user:alice may not call this object",
+            "call 11: budget 'demo-run-calls' exhausted for run run-42: calls 10 of 10; it does not reset: "
+            "start a new run",
+        ]
+        trail = agentgw(database, port, "audit", "query", "--run", "run-42", "--decision", "denied")
+        assert "budget_exceeded" in trail
+        assert "ok" in agentgw(database, port, "audit", "verify")
