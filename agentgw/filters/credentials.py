@@ -524,13 +524,14 @@ class Credentials:
     ) -> None:
         self._servers = servers
         self._builtin = builtin
-        self._http = http or httpx.AsyncClient(follow_redirects=False)
+        self._http = http  # made on first use: most upstreams need no token service
         self._clock = clock
         self.cache: TokenCache = cache or MemoryTokenCache(clock=clock)
         self._sources: dict[str, tuple[tuple[UpstreamCredential, str | None], CredentialSource | None]] = {}
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if self._http is not None:
+            await self._http.aclose()
         if self._builtin is not None:
             await self._builtin.http.aclose()
 
@@ -580,6 +581,8 @@ class Credentials:
                 )
             url, http = self._builtin.url, self._builtin.http
         else:
+            if self._http is None:
+                self._http = httpx.AsyncClient(follow_redirects=False)
             http = self._http
         secret = _read_secret(client, f"{label}, client {client.client_id!r}")
         try:
