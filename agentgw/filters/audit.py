@@ -151,6 +151,8 @@ class AuditRecord:
     roles: tuple[str, ...] = ()
     scopes: tuple[str, ...] = ()
     actors: tuple[str, ...] = ()
+    credential_mode: str | None = None
+    upstream_actors: tuple[str, ...] = ()
     reason: str | None = None
     rule: str | None = None
     detail: str | None = None
@@ -279,6 +281,8 @@ class Audit:
             roles=principal.roles if principal else (),
             scopes=tuple(sorted(principal.scopes)) if principal else (),
             actors=principal.actors if principal else (),
+            credential_mode=call.credential_mode,
+            upstream_actors=tuple(call.upstream_actors),
             rule=call.decided_by,
             args_digest=arguments_digest(call.arguments),
             **fields,

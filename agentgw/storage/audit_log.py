@@ -96,6 +96,9 @@ audit_log = Table(
     Column("roles", Text, nullable=False),
     Column("scopes", Text, nullable=False),
     Column("actors", Text, nullable=False),
+    # How the upstream was credentialed, and the delegation chain its token carries (issue 4).
+    Column("credential_mode", String(32)),
+    Column("upstream_actors", Text, nullable=False),
     Column("protocol", String(16), nullable=False),
     Column("action", String(16), nullable=False),
     Column("resource", Text, nullable=False),
@@ -127,7 +130,7 @@ audit_chain = Table(
     Column("anchor_seq", BigInteger, nullable=False),
     Column("anchor_hash", String(64), nullable=False),
 )
-_LIST_COLUMNS = ("roles", "scopes", "actors")
+_LIST_COLUMNS = ("roles", "scopes", "actors", "upstream_actors")
 HASHED = tuple(
     str(c.name) for c in audit_log.columns if c.name not in ("id", "hash")
 )  # orjson keys must be str

@@ -255,3 +255,27 @@ def test_a_missing_secret_stops_the_gateway_at_start_up_naming_the_variable(tmp_
         start_process(args, port, ready_within=20),
     ):
         pass
+
+
+def test_the_audit_record_names_the_credential_mode_and_the_chain_the_upstream_saw(setup: Setup) -> None:
+    whoami(setup, "payments", setup.user_token())
+    whoami(setup, "ledger", setup.user_token(server="ledger"))
+    admin = setup.user_token(subject="root", server="admin", audience=f"{setup.url}/admin", scopes=[])
+
+    def latest(resource: str) -> dict[str, Any]:
+        records = httpx.get(
+            f"{setup.url}/admin/audit/records",
+            params={"resource": resource, "decision": "allowed"},
+            headers={"authorization": f"Bearer {admin}"},
+        ).json()["records"]
+        outcome: dict[str, Any] = [r for r in records if r["event"] == "outcome"][-1]
+        return outcome
+
+    exchanged = latest("mcp:payments/whoami")
+    assert (exchanged["credential_mode"], exchanged["upstream_actors"]) == (
+        "token_exchange",
+        ["client:agentgw"],
+    )
+    assert exchanged["subject"] == "user:alice"
+    own = latest("mcp:ledger/whoami")
+    assert (own["credential_mode"], own["upstream_actors"]) == ("client_credentials", [])
