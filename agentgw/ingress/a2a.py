@@ -74,6 +74,7 @@ from agentgw.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from agentgw.ingress.body import read_body
 from agentgw.pipeline import Pipeline
 from agentgw.settings import ConfigError
 from agentgw.upstream.a2a import A2aHttpUpstream, forwarded_headers
@@ -1013,7 +1014,7 @@ class A2aIngress:
             )
         raw = b""
         try:
-            raw = await self._read_body(request, required=True)
+            raw = await read_body(request, self._max_body, media_types=JSON_TYPES)
             a2a = parse_jsonrpc(raw)
         except GatewayError as exc:
             return _jsonrpc_error_response(_request_id(raw), exc)
@@ -1026,7 +1027,11 @@ class A2aIngress:
         if spec is None:
             return _rest_error_response(AgentNotFound(f"unknown A2A agent {agent!r}"))
         try:
-            body = await self._read_body(request, required=False) if request.method == "POST" else b""
+            body = (
+                await read_body(request, self._max_body, media_types=JSON_TYPES, required=False)
+                if request.method == "POST"
+                else b""
+            )
             a2a = parse_rest(request.method, request.path_params["path"], _raw_suffix(request, agent), body)
         except GatewayError as exc:
             return _rest_error_response(exc)
@@ -1267,23 +1272,6 @@ class A2aIngress:
             payload.message, payload.raw = message, None
         body = payload.raw if payload.raw is not None else orjson.dumps(payload.message)
         return Response(body, status_code=payload.status_code, media_type=payload.content_type.split(";")[0])
-
-    async def _read_body(self, request: Request, *, required: bool) -> bytes:
-        content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self._max_body:
-            raise PayloadTooLarge(f"request body too large: the limit is {self._max_body} bytes")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self._max_body:
-                raise PayloadTooLarge(f"request body too large: the limit is {self._max_body} bytes")
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        if (required or body.strip()) and content_type not in JSON_TYPES:
-            raise UnsupportedMediaType("unsupported media type: send application/json")
-        return body
 
 
 class _Relay:

@@ -40,10 +40,9 @@ from agentgw.errors import (
     GatewayError,
     NotFound,
     ParseError,
-    PayloadTooLarge,
-    UnsupportedMediaType,
     UpstreamError,
 )
+from agentgw.ingress.body import read_body
 from agentgw.pipeline import Pipeline
 from agentgw.settings import ConfigError
 from agentgw.upstream.llm import LlmAnswer, LlmProvider, OpenAICompatible, Operation
@@ -119,21 +118,9 @@ def _bad(message: str, param: str | None) -> BadRequest:
 
 
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
-    content_type = request.headers.get("content-type", "")
-    if content_type.split(";", 1)[0].strip().lower() != "application/json":
-        raise UnsupportedMediaType("unsupported media type: send application/json")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body too large: the limit is {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body too large: the limit is {limit} bytes")
-        chunks.append(chunk)
+    raw = await read_body(request, limit)
     try:
-        body = orjson.loads(b"".join(chunks))
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ParseError("the request body is not valid JSON") from exc
     if not isinstance(body, dict):

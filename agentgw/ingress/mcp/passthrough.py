@@ -23,11 +23,10 @@ from starlette.responses import Response, StreamingResponse
 from agentgw.call import Call, Reply
 from agentgw.errors import (
     BadRequest,
-    PayloadTooLarge,
-    UnsupportedMediaType,
     UpstreamError,
     UpstreamUnauthorized,
 )
+from agentgw.ingress.body import read_body
 from agentgw.ingress.mcp.messages import LIST_KEYS, Message, classify, item_object, parse
 from agentgw.ingress.mcp.rendering import jsonrpc_error_response, run_id_of
 from agentgw.ingress.mcp.sessions import SessionStore
@@ -35,34 +34,11 @@ from agentgw.pipeline import Pipeline
 from agentgw.upstream.mcp import McpHttpUpstream, UpstreamResponse, forwarded_headers
 from registry.models import McpServerSpec
 
-__all__ = ["PassThrough", "read_body"]
+__all__ = ["PassThrough"]
 
 log = logging.getLogger(__name__)
 
 RESPONSE_HEADERS = ("content-type", "mcp-protocol-version", "cache-control")
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """Read the request body, refusing it as soon as it passes `limit` bytes.
-
-    Raises:
-        UnsupportedMediaType: the content type is not JSON.
-        PayloadTooLarge: the body is larger than `limit`.
-    """
-    content_type = request.headers.get("content-type", "")
-    if content_type.split(";", 1)[0].strip().lower() != "application/json":
-        raise UnsupportedMediaType("unsupported media type: send application/json")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body too large: the limit is {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body too large: the limit is {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _header_map(request: Request) -> dict[str, str]:
