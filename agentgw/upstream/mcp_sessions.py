@@ -335,6 +335,12 @@ class UpstreamSessions:
                 task = asyncio.get_running_loop().create_task(conn.run(), name=f"upstream:{name}")
                 self._connections[name] = (conn, task)
 
+    def protocol_version(self, server: str) -> str | None:
+        """The version the shared session to `server` negotiated; None when not connected."""
+        entry = self._connections.get(server)
+        client = entry[0].client if entry is not None else None
+        return client.session.protocol_version if client is not None else None
+
     async def aclose(self) -> None:
         tasks = [task for _, task in (*self._connections.values(), *self._peers.values())]
         for task in tasks:

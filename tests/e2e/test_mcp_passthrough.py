@@ -231,3 +231,16 @@ async def test_header_values_are_compared_and_forwarded_without_surrounding_whit
     connection.close()
     assert response.status == 200
     assert "trimmed" in text
+
+
+@pytest.mark.parametrize("mode", ["2026-07-28", "auto"])
+async def test_a_modern_client_reaches_a_legacy_only_upstream_at_its_own_url(
+    gateway: RunningGateway, mode: str
+) -> None:
+    # The pass-through cannot translate eras: such requests take the bridge, which speaks both.
+    async with Client(gateway.mcp("legacy"), mode=mode) as client:  # type: ignore[arg-type]
+        assert "echo" in [t.name for t in (await client.list_tools()).tools]
+        result = await client.call_tool("echo", {"text": "across eras"})
+        assert result.content[0].text == "across eras"  # type: ignore[union-attr]
+        with pytest.raises(MCPError, match="denied by policy"):
+            await client.call_tool("roots", {})

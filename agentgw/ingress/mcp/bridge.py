@@ -200,6 +200,11 @@ class Bridge:
         self.server = server
         self.session_manager = StreamableHTTPSessionManager(app=server, max_request_body_size=max_body_bytes)
 
+    def speaks_only_legacy(self, server: str) -> bool:
+        """Whether the upstream session negotiated a handshake-era version (unknown: False)."""
+        version = self._sessions.protocol_version(server)
+        return version is not None and version not in MODERN_PROTOCOL_VERSIONS
+
     def on_list_changed(self, server: str, kind: str) -> None:
         """An upstream's list changed: drop its cached lists and tell the clients that listen."""
         self.catalog.invalidate(server)

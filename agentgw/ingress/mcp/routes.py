@@ -13,11 +13,17 @@ from starlette.types import Receive, Scope, Send
 from agentgw.errors import GatewayError, NotFound
 from agentgw.filters.authenticate import Authenticate
 from agentgw.ingress.mcp.bridge import Bridge, Endpoint
+from agentgw.ingress.mcp.messages import MODERN_VERSION
 from agentgw.ingress.mcp.passthrough import PassThrough
 from agentgw.ingress.mcp.rendering import jsonrpc_error_response
 from registry.store import RegistryStore
 
 __all__ = ["McpIngress"]
+
+
+def _modern(request: Request) -> bool:
+    version = request.headers.get("mcp-protocol-version", "").strip()
+    return version >= MODERN_VERSION
 
 
 class McpIngress:
@@ -39,7 +45,11 @@ class McpIngress:
                 endpoint = Endpoint.merged(self._registry.servers())
             else:
                 spec = self._registry.server(name)
-                if spec is not None and spec.transport == "streamable-http":
+                if (
+                    spec is not None
+                    and spec.transport == "streamable-http"
+                    and not (_modern(request) and self._bridge.speaks_only_legacy(spec.name))
+                ):
                     response = await self._passthrough.handle(request, spec)
                     await response(scope, receive, send)
                     return
