@@ -1,8 +1,9 @@
 """Direct to the upstream vs through the gateway, side by side, in one run.
 
-    python -m bench compare [--calls N] [--concurrency 1,10,50] [--era modern|legacy]
-                            [--upstream fast|sdk] [--memory-run N] [--json FILE] [--no-bridge]
-                            [--anonymous] [--no-budget] [--redis-url URL] [--serve-args "..."]
+    python -m bench compare [--calls N] [--concurrency 1,10,50] [--kind mcp|a2a|llm]
+                            [--era modern|legacy] [--upstream fast|sdk] [--memory-run N]
+                            [--json FILE] [--no-bridge] [--anonymous] [--no-budget]
+                            [--redis-url URL] [--serve-args "..."]
 
 Starts the fixture upstream (`fast`: bench/upstream.py; `sdk`: the `mcp`-SDK fixture the tests use)
 and the gateway (`python -m agentgw serve`, from the current directory, on free 127.0.0.1 ports, with
@@ -10,6 +11,8 @@ every pipeline stage this checkout has switched on), warms both up, then at each
 - `direct`: straight to the upstream's /mcp;
 - `gateway`: the pass-through path /mcp/bench;
 - `bridge`: the merged catalog /mcp (tool `bench__echo`), the SDK-served path.
+With `--kind a2a` (`llm`) the rows are the fixture's /a2a (/v1/chat/completions) and the gateway's
+/a2a/bench (/v1/chat/completions, model `bench`).
 For the gateway rows it reports the ratio of throughput to direct, the added p50/p99 latency, and the
 gateway's CPU time per call (utime+stime of the gateway process and its children, from /proc).
 `--memory-run N` ends with N calls through the pass-through path and reports the gateway's RSS before
@@ -143,6 +146,7 @@ def gateway_setup(
                 f"p, *, mcp:{SERVER}/delete_everything, call, deny",
                 "p, role:ops, mcp:other/*, *, allow",
                 f"p, role:bench, llm:{MODEL}, *, allow",
+                f"p, role:bench, a2a:{SERVER}/*, *, allow",
                 f"g, {SUBJECT}, role:bench",
                 "g, anonymous, role:bench",
             ]
@@ -159,6 +163,10 @@ def gateway_setup(
             "credential": {"mode": "none"},
         }
         config["llm_routes"] = [route]
+    if kind == "a2a":
+        if "a2a_agents" not in fields:
+            raise RuntimeError("this checkout has no A2A agents (`a2a_agents` in the settings)")
+        config["a2a_agents"] = [{"name": SERVER, "card": agent_card(upstream_url), "default_skill": TOOL}]
     if anonymous or not _has_token_command():
         config["allow_anonymous"] = True
         stages = ["identity (anonymous)"]
@@ -172,12 +180,30 @@ def gateway_setup(
         }
         stages.append("budget")
         if redis_url:
-            config["budgets"] |= {"store": "redis", "redis_url": redis_url}
+            # A prefix of its own per run: counters of earlier runs never count against this one.
+            prefix = f"agentgw-bench:{port}:"
+            config["budgets"] |= {"store": "redis", "redis_url": redis_url, "redis_prefix": prefix}
     stages.append("audit")
     if redis_url:
         # Shared state for several workers (`--serve-args "--workers 2"`).
         config["redis_url"] = redis_url
     return Setup(config, stages)
+
+
+def agent_card(upstream_url: str) -> dict[str, Any]:
+    """The A2A 1.0 card of the fixture upstream's agent (one skill, `echo`, over JSON-RPC)."""
+    return {
+        "name": "bench",
+        "description": "Answers every message with its own text parts.",
+        "version": "1.0.0",
+        "supportedInterfaces": [
+            {"url": f"{upstream_url}/a2a", "protocolBinding": "JSONRPC", "protocolVersion": "1.0"}
+        ],
+        "capabilities": {},
+        "defaultInputModes": ["text/plain"],
+        "defaultOutputModes": ["text/plain"],
+        "skills": [{"id": TOOL, "name": TOOL, "description": "Repeat the message.", "tags": ["bench"]}],
+    }
 
 
 def issue_token(config_path: Path, database_url: str, base_url: str) -> str:
@@ -188,7 +214,7 @@ def issue_token(config_path: Path, database_url: str, base_url: str) -> str:
     """
     args = [sys.executable, "-m", "agentgw", "token", "issue", "--config", str(config_path)]
     args += ["--database-url", database_url, "--subject", SUBJECT.removeprefix("user:"), "--role", "bench"]
-    for path in ("/mcp", f"/mcp/{SERVER}", "/v1"):
+    for path in ("/mcp", f"/mcp/{SERVER}", "/v1", "/a2a"):
         args += ["--resource", base_url + path]
     done = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
     if done.returncode != 0 or not done.stdout.strip():
@@ -279,6 +305,8 @@ def targets(kind: Kind, upstream: str, gateway: str, bridge: bool) -> list[tuple
             ("direct", f"{upstream}/v1/chat/completions", ""),
             ("gateway", f"{gateway}/v1/chat/completions", ""),
         ]
+    if kind == "a2a":
+        return [("direct", f"{upstream}/a2a", ""), ("gateway", f"{gateway}/a2a/{SERVER}", "")]
     paths = [("direct", f"{upstream}/mcp", TOOL), ("gateway", f"{gateway}/mcp/{SERVER}", TOOL)]
     if bridge:
         paths.append(("bridge", f"{gateway}/mcp", f"{SERVER}__{TOOL}"))
@@ -394,7 +422,12 @@ def table(report: Report) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calls", type=int, default=5000, help="calls per path and concurrency")
     parser.add_argument("--concurrency", default="1,10,50", help="comma-separated (default 1,10,50)")
-    parser.add_argument("--kind", choices=("mcp", "llm"), default="mcp", help="MCP tools/call or LLM chat")
+    parser.add_argument(
+        "--kind",
+        choices=("mcp", "a2a", "llm"),
+        default="mcp",
+        help="MCP tools/call, A2A SendMessage, LLM chat",
+    )
     parser.add_argument("--era", choices=ERAS, default="modern")
     parser.add_argument("--upstream", choices=("fast", "sdk"), default="fast")
     parser.add_argument("--warmup", type=int, default=500, help="calls per path before measuring")

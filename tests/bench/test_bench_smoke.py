@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONCURRENCIES = (1, 10)
 CALLS = 200
@@ -20,6 +22,7 @@ CALLS = 200
 def _compare(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     out = tmp_path / "report.json"
     args = [sys.executable, "-m", "bench", "compare", "--calls", str(CALLS), "--warmup", "50"]
+    # Later options win: a test may ask for fewer calls.
     args += ["--concurrency", ",".join(map(str, CONCURRENCIES)), "--json", str(out), *extra]
     done = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"bench compare failed:\n{done.stdout}\n{done.stderr}"
@@ -61,6 +64,16 @@ def test_bench_compare_drives_legacy_sessions_through_the_pass_through_path(tmp_
     _, report = _compare(tmp_path, "--era", "legacy", "--no-bridge")
     assert {r["path"] for r in report["rows"]} == {"direct", "gateway"}
     assert all(r["errors"] == 0 for r in report["rows"]), report["rows"]
+
+
+@pytest.mark.parametrize("kind", ["a2a", "llm"])
+def test_bench_compare_measures_a2a_and_llm_calls_through_their_routes(tmp_path: Path, kind: str) -> None:
+    _, report = _compare(tmp_path, "--kind", kind, "--calls", "60")
+    assert report["kind"] == kind
+    assert [r["path"] for r in report["rows"]] == ["direct", "gateway"] * len(CONCURRENCIES)
+    for row in report["rows"]:
+        assert row["errors"] == 0, row["first_error"]
+        _positive(row, "calls_per_s", "p50_ms", "p99_ms")
 
 
 def test_bench_compare_refuses_a_bad_concurrency_list(tmp_path: Path) -> None:
