@@ -10,7 +10,8 @@ anchor (the last removed record) forward so that a pruned chain still verifies.
 
 Group commit: `SqlAuditLog.write` queues the record and waits; one writer thread takes everything
 queued (up to `batch_max`), inserts it in one transaction, commits (SQLite with
-`synchronous=FULL`: the commit survives a power cut, not only a crash), and wakes every waiter. A
+`synchronous=NORMAL` by default, so a commit survives the process crashing; `FULL` with
+`audit.durability: power`, so it survives a power cut too), and wakes every waiter. A
 failed transaction fails every waiter of that batch with `Unavailable` and the chain does not
 advance.
 """
@@ -181,6 +182,7 @@ class SqlAuditLog:
         self.node = settings.node_id or socket.gethostname()
         self.chain = f"{self.node}:{uuid.uuid4().hex[:12]}"
         self._batch_max = settings.batch_max
+        self._synchronous = "FULL" if settings.durability == "power" else "NORMAL"
         self._retention_days = settings.retention_days
         self._clock = clock
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
@@ -262,7 +264,7 @@ class SqlAuditLog:
         if self._conn is None:
             conn = self.engine.connect()
             if conn.dialect.name == "sqlite":
-                conn.exec_driver_sql("PRAGMA synchronous=FULL")
+                conn.exec_driver_sql(f"PRAGMA synchronous={self._synchronous}")
                 conn.commit()
             self._conn = conn
         return self._conn
