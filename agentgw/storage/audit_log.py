@@ -99,7 +99,7 @@ audit_log = Table(
     Column("actors", Text, nullable=False),
     # How the upstream was credentialed, and the delegation chain its token carries (issue 4).
     Column("credential_mode", String(32)),
-    Column("upstream_actors", Text, nullable=False),
+    Column("upstream_actors", Text, nullable=False, server_default="[]"),
     Column("protocol", String(16), nullable=False),
     Column("action", String(16), nullable=False),
     Column("resource", Text, nullable=False),
