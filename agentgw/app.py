@@ -28,6 +28,7 @@ from agentgw.filters.authorize import Authorize, CasbinAuthorizer, policy_router
 from agentgw.filters.budget import Budget, BudgetStore
 from agentgw.filters.credentials import Credentials, TokenService
 from agentgw.ingress.a2a import A2aIngress
+from agentgw.ingress.a2a_signatures import card_signer
 from agentgw.ingress.llm import LlmIngress
 from agentgw.ingress.mcp.bridge import Bridge
 from agentgw.ingress.mcp.passthrough import PassThrough
@@ -97,8 +98,12 @@ def build_gateway(settings: Settings) -> Gateway:
     )
     identity = build_identity(settings, engine, registry)
     authenticate = identity.authenticate
-    credentials = Credentials(registry.server, builtin=_builtin_token_service(settings, identity))
-    credentials.prepare(registry.servers())  # a missing upstream secret stops start-up
+    # A2A agents with a token credential mode are served by the same stage as MCP upstreams.
+    a2a_tokens = {a.name: u for a in settings.a2a_agents if a.enabled and (u := a.token_upstream())}
+    credentials = Credentials(
+        registry.server, agents=a2a_tokens.get, builtin=_builtin_token_service(settings, identity)
+    )
+    credentials.prepare([*registry.servers(), *a2a_tokens.values()])  # a missing secret stops start-up
     audit_engine = make_engine(settings.audit.database_url) if settings.audit.database_url else engine
     audit_log = SqlAuditLog(audit_engine, settings.audit)
     audit = Audit(audit_log, settings.audit.redact)
@@ -135,6 +140,7 @@ def build_gateway(settings: Settings) -> Gateway:
         base_url=settings.base_url,
         allow_anonymous=settings.allow_anonymous,
         max_body_bytes=settings.max_body_bytes,
+        signer=card_signer(settings.a2a_sign_cards, identity.keys, settings.base_url),
     )
     return Gateway(
         settings,

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     llm_routes: LlmRouteList = Field(default_factory=list)
     # A2A agents served at /a2a/<name> (see registry/a2a.py); secrets are named (env/file), never inline.
     a2a_agents: list[A2aAgentSpec] = Field(default_factory=list)
+    # Sign the A2A cards the gateway serves with the built-in authorization server's key (JWKS at
+    # /oauth/jwks). Unset: on when the built-in server is enabled; true without it is a config error.
+    a2a_sign_cards: bool | None = None
 
     def trusted_hosts(self) -> list[str]:
         """The Host header values the gateway accepts (`*` for any)."""

@@ -3,14 +3,17 @@
 An agent is a name (part of the policy objects `a2a:<agent>/<skill>` and of its URL `/a2a/<agent>`),
 its upstream card (fetched from `card_url` and refreshed every `card_refresh_s`, or given inline as
 `card`), an optional default skill for messages that name none, and how the gateway authenticates to
-it (`credential`: `none`, or `static`: a secret from an environment variable or a file, read once at
-start-up, the way LLM routes read theirs). Declared in the config file:
+it (`credential`: `none`; `static`, a secret from an environment variable or a file, read once at
+start-up, the way LLM routes read theirs; or `client_credentials`, `token_exchange`, `id_jag`, the MCP
+upstream modes of registry/models.py, served by the credentials stage), and the keys its card's
+signatures are verified with (`card_keys`, docs/decisions/0403). Declared in the config file:
 
     a2a_agents:
       - name: planner                       # policy objects a2a:planner/<skill>; URL /a2a/planner
         card_url: http://planner:9000/.well-known/agent-card.json
         default_skill: plan                 # for messages whose metadata names no skill
         credential: {mode: static, env: PLANNER_TOKEN}   # sent as `Authorization: Bearer <secret>`
+        card_keys: {jwks_uri: http://planner:9000/jwks.json}  # the card must carry a signature by one
 
 The card is read only for what routing and discovery need: the upstream's interfaces (binding,
 version, URL, tenant; 1.0 `supportedInterfaces` or the 0.3 `url`/`preferredTransport`/
@@ -28,11 +31,17 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from registry.models import Name, Url
+from registry.models import (
+    Name,
+    UpstreamClientCredentials,
+    UpstreamIdJag,
+    UpstreamTokenExchange,
+    Url,
+)
 
 __all__ = [
     "BINDINGS",
@@ -40,9 +49,13 @@ __all__ = [
     "A2aConfigError",
     "A2aCredential",
     "A2aRegistry",
+    "A2aTokenUpstream",
     "AgentInterface",
     "CardFetcher",
+    "CardKeys",
+    "CardSignatureInvalid",
     "CardUnavailable",
+    "CardVerifier",
     "UpstreamCard",
     "card_interfaces",
     "card_skill_ids",
@@ -55,6 +68,14 @@ log = logging.getLogger(__name__)
 BINDINGS = ("JSONRPC", "HTTP+JSON")
 # After a failed refresh, try again this soon (or at the agent's own refresh period, if shorter).
 RETRY_AFTER_FAILURE_S = 10.0
+
+# The well-known card paths (1.0, then 0.3): a card URL without them is the agent's base URL.
+CARD_PATHS = ("/.well-known/agent-card.json", "/.well-known/agent.json")
+# Asymmetric algorithms only: a public JWK must never be usable as an HMAC secret.
+CardAlgorithm = Literal[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"
+]
+CARD_ALGORITHMS: tuple[CardAlgorithm, ...] = get_args(CardAlgorithm)
 
 Generation = Literal["1.0", "0.3"]
 _VERSION = re.compile(r"v?(\d+)(?:\.(\d+))?(?:\.\d+)?")
@@ -112,6 +133,43 @@ class A2aCredential(BaseModel):
         return self.header.lower(), f"{self.scheme} {secret}" if self.scheme else secret
 
 
+class CardKeys(BaseModel):
+    """The keys an agent's card signatures are verified with: a JWKS by URL (`jwks_uri`, fetched with
+    each card) or inline (`jwks`). Never the card's own `jku`: whoever forges a card would name their own.
+
+    `required` (default): a card without signatures is refused too, so stripping them is no way around.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    jwks_uri: Url | None = None
+    jwks: dict[str, Any] | None = None
+    algorithms: list[CardAlgorithm] = Field(default_factory=lambda: list(CARD_ALGORITHMS), min_length=1)
+    required: bool = True
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> CardKeys:
+        if (self.jwks_uri is None) == (self.jwks is None):
+            raise ValueError("card_keys needs exactly one of jwks_uri and jwks")
+        if self.jwks is not None and not isinstance(self.jwks.get("keys"), list):
+            raise ValueError("card_keys.jwks must be a JWK set: an object with a `keys` list")
+        return self
+
+
+# The credential modes served by the credentials stage, as for MCP upstreams (tokens from a token service).
+A2aTokenCredential = UpstreamClientCredentials | UpstreamTokenExchange | UpstreamIdJag
+
+
+@dataclass(frozen=True, slots=True)
+class A2aTokenUpstream:
+    """An agent as the credentials stage sees it: a name that cannot meet an MCP server's (`a2a:<agent>`),
+    the URL tokens are asked for (RFC 8707 resource, unless the credential names one), the credential."""
+
+    name: str
+    url: str | None
+    credential: A2aTokenCredential
+
+
 class A2aAgentSpec(BaseModel):
     """An upstream A2A agent as declared in the config file (`a2a_agents`)."""
 
@@ -126,7 +184,27 @@ class A2aAgentSpec(BaseModel):
     card_refresh_s: float = Field(default=300.0, gt=0, le=86400)
     timeout_s: float = Field(default=30.0, gt=0, le=3600)
     enabled: bool = True
-    credential: A2aCredential = Field(default_factory=A2aCredential)
+    # `none`/`static` are read here; token modes are served by the credentials stage, as for MCP.
+    credential: A2aCredential | A2aTokenCredential = Field(default_factory=A2aCredential)
+    # Keys the upstream card's signatures must verify with; unset: signatures are not checked.
+    card_keys: CardKeys | None = None
+
+    def resource_url(self) -> str | None:
+        """The agent's URL, the default resource of its tokens: the card URL without its well-known
+        path, or a static card's first interface."""
+        if self.card_url is not None:
+            for path in CARD_PATHS:
+                if self.card_url.endswith(path):
+                    return self.card_url[: -len(path)]
+            return self.card_url
+        assert self.card is not None
+        return UpstreamCard.from_document(self.card).interfaces[0].url
+
+    def token_upstream(self) -> A2aTokenUpstream | None:
+        """What the credentials stage needs when the agent's credential comes from a token service."""
+        if isinstance(self.credential, A2aCredential):
+            return None
+        return A2aTokenUpstream(f"a2a:{self.name}", self.resource_url(), self.credential)
 
     @model_validator(mode="after")
     def _one_card_source(self) -> A2aAgentSpec:
@@ -224,6 +302,10 @@ class CardUnavailable(Exception):
     """The agent's card could not be fetched, or it declares no interface the gateway can use."""
 
 
+class CardSignatureInvalid(CardUnavailable):
+    """The agent's card failed signature verification against its `card_keys` (or is unsigned)."""
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamCard:
     """An upstream card as fetched, with what routing and discovery read from it."""
@@ -262,6 +344,8 @@ class UpstreamCard:
 
 
 CardFetcher = Callable[[str, float], Awaitable[object]]
+# Checks a fetched card's signatures for an agent; raises CardSignatureInvalid.
+CardVerifier = Callable[[A2aAgentSpec, Mapping[str, Any]], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -283,11 +367,17 @@ class A2aRegistry:
         agents: Iterable[A2aAgentSpec],
         fetch: CardFetcher,
         clock: Callable[[], float] = time.monotonic,
+        verify: CardVerifier | None = None,
     ) -> None:
         self._agents = {a.name: a for a in agents}
         # Secrets are read once, at start-up: a missing one stops the gateway instead of a later call.
-        self._credentials = {a.name: a.credential.header_pair(a.name) for a in self._agents.values()}
+        self._credentials = {
+            a.name: a.credential.header_pair(a.name)
+            for a in self._agents.values()
+            if isinstance(a.credential, A2aCredential)
+        }
         self._fetch = fetch
+        self._verify = verify
         self._clock = clock
         self._cache: dict[str, _Cached] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -300,7 +390,8 @@ class A2aRegistry:
         return [a for a in self._agents.values() if a.enabled]
 
     def credential(self, name: str) -> tuple[str, str] | None:
-        """The `(header, value)` the gateway sends to agent `name`, if it has a static credential."""
+        """The `(header, value)` the gateway sends to agent `name`, if it has a static credential (token
+        modes are set per call by the credentials stage)."""
         return self._credentials.get(name)
 
     async def card(self, spec: A2aAgentSpec) -> UpstreamCard:
@@ -338,6 +429,15 @@ class A2aRegistry:
         assert spec.card_url is not None
         try:
             card = UpstreamCard.from_document(await self._fetch(spec.card_url, spec.timeout_s))
+            if self._verify is not None:
+                await self._verify(spec, card.document)
+        except CardSignatureInvalid as exc:
+            # Never silently trusted: refused, loudly. A card verified earlier keeps serving (as after
+            # any failed refresh), so a forger on the path cannot replace it, only fail to.
+            cached.failed_at = self._clock()
+            cached.error = f"the agent card of {spec.name!r} was refused: {exc}"
+            log.error("agent card refused: %s", exc, extra={"agent": spec.name})
+            return
         except Exception as exc:  # any fetch failure is the same to callers: no usable card
             cached.failed_at = self._clock()
             cached.error = f"the agent card of {spec.name!r} could not be fetched: {exc}"

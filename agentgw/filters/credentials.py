@@ -1,7 +1,8 @@
 """Credentials stage: the upstream gets a credential meant for it, never the caller's token.
 
 Each MCP upstream names a credential mode in the registry (`McpServerSpec.credential`), served by one
-`CredentialSource` per upstream:
+`CredentialSource` per upstream; an A2A agent with a token mode is served the same way
+(`A2aAgentSpec.token_upstream()`, named `a2a:<agent>` here so it never meets an MCP server's name):
 
     none                no Authorization header
     static              a secret from an environment variable or a file, read once
@@ -32,7 +33,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeAlias
 
 import httpx
 import jwt
@@ -66,6 +67,7 @@ __all__ = [
     "CacheKey",
     "CredentialConfigError",
     "CredentialSource",
+    "CredentialedUpstream",
     "Credentials",
     "GatewayCredential",
     "IssuedCredential",
@@ -84,6 +86,8 @@ log = logging.getLogger(__name__)
 # that lives less than twice this is replaced at half its life.
 EARLY_RENEWAL_S = 30.0
 MAX_CACHED_TOKENS = 10_000
+# The `Call.method` of a request for an A2A agent's public card (agentgw/ingress/a2a.py).
+A2A_PUBLIC_CARD = "GetAgentCard"
 
 
 class CredentialConfigError(ConfigError):
@@ -476,6 +480,22 @@ class _IdJag:
 # --- the stage -------------------------------------------------------------------------------------
 
 
+class CredentialedUpstream(Protocol):
+    """What a source is built from: an MCP server's spec, or an A2A agent's (`A2aTokenUpstream`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def url(self) -> str | None: ...
+
+    @property
+    def credential(self) -> UpstreamCredential: ...
+
+
+Lookup: TypeAlias = Callable[[str], CredentialedUpstream | None]
+
+
 class GatewayCredential(Protocol):
     """The gateway's own credential for one upstream, for an HTTP client shared by every caller."""
 
@@ -506,23 +526,27 @@ class _SharedCredential:
 
 
 class Credentials:
-    """The credentials stage: sets `call.upstream_authorization` for MCP upstreams, from their mode.
+    """The credentials stage: sets `call.upstream_authorization` for MCP upstreams and A2A agents, from
+    their mode.
 
-    `servers` finds an upstream's spec by name (the registry); without it no upstream gets a credential.
-    Other protocols' upstreams (A2A agents, LLM routes) hold their own credentials; for them this stage
-    only makes sure nothing of the caller's travels.
+    `servers` finds an MCP upstream's spec by name (the registry), `agents` an A2A agent's whose
+    credential is a token mode (its `none`/`static` modes are the A2A registry's own); without them no
+    upstream gets a credential. LLM routes hold their own credentials; for them, and for calls whose
+    upstream has none here, this stage only makes sure nothing of the caller's travels.
     """
 
     def __init__(
         self,
-        servers: Callable[[str], McpServerSpec | None] = lambda _name: None,
+        servers: Lookup = lambda _name: None,
         *,
+        agents: Lookup = lambda _name: None,
         builtin: TokenService | None = None,
         http: httpx.AsyncClient | None = None,
         cache: TokenCache | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._servers = servers
+        self._agents = agents
         self._builtin = builtin
         self._http = http  # made on first use: most upstreams need no token service
         self._clock = clock
@@ -535,7 +559,7 @@ class Credentials:
         if self._builtin is not None:
             await self._builtin.http.aclose()
 
-    def prepare(self, specs: Iterable[McpServerSpec]) -> None:
+    def prepare(self, specs: Iterable[CredentialedUpstream]) -> None:
         """Set up every upstream's source now, reading secrets: a missing secret stops start-up.
 
         Raises:
@@ -544,7 +568,7 @@ class Credentials:
         for spec in specs:
             self.source(spec)
 
-    def source(self, spec: McpServerSpec) -> CredentialSource | None:
+    def source(self, spec: CredentialedUpstream) -> CredentialSource | None:
         """The source for `spec` (None for mode none), built again when its configuration changed.
 
         Raises:
@@ -592,7 +616,7 @@ class Credentials:
                 f"{label}, client {client.client_id!r}: the private key is unusable: {exc}"
             ) from exc
 
-    def _build(self, spec: McpServerSpec) -> CredentialSource | None:
+    def _build(self, spec: CredentialedUpstream) -> CredentialSource | None:
         credential = spec.credential
         label = f"upstream {spec.name!r}"
         if credential.mode == "none":
@@ -623,7 +647,13 @@ class Credentials:
     async def __call__(self, call: Call, call_next: CallNext) -> Reply:
         # Defence in depth: whatever an earlier stage did, the caller's credentials never go upstream.
         call.upstream_authorization = None
-        spec = self._servers(call.upstream) if call.protocol == "mcp" else None
+        lookup = {"mcp": self._servers, "a2a": self._agents}.get(call.protocol)
+        # An A2A agent's public card is answered from the gateway's copy: nothing goes to the agent, so
+        # nothing is obtained for it (and anonymous callers may read it even when the agent's mode is
+        # per caller).
+        if call.protocol == "a2a" and call.method == A2A_PUBLIC_CARD:
+            lookup = None
+        spec = lookup(call.upstream) if lookup is not None else None
         if spec is None:
             return await call_next(call)
         try:

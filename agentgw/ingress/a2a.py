@@ -74,6 +74,7 @@ from agentgw.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from agentgw.ingress.a2a_signatures import CardSigner, UpstreamCardVerifier
 from agentgw.ingress.body import read_body
 from agentgw.pipeline import Pipeline
 from agentgw.settings import ConfigError
@@ -82,6 +83,7 @@ from registry.a2a import (
     A2aAgentSpec,
     A2aConfigError,
     A2aRegistry,
+    CardSignatureInvalid,
     CardUnavailable,
     UpstreamCard,
     card_skill_ids,
@@ -921,8 +923,10 @@ class A2aIngress:
         base_url: str,
         security: CardSecurity,
         max_body_bytes: int,
+        signer: CardSigner | None = None,
     ) -> None:
         self._registry = registry
+        self._signer = signer
         self._pipeline = pipeline
         self._upstream = upstream
         self._owners = owners
@@ -939,15 +943,19 @@ class A2aIngress:
         base_url: str,
         allow_anonymous: bool,
         max_body_bytes: int,
+        signer: CardSigner | None = None,
     ) -> A2aIngress:
-        """The ingress for the configured agents, with its own pooled client and in-memory task owners.
+        """The ingress for the configured agents, with its own pooled client and in-memory task owners;
+        upstream card signatures are checked against each agent's `card_keys`, served cards signed by
+        `signer` when given.
 
         Raises:
             ConfigError: an agent's credential secret is missing or unreadable.
         """
         upstream = A2aHttpUpstream()
         try:
-            registry = A2aRegistry(agents, upstream.fetch_card)
+            verify = UpstreamCardVerifier(upstream.fetch_card)
+            registry = A2aRegistry(agents, upstream.fetch_card, verify=verify)
         except A2aConfigError as exc:
             raise ConfigError(str(exc)) from exc
         return cls(
@@ -958,6 +966,7 @@ class A2aIngress:
             base_url=base_url,
             security=CardSecurity.bearer(required=not allow_anonymous),
             max_body_bytes=max_body_bytes,
+            signer=signer,
         )
 
     def routes(self) -> list[BaseRoute]:
@@ -997,11 +1006,10 @@ class A2aIngress:
 
         try:
             reply = await self._pipeline.run(call, terminal)
+            assert isinstance(reply.payload, _Card)
+            body = self._rewrite(spec, reply.payload.card.document, reply.listing)
         except Exception as exc:
             return _rest_error_response(exc)
-        assert isinstance(reply.payload, _Card)
-        upstream_card = reply.payload.card
-        body = self._rewrite(spec, upstream_card.document, reply.listing)
         headers = {"cache-control": "private, no-cache", "vary": "Authorization"}
         return Response(orjson.dumps(body), media_type="application/json", headers=headers)
 
@@ -1247,11 +1255,24 @@ class A2aIngress:
     def _rewrite(
         self, spec: A2aAgentSpec, card: Mapping[str, Any], listing: Sequence[str] | None
     ) -> dict[str, Any]:
+        """The card for the caller, signed by the gateway when it signs cards.
+
+        Raises:
+            InvalidAgentResponse: the card cannot be read as an A2A card, so it cannot be signed.
+        """
         allowed = set(listing or ())
         skill_ids = [s for s in card_skill_ids(card) if skill_object(spec.name, s) in allowed]
-        return rewrite_card(
+        out = rewrite_card(
             card, agent_url=self.agent_url(spec.name), allowed_skills=skill_ids, security=self._security
         )
+        if self._signer is None:
+            return out
+        try:
+            return self._signer.sign(out)
+        except CardSignatureInvalid as exc:
+            # Signing is configured: an unsigned card would look like a stripped one. Refuse instead.
+            message = f"the card of A2A agent {spec.name!r} cannot be signed: {exc}"
+            raise InvalidAgentResponse(message) from exc
 
     def _render(self, spec: A2aAgentSpec, a2a: A2aRequest, reply: Reply) -> Response:
         payload = reply.payload
@@ -1265,10 +1286,15 @@ class A2aIngress:
         assert isinstance(payload, _Answer)
         if a2a.op.kind == "card" and reply.listing is not None:
             message = payload.message
-            if a2a.binding == "jsonrpc":
-                message["result"] = self._rewrite(spec, message["result"], reply.listing)
-            else:
-                message = self._rewrite(spec, message, reply.listing)
+            try:
+                if a2a.binding == "jsonrpc":
+                    message["result"] = self._rewrite(spec, message["result"], reply.listing)
+                else:
+                    message = self._rewrite(spec, message, reply.listing)
+            except InvalidAgentResponse as exc:
+                if a2a.binding == "jsonrpc":
+                    return _jsonrpc_error_response(a2a.rpc_id, exc, a2a.op.generation)
+                return _rest_error_response(exc, a2a.op.generation)
             payload.message, payload.raw = message, None
         body = payload.raw if payload.raw is not None else orjson.dumps(payload.message)
         return Response(body, status_code=payload.status_code, media_type=payload.content_type.split(";")[0])

@@ -145,6 +145,11 @@ class SigningKeys:
                     return key.public_jwk()
         return None
 
+    def current(self) -> tuple[str, rsa.RSAPrivateKey]:
+        """The current key's kid and private key, for documents other than tokens (signed A2A cards)."""
+        key = self._keys[0]
+        return key.kid, key.private
+
     def sign(self, claims: dict[str, Any]) -> str:
         """A JWT access token (`typ: at+jwt`, RFC 9068) signed with the current key."""
         key = self._keys[0]
