@@ -43,6 +43,9 @@ class BudgetCounter(SQLModel, table=True):
 _T = BudgetCounter.__table__  # type: ignore[attr-defined]  # SQLModel declares __table__ untyped
 
 
+MAX_ENSURED = 100_000
+
+
 class SqlBudgetStore:
     """Counters in the gateway's SQL database (the embedded default)."""
 
@@ -55,6 +58,9 @@ class SqlBudgetStore:
         # SQLite has one writer per database anyway; queueing in-process avoids busy-waiting on it.
         self._lock: threading.Lock | None = threading.Lock() if dialect == "sqlite" else None
         self._pruned_at = 0.0
+        # Counters this process has ensured, with their expiry as stored: a live one needs no upsert
+        # per call. Only a shortcut: a counter that vanished since is re-created on the spot.
+        self._ensured: dict[str, float] = {}
         SQLModel.metadata.create_all(engine, tables=[_T])
 
     def _ensure(self, conn: Connection, key: str, initial: int, expires_at: float, now: float) -> None:
@@ -81,7 +87,12 @@ class SqlBudgetStore:
         with self._engine.connect() as conn:
             for index in sorted(range(len(charges)), key=lambda i: charges[i].key):
                 charge = charges[index]
-                self._ensure(conn, charge.key, 0, charge.expires_at, now)
+                if self._ensured.get(charge.key, 0.0) <= now:
+                    self._ensure(conn, charge.key, 0, charge.expires_at, now)
+                    stored = conn.execute(select(_T.c.expires_at).where(_T.c.key == charge.key)).scalar_one()
+                    if len(self._ensured) > MAX_ENSURED:
+                        self._ensured.clear()
+                    self._ensured[charge.key] = float(stored)
                 result = conn.execute(
                     update(_T)
                     .where(
@@ -92,12 +103,16 @@ class SqlBudgetStore:
                     .values(used=_T.c.used + charge.amount)
                 )
                 if result.rowcount == 0:
-                    used = conn.execute(select(_T.c.used).where(_T.c.key == charge.key)).scalar_one()
+                    used = conn.execute(select(_T.c.used).where(_T.c.key == charge.key)).scalar_one_or_none()
                     conn.rollback()
+                    if used is None:  # pruned by another process since this one ensured it: again, afresh
+                        self._ensured.clear()
+                        return self._reserve(charges, now)
                     return Shortfall(index, int(used))
             if now - self._pruned_at > PRUNE_EVERY_S:
                 self._pruned_at = now
                 conn.execute(delete(_T).where(_T.c.expires_at < now))
+                self._ensured = {k: e for k, e in self._ensured.items() if e > now}
             conn.commit()
         return None
 

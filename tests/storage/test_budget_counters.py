@@ -112,6 +112,27 @@ async def test_an_expired_sql_counter_starts_again_from_zero(
     assert await store.used([k], NOW + 60) == {k: 1}
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_a_counter_removed_by_another_process_is_created_again_not_refused(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    where = f"sqlite:///{tmp_path / 'c.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
+    store = open_store(kind, where)
+    other = open_store(kind, where)
+    k = key()
+    assert await store.reserve([charge(k, 5)], NOW) is None  # this process now knows the counter
+    assert isinstance(other, SqlBudgetStore)
+    with other._engine.begin() as conn:  # another process's clean-up takes it away
+        conn.exec_driver_sql(
+            "DELETE FROM budget_counter WHERE key = ?"
+            if kind == "sqlite"
+            else "DELETE FROM budget_counter WHERE key = %s",
+            (k,),
+        )
+    assert await store.reserve([charge(k, 5)], NOW) is None
+    assert await store.used([k], NOW) == {k: 1}
+
+
 async def test_a_redis_counter_carries_the_time_to_live_of_its_window() -> None:
     import redis.asyncio
 
