@@ -84,15 +84,14 @@ class SqlBudgetStore:
             raise Unavailable("budget store unavailable: the call was not forwarded") from exc
 
     def _reserve(self, charges: Sequence[Charge], now: float) -> Shortfall | None:
+        ensured: dict[str, float] = {}
         with self._engine.connect() as conn:
             for index in sorted(range(len(charges)), key=lambda i: charges[i].key):
                 charge = charges[index]
                 if self._ensured.get(charge.key, 0.0) <= now:
                     self._ensure(conn, charge.key, 0, charge.expires_at, now)
                     stored = conn.execute(select(_T.c.expires_at).where(_T.c.key == charge.key)).scalar_one()
-                    if len(self._ensured) > MAX_ENSURED:
-                        self._ensured.clear()
-                    self._ensured[charge.key] = float(stored)
+                    ensured[charge.key] = float(stored)
                 result = conn.execute(
                     update(_T)
                     .where(
@@ -114,6 +113,10 @@ class SqlBudgetStore:
                 conn.execute(delete(_T).where(_T.c.expires_at < now))
                 self._ensured = {k: e for k, e in self._ensured.items() if e > now}
             conn.commit()
+        # Only once committed: before that, another connection may not see the row yet.
+        if len(self._ensured) > MAX_ENSURED:
+            self._ensured.clear()
+        self._ensured.update(ensured)
         return None
 
     async def reserve(self, charges: Sequence[Charge], now: float) -> Shortfall | None:
