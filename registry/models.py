@@ -261,6 +261,10 @@ class VirtualServerSpec(BaseModel):
     resources: list[str] = Field(default_factory=list)
     prefix: bool = True
 
+    def servers(self) -> set[str]:
+        """The names of the servers this virtual server selects from."""
+        return {selector.partition("/")[0] for selector in (*self.tools, *self.prompts, *self.resources)}
+
     @model_validator(mode="after")
     def _selectors(self) -> VirtualServerSpec:
         for selector in (*self.tools, *self.prompts, *self.resources):

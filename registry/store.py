@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from sqlalchemy import Engine
 from sqlmodel import Field, Session, SQLModel, select
 
+from agentgw.storage.owned_rows import put_owned, remove_owned, sync_owned
 from registry.models import McpServerRow, McpServerSpec, VirtualServerRow, VirtualServerSpec
 
 __all__ = ["RegistryConflict", "RegistryStore", "RegistryVersion"]
@@ -87,25 +88,13 @@ class RegistryStore:
             )
         per_caller = {s.name for s in servers if s.per_caller_credential}
         for vspec in virtual:
-            selected = {sel.partition("/")[0] for sel in (*vspec.tools, *vspec.prompts, *vspec.resources)}
+            selected = vspec.servers()
             if unknown := sorted(selected - {s.name for s in servers}):
                 raise RegistryConflict(f"virtual server {vspec.name!r} selects undeclared servers: {unknown}")
             _refuse_per_caller(vspec.name, selected & per_caller)
         with Session(self._engine) as session:
-            server_names = {s.name for s in servers}
-            for row in session.exec(select(McpServerRow).where(McpServerRow.source == "config")).all():
-                if row.name not in server_names:
-                    session.delete(row)
-            virtual_names = {v.name for v in virtual}
-            for vrow in session.exec(
-                select(VirtualServerRow).where(VirtualServerRow.source == "config")
-            ).all():
-                if vrow.name not in virtual_names:
-                    session.delete(vrow)
-            for spec in servers:
-                session.merge(McpServerRow(name=spec.name, spec=spec.model_dump(), source="config"))
-            for vspec in virtual:
-                session.merge(VirtualServerRow(name=vspec.name, spec=vspec.model_dump(), source="config"))
+            sync_owned(session, McpServerRow, {s.name: s.model_dump() for s in servers})
+            sync_owned(session, VirtualServerRow, {v.name: v.model_dump() for v in virtual})
             self._bump(session)
             session.commit()
         self.refresh(force=True)
@@ -120,19 +109,20 @@ class RegistryStore:
         with Session(self._engine) as session:
             if session.get(VirtualServerRow, spec.name) is not None:
                 raise RegistryConflict(f"{spec.name!r} is a virtual server: both are served at /mcp/<name>")
-            row = session.get(McpServerRow, spec.name)
-            if row is not None and row.source == "config":
-                raise RegistryConflict(f"server {spec.name!r} is declared in the config file; edit it there")
-            if row is not None and not replace:
-                raise RegistryConflict(f"server {spec.name!r} already exists")
             if spec.per_caller_credential:
                 for vrow in session.exec(select(VirtualServerRow)):
                     vspec = VirtualServerSpec.model_validate(vrow.spec)
-                    if spec.name in {
-                        sel.partition("/")[0] for sel in (*vspec.tools, *vspec.prompts, *vspec.resources)
-                    }:
+                    if spec.name in vspec.servers():
                         _refuse_per_caller(vspec.name, {spec.name})
-            session.merge(McpServerRow(name=spec.name, spec=spec.model_dump(), source="api"))
+            put_owned(
+                session,
+                McpServerRow,
+                spec.name,
+                spec.model_dump(),
+                replace=replace,
+                noun="server",
+                conflict=RegistryConflict,
+            )
             self._bump(session)
             session.commit()
         self.refresh(force=True)
@@ -144,12 +134,8 @@ class RegistryStore:
             RegistryConflict: the config file owns it.
         """
         with Session(self._engine) as session:
-            row = session.get(McpServerRow, name)
-            if row is None:
+            if not remove_owned(session, McpServerRow, name, noun="server", conflict=RegistryConflict):
                 return False
-            if row.source == "config":
-                raise RegistryConflict(f"server {name!r} is declared in the config file; edit it there")
-            session.delete(row)
             self._bump(session)
             session.commit()
         self.refresh(force=True)
@@ -165,31 +151,25 @@ class RegistryStore:
         with Session(self._engine) as session:
             if session.get(McpServerRow, spec.name) is not None:
                 raise RegistryConflict(f"{spec.name!r} is a server: both are served at /mcp/<name>")
-            unknown = sorted(
-                {sel.partition("/")[0] for sel in (*spec.tools, *spec.prompts, *spec.resources)}
-                - {r.name for r in session.exec(select(McpServerRow))}
-            )
-            if unknown:
+            selected = spec.servers()
+            rows = {r.name: r for r in session.exec(select(McpServerRow))}
+            if unknown := sorted(selected - rows.keys()):
                 raise RegistryConflict(
                     f"virtual server {spec.name!r} selects unknown servers: {', '.join(unknown)}"
                 )
-            selected = {sel.partition("/")[0] for sel in (*spec.tools, *spec.prompts, *spec.resources)}
-            _refuse_per_caller(
+            per_caller = {
+                n for n in selected if McpServerSpec.model_validate(rows[n].spec).per_caller_credential
+            }
+            _refuse_per_caller(spec.name, per_caller)
+            put_owned(
+                session,
+                VirtualServerRow,
                 spec.name,
-                {
-                    r.name
-                    for r in session.exec(select(McpServerRow))
-                    if r.name in selected and McpServerSpec.model_validate(r.spec).per_caller_credential
-                },
+                spec.model_dump(),
+                replace=replace,
+                noun="virtual server",
+                conflict=RegistryConflict,
             )
-            row = session.get(VirtualServerRow, spec.name)
-            if row is not None and row.source == "config":
-                raise RegistryConflict(
-                    f"virtual server {spec.name!r} is declared in the config file; edit it there"
-                )
-            if row is not None and not replace:
-                raise RegistryConflict(f"virtual server {spec.name!r} already exists")
-            session.merge(VirtualServerRow(name=spec.name, spec=spec.model_dump(), source="api"))
             self._bump(session)
             session.commit()
         self.refresh(force=True)
@@ -201,14 +181,10 @@ class RegistryStore:
             RegistryConflict: the config file owns it.
         """
         with Session(self._engine) as session:
-            row = session.get(VirtualServerRow, name)
-            if row is None:
+            if not remove_owned(
+                session, VirtualServerRow, name, noun="virtual server", conflict=RegistryConflict
+            ):
                 return False
-            if row.source == "config":
-                raise RegistryConflict(
-                    f"virtual server {name!r} is declared in the config file; edit it there"
-                )
-            session.delete(row)
             self._bump(session)
             session.commit()
         self.refresh(force=True)

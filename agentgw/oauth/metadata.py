@@ -42,9 +42,7 @@ def endpoint_scopes(registry: RegistryStore, endpoint: str) -> list[str] | None:
     if virtual is None:
         return None
     # A virtual server needs what each server it draws from needs.
-    servers = {
-        selector.partition("/")[0] for selector in (*virtual.tools, *virtual.prompts, *virtual.resources)
-    }
+    servers = virtual.servers()
     return sorted({s for server in servers if (spec := registry.server(server)) for s in spec.scopes})
 
 

@@ -17,6 +17,7 @@ from sqlalchemy import JSON, Column, Engine
 from sqlmodel import Field, Session, SQLModel, select
 
 from agentgw.filters.budget import BudgetRule
+from agentgw.storage.owned_rows import put_owned, remove_owned, sync_owned
 
 __all__ = ["BudgetRuleBook", "BudgetRuleConflict", "BudgetRuleRow", "BudgetRuleVersion"]
 
@@ -85,12 +86,7 @@ class BudgetRuleBook:
     def sync_config(self, rules: Sequence[BudgetRule]) -> None:
         """Make the config file's rules the truth for the rows it owns (and drop the ones it dropped)."""
         with Session(self._engine) as session:
-            names = {r.name for r in rules}
-            for row in session.exec(select(BudgetRuleRow).where(BudgetRuleRow.source == "config")).all():
-                if row.name not in names:
-                    session.delete(row)
-            for rule in rules:
-                session.merge(BudgetRuleRow(name=rule.name, spec=rule.model_dump(), source="config"))
+            sync_owned(session, BudgetRuleRow, {r.name: r.model_dump() for r in rules})
             self._bump(session)
             session.commit()
         self.refresh(force=True)
@@ -102,14 +98,15 @@ class BudgetRuleBook:
             BudgetRuleConflict: the config file owns the name, or it exists and `replace` is false.
         """
         with Session(self._engine) as session:
-            row = session.get(BudgetRuleRow, rule.name)
-            if row is not None and row.source == "config":
-                raise BudgetRuleConflict(
-                    f"budget {rule.name!r} is declared in the config file; edit it there"
-                )
-            if row is not None and not replace:
-                raise BudgetRuleConflict(f"budget {rule.name!r} already exists")
-            session.merge(BudgetRuleRow(name=rule.name, spec=rule.model_dump(), source="api"))
+            put_owned(
+                session,
+                BudgetRuleRow,
+                rule.name,
+                rule.model_dump(),
+                replace=replace,
+                noun="budget",
+                conflict=BudgetRuleConflict,
+            )
             self._bump(session)
             session.commit()
         self.refresh(force=True)
@@ -121,12 +118,8 @@ class BudgetRuleBook:
             BudgetRuleConflict: the config file owns it.
         """
         with Session(self._engine) as session:
-            row = session.get(BudgetRuleRow, name)
-            if row is None:
+            if not remove_owned(session, BudgetRuleRow, name, noun="budget", conflict=BudgetRuleConflict):
                 return False
-            if row.source == "config":
-                raise BudgetRuleConflict(f"budget {name!r} is declared in the config file; edit it there")
-            session.delete(row)
             self._bump(session)
             session.commit()
         self.refresh(force=True)
