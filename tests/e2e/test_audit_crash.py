@@ -11,13 +11,8 @@ from typing import Any
 import httpx
 
 from tests.support.gateway import run_gateway
+from tests.support.mcp import META, modern_headers
 
-MODERN = "2026-07-28"
-META = {
-    "io.modelcontextprotocol/protocolVersion": MODERN,
-    "io.modelcontextprotocol/clientCapabilities": {},
-    "io.modelcontextprotocol/clientInfo": {"name": "audit-test", "version": "1"},
-}
 POLICY = ["p, anonymous, mcp:modern/*, *, allow", "p, anonymous, admin:audit, read, allow"]
 WORKERS = 8
 KILL_AFTER = 80  # answered calls before the kill; the others are in flight when it lands
@@ -34,13 +29,7 @@ def config(upstream: str, **extra: Any) -> dict[str, Any]:
 
 async def read(http: httpx.AsyncClient, url: str, uri: str, msg_id: int) -> httpx.Response:
     body = {"jsonrpc": "2.0", "id": msg_id, "method": "resources/read", "params": {"uri": uri, "_meta": META}}
-    headers = {
-        "accept": "application/json, text/event-stream",
-        "mcp-protocol-version": MODERN,
-        "mcp-method": "resources/read",
-        "mcp-name": uri,
-    }
-    return await http.post(url, json=body, headers=headers)
+    return await http.post(url, json=body, headers=modern_headers("resources/read", uri))
 
 
 async def upstream_uris(upstream: str, prefix: str) -> set[str]:

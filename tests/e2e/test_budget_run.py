@@ -14,13 +14,8 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.mcp import META, MODERN, modern_headers
 
-MODERN = "2026-07-28"
-META = {
-    "io.modelcontextprotocol/protocolVersion": MODERN,
-    "io.modelcontextprotocol/clientCapabilities": {},
-    "io.modelcontextprotocol/clientInfo": {"name": "budget-test", "version": "1"},
-}
 BUDGETS = [
     {"name": "burst-run", "per": "run", "match": "burst-*", "calls": 10},
     {"name": "sdk-run", "per": "run", "match": "sdk-*", "calls": 2},
@@ -55,13 +50,7 @@ def gateway(
 
 def read_item(uri: str, msg_id: int) -> tuple[dict[str, Any], dict[str, str]]:
     body = {"jsonrpc": "2.0", "id": msg_id, "method": "resources/read", "params": {"uri": uri, "_meta": META}}
-    headers = {
-        "accept": "application/json, text/event-stream",
-        "mcp-protocol-version": MODERN,
-        "mcp-method": "resources/read",
-        "mcp-name": uri,
-    }
-    return body, headers
+    return body, modern_headers("resources/read", uri)
 
 
 async def upstream_uris(upstream: str, prefix: str) -> list[str]:

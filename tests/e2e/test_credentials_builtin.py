@@ -24,16 +24,10 @@ from agentgw.oauth.server import hash_secret, mint_token
 from conformance.fixtures import mcp_protected_upstream
 from conformance.fixtures.launch import FixtureProcess, free_port, start_process
 from tests.support.gateway import gateway_args, write_config
+from tests.support.mcp import META, MODERN, modern_headers
 
 CLIENT_SECRET = "gw-client-secret-4f9a1c"  # the gateway's own secret at its built-in server
 STATIC_KEY = "static-vault-key-77b2e0"
-MODERN = "2026-07-28"
-ACCEPT = "application/json, text/event-stream"
-META = {
-    "io.modelcontextprotocol/protocolVersion": MODERN,
-    "io.modelcontextprotocol/clientCapabilities": {},
-    "io.modelcontextprotocol/clientInfo": {"name": "e2e", "version": "1"},
-}
 
 
 @dataclass
@@ -122,9 +116,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
 
 def rpc(setup: Setup, server: str, token: str | None, method: str, params: dict[str, Any]) -> dict[str, Any]:
     """One 2026-07-28 request through the pass-through; the JSON-RPC answer (JSON or one SSE event)."""
-    headers = {"accept": ACCEPT, "mcp-protocol-version": MODERN, "mcp-method": method}
-    if method == "tools/call":
-        headers["mcp-name"] = params["name"]
+    headers = modern_headers(method, params["name"] if method == "tools/call" else None)
     if token:
         headers["authorization"] = f"Bearer {token}"
     body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": {**params, "_meta": META}}

@@ -23,15 +23,10 @@ from agentgw.oauth.exchange import ID_JAG_TOKEN_TYPE, JWT_BEARER, TOKEN_EXCHANGE
 from conformance.fixtures import mcp_protected_upstream, sts
 from conformance.fixtures.launch import FixtureProcess, free_port, start_process
 from tests.support.gateway import gateway_args, write_config
+from tests.support.mcp import META, modern_headers
 
 IDP_SECRET = "idp-client-secret-8c1d"
 AS_SECRET = "as-client-secret-2e7f"
-MODERN = "2026-07-28"
-META = {
-    "io.modelcontextprotocol/protocolVersion": MODERN,
-    "io.modelcontextprotocol/clientCapabilities": {},
-    "io.modelcontextprotocol/clientInfo": {"name": "e2e", "version": "1"},
-}
 
 
 @dataclass
@@ -179,13 +174,7 @@ def body(tool: str = "whoami", arguments: dict[str, Any] | None = None) -> dict[
 
 
 def headers(token: str, tool: str = "whoami") -> dict[str, str]:
-    return {
-        "accept": "application/json, text/event-stream",
-        "mcp-protocol-version": MODERN,
-        "mcp-method": "tools/call",
-        "mcp-name": tool,
-        "authorization": f"Bearer {token}",
-    }
+    return modern_headers("tools/call", tool) | {"authorization": f"Bearer {token}"}
 
 
 def answer_of(response: httpx.Response) -> dict[str, Any]:

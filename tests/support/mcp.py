@@ -1,0 +1,24 @@
+"""What a raw 2026-07-28 MCP request carries, for tests that speak JSON-RPC without the SDK."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["ACCEPT", "META", "MODERN", "modern_headers"]
+
+MODERN = "2026-07-28"
+ACCEPT = "application/json, text/event-stream"
+# The per-request `_meta` envelope every 2026-07-28 request must carry.
+META: dict[str, Any] = {
+    "io.modelcontextprotocol/protocolVersion": MODERN,
+    "io.modelcontextprotocol/clientCapabilities": {},
+    "io.modelcontextprotocol/clientInfo": {"name": "agentgw-tests", "version": "1"},
+}
+
+
+def modern_headers(method: str, name: str | None = None) -> dict[str, str]:
+    """The headers of a 2026-07-28 POST: version, method, and the name for name-bearing methods."""
+    headers = {"accept": ACCEPT, "mcp-protocol-version": MODERN, "mcp-method": method}
+    if name is not None:
+        headers["mcp-name"] = name
+    return headers
