@@ -19,12 +19,13 @@ from starlette.routing import Mount, Route
 
 from agentgw.admin.audit import audit_router
 from agentgw.admin.budgets import budgets_router
+from agentgw.admin.policies import policy_router
 from agentgw.call import Principal
 from agentgw.demo.upstream import demo_server
 from agentgw.errors import Forbidden, GatewayError
 from agentgw.filters.audit import Audit
 from agentgw.filters.authenticate import Authenticate
-from agentgw.filters.authorize import Authorize, CasbinAuthorizer, policy_router
+from agentgw.filters.authorize import Authorize, CasbinAuthorizer
 from agentgw.filters.budget import Budget, BudgetStore
 from agentgw.filters.credentials import Credentials, TokenService
 from agentgw.ingress.a2a import A2aIngress

@@ -90,6 +90,9 @@ class Call:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     principal: Principal | None = None
     upstream_authorization: str | None = field(default=None, repr=False)
+    # False when the ingress answers from the gateway's own copy (an A2A agent's public card):
+    # nothing reaches the upstream, so the credentials stage obtains nothing for it.
+    reaches_upstream: bool = True
     credential_mode: str | None = None
     upstream_actors: tuple[str, ...] = ()
     estimate: Usage = field(default_factory=Usage)

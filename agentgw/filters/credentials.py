@@ -86,8 +86,6 @@ log = logging.getLogger(__name__)
 # that lives less than twice this is replaced at half its life.
 EARLY_RENEWAL_S = 30.0
 MAX_CACHED_TOKENS = 10_000
-# The `Call.method` of a request for an A2A agent's public card (agentgw/ingress/a2a.py).
-A2A_PUBLIC_CARD = "GetAgentCard"
 
 
 class CredentialConfigError(ConfigError):
@@ -648,10 +646,9 @@ class Credentials:
         # Defence in depth: whatever an earlier stage did, the caller's credentials never go upstream.
         call.upstream_authorization = None
         lookup = {"mcp": self._servers, "a2a": self._agents}.get(call.protocol)
-        # An A2A agent's public card is answered from the gateway's copy: nothing goes to the agent, so
-        # nothing is obtained for it (and anonymous callers may read it even when the agent's mode is
-        # per caller).
-        if call.protocol == "a2a" and call.method == A2A_PUBLIC_CARD:
+        # A reply from the gateway's own copy needs no upstream credential (so anonymous callers may
+        # read an agent's public card even when the agent's mode is per caller).
+        if not call.reaches_upstream:
             lookup = None
         spec = lookup(call.upstream) if lookup is not None else None
         if spec is None:

@@ -995,6 +995,7 @@ class A2aIngress:
             resource=f"a2a:{spec.name}",
             upstream=spec.name,
             method="GetAgentCard",
+            reaches_upstream=False,  # served from the gateway's copy of the card
             credentials=request.headers.get("authorization"),
             endpoint=f"/a2a/{spec.name}",
             run_id=_run_id(request, None),

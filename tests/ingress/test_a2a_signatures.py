@@ -190,18 +190,19 @@ async def test_the_credentials_stage_serves_an_agents_token_mode_but_not_its_pub
         seen.append(call.upstream_authorization)
         return Reply()
 
-    def call(method: str, resource: str) -> Call:
+    def call(method: str, resource: str, *, reaches_upstream: bool = True) -> Call:
         return Call(
             protocol="a2a",
             action="send",
             resource=resource,
             upstream="echo",
             method=method,
+            reaches_upstream=reaches_upstream,
             upstream_authorization="Bearer the-callers-token",
         )
 
     await stage(call("SendMessage", "a2a:echo/echo"), terminal)
-    await stage(call("GetAgentCard", "a2a:echo"), terminal)
+    await stage(call("GetAgentCard", "a2a:echo", reaches_upstream=False), terminal)  # as the ingress sets it
     await stage(
         Call(protocol="mcp", action="call", resource="mcp:echo/x", upstream="echo", method="x"), terminal
     )
