@@ -131,6 +131,7 @@ def build_gateway(settings: Settings) -> Gateway:
         sessions,
         separator=settings.namespace_separator,
         list_timeout_s=settings.list_timeout_s,
+        page_size=settings.list_page_size,
         max_body_bytes=settings.max_body_bytes,
     )
     sessions.on_list_changed(bridge.on_list_changed)

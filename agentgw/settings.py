@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     # Per-upstream budget for a fan-out list on /mcp: a slow upstream drops out, it does not stall.
     list_timeout_s: float = 5.0
     namespace_separator: str = "__"
+    # Items per page of the merged catalog's lists (gateway-minted cursors).
+    list_page_size: int = Field(default=100, ge=1, le=1000)
     # Host names the gateway answers to (DNS-rebinding defence). Empty: loopback names, plus the host
     # of public_url; binding a non-loopback address without either answers any host (and warns).
     allowed_hosts: list[str] = Field(default_factory=list)
