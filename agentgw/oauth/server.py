@@ -549,7 +549,7 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
             if isinstance(error, InvalidTargetError):  # the client and redirect URI are verified by now
                 error.redirect_uri, error.state = grant.redirect_uri, oauth_request.payload.state
             if getattr(error, "redirect_uri", None):
-                return self.handle_error_response(oauth_request, error)  # type: ignore[no-any-return]
+                return self.handle_error_response(oauth_request, error)  # type: ignore[no-any-return]  # authlib is untyped
             return self._bad_request(error)
         if request.method == "GET":
             return self._login_page(oauth_request)
@@ -557,7 +557,7 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         user = self._users.get(str(form.get("username") or ""))
         if user is None or not check_password(str(form.get("password") or ""), user.password_hash):
             return self._login_page(oauth_request, "Unknown user or wrong password.", 401)
-        return self.create_authorization_response(oauth_request, grant_user=user, grant=grant)  # type: ignore[no-any-return]
+        return self.create_authorization_response(oauth_request, grant_user=user, grant=grant)  # type: ignore[no-any-return]  # authlib is untyped
 
     async def token(self, request: Request) -> Response:
         """The token endpoint."""
@@ -569,8 +569,8 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
             try:
                 oauth_request.exchange = await self._verify_exchange(oauth_request)
             except OAuth2Error as error:
-                return self.handle_error_response(oauth_request, error)  # type: ignore[no-any-return]
-        return self.create_token_response(oauth_request)  # type: ignore[no-any-return]
+                return self.handle_error_response(oauth_request, error)  # type: ignore[no-any-return]  # authlib is untyped
+        return self.create_token_response(oauth_request)  # type: ignore[no-any-return]  # authlib is untyped
 
     async def _inspect(self, token: str | None, token_type: str | None, what: str) -> _Verified:
         if not token:

@@ -43,7 +43,7 @@ class BudgetRuleVersion(SQLModel, table=True):
     version: int = 0
 
 
-_TABLES = [BudgetRuleRow.__table__, BudgetRuleVersion.__table__]  # type: ignore[attr-defined]
+_TABLES = [BudgetRuleRow.__table__, BudgetRuleVersion.__table__]  # type: ignore[attr-defined]  # SQLModel declares __table__ untyped
 
 
 class BudgetRuleBook:

@@ -405,7 +405,7 @@ class UpstreamSessions:
                     raise UpstreamError(f"upstream {server!r} is not connected")
                 # A TypeAdapter of a plain dict keeps the result raw; the SDK has already checked it
                 # against the negotiated era's schema before it gets here.
-                result: dict[str, Any] = await client.session.send_request(  # type: ignore[type-var]
+                result: dict[str, Any] = await client.session.send_request(  # type: ignore[type-var]  # raw dict, see above
                     request, _RAW, request_read_timeout_seconds=timeout, progress_callback=progress
                 )
                 return result
