@@ -12,8 +12,9 @@ from mcp.shared.exceptions import MCPError
 
 from agentgw.storage import make_engine
 from agentgw.storage.audit_log import create_audit_tables
-from tests.e2e.test_audit_crash import MODERN, config, read, upstream_uris
+from tests.e2e.test_audit_crash import config, read, upstream_uris
 from tests.support.gateway import run_gateway
+from tests.support.mcp import MODERN
 
 
 async def test_an_unwritable_audit_store_refuses_calls_with_a_clear_error(
