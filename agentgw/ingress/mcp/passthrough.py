@@ -17,8 +17,8 @@ from typing import Any, NoReturn
 
 import orjson
 from starlette.background import BackgroundTask
-from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from agentgw.call import Call, Reply
 from agentgw.errors import (
@@ -26,7 +26,7 @@ from agentgw.errors import (
     UpstreamError,
     UpstreamUnauthorized,
 )
-from agentgw.ingress.body import read_body
+from agentgw.ingress.body import read_body_asgi
 from agentgw.ingress.mcp.messages import LIST_KEYS, Message, classify, item_object, parse
 from agentgw.ingress.mcp.rendering import jsonrpc_error_response, run_id_of
 from agentgw.ingress.mcp.sessions import SessionStore
@@ -34,19 +34,19 @@ from agentgw.pipeline import Pipeline
 from agentgw.upstream.mcp import McpHttpUpstream, UpstreamResponse, forwarded_headers
 from registry.models import McpServerSpec
 
-__all__ = ["PassThrough"]
+__all__ = ["PassThrough", "header_map"]
 
 log = logging.getLogger(__name__)
 
 RESPONSE_HEADERS = ("content-type", "mcp-protocol-version", "cache-control")
 
 
-def _header_map(request: Request) -> dict[str, str]:
-    # Starlette's `Headers` decodes and scans the raw list on every lookup, and a pass-through POST
-    # looks up about fifteen names: one decoding pass is cheaper (16 -> 3 us; bench/RESULTS.md).
-    # The first value of a repeated header wins, as with `Headers.get`.
+def header_map(scope: Scope) -> dict[str, str]:
+    """The request's headers by lower-case name; the first value of a repeated header wins (as with
+    Starlette's `Headers.get`, which decodes and scans the raw list on every lookup: a pass-through
+    POST looks up about fifteen names, and one decoding pass is cheaper, 16 -> 3 us)."""
     out: dict[str, str] = {}
-    for name, value in request.scope["headers"]:
+    for name, value in scope["headers"]:
         out.setdefault(name.decode("latin-1"), value.decode("latin-1"))
     return out
 
@@ -87,16 +87,25 @@ class PassThrough:
         self._sessions = sessions
         self._max_body = max_body_bytes
 
-    async def handle(self, request: Request, spec: McpServerSpec) -> Response:
-        if request.method == "POST":
-            return await self._post(request, spec)
-        return await self._other(request, spec)
+    async def serve(
+        self, scope: Scope, receive: Receive, send: Send, spec: McpServerSpec, headers: Mapping[str, str]
+    ) -> None:
+        """Answer one request to `/mcp/<spec.name>`; `headers` are the request's, names lower-cased."""
+        if scope["method"] == "POST":
+            response = await self._post(receive, headers, spec)
+        else:
+            response = await self._other(scope["method"], headers, spec)
+        if isinstance(response, _Listing):
+            await _send_whole(send, response)
+        else:
+            await response(scope, receive, send)
 
     # --- POST: one JSON-RPC message ---
-    async def _post(self, request: Request, spec: McpServerSpec) -> Response:
+    async def _post(
+        self, receive: Receive, headers: Mapping[str, str], spec: McpServerSpec
+    ) -> Response | _Listing:
         try:
-            raw = await read_body(request, self._max_body)
-            headers = _header_map(request)
+            raw = await read_body_asgi(headers, receive, self._max_body)
             message = parse(raw, headers)
         except BadRequest as exc:
             return jsonrpc_error_response(None, exc)
@@ -182,42 +191,41 @@ class PassThrough:
         listing = [item_object(spec.name, kind, i) for i in items if isinstance(i, dict)]
         return Reply(payload=_Listing(response, body, kind, message.is_modern), listing=listing)
 
-    def _render(self, reply: Reply, spec: McpServerSpec) -> Response:
+    def _render(self, reply: Reply, spec: McpServerSpec) -> Response | _Listing:
         payload = reply.payload
         if isinstance(payload, _Listing):
-            body = payload.body
             if payload.kind is not None:
-                body = _rewrite(payload, set(reply.listing or ()), spec.name)
-            return Response(body, status_code=200, headers=_response_headers(payload.response))
+                payload.body = _rewrite(payload, set(reply.listing or ()), spec.name)
+            return payload
         assert isinstance(payload, UpstreamResponse)
         return _stream(payload)
 
     # --- GET (standalone SSE stream of a legacy session) and DELETE (end a session) ---
-    async def _other(self, request: Request, spec: McpServerSpec) -> Response:
+    async def _other(
+        self, method: str, incoming: Mapping[str, str], spec: McpServerSpec
+    ) -> Response | _Listing:
         assert spec.url is not None
         call = Call(
             protocol="mcp",
             action="session",
             resource=f"mcp:{spec.name}",
             upstream=spec.name,
-            method=f"HTTP {request.method}",
-            credentials=request.headers.get("authorization"),
+            method=f"HTTP {method}",
+            credentials=incoming.get("authorization"),
             endpoint=f"/mcp/{spec.name}",
-            session_id=request.headers.get("mcp-session-id"),
+            session_id=incoming.get("mcp-session-id"),
         )
         url = spec.url
 
         async def terminal(call: Call) -> Reply:
-            headers = await self._upstream_headers(call, request.headers, spec)
+            headers = await self._upstream_headers(call, incoming, spec)
             headers.pop("content-type", None)
-            if request.method == "GET":
+            if method == "GET":
                 headers["accept"] = "text/event-stream"
-            response = await self._upstream.send(
-                request.method, url, headers, None, spec.timeout_s, spec.name
-            )
+            response = await self._upstream.send(method, url, headers, None, spec.timeout_s, spec.name)
             if response.status_code == 401:
                 await _refused(response, spec.name)
-            if request.method == "DELETE" and call.session_id and response.status_code < 300:
+            if method == "DELETE" and call.session_id and response.status_code < 300:
                 await self._sessions.drop(call.session_id)
             if call.session_id and "mcp-session-id" in response.headers:
                 response.headers["mcp-session-id"] = call.session_id
@@ -278,6 +286,15 @@ def _rewrite(listing: _Listing, allowed: set[str], server: str) -> bytes:
         if lines:
             events.append(b"\n".join(lines))
     return b"\n\n".join(events) + b"\n\n"
+
+
+async def _send_whole(send: Send, listing: _Listing) -> None:
+    headers = [
+        (k.encode("latin-1"), v.encode("latin-1")) for k, v in _response_headers(listing.response).items()
+    ]
+    headers.append((b"content-length", str(len(listing.body)).encode("latin-1")))
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": listing.body})
 
 
 def _response_headers(response: UpstreamResponse) -> dict[str, str]:

@@ -7,22 +7,23 @@
 
 from __future__ import annotations
 
-from starlette.requests import Request
+from collections.abc import Mapping
+
 from starlette.types import Receive, Scope, Send
 
 from agentgw.errors import GatewayError, NotFound
 from agentgw.filters.authenticate import Authenticate
 from agentgw.ingress.mcp.bridge import Bridge, Endpoint
 from agentgw.ingress.mcp.messages import MODERN_VERSION
-from agentgw.ingress.mcp.passthrough import PassThrough
+from agentgw.ingress.mcp.passthrough import PassThrough, header_map
 from agentgw.ingress.mcp.rendering import jsonrpc_error_response
 from registry.store import RegistryStore
 
 __all__ = ["McpIngress"]
 
 
-def _modern(request: Request) -> bool:
-    version = request.headers.get("mcp-protocol-version", "").strip()
+def _modern(headers: Mapping[str, str]) -> bool:
+    version = headers.get("mcp-protocol-version", "").strip()
     return version >= MODERN_VERSION
 
 
@@ -38,8 +39,8 @@ class McpIngress:
         self._authenticate = authenticate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
-        name = request.path_params.get("server")
+        name: str | None = scope.get("path_params", {}).get("server")
+        headers = header_map(scope)
         try:
             if name is None:
                 endpoint = Endpoint.merged(self._registry.servers())
@@ -48,10 +49,9 @@ class McpIngress:
                 if (
                     spec is not None
                     and spec.transport == "streamable-http"
-                    and not (_modern(request) and self._bridge.speaks_only_legacy(spec.name))
+                    and not (_modern(headers) and self._bridge.speaks_only_legacy(spec.name))
                 ):
-                    response = await self._passthrough.handle(request, spec)
-                    await response(scope, receive, send)
+                    await self._passthrough.serve(scope, receive, send, spec, headers)
                     return
                 virtual = self._registry.virtual_server(name)
                 if spec is not None:
@@ -63,7 +63,7 @@ class McpIngress:
             # The SDK serves the bridged endpoints; refuse bad credentials before it sees the request,
             # so the OAuth challenge is an HTTP 401 whatever the message was.
             await self._authenticate.principal(
-                request.headers.get("authorization"), endpoint="/mcp" if name is None else f"/mcp/{name}"
+                headers.get("authorization"), endpoint="/mcp" if name is None else f"/mcp/{name}"
             )
         except GatewayError as exc:
             await jsonrpc_error_response(None, exc)(scope, receive, send)
