@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -39,6 +39,8 @@ __all__ = [
 ]
 
 MAX_CACHED_TOKENS = 10_000
+# Per cached token: how many endpoints' audience checks are remembered (the URL parsing is per call).
+MAX_ACCEPTED_RESOURCES = 32
 # Which key type each algorithm family must be verified with (no key confusion across families).
 _KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
 _EC_CURVES = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
@@ -142,6 +144,8 @@ class _Verified:
     audiences: tuple[str, ...]
     extra_audiences: frozenset[str]
     expires_at: float
+    # Resources the audience check already accepted for this token (a few gateway endpoints).
+    accepted: set[str] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -162,8 +166,12 @@ class JwtVerifier:
             Unavailable: the issuer's keys cannot be fetched at all.
         """
         verified = await self._verified(credential)
+        if resource in verified.accepted:
+            return verified.principal
         if not any(a in verified.extra_audiences or audience_covers(a, resource) for a in verified.audiences):
             raise Unauthenticated(f"the token is not meant for {resource}")
+        if len(verified.accepted) < MAX_ACCEPTED_RESOURCES:
+            verified.accepted.add(resource)
         return verified.principal
 
     async def inspect(self, credential: str) -> tuple[Principal, Mapping[str, Any]]:
@@ -234,8 +242,9 @@ class JwtVerifier:
         audiences = (aud,) if isinstance(aud, str) else tuple(a for a in aud or () if isinstance(a, str))
         if not audiences:
             raise Unauthenticated("the token has no audience")
+        principal = principal_from_claims(claims, trusted.role_claims)
         return _Verified(
-            principal_from_claims(claims, trusted.role_claims),
+            replace(principal, credential=token),
             claims,
             audiences,
             trusted.audiences,
@@ -346,14 +355,8 @@ class Authenticate:
         except Unauthenticated as exc:
             # Tokens and keys never appear in messages; the reason is safe to show.
             raise self._refuse(exc.message, path, "invalid_token") from exc
-        return Principal(
-            subject=principal.subject,
-            client_id=principal.client_id,
-            roles=principal.roles,
-            scopes=principal.scopes,
-            actors=principal.actors,
-            credential=token,
-        )
+        # Kept for token exchange, never logged or forwarded; a cached JWT's principal carries it.
+        return principal if principal.credential == token else replace(principal, credential=token)
 
     def _scopes(self, call: Call | None) -> list[str]:
         if call is None or self._required_scopes is None:
