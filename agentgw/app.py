@@ -304,7 +304,11 @@ def create_app(settings: Settings) -> GatewayApp:
         )
     )
     app.include_router(
-        audit_router(gateway.audit_log.engine, read_guard=_admin_guard(gateway, "audit", "read"))
+        audit_router(
+            gateway.audit_log.engine,
+            read_guard=_admin_guard(gateway, "audit", "read"),
+            flush=gateway.audit_log.flush,
+        )
     )
     app.include_router(
         policy_router(

@@ -8,6 +8,10 @@
     GET /admin/audit/verify   -> {"ok", "records", "chains", "problem"}: the hash chains checked
 
 Times are ISO 8601 (`2026-05-01T10:00:00Z`) or ages (`15m`, `2h`, `7d`).
+
+Every read first awaits the log's flush barrier (`SqlAuditLog.flush`): outcome records are queued
+without waiting for their commit (decision 0207), and an auditor who got a reply and then asks
+this gateway must find that call's outcome.
 """
 
 from __future__ import annotations
@@ -71,9 +75,23 @@ async def _read(work: Callable[[], Any]) -> Any:
         raise Unavailable("audit log unavailable") from exc
 
 
-def audit_router(engine: Engine, read_guard: Guard) -> APIRouter:
-    """Routes under /admin/audit (read-only: the log is append-only, also for administrators)."""
+def audit_router(
+    engine: Engine, read_guard: Guard, *, flush: Callable[[], Awaitable[None]] | None = None
+) -> APIRouter:
+    """Routes under /admin/audit (read-only: the log is append-only, also for administrators).
+
+    Args:
+        engine: the audit log's database.
+        read_guard: the dependency that admits auditors.
+        flush: awaited before every read, so that it sees every record this process queued before
+            the request (the gateway passes its `SqlAuditLog.flush`).
+    """
     router = APIRouter(prefix="/admin/audit", tags=["audit"])
+
+    async def flushed() -> None:
+        if flush is not None:
+            await flush()
+
     # Plain defaults, not Annotated aliases: under postponed annotations FastAPI cannot see a local alias.
     read = Depends(read_guard)
     chosen = Depends(_filters)
@@ -86,6 +104,7 @@ def audit_router(engine: Engine, read_guard: Guard) -> APIRouter:
         after: int | None = None,
         newest_first: bool = False,
     ) -> dict[str, Any]:
+        await flushed()
         rows = await _read(
             lambda: query(engine, filters, limit=limit, after_id=after, newest_first=newest_first)
         )
@@ -97,6 +116,8 @@ def audit_router(engine: Engine, read_guard: Guard) -> APIRouter:
         filters: AuditQuery = chosen,
         fmt: Annotated[Literal["jsonl", "otel"], Query(alias="format")] = "jsonl",
     ) -> StreamingResponse:
+        await flushed()
+
         async def lines() -> AsyncIterator[bytes]:
             after = 0
             while True:
@@ -111,6 +132,7 @@ def audit_router(engine: Engine, read_guard: Guard) -> APIRouter:
 
     @router.get("/verify")
     async def verify_log(_: Any = read) -> dict[str, Any]:
+        await flushed()
         report = await _read(lambda: verify(engine))
         return {
             "ok": report.ok,

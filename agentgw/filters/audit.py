@@ -5,9 +5,12 @@ Two records tell a forwarded call's story, both with its `request_id`:
   and before the terminal forwards the call. It must be durable first: a sink that cannot write
   raises `Unavailable` and the call is not forwarded (fail closed), so a crash can lose no record of
   a call the upstream saw.
-- `outcome`: written when the reply (or, for a stream, its end) or the error comes back.
+- `outcome`: queued (`AuditSink.submit`, not awaited) when the reply (or, for a stream, its end) or
+  the error comes back, so its commit adds nothing to the call's latency. The decision record
+  already proves the call was forwarded; an outcome still queued when the process dies is lost
+  (decision 0207). A record that cannot be written is logged.
 A call refused before admission (no credentials, policy, budget) gets one `decision` record with
-decision `denied` (or `error`), the reason and the message the caller saw.
+decision `denied` (or `error`), the reason and the message the caller saw; it is awaited.
 
 Arguments are never stored as sent: every record carries the SHA-256 digest of the canonical JSON
 arguments, and the decision record a copy redacted by `RedactionSettings` (values of secret-looking
@@ -20,6 +23,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -31,7 +35,7 @@ import anyio
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agentgw.call import Call, Reply, Usage
+from agentgw.call import Call, Principal, Reply, Usage
 from agentgw.errors import GatewayError, Unavailable
 from agentgw.filters.authorize import object_match
 from agentgw.pipeline import CallNext
@@ -67,6 +71,18 @@ BUILTIN_PATTERNS: dict[str, re.Pattern[str]] = {
         r"|(?i:\b(?:api[_-]?key|secret|token|password|passwd)\s*[:=]\s*)[^\s,;&\"']+"
     ),
     "email": re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"),
+}
+# For each built-in pattern, a cheap pattern that finds something in every string the built-in
+# matches: a string without it cannot match, so its substitution is skipped. Most strings have
+# none, and a substitution scans the whole string (the `api_key` one is slow). Each needle is a
+# literal taken from every alternative of its pattern, with the same case rule: `bearer` ignores
+# case as its pattern does; `api_key` has `k-` (sk-, pk-, rk-), `_` (gh?_, github_pat_), `glpat-`,
+# `xox`, `AKIA`, `AIza`, and the `[:=]` of its `name: value` form. Keep them in step.
+_NEEDLES: dict[str, re.Pattern[str]] = {
+    "bearer": re.compile(r"(?i)bearer"),
+    "jwt": re.compile(r"eyJ"),
+    "api_key": re.compile(r"k-|_|glpat-|xox|AKIA|AIza|(?i:[:=])"),
+    "email": re.compile(r"@"),
 }
 DEFAULT_SECRET_ARGUMENTS = [
     "*password*",
@@ -134,7 +150,10 @@ class AuditSettings(BaseModel):
     redact: RedactionSettings = Field(default_factory=RedactionSettings)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each of its 28 fields through object.__setattr__, which
+# makes building a record four times dearer (two records per call). Nothing changes a record
+# once built; the sink reads it once.
+@dataclass(slots=True)
 class AuditRecord:
     """One audit record as the stage produces it; the sink adds its place in the hash chain."""
 
@@ -169,21 +188,54 @@ class AuditRecord:
 
 
 class AuditSink(Protocol):
-    """Where records go. `write` returns once the record is durable.
+    """Where records go. `write` returns once the record is durable; `submit` does not wait."""
 
-    Raises:
-        Unavailable: the record could not be written (the caller must not forward the call).
-    """
+    async def write(self, record: AuditRecord) -> None:
+        """Store `record` and return once it is durable.
 
-    async def write(self, record: AuditRecord) -> None: ...
+        Raises:
+            Unavailable: the record could not be written (the caller must not forward the call).
+        """
+
+    def submit(self, record: AuditRecord) -> None:
+        """Queue `record` and return at once; the sink logs it if it cannot be written later.
+
+        Raises:
+            Unavailable: the sink takes no more records (it is closed).
+        """
 
 
 # --- pure pieces --------------------------------------------------------------------------------
 
 
+# The formatted second of the last timestamp: records come many per second, and datetime's
+# strftime is most of a timestamp's cost. One tuple, replaced whole, so threads may share it.
+_second: tuple[float, str] = (float("nan"), "")
+
+
 def timestamp(epoch: float) -> str:
-    """UTC time in one fixed-width format, so that string order is time order in every database."""
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """UTC time in one fixed-width format, so that string order is time order in every database.
+
+    The same string as `datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")`:
+    microseconds rounded half to even as `fromtimestamp` rounds them, carried into the second.
+
+    Raises:
+        ValueError: `epoch` is not a number, or its year is beyond 1 to 9999.
+        OverflowError: `epoch` is beyond the platform's `time_t`.
+    """
+    global _second
+    fraction, whole = math.modf(epoch)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole += 1.0
+        micros -= 1_000_000
+    elif micros < 0:
+        whole -= 1.0
+        micros += 1_000_000
+    second = _second
+    if second[0] != whole:
+        second = _second = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S."))
+    return f"{second[1]}{micros:06d}Z"
 
 
 def _canonical(value: Any) -> bytes:
@@ -200,19 +252,27 @@ def arguments_digest(arguments: Mapping[str, Any] | None) -> str | None:
 class _Redactor:
     def __init__(self, settings: RedactionSettings) -> None:
         self.settings = settings
-        self.names = [n.lower() for n in settings.arguments]
-        self.patterns: list[tuple[str, re.Pattern[str]]] = [
-            (name, BUILTIN_PATTERNS[name]) for name in BUILTIN_PATTERNS if name in settings.builtin
+        # One regex for every secret-name glob: the lowered name against the lowered globs, as
+        # `fnmatchcase` over each would (lowering both, rather than IGNORECASE, keeps its exact
+        # semantics for non-ASCII names). No globs: no name is secret.
+        globs = [fnmatch.translate(n.lower()) for n in settings.arguments]
+        self.secret_names = re.compile("|".join(globs)) if globs else None
+        # (pattern, replacement, needle): the substitution runs only where the needle is found.
+        self.patterns: list[tuple[re.Pattern[str], str, re.Pattern[str] | None]] = [
+            (pattern, f"[REDACTED:{name}]", _NEEDLES[name])
+            for name, pattern in BUILTIN_PATTERNS.items()
+            if name in settings.builtin
         ]
-        self.patterns += [("pattern", re.compile(p)) for p in settings.patterns]
+        self.patterns += [(re.compile(p), "[REDACTED:pattern]", None) for p in settings.patterns]
 
     def secret_name(self, name: str) -> bool:
-        lowered = name.lower()
-        return any(fnmatch.fnmatchcase(lowered, pattern) for pattern in self.names)
+        return self.secret_names is not None and self.secret_names.match(name.lower()) is not None
 
     def text(self, value: str) -> str:
-        for name, pattern in self.patterns:
-            value = pattern.sub(f"[REDACTED:{name}]", value)
+        for pattern, replacement, needle in self.patterns:
+            # Checked on the string as it is now: a replacement may add a needle (`:`) for the next.
+            if needle is None or needle.search(value) is not None:
+                value = pattern.sub(replacement, value)
         return value if len(value) <= MAX_STRING else value[:MAX_STRING] + "...[truncated]"
 
     def value(self, value: Any) -> Any:
@@ -250,6 +310,38 @@ def _verdict(exc: BaseException) -> Verdict:
 # --- the stage ----------------------------------------------------------------------------------
 
 
+@dataclass(slots=True)
+class _Caller:
+    """The fields a call's records share, computed once: the decision's are reused by the outcome."""
+
+    principal: Principal | None  # the objects they were computed from, to tell if the call changed
+    arguments: Mapping[str, Any] | None
+    subject: str | None
+    client_id: str | None
+    roles: tuple[str, ...]
+    scopes: tuple[str, ...]
+    actors: tuple[str, ...]
+    args_digest: str | None
+
+
+def _caller(call: Call, known: _Caller | None = None) -> _Caller:
+    principal, arguments = call.principal, call.arguments
+    if known is not None and known.principal is principal and known.arguments is arguments:
+        return known
+    if principal is None:
+        return _Caller(None, arguments, None, None, (), (), (), arguments_digest(arguments))
+    return _Caller(
+        principal,
+        arguments,
+        principal.subject,
+        principal.client_id,
+        principal.roles,
+        tuple(sorted(principal.scopes)),
+        principal.actors,
+        arguments_digest(arguments),
+    )
+
+
 class Audit:
     """Records every call; also the pipeline's admission hook (`admitted`), which must succeed."""
 
@@ -263,11 +355,15 @@ class Audit:
         self._sink = sink
         self._redactor = _Redactor(redaction or RedactionSettings())
         self._clock = clock
-        # request ids whose decision record is written; the outcome is recorded against them.
-        self._admitted: set[str] = set()
+        # Calls whose decision record is written, by request id: their outcome is recorded against
+        # it and reuses what the decision computed.
+        self._admitted: dict[str, _Caller] = {}
 
-    def _record(self, call: Call, event: Event, decision: Verdict, **fields: Any) -> AuditRecord:
-        principal = call.principal
+    def _record(
+        self, call: Call, caller: _Caller, event: Event, decision: Verdict, **fields: Any
+    ) -> AuditRecord:
+        # Everything else is read from the call each time: the terminal may still set some of it
+        # (an A2A task id as session, the LLM route that answered as upstream).
         return AuditRecord(
             time=timestamp(self._clock()),
             event=event,
@@ -280,15 +376,15 @@ class Audit:
             decision=decision,
             run_id=call.run_id,
             session_id=call.session_id,
-            subject=principal.subject if principal else None,
-            client_id=principal.client_id if principal else None,
-            roles=principal.roles if principal else (),
-            scopes=tuple(sorted(principal.scopes)) if principal else (),
-            actors=principal.actors if principal else (),
+            subject=caller.subject,
+            client_id=caller.client_id,
+            roles=caller.roles,
+            scopes=caller.scopes,
+            actors=caller.actors,
             credential_mode=call.credential_mode,
             upstream_actors=tuple(call.upstream_actors),
             rule=call.decided_by,
-            args_digest=arguments_digest(call.arguments),
+            args_digest=caller.args_digest,
             **fields,
         )
 
@@ -298,8 +394,13 @@ class Audit:
         Raises:
             Unavailable: the record could not be written; the call must not be forwarded.
         """
+        caller = _caller(call)
         record = self._record(
-            call, "decision", "allowed", arguments=self._redactor.arguments(call.arguments, call.resource)
+            call,
+            caller,
+            "decision",
+            "allowed",
+            arguments=self._redactor.arguments(call.arguments, call.resource),
         )
         try:
             await self._sink.write(record)
@@ -309,7 +410,7 @@ class Audit:
             raise Unavailable(
                 "audit log unavailable: the call cannot be recorded, so it was not forwarded"
             ) from exc
-        self._admitted.add(call.request_id)
+        self._admitted[call.request_id] = caller
 
     async def __call__(self, call: Call, call_next: CallNext) -> Reply:
         started = time.perf_counter()
@@ -319,24 +420,27 @@ class Audit:
             with anyio.CancelScope(shield=True):
                 await self._failed(call, exc, started)
             raise
-        if call.request_id not in self._admitted:
+        caller = self._admitted.pop(call.request_id, None)
+        if caller is None:
             # A stage answered without forwarding (nothing does yet): still one decision record.
-            await self._quietly(self._record(call, "decision", "allowed", status=reply.status))
+            await self._quietly(self._record(call, _caller(call), "decision", "allowed", status=reply.status))
             return reply
-        self._admitted.discard(call.request_id)
         if reply.streaming:
 
             async def settle(usage: Usage) -> None:
-                await self._quietly(self._outcome(call, reply.status, usage, started))
+                self._submit(self._outcome(call, caller, reply.status, usage, started))
 
             reply.on_settle(settle)
         else:
-            await self._quietly(self._outcome(call, reply.status, reply.usage, started))
+            self._submit(self._outcome(call, caller, reply.status, reply.usage, started))
         return reply
 
-    def _outcome(self, call: Call, status: str, usage: Usage | None, started: float) -> AuditRecord:
+    def _outcome(
+        self, call: Call, caller: _Caller, status: str, usage: Usage | None, started: float
+    ) -> AuditRecord:
         return self._record(
             call,
+            _caller(call, caller),
             "outcome",
             "allowed",
             status=status,
@@ -353,35 +457,57 @@ class Audit:
         )
         detail = exc.message if isinstance(exc, GatewayError) else None
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
-        if call.request_id in self._admitted:
-            self._admitted.discard(call.request_id)
-            record = self._record(
-                call, "outcome", "allowed", status=reason, reason=reason, detail=detail, latency_ms=latency_ms
+        caller = self._admitted.pop(call.request_id, None)
+        if caller is not None:
+            self._submit(
+                self._record(
+                    call,
+                    _caller(call, caller),
+                    "outcome",
+                    "allowed",
+                    status=reason,
+                    reason=reason,
+                    detail=detail,
+                    latency_ms=latency_ms,
+                )
             )
-        else:
-            record = self._record(
-                call,
-                "decision",
-                _verdict(exc),
-                status=reason,
-                reason=reason,
-                detail=detail,
-                latency_ms=latency_ms,
-                arguments=self._redactor.arguments(call.arguments, call.resource),
-            )
+            return
+        record = self._record(
+            call,
+            _caller(call),
+            "decision",
+            _verdict(exc),
+            status=reason,
+            reason=reason,
+            detail=detail,
+            latency_ms=latency_ms,
+            arguments=self._redactor.arguments(call.arguments, call.resource),
+        )
         await self._quietly(record)
 
     async def _quietly(self, record: AuditRecord) -> None:
-        # Outcomes and refusals: the call is already decided and its answer must reach the caller.
-        # The admitted-decision record, which gates forwarding, is written by `admitted` instead.
+        # Refusals: the call is already decided and its answer must reach the caller. The
+        # admitted-decision record, which gates forwarding, is written by `admitted` instead.
         try:
             await self._sink.write(record)
         except Exception:
-            log.error(
-                "audit record not written: %s %s %s %s",
-                record.event,
-                record.decision,
-                record.request_id,
-                record.resource,
-                exc_info=True,
-            )
+            _not_written(record)
+
+    def _submit(self, record: AuditRecord) -> None:
+        # Outcomes: the decision record already proves the call was forwarded, so the reply need
+        # not wait for this one's commit (decision 0207); the sink logs it if it fails later.
+        try:
+            self._sink.submit(record)
+        except Exception:
+            _not_written(record)
+
+
+def _not_written(record: AuditRecord) -> None:
+    log.error(
+        "audit record not written: %s %s %s %s",
+        record.event,
+        record.decision,
+        record.request_id,
+        record.resource,
+        exc_info=True,
+    )

@@ -8,12 +8,14 @@ own hash: SHA-256 over the canonical JSON of all its columns but `id` and `hash`
 as the records, so that removing the newest records is detected too; retention moves a chain's
 anchor (the last removed record) forward so that a pruned chain still verifies.
 
-Group commit: `SqlAuditLog.write` queues the record and waits; one writer thread takes everything
-queued (up to `batch_max`), inserts it in one transaction, commits (SQLite with
-`synchronous=NORMAL` by default, so a commit survives the process crashing; `FULL` with
-`audit.durability: power`, so it survives a power cut too), and wakes every waiter. A
-failed transaction fails every waiter of that batch with `Unavailable` and the chain does not
-advance.
+Group commit: `SqlAuditLog.write` queues the record and waits; `submit` queues it and returns (the
+outcome records: decision 0207). One writer thread takes everything queued (up to `batch_max`),
+inserts it in one transaction, commits (SQLite with `synchronous=NORMAL` by default, so a commit
+survives the process crashing; `FULL` with `audit.durability: power`, so it survives a power cut
+too), and wakes the waiters: one `call_soon_threadsafe` per event loop and batch. A failed
+transaction fails every waiter of that batch with `Unavailable`, logs every submitted record of it,
+and the chain does not advance. `flush` waits until everything queued before it is committed, so
+that a reader in the same process sees the submitted records; `close` commits everything queued.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
+from operator import attrgetter
 from typing import Any, Literal
 
 import orjson
@@ -46,6 +49,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    bindparam,
     delete,
     insert,
     select,
@@ -148,27 +152,44 @@ def record_hash(row: Mapping[Any, Any]) -> str:
     return hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+_FIELDS = tuple(f.name for f in fields(AuditRecord))
+_values = attrgetter(*_FIELDS)
+
+
 def _row(record: AuditRecord) -> dict[str, Any]:
-    row = asdict(record)
+    # Not `dataclasses.asdict`: it deep-copies every value, which made it most of a record's cost.
+    row = dict(zip(_FIELDS, _values(record), strict=True))
     for name in _LIST_COLUMNS:
-        row[name] = orjson.dumps(list(row[name])).decode()
+        row[name] = orjson.dumps(row[name]).decode()  # a tuple is a JSON array, as a list is
     return row
+
+
+# Built once: constructing a statement costs more than executing a cached one.
+_INSERT = insert(audit_log)
+_ADVANCE = (
+    update(audit_chain)
+    .where(audit_chain.c.chain == bindparam("of_chain"))
+    .values(head_seq=bindparam("to_seq"), head_hash=bindparam("to_hash"))
+)
 
 
 @dataclass(slots=True)
 class _Pending:
-    record: AuditRecord
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[None]
+    """A record to commit, or (no record) a flush barrier; with a `future` on `loop` when awaited."""
+
+    record: AuditRecord | None
+    loop: asyncio.AbstractEventLoop | None = None
+    future: asyncio.Future[None] | None = None
 
 
-def _wake(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():  # the waiter was cancelled; the record is written (or not) all the same
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
+def _wake(settled: Sequence[tuple[asyncio.Future[None], BaseException | None]]) -> None:
+    for future, error in settled:
+        if future.done():  # the waiter was cancelled; the record is written (or not) all the same
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
 
 
 class SqlAuditLog:
@@ -187,7 +208,9 @@ class SqlAuditLog:
         self._clock = clock
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
+        # Guards `_closed` and the queue's end: nothing is queued after close's stop marker, where
+        # the writer would never see it and its waiter would wait for ever.
+        self._lock = threading.Lock()
         self._head = (0, GENESIS)
         self._chain_written = False
         self._conn: Connection | None = None
@@ -208,31 +231,52 @@ class SqlAuditLog:
         Raises:
             Unavailable: the batch could not be committed, or the log is closed.
         """
-        if self._closed:
-            raise Unavailable("audit log unavailable: the gateway is shutting down")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        self._start()
-        self._queue.put(_Pending(record, loop, future))
+        future = asyncio.get_running_loop().create_future()
+        self._put(_Pending(record, future.get_loop(), future))
+        await future
+
+    def submit(self, record: AuditRecord) -> None:
+        """Queue `record` and return at once; if its batch cannot be committed, it is logged.
+
+        Raises:
+            Unavailable: the log is closed.
+        """
+        self._put(_Pending(record))
+
+    async def flush(self) -> None:
+        """Return once every record queued before this call is committed (or failed, and was logged).
+
+        Readers in this process await it first, so they see the records `submit` queued.
+        """
+        if self._thread is None:
+            return  # nothing was ever queued
+        future = asyncio.get_running_loop().create_future()
+        try:
+            self._put(_Pending(None, future.get_loop(), future))
+        except Unavailable:
+            return  # closing: close commits everything queued before it
         await future
 
     def close(self, timeout: float = 10.0) -> None:
         """Commit what is queued, then stop the writer thread."""
-        self._closed = True
+        with self._lock:
+            self._closed = True
+            if self._thread is not None:
+                self._queue.put(None)
         if self._thread is not None:
-            self._queue.put(None)
             self._thread.join(timeout)
         if self._conn is not None:
             self._conn.close()
             self._conn = None
 
-    def _start(self) -> None:
-        if self._thread is not None:
-            return
-        with self._start_lock:
+    def _put(self, pending: _Pending) -> None:
+        with self._lock:
+            if self._closed:
+                raise Unavailable("audit log unavailable: the gateway is shutting down")
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
                 self._thread.start()
+            self._queue.put(pending)
 
     # --- the writer thread ---
     def _run(self) -> None:
@@ -251,14 +295,35 @@ class SqlAuditLog:
                     stopping = True
                     break
                 batch.append(more)
-            error = self._commit([p.record for p in batch])
-            for pending in batch:
-                try:
-                    pending.loop.call_soon_threadsafe(_wake, pending.future, error)
-                except RuntimeError:  # that event loop is closed: nobody waits any more
-                    continue
+            records = [p.record for p in batch if p.record is not None]
+            error = self._commit(records) if records else None
+            self._settle(batch, error)
             if error is None and self._retention_days is not None:
                 self._maybe_prune()
+
+    def _settle(self, batch: Sequence[_Pending], error: Unavailable | None) -> None:
+        # One wake-up per event loop for the whole batch: each costs the loop a self-pipe write
+        # and a turn, and the GIL.
+        waiting: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], Unavailable | None]]] = {}
+        for pending in batch:
+            if pending.future is not None and pending.loop is not None:
+                # A flush barrier waits for the batch to be done, not for it to succeed.
+                outcome = error if pending.record is not None else None
+                waiting.setdefault(pending.loop, []).append((pending.future, outcome))
+            elif error is not None and pending.record is not None:
+                record = pending.record  # submitted: nobody waits to hear of the failure
+                log.error(
+                    "audit record not written: %s %s %s %s",
+                    record.event,
+                    record.decision,
+                    record.request_id,
+                    record.resource,
+                )
+        for loop, settled in waiting.items():
+            try:
+                loop.call_soon_threadsafe(_wake, settled)
+            except RuntimeError:  # that event loop is closed: nobody waits any more
+                continue
 
     def _connection(self) -> Connection:
         if self._conn is None:
@@ -301,12 +366,8 @@ class SqlAuditLog:
                             anchor_hash=GENESIS,
                         )
                     )
-                conn.execute(insert(audit_log), rows)
-                conn.execute(
-                    update(audit_chain)
-                    .where(audit_chain.c.chain == self.chain)
-                    .values(head_seq=seq, head_hash=prev)
-                )
+                conn.execute(_INSERT, rows)
+                conn.execute(_ADVANCE, {"of_chain": self.chain, "to_seq": seq, "to_hash": prev})
                 conn.commit()
             except BaseException:
                 conn.rollback()

@@ -2,16 +2,33 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import random
+import re
+import sqlite3
+from contextlib import closing
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from pydantic import ValidationError
 
 from agentgw.call import Call, Principal, Reply, Usage
 from agentgw.errors import BudgetExceeded, Forbidden, Unavailable, UpstreamError
-from agentgw.filters.audit import Audit, AuditRecord, RedactionSettings, arguments_digest, redact
+from agentgw.filters.audit import (
+    BUILTIN_PATTERNS,
+    DEFAULT_SECRET_ARGUMENTS,
+    MAX_STRING,
+    Audit,
+    AuditRecord,
+    RedactionSettings,
+    arguments_digest,
+    redact,
+    timestamp,
+)
 from agentgw.pipeline import CallNext, Pipeline, ordered
 from agentgw.storage import make_engine
 from agentgw.storage.audit_log import AuditQuery, SqlAuditLog, query
@@ -26,6 +43,9 @@ class MemorySink:
         self.fail = fail
 
     async def write(self, record: AuditRecord) -> None:
+        self.submit(record)
+
+    def submit(self, record: AuditRecord) -> None:
         if self.fail:
             raise Unavailable("audit log unavailable: the call cannot be recorded, so it was not forwarded")
         self.records.append(record)
@@ -137,6 +157,78 @@ def test_the_digest_is_of_the_arguments_as_sent_whatever_their_key_order() -> No
     assert first != arguments_digest({"a": "secreT", "b": 2})
     assert first is not None and first.startswith("sha256:") and len(first) == 7 + 64
     assert arguments_digest(None) is None
+
+
+def test_timestamps_are_datetimes_format_rounded_as_datetime_rounds() -> None:
+    edges = [0.0, 1.5, -0.5, -0.0000005, 1.0000005, 1.0000015, 1e9 + 0.9999995, 1e9 + 0.9999994999]
+    edges += [second + n * 0.5e-6 for second in (0.0, 1_767_268_800.0, -100.0) for n in range(-4, 5)]
+    moments = edges + [random.Random(8).uniform(-1e10, 1e10) for _ in range(20_000)]
+    for moment in moments:
+        expected = datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        assert timestamp(moment) == expected, moment
+    assert timestamp(1_767_268_800.9999996) == "2026-01-01T12:00:01.000000Z"  # carried into the second
+    with pytest.raises(OverflowError):
+        timestamp(float("inf"))
+
+
+def plain_redaction(text: str, settings: RedactionSettings) -> str:
+    """Every configured substitution, in order, on every string: what the redactor's shortcuts must equal."""
+    for name, pattern in BUILTIN_PATTERNS.items():
+        if name in settings.builtin:
+            text = pattern.sub(f"[REDACTED:{name}]", text)
+    for extra in settings.patterns:
+        text = re.sub(extra, "[REDACTED:pattern]", text)
+    return text if len(text) <= MAX_STRING else text[:MAX_STRING] + "...[truncated]"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        RedactionSettings(),
+        RedactionSettings(patterns=[r"\bACCT-\d+\b", "sk"]),
+        RedactionSettings(builtin=["jwt"]),
+    ],
+)
+def test_skipping_strings_without_a_needle_changes_no_redaction(settings: RedactionSettings) -> None:
+    # Letters the patterns look for, their other cases (also the non-ASCII ones that fold to ASCII
+    # under IGNORECASE), and the separators they need.
+    alphabet = "bearBEARkKsS-_:=@.eyJxoglpatAKIzhG \u0130\u0131\u017f\u212a" + "0123456789"
+    rng = random.Random(9)
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(60))) for _ in range(10_000)]
+    texts += [
+        "x@sk-aaaaaaaaaaaaaaaaaaaa.com",  # two patterns overlap: the first in order wins
+        "token: Bearer abc",  # a replacement brings the `:` a later pattern needs
+        f"BeArEr {JWT}",
+        "api_key=" + "s" * 2000,
+        "\u017fecret: hunter2",  # the long s folds to s under IGNORECASE
+        # one of each `api_key` alternative
+        "pk-abcdefghijklmnopqr",
+        "ghs_abcdefghijklmnopqrstuvwxyz",
+        "github_pat_abcdefghijklmnopqrstuv",
+        "glpat-abcdefghijklmnopqrstuv",
+        "xoxp-0123456789",
+        "AKIA0123456789ABCDEF",
+        "AIza" + "b" * 35,
+    ]
+    kept = json.loads(redact(dict(enumerate(texts)), "mcp:x/y", settings) or "")
+    for n, text in enumerate(texts):
+        assert kept[str(n)] == plain_redaction(text, settings), text
+    assert sum(kept[str(n)] != text for n, text in enumerate(texts)) >= 2  # the corpus does redact
+
+
+def test_secret_names_match_as_each_glob_would_on_the_lowered_name() -> None:
+    globs = [*DEFAULT_SECRET_ARGUMENTS, "[a-c]?", "*[!t]oken", "a[]b"]
+    rng = random.Random(10)
+    names = ["API_KEY", "x_Password_y", "Authorization", "cookies", "\u0130TOKEN", "\u017fecret", "ab", "a]b"]
+    letters = "abcoknet_-*[]?ASKPW\u0130"
+    names += ["".join(rng.choice(letters) for _ in range(rng.randrange(12))) for _ in range(5000)]
+    kept = json.loads(redact(dict.fromkeys(names, "v"), "mcp:x/y", RedactionSettings(arguments=globs)) or "")
+    for name in names:
+        secret = any(fnmatch.fnmatchcase(name.lower(), glob.lower()) for glob in globs)
+        assert (kept[name] == "[REDACTED]") == secret, name
+    assert json.loads(redact({"password": "v"}, "mcp:x/y", RedactionSettings(arguments=[])) or "") == {
+        "password": "v"
+    }
 
 
 # --- the stage -----------------------------------------------------------------------------------
@@ -257,6 +349,70 @@ async def test_a_failing_outcome_write_does_not_hide_the_answer() -> None:
     reply = await pipeline(audit).run(call(), terminal)
     assert reply.payload == "answer"
     assert [r.event for r in sink.records] == ["decision"]
+
+
+async def test_the_outcome_names_what_the_terminal_set_and_the_principal_it_ends_with() -> None:
+    sink = MemorySink()
+    bob = Principal(subject="user:bob")
+
+    async def terminal(c: Call) -> Reply:
+        c.session_id, c.upstream = "task-9", "github-eu"  # an A2A task id, the route that answered
+        return Reply()
+
+    await pipeline(Audit(sink)).run(call(), terminal)
+
+    async def switching(c: Call) -> Reply:
+        c.principal = bob
+        return Reply()
+
+    await pipeline(Audit(sink)).run(call(), switching)
+    decision, outcome, _, switched = sink.records
+    assert (decision.session_id, decision.upstream) == ("s-1", "github")
+    assert (outcome.session_id, outcome.upstream) == ("task-9", "github-eu")
+    assert outcome.args_digest == decision.args_digest and outcome.roles == decision.roles == ("role:dev",)
+    assert (switched.subject, switched.roles) == ("user:bob", ())
+
+
+async def test_the_reply_does_not_wait_for_the_outcome_to_be_committed_and_flush_does(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    engine = make_engine(f"sqlite:///{path}")
+    log = SqlAuditLog(engine)
+    with closing(sqlite3.connect(path, isolation_level=None)) as other:
+
+        async def terminal(c: Call) -> Reply:
+            other.execute("BEGIN IMMEDIATE")  # hold the write lock: no commit can land until ROLLBACK
+            return Reply(payload="answer")
+
+        with anyio.fail_after(2):  # the writer would wait 5 s (busy_timeout) for the lock
+            reply = await pipeline(Audit(log)).run(call(), terminal)
+        assert reply.payload == "answer"
+        assert [event for (event,) in other.execute("SELECT event FROM audit_log")] == ["decision"]
+        other.execute("ROLLBACK")
+        with anyio.fail_after(5):
+            await log.flush()
+        assert [event for (event,) in other.execute("SELECT event FROM audit_log ORDER BY id")] == [
+            "decision",
+            "outcome",
+        ]
+    log.close()
+    engine.dispose()
+
+
+async def test_an_outcome_the_closed_log_refuses_is_logged_and_the_answer_goes_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
+    log = SqlAuditLog(engine)
+
+    async def terminal(c: Call) -> Reply:
+        log.close()  # the gateway shuts down while the call is upstream
+        return Reply(payload="answer")
+
+    reply = await pipeline(Audit(log)).run(call(), terminal)
+    assert reply.payload == "answer"
+    assert "audit record not written: outcome allowed" in caplog.text
+    assert [r["event"] for r in query(engine, AuditQuery())] == ["decision"]
+    engine.dispose()
 
 
 async def test_records_reach_the_sql_log_and_an_unwritable_log_refuses_calls(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from sqlalchemy import Engine, delete, insert, select, update
 
@@ -15,6 +16,7 @@ from agentgw.errors import Unavailable
 from agentgw.filters.audit import AuditRecord, AuditSettings
 from agentgw.storage import make_engine
 from agentgw.storage.audit_log import (
+    GENESIS,
     AuditQuery,
     SqlAuditLog,
     audit_chain,
@@ -23,8 +25,10 @@ from agentgw.storage.audit_log import (
     parse_time,
     prune,
     query,
+    record_hash,
     verify,
 )
+from agentgw.storage.audit_log import _row as stored_row  # the exact bytes a record is hashed from
 
 BASE = AuditRecord(
     time="2026-01-01T12:00:00.000000Z",
@@ -43,6 +47,10 @@ BASE = AuditRecord(
     args_digest="sha256:" + "0" * 64,
     arguments='{"title":"x"}',
 )
+
+
+# Computed with the code before decision 0207 (dataclasses.asdict, lists dumped as lists).
+HASH_OF_RECORD_1 = "3dbc03a6e07d3591badc3e5b4cc7beb6606379ac9c3f291d33f897a24035ea80"
 
 
 def record(n: int, **changes: Any) -> AuditRecord:
@@ -190,10 +198,72 @@ async def test_an_unwritable_database_fails_every_waiter_and_the_chain_does_not_
 async def test_a_closed_log_refuses_records(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
     log = SqlAuditLog(engine)
+    log.submit(record(0))
     log.close()
     with pytest.raises(Unavailable, match="shutting down"):
         await log.write(record(1))
+    with pytest.raises(Unavailable, match="shutting down"):
+        log.submit(record(2))
+    with anyio.fail_after(1):
+        await log.flush()  # nothing can be queued any more: it has nothing to wait for
+    assert [r["request_id"] for r in query(engine, AuditQuery())] == ["r0"]  # close committed it
     engine.dispose()
+
+
+async def test_flush_returns_once_every_submitted_record_is_committed(engine: Engine) -> None:
+    log = SqlAuditLog(engine, AuditSettings(node_id="node", batch_max=7))
+    with anyio.fail_after(1):
+        await log.flush()  # nothing queued yet
+    for n in range(50):
+        log.submit(record(n))
+    with anyio.fail_after(10):
+        await log.flush()
+    assert [r["request_id"] for r in query(engine, AuditQuery())] == [f"r{n}" for n in range(50)]
+    assert verify(engine).ok
+    log.close()
+
+
+async def test_a_submitted_record_that_cannot_be_written_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "audit.db"
+    SqlAuditLog(make_engine(f"sqlite:///{path}")).close()  # the tables exist
+    engine = make_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
+    log = SqlAuditLog(engine)
+    log.submit(record(7, event="outcome"))
+    with anyio.fail_after(10):
+        await log.flush()
+    log.close()
+    engine.dispose()
+    assert "audit record not written: outcome allowed r7 mcp:github/create_issue" in caplog.text
+
+
+async def test_the_writer_wakes_each_event_loop_once_per_batch(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.get_running_loop()
+    wakes: list[Any] = []
+    call_soon_threadsafe = loop.call_soon_threadsafe
+
+    def counted(callback: Any, *args: Any) -> Any:
+        if callback.__module__ == SqlAuditLog.__module__:
+            wakes.append(args)
+        return call_soon_threadsafe(callback, *args)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+    log = SqlAuditLog(engine, AuditSettings(node_id="node"))
+    await write_all(log, [record(n) for n in range(100)])
+    log.close()
+    assert len(wakes) == log.commits < 100
+    assert sum(len(settled) for (settled,) in wakes) == 100
+
+
+def test_a_records_hash_is_the_same_as_ever() -> None:
+    # Pinned: the chain of every existing log depends on these bytes (columns, JSON, lists as arrays).
+    row = stored_row(record(1, roles=("role:a", "role:b"), latency_ms=1.5, tokens=3, cost=0.25))
+    row |= {"chain": "node:abc", "seq": 1, "prev_hash": GENESIS}
+    assert row["roles"] == '["role:a","role:b"]' and row["scopes"] == "[]"
+    assert record_hash(row) == HASH_OF_RECORD_1
 
 
 async def test_queries_filter_by_every_auditor_question(engine: Engine) -> None:
