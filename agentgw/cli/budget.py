@@ -36,7 +36,7 @@ def _budget(args: argparse.Namespace) -> int:
     from agentgw.errors import Unavailable
     from agentgw.filters.budget import BudgetRule, effective_budgets
     from agentgw.storage import make_engine
-    from agentgw.storage.budget_counters import budget_store
+    from agentgw.storage.budget_counters import budget_reader
     from agentgw.storage.budget_rules import BudgetRuleBook, BudgetRuleConflict
 
     settings = settings_from_args(args)
@@ -57,7 +57,7 @@ def _budget(args: argparse.Namespace) -> int:
     principal = Principal(subject=args.subject, client_id=args.client, roles=tuple(args.role))
 
     async def report() -> list[dict[str, object]]:
-        store = budget_store(settings.budgets, engine, settings.redis_url)
+        store = budget_reader(settings.budgets, engine, settings.redis_url)
         try:
             return await effective_budgets(
                 [r for r, _ in rules.values()], store, principal, args.run, time.time()

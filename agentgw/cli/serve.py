@@ -81,6 +81,14 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers > 1 and not getattr(settings, "redis_url", None):
         print("error: --workers > 1 needs redis_url (MCP sessions shared between workers)", file=sys.stderr)
         return 2
+    # A local budget ledger is one process's memory: each worker would count on its own.
+    if args.workers > 1 and settings.budgets.store == "local":
+        print(
+            "error: --workers > 1 needs budgets.store sql or redis: the local budget store counts in one "
+            "process only (redis: fastest across workers; sql: every reservation committed to the database)",
+            file=sys.stderr,
+        )
+        return 2
     _configure_logging(settings)
     base = settings.base_url
     if args.workers > 1:

@@ -1,8 +1,14 @@
-"""Budget counters behind the `BudgetStore` protocol: SQL (SQLite or PostgreSQL) and Redis.
+"""Budget counters behind the `BudgetStore` protocol: local (in memory), SQL (SQLite or PostgreSQL), Redis.
 
-Both reserve all of a call's charges or none, atomically across processes:
-- SQL: one transaction of conditional `UPDATE ... SET used = used + n WHERE used + n <= limit`
-  statements, taken in key order so that two transactions never wait on each other in a cycle.
+Each reserves all of a call's charges or none:
+- Local (the default): the counters live in this process's memory and are the truth; a
+  reservation is a few dict operations with no await between check and add, so it is atomic on the
+  event loop. A thread writes changed counters to the `budget_counter` table every `flush_s` and
+  at close, and they are loaded from it at start: a crash loses at most `flush_s` of counting. One
+  process owns the ledger of a database (a lease row); a ledger that cannot write refuses calls.
+- SQL: atomic across processes; one transaction of conditional
+  `UPDATE ... SET used = used + n WHERE used + n <= limit` statements, taken in key order so that
+  two transactions never wait on each other in a cycle.
   PostgreSQL re-checks the condition on the row a concurrent winner left; SQLite has one writer.
 - Redis: one Lua script checks every counter, then adds to every counter.
 A counter expires with its window (or, for runs, `run_ttl_s` after the run's first call); an
@@ -11,22 +17,36 @@ expired counter starts again from zero.
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 import threading
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio.to_thread
-from sqlalchemy import BigInteger, Connection, Engine, Float, String, delete, select, update
+from sqlalchemy import BigInteger, Connection, Engine, Float, Integer, String, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Field, SQLModel
 
 from agentgw.errors import Unavailable
-from agentgw.filters.budget import BudgetSettings, BudgetStore, Charge, Shortfall
+from agentgw.filters.budget import BudgetSettings, BudgetStore, Charge, Shortfall, admits
 from agentgw.settings import ConfigError
 
-__all__ = ["BudgetCounter", "RedisBudgetStore", "SqlBudgetStore", "budget_store"]
+__all__ = [
+    "BudgetCounter",
+    "BudgetLedgerLease",
+    "LocalBudgetStore",
+    "RedisBudgetStore",
+    "SqlBudgetStore",
+    "budget_reader",
+    "budget_store",
+]
+
+log = logging.getLogger(__name__)
 
 # Expired counters are deleted at most this often, by whichever reservation comes along.
 PRUNE_EVERY_S = 300.0
@@ -41,6 +61,22 @@ class BudgetCounter(SQLModel, table=True):
 
 
 _T = BudgetCounter.__table__  # type: ignore[attr-defined]  # SQLModel declares __table__ untyped
+
+
+class BudgetLedgerLease(SQLModel, table=True):
+    """Which process owns the local ledger of this database; renewed by every flush."""
+
+    __tablename__ = "budget_ledger_lease"
+
+    name: str = Field(primary_key=True, sa_type=String(64))
+    owner: str = Field(sa_type=String(64))  # a random id per store
+    host: str = Field(sa_type=String(256))  # host name and PID namespace, to recognise a dead owner
+    pid: int = Field(sa_type=Integer)
+    heartbeat: float = Field(sa_type=Float)  # the owner's wall clock at its last flush
+
+
+_L = BudgetLedgerLease.__table__  # type: ignore[attr-defined]  # SQLModel declares __table__ untyped
+LEDGER = "budget_counter"
 
 
 MAX_ENSURED = 100_000
@@ -185,6 +221,316 @@ class SqlBudgetStore:
         return None
 
 
+# A local ledger that has not saved its counters for this many flush intervals refuses calls; its
+# lease counts as abandoned after twice as long, so an owner that cannot write is already refusing
+# calls when another process takes over (with room for clock skew between hosts).
+FAIL_AFTER_FLUSHES = 5
+STALE_AFTER_FLUSHES = 10
+KEY_MAX = 512  # the `key` column's size
+_BIGINT = (-(2**63), 2**63 - 1)  # the `used` column's range
+
+
+class _Counter:
+    __slots__ = ("expires_at", "used")
+
+    def __init__(self, used: int, expires_at: float) -> None:
+        self.used = used
+        self.expires_at = expires_at
+
+
+class _LeaseLost(Exception):
+    pass
+
+
+def _this_host() -> str:
+    """The host name and PID namespace: a PID means the same process only within both."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return f"{socket.gethostname()} {namespace}".strip()
+
+
+# The owners of the ledgers open in this process. A lease that names this process's pid but another
+# owner was left by an earlier process with the same pid (a container's PID 1, restarted).
+_OPEN_OWNERS: set[str] = set()
+
+
+def _dead(owner: str, host: str, pid: int) -> bool:
+    """Whether a lease holder is known to be gone: a process of this host that no longer runs."""
+    if host != _this_host():
+        return False
+    if pid == os.getpid():
+        return owner not in _OPEN_OWNERS
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+class LocalBudgetStore:
+    """Counters in this process's memory, written behind to the gateway's SQL database (the default).
+
+    `reserve`, `adjust`, `started` and `used` never wait on I/O: each is a few dict operations under
+    a lock that only the flush thread's snapshot contends for. One process owns the ledger of a
+    database: the store takes a lease row at construction, renews it with every flush and releases
+    it at `aclose`. Expiry is judged by the callers' clock (`now`), as in the other stores.
+    """
+
+    def __init__(
+        self, engine: Engine, *, flush_s: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        """Take the ledger's lease, load the live counters and start the flush thread.
+
+        Raises:
+            ConfigError: another gateway process owns this database's ledger and is alive.
+            ValueError: the database is neither SQLite nor PostgreSQL.
+            SQLAlchemyError: the database cannot be reached.
+        """
+        dialect = engine.dialect.name
+        if dialect not in ("sqlite", "postgresql"):
+            raise ValueError(f"budget counters need SQLite or PostgreSQL, not {dialect}")
+        self._engine = engine
+        insert_of = sqlite.insert if dialect == "sqlite" else postgresql.insert
+        stmt = insert_of(_T)
+        self._upsert = stmt.on_conflict_do_update(
+            index_elements=[_T.c.key],
+            set_={"used": stmt.excluded.used, "expires_at": stmt.excluded.expires_at},
+        )
+        self._flush_s = flush_s
+        self._fail_after = FAIL_AFTER_FLUSHES * flush_s
+        self._clock = clock
+        self._owner = uuid.uuid4().hex
+        self._counters: dict[str, _Counter] = {}
+        self._dirty: set[str] = set()
+        # Guards `_counters` and `_dirty` between the event loop and the flush thread's snapshot.
+        self._lock = threading.Lock()
+        self._flushing = threading.Lock()  # one flush at a time: the thread's, or the last at close
+        self._now = 0.0  # the latest caller clock seen: expired counters are pruned by it
+        self._pruned_at = clock()
+        self._failing = False
+        self._lost = False
+        self._closed = False
+        SQLModel.metadata.create_all(engine, tables=[_T, _L])
+        self._claim()
+        _OPEN_OWNERS.add(self._owner)
+        self._flushed_at = clock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._flush_every, name="budget-ledger-flush", daemon=True)
+        self._thread.start()
+
+    # --- the lease and the load ---
+
+    def _claim(self) -> None:
+        host, pid, wall = _this_host(), os.getpid(), time.time()
+        try:
+            with self._engine.begin() as conn:
+                held = conn.execute(
+                    select(_L.c.owner, _L.c.host, _L.c.pid, _L.c.heartbeat).where(_L.c.name == LEDGER)
+                ).first()
+                mine = {"owner": self._owner, "host": host, "pid": pid, "heartbeat": wall}
+                if held is None:
+                    conn.execute(insert(_L).values(name=LEDGER, **mine))
+                else:
+                    age = wall - float(held.heartbeat)
+                    if age < STALE_AFTER_FLUSHES * self._flush_s and not _dead(
+                        held.owner, held.host, held.pid
+                    ):
+                        raise ConfigError(_held_message(held.host, held.pid, age, self._flush_s))
+                    taken = conn.execute(
+                        update(_L)
+                        .where(
+                            _L.c.name == LEDGER, _L.c.owner == held.owner, _L.c.heartbeat == held.heartbeat
+                        )
+                        .values(**mine)
+                    )
+                    if taken.rowcount != 1:
+                        raise ConfigError(
+                            "another gateway process took the budget ledger lease at the same time"
+                        )
+                rows = conn.execute(
+                    select(_T.c.key, _T.c.used, _T.c.expires_at).where(_T.c.expires_at > wall)
+                )
+                self._counters = {str(k): _Counter(int(u), float(e)) for k, u, e in rows}
+        except IntegrityError as exc:  # another process inserted the lease between our read and insert
+            raise ConfigError(
+                "another gateway process took the budget ledger lease at the same time"
+            ) from exc
+
+    # --- the counters (on the event loop) ---
+
+    def _admitting(self, keys: Sequence[str]) -> None:
+        # Fail closed: counting that cannot be saved, or a ledger another process owns now, admits nothing.
+        if self._lost or self._closed or self._clock() - self._flushed_at > self._fail_after:
+            raise Unavailable("budget store unavailable: the call was not forwarded")
+        for key in keys:
+            if len(key) > KEY_MAX:  # it could never be saved, and would fail every flush after it
+                raise Unavailable(
+                    f"budget counter key longer than {KEY_MAX} characters: the call was not forwarded"
+                )
+
+    async def reserve(self, charges: Sequence[Charge], now: float) -> Shortfall | None:
+        """Take every charge, or none.
+
+        Raises:
+            Unavailable: the counters have not been saved for too long, another process took over
+                the ledger, or a counter key is too long to be saved.
+        """
+        self._admitting([c.key for c in charges])
+        with self._lock:
+            counters = self._counters
+            for index, charge in enumerate(charges):
+                counter = counters.get(charge.key)
+                used = counter.used if counter is not None and counter.expires_at > now else 0
+                if not admits(used, charge.amount, charge.limit):
+                    return Shortfall(index, used)
+            for charge in charges:
+                counter = counters.get(charge.key)
+                if counter is None or counter.expires_at <= now:
+                    counters[charge.key] = _Counter(charge.amount, charge.expires_at)
+                else:
+                    counter.used += charge.amount
+                self._dirty.add(charge.key)
+            if now > self._now:
+                self._now = now
+        return None
+
+    async def adjust(self, deltas: Sequence[tuple[str, int]]) -> None:
+        """Add `delta` to each counter that still exists (never refused: it counts what happened)."""
+        with self._lock:
+            for key, delta in deltas:
+                counter = self._counters.get(key)
+                if counter is not None:
+                    counter.used += delta
+                    self._dirty.add(key)
+
+    async def started(self, key: str, now: float, expires_at: float) -> float:
+        """The first `now` recorded under `key` (millisecond precision).
+
+        Raises:
+            Unavailable: as for `reserve`.
+        """
+        self._admitting([key])
+        with self._lock:
+            counter = self._counters.get(key)
+            if counter is None or counter.expires_at <= now:
+                counter = self._counters[key] = _Counter(int(now * 1000), expires_at)
+                self._dirty.add(key)
+            if now > self._now:
+                self._now = now
+            return counter.used / 1000
+
+    async def used(self, keys: Sequence[str], now: float | None = None) -> dict[str, int]:
+        """Current values of the live counters among `keys` (absent: nothing used yet)."""
+        at = time.time() if now is None else now
+        with self._lock:
+            found = ((k, self._counters.get(k)) for k in keys)
+            return {k: c.used for k, c in found if c is not None and c.expires_at > at}
+
+    # --- write-behind (the flush thread) ---
+
+    def _flush_every(self) -> None:
+        while not self._stop.wait(self._flush_s):
+            self.flush()
+
+    def flush(self) -> bool:
+        """Write the changed counters, delete expired ones now and then, renew the lease (blocking).
+
+        Returns whether it succeeded; failures are logged and the changes kept for the next flush.
+        """
+        with self._flushing:
+            if self._lost:
+                return False
+            started, wall = self._clock(), time.time()
+            with self._lock:
+                dirty, self._dirty = self._dirty, set()
+                rows = [
+                    {"key": k, "used": min(max(c.used, _BIGINT[0]), _BIGINT[1]), "expires_at": c.expires_at}
+                    for k in dirty
+                    if (c := self._counters.get(k)) is not None
+                ]
+                prune = self._now if started - self._pruned_at >= PRUNE_EVERY_S else None
+                if prune is not None:
+                    self._counters = {k: c for k, c in self._counters.items() if c.expires_at > prune}
+            try:
+                with self._engine.begin() as conn:
+                    renewed = conn.execute(
+                        update(_L)
+                        .where(_L.c.name == LEDGER, _L.c.owner == self._owner)
+                        .values(heartbeat=wall)
+                    )
+                    if renewed.rowcount != 1:
+                        raise _LeaseLost
+                    if rows:
+                        conn.execute(self._upsert, rows)
+                    if prune is not None:
+                        conn.execute(delete(_T).where(_T.c.expires_at <= prune))
+            except _LeaseLost:
+                self._lost = True
+                log.error(
+                    "budget ledger: another gateway process took over this database's counters; "
+                    "this one refuses every budgeted call (restart it, or give budgets.store sql)"
+                )
+                return False
+            except Exception:  # whatever it is, the thread must live on to retry
+                with self._lock:
+                    self._dirty |= dirty
+                if not self._failing:
+                    self._failing = True
+                    log.warning(
+                        "budget ledger: saving counters failed; retrying every %gs, refusing budgeted "
+                        "calls once nothing was saved for %gs",
+                        self._flush_s,
+                        self._fail_after,
+                        exc_info=True,
+                    )
+                return False
+            if self._failing:
+                self._failing = False
+                log.warning("budget ledger: counters saved again")
+            self._flushed_at = started
+            if prune is not None:
+                self._pruned_at = started
+            return True
+
+    def _close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        if not self._lost:
+            self._save_and_release()
+        # Closed: a lease that still names it is dead to this process's next ledger.
+        _OPEN_OWNERS.discard(self._owner)
+
+    def _save_and_release(self) -> None:
+        if not self.flush():
+            log.error("budget ledger: the last %gs of counting could not be saved", self._flush_s)
+            return
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(delete(_L).where(_L.c.name == LEDGER, _L.c.owner == self._owner))
+        except SQLAlchemyError:
+            log.warning("budget ledger: releasing the lease failed; it expires by itself", exc_info=True)
+
+    async def aclose(self) -> None:
+        """Stop the flush thread, write the last changes and release the lease."""
+        if self._closed:
+            return
+        self._closed = True
+        await anyio.to_thread.run_sync(self._close)
+
+
+def _held_message(host: str, pid: int, age: float, flush_s: float) -> str:
+    return (
+        f"budgets.store is local and another gateway process (pid {pid} on {host.split()[0]}, last seen "
+        f"{age:.1f}s ago) owns the budget counters of this database: only one process may. Stop it, "
+        f"or choose budgets.store sql or redis for several processes; a crashed owner's lease is "
+        f"taken over after {STALE_AFTER_FLUSHES * flush_s:g}s."
+    )
+
+
 # KEYS: the counters; ARGV: amount, limit, ttl in ms for each. Returns {index, used} of the first
 # charge that does not fit (0-based), or {-1, 0} once every counter has been added to.
 _RESERVE = """
@@ -304,11 +650,30 @@ def budget_store(
     """The store `settings.store` names; Redis at `budgets.redis_url`, else the gateway's `redis_url`.
 
     Raises:
-        ConfigError: the Redis store is chosen but no Redis URL is set.
+        ConfigError: the Redis store is chosen but no Redis URL is set; or the local store is chosen
+            and another live process owns this database's ledger.
     """
     if settings.store == "redis":
         url = settings.redis_url or shared_redis_url
         if not url:
             raise ConfigError("budgets.store is redis: set budgets.redis_url or redis_url")
         return RedisBudgetStore(url, settings.redis_prefix)
+    if settings.store == "local":
+        return LocalBudgetStore(engine, flush_s=settings.flush_s)
     return SqlBudgetStore(engine)
+
+
+def budget_reader(
+    settings: BudgetSettings, engine: Engine, shared_redis_url: str | None = None
+) -> BudgetStore:
+    """A store for reading counters from another process (`agentgw budget show`).
+
+    A local ledger belongs to the gateway process; its counters are read from the table it writes
+    to (at most `flush_s` behind), without taking its lease.
+
+    Raises:
+        ConfigError: as for `budget_store`.
+    """
+    if settings.store == "local":
+        return SqlBudgetStore(engine)
+    return budget_store(settings, engine, shared_redis_url)

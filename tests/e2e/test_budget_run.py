@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,6 +14,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
+from conformance.fixtures.launch import FixtureStartError
 from tests.support.gateway import RunningGateway, run_gateway
 from tests.support.mcp import META, MODERN, modern_headers
 
@@ -23,7 +25,7 @@ BUDGETS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["sql", "redis"])
+@pytest.fixture(scope="module", params=["local", "sql", "redis"])
 def gateway(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, modern_upstream: str
 ) -> Iterator[RunningGateway]:
@@ -157,3 +159,36 @@ async def test_budgets_are_edited_through_the_admin_api_and_enforced_at_once(
         assert (await http.delete(f"/admin/budgets/{rule['name']}")).status_code == 204
         assert (await http.delete(f"/admin/budgets/{rule['name']}")).status_code == 404
         assert (await http.delete("/admin/budgets/burst-run")).status_code == 409
+
+
+def test_a_local_ledger_belongs_to_one_gateway_process_and_outlives_its_restart(
+    tmp_path: Path, modern_upstream: str
+) -> None:
+    config = {
+        "allow_anonymous": True,
+        "servers": [{"name": "modern", "url": f"{modern_upstream}/mcp"}],
+        "policy": {
+            "rules": ["p, anonymous, mcp:modern/*, *, allow", "p, anonymous, admin:budgets, read, allow"]
+        },
+        "budgets": {"rules": BUDGETS},  # the default store: local
+    }
+    database_url = f"sqlite:///{tmp_path / 'agentgw.db'}"
+    run = f"burst-{uuid.uuid4().hex[:8]}"
+    for name in ("first", "second", "again"):
+        (tmp_path / name).mkdir()
+    with run_gateway(tmp_path / "first", config, database_url=database_url) as first:
+        for n in range(3):
+            body, headers = read_item(f"fixture://items/{run}-{n}", n)
+            answer = httpx.post(first.mcp("modern"), json=body, headers=headers | {"agent-run-id": run})
+            assert "result" in answer.json()
+        with (
+            pytest.raises(FixtureStartError, match=r"owns the budget counters of this database") as refused,
+            run_gateway(tmp_path / "second", config, database_url=database_url),
+        ):
+            pass
+        assert "budgets.store sql or redis" in str(refused.value)
+    with run_gateway(tmp_path / "again", config, database_url=database_url) as again:
+        effective = httpx.get(
+            f"{again.url}/admin/budgets/effective", params={"subject": "anonymous", "run": run}
+        ).json()
+    assert [(e["budget"], e["used"]) for e in effective] == [("burst-run", 3)]

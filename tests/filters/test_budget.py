@@ -1,4 +1,5 @@
-"""The budget stage: pure planning, and reserve / settle / release through real stores (SQLite, Redis)."""
+"""The budget stage: pure planning, and reserve / settle / release through real stores (the local
+ledger, SQLite, Redis)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,12 @@ from agentgw.filters.budget import (
 )
 from agentgw.pipeline import CallNext
 from agentgw.storage import make_engine
-from agentgw.storage.budget_counters import RedisBudgetStore, SqlBudgetStore
+from agentgw.storage.budget_counters import (
+    FAIL_AFTER_FLUSHES,
+    LocalBudgetStore,
+    RedisBudgetStore,
+    SqlBudgetStore,
+)
 
 ALICE = Principal(subject="user:alice", client_id="ci-bot", roles=("role:dev", "role:ops"))
 NOON = 1_767_268_800.0  # 2026-01-01T12:00:00Z
@@ -66,10 +72,12 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["local", "sqlite", "redis"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BudgetStore]:
-    if request.param == "sqlite":
-        built: BudgetStore = SqlBudgetStore(make_engine(f"sqlite:///{tmp_path / 'budgets.db'}"))
+    if request.param == "local":
+        built: BudgetStore = LocalBudgetStore(make_engine(f"sqlite:///{tmp_path / 'budgets.db'}"))
+    elif request.param == "sqlite":
+        built = SqlBudgetStore(make_engine(f"sqlite:///{tmp_path / 'budgets.db'}"))
     else:
         built = RedisBudgetStore("redis://127.0.0.1:6379/0", f"agentgw-test:{uuid.uuid4().hex}:")
     yield built
@@ -176,6 +184,15 @@ def test_per_resource_budgets_count_each_tool_apart() -> None:
     first = plan([rule], call("mcp:github/a"), NOON, 60)[0]
     second = plan([rule], call("mcp:github/b"), NOON, 60)[0]
     assert first.key != second.key
+
+
+def test_counter_keys_keep_their_stored_form() -> None:
+    # Counters outlive a gateway version in the database: the key of a counter must not change.
+    rule = BudgetRule(name="a:b", per="subject", window="day", resource="mcp:x/*", per_resource=True, calls=1)
+    target = targets([rule], Principal(subject="user:a|b"), None, "mcp:x/y z", NOON)[0]
+    assert target.key("calls") == "a%3Ab|subject|user%3Aa%7Cb|1767225600|mcp%3Ax%2Fy%20z|calls"
+    run = targets([BudgetRule(name="r", calls=1)], None, "run/1", "mcp:x/y", NOON)[0]
+    assert run.key("tokens") == "r|run|run%2F1|run|tokens"
 
 
 def test_a_value_cannot_forge_another_counter_key() -> None:
@@ -345,3 +362,20 @@ async def test_an_unwritable_database_refuses_the_call(tmp_path: Path) -> None:
     with pytest.raises(Unavailable):
         await stage(call(), forwarding(forwarded))
     assert forwarded == []
+
+
+async def test_a_local_ledger_that_cannot_save_its_counters_refuses_the_call(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'budgets.db'}")
+    clock = Clock(0.0)
+    store = LocalBudgetStore(engine, flush_s=3600, clock=clock)  # the test flushes, not the thread
+    stage = Budget(store, StaticRules([BudgetRule(name="run", calls=10)]))
+    forwarded: list[Call] = []
+    await stage(call(), forwarding(forwarded))
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE budget_counter")
+    assert not await asyncio.to_thread(store.flush)
+    clock.now += FAIL_AFTER_FLUSHES * 3600 + 1
+    with pytest.raises(Unavailable, match="budget store unavailable"):
+        await stage(call(), forwarding(forwarded))
+    assert len(forwarded) == 1
+    await store.aclose()

@@ -1,4 +1,5 @@
-"""Budget counters: all-or-nothing reservations on SQLite, PostgreSQL and Redis, also across processes."""
+"""Budget counters: all-or-nothing reservations on SQLite, PostgreSQL and Redis, also across processes,
+and in the local ledger (in memory, written behind to SQLite)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from sqlalchemy import Engine
 from agentgw.call import Principal
 from agentgw.filters.budget import BudgetRule, BudgetStore, Charge, Shortfall, targets
 from agentgw.storage import make_engine
-from agentgw.storage.budget_counters import RedisBudgetStore, SqlBudgetStore
+from agentgw.storage.budget_counters import LocalBudgetStore, RedisBudgetStore, SqlBudgetStore
 
 NOW = 1_767_268_800.0
 REDIS = "redis://127.0.0.1:6379/0"
@@ -27,14 +28,25 @@ def charge(key: str, limit: int, amount: int = 1, expires_at: float = NOW + 60) 
     return Charge(key, amount, limit, expires_at, target, "calls")
 
 
-@pytest.fixture(params=["sqlite", "postgres", "redis"])
+def where_of(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database URL, or a Redis key prefix unique to the test."""
+    if kind in ("sqlite", "local"):
+        return f"sqlite:///{tmp_path / 'counters.db'}"
+    if kind == "postgres":
+        return str(request.getfixturevalue("postgres_url"))
+    return f"agentgw-test:{uuid.uuid4().hex}:"
+
+
+@pytest.fixture(params=["sqlite", "postgres", "redis", "local"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
-    """(kind, where): a database URL, or a Redis key prefix unique to the test."""
-    if request.param == "sqlite":
-        return "sqlite", f"sqlite:///{tmp_path / 'counters.db'}"
-    if request.param == "postgres":
-        return "postgres", request.getfixturevalue("postgres_url")
-    return "redis", f"agentgw-test:{uuid.uuid4().hex}:"
+    """(kind, where) for every store."""
+    return request.param, where_of(request.param, request, tmp_path)
+
+
+@pytest.fixture(params=["sqlite", "postgres", "redis"])
+def shared_backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
+    """(kind, where) for the stores that several processes share (a local ledger has one owner)."""
+    return request.param, where_of(request.param, request, tmp_path)
 
 
 ENGINES: list[Engine] = []
@@ -45,7 +57,7 @@ def open_store(kind: str, where: str) -> BudgetStore:
         return RedisBudgetStore(REDIS, where)
     engine = make_engine(where)
     ENGINES.append(engine)
-    return SqlBudgetStore(engine)
+    return LocalBudgetStore(engine) if kind == "local" else SqlBudgetStore(engine)
 
 
 @pytest.fixture(autouse=True)
@@ -99,17 +111,18 @@ async def test_adjustments_settle_and_release(store: BudgetStore) -> None:
     assert await store.used([k, gone], NOW) == {k: 32}
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
-async def test_an_expired_sql_counter_starts_again_from_zero(
+@pytest.mark.parametrize("kind", ["sqlite", "postgres", "local"])  # Redis expires keys by its own clock
+async def test_an_expired_counter_starts_again_from_zero(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    where = f"sqlite:///{tmp_path / 'c.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
-    store = open_store(kind, where)
+    store = open_store(kind, where_of(kind, request, tmp_path))
     k = key()
     assert await store.reserve([charge(k, 1, expires_at=NOW + 60)], NOW) is None
     assert await store.reserve([charge(k, 1, expires_at=NOW + 60)], NOW + 30) == Shortfall(0, 1)
+    assert await store.used([k], NOW + 60) == {}  # expired: absent
     assert await store.reserve([charge(k, 1, expires_at=NOW + 120)], NOW + 60) is None
     assert await store.used([k], NOW + 60) == {k: 1}
+    await store.aclose()
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
@@ -168,8 +181,8 @@ asyncio.run(main())
 """
 
 
-def test_two_processes_racing_for_a_limit_of_ten_take_exactly_ten(backend: tuple[str, str]) -> None:
-    kind, where = backend
+def test_two_processes_racing_for_a_limit_of_ten_take_exactly_ten(shared_backend: tuple[str, str]) -> None:
+    kind, where = shared_backend
     if kind != "redis":
         open_store(kind, where)  # the table exists before the race starts
     k = key()

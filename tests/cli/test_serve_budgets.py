@@ -1,0 +1,26 @@
+"""`agentgw serve --workers N` and the budget store: a local ledger counts in one process only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agentgw.cli import main
+
+
+def test_several_workers_with_the_local_budget_store_refuse_to_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("AGENTGW_CONFIG", raising=False)
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"database_url": f"sqlite:///{tmp_path / 'gw.db'}", "redis_url": "redis://127.0.0.1:6379/0"}
+        )
+    )
+    assert main(["serve", "--config", str(config), "--workers", "2"]) == 2
+    error = capsys.readouterr().err
+    assert "--workers > 1 needs budgets.store sql or redis" in error
+    assert not (tmp_path / "gw.db").exists()  # refused before anything was started
