@@ -53,7 +53,6 @@ from typing import Any, ClassVar, Literal, Protocol
 from urllib.parse import quote
 
 import anyio
-import httpx
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -79,6 +78,7 @@ from agentgw.ingress.body import read_body
 from agentgw.pipeline import Pipeline
 from agentgw.settings import ConfigError
 from agentgw.upstream.a2a import A2aHttpUpstream, forwarded_headers
+from agentgw.upstream.http import AnswerTooLarge, UpstreamResponse
 from registry.a2a import (
     A2aAgentSpec,
     A2aConfigError,
@@ -823,16 +823,17 @@ def _event_data(event: bytes) -> tuple[str, Any]:
 class _SseReader:
     """Splits an upstream SSE body into events as they arrive (an unterminated last event is dropped)."""
 
-    def __init__(self, response: httpx.Response) -> None:
-        self._chunks = response.aiter_bytes()
+    def __init__(self, response: UpstreamResponse) -> None:
+        self._chunks = response.aiter_raw()
         self._buffer = b""
         self._done = False
+        self.dropped = False  # the agent's connection broke (not: the agent said something wrong)
 
     async def next_event(self) -> bytes | None:
         """The next event block without its blank line, or None at the end of the stream.
 
         Raises:
-            httpx.HTTPError: the connection broke.
+            UpstreamError: the connection broke (`dropped` is then set).
             InvalidAgentResponse: one event larger than `MAX_EVENT_BYTES`.
         """
         while True:
@@ -849,6 +850,9 @@ class _SseReader:
             except StopAsyncIteration:
                 self._done = True
                 continue
+            except UpstreamError:
+                self.dropped = True
+                raise
             self._buffer += chunk
             if len(self._buffer) > MAX_EVENT_BYTES:
                 raise InvalidAgentResponse("the agent sent a stream event larger than the gateway accepts")
@@ -1157,18 +1161,14 @@ class A2aIngress:
                 call.session_id = task_id
 
     async def _unary(
-        self, call: Call, spec: A2aAgentSpec, a2a: A2aRequest, response: httpx.Response
+        self, call: Call, spec: A2aAgentSpec, a2a: A2aRequest, response: UpstreamResponse
     ) -> Reply:
         try:
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) > MAX_ANSWER_BYTES:
-                    raise InvalidAgentResponse(
-                        f"A2A agent {spec.name!r} answered more than the gateway accepts"
-                    )
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"A2A agent {spec.name!r} broke off its answer") from exc
+            body = await response.aread(MAX_ANSWER_BYTES)
+        except AnswerTooLarge as exc:
+            raise InvalidAgentResponse(
+                f"A2A agent {spec.name!r} answered more than the gateway accepts"
+            ) from exc
         finally:
             await response.aclose()
         status = response.status_code
@@ -1183,9 +1183,7 @@ class A2aIngress:
                     f"A2A agent {spec.name!r} answered HTTP {status} with something not a JSON-RPC response"
                 )
             if "error" in message:
-                return Reply(
-                    payload=_Answer(status, message, bytes(body), content_type), status="upstream_error"
-                )
+                return Reply(payload=_Answer(status, message, body, content_type), status="upstream_error")
             result = message["result"]
         else:
             if not isinstance(message, dict):
@@ -1194,10 +1192,10 @@ class A2aIngress:
                 )
             if not 200 <= status < 300:
                 return Reply(
-                    payload=_Answer(status, message, bytes(body), content_type), status=f"upstream_{status}"
+                    payload=_Answer(status, message, body, content_type), status=f"upstream_{status}"
                 )
             result = message
-        answer = _Answer(status, message, bytes(body), content_type)
+        answer = _Answer(status, message, body, content_type)
         kind = a2a.op.kind
         if kind in ("send", "subscribe"):
             await self._claim(call, spec, answer_task_ids(result))
@@ -1227,7 +1225,7 @@ class A2aIngress:
         return Reply(payload=answer)
 
     async def _start_relay(
-        self, call: Call, spec: A2aAgentSpec, a2a: A2aRequest, response: httpx.Response
+        self, call: Call, spec: A2aAgentSpec, a2a: A2aRequest, response: UpstreamResponse
     ) -> Reply:
         relay = _Relay(self, call, spec, a2a, response)
         try:
@@ -1238,8 +1236,6 @@ class A2aIngress:
                 raise UpstreamTimeout(
                     f"A2A agent {spec.name!r} sent no event within {spec.timeout_s:g}s"
                 ) from exc
-            except httpx.HTTPError as exc:
-                raise UpstreamError(f"A2A agent {spec.name!r} broke off the stream") from exc
             if first is None:
                 raise InvalidAgentResponse(f"A2A agent {spec.name!r} ended the stream without an event")
             await relay.learn(first)
@@ -1310,7 +1306,12 @@ class _Relay:
     """
 
     def __init__(
-        self, ingress: A2aIngress, call: Call, spec: A2aAgentSpec, a2a: A2aRequest, response: httpx.Response
+        self,
+        ingress: A2aIngress,
+        call: Call,
+        spec: A2aAgentSpec,
+        a2a: A2aRequest,
+        response: UpstreamResponse,
     ) -> None:
         self._ingress = ingress
         self._call = call
@@ -1367,11 +1368,9 @@ class _Relay:
                         f"A2A agent {name!r} ended the stream before the task reached a final state"
                     )
                 )
-        except httpx.HTTPError:
-            status = "upstream_dropped"
-            yield self._error_event(UpstreamError(f"A2A agent {name!r} broke off the stream"))
         except GatewayError as exc:
-            status = exc.reason
+            # The upstream client's message already names the agent ("A2A agent 'x' broke off the stream").
+            status = "upstream_dropped" if self.reader.dropped else exc.reason
             yield self._error_event(exc)
         except BaseException:
             status = "client_gone"

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import httpx
 import orjson
 
-from agentgw.errors import UpstreamError, UpstreamTimeout
+from agentgw.errors import UpstreamError
+from agentgw.upstream.http import HttpClient, UpstreamResponse
 
 __all__ = ["FORWARDED_REQUEST_HEADERS", "MAX_CARD_BYTES", "A2aHttpUpstream", "forwarded_headers"]
 
@@ -27,7 +27,7 @@ FORWARDED_REQUEST_HEADERS = (
     "agent-run-id",
 )
 MAX_CARD_BYTES = 1024 * 1024
-CONNECT_TIMEOUT_S = 5.0
+_CARD_HEADERS = {"accept": "application/json"}
 
 
 def forwarded_headers(incoming: Mapping[str, str]) -> dict[str, str]:
@@ -38,15 +38,11 @@ def forwarded_headers(incoming: Mapping[str, str]) -> dict[str, str]:
 class A2aHttpUpstream:
     """Sends requests to agents and fetches their cards, with transport errors mapped to `UpstreamError`."""
 
-    def __init__(self, client: httpx.AsyncClient | None = None) -> None:
-        self._client = client or httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
-            follow_redirects=False,
-            trust_env=False,
-        )
+    def __init__(self, http: HttpClient | None = None) -> None:
+        self._http = http or HttpClient()
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._http.aclose()
 
     async def send(
         self,
@@ -58,22 +54,22 @@ class A2aHttpUpstream:
         timeout_s: float,
         stream: bool,
         agent: str,
-    ) -> httpx.Response:
+    ) -> UpstreamResponse:
         """Send one request; the response comes back unread (read or stream it, then close it).
 
         Raises:
             UpstreamTimeout: no answer within `timeout_s`.
             UpstreamError: the agent cannot be reached.
         """
-        read = None if stream else timeout_s
-        timeout = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s), read=read)
-        request = self._client.build_request(method, url, headers=headers, content=body, timeout=timeout)
-        try:
-            return await self._client.send(request, stream=True)
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"A2A agent {agent!r} did not answer within {timeout_s:g}s") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"A2A agent {agent!r} is unreachable") from exc
+        return await self._http.send(
+            method,
+            url,
+            headers,
+            body,
+            timeout_s=timeout_s,
+            who=f"A2A agent {agent!r}",
+            read_timeout=not stream,
+        )
 
     async def fetch_card(self, url: str, timeout_s: float) -> object:
         """GET an agent card and parse it (at most `MAX_CARD_BYTES`).
@@ -82,26 +78,13 @@ class A2aHttpUpstream:
             UpstreamTimeout: no answer within `timeout_s`.
             UpstreamError: unreachable, not HTTP 200, too large, or not JSON.
         """
-        timeout = httpx.Timeout(timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s))
-        request = self._client.build_request(
-            "GET", url, headers={"accept": "application/json"}, timeout=timeout
-        )
+        response = await self._http.send("GET", url, _CARD_HEADERS, None, timeout_s=timeout_s, who=url)
         try:
-            response = await self._client.send(request, stream=True)
-            try:
-                if response.status_code != 200:
-                    raise UpstreamError(f"{url} answered HTTP {response.status_code}")
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > MAX_CARD_BYTES:
-                        raise UpstreamError(f"{url} answered more than {MAX_CARD_BYTES} bytes")
-            finally:
-                await response.aclose()
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"{url} did not answer within {timeout_s:g}s") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"{url} is unreachable") from exc
+            if response.status_code != 200:
+                raise UpstreamError(f"{url} answered HTTP {response.status_code}")
+            body = await response.aread(MAX_CARD_BYTES)
+        finally:
+            await response.aclose()
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError as exc:

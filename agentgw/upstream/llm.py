@@ -12,16 +12,18 @@ route's credential does.
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
+from urllib.parse import urlencode
 
 import anyio
-import httpx
 import orjson
 
-from agentgw.errors import CredentialError, UpstreamError, UpstreamTimeout
+from agentgw.errors import CredentialError, UpstreamError
+from agentgw.upstream.http import HttpClient, UpstreamResponse
 from registry.llm import ClientCredentials, LlmRoute, StaticCredential
 
 __all__ = ["LlmAnswer", "LlmProvider", "OpenAICompatible", "Operation"]
@@ -33,6 +35,12 @@ TOKEN_EARLY_RENEWAL_S = 30.0
 RELAYED_HEADERS = ("retry-after", "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens")
 # Provider statuses that say the route is misconfigured rather than the request bad.
 GATEWAY_SIDE_REFUSALS = frozenset({401, 403, 404})
+# A token endpoint's answer is a small JSON object; anything larger is not one.
+MAX_TOKEN_ANSWER_BYTES = 64 * 1024
+# One SSE line larger than this is not a chat chunk: the stream is refused rather than buffered on.
+MAX_LINE_BYTES = 8 * 1024 * 1024
+_JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
+_STREAM_HEADERS = {"content-type": "application/json", "accept": "text/event-stream"}
 
 
 async def _nothing() -> None:
@@ -84,17 +92,13 @@ class _Token:
 class OpenAICompatible:
     """An OpenAI-compatible HTTP API (OpenAI, Azure OpenAI's v1 API, vLLM, Ollama, LiteLLM, ...)."""
 
-    def __init__(self, client: httpx.AsyncClient | None = None) -> None:
-        self._client = client or httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
-            follow_redirects=False,
-            trust_env=False,
-        )
+    def __init__(self, http: HttpClient | None = None) -> None:
+        self._http = http or HttpClient()
         self._tokens: dict[str, _Token] = {}
         self._token_locks: dict[str, anyio.Lock] = {}
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._http.aclose()
 
     async def send(
         self, route: LlmRoute, operation: Operation, body: Mapping[str, Any], *, stream: bool
@@ -114,23 +118,20 @@ class OpenAICompatible:
                 **(options if isinstance(options, dict) else {}),
                 "include_usage": True,
             }
-        headers = {"content-type": "application/json", "accept": "application/json"}
-        if stream:
-            headers["accept"] = "text/event-stream"
+        headers = _STREAM_HEADERS if stream else _JSON_HEADERS
         authorization = await self._authorization(route)
         if authorization is not None:
-            headers["authorization"] = authorization
+            headers = {**headers, "authorization": authorization}
         url = f"{spec.base_url.rstrip('/')}/{operation}"
-        timeout = httpx.Timeout(spec.timeout_s, connect=spec.connect_timeout_s)
-        request = self._client.build_request(
-            "POST", url, headers=headers, content=orjson.dumps(payload), timeout=timeout
+        response = await self._http.send(
+            "POST",
+            url,
+            headers,
+            orjson.dumps(payload),
+            timeout_s=spec.timeout_s,
+            connect_s=spec.connect_timeout_s,
+            who=f"model {route.name!r}: the provider",
         )
-        try:
-            response = await self._client.send(request, stream=True)
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"model {route.name!r}: the provider did not answer in time") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"model {route.name!r}: the provider is unreachable") from exc
         relayed = {h: response.headers[h] for h in RELAYED_HEADERS if h in response.headers}
         content_type = response.headers.get("content-type", "")
         if response.status_code == 200 and stream and content_type.startswith("text/event-stream"):
@@ -143,10 +144,6 @@ class OpenAICompatible:
             return LlmAnswer(200, events=events, headers=relayed, close=close)
         try:
             raw = await response.aread()
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"model {route.name!r}: the provider did not answer in time") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamError(f"model {route.name!r}: the provider broke off its answer") from exc
         finally:
             await response.aclose()
         status = response.status_code
@@ -193,16 +190,30 @@ class OpenAICompatible:
         form = {"grant_type": "client_credentials"}
         if credential.scope:
             form["scope"] = credential.scope
+        # HTTP Basic with the client id and secret as they are (as httpx's `auth=(id, secret)` sent them).
+        basic = base64.b64encode(f"{credential.client_id}:{route.secret.reveal()}".encode()).decode()
+        headers = {
+            "content-type": "application/x-www-form-urlencoded",
+            "accept": "application/json",
+            "authorization": f"Basic {basic}",
+        }
         try:
-            response = await self._client.post(
+            response = await self._http.send(
+                "POST",
                 credential.token_url,
-                data=form,
-                auth=(credential.client_id, route.secret.reveal()),
-                timeout=httpx.Timeout(route.spec.timeout_s, connect=route.spec.connect_timeout_s),
+                headers,
+                urlencode(form).encode(),
+                timeout_s=route.spec.timeout_s,
+                connect_s=route.spec.connect_timeout_s,
+                who=f"model {route.name!r}: the token endpoint",
             )
-        except httpx.HTTPError as exc:
+            try:
+                raw = await response.aread(MAX_TOKEN_ANSWER_BYTES) if response.status_code == 200 else b""
+            finally:
+                await response.aclose()
+        except UpstreamError as exc:
             raise CredentialError(f"model {route.name!r}: the token endpoint is unreachable") from exc
-        answer = _json_object(response.content) if response.status_code == 200 else None
+        answer = _json_object(raw) if response.status_code == 200 else None
         value = answer.get("access_token") if answer else None
         if not isinstance(value, str) or not value:
             raise CredentialError(
@@ -221,32 +232,56 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-async def _events(response: httpx.Response, model: str) -> AsyncGenerator[dict[str, Any], None]:
+async def _lines(response: UpstreamResponse, model: str) -> AsyncGenerator[bytes, None]:
+    """The body's lines as they arrive, without their ends (`\\n`, `\\r\\n` or `\\r`, as SSE allows).
+
+    Raises:
+        UpstreamTimeout: the provider went silent for longer than the route's timeout.
+        UpstreamError: the connection broke, or one line is larger than `MAX_LINE_BYTES`.
+    """
+    pending = bytearray()  # grown in place: a long line in many small chunks is not copied each time
+    async for chunk in response.aiter_raw():
+        pending += chunk
+        if b"\n" not in chunk and b"\r" not in chunk:
+            if len(pending) > MAX_LINE_BYTES:
+                raise UpstreamError(
+                    f"model {model!r}: the provider streamed a line larger than the gateway accepts"
+                )
+            continue
+        lines = bytes(pending).splitlines(keepends=True)  # bytes split on \n, \r\n and \r only
+        # The last piece waits for more: it is unfinished, or a `\r` whose `\n` is in the next chunk.
+        pending = bytearray(lines.pop() if not lines[-1].endswith(b"\n") else b"")
+        for line in lines:
+            yield line.rstrip(b"\r\n")
+    if pending:
+        yield bytes(pending).rstrip(b"\r\n")
+
+
+async def _events(response: UpstreamResponse, model: str) -> AsyncGenerator[dict[str, Any], None]:
     """The SSE `data:` payloads of `response` as JSON objects, up to `[DONE]`.
 
     Raises:
         UpstreamTimeout: the provider went silent for longer than the route's timeout.
         UpstreamError: the connection broke, the stream ended without `[DONE]`, or a payload is not JSON.
     """
-    data: list[str] = []
+    data: list[bytes] = []
+    lines = _lines(response, model)
     try:
-        async for line in response.aiter_lines():
-            if line.startswith("data:"):
-                data.append(line[5:].removeprefix(" "))
+        async for line in lines:
+            if line.startswith(b"data:"):
+                data.append(line[5:].removeprefix(b" "))
                 continue
             if line or not data:
                 continue  # comments, `event:`/`id:` fields, keep-alives
-            text, data = "\n".join(data), []
-            if text.strip() == "[DONE]":
+            text, data = b"\n".join(data), []
+            if text.strip() == b"[DONE]":
                 return
-            event = _json_object(text.encode())
+            event = _json_object(text)
             if event is None:
                 raise UpstreamError(f"model {model!r}: the provider streamed something that is not JSON")
             yield event
-    except httpx.TimeoutException as exc:
-        raise UpstreamTimeout(f"model {model!r}: the provider stalled mid-stream") from exc
-    except httpx.HTTPError as exc:
-        raise UpstreamError(f"model {model!r}: the provider broke off the stream") from exc
-    if "\n".join(data).strip() == "[DONE]":  # a last event without its closing blank line
+    finally:
+        await lines.aclose()
+    if b"\n".join(data).strip() == b"[DONE]":  # a last event without its closing blank line
         return
     raise UpstreamError(f"model {model!r}: the provider ended the stream early")

@@ -10,9 +10,9 @@ tests run the same scenarios against a real gateway process.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import httpx
@@ -75,6 +75,7 @@ from agentgw.settings import PACKAGE_POLICIES
 from agentgw.upstream.a2a import A2aHttpUpstream
 from conformance.fixtures.a2a_agents import Recorder, build_server
 from registry.a2a import A2aAgentSpec, A2aRegistry
+from tests.support.servers import Answer, LocalServer, Received, Scripted, unused_url
 
 GW = "http://gw.test"
 POLICY = [
@@ -511,46 +512,21 @@ class Settles:
         return reply
 
 
-class Script(httpx.AsyncByteStream):
-    """An upstream SSE body: `events`, then `end` (`end`: clean end, `drop`: broken, `hang`: silence)."""
-
-    def __init__(self, events: list[bytes], end: str) -> None:
-        self.events, self.end = events, end
-        self.closed = anyio.Event()
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for event in self.events:
-            yield event
-        if self.end == "drop":
-            raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
-        if self.end == "hang":
-            await anyio.sleep_forever()
-
-    async def aclose(self) -> None:
-        self.closed.set()
+def sse_answer(events: list[bytes], end: Literal["end", "drop", "hang"]) -> Answer:
+    """The scripted agent's SSE answer: `events`, then `end` (`end`: clean end, `drop`: the connection
+    breaks, `hang`: silence until the gateway goes away); its `closed` is set once the agent is done."""
+    return Answer(200, events, {"content-type": "text/event-stream"}, end)
 
 
-class Hosts(httpx.AsyncBaseTransport):
-    """Routes upstream requests by host to in-process apps; any other host is unreachable."""
-
-    def __init__(self, transports: dict[str, httpx.AsyncBaseTransport]) -> None:
-        self.transports = transports
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        transport = self.transports.get(request.url.host)
-        if transport is None:
-            raise httpx.ConnectError("connection refused", request=request)
-        return await transport.handle_async_request(request)
-
-
-SCRIPTED_CARD = {
-    "name": "scripted",
-    "supportedInterfaces": [
-        {"url": "http://scripted.test", "protocolBinding": "JSONRPC", "protocolVersion": "1.0"},
-        {"url": "http://scripted.test", "protocolBinding": "HTTP+JSON", "protocolVersion": "1.0"},
-    ],
-    "skills": [{"id": "s", "name": "s", "tags": []}],
-}
+def scripted_card(url: str) -> dict[str, Any]:
+    return {
+        "name": "scripted",
+        "supportedInterfaces": [
+            {"url": url, "protocolBinding": "JSONRPC", "protocolVersion": "1.0"},
+            {"url": url, "protocolBinding": "HTTP+JSON", "protocolVersion": "1.0"},
+        ],
+        "skills": [{"id": "s", "name": "s", "tags": []}],
+    }
 
 
 @dataclass
@@ -560,8 +536,8 @@ class Gateway:
     echo: Recorder
     calls: Calls
     settles: Settles
-    scripts: list[Script]
-    scripted_requests: list[httpx.Request]
+    scripts: list[Answer]
+    scripted_requests: list[Received]
 
     def http(self, user: str | None = "alice") -> httpx.AsyncClient:
         headers = {"authorization": f"Bearer {user}"} if user else {}
@@ -584,30 +560,24 @@ class Gateway:
 
 
 @pytest.fixture
-def gateway(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gateway]:
+async def gateway(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Gateway]:
+    """The ingress (in-process) in front of two agents on 127.0.0.1: the echo fixture agent, and a
+    scripted one whose SSE answers a test queues in `scripts`."""
     monkeypatch.setenv("A2A_TEST_SECRET", "s3cret")
-    echo = build_server(["echo"], "http://echo.test")
-    scripts: list[Script] = []
-    scripted_requests: list[httpx.Request] = []
-
-    async def scripted(request: httpx.Request) -> httpx.Response:
-        scripted_requests.append(request)
-        script = scripts.pop(0)
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=script)
-
-    transport = Hosts(
-        {"echo.test": httpx.ASGITransport(echo), "scripted.test": httpx.MockTransport(scripted)}
-    )
-    upstream = A2aHttpUpstream(httpx.AsyncClient(transport=transport))
-    card = "http://echo.test/echo/.well-known/agent-card.json"
+    echo_server, scripted_server = LocalServer(), LocalServer()
+    echo = build_server(["echo"], echo_server.url)
+    scripts: list[Answer] = []
+    scripted = Scripted(lambda _: scripts.pop(0))
+    upstream = A2aHttpUpstream()
+    card = f"{echo_server.url}/echo/.well-known/agent-card.json"
     agents = [
         A2aAgentSpec(name="echo", card_url=card),
         A2aAgentSpec(name="plain", card_url=card, default_skill="shout"),
         A2aAgentSpec(name="keyed", card_url=card, credential={"mode": "static", "env": "A2A_TEST_SECRET"}),
-        A2aAgentSpec(name="scripted", card=SCRIPTED_CARD, timeout_s=5),
-        A2aAgentSpec(name="broken", card_url="http://echo.test/_fixture/card-500"),
-        A2aAgentSpec(name="garbage", card_url="http://echo.test/_fixture/card-garbage"),
-        A2aAgentSpec(name="down", card_url="http://down.test/.well-known/agent-card.json"),
+        A2aAgentSpec(name="scripted", card=scripted_card(scripted_server.url), timeout_s=5),
+        A2aAgentSpec(name="broken", card_url=f"{echo_server.url}/_fixture/card-500"),
+        A2aAgentSpec(name="garbage", card_url=f"{echo_server.url}/_fixture/card-garbage"),
+        A2aAgentSpec(name="down", card_url=f"{unused_url()}/.well-known/agent-card.json"),
     ]
     registry = A2aRegistry(agents, upstream.fetch_card)
     calls, settles = Calls(), Settles()
@@ -628,9 +598,13 @@ def gateway(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gateway]:
         security=CardSecurity.bearer(required=False),
         max_body_bytes=64 * 1024,
     )
-    yield Gateway(
-        Starlette(routes=ingress.routes()), ingress, echo, calls, settles, scripts, scripted_requests
-    )
+    async with echo_server.serve(echo), scripted_server.serve(scripted):
+        try:
+            yield Gateway(
+                Starlette(routes=ingress.routes()), ingress, echo, calls, settles, scripts, scripted.received
+            )
+        finally:
+            await ingress.aclose()
 
 
 def hello(skill: str | None = None, **message: Any) -> SendMessageRequest:
@@ -959,7 +933,7 @@ def sse_data(text: str) -> list[tuple[str, Any]]:
 async def test_a_stream_is_relayed_event_by_event_and_its_tasks_become_the_callers(gateway: Gateway) -> None:
     # One event split across chunks, CRLF line ends: the relay must reassemble, not forward bytes blindly.
     first, second = events(rpc_event(WORKING), rpc_event(DONE))
-    gateway.scripts.append(Script([first[:10], first[10:], second.replace(b"\n", b"\r\n")], "end"))
+    gateway.scripts.append(sse_answer([first[:10], first[10:], second.replace(b"\n", b"\r\n")], "end"))
     response = await gateway.http("alice").post(
         "/a2a/scripted", json=STREAM_BODY, headers={"a2a-version": "1.0"}
     )
@@ -977,7 +951,7 @@ async def test_a_stream_is_relayed_event_by_event_and_its_tasks_become_the_calle
 async def test_an_agent_that_drops_the_stream_midway_ends_it_with_an_error_and_is_closed(
     gateway: Gateway,
 ) -> None:
-    script = Script(events(rpc_event(WORKING)), "drop")
+    script = sse_answer(events(rpc_event(WORKING)), "drop")
     gateway.scripts.append(script)
     response = await gateway.http("alice").post(
         "/a2a/scripted", json=STREAM_BODY, headers={"a2a-version": "1.0"}
@@ -993,7 +967,7 @@ async def test_an_agent_that_drops_the_stream_midway_ends_it_with_an_error_and_i
 
 async def test_a_stream_that_ends_before_a_final_event_ends_with_an_error(gateway: Gateway) -> None:
     rest_working = WORKING
-    gateway.scripts.append(Script(events(rest_working), "end"))
+    gateway.scripts.append(sse_answer(events(rest_working), "end"))
     response = await gateway.http("alice").post(
         "/a2a/scripted/message:stream", json=STREAM_BODY["params"], headers={"a2a-version": "1.0"}
     )
@@ -1007,7 +981,7 @@ async def test_a_stream_that_ends_before_a_final_event_ends_with_an_error(gatewa
 async def test_an_agent_whose_stream_breaks_before_its_first_event_is_an_error_answer(
     gateway: Gateway,
 ) -> None:
-    script = Script([], "drop")
+    script = sse_answer([], "drop")
     gateway.scripts.append(script)
     response = await gateway.http("alice").post(
         "/a2a/scripted", json=STREAM_BODY, headers={"a2a-version": "1.0"}
@@ -1020,7 +994,7 @@ async def test_an_agent_whose_stream_breaks_before_its_first_event_is_an_error_a
 
 async def test_a_stream_naming_another_callers_task_is_cut(gateway: Gateway) -> None:
     await gateway.ingress._owners.claim("scripted", "s1", "user:bob")
-    script = Script(
+    script = sse_answer(
         events(
             rpc_event({"task": {"id": "mine", "status": {"state": "TASK_STATE_WORKING"}}}), rpc_event(DONE)
         ),
@@ -1037,7 +1011,7 @@ async def test_a_stream_naming_another_callers_task_is_cut(gateway: Gateway) -> 
 
 
 async def test_a_caller_that_goes_away_closes_the_agents_stream_and_settles_once(gateway: Gateway) -> None:
-    script = Script(events(rpc_event(WORKING)), "hang")
+    script = sse_answer(events(rpc_event(WORKING)), "hang")
     gateway.scripts.append(script)
     body = orjson.dumps(STREAM_BODY)
     scope = {
@@ -1088,7 +1062,7 @@ async def test_a_caller_that_goes_away_closes_the_agents_stream_and_settles_once
 
 
 async def test_a_stage_refusing_after_the_agent_answered_closes_the_stream(gateway: Gateway) -> None:
-    script = Script(events(rpc_event(WORKING)), "hang")
+    script = sse_answer(events(rpc_event(WORKING)), "hang")
     gateway.scripts.append(script)
 
     async def refuse_on_the_way_back(call: Call, call_next: CallNext) -> Reply:

@@ -677,6 +677,29 @@ async def test_a_route_whose_secret_is_missing_stops_start_up(tmp_path: Path) ->
         LlmIngress.build([spec], pipeline_with(Ledger(), Outcomes()), max_body_bytes=1024)
 
 
+async def test_a_routes_secret_is_read_once_at_start_up_not_per_call(
+    upstream: str, received: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AGENTGW_TEST_ROUTE_KEY", "sk-at-start")
+    spec = LlmRouteSpec(
+        name="chat",
+        base_url=f"{upstream}/v1",
+        model="fixture-chat",
+        credential={"mode": "static", "env": "AGENTGW_TEST_ROUTE_KEY"},
+    )
+    ingress = LlmIngress.build([spec], pipeline_with(Ledger(), Outcomes()), max_body_bytes=64 * 1024)
+    monkeypatch.setenv("AGENTGW_TEST_ROUTE_KEY", "sk-changed-later")
+    app = Starlette(routes=ingress.routes())
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+            body = {"model": "chat", "messages": HELLO}
+            answer = await http.post("/v1/chat/completions", json=body, headers=JSON)
+    finally:
+        await ingress.aclose()
+    assert answer.status_code == 200, answer.text
+    assert [r["authorization"] for r in received()] == ["Bearer sk-at-start"]
+
+
 # --- the real budget stage --------------------------------------------------------------------------------
 
 

@@ -1,34 +1,58 @@
-"""The OpenAI-compatible provider against scripted HTTP answers (httpx.MockTransport)."""
+"""The OpenAI-compatible provider against a scripted provider on 127.0.0.1 (real HTTP, real breaks)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 
 from agentgw.errors import CredentialError, UpstreamError, UpstreamTimeout
+from agentgw.upstream import llm as llm_module
 from agentgw.upstream.llm import LlmAnswer, OpenAICompatible
 from registry.llm import LlmRoute, LlmRouteSpec, Secret
+from tests.support.servers import Answer, LocalServer, Received, Scripted, unused_url
 
-Handler = Callable[[httpx.Request], httpx.Response]
-
-
-def route(**extra: Any) -> LlmRoute:
-    spec = LlmRouteSpec.model_validate(
-        {"name": "fast", "base_url": "http://provider/v1", "model": "m-1", "timeout_s": 1} | extra
-    )
-    return LlmRoute(spec, Secret("sk-route") if "credential" in extra else None)
+Handler = Callable[[Received], Answer]
+SSE = {"content-type": "text/event-stream"}
+JSON = {"content-type": "application/json"}
 
 
-def provider(handler: Handler) -> OpenAICompatible:
-    return OpenAICompatible(httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+class Provider:
+    """The provider under test, and the scripted upstream it talks to."""
+
+    def __init__(self, server: LocalServer, upstream: Scripted, llm: OpenAICompatible) -> None:
+        self.url = server.url
+        self.upstream = upstream
+        self.llm = llm
+
+    def script(self, handler: Handler) -> OpenAICompatible:
+        self.upstream.answer = handler
+        return self.llm
+
+    def route(self, **extra: Any) -> LlmRoute:
+        spec = LlmRouteSpec.model_validate(
+            {"name": "fast", "base_url": f"{self.url}/v1", "model": "m-1", "timeout_s": 1} | extra
+        )
+        return LlmRoute(spec, Secret("sk-route") if "credential" in extra else None)
 
 
-def sse(*events: bytes) -> httpx.Response:
-    return httpx.Response(200, content=b"".join(events), headers={"content-type": "text/event-stream"})
+@pytest.fixture
+async def provider() -> AsyncIterator[Provider]:
+    server = LocalServer()
+    upstream = Scripted(lambda _: Answer(500))
+    llm = OpenAICompatible()
+    async with server.serve(upstream):
+        try:
+            yield Provider(server, upstream, llm)
+        finally:
+            await llm.aclose()
+
+
+def sse(*events: bytes, end: Any = "end") -> Answer:
+    return Answer(200, list(events), SSE, end)
 
 
 async def collect(answer: LlmAnswer) -> list[dict[str, Any]]:
@@ -39,30 +63,42 @@ async def collect(answer: LlmAnswer) -> list[dict[str, Any]]:
         await answer.close()
 
 
-async def test_the_request_names_the_provider_model_asks_for_stream_usage_and_carries_the_route_key() -> None:
-    seen: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return sse(b'data: {"choices": []}\n\n', b"data: [DONE]\n\n")
-
+async def test_the_request_names_the_provider_model_asks_for_stream_usage_and_carries_the_route_key(
+    provider: Provider,
+) -> None:
+    llm = provider.script(lambda _: sse(b'data: {"choices": []}\n\n', b"data: [DONE]\n\n"))
     body = {"model": "fast", "messages": [], "stream": True, "stream_options": {"x": 1}}
-    answer = await provider(handler).send(
-        route(credential={"mode": "static", "env": "K"}), "chat/completions", body, stream=True
-    )
+    route = provider.route(credential={"mode": "static", "env": "K"})
+    answer = await llm.send(route, "chat/completions", body, stream=True)
     assert await collect(answer) == [{"choices": []}]
-    [request] = seen
-    assert str(request.url) == "http://provider/v1/chat/completions"
+    [request] = provider.upstream.received
+    assert (request.method, request.path) == ("POST", "/v1/chat/completions")
     sent = orjson.loads(request.content)
     assert sent["model"] == "m-1" and sent["stream_options"] == {"x": 1, "include_usage": True}
     assert request.headers["authorization"] == "Bearer sk-route"
+    assert request.headers["accept"] == "text/event-stream"
     assert body["model"] == "fast", "the caller's body is not modified"
 
 
-async def test_a_last_done_without_its_blank_line_still_ends_the_stream_cleanly() -> None:
-    answer = await provider(lambda _: sse(b'data: {"a": 1}\n\ndata: [DONE]')).send(
-        route(), "chat/completions", {}, stream=True
-    )
+async def test_events_split_across_chunks_and_line_ends_of_every_kind_are_reassembled(
+    provider: Provider,
+) -> None:
+    chunks = [
+        b'data: {"a"',
+        b": 1}\r",
+        b"\n\r\n",
+        b'data: {"b": 2}\r\rdata: {"c":',
+        b" 3}\n\n",
+        b"data: [DONE]\n\n",
+    ]
+    llm = provider.script(lambda _: sse(*chunks))
+    answer = await llm.send(provider.route(), "chat/completions", {}, stream=True)
+    assert await collect(answer) == [{"a": 1}, {"b": 2}, {"c": 3}]
+
+
+async def test_a_last_done_without_its_blank_line_still_ends_the_stream_cleanly(provider: Provider) -> None:
+    llm = provider.script(lambda _: sse(b'data: {"a": 1}\n\ndata: [DONE]'))
+    answer = await llm.send(provider.route(), "chat/completions", {}, stream=True)
     assert await collect(answer) == [{"a": 1}]
 
 
@@ -74,73 +110,137 @@ async def test_a_last_done_without_its_blank_line_still_ends_the_stream_cleanly(
     ],
 )
 async def test_a_stream_that_ends_early_or_carries_garbage_is_an_upstream_error(
-    content: bytes, match: str
+    provider: Provider, content: bytes, match: str
 ) -> None:
-    answer = await provider(lambda _: sse(content)).send(route(), "chat/completions", {}, stream=True)
+    llm = provider.script(lambda _: sse(content))
+    answer = await llm.send(provider.route(), "chat/completions", {}, stream=True)
     with pytest.raises(UpstreamError, match=match):
         await collect(answer)
 
 
+async def test_a_stream_the_provider_breaks_off_is_an_upstream_error(provider: Provider) -> None:
+    script = sse(b'data: {"a": 1}\n\n', end="drop")
+    llm = provider.script(lambda _: script)
+    answer = await llm.send(provider.route(), "chat/completions", {}, stream=True)
+    with pytest.raises(UpstreamError, match="model 'fast': the provider broke off the stream"):
+        await collect(answer)
+
+
+async def test_a_stalled_stream_is_a_timeout_and_closing_it_frees_the_provider(provider: Provider) -> None:
+    script = sse(b'data: {"a": 1}\n\n', end="hang")
+    llm = provider.script(lambda _: script)
+    answer = await llm.send(provider.route(timeout_s=0.2), "chat/completions", {}, stream=True)
+    with pytest.raises(UpstreamTimeout, match="stalled mid-stream"):
+        await collect(answer)
+    async with asyncio.timeout(5):
+        await script.closed.wait()
+
+
+async def test_an_abandoned_stream_is_closed_on_the_providers_side(provider: Provider) -> None:
+    script = sse(b'data: {"a": 1}\n\n', end="hang")
+    llm = provider.script(lambda _: script)
+    answer = await llm.send(provider.route(timeout_s=60), "chat/completions", {}, stream=True)
+    assert answer.events is not None
+    assert await anext(answer.events) == {"a": 1}
+    await answer.close()
+    async with asyncio.timeout(5):
+        await script.closed.wait()
+
+
+async def test_a_stream_line_beyond_the_cap_is_refused_rather_than_buffered(
+    provider: Provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(llm_module, "MAX_LINE_BYTES", 16)
+    llm = provider.script(lambda _: sse(b'data: {"a": "', b"x" * 10, b"x" * 10, end="hang"))
+    answer = await llm.send(provider.route(), "chat/completions", {}, stream=True)
+    with pytest.raises(UpstreamError, match="a line larger than the gateway accepts"):
+        await collect(answer)
+
+
 @pytest.mark.parametrize("status", [500, 503, 401, 403, 404])
-async def test_5xx_and_refusals_of_the_gateways_own_credential_are_upstream_errors(status: int) -> None:
-    def handler(_: httpx.Request) -> httpx.Response:
-        return httpx.Response(status, json={"error": {"message": "no"}})
-
+async def test_5xx_and_refusals_of_the_gateways_own_credential_are_upstream_errors(
+    provider: Provider, status: int
+) -> None:
+    llm = provider.script(lambda _: Answer(status, [b'{"error": {"message": "no"}}'], JSON))
     with pytest.raises(UpstreamError, match=f"HTTP {status}"):
-        await provider(handler).send(route(), "chat/completions", {}, stream=False)
+        await llm.send(provider.route(), "chat/completions", {}, stream=False)
 
 
-async def test_a_refusal_of_the_request_comes_back_for_the_client_with_retry_after() -> None:
-    def handler(_: httpx.Request) -> httpx.Response:
-        return httpx.Response(429, text="slow down", headers={"retry-after": "7"})
-
-    answer = await provider(handler).send(route(), "chat/completions", {}, stream=True)
+async def test_a_refusal_of_the_request_comes_back_for_the_client_with_retry_after(
+    provider: Provider,
+) -> None:
+    llm = provider.script(lambda _: Answer(429, [b"slow down"], {"retry-after": "7"}))
+    answer = await llm.send(provider.route(), "chat/completions", {}, stream=True)
     assert answer.status == 429 and answer.events is None
     assert answer.headers == {"retry-after": "7"}
     assert answer.body == {"error": {"message": "the provider refused the request (HTTP 429)"}}
 
 
-async def test_timeouts_and_unreachable_providers_are_mapped() -> None:
-    def slow(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("slow", request=request)
-
-    def down(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
-
-    with pytest.raises(UpstreamTimeout):
-        await provider(slow).send(route(), "embeddings", {}, stream=False)
-    with pytest.raises(UpstreamError, match="unreachable"):
-        await provider(down).send(route(), "embeddings", {}, stream=False)
+async def test_a_provider_error_object_is_relayed_as_it_is(provider: Provider) -> None:
+    error = {"error": {"message": "context too long", "type": "invalid_request_error"}}
+    llm = provider.script(lambda _: Answer(400, [orjson.dumps(error)], JSON))
+    answer = await llm.send(provider.route(), "chat/completions", {}, stream=False)
+    assert (answer.status, answer.body) == (400, error)
 
 
-async def test_a_client_credentials_token_is_fetched_once_and_a_refused_client_is_a_credential_error() -> (
-    None
-):
-    tokens: list[httpx.Request] = []
+async def test_timeouts_and_unreachable_providers_are_mapped(provider: Provider) -> None:
+    llm = provider.script(lambda _: Answer(end="mute"))
+    with pytest.raises(UpstreamTimeout, match=r"model 'fast': the provider did not answer within 0\.2s"):
+        await llm.send(provider.route(timeout_s=0.2), "embeddings", {}, stream=False)
+    with pytest.raises(UpstreamError, match="model 'fast': the provider is unreachable"):
+        await llm.send(provider.route(base_url=unused_url()), "embeddings", {}, stream=False)
+
+
+async def test_an_answer_broken_off_midway_is_an_upstream_error(provider: Provider) -> None:
+    headers = {**JSON, "content-length": "100"}
+    llm = provider.script(lambda _: Answer(200, [b'{"ok": '], headers, "drop"))
+    with pytest.raises(UpstreamError, match="broke off its answer"):
+        await llm.send(provider.route(), "embeddings", {}, stream=False)
+
+
+async def test_a_client_credentials_token_is_fetched_once_and_a_refused_client_is_a_credential_error(
+    provider: Provider,
+) -> None:
     refuse = False
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/token":
-            tokens.append(request)
+    def handler(request: Received) -> Answer:
+        if request.path == "/token":
             if refuse:
-                return httpx.Response(401, json={"error": "invalid_client"})
-            return httpx.Response(200, json={"access_token": "cc-1", "expires_in": 3600})
+                return Answer(401, [b'{"error": "invalid_client"}'], JSON)
+            return Answer(200, [b'{"access_token": "cc-1", "expires_in": 3600}'], JSON)
         assert request.headers["authorization"] == "Bearer cc-1"
-        return httpx.Response(200, json={"ok": True})
+        return Answer(200, [b'{"ok": true}'], JSON)
 
     credential = {
         "mode": "client_credentials",
-        "token_url": "http://idp/token",
+        "token_url": f"{provider.url}/token",
         "client_id": "gw",
         "env": "K",
     }
-    llm = provider(handler)
+    llm = provider.script(handler)
     for _ in range(3):
-        answer = await llm.send(route(credential=credential), "embeddings", {}, stream=False)
+        answer = await llm.send(provider.route(credential=credential), "embeddings", {}, stream=False)
         assert answer.body == {"ok": True}
+    tokens = [r for r in provider.upstream.received if r.path == "/token"]
     assert len(tokens) == 1
-    assert tokens[0].headers["authorization"].startswith("Basic ")
-    assert b"grant_type=client_credentials" in tokens[0].content
+    assert tokens[0].headers["authorization"] == "Basic Z3c6c2stcm91dGU="  # gw:sk-route
+    assert tokens[0].headers["content-type"] == "application/x-www-form-urlencoded"
+    assert tokens[0].content == b"grant_type=client_credentials"
     refuse = True
-    with pytest.raises(CredentialError, match="refused the client"):
-        await provider(handler).send(route(credential=credential), "embeddings", {}, stream=False)
+    fresh = OpenAICompatible()  # no token cached yet
+    try:
+        with pytest.raises(CredentialError, match="refused the client"):
+            await fresh.send(provider.route(credential=credential), "embeddings", {}, stream=False)
+    finally:
+        await fresh.aclose()
+
+
+async def test_an_unreachable_token_endpoint_is_a_credential_error(provider: Provider) -> None:
+    credential = {
+        "mode": "client_credentials",
+        "token_url": f"{unused_url()}/token",
+        "client_id": "gw",
+        "env": "K",
+    }
+    with pytest.raises(CredentialError, match="token endpoint is unreachable"):
+        await provider.llm.send(provider.route(credential=credential), "embeddings", {}, stream=False)
