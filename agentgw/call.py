@@ -7,7 +7,8 @@ A2A or OpenAI shapes: `Reply.payload` is opaque to every filter.
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -42,6 +43,15 @@ class Principal:
 
 
 ANONYMOUS = Principal(subject="anonymous")
+
+# Request ids: a random prefix per process and a counter, 32 hex digits like a UUID. Unique, not
+# secret (they name calls in the audit log); uuid4 asked the kernel for randomness on every call.
+_ID_PREFIX = secrets.token_hex(8)
+_ID_COUNTER = itertools.count()
+
+
+def _request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
 @dataclass(slots=True)
@@ -87,7 +97,7 @@ class Call:
     run_id: str | None = None
     session_id: str | None = None
     arguments: Mapping[str, Any] | None = field(default=None, repr=False)
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=_request_id)
     principal: Principal | None = None
     upstream_authorization: str | None = field(default=None, repr=False)
     # False when the ingress answers from the gateway's own copy (an A2A agent's public card):
