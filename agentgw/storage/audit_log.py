@@ -9,7 +9,9 @@ as the records, so that removing the newest records is detected too; retention m
 anchor (the last removed record) forward so that a pruned chain still verifies.
 
 Group commit: `SqlAuditLog.write` queues the record and waits; `submit` queues it and returns (the
-outcome records: decision 0207). One writer thread takes everything queued (up to `batch_max`),
+outcome records: decision 0207). Records queued in one turn of the event loop are handed to the
+writer thread together, so the thread is woken once per turn, not once per record. The writer thread
+takes everything handed over (in transactions of at most `batch_max` records),
 inserts it in one transaction, commits (SQLite with `synchronous=NORMAL` by default, so a commit
 survives the process crashing; `FULL` with `audit.durability: power`, so it survives a power cut
 too), and wakes the waiters: one `call_soon_threadsafe` per event loop and batch. A failed
@@ -206,7 +208,10 @@ class SqlAuditLog:
         self._synchronous = "FULL" if settings.durability == "power" else "NORMAL"
         self._retention_days = settings.retention_days
         self._clock = clock
-        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[_Pending] | None] = queue.SimpleQueue()
+        # Queued in this turn of the event loop, handed to the writer at its end (`_hand_off`).
+        self._outbox: list[_Pending] = []
+        self._hand_off_on: asyncio.AbstractEventLoop | None = None  # the loop that will hand it off
         self._thread: threading.Thread | None = None
         # Guards `_closed` and the queue's end: nothing is queued after close's stop marker, where
         # the writer would never see it and its waiter would wait for ever.
@@ -262,6 +267,9 @@ class SqlAuditLog:
         with self._lock:
             self._closed = True
             if self._thread is not None:
+                if self._outbox:
+                    self._queue.put(self._outbox)
+                    self._outbox = []
                 self._queue.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
@@ -270,13 +278,33 @@ class SqlAuditLog:
             self._conn = None
 
     def _put(self, pending: _Pending) -> None:
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
         with self._lock:
             if self._closed:
                 raise Unavailable("audit log unavailable: the gateway is shutting down")
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
                 self._thread.start()
-            self._queue.put(pending)
+            self._outbox.append(pending)
+            if loop is None:
+                self._queue.put(self._outbox)
+                self._outbox = []
+                return
+            schedule = self._hand_off_on is not loop
+            self._hand_off_on = loop
+        if schedule:
+            # Waking the writer costs a system call and a turn for the GIL: once per turn of the loop.
+            loop.call_soon(self._hand_off)
+
+    def _hand_off(self) -> None:
+        with self._lock:
+            self._hand_off_on = None
+            batch, self._outbox = self._outbox, []
+            if batch:
+                self._queue.put(batch)
 
     # --- the writer thread ---
     def _run(self) -> None:
@@ -285,7 +313,7 @@ class SqlAuditLog:
             item = self._queue.get()
             if item is None:
                 break
-            batch = [item]
+            batch = list(item)
             while len(batch) < self._batch_max:
                 try:
                     more = self._queue.get_nowait()
@@ -294,12 +322,14 @@ class SqlAuditLog:
                 if more is None:
                     stopping = True
                     break
-                batch.append(more)
-            records = [p.record for p in batch if p.record is not None]
-            error = self._commit(records) if records else None
-            self._settle(batch, error)
-            if error is None and self._retention_days is not None:
-                self._maybe_prune()
+                batch.extend(more)
+            for start in range(0, len(batch), self._batch_max):
+                part = batch[start : start + self._batch_max]
+                records = [p.record for p in part if p.record is not None]
+                error = self._commit(records) if records else None
+                self._settle(part, error)
+                if error is None and self._retention_days is not None:
+                    self._maybe_prune()
 
     def _settle(self, batch: Sequence[_Pending], error: Unavailable | None) -> None:
         # One wake-up per event loop for the whole batch: each costs the loop a self-pipe write
