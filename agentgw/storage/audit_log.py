@@ -11,7 +11,8 @@ anchor (the last removed record) forward so that a pruned chain still verifies.
 Group commit: `SqlAuditLog.write` queues the record and waits; `submit` queues it and returns (the
 outcome records: decision 0207). Records queued in one turn of the event loop are handed to the
 writer thread together, so the thread is woken once per turn, not once per record. The writer thread
-takes everything handed over (in transactions of at most `batch_max` records),
+takes everything handed over (in transactions of at most `batch_max` records; outcomes that nobody
+waits for linger up to `LINGER_S` to share the next transaction),
 inserts it in one transaction, commits (SQLite with `synchronous=NORMAL` by default, so a commit
 survives the process crashing; `FULL` with `audit.durability: power`, so it survives a power cut
 too), and wakes the waiters: one `call_soon_threadsafe` per event loop and batch. A failed
@@ -82,6 +83,8 @@ log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
 PRUNE_EVERY_S = 3600.0
+# How long records nobody waits for (outcomes, decision 0207) may wait to share a later commit.
+LINGER_S = 0.05
 
 # Core tables on their own metadata: the log is often a database of its own (`audit.database_url`).
 metadata = MetaData()
@@ -313,16 +316,7 @@ class SqlAuditLog:
             item = self._queue.get()
             if item is None:
                 break
-            batch = list(item)
-            while len(batch) < self._batch_max:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stopping = True
-                    break
-                batch.extend(more)
+            batch, stopping = self._gather(list(item))
             for start in range(0, len(batch), self._batch_max):
                 part = batch[start : start + self._batch_max]
                 records = [p.record for p in part if p.record is not None]
@@ -330,6 +324,31 @@ class SqlAuditLog:
                 self._settle(part, error)
                 if error is None and self._retention_days is not None:
                     self._maybe_prune()
+
+    def _gather(self, batch: list[_Pending]) -> tuple[list[_Pending], bool]:
+        """More of what is queued for this transaction; True when the log is closing.
+
+        A batch that nobody waits for (submitted outcomes only) lingers up to `LINGER_S` for more, so
+        that it shares the next transaction, usually the next call's decision, instead of paying for
+        one of its own: one commit per call instead of two when calls come one at a time.
+        """
+        waited = any(p.future is not None for p in batch)
+        deadline: float | None = None
+        while len(batch) < self._batch_max:
+            try:
+                if waited:
+                    more = self._queue.get_nowait()
+                else:
+                    now = time.monotonic()
+                    deadline = now + LINGER_S if deadline is None else deadline
+                    more = self._queue.get(timeout=max(deadline - now, 0.0))
+            except queue.Empty:
+                break
+            if more is None:
+                return batch, True
+            batch.extend(more)
+            waited = waited or any(p.future is not None for p in more)
+        return batch, False
 
     def _settle(self, batch: Sequence[_Pending], error: Unavailable | None) -> None:
         # One wake-up per event loop for the whole batch: each costs the loop a self-pipe write
