@@ -14,14 +14,21 @@ A shared connection can only carry the gateway's own identity (credential modes 
 client_credentials): its HTTP client asks the credentials stage for the header on every request and
 retries once after a 401. Upstreams whose credential is per caller (token exchange, ID-JAG) get no
 shared connection: the pass-through serves them (docs/decisions/0602).
+
+Once the shared session to a streamable-HTTP upstream has negotiated a 2026-07-28 (stateless) version,
+requests no longer travel through it: each is one POST on the pooled aiohttp client (`_ModernPost`),
+about a tenth of the SDK client's CPU per request (docs/decisions/0208). The SDK session stays for
+what it does well: negotiating the version, noticing a dead upstream, the subscriptions/listen stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -29,16 +36,26 @@ from typing import Any
 import anyio
 import httpx2
 import mcp_types as types
+import orjson
 from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.dispatcher import ProgressFnT as ProgressFn
 from mcp.shared.exceptions import MCPError
+from mcp.shared.inbound import (
+    NAME_BEARING_METHODS,
+    encode_header_value,
+    find_invalid_x_mcp_header,
+    mcp_param_headers,
+    x_mcp_header_map,
+)
+from mcp_types import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY, PROTOCOL_VERSION_META_KEY
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import TypeAdapter, ValidationError
 
-from agentgw.errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout
+from agentgw.errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnauthorized
 from agentgw.filters.credentials import GatewayCredential
+from agentgw.upstream.http import HttpClient, UpstreamResponse
 from registry.models import McpServerSpec
 
 __all__ = ["ProgressFn", "Relay", "SessionCredentials", "UpstreamSessions"]
@@ -69,6 +86,19 @@ SessionCredentials = Callable[[McpServerSpec], GatewayCredential | None]
 # The SDK's defaults for its own HTTP clients: a response stream may stay open a long time.
 HTTP_TIMEOUT = httpx2.Timeout(30.0, read=300.0)
 _SAMPLING = TypeAdapter[Any](types.CreateMessageResult | types.CreateMessageResultWithTools)
+MAX_LIST_PAGES = 50
+# Who the gateway says it is to upstreams, on the SDK's sessions and on plain POSTs alike.
+CLIENT_INFO = types.Implementation(name="agentgw", version="0.1.0")
+_CLIENT_INFO = CLIENT_INFO.model_dump(by_alias=True, mode="json", exclude_none=True)
+# What every connection declares (see `_Connection`), as the SDK's client states it on the wire.
+_CAPABILITIES = types.ClientCapabilities(
+    sampling=types.SamplingCapability(),
+    elicitation=types.ElicitationCapability(
+        form=types.FormElicitationCapability(), url=types.UrlElicitationCapability()
+    ),
+    roots=types.RootsCapability(list_changed=True),
+).model_dump(by_alias=True, mode="json", exclude_none=True)
+_SSE_EVENT_END = re.compile(rb"\r?\n\r?\n")
 
 
 class _PeerRelay:
@@ -145,6 +175,213 @@ async def _authorized_http(url: str, credential: GatewayCredential) -> AsyncIter
         yield streams
 
 
+class _ModernPost:
+    """Requests to a 2026-07-28 streamable-HTTP upstream, each one POST on the shared aiohttp pool.
+
+    The era is stateless: a request needs only the negotiated version, the client envelope in `_meta`,
+    and the routing headers (`Mcp-Method`, `Mcp-Name`, and the `Mcp-Param-*` mirrors of arguments that
+    the tool's schema declares, learned from its listings as the SDK's client learns them).
+    """
+
+    def __init__(self, http: HttpClient, conn: _Connection, version: str) -> None:
+        assert conn.spec.url is not None
+        self._http = http
+        self._conn = conn
+        self._url = conn.spec.url
+        self._who = f"upstream {conn.spec.name!r}"
+        self._envelope = {
+            PROTOCOL_VERSION_META_KEY: version,
+            CLIENT_INFO_META_KEY: _CLIENT_INFO,
+            CLIENT_CAPABILITIES_META_KEY: _CAPABILITIES,
+        }
+        self._headers = {
+            "content-type": "application/json",
+            "accept": "application/json, text/event-stream",
+            "mcp-protocol-version": version,
+        }
+        self._ids = itertools.count(1)
+
+    async def request(
+        self, method: str, params: Mapping[str, Any] | None, *, timeout_s: float, progress: ProgressFn | None
+    ) -> dict[str, Any]:
+        """Send one request; its raw result (a tools/list's tools with valid `x-mcp-header`s only).
+
+        Raises:
+            UpstreamTimeout: no answer within `timeout_s`.
+            UpstreamUnauthorized: the upstream refused the gateway's credential, fresh one included.
+            UpstreamError: the upstream answered with an error or garbage, or not at all.
+        """
+        params = dict(params) if params else {}
+        meta = params.get("_meta")
+        params["_meta"] = _strip_era_meta(meta) | self._envelope if isinstance(meta, dict) else self._envelope
+        headers = self._headers | {"mcp-method": method}
+        name_key = NAME_BEARING_METHODS.get(method)
+        name = params.get(name_key) if name_key is not None else None
+        if isinstance(name, str):
+            headers["mcp-name"] = encode_header_value(name)
+        if method != "tools/call" or not isinstance(name, str):
+            result = await self._exchange(method, params, headers, timeout_s, progress)
+            return self._absorb(result) if method == "tools/list" else result
+        arguments = params.get("arguments")
+        arguments = arguments if isinstance(arguments, Mapping) else {}
+        try:
+            return await self._exchange(
+                method, params, headers | self._param_headers(name, arguments), timeout_s, progress
+            )
+        except UpstreamError as exc:
+            if not isinstance(exc.data, dict) or exc.data.get("code") != types.HEADER_MISMATCH:
+                raise
+            # The tool declares a header this connection does not know (never listed, or changed):
+            # learn it and send once more, as the SDK's client does. The upstream refuses a mismatch
+            # before the tool runs, so the second send cannot run it twice.
+            try:
+                await self._list_tools(timeout_s)
+            except GatewayError as listing:
+                log.warning("%s: tools not listed after a header mismatch (%s)", self._who, listing)
+                raise exc from None
+        return await self._exchange(
+            method, params, headers | self._param_headers(name, arguments), timeout_s, progress
+        )
+
+    def _param_headers(self, tool: str, arguments: Mapping[str, Any]) -> dict[str, str]:
+        header_map = self._conn.param_maps.get(tool)
+        return mcp_param_headers(header_map, arguments) if header_map and arguments else {}
+
+    async def _list_tools(self, timeout_s: float) -> None:
+        cursor: str | None = None
+        for _ in range(MAX_LIST_PAGES):
+            params = {"cursor": cursor} if cursor else None
+            page = await self.request("tools/list", params, timeout_s=timeout_s, progress=None)
+            cursor = page.get("nextCursor")
+            if not isinstance(cursor, str) or not cursor:
+                return
+
+    async def _exchange(
+        self,
+        method: str,
+        params: dict[str, Any],
+        headers: dict[str, str],
+        timeout_s: float,
+        progress: ProgressFn | None,
+    ) -> dict[str, Any]:
+        request_id = next(self._ids)
+        body = orjson.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
+        response = await self._send(headers, body, timeout_s)
+        try:
+            return await self._answer(response, request_id, progress)
+        finally:
+            await response.aclose()
+
+    def _absorb(self, result: dict[str, Any]) -> dict[str, Any]:
+        tools = result.get("tools")
+        if not isinstance(tools, list):
+            return result
+        maps = self._conn.param_maps
+        kept = []
+        for tool in tools:
+            name = tool.get("name") if isinstance(tool, dict) else None
+            if not isinstance(name, str):
+                continue
+            schema = tool.get("inputSchema")
+            if (reason := find_invalid_x_mcp_header(schema)) is not None:
+                # Clients MUST drop such a tool (SEP-2243): no caller could call it correctly.
+                log.warning("%s: tool %r left out: invalid x-mcp-header (%s)", self._who, name, reason)
+                maps.pop(name, None)
+                continue
+            if header_map := x_mcp_header_map(schema):
+                maps[name] = header_map
+            else:
+                maps.pop(name, None)
+            kept.append(tool)
+        return {**result, "tools": kept}
+
+    async def _send(self, headers: dict[str, str], body: bytes, timeout_s: float) -> UpstreamResponse:
+        credential = self._conn.credential
+        if credential is not None:
+            headers["authorization"] = await credential.authorization()
+        response = await self._http.send("POST", self._url, headers, body, timeout_s=timeout_s, who=self._who)
+        if credential is not None and response.status_code == 401:
+            await response.aclose()
+            headers["authorization"] = await credential.authorization(refresh=True)
+            response = await self._http.send(
+                "POST", self._url, headers, body, timeout_s=timeout_s, who=self._who
+            )
+            if response.status_code == 401:
+                await response.aclose()
+                # Never the upstream's 401 itself: the caller would read it as "your token is bad".
+                raise UpstreamUnauthorized(f"{self._who} refused the gateway's credential")
+        return response
+
+    async def _answer(
+        self, response: UpstreamResponse, request_id: int, progress: ProgressFn | None
+    ) -> dict[str, Any]:
+        if response.status_code == 200 and response.headers.get("content-type", "").startswith(
+            "text/event-stream"
+        ):
+            async for message in _sse_messages(response, self._who):
+                if message.get("id") == request_id and "method" not in message:
+                    return self._outcome(message)
+                if message.get("method") == "notifications/progress" and progress is not None:
+                    await _report(progress, message.get("params"))
+            raise UpstreamError(f"{self._who} ended its stream without an answer")
+        try:
+            answer: Any = orjson.loads(await response.aread())
+        except orjson.JSONDecodeError:
+            answer = None
+        # An error may come with any status (and without our id, when the upstream could not read it).
+        if isinstance(answer, dict) and ("error" in answer or answer.get("id") == request_id):
+            return self._outcome(answer)
+        raise UpstreamError(f"{self._who} answered HTTP {response.status_code} without a JSON-RPC answer")
+
+    def _outcome(self, message: dict[str, Any]) -> dict[str, Any]:
+        error = message.get("error")
+        if isinstance(error, dict):
+            text, code = error.get("message"), error.get("code")
+            raise UpstreamError(
+                text if isinstance(text, str) else f"{self._who} failed",
+                data={"code": code} if isinstance(code, int) else None,
+            )
+        result = message.get("result")
+        if not isinstance(result, dict):
+            raise UpstreamError(f"{self._who} answered without a result")
+        return result
+
+
+async def _sse_messages(response: UpstreamResponse, who: str) -> AsyncIterator[dict[str, Any]]:
+    """The JSON-RPC messages of an SSE body, as they arrive (events without data are skipped).
+
+    Raises:
+        UpstreamError: an event's data is not JSON, or the stream broke off.
+    """
+    buffer = b""
+    async for chunk in response.aiter_raw():
+        buffer += chunk
+        *events, buffer = _SSE_EVENT_END.split(buffer)
+        for event in events:
+            data = b"\n".join(
+                line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:")
+            )
+            if not data:
+                continue
+            try:
+                message = orjson.loads(data)
+            except orjson.JSONDecodeError as exc:
+                raise UpstreamError(f"{who} sent an event that is not JSON") from exc
+            if isinstance(message, dict):
+                yield message
+
+
+async def _report(progress: ProgressFn, params: Any) -> None:
+    if not isinstance(params, dict) or not isinstance(value := params.get("progress"), int | float):
+        return
+    total, message = params.get("total"), params.get("message")
+    await progress(
+        float(value),
+        float(total) if isinstance(total, int | float) else None,
+        message if isinstance(message, str) else None,
+    )
+
+
 class _Connection:
     """One upstream's supervised session."""
 
@@ -155,8 +392,10 @@ class _Connection:
         *,
         session_bound: bool = False,
         credential: GatewayCredential | None = None,
+        http: HttpClient | None = None,
     ) -> None:
         self.spec = spec
+        self.http = http  # for plain POSTs once a 2026-07-28 streamable-HTTP session is up
         self.credential = credential
         self._on_list_changed = on_list_changed
         # Every connection declares sampling, elicitation and roots, so that a 2026-07-28 upstream
@@ -169,6 +408,11 @@ class _Connection:
         self.ready = asyncio.Event()
         self.dead = asyncio.Event()
         self.failures = 0
+        # Set while the session speaks 2026-07-28 over streamable HTTP: requests go as plain POSTs.
+        self.post: _ModernPost | None = None
+        # Tool name -> {argument path: header token}, from the upstream's listings; kept across
+        # reconnects, as the tools are the upstream's, not the session's.
+        self.param_maps: dict[str, dict[tuple[str, ...], str]] = {}
 
     async def _sampling(self, context: Any, params: Any) -> Any:
         raw = await self.relay.ask("sampling/createMessage", params)
@@ -184,6 +428,7 @@ class _Connection:
 
     def mark_dead(self) -> None:
         self.client = None
+        self.post = None
         self.ready.clear()
         self.dead.set()
 
@@ -243,6 +488,7 @@ class _Connection:
                 log.warning("upstream %s disconnected (%s); reconnecting", self.spec.name, type(exc).__name__)
             finally:
                 self.client = None
+                self.post = None
                 self.ready.clear()
             await anyio.sleep(RESTART_BACKOFF_S[min(self.failures, len(RESTART_BACKOFF_S) - 1)])
 
@@ -259,6 +505,7 @@ class _Connection:
             async with Client(
                 target,
                 mode=mode,
+                client_info=CLIENT_INFO,
                 message_handler=self._message,
                 cache=None,
                 sampling_callback=self._sampling,
@@ -267,11 +514,16 @@ class _Connection:
             ) as client:
                 self.dead.clear()
                 self.client = client
+                version = client.session.protocol_version
+                modern = version in MODERN_PROTOCOL_VERSIONS
+                if modern and self.spec.transport == "streamable-http" and self.http is not None:
+                    assert version is not None
+                    self.post = _ModernPost(self.http, self, version)
                 self.failures = 0
                 self.ready.set()
-                log.info("upstream %s connected (%s)", self.spec.name, client.session.protocol_version)
+                log.info("upstream %s connected (%s)", self.spec.name, version)
                 async with anyio.create_task_group() as tg:
-                    if client.session.protocol_version in MODERN_PROTOCOL_VERSIONS and not self.session_bound:
+                    if modern and not self.session_bound:
                         tg.start_soon(self._listen, client)
                     await self._until_closed(client)
                     tg.cancel_scope.cancel()
@@ -300,6 +552,7 @@ class UpstreamSessions:
         self._listeners: list[Callable[[str, str], None]] = []
         self._connections: dict[str, tuple[_Connection, asyncio.Task[None]]] = {}
         self._peers: dict[tuple[str, str], tuple[_Connection, asyncio.Task[None]]] = {}
+        self._http = HttpClient()
 
     def on_list_changed(self, listener: Callable[[str, str], None]) -> None:
         """Call `listener(server, kind)` when an upstream says its tools, prompts or resources changed."""
@@ -331,7 +584,7 @@ class UpstreamSessions:
                 except ValueError as exc:  # a credential that cannot be set up (a missing secret)
                     log.error("upstream %s not connected: %s", name, exc)
                     continue
-                conn = _Connection(spec, self._list_changed, credential=credential)
+                conn = _Connection(spec, self._list_changed, credential=credential, http=self._http)
                 task = asyncio.get_running_loop().create_task(conn.run(), name=f"upstream:{name}")
                 self._connections[name] = (conn, task)
 
@@ -350,11 +603,14 @@ class UpstreamSessions:
                 await task
         self._connections.clear()
         self._peers.clear()
+        await self._http.aclose()
 
     def _peer(self, server: str, key: str, relay: Relay) -> _Connection | None:
         shared = self._connections.get(server)
         if shared is None or shared[0].spec.transport == "stdio":
             return None  # one stdio child serves everyone: it can never know which caller to ask
+        if shared[0].post is not None:
+            return None  # a 2026-07-28 upstream asks through input_required results, never mid-call
         entry = self._peers.get((server, key))
         if entry is None or entry[1].done():
             conn = _Connection(
@@ -393,13 +649,21 @@ class UpstreamSessions:
         if relay_key is not None and relay is not None:
             conn = self._peer(server, relay_key, relay) or conn
         timeout = timeout_s or conn.spec.timeout_s
+        post = conn.post
         try:
-            request = _REQUEST.validate_python({"method": method, "params": _strip_era(params)})
-        except ValidationError as exc:
-            raise BadRequest(f"invalid params for {method}") from exc
-        try:
+            if post is not None:
+                # The hot path (set only while connected). asyncio's timeout costs half of anyio's,
+                # which the SDK's session below needs for its own cancel scopes.
+                async with asyncio.timeout(timeout):
+                    return await post.request(method, params, timeout_s=timeout, progress=progress)
             with anyio.fail_after(timeout):
                 await conn.ready.wait()
+                if conn.post is not None:
+                    return await conn.post.request(method, params, timeout_s=timeout, progress=progress)
+                try:
+                    request = _REQUEST.validate_python({"method": method, "params": _strip_era(params)})
+                except ValidationError as exc:
+                    raise BadRequest(f"invalid params for {method}") from exc
                 client = conn.client
                 if client is None:
                     raise UpstreamError(f"upstream {server!r} is not connected")
@@ -431,9 +695,13 @@ def _strip_era(params: Mapping[str, Any] | None) -> dict[str, Any] | None:
     out = dict(params)
     meta = out.get("_meta")
     if isinstance(meta, dict):
-        kept = {k: v for k, v in meta.items() if not k.startswith(_RESERVED_META)}
+        kept = _strip_era_meta(meta)
         if kept:
             out["_meta"] = kept
         else:
             out.pop("_meta")
     return out
+
+
+def _strip_era_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in meta.items() if not k.startswith(_RESERVED_META)}

@@ -11,6 +11,10 @@ Server names use only `[a-z0-9-]` and the separator must contain another charact
 never ambiguous. Lists are fetched from every upstream in parallel, each with its own timeout: a slow
 or dead upstream drops out of the list (and is logged) instead of failing or stalling it. Lists are
 narrowed by policy, then paginated with gateway-minted opaque cursors.
+
+The `Mcp-Param-*` headers of a 2026-07-28 tools/call are checked here, after authorization, against the
+cached schema of the tool the call is routed to; the SDK's own check would list tools through the
+whole pipeline before every call (docs/decisions/0208).
 """
 
 from __future__ import annotations
@@ -39,14 +43,16 @@ from mcp.server.subscriptions import (
     ToolsListChanged,
 )
 from mcp.shared.exceptions import MCPError
+from mcp.shared.inbound import find_invalid_x_mcp_header, validate_mcp_param_headers, x_mcp_header_map
 from mcp.shared.message import ServerMessageMetadata
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, TypeAdapter
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from agentgw.call import Call, Reply
-from agentgw.errors import GatewayError, NotFound, UpstreamError
+from agentgw.errors import GatewayError, HeaderMismatch, NotFound, UpstreamError
 from agentgw.ingress.mcp.messages import LIST_KEYS, item_object
 from agentgw.ingress.mcp.rendering import run_id_of
 from agentgw.pipeline import Pipeline
@@ -119,6 +125,11 @@ class Endpoint:
         frozen = {k: {s: frozenset(n) for s, n in v.items()} for k, v in selection.items()}
         return cls(spec.name, servers, prefix=spec.prefix, selection=frozen)
 
+    @property
+    def path(self) -> str:
+        """The endpoint's URL path, as ingress authenticated it (a token's audience is checked on it)."""
+        return "/mcp" if self.label == "*" else f"/mcp/{self.label}"
+
     def selects(self, kind: str, server: str, name: str) -> bool:
         if self.selection is None:
             return True
@@ -130,6 +141,8 @@ class Endpoint:
 class _Cached:
     items: list[dict[str, Any]]
     at: float
+    # Tools only, built on first use: name -> inputSchema of each tool that declares Mcp-Param headers.
+    header_schemas: dict[str, Any] | None = None
 
 
 @dataclass
@@ -138,11 +151,35 @@ class _Catalog:
 
     entries: dict[tuple[str, str], _Cached] = field(default_factory=dict)
 
-    def get(self, server: str, kind: str) -> list[dict[str, Any]] | None:
+    def _fresh(self, server: str, kind: str) -> _Cached | None:
         cached = self.entries.get((server, kind))
         if cached is None or time.monotonic() - cached.at > CATALOG_TTL_S:
             return None
-        return cached.items
+        return cached
+
+    def get(self, server: str, kind: str) -> list[dict[str, Any]] | None:
+        cached = self._fresh(server, kind)
+        return cached.items if cached is not None else None
+
+    def header_schemas(self, server: str) -> dict[str, Any] | None:
+        """The input schemas of `server`'s tools that declare `x-mcp-header`s; None when not cached.
+
+        A tool absent from the map declares none (or declares them invalidly, which the SDK's check
+        treats as none), so its call has no header to check.
+        """
+        cached = self._fresh(server, "tools")
+        if cached is None:
+            return None
+        if cached.header_schemas is None:
+            cached.header_schemas = {
+                tool["name"]: schema
+                for tool in cached.items
+                if isinstance(tool.get("name"), str)
+                and (schema := tool.get("inputSchema")) is not None
+                and find_invalid_x_mcp_header(schema) is None
+                and x_mcp_header_map(schema)
+            }
+        return cached.header_schemas
 
     def put(self, server: str, kind: str, items: list[dict[str, Any]]) -> None:
         self.entries[(server, kind)] = _Cached(items, time.monotonic())
@@ -180,7 +217,13 @@ class Bridge:
         self._page_size = page_size
         self.catalog = _Catalog()
         server: Server[Any] = Server(
-            "agentgw", version="0.1.0", instructions="agentgw: tools of many servers"
+            "agentgw",
+            version="0.1.0",
+            instructions="agentgw: tools of many servers",
+            # Without this hook the SDK lists tools (a whole pipeline run, audit record included) before
+            # every 2026-07-28 tools/call to check its Mcp-Param-* headers. `_check_param_headers` does
+            # that check instead, after authorization: the hook is sync and cannot know the caller.
+            get_tool_input_schema=_checked_in_invoke,
         )
         for method in LIST_KEYS:
             server.add_request_handler(method, types.PaginatedRequestParams, self._list)
@@ -364,6 +407,8 @@ class Bridge:
         async def terminal(_call: Call) -> Reply:
             if route is None:
                 raise NotFound(f"unknown {kind[:-1]} {exposed!r}")
+            if method == "tools/call" and ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+                await self._check_param_headers(server, name, params.get("arguments"), request.headers)
             target[key] = name
             if target is not params:
                 params["ref"] = target
@@ -375,6 +420,43 @@ class Bridge:
             # A handshake-era upstream's result has no resultType; the modern era requires one.
             payload.setdefault("resultType", "complete")
         return payload
+
+    async def _check_param_headers(self, server: str, tool: str, arguments: Any, headers: Headers) -> None:
+        """Refuse a 2026-07-28 tools/call whose `Mcp-Param-*` headers disagree with its arguments.
+
+        The spec's MUST (SEP-2243), checked against the schema of the tool the call is routed to, from
+        the catalog; a cold catalog is filled first (the upstream's list, no pipeline round). Run only
+        for an authorized call: a tool the caller may not call must not answer with what it declares.
+
+        Raises:
+            HeaderMismatch: a declared header is missing, extra, repeated or not its argument's value.
+            UpstreamError: the call carries Mcp-Param headers and the upstream's tool list cannot be had.
+        """
+        arguments = arguments if isinstance(arguments, Mapping) else {}
+        schemas = self.catalog.header_schemas(server)
+        if schemas is None:
+            present = any(name.startswith("mcp-param-") for name in headers)
+            if not arguments and not present:
+                return  # no value and no header: nothing to disagree
+            try:
+                async with asyncio.timeout(self._list_timeout):
+                    await self._fetch(server, "tools/list", "tools")
+            except (TimeoutError, GatewayError) as exc:
+                if not present:
+                    # Only a header can mislead an intermediary that routes on it; without one, the
+                    # call goes on as it would have without the check.
+                    log.warning("Mcp-Param check of %s skipped: its tools are not listed (%s)", server, exc)
+                    return
+                raise UpstreamError(
+                    f"upstream {server!r} did not list its tools: the Mcp-Param headers cannot be checked"
+                ) from exc
+            schemas = self.catalog.header_schemas(server) or {}
+        schema = schemas.get(tool)
+        if schema is None:
+            return  # declares no header, or an unknown tool (the upstream answers that)
+        rejection = validate_mcp_param_headers(schema, arguments, headers)
+        if rejection is not None:
+            raise HeaderMismatch(rejection.message)
 
     async def _forward(
         self,
@@ -462,7 +544,7 @@ class Bridge:
             upstream=endpoint.label,
             method=ctx.method,
             credentials=request.headers.get("authorization"),
-            endpoint=request.url.path.rstrip("/"),  # the token's audience is checked against it
+            endpoint=endpoint.path,  # not request.url: building that URL costs more than the rest
             run_id=run_id_of(request.headers, params),
             session_id=request.headers.get("mcp-session-id"),
         )
@@ -477,6 +559,11 @@ class Bridge:
             ) from exc
         except GatewayError as exc:
             raise MCPError(code=exc.jsonrpc_code, message=exc.message, data=exc.data) from exc
+
+
+def _checked_in_invoke(_tool: str) -> None:
+    """The SDK's tool-schema hook: None, so its pre-dispatch Mcp-Param check passes (see `__init__`)."""
+    return None
 
 
 def _encode_cursor(offset: int) -> str:
