@@ -11,8 +11,8 @@ anchor (the last removed record) forward so that a pruned chain still verifies.
 Group commit: `SqlAuditLog.write` queues the record and waits; `submit` queues it and returns (the
 outcome records: decision 0207). Records queued in one turn of the event loop are handed to the
 writer thread together, so the thread is woken once per turn, not once per record. The writer thread
-takes everything handed over (in transactions of at most `batch_max` records; outcomes that nobody
-waits for linger up to `LINGER_S` to share the next transaction),
+takes everything handed over, in transactions of at most `batch_max` records (outcomes, which nobody
+waits for, linger on the loop's side up to `LINGER_S` to share the next transaction),
 inserts it in one transaction, commits (SQLite with `synchronous=NORMAL` by default, so a commit
 survives the process crashing; `FULL` with `audit.durability: power`, so it survives a power cut
 too), and wakes the waiters: one `call_soon_threadsafe` per event loop and batch. A failed
@@ -215,6 +215,7 @@ class SqlAuditLog:
         # Queued in this turn of the event loop, handed to the writer at its end (`_hand_off`).
         self._outbox: list[_Pending] = []
         self._hand_off_on: asyncio.AbstractEventLoop | None = None  # the loop that will hand it off
+        self._linger_on: asyncio.AbstractEventLoop | None = None  # whose timer hands lingerers off
         self._thread: threading.Thread | None = None
         # Guards `_closed` and the queue's end: nothing is queued after close's stop marker, where
         # the writer would never see it and its waiter would wait for ever.
@@ -305,6 +306,22 @@ class SqlAuditLog:
     def _hand_off(self) -> None:
         with self._lock:
             self._hand_off_on = None
+            waited = any(p.future is not None for p in self._outbox)
+            if not waited and len(self._outbox) < self._batch_max:
+                # Records nobody waits for (outcomes) linger up to `LINGER_S`, so that they share the
+                # next transaction (usually the next call's decision) instead of waking the writer and
+                # paying for one of their own: one commit per call when calls come one at a time.
+                loop = asyncio.get_running_loop()
+                if self._outbox and self._linger_on is not loop:
+                    self._linger_on = loop
+                    loop.call_later(LINGER_S, self._linger_over)
+                return
+            batch, self._outbox = self._outbox, []
+            self._queue.put(batch)
+
+    def _linger_over(self) -> None:
+        with self._lock:
+            self._linger_on = None
             batch, self._outbox = self._outbox, []
             if batch:
                 self._queue.put(batch)
@@ -326,28 +343,15 @@ class SqlAuditLog:
                     self._maybe_prune()
 
     def _gather(self, batch: list[_Pending]) -> tuple[list[_Pending], bool]:
-        """More of what is queued for this transaction; True when the log is closing.
-
-        A batch that nobody waits for (submitted outcomes only) lingers up to `LINGER_S` for more, so
-        that it shares the next transaction, usually the next call's decision, instead of paying for
-        one of its own: one commit per call instead of two when calls come one at a time.
-        """
-        waited = any(p.future is not None for p in batch)
-        deadline: float | None = None
+        """More of what is queued, for one transaction; True when the log is closing."""
         while len(batch) < self._batch_max:
             try:
-                if waited:
-                    more = self._queue.get_nowait()
-                else:
-                    now = time.monotonic()
-                    deadline = now + LINGER_S if deadline is None else deadline
-                    more = self._queue.get(timeout=max(deadline - now, 0.0))
+                more = self._queue.get_nowait()
             except queue.Empty:
                 break
             if more is None:
                 return batch, True
             batch.extend(more)
-            waited = waited or any(p.future is not None for p in more)
         return batch, False
 
     def _settle(self, batch: Sequence[_Pending], error: Unavailable | None) -> None:

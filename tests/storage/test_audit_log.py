@@ -17,6 +17,7 @@ from agentgw.filters.audit import AuditRecord, AuditSettings
 from agentgw.storage import make_engine
 from agentgw.storage.audit_log import (
     GENESIS,
+    LINGER_S,
     AuditQuery,
     SqlAuditLog,
     audit_chain,
@@ -256,6 +257,29 @@ async def test_the_writer_wakes_each_event_loop_once_per_batch(
     log.close()
     assert len(wakes) == log.commits < 100
     assert sum(len(settled) for (settled,) in wakes) == 100
+
+
+async def test_an_outcome_nobody_waits_for_shares_the_next_decisions_commit(engine: Engine) -> None:
+    log = SqlAuditLog(engine, AuditSettings(node_id="node"))
+    await log.write(record(1))
+    before = log.commits
+    log.submit(record(2, event="outcome"))
+    await asyncio.sleep(0)  # a turn of the loop: the outcome alone does not wake the writer
+    await log.write(record(3))
+    assert log.commits == before + 1
+    log.close()
+    assert [r["request_id"] for r in query(engine, AuditQuery())] == ["r1", "r2", "r3"]
+
+
+async def test_a_lone_outcome_is_committed_once_its_linger_is_over(engine: Engine) -> None:
+    log = SqlAuditLog(engine, AuditSettings(node_id="node"))
+    log.submit(record(1, event="outcome"))
+    with anyio.fail_after(5):  # committed by the linger's timer, in the writer thread: poll for it
+        while True:
+            if query(engine, AuditQuery(request_id="r1")):
+                break
+            await anyio.sleep(LINGER_S / 5)
+    log.close()
 
 
 def test_a_records_hash_is_the_same_as_ever() -> None:
