@@ -33,7 +33,8 @@ def register(sub: Any) -> None:
         "--workers",
         type=int,
         default=1,
-        help="worker processes sharing the port (more than 1 needs redis_url for shared MCP sessions)",
+        help="worker processes sharing the port (more than 1 needs redis_url for shared MCP sessions "
+        "and budgets.store sql or redis)",
     )
     serve.set_defaults(func=_serve)
 
