@@ -9,16 +9,20 @@ as the records, so that removing the newest records is detected too; retention m
 anchor (the last removed record) forward so that a pruned chain still verifies.
 
 Group commit: `SqlAuditLog.write` queues the record and waits; `submit` queues it and returns (the
-outcome records: decision 0207). Records queued in one turn of the event loop are handed to the
-writer thread together, so the thread is woken once per turn, not once per record. The writer thread
-takes everything handed over, in transactions of at most `batch_max` records (outcomes, which nobody
-waits for, linger on the loop's side up to `LINGER_S` to share the next transaction),
-inserts it in one transaction, commits (SQLite with `synchronous=NORMAL` by default, so a commit
-survives the process crashing; `FULL` with `audit.durability: power`, so it survives a power cut
-too), and wakes the waiters: one `call_soon_threadsafe` per event loop and batch. A failed
-transaction fails every waiter of that batch with `Unavailable`, logs every submitted record of it,
-and the chain does not advance. `flush` waits until everything queued before it is committed, so
-that a reader in the same process sees the submitted records; `close` commits everything queued.
+outcome records: decision 0207). Records queued in one turn of the event loop are committed together
+at its end, in transactions of at most `batch_max` records; outcomes, which nobody waits for, linger
+up to `LINGER_S` to share the next transaction. Where the commit runs (decision 0209):
+- SQLite with `audit.durability: crash` (the default: WAL, `synchronous=NORMAL`, so a commit survives
+  the process crashing, SIGKILL included, without a disk flush): on the event loop itself, on a
+  connection of its own that never waits for a lock. A write lock held elsewhere (the budget ledger's
+  flush, a prune) sends the batch, and every batch after it until the thread has caught up, to the
+  writer thread, which waits for the lock; the writer thread also checkpoints the WAL (the step that
+  flushes to disk), so the loop never does.
+- Otherwise (PostgreSQL, or `durability: power`, a flush per commit): in the writer thread, which
+  wakes each event loop once per batch (`call_soon_threadsafe`).
+A failed transaction fails every waiter of that batch with `Unavailable`, logs every submitted record
+of it, and the chain does not advance. `flush` waits until everything queued before it is committed,
+so that a reader in the same process sees the submitted records; `close` commits everything queued.
 """
 
 from __future__ import annotations
@@ -83,6 +87,10 @@ log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
 PRUNE_EVERY_S = 3600.0
+# How often the writer thread checkpoints the WAL when commits run on the event loop.
+CHECKPOINT_EVERY_S = 1.0
+# SQLite's "database is locked" codes (SQLITE_BUSY, SQLITE_LOCKED).
+_SQLITE_BUSY = frozenset({5, 6})
 # How long records nobody waits for (outcomes, decision 0207) may wait to share a later commit.
 LINGER_S = 0.05
 
@@ -187,6 +195,14 @@ class _Pending:
     future: asyncio.Future[None] | None = None
 
 
+_BUSY = Unavailable("audit log: the database is locked; the writer thread takes the batch")
+
+
+def _busy(exc: BaseException) -> bool:
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlite_errorcode", None) in _SQLITE_BUSY
+
+
 def _wake(settled: Sequence[tuple[asyncio.Future[None], BaseException | None]]) -> None:
     for future, error in settled:
         if future.done():  # the waiter was cancelled; the record is written (or not) all the same
@@ -217,6 +233,12 @@ class SqlAuditLog:
         self._hand_off_on: asyncio.AbstractEventLoop | None = None  # the loop that will hand it off
         self._linger_on: asyncio.AbstractEventLoop | None = None  # whose timer hands lingerers off
         self._thread: threading.Thread | None = None
+        # SQLite without a flush per commit: commits run on the event loop itself, on a connection
+        # of their own that never waits for a lock (a held one sends the batch to the writer thread).
+        self._inline = engine.dialect.name == "sqlite" and settings.durability == "crash"
+        self._loop_conn: Connection | None = None
+        self._in_thread = 0  # batches handed to the writer thread and not yet committed
+        self._used = False
         # Guards `_closed` and the queue's end: nothing is queued after close's stop marker, where
         # the writer would never see it and its waiter would wait for ever.
         self._lock = threading.Lock()
@@ -257,7 +279,7 @@ class SqlAuditLog:
 
         Readers in this process await it first, so they see the records `submit` queued.
         """
-        if self._thread is None:
+        if not self._used:
             return  # nothing was ever queued
         future = asyncio.get_running_loop().create_future()
         try:
@@ -270,16 +292,19 @@ class SqlAuditLog:
         """Commit what is queued, then stop the writer thread."""
         with self._lock:
             self._closed = True
+            if self._outbox:
+                self._to_thread(self._outbox)
+                self._outbox = []
             if self._thread is not None:
-                if self._outbox:
-                    self._queue.put(self._outbox)
-                    self._outbox = []
                 self._queue.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._loop_conn is not None:
+            self._loop_conn.close()
+            self._loop_conn = None
 
     def _put(self, pending: _Pending) -> None:
         try:
@@ -289,12 +314,12 @@ class SqlAuditLog:
         with self._lock:
             if self._closed:
                 raise Unavailable("audit log unavailable: the gateway is shutting down")
+            self._used = True
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
-                self._thread.start()
+                self._start_thread()
             self._outbox.append(pending)
             if loop is None:
-                self._queue.put(self._outbox)
+                self._to_thread(self._outbox)
                 self._outbox = []
                 return
             schedule = self._hand_off_on is not loop
@@ -309,31 +334,71 @@ class SqlAuditLog:
             waited = any(p.future is not None for p in self._outbox)
             if not waited and len(self._outbox) < self._batch_max:
                 # Records nobody waits for (outcomes) linger up to `LINGER_S`, so that they share the
-                # next transaction (usually the next call's decision) instead of waking the writer and
-                # paying for one of their own: one commit per call when calls come one at a time.
+                # next transaction (usually the next call's decision) instead of paying for one of
+                # their own: one commit per call when calls come one at a time.
                 loop = asyncio.get_running_loop()
                 if self._outbox and self._linger_on is not loop:
                     self._linger_on = loop
                     loop.call_later(LINGER_S, self._linger_over)
                 return
             batch, self._outbox = self._outbox, []
-            self._queue.put(batch)
+            if not self._inline or self._in_thread:
+                self._to_thread(batch)  # behind what the thread holds: records keep their order
+                return
+        self._commit_on_loop(batch)
 
     def _linger_over(self) -> None:
         with self._lock:
             self._linger_on = None
             batch, self._outbox = self._outbox, []
-            if batch:
-                self._queue.put(batch)
+            if not batch:
+                return
+            if not self._inline or self._in_thread:
+                self._to_thread(batch)
+                return
+        self._commit_on_loop(batch)
 
-    # --- the writer thread ---
+    def _to_thread(self, batch: list[_Pending]) -> None:
+        # Called with `_lock` held.
+        if self._thread is None:
+            self._start_thread()
+        self._in_thread += 1
+        self._queue.put(batch)
+
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
+
+    def _commit_on_loop(self, batch: list[_Pending]) -> None:
+        """Commit `batch` here, on the event loop: no thread round trip before a call is forwarded.
+
+        SQLite with `synchronous=NORMAL` commits without a disk flush (tens of microseconds). The loop's
+        connection never waits: a write lock held elsewhere (the budget ledger's flush, a prune) sends
+        the batch to the writer thread, which waits for it; WAL checkpoints, which flush, run there
+        too (`_run`), never here.
+        """
+        for start in range(0, len(batch), self._batch_max):
+            part = batch[start : start + self._batch_max]
+            records = [p.record for p in part if p.record is not None]
+            error = self._commit(records, on_loop=True) if records else None
+            if error is _BUSY:
+                with self._lock:
+                    self._to_thread(batch[start:])
+                return
+            self._settle(part, error)
+
+    # --- the writer thread ---    # --- the writer thread ---
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=CHECKPOINT_EVERY_S if self._inline else None)
+            except queue.Empty:
+                self._checkpoint()
+                continue
             if item is None:
                 break
-            batch, stopping = self._gather(list(item))
+            batch, items, stopping = self._gather(list(item))
             for start in range(0, len(batch), self._batch_max):
                 part = batch[start : start + self._batch_max]
                 records = [p.record for p in part if p.record is not None]
@@ -341,18 +406,34 @@ class SqlAuditLog:
                 self._settle(part, error)
                 if error is None and self._retention_days is not None:
                     self._maybe_prune()
+            with self._lock:
+                self._in_thread -= items
+        if self._inline:
+            self._checkpoint()
 
-    def _gather(self, batch: list[_Pending]) -> tuple[list[_Pending], bool]:
-        """More of what is queued, for one transaction; True when the log is closing."""
+    def _checkpoint(self) -> None:
+        # The loop's connection never checkpoints (a checkpoint flushes to disk): this thread does, with
+        # PASSIVE, which neither waits for nor blocks the writers.
+        try:
+            self._connection().exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+        except SQLAlchemyError:
+            log.warning("audit log: WAL checkpoint failed; the next one tries again", exc_info=True)
+            self._drop_connection()
+
+    def _gather(self, batch: list[_Pending]) -> tuple[list[_Pending], int, bool]:
+        """More of what is queued, for one transaction: the records, how many hand-offs they came in,
+        and whether the log is closing."""
+        items = 1
         while len(batch) < self._batch_max:
             try:
                 more = self._queue.get_nowait()
             except queue.Empty:
                 break
             if more is None:
-                return batch, True
+                return batch, items, True
             batch.extend(more)
-        return batch, False
+            items += 1
+        return batch, items, False
 
     def _settle(self, batch: Sequence[_Pending], error: Unavailable | None) -> None:
         # One wake-up per event loop for the whole batch: each costs the loop a self-pipe write
@@ -374,9 +455,19 @@ class SqlAuditLog:
                 )
         for loop, settled in waiting.items():
             try:
-                loop.call_soon_threadsafe(_wake, settled)
+                if self._on(loop):
+                    _wake(settled)
+                else:
+                    loop.call_soon_threadsafe(_wake, settled)
             except RuntimeError:  # that event loop is closed: nobody waits any more
                 continue
+
+    @staticmethod
+    def _on(loop: asyncio.AbstractEventLoop) -> bool:
+        try:
+            return asyncio.get_running_loop() is loop
+        except RuntimeError:
+            return False
 
     def _connection(self) -> Connection:
         if self._conn is None:
@@ -387,6 +478,17 @@ class SqlAuditLog:
             self._conn = conn
         return self._conn
 
+    def _loop_connection(self) -> Connection:
+        if self._loop_conn is None:
+            conn = self.engine.connect()
+            # Out of the pool: these settings must never reach another user of the engine.
+            conn.detach()
+            for pragma in ("synchronous=NORMAL", "busy_timeout=0", "wal_autocheckpoint=0"):
+                conn.exec_driver_sql(f"PRAGMA {pragma}")
+            conn.commit()
+            self._loop_conn = conn
+        return self._loop_conn
+
     def _drop_connection(self) -> None:
         if self._conn is not None:
             try:
@@ -395,7 +497,7 @@ class SqlAuditLog:
                 log.debug("audit log: closing a broken connection failed", exc_info=True)
             self._conn = None
 
-    def _commit(self, records: Sequence[AuditRecord]) -> Unavailable | None:
+    def _commit(self, records: Sequence[AuditRecord], *, on_loop: bool = False) -> Unavailable | None:
         seq, prev = self._head
         rows = []
         for record in records:
@@ -404,7 +506,7 @@ class SqlAuditLog:
             row["hash"] = prev = record_hash(row)
             rows.append(row)
         try:
-            conn = self._connection()
+            conn = self._loop_connection() if on_loop else self._connection()
             try:
                 if not self._chain_written:
                     create_audit_tables(self.engine)
@@ -426,8 +528,13 @@ class SqlAuditLog:
                 conn.rollback()
                 raise
         except Exception as exc:  # whatever it was, the writer thread must live on and answer
+            if on_loop and _busy(exc):
+                return _BUSY  # a write lock is held elsewhere: the writer thread waits for it
             log.error("audit log: %d records not written: %s", len(rows), exc)
-            self._drop_connection()
+            if on_loop:
+                self._drop_loop_connection()
+            else:
+                self._drop_connection()
             error = Unavailable("audit log unavailable: the call cannot be recorded, so it was not forwarded")
             error.__cause__ = exc
             return error
@@ -435,6 +542,14 @@ class SqlAuditLog:
         self._chain_written = True
         self.commits += 1
         return None
+
+    def _drop_loop_connection(self) -> None:
+        if self._loop_conn is not None:
+            try:
+                self._loop_conn.close()
+            except SQLAlchemyError:
+                log.debug("audit log: closing a broken connection failed", exc_info=True)
+            self._loop_conn = None
 
     def _maybe_prune(self) -> None:
         now = self._clock()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -252,11 +253,58 @@ async def test_the_writer_wakes_each_event_loop_once_per_batch(
         return call_soon_threadsafe(callback, *args)
 
     monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
-    log = SqlAuditLog(engine, AuditSettings(node_id="node"))
+    # durability power: SQLite commits in the writer thread too (with crash, on the loop: below)
+    log = SqlAuditLog(engine, AuditSettings(node_id="node", durability="power"))
     await write_all(log, [record(n) for n in range(100)])
     log.close()
     assert len(wakes) == log.commits < 100
     assert sum(len(settled) for (settled,) in wakes) == 100
+
+
+async def test_sqlite_commits_on_the_event_loop_without_a_thread_round_trip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.get_running_loop()
+    wakes: list[Any] = []
+    call_soon_threadsafe = loop.call_soon_threadsafe
+
+    def counted(callback: Any, *args: Any) -> Any:
+        if callback.__module__ == SqlAuditLog.__module__:
+            wakes.append(args)
+        return call_soon_threadsafe(callback, *args)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+    engine = make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
+    log = SqlAuditLog(engine, AuditSettings(node_id="node"))
+    await log.write(record(1))
+    await write_all(log, [record(n) for n in range(2, 12)])
+    log.close()
+    assert wakes == [] and log.commits == 2
+    assert verify(engine).ok and verify(engine).records == 11
+
+
+async def test_a_held_write_lock_sends_records_to_the_writer_thread_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "audit.db"
+    engine = make_engine(f"sqlite:///{path}")
+    log = SqlAuditLog(engine, AuditSettings(node_id="node"))
+    await log.write(record(1))  # the loop's own connection is set up, the chain started
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer (a prune, the budget ledger) holds the lock
+    second = asyncio.create_task(log.write(record(2)))
+    await asyncio.sleep(0)  # the task queues its record
+    log.submit(record(3, event="outcome"))
+    third = asyncio.create_task(log.write(record(4)))
+    # The event loop is not blocked by the lock: other work goes on while the records wait.
+    await asyncio.wait_for(asyncio.sleep(0.05), 1)
+    assert not second.done() and not third.done()
+    other.execute("ROLLBACK")
+    with anyio.fail_after(10):
+        await asyncio.gather(second, third)
+    await log.write(record(5))  # the thread has caught up: back on the loop, after the others
+    log.close()
+    other.close()
+    assert [r["request_id"] for r in query(engine, AuditQuery())] == ["r1", "r2", "r3", "r4", "r5"]
+    assert verify(engine).ok
 
 
 async def test_an_outcome_nobody_waits_for_shares_the_next_decisions_commit(engine: Engine) -> None:
