@@ -33,6 +33,7 @@ import logging
 import queue
 import re
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -62,6 +63,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -179,6 +181,20 @@ def _row(record: AuditRecord) -> dict[str, Any]:
 
 # Built once: constructing a statement costs more than executing a cached one.
 _INSERT = insert(audit_log)
+# The same statements for the driver's own SQLite connection on the event loop (decision 0209),
+# compiled by SQLAlchemy for SQLite once: `?` parameters in `positiontup` order.
+_INSERT_COLUMNS = tuple(str(c.name) for c in audit_log.columns if c.name != "id")
+_CHAIN_COLUMNS = tuple(str(c.name) for c in audit_chain.columns)
+
+
+def _positional(statement: Any, columns: Sequence[str]) -> tuple[str, tuple[str, ...]]:
+    compiled = statement.compile(dialect=sqlite_dialect.dialect(), column_keys=list(columns))
+    return str(compiled), tuple(compiled.positiontup)
+
+
+_INSERT_SQL, _INSERT_ORDER = _positional(insert(audit_log), _INSERT_COLUMNS)
+_CHAIN_SQL, _CHAIN_ORDER = _positional(insert(audit_chain), _CHAIN_COLUMNS)
+_ADVANCE_SQL = "UPDATE audit_chain SET head_seq = ?, head_hash = ? WHERE chain = ?"
 _ADVANCE = (
     update(audit_chain)
     .where(audit_chain.c.chain == bindparam("of_chain"))
@@ -199,8 +215,7 @@ _BUSY = Unavailable("audit log: the database is locked; the writer thread takes 
 
 
 def _busy(exc: BaseException) -> bool:
-    orig = getattr(exc, "orig", None)
-    return getattr(orig, "sqlite_errorcode", None) in _SQLITE_BUSY
+    return getattr(exc, "sqlite_errorcode", None) in _SQLITE_BUSY
 
 
 def _wake(settled: Sequence[tuple[asyncio.Future[None], BaseException | None]]) -> None:
@@ -235,8 +250,11 @@ class SqlAuditLog:
         self._thread: threading.Thread | None = None
         # SQLite without a flush per commit: commits run on the event loop itself, on a connection
         # of their own that never waits for a lock (a held one sends the batch to the writer thread).
-        self._inline = engine.dialect.name == "sqlite" and settings.durability == "crash"
-        self._loop_conn: Connection | None = None
+        url = engine.url
+        file_db = url.database not in (None, "", ":memory:") and not url.query
+        self._sqlite_path = url.database if engine.dialect.name == "sqlite" and file_db else None
+        self._inline = self._sqlite_path is not None and settings.durability == "crash"
+        self._loop_conn: sqlite3.Connection | None = None
         self._in_thread = 0  # batches handed to the writer thread and not yet committed
         self._used = False
         # Guards `_closed` and the queue's end: nothing is queued after close's stop marker, where
@@ -387,7 +405,7 @@ class SqlAuditLog:
                 return
             self._settle(part, error)
 
-    # --- the writer thread ---    # --- the writer thread ---
+    # --- the writer thread ---
     def _run(self) -> None:
         stopping = False
         while not stopping:
@@ -478,14 +496,14 @@ class SqlAuditLog:
             self._conn = conn
         return self._conn
 
-    def _loop_connection(self) -> Connection:
+    def _loop_connection(self) -> sqlite3.Connection:
+        # The driver's own connection, outside SQLAlchemy and its pool: on the event loop every
+        # statement's overhead is a call's latency, and these settings must reach no one else.
         if self._loop_conn is None:
-            conn = self.engine.connect()
-            # Out of the pool: these settings must never reach another user of the engine.
-            conn.detach()
+            assert self._sqlite_path is not None
+            conn = sqlite3.connect(self._sqlite_path, isolation_level=None, check_same_thread=False)
             for pragma in ("synchronous=NORMAL", "busy_timeout=0", "wal_autocheckpoint=0"):
-                conn.exec_driver_sql(f"PRAGMA {pragma}")
-            conn.commit()
+                conn.execute(f"PRAGMA {pragma}")
             self._loop_conn = conn
         return self._loop_conn
 
@@ -506,27 +524,12 @@ class SqlAuditLog:
             row["hash"] = prev = record_hash(row)
             rows.append(row)
         try:
-            conn = self._loop_connection() if on_loop else self._connection()
-            try:
-                if not self._chain_written:
-                    create_audit_tables(self.engine)
-                    conn.execute(
-                        insert(audit_chain).values(
-                            chain=self.chain,
-                            node=self.node,
-                            started_at=timestamp(self._clock()),
-                            head_seq=0,
-                            head_hash=GENESIS,
-                            anchor_seq=0,
-                            anchor_hash=GENESIS,
-                        )
-                    )
-                conn.execute(_INSERT, rows)
-                conn.execute(_ADVANCE, {"of_chain": self.chain, "to_seq": seq, "to_hash": prev})
-                conn.commit()
-            except BaseException:
-                conn.rollback()
-                raise
+            if not self._chain_written:
+                create_audit_tables(self.engine)
+            if on_loop:
+                self._write_on_loop(rows, seq, prev)
+            else:
+                self._write(rows, seq, prev)
         except Exception as exc:  # whatever it was, the writer thread must live on and answer
             if on_loop and _busy(exc):
                 return _BUSY  # a write lock is held elsewhere: the writer thread waits for it
@@ -543,11 +546,50 @@ class SqlAuditLog:
         self.commits += 1
         return None
 
+    def _chain_row(self) -> dict[str, Any]:
+        return {
+            "chain": self.chain,
+            "node": self.node,
+            "started_at": timestamp(self._clock()),
+            "head_seq": 0,
+            "head_hash": GENESIS,
+            "anchor_seq": 0,
+            "anchor_hash": GENESIS,
+        }
+
+    def _write(self, rows: list[dict[str, Any]], seq: int, head: str) -> None:
+        conn = self._connection()
+        try:
+            if not self._chain_written:
+                conn.execute(insert(audit_chain).values(**self._chain_row()))
+            conn.execute(_INSERT, rows)
+            conn.execute(_ADVANCE, {"of_chain": self.chain, "to_seq": seq, "to_hash": head})
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+
+    def _write_on_loop(self, rows: list[dict[str, Any]], seq: int, head: str) -> None:
+        conn = self._loop_connection()
+        # IMMEDIATE: the write lock now or SQLITE_BUSY now (busy_timeout=0), never a wait.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if not self._chain_written:
+                chain = self._chain_row()
+                conn.execute(_CHAIN_SQL, [chain[c] for c in _CHAIN_ORDER])
+            conn.executemany(_INSERT_SQL, [[row[c] for c in _INSERT_ORDER] for row in rows])
+            conn.execute(_ADVANCE_SQL, (seq, head, self.chain))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
     def _drop_loop_connection(self) -> None:
         if self._loop_conn is not None:
             try:
                 self._loop_conn.close()
-            except SQLAlchemyError:
+            except sqlite3.Error:
                 log.debug("audit log: closing a broken connection failed", exc_info=True)
             self._loop_conn = None
 
