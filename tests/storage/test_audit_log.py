@@ -240,9 +240,8 @@ async def test_a_submitted_record_that_cannot_be_written_is_logged(
     assert "audit record not written: outcome allowed r7 mcp:github/create_issue" in caplog.text
 
 
-async def test_the_writer_wakes_each_event_loop_once_per_batch(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def cross_thread_wakes(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """What the audit log asks the running loop to do from another thread (`call_soon_threadsafe`)."""
     loop = asyncio.get_running_loop()
     wakes: list[Any] = []
     call_soon_threadsafe = loop.call_soon_threadsafe
@@ -253,6 +252,13 @@ async def test_the_writer_wakes_each_event_loop_once_per_batch(
         return call_soon_threadsafe(callback, *args)
 
     monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+    return wakes
+
+
+async def test_the_writer_wakes_each_event_loop_once_per_batch(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wakes = await cross_thread_wakes(monkeypatch)
     # durability power: SQLite commits in the writer thread too (with crash, on the loop: below)
     log = SqlAuditLog(engine, AuditSettings(node_id="node", durability="power"))
     await write_all(log, [record(n) for n in range(100)])
@@ -264,16 +270,7 @@ async def test_the_writer_wakes_each_event_loop_once_per_batch(
 async def test_sqlite_commits_on_the_event_loop_without_a_thread_round_trip(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    loop = asyncio.get_running_loop()
-    wakes: list[Any] = []
-    call_soon_threadsafe = loop.call_soon_threadsafe
-
-    def counted(callback: Any, *args: Any) -> Any:
-        if callback.__module__ == SqlAuditLog.__module__:
-            wakes.append(args)
-        return call_soon_threadsafe(callback, *args)
-
-    monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+    wakes = await cross_thread_wakes(monkeypatch)
     engine = make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
     log = SqlAuditLog(engine, AuditSettings(node_id="node"))
     await log.write(record(1))
