@@ -1,0 +1,75 @@
+"""The front door: MCP requests are dispatched ahead of FastAPI's middleware stack (with the Host
+check kept); everything else, and whatever the MCP routes do not serve, goes through FastAPI."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from agentgw.app import GatewayApp, create_app
+from agentgw.settings import load_settings
+
+BASE = "http://127.0.0.1:8080"
+PING = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
+JSON = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+
+
+def app_for(tmp_path: Path) -> GatewayApp:
+    settings = load_settings(
+        None,
+        database_url=f"sqlite:///{tmp_path / 'gw.db'}",
+        allowed_hosts=["127.0.0.1"],
+        allow_anonymous=True,
+        policy={"rules": ["p, anonymous, mcp:*, *, allow"]},
+    )
+    return create_app(settings)
+
+
+@pytest.fixture
+async def http(tmp_path: Path) -> AsyncIterator[tuple[GatewayApp, httpx.AsyncClient]]:
+    app = app_for(tmp_path)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url=BASE) as client:
+        yield app, client
+
+
+async def test_mcp_requests_skip_fastapis_middleware_stack(
+    http: tuple[GatewayApp, httpx.AsyncClient],
+) -> None:
+    app, client = http
+    response = await client.post("/mcp/nosuch", content=PING, headers=JSON)
+    assert response.status_code == 404 and response.json()["error"]["message"].startswith(
+        "unknown MCP server"
+    )
+    assert app.middleware_stack is None, "FastAPI built its middleware stack for an MCP request"
+    assert (await client.get("/healthz")).status_code == 200
+    assert app.middleware_stack is not None
+
+
+async def test_the_host_check_holds_on_the_mcp_front_door(http: tuple[GatewayApp, httpx.AsyncClient]) -> None:
+    _, client = http
+    for path in ("/mcp", "/mcp/nosuch"):
+        response = await client.post(path, content=PING, headers=JSON | {"host": "evil.example.com"})
+        assert response.status_code == 400 and response.text == "Invalid host header"
+
+
+async def test_what_the_mcp_routes_do_not_serve_falls_through_to_fastapi(
+    http: tuple[GatewayApp, httpx.AsyncClient],
+) -> None:
+    _, client = http
+    assert (await client.put("/mcp", content=PING, headers=JSON)).status_code == 405
+    for path in ("/mcp/a/b", "/mcp/", "/mcpx"):
+        response = await client.post(path, content=PING, headers=JSON)
+        assert response.status_code in (404, 307), path
+        assert "jsonrpc" not in response.text, f"{path} reached the MCP ingress"
+
+
+def test_start_up_objects_are_frozen_out_of_the_gc_while_the_gateway_runs(tmp_path: Path) -> None:
+    app = app_for(tmp_path)
+    with TestClient(app, base_url=BASE):
+        assert gc.get_freeze_count() > 10_000
+    assert gc.get_freeze_count() == 0
