@@ -48,6 +48,7 @@ __all__ = [
     "AuditSink",
     "RedactionSettings",
     "arguments_digest",
+    "not_written",
     "redact",
     "timestamp",
 ]
@@ -491,7 +492,7 @@ class Audit:
         try:
             await self._sink.write(record)
         except Exception:
-            _not_written(record)
+            not_written(record)
 
     def _submit(self, record: AuditRecord) -> None:
         # Outcomes: the decision record already proves the call was forwarded, so the reply need
@@ -499,15 +500,16 @@ class Audit:
         try:
             self._sink.submit(record)
         except Exception:
-            _not_written(record)
+            not_written(record)
 
 
-def _not_written(record: AuditRecord) -> None:
+def not_written(record: AuditRecord, *, exc_info: bool = True) -> None:
+    """Log a record that could not be written (never its arguments: they may hold secrets)."""
     log.error(
         "audit record not written: %s %s %s %s",
         record.event,
         record.decision,
         record.request_id,
         record.resource,
-        exc_info=True,
+        exc_info=exc_info,
     )

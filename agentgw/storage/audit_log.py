@@ -68,7 +68,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.elements import ColumnElement
 
 from agentgw.errors import Unavailable
-from agentgw.filters.audit import AuditRecord, AuditSettings, timestamp
+from agentgw.filters.audit import AuditRecord, AuditSettings, not_written, timestamp
 
 __all__ = [
     "GENESIS",
@@ -463,14 +463,7 @@ class SqlAuditLog:
                 outcome = error if pending.record is not None else None
                 waiting.setdefault(pending.loop, []).append((pending.future, outcome))
             elif error is not None and pending.record is not None:
-                record = pending.record  # submitted: nobody waits to hear of the failure
-                log.error(
-                    "audit record not written: %s %s %s %s",
-                    record.event,
-                    record.decision,
-                    record.request_id,
-                    record.resource,
-                )
+                not_written(pending.record, exc_info=False)  # submitted: nobody waits to hear
         for loop, settled in waiting.items():
             try:
                 if self._on(loop):
