@@ -103,18 +103,21 @@ def _serve(args: argparse.Namespace) -> int:
             "  demo mode: SQLite, the built-in demo upstream and demo policy; anonymous callers allowed",
             flush=True,
         )
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop=args.loop,
-        http=args.http,
-        log_level="warning",
-        # Every call is in the audit log; an access log line per request would only repeat it.
-        access_log=False,
-        lifespan="on",
-    )
+    uvicorn.run(app, **_uvicorn_options(args, settings))
     return 0
+
+
+def _uvicorn_options(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "loop": args.loop,
+        "http": args.http,
+        "log_level": "warning",
+        # Every call is in the audit log; an access log line per request would only repeat it.
+        "access_log": False,
+        "lifespan": "on",
+    }
 
 
 def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
@@ -123,15 +126,6 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
     os.environ[WORKER_SETTINGS_ENV] = settings.model_dump_json()
     print(f"agentgw listening on {settings.base_url} with {args.workers} workers", flush=True)
     uvicorn.run(
-        "agentgw.cli.serve:worker_app",
-        factory=True,
-        workers=args.workers,
-        host=settings.host,
-        port=settings.port,
-        loop=args.loop,
-        http=args.http,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
+        "agentgw.cli.serve:worker_app", factory=True, workers=args.workers, **_uvicorn_options(args, settings)
     )
     return 0
