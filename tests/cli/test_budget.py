@@ -13,7 +13,7 @@ from agentgw.call import Call, Principal, Reply
 from agentgw.cli import main
 from agentgw.filters.budget import Budget, BudgetRule, StaticRules
 from agentgw.storage import make_engine
-from agentgw.storage.budget_counters import SqlBudgetStore
+from agentgw.storage.budget_counters import LocalBudgetStore, SqlBudgetStore
 from agentgw.storage.budget_rules import BudgetRuleBook
 
 RULES = [
@@ -78,6 +78,33 @@ def test_show_lists_the_budgets_a_principal_is_under_with_usage(
     assert lines[("alice-daily", "calls")]["used"] == 3 and lines[("run-calls", "calls")]["used"] == 3
     assert lines[("devs-hourly", "cost")]["limit"] == 2.5
     assert lines[("alice-daily", "calls")]["resetsAt"].endswith("T00:00:00Z")
+
+
+def test_show_reads_the_saved_counts_while_a_gateway_owns_the_local_ledger(
+    setup: tuple[Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, url = setup
+    engine = make_engine(url)
+    ledger = LocalBudgetStore(engine)  # the running gateway's store holds the database's lease
+    stage = Budget(ledger, StaticRules([BudgetRule.model_validate(r) for r in RULES]))
+    alice = Principal(subject="user:alice", roles=("role:dev",))
+
+    async def forward(_: Call) -> Reply:
+        return Reply()
+
+    async def run() -> None:
+        for _ in range(4):
+            await stage(Call("mcp", "call", "mcp:x/y", "x", "tools/call", principal=alice), forward)
+
+    asyncio.run(run())
+    assert ledger.flush()
+    try:
+        assert main(["budget", "show", "user:alice", "--config", str(config), "--format", "json"]) == 0
+    finally:
+        asyncio.run(ledger.aclose())
+        engine.dispose()
+    lines = {line["budget"]: line for line in json.loads(capsys.readouterr().out)}
+    assert lines["alice-daily"]["used"] == 4
 
 
 def test_show_as_a_table_and_for_a_principal_under_no_budget(
