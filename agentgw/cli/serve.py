@@ -116,6 +116,10 @@ def _uvicorn_options(args: argparse.Namespace, settings: Settings) -> dict[str, 
         "log_level": "warning",
         # Every call is in the audit log; an access log line per request would only repeat it.
         "access_log": False,
+        # Nothing reads the peer address or scheme (URLs come from `base_url`), so X-Forwarded-*
+        # from a client on 127.0.0.1 is not trusted by default (uvicorn's default would), and the
+        # middleware that applies it costs every request.
+        "proxy_headers": False,
         "lifespan": "on",
     }
 

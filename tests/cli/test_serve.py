@@ -1,4 +1,5 @@
-"""`agentgw serve --workers N` and the budget store: a local ledger counts in one process only."""
+"""`agentgw serve`: the uvicorn options it runs with; `--workers N` and the budget store (a local ledger
+counts in one process only)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agentgw.cli import main
+from agentgw.cli import _parser, main
+from agentgw.cli.serve import _uvicorn_options
+from agentgw.settings import Settings
 
 
 def test_several_workers_with_the_local_budget_store_refuse_to_start(
@@ -24,3 +27,11 @@ def test_several_workers_with_the_local_budget_store_refuse_to_start(
     error = capsys.readouterr().err
     assert "--workers > 1 needs budgets.store sql or redis" in error
     assert not (tmp_path / "gw.db").exists()  # refused before anything was started
+
+
+def test_serve_trusts_no_forwarding_headers_from_local_clients() -> None:
+    # uvicorn's default trusts X-Forwarded-For/-Proto from 127.0.0.1; nothing here needs them.
+    args = _parser().parse_args(["serve"])
+    options = _uvicorn_options(args, Settings())
+    assert options["proxy_headers"] is False
+    assert options["access_log"] is False
