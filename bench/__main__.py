@@ -1,4 +1,4 @@
-"""`python -m bench {load,upstream,compare}`."""
+"""`python -m bench {load,upstream,floor,compare}`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import compare, load, upstream
+from bench import compare, floor, load, upstream
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -17,6 +17,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     up = sub.add_parser("upstream", help="run the fast fixture MCP upstream")
     up.add_argument("--port", type=int, required=True)
     up.add_argument("--server", choices=upstream.SERVERS, default="uvicorn")
+    bare = sub.add_parser("floor", help="run a bare forwarding proxy (no pipeline) to measure against")
+    bare.add_argument("--port", type=int, required=True)
+    bare.add_argument("--upstream", required=True, help="the upstream's base URL")
     cmp = sub.add_parser("compare", help="direct vs through the gateway, side by side")
     compare.add_arguments(cmp)
     args = parser.parse_args(argv)
@@ -24,6 +27,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return load.main(args)
     if args.command == "upstream":
         upstream.serve(args.port, args.server)
+        return 0
+    if args.command == "floor":
+        floor.serve(args.port, args.upstream)
         return 0
     return compare.main(args)
 

@@ -3,18 +3,20 @@
     python -m bench compare [--calls N] [--concurrency 1,10,50] [--kind mcp|a2a|llm]
                             [--era modern|legacy] [--upstream fast|sdk] [--memory-run N]
                             [--json FILE] [--no-bridge] [--anonymous] [--no-budget]
-                            [--redis-url URL] [--serve-args "..."]
+                            [--redis-url URL] [--serve-args "..."] [--floor]
 
 Starts the fixture upstream (`fast`: bench/upstream.py; `sdk`: the `mcp`-SDK fixture the tests use)
 and the gateway (`python -m agentgw serve`, from the current directory, on free 127.0.0.1 ports, with
 every pipeline stage this checkout has switched on), warms both up, then at each concurrency runs:
 - `direct`: straight to the upstream's /mcp;
+- `floor` (with `--floor`): through a bare forwarding proxy on the gateway's server and client with no
+  pipeline (bench/floor.py), the least any gateway built on them could cost;
 - `gateway`: the pass-through path /mcp/bench;
 - `bridge`: the merged catalog /mcp (tool `bench__echo`), the SDK-served path.
 With `--kind a2a` (`llm`) the rows are the fixture's /a2a (/v1/chat/completions) and the gateway's
 /a2a/bench (/v1/chat/completions, model `bench`).
-For the gateway rows it reports the ratio of throughput to direct, the added p50/p99 latency, and the
-gateway's CPU time per call (utime+stime of the gateway process and its children, from /proc).
+For the other rows it reports the ratio of throughput to direct, the added p50/p99 latency, and the
+proxy's CPU time per call (utime+stime of the gateway's or the floor's process tree, from /proc).
 `--memory-run N` ends with N calls through the pass-through path and reports the gateway's RSS before
 and after.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import os
 import shlex
@@ -227,6 +230,10 @@ def gateway_args(config_path: Path, port: int, database_url: str, extra: Sequenc
     return [*args, "--host", "127.0.0.1", "--port", str(port), "--database-url", database_url, *extra]
 
 
+def floor_args(port: int, upstream_url: str) -> list[str]:
+    return [sys.executable, "-m", "bench", "floor", "--port", str(port), "--upstream", upstream_url]
+
+
 def upstream_args(kind: str, port: int) -> list[str]:
     if kind == "fast":
         return [sys.executable, "-m", "bench", "upstream", "--port", str(port), "--server", "uvicorn"]
@@ -298,16 +305,23 @@ async def _measure(
     return result, cpu
 
 
-def targets(kind: Kind, upstream: str, gateway: str, bridge: bool) -> list[tuple[str, str, str]]:
-    """(row name, URL, tool) of each measured path; `upstream` and `gateway` are base URLs."""
+def targets(
+    kind: Kind, upstream: str, gateway: str, bridge: bool, floor: str | None = None
+) -> list[tuple[str, str, str]]:
+    """(row name, URL, tool) of each measured path; `upstream`, `gateway` and `floor` are base URLs."""
+    proxies = [("floor", floor)] if floor else []
+    proxies.append(("gateway", gateway))
     if kind == "llm":
-        return [
-            ("direct", f"{upstream}/v1/chat/completions", ""),
-            ("gateway", f"{gateway}/v1/chat/completions", ""),
+        return [("direct", f"{upstream}/v1/chat/completions", "")] + [
+            (name, f"{base}/v1/chat/completions", "") for name, base in proxies
         ]
     if kind == "a2a":
-        return [("direct", f"{upstream}/a2a", ""), ("gateway", f"{gateway}/a2a/{SERVER}", "")]
-    paths = [("direct", f"{upstream}/mcp", TOOL), ("gateway", f"{gateway}/mcp/{SERVER}", TOOL)]
+        return [("direct", f"{upstream}/a2a", "")] + [
+            (name, f"{base}/a2a/{SERVER}", "") for name, base in proxies
+        ]
+    paths = [("direct", f"{upstream}/mcp", TOOL)] + [
+        (name, f"{base}/mcp/{SERVER}", TOOL) for name, base in proxies
+    ]
     if bridge:
         paths.append(("bridge", f"{gateway}/mcp", f"{SERVER}__{TOOL}"))
     return paths
@@ -325,16 +339,21 @@ async def compare(
     concurrencies: Sequence[int],
     warmup: int,
     bridge: bool,
+    floor: tuple[str, int] | None = None,
     on_row: Callable[[Row], None] = lambda _: None,
 ) -> list[Row]:
-    """Direct, pass-through and bridge runs at each concurrency, with ratios to direct.
+    """Direct, (floor,) pass-through and bridge runs at each concurrency, with ratios to direct.
+
+    Args:
+        floor: the bare forwarder's base URL and pid, measured as its own row.
 
     Raises:
         RuntimeError: a path failed its warm-up (the first error is in the message).
     """
+    pids = {"direct": None, "floor": floor[1] if floor else None}
     paths = [
-        (name, url, tool, None if name == "direct" else gateway_pid)
-        for name, url, tool in targets(kind, upstream_url, gateway_url, bridge)
+        (name, url, tool, pids.get(name, gateway_pid))
+        for name, url, tool in targets(kind, upstream_url, gateway_url, bridge, floor[0] if floor else None)
     ]
     for _, url, tool, pid in paths:
         warm, _ = await _measure(kind, url, era, token, tool, warmup, 10, pid, warmup=True)
@@ -441,6 +460,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--serve-args", default="", help='more `agentgw serve` options, e.g. "--loop asyncio --http h11"'
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure a bare forwarding proxy (bench/floor.py: the same server and client, no pipeline)",
+    )
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
 
 
@@ -498,12 +522,16 @@ def main(args: argparse.Namespace) -> int:
             except RuntimeError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
-        with (
-            start_process(upstream_args(args.upstream, upstream_port), upstream_port),
-            start_process(
-                gateway_args(config_path, gateway_port, database_url, serve_args), gateway_port
-            ) as gw,
-        ):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(start_process(upstream_args(args.upstream, upstream_port), upstream_port))
+            gw = stack.enter_context(
+                start_process(gateway_args(config_path, gateway_port, database_url, serve_args), gateway_port)
+            )
+            floor = None
+            if args.floor:
+                floor_port = free_port()
+                bare = stack.enter_context(start_process(floor_args(floor_port, upstream_url), floor_port))
+                floor = (bare.url, bare.process.pid)
             pid = gw.process.pid
             try:
                 report.rows = asyncio.run(
@@ -518,6 +546,7 @@ def main(args: argparse.Namespace) -> int:
                         concurrencies=concurrencies,
                         warmup=args.warmup,
                         bridge=args.bridge,
+                        floor=floor,
                         on_row=lambda row: print(row_line(row), flush=True),
                     )
                 )

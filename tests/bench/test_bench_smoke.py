@@ -66,6 +66,16 @@ def test_bench_compare_drives_legacy_sessions_through_the_pass_through_path(tmp_
     assert all(r["errors"] == 0 for r in report["rows"]), report["rows"]
 
 
+@pytest.mark.parametrize("era", ["modern", "legacy"])
+def test_bench_compare_measures_the_bare_forwarder_beside_the_gateway(tmp_path: Path, era: str) -> None:
+    _, report = _compare(tmp_path, "--floor", "--no-bridge", "--era", era, "--calls", "100")
+    assert [r["path"] for r in report["rows"]] == ["direct", "floor", "gateway"] * len(CONCURRENCIES)
+    for row in report["rows"]:
+        assert row["errors"] == 0, row["first_error"]
+        if row["path"] != "direct":
+            _positive(row, "calls_per_s", "cpu_ms_per_call", "ratio")
+
+
 @pytest.mark.parametrize("kind", ["a2a", "llm"])
 def test_bench_compare_measures_a2a_and_llm_calls_through_their_routes(tmp_path: Path, kind: str) -> None:
     _, report = _compare(tmp_path, "--kind", kind, "--calls", "60")
