@@ -10,8 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 from starlette.testclient import TestClient
+from starlette.types import Message, Receive, Scope, Send
 
-from agentgw.app import GatewayApp, create_app
+from agentgw.app import GatewayApp, RememberedHostCheck, create_app
 from agentgw.settings import load_settings
 
 BASE = "http://127.0.0.1:8080"
@@ -55,6 +56,39 @@ async def test_the_host_check_holds_on_the_mcp_front_door(http: tuple[GatewayApp
     for path in ("/mcp", "/mcp/nosuch"):
         response = await client.post(path, content=PING, headers=JSON | {"host": "evil.example.com"})
         assert response.status_code == 400 and response.text == "Invalid host header"
+
+
+async def test_a_host_that_passed_the_check_does_not_let_another_one_through(
+    http: tuple[GatewayApp, httpx.AsyncClient],
+) -> None:
+    _, client = http
+    for host in ("127.0.0.1:8080", "evil.example.com", "127.0.0.1:8080", "evil.example.com", None):
+        headers = JSON if host is None else JSON | {"host": host}
+        client.headers.pop("host", None)
+        response = await client.post("/mcp/nosuch", content=PING, headers=headers)
+        if host is None or host.startswith("127.0.0.1"):
+            assert response.status_code == 404, host
+        else:
+            assert response.status_code == 400 and response.text == "Invalid host header"
+
+
+async def test_a_request_without_a_host_header_is_refused() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        raise AssertionError("a request without a Host header reached the app")
+
+    check = RememberedHostCheck(app, ["127.0.0.1"])
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/mcp", "headers": [(b"accept", b"*/*")]}
+    await check(scope, _no_body, send)
+    assert sent[0]["status"] == 400
+
+
+async def _no_body() -> Message:
+    return {"type": "http.request", "body": b""}
 
 
 async def test_what_the_mcp_routes_do_not_serve_falls_through_to_fastapi(

@@ -80,7 +80,7 @@ BUILTIN_PATTERNS: dict[str, re.Pattern[str]] = {
 # case as its pattern does; `api_key` has `k-` (sk-, pk-, rk-), `_` (gh?_, github_pat_), `glpat-`,
 # `xox`, `AKIA`, `AIza`, and the `[:=]` of its `name: value` form. Keep them in step.
 _NEEDLES: dict[str, re.Pattern[str]] = {
-    "bearer": re.compile(r"(?i)bearer"),
+    "bearer": re.compile(r"(?i:bearer)"),
     "jwt": re.compile(r"eyJ"),
     "api_key": re.compile(r"k-|_|glpat-|xox|AKIA|AIza|(?i:[:=])"),
     "email": re.compile(r"@"),
@@ -102,6 +102,7 @@ _ALL_BUILTIN: tuple[BuiltinPattern, ...] = ("bearer", "jwt", "api_key", "email")
 REDACTED = "[REDACTED]"
 # Long strings are cut: the audit log is evidence of what was asked, not a copy of every payload.
 MAX_STRING = 1024
+MAX_KNOWN_NAMES = 4096
 
 
 class RedactionSettings(BaseModel):
@@ -265,11 +266,29 @@ class _Redactor:
             if name in settings.builtin
         ]
         self.patterns += [(re.compile(p), "[REDACTED:pattern]", None) for p in settings.patterns]
+        # Every needle in one search: a string with none of them (most) skips the loop below. Only
+        # when every pattern has a needle (no configured patterns).
+        needles = [needle.pattern for _, _, needle in self.patterns if needle is not None]
+        self.any_needle = (
+            re.compile("|".join(f"(?:{n})" for n in needles))
+            if needles and len(needles) == len(self.patterns)
+            else None
+        )
+        # Argument names seen, and whether each is secret: a tool's names repeat on every call.
+        self._names: dict[str, bool] = {}
 
     def secret_name(self, name: str) -> bool:
-        return self.secret_names is not None and self.secret_names.match(name.lower()) is not None
+        known = self._names.get(name)
+        if known is None:
+            known = self.secret_names is not None and self.secret_names.match(name.lower()) is not None
+            if len(self._names) >= MAX_KNOWN_NAMES:  # names come from callers: stay bounded
+                self._names = {}
+            self._names[name] = known
+        return known
 
     def text(self, value: str) -> str:
+        if self.any_needle is not None and self.any_needle.search(value) is None:
+            return value if len(value) <= MAX_STRING else value[:MAX_STRING] + "...[truncated]"
         for pattern, replacement, needle in self.patterns:
             # Checked on the string as it is now: a replacement may add a needle (`:`) for the next.
             if needle is None or needle.search(value) is not None:
@@ -279,7 +298,7 @@ class _Redactor:
     def value(self, value: Any) -> Any:
         if isinstance(value, str):
             return self.text(value)
-        if isinstance(value, Mapping):
+        if isinstance(value, dict | Mapping):  # dict first: the ABC's check is slower
             return {str(k): REDACTED if self.secret_name(str(k)) else self.value(v) for k, v in value.items()}
         if isinstance(value, list | tuple):
             return [self.value(v) for v in value]
@@ -290,7 +309,7 @@ class _Redactor:
     def arguments(self, arguments: Mapping[str, Any] | None, resource: str) -> str | None:
         if arguments is None or not self.settings.store_arguments:
             return None
-        if any(object_match(resource, pattern) for pattern in self.settings.tools):
+        if self.settings.tools and any(object_match(resource, pattern) for pattern in self.settings.tools):
             kept: Any = dict.fromkeys((str(k) for k in arguments), REDACTED)
         else:
             kept = self.value(arguments)

@@ -361,7 +361,8 @@ class Authenticate:
     def _scopes(self, call: Call | None) -> list[str]:
         if call is None or self._required_scopes is None:
             return []
-        return sorted(set(self._required_scopes(call)))
+        scopes = self._required_scopes(call)
+        return sorted(set(scopes)) if scopes else []  # most endpoints need none
 
     async def __call__(self, call: Call, call_next: CallNext) -> Reply:
         principal = await self.principal(call.credentials, call)

@@ -148,7 +148,12 @@ class PolicyVersion(SQLModel, table=True):
     version: int = 0
 
 
-def _fingerprint(path: Path | None) -> tuple[int, int, int] | None:
+Fingerprint = tuple[int, int, int] | None
+# Never a file's fingerprint: makes the next look reload.
+_UNSEEN: Fingerprint = (-2, -2, -2)
+
+
+def _fingerprint(path: str | None) -> Fingerprint:
     if path is None:
         return None
     try:
@@ -189,7 +194,11 @@ class CasbinAuthorizer:
             SQLModel.metadata.create_all(database, tables=[PolicyVersion.__table__])  # type: ignore[attr-defined]  # SQLModel declares tables dynamically
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, tuple[str, ...], tuple[str, ...], str, str], Decision] = {}
-        self._seen = (_fingerprint(model), _fingerprint(policy_file))
+        # As strings: `refresh` stats them per call, and a `Path` converts itself on every stat.
+        self._model_path = os.fspath(model)
+        self._file_path = None if policy_file is None else os.fspath(policy_file)
+        self._model_seen = _fingerprint(self._model_path)
+        self._file_seen = _fingerprint(self._file_path)
         self._db_version = self._read_db_version()
         self._rules: list[Rule] = []
         self.last_error: str | None = None
@@ -275,21 +284,26 @@ class CasbinAuthorizer:
             self.generation += 1
             self.last_error = None
 
-    def refresh(self) -> None:
-        """Reload if the model or policy file changed since the last look (a `stat` each)."""
-        seen = (_fingerprint(self._model), _fingerprint(self._policy_file))
-        if seen == self._seen:
+    def refresh(self, *, model: bool = False) -> None:
+        """Reload if the policy file changed since the last look (one `stat`: this runs per call, so
+        a file edit takes effect at the next call); with `model`, the model file too (`watch` looks
+        at it every `DB_POLL_S`: a model changes with a deployment, not between two calls)."""
+        file_seen = _fingerprint(self._file_path)
+        model_seen = _fingerprint(self._model_path) if model else self._model_seen
+        if file_seen == self._file_seen and model_seen == self._model_seen:
             return
-        self._seen = seen
+        self._file_seen, self._model_seen = file_seen, model_seen
         try:
             self.reload()
         except PolicyError as exc:
             self.last_error = exc.message
             log.error("policy reload refused, the last good policy stays in force: %s", exc.message)
             return
-        # A file written in place may have changed again while it was read: look again next call.
-        if (_fingerprint(self._model), _fingerprint(self._policy_file)) != seen:
-            self._seen = (None, None)
+        # A file written in place may have changed again while it was read: look again next time.
+        if _fingerprint(self._file_path) != file_seen:
+            self._file_seen = _UNSEEN
+        if model and _fingerprint(self._model_path) != model_seen:
+            self._model_seen = _UNSEEN
         log.info("policy reloaded rules=%d", len(self._rules))
 
     def refresh_database(self) -> bool:
@@ -307,11 +321,11 @@ class CasbinAuthorizer:
         return True
 
     async def watch(self, interval_s: float = DB_POLL_S) -> None:
-        """Poll the database policy version (and the files) until cancelled."""
+        """Poll the database policy version and the model and policy files until cancelled."""
         while True:
             await anyio.sleep(interval_s)
             try:
-                self.refresh()
+                self.refresh(model=True)
                 if self._engine is not None:
                     await anyio.to_thread.run_sync(self.refresh_database)
             except Exception:

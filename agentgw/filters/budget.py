@@ -43,6 +43,7 @@ __all__ = [
     "BudgetStore",
     "Charge",
     "Metric",
+    "PlanCache",
     "RuleSource",
     "Shortfall",
     "StaticRules",
@@ -313,6 +314,55 @@ def plan(rules: Sequence[BudgetRule], call: Call, now: float, run_ttl_s: float) 
     return charges
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    rules: Sequence[BudgetRule]  # the rule set it was planned under (compared by identity)
+    charges: tuple[Charge, ...]
+    start: float  # valid while start <= now < end: inside every counted window
+    end: float
+
+
+class PlanCache:
+    """`plan`'s answers, reused while they cannot change (a principal's calls of one tool ask the
+    same question all day; planning one cost about 5 us).
+
+    A plan is keyed by everything `plan` reads from the call (action, resource, run, the principal's
+    subject, roles and client, the estimate) and reused only under the same rule set (the object
+    `RuleSource.current` returned: a rule book that changes builds a new one) and while `now` is
+    inside every window it counted in (`window_bounds` of any such `now` is the same). A plan with a
+    windowless run budget is never kept: its counters expire relative to `now`.
+    """
+
+    def __init__(self, run_ttl_s: float, max_entries: int = 4096) -> None:
+        self._run_ttl_s = run_ttl_s
+        self._max = max_entries
+        self._plans: dict[tuple[object, ...], _Plan] = {}
+
+    def charges(self, rules: Sequence[BudgetRule], call: Call, now: float) -> tuple[Charge, ...]:
+        """`plan(rules, call, now, run_ttl_s)`, from the cache when it is still the same."""
+        principal, estimate = call.principal, call.estimate
+        key = (
+            call.action,
+            call.resource,
+            run_key(call),
+            None if principal is None else (principal.subject, principal.roles, principal.client_id),
+            estimate.tokens,
+            estimate.cost,
+        )
+        known = self._plans.get(key)
+        if known is not None and known.rules is rules and known.start <= now < known.end:
+            return known.charges
+        charges = tuple(plan(rules, call, now, self._run_ttl_s))
+        ends = [c.target.resets_at for c in charges]
+        if None not in ends:
+            if len(self._plans) >= self._max:  # keys come from callers (run ids, tools): stay bounded
+                self._plans = {}
+            start = max((c.target.start for c in charges), default=-math.inf)
+            end = min((e for e in ends if e is not None), default=math.inf)
+            self._plans[key] = _Plan(rules, charges, start, end)
+        return charges
+
+
 def admits(used: int, amount: int, limit: int) -> bool:
     """Whether `amount` more fits: within the limit, and nothing fits an exhausted counter.
 
@@ -439,6 +489,7 @@ class Budget:
         self._rules = rules
         self._run_ttl_s = run_ttl_s
         self._clock = clock
+        self._plans = PlanCache(run_ttl_s)
 
     async def __call__(self, call: Call, call_next: CallNext) -> Reply:
         if call.action not in SPENDING_ACTIONS:
@@ -446,7 +497,7 @@ class Budget:
         rules = await self._rules.current()
         now = self._clock()
         await self._check_durations(rules, call, now)
-        charges = plan(rules, call, now, self._run_ttl_s)
+        charges = self._plans.charges(rules, call, now)
         if charges:
             shortfall = await self._store.reserve(charges, now)
             if shortfall is not None:

@@ -37,7 +37,7 @@ def endpoint_scopes(registry: RegistryStore, endpoint: str) -> list[str] | None:
         return None
     spec = registry.server(name)
     if spec is not None:
-        return sorted(set(spec.scopes))
+        return sorted(set(spec.scopes)) if spec.scopes else []
     virtual = registry.virtual_server(name)
     if virtual is None:
         return None

@@ -137,6 +137,17 @@ def test_a_file_edit_takes_effect_on_the_next_decision_and_clears_the_cache(tmp_
     assert policy.generation == 1
 
 
+def test_a_model_edit_takes_effect_when_the_watcher_looks_at_the_model(tmp_path: Path) -> None:
+    model = tmp_path / "model.conf"
+    write(model, MODEL.read_text())
+    policy = CasbinAuthorizer(model, None, ["p, role:dev, mcp:github/*, call"])
+    assert policy.decide(ALICE, "mcp:github/x", "call").allowed
+    write(model, MODEL.read_text().replace('(p.act == "*" || r.act == p.act)', 'r.act == "nothing"'))
+    policy.refresh(model=True)  # what `watch` does every DB_POLL_S
+    assert not policy.decide(ALICE, "mcp:github/x", "call").allowed
+    assert policy.generation == 1
+
+
 @pytest.mark.parametrize("broken", ["p, role:dev\n", "", "# only a comment\n", "\xff\xfe"])
 def test_a_broken_edit_is_refused_and_the_last_good_policy_stays(tmp_path: Path, broken: str) -> None:
     path = tmp_path / "policy.csv"

@@ -18,6 +18,7 @@ from agentgw.filters.budget import (
     BudgetRule,
     BudgetSettings,
     BudgetStore,
+    PlanCache,
     StaticRules,
     admits,
     effective_budgets,
@@ -165,6 +166,53 @@ def test_a_call_is_charged_once_per_matching_budget_and_metric() -> None:
     by_rule = {c.target.rule.name: c for c in charges}
     assert by_rule["alice"].expires_at == NOON + 60
     assert by_rule["run"].expires_at == NOON + 3600  # the run TTL
+
+
+def test_a_cached_plan_is_the_plan_of_the_call_it_is_asked_for() -> None:
+    rules = (
+        BudgetRule(name="alice", per="subject", match="user:alice", window="minute", calls=5),
+        BudgetRule(name="devs", per="role", match="role:dev", window="hour", tokens=100),
+    )
+    cache = PlanCache(3600)
+    bob = Principal(subject="user:bob", roles=("role:dev",))
+    for made in (
+        call(),
+        call(principal=bob),
+        call("mcp:github/other"),
+        call(estimate=Usage(tokens=40)),
+        call(principal=Principal(subject="user:alice")),
+        call(),
+    ):
+        assert list(cache.charges(rules, made, NOON)) == plan(rules, made, NOON, 3600)
+
+
+def test_a_cached_plan_is_planned_again_when_a_window_it_counts_in_ends() -> None:
+    rules = (BudgetRule(name="alice", per="subject", window="minute", calls=5),)
+    cache = PlanCache(3600)
+    first = cache.charges(rules, call(), NOON + 30)
+    assert cache.charges(rules, call(), NOON + 59.5) is first
+    later = cache.charges(rules, call(), NOON + 60)
+    assert later[0].key != first[0].key
+    assert later[0].expires_at == NOON + 120
+    # A clock set back before the window the plan counted in plans again too.
+    assert cache.charges(rules, call(), NOON + 30)[0].key == first[0].key
+
+
+def test_a_cached_plan_is_planned_again_when_the_rules_change() -> None:
+    cache = PlanCache(3600)
+    before = (BudgetRule(name="alice", per="subject", window="day", calls=5),)
+    after = (BudgetRule(name="alice", per="subject", window="day", calls=7),)
+    assert cache.charges(before, call(), NOON)[0].limit == 5
+    assert cache.charges(after, call(), NOON)[0].limit == 7
+    assert cache.charges((), call(), NOON) == ()
+
+
+def test_a_plan_with_a_windowless_run_budget_is_planned_every_time() -> None:
+    # Its counter expires a run TTL after the call that creates it: no earlier call's `now` may stand in.
+    rules = (BudgetRule(name="run", calls=10),)
+    cache = PlanCache(3600)
+    assert cache.charges(rules, call(), NOON)[0].expires_at == NOON + 3600
+    assert cache.charges(rules, call(), NOON + 5)[0].expires_at == NOON + 3605
 
 
 def test_discovery_and_session_messages_spend_nothing() -> None:
