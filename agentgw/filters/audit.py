@@ -145,9 +145,10 @@ class AuditSettings(BaseModel):
     retention_days: float | None = Field(default=None, gt=0)
     # Group commit: at most this many records per transaction.
     batch_max: int = Field(default=512, ge=1)
-    # What a committed record survives. `crash` (the default): the gateway process dying, SIGKILL
-    # included (SQLite WAL with synchronous=NORMAL: no disk flush per commit). `power`: a power cut or
-    # OS crash too (synchronous=FULL: one flush per group commit, milliseconds on most disks).
+    # What a stored record survives. `crash` (the default): the gateway process dying, SIGKILL
+    # included (SQLite: appended to a journal file, no disk flush, then ingested into SQL in a thread
+    # with WAL and synchronous=NORMAL; decision 0210). `power`: a power cut or OS crash too
+    # (synchronous=FULL: one flush per group commit, milliseconds on most disks).
     durability: Literal["crash", "power"] = "crash"
     redact: RedactionSettings = Field(default_factory=RedactionSettings)
 

@@ -8,28 +8,36 @@ own hash: SHA-256 over the canonical JSON of all its columns but `id` and `hash`
 as the records, so that removing the newest records is detected too; retention moves a chain's
 anchor (the last removed record) forward so that a pruned chain still verifies.
 
-Group commit: `SqlAuditLog.write` queues the record and waits; `submit` queues it and returns (the
-outcome records: decision 0207). Records queued in one turn of the event loop are committed together
-at its end, in transactions of at most `batch_max` records; outcomes, which nobody waits for, linger
-up to `LINGER_S` to share the next transaction. Where the commit runs (decision 0209):
-- SQLite with `audit.durability: crash` (the default: WAL, `synchronous=NORMAL`, so a commit survives
-  the process crashing, SIGKILL included, without a disk flush): on the event loop itself, on a
-  connection of its own that never waits for a lock. A write lock held elsewhere (the budget ledger's
-  flush, a prune) sends the batch, and every batch after it until the thread has caught up, to the
-  writer thread, which waits for the lock; the writer thread also checkpoints the WAL (the step that
-  flushes to disk), so the loop never does.
-- Otherwise (PostgreSQL, or `durability: power`, a flush per commit): in the writer thread, which
-  wakes each event loop once per batch (`call_soon_threadsafe`).
-A failed transaction fails every waiter of that batch with `Unavailable`, logs every submitted record
-of it, and the chain does not advance. `flush` waits until everything queued before it is committed,
-so that a reader in the same process sees the submitted records; `close` commits everything queued.
+Writing (decision 0210): `SqlAuditLog.write` queues the record and returns once it is durable;
+`submit` queues it and returns (the outcome records: decision 0207). Records queued in one turn of the
+event loop are stored together at its end; outcomes, which nobody waits for, linger up to `LINGER_S`
+to share the next write. How they are stored:
+- SQLite with `audit.durability: crash` (the default): the loop gives them their place in the chain
+  (the chain head lives in memory) and appends them as JSON lines to this process's journal, a
+  segment file in `<database file>.audit-journal/`, with one `os.write`; a record in the page cache
+  survives the process dying (SIGKILL included), as a WAL commit with `synchronous=NORMAL` does.
+  Their waiters are answered at once. An ingest thread commits the journaled rows to SQL every
+  `INGEST_EVERY_S` (at once for a `flush`, `close` or a large backlog), in short GIL holds, and
+  deletes the segments it has covered. At start-up, the journals of processes that are gone (their
+  lock file is free) are replayed into SQL (`replay_journals`). While ingest fails, or the backlog
+  passes `BACKLOG_MAX`, new records are refused (fail closed).
+- Otherwise (PostgreSQL, or `durability: power`, a disk flush per commit): a writer thread commits
+  each batch in one transaction (at most `batch_max` records) while its waiters wait, and wakes each
+  event loop once per batch (`call_soon_threadsafe`).
+A record that cannot be stored (the journal write or the transaction failed) fails every waiter of
+its batch with `Unavailable`, its submitted records are logged, and the chain does not advance.
+`flush` waits until everything queued before it is committed to SQL, so that a reader in the same
+process sees the submitted records; `close` commits everything queued (and removes the journal).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import hashlib
 import logging
+import os
 import queue
 import re
 import socket
@@ -41,6 +49,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from operator import attrgetter
+from pathlib import Path
 from typing import Any, Literal
 
 import orjson
@@ -89,12 +98,19 @@ log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
 PRUNE_EVERY_S = 3600.0
-# How often the writer thread checkpoints the WAL when commits run on the event loop.
-CHECKPOINT_EVERY_S = 1.0
-# SQLite's "database is locked" codes (SQLITE_BUSY, SQLITE_LOCKED).
-_SQLITE_BUSY = frozenset({5, 6})
-# How long records nobody waits for (outcomes, decision 0207) may wait to share a later commit.
+# How long records nobody waits for (outcomes, decision 0207) may wait to share a later write.
 LINGER_S = 0.05
+# The journal (decision 0210): how often the ingest thread commits what the loop appended, in chunks
+# of how many rows per GIL hold; how long it waits before retrying a failed ingest; how far behind SQL
+# may fall before records are refused; when the loop starts a new segment file.
+INGEST_EVERY_S = 0.05
+INGEST_CHUNK = 32
+RETRY_S = 1.0
+BACKLOG_MAX = 100_000
+SEGMENT_BYTES = 4 * 1024 * 1024
+# After this long idle, the ingest thread checkpoints the WAL; it waits this long for a lock.
+CHECKPOINT_EVERY_S = 1.0
+BUSY_TIMEOUT_MS = 5000
 
 # Core tables on their own metadata: the log is often a database of its own (`audit.database_url`).
 metadata = MetaData()
@@ -181,41 +197,36 @@ def _row(record: AuditRecord) -> dict[str, Any]:
 
 # Built once: constructing a statement costs more than executing a cached one.
 _INSERT = insert(audit_log)
-# The same statements for the driver's own SQLite connection on the event loop (decision 0209),
-# compiled by SQLAlchemy for SQLite once: `?` parameters in `positiontup` order.
-_INSERT_COLUMNS = tuple(str(c.name) for c in audit_log.columns if c.name != "id")
-_CHAIN_COLUMNS = tuple(str(c.name) for c in audit_chain.columns)
-
-
-def _positional(statement: Any, columns: Sequence[str]) -> tuple[str, tuple[str, ...]]:
-    compiled = statement.compile(dialect=sqlite_dialect.dialect(), column_keys=list(columns))
-    return str(compiled), tuple(compiled.positiontup)
-
-
-_INSERT_SQL, _INSERT_ORDER = _positional(insert(audit_log), _INSERT_COLUMNS)
-_CHAIN_SQL, _CHAIN_ORDER = _positional(insert(audit_chain), _CHAIN_COLUMNS)
-_ADVANCE_SQL = "UPDATE audit_chain SET head_seq = ?, head_hash = ? WHERE chain = ?"
 _ADVANCE = (
     update(audit_chain)
     .where(audit_chain.c.chain == bindparam("of_chain"))
     .values(head_seq=bindparam("to_seq"), head_hash=bindparam("to_hash"))
 )
+# The same statements for the driver's own sqlite3 connection that ingests the journal: named
+# parameters, bound from the row dicts in C (no per-row Python work in the ingest thread).
+_INSERT_COLUMNS = tuple(str(c.name) for c in audit_log.columns if c.name != "id")
+_CHAIN_COLUMNS = tuple(str(c.name) for c in audit_chain.columns)
+
+
+def _named(table: Table, columns: Sequence[str]) -> str:
+    # Compiled by SQLAlchemy for SQLite once: `INSERT INTO t (a, b) VALUES (:a, :b)`.
+    dialect = sqlite_dialect.dialect(paramstyle="named")
+    return str(insert(table).compile(dialect=dialect, column_keys=list(columns)))
+
+
+_INSERT_SQL = _named(audit_log, _INSERT_COLUMNS)
+_CHAIN_SQL = _named(audit_chain, _CHAIN_COLUMNS)
+_ADVANCE_SQL = "UPDATE audit_chain SET head_seq = ?, head_hash = ? WHERE chain = ?"
+_HEAD_SQL = "SELECT head_seq, head_hash FROM audit_chain WHERE chain = ?"
 
 
 @dataclass(slots=True)
 class _Pending:
-    """A record to commit, or (no record) a flush barrier; with a `future` on `loop` when awaited."""
+    """A record to store, or (no record) a flush barrier; with a `future` on `loop` when awaited."""
 
     record: AuditRecord | None
     loop: asyncio.AbstractEventLoop | None = None
     future: asyncio.Future[None] | None = None
-
-
-_BUSY = Unavailable("audit log: the database is locked; the writer thread takes the batch")
-
-
-def _busy(exc: BaseException) -> bool:
-    return getattr(exc, "sqlite_errorcode", None) in _SQLITE_BUSY
 
 
 def _wake(settled: Sequence[tuple[asyncio.Future[None], BaseException | None]]) -> None:
@@ -228,8 +239,48 @@ def _wake(settled: Sequence[tuple[asyncio.Future[None], BaseException | None]]) 
             future.set_exception(error)
 
 
+def _on(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+def _settle(batch: Sequence[_Pending], error: Unavailable | None) -> None:
+    """Answer the waiters of `batch` (one wake-up per event loop); log its submitted records on error.
+
+    A flush barrier (no record) is answered with success either way: it waits for the batch to be
+    done, not for it to succeed.
+    """
+    waiting: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], Unavailable | None]]] = {}
+    for pending in batch:
+        if pending.future is not None and pending.loop is not None:
+            outcome = error if pending.record is not None else None
+            waiting.setdefault(pending.loop, []).append((pending.future, outcome))
+        elif error is not None and pending.record is not None:
+            not_written(pending.record, exc_info=False)  # submitted: nobody waits to hear
+    for loop, settled in waiting.items():
+        try:
+            if _on(loop):
+                _wake(settled)
+            else:
+                # Each wake-up costs the loop a self-pipe write and a turn, and the GIL: one per loop.
+                loop.call_soon_threadsafe(_wake, settled)
+        except RuntimeError:  # that event loop is closed: nobody waits any more
+            continue
+
+
+def _unavailable(why: str, cause: BaseException | None = None) -> Unavailable:
+    error = Unavailable(f"audit log unavailable: {why}")
+    error.__cause__ = cause
+    return error
+
+
+_CANNOT_RECORD = "the call cannot be recorded, so it was not forwarded"
+
+
 class SqlAuditLog:
-    """The `AuditSink` of the gateway: one hash chain per process, group-committed by one thread."""
+    """The `AuditSink` of the gateway: one hash chain per process, stored in batches by one thread."""
 
     def __init__(
         self, engine: Engine, settings: AuditSettings | None = None, *, clock: Any = time.time
@@ -242,23 +293,14 @@ class SqlAuditLog:
         self._synchronous = "FULL" if settings.durability == "power" else "NORMAL"
         self._retention_days = settings.retention_days
         self._clock = clock
-        self._queue: queue.SimpleQueue[list[_Pending] | None] = queue.SimpleQueue()
-        # Queued in this turn of the event loop, handed to the writer at its end (`_hand_off`).
+        # Queued in this turn of the event loop, handed on at its end (`_hand_off`).
         self._outbox: list[_Pending] = []
         self._hand_off_on: asyncio.AbstractEventLoop | None = None  # the loop that will hand it off
         self._linger_on: asyncio.AbstractEventLoop | None = None  # whose timer hands lingerers off
         self._thread: threading.Thread | None = None
-        # SQLite without a flush per commit: commits run on the event loop itself, on a connection
-        # of their own that never waits for a lock (a held one sends the batch to the writer thread).
-        url = engine.url
-        file_db = url.database not in (None, "", ":memory:") and not url.query
-        self._sqlite_path = url.database if engine.dialect.name == "sqlite" and file_db else None
-        self._inline = self._sqlite_path is not None and settings.durability == "crash"
-        self._loop_conn: sqlite3.Connection | None = None
-        self._in_thread = 0  # batches handed to the writer thread and not yet committed
         self._used = False
-        # Guards `_closed` and the queue's end: nothing is queued after close's stop marker, where
-        # the writer would never see it and its waiter would wait for ever.
+        # Guards `_closed`, the hand-over to the thread and its counters: nothing is queued after
+        # close, where the thread would never see it and its waiter would wait for ever.
         self._lock = threading.Lock()
         self._head = (0, GENESIS)
         self._chain_written = False
@@ -267,25 +309,61 @@ class SqlAuditLog:
         self._closed = False
         # Transactions committed so far (group commit makes this far fewer than the records).
         self.commits = 0
+        # SQLite without a flush per commit: records go to a journal file on the loop, and a thread
+        # ingests them into SQL in batches (decision 0210). Otherwise a writer thread commits them
+        # while their waiters wait (`_queue`).
+        url = engine.url
+        file_db = url.database not in (None, "", ":memory:") and not url.query
+        sqlite_path = url.database if engine.dialect.name == "sqlite" and file_db else None
+        self._journal_path = (
+            Path(f"{sqlite_path}.audit-journal")
+            if sqlite_path is not None and settings.durability == "crash"
+            else None
+        )
+        self._sqlite_path = sqlite_path
+        self._queue: queue.SimpleQueue[list[_Pending] | None] = queue.SimpleQueue()
+        self._journal: _Journal | None = None
+        self._append_lock = threading.Lock()  # the loop appends; so may `close`, from another thread
+        self._rows: list[dict[str, Any]] = []  # journaled, not yet taken by the ingest thread
+        self._barriers: list[tuple[int, _Pending]] = []  # flushes waiting for rows up to a count
+        self._journaled = 0  # rows appended to the journal so far
+        self._ingested = 0  # of which committed to SQL
+        self._failing = False  # the last ingest failed: new records are refused
+        self._stopping = False
+        self._ingest_wake = threading.Event()
+        self._ingest_conn: sqlite3.Connection | None = None
         try:
             create_audit_tables(engine)
         except SQLAlchemyError:
             # Start anyway: every call then fails with 503 until the store is back (fail closed).
             log.exception("audit log: cannot create its tables; calls will be refused until it can")
+        if self._journal_path is not None:
+            self._open_journal(self._journal_path)
+
+    def _open_journal(self, directory: Path) -> None:
+        try:
+            replay_journals(str(self._sqlite_path), directory)
+        except Exception:  # start anyway: what is not replayed stays in the journal for the next start
+            log.exception("audit log: replaying the journals in %s failed", directory)
+        try:
+            self._journal = _Journal(directory, self.chain)
+        except OSError:
+            # Fail closed: without a journal every record, so every call, is refused.
+            log.exception("audit log: cannot open its journal in %s; calls will be refused", directory)
 
     # --- the sink ---
     async def write(self, record: AuditRecord) -> None:
-        """Queue `record` and return once its batch is committed.
+        """Queue `record` and return once it is durable (in the journal, or committed).
 
         Raises:
-            Unavailable: the batch could not be committed, or the log is closed.
+            Unavailable: the record could not be stored, or the log is closed.
         """
         future = asyncio.get_running_loop().create_future()
         self._put(_Pending(record, future.get_loop(), future))
         await future
 
     def submit(self, record: AuditRecord) -> None:
-        """Queue `record` and return at once; if its batch cannot be committed, it is logged.
+        """Queue `record` and return at once; if it cannot be stored, it is logged.
 
         Raises:
             Unavailable: the log is closed.
@@ -307,22 +385,40 @@ class SqlAuditLog:
         await future
 
     def close(self, timeout: float = 10.0) -> None:
-        """Commit what is queued, then stop the writer thread."""
+        """Store what is queued, commit it, then stop the thread (and remove an ingested journal)."""
         with self._lock:
             self._closed = True
-            if self._outbox:
-                self._to_thread(self._outbox)
-                self._outbox = []
-            if self._thread is not None:
+            batch, self._outbox = self._outbox, []
+            if self._journal_path is None and self._thread is not None:
+                if batch:
+                    self._queue.put(batch)
                 self._queue.put(None)
+        if self._journal_path is not None:
+            if batch:
+                self._append(batch)
+            with self._lock:
+                self._stopping = True
+            self._ingest_wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        if self._loop_conn is not None:
-            self._loop_conn.close()
-            self._loop_conn = None
+        if self._journal is not None:
+            with self._lock:
+                ingested = self._ingested == self._journaled and not self._thread_alive()
+            self._journal.close(remove=ingested)
+            if not ingested:
+                log.warning(
+                    "audit log: %d records are only in the journal %s; the next start ingests them",
+                    self._journaled - self._ingested,
+                    self._journal_path,
+                )
+            self._journal = None
+        for conn in (self._conn, self._ingest_conn):
+            if conn is not None:
+                conn.close()
+        self._conn = self._ingest_conn = None
+
+    def _thread_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def _put(self, pending: _Pending) -> None:
         try:
@@ -336,14 +432,18 @@ class SqlAuditLog:
             if self._thread is None:
                 self._start_thread()
             self._outbox.append(pending)
-            if loop is None:
-                self._to_thread(self._outbox)
-                self._outbox = []
-                return
-            schedule = self._hand_off_on is not loop
-            self._hand_off_on = loop
-        if schedule:
-            # Waking the writer costs a system call and a turn for the GIL: once per turn of the loop.
+            if loop is not None:
+                schedule = self._hand_off_on is not loop
+                self._hand_off_on = loop
+            else:
+                batch, self._outbox = self._outbox, []
+                if self._journal_path is None:
+                    self._queue.put(batch)
+                    return
+        if loop is None:
+            self._append(batch)
+        elif schedule:
+            # Once per turn of the loop: records queued in one turn share one write (and one wake-up).
             loop.call_soon(self._hand_off)
 
     def _hand_off(self) -> None:
@@ -352,18 +452,18 @@ class SqlAuditLog:
             waited = any(p.future is not None for p in self._outbox)
             if not waited and len(self._outbox) < self._batch_max:
                 # Records nobody waits for (outcomes) linger up to `LINGER_S`, so that they share the
-                # next transaction (usually the next call's decision) instead of paying for one of
-                # their own: one commit per call when calls come one at a time.
+                # next write (usually the next call's decision) instead of paying for one of their
+                # own: one journal write, or one commit, per call when calls come one at a time.
                 loop = asyncio.get_running_loop()
                 if self._outbox and self._linger_on is not loop:
                     self._linger_on = loop
                     loop.call_later(LINGER_S, self._linger_over)
                 return
             batch, self._outbox = self._outbox, []
-            if not self._inline or self._in_thread:
-                self._to_thread(batch)  # behind what the thread holds: records keep their order
+            if self._journal_path is None:
+                self._queue.put(batch)
                 return
-        self._commit_on_loop(batch)
+        self._append(batch)
 
     def _linger_over(self) -> None:
         with self._lock:
@@ -371,114 +471,217 @@ class SqlAuditLog:
             batch, self._outbox = self._outbox, []
             if not batch:
                 return
-            if not self._inline or self._in_thread:
-                self._to_thread(batch)
+            if self._journal_path is None:
+                self._queue.put(batch)
                 return
-        self._commit_on_loop(batch)
-
-    def _to_thread(self, batch: list[_Pending]) -> None:
-        # Called with `_lock` held.
-        if self._thread is None:
-            self._start_thread()
-        self._in_thread += 1
-        self._queue.put(batch)
+        self._append(batch)
 
     def _start_thread(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        # Called with `_lock` held.
+        target = self._ingest_loop if self._journal_path is not None else self._run
+        self._thread = threading.Thread(target=target, name="audit-writer", daemon=True)
         self._thread.start()
 
-    def _commit_on_loop(self, batch: list[_Pending]) -> None:
-        """Commit `batch` here, on the event loop: no thread round trip before a call is forwarded.
+    def _chained(self, records: Sequence[AuditRecord]) -> tuple[list[dict[str, Any]], int, str]:
+        """The stored rows of `records`, chained after the head (which this does not move)."""
+        seq, prev = self._head
+        rows = []
+        for record in records:
+            seq += 1
+            row = _row(record) | {"chain": self.chain, "seq": seq, "prev_hash": prev}
+            row["hash"] = prev = record_hash(row)
+            rows.append(row)
+        return rows, seq, prev
 
-        SQLite with `synchronous=NORMAL` commits without a disk flush (tens of microseconds). The loop's
-        connection never waits: a write lock held elsewhere (the budget ledger's flush, a prune) sends
-        the batch to the writer thread, which waits for it; WAL checkpoints, which flush, run there
-        too (`_run`), never here.
+    # --- the journal (SQLite with `durability: crash`) ---
+    def _append(self, batch: list[_Pending]) -> None:
+        """Append the records of `batch` to the journal with one write, and answer their waiters now.
+
+        The rows go to the ingest thread without waking it, unless a flush waits or the backlog is
+        large. A failed write, a failing ingest or too long a backlog refuses every record of the batch.
         """
-        for start in range(0, len(batch), self._batch_max):
-            part = batch[start : start + self._batch_max]
-            records = [p.record for p in part if p.record is not None]
-            error = self._commit(records, on_loop=True) if records else None
-            if error is _BUSY:
-                with self._lock:
-                    self._to_thread(batch[start:])
-                return
-            self._settle(part, error)
+        pendings = [p for p in batch if p.record is not None]
+        barriers = [p for p in batch if p.record is None]
+        error: Unavailable | None = None
+        rows: list[dict[str, Any]] = []
+        with self._append_lock:
+            journal = self._journal
+            if pendings:
+                error = self._refusal()
+                if error is None and journal is not None:
+                    rows, seq, head = self._chained([p.record for p in pendings if p.record is not None])
+                    data = b"".join([orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE) for row in rows])
+                    try:
+                        journal.append(data, seq)
+                    except OSError as exc:
+                        log.error("audit log: %d records not written to the journal: %s", len(rows), exc)
+                        error = _unavailable(_CANNOT_RECORD, exc)
+                        rows = []
+                    else:
+                        self._head = (seq, head)
+            with self._lock:
+                self._rows += rows
+                self._journaled += len(rows)
+                waiting = [(self._journaled, b) for b in barriers] if self._journaled > self._ingested else []
+                self._barriers += waiting
+                wake = bool(waiting) or self._journaled - self._ingested >= self._batch_max
+        if wake:
+            self._ingest_wake.set()
+        _settle(pendings, error)
+        if barriers and not waiting:
+            _settle(barriers, None)  # nothing is waiting to be ingested
 
-    # --- the writer thread ---
-    def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            try:
-                item = self._queue.get(timeout=CHECKPOINT_EVERY_S if self._inline else None)
-            except queue.Empty:
+    def _refusal(self) -> Unavailable | None:
+        if self._journal is None:
+            return _unavailable(f"{_CANNOT_RECORD} (the journal could not be opened)")
+        if self._failing:
+            return _unavailable(f"{_CANNOT_RECORD} (the database does not take records)")
+        if self._journaled - self._ingested >= BACKLOG_MAX:
+            return _unavailable(f"{_CANNOT_RECORD} (the database is {BACKLOG_MAX} records behind)")
+        return None
+
+    def _ingest_loop(self) -> None:
+        """The ingest thread: every `INGEST_EVERY_S` (at once for a flush or close), commit what is
+        journaled, then release the flushes it satisfied and delete the segments it covered."""
+        held: list[dict[str, Any]] = []
+        idle_since: float | None = None
+        timeout = INGEST_EVERY_S
+        while True:
+            self._ingest_wake.wait(timeout)
+            self._ingest_wake.clear()
+            with self._lock:
+                held += self._rows
+                self._rows = []
+                stopping = self._stopping
+            error: Exception | None = None
+            if held:
+                idle_since = None
+                error = self._ingest(held)
+                if error is not None and not self._failing:
+                    log.error("audit log: ingest failed; records are refused until it works: %s", error)
+                elif error is None and self._failing:
+                    log.warning("audit log: ingest works again; records are accepted")
+                self._failing = error is not None
+                self._remove_ingested_segments()
+                if error is None and self._retention_days is not None:
+                    self._maybe_prune()
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif idle_since > 0 and time.monotonic() - idle_since >= CHECKPOINT_EVERY_S:
                 self._checkpoint()
-                continue
+                idle_since = -1.0  # once per idle spell
+            self._release_barriers(failed=error is not None)
+            if stopping:
+                break
+            timeout = RETRY_S if error is not None else INGEST_EVERY_S
+        self._checkpoint()
+
+    def _ingest(self, held: list[dict[str, Any]]) -> Exception | None:
+        """Commit `held` in transactions of at most `batch_max` rows; remove what was committed."""
+        done = 0
+        try:
+            conn = self._ingest_connection()
+            while done < len(held):
+                part = held[done : done + self._batch_max]
+                self._commit_rows(conn, part)
+                done += len(part)
+                self._chain_written = True
+                self.commits += 1
+                with self._lock:
+                    self._ingested += len(part)
+        except Exception as exc:  # whatever it was, the thread must live on and retry
+            self._drop_ingest_connection()
+            return exc
+        finally:
+            del held[:done]
+        return None
+
+    def _commit_rows(self, conn: sqlite3.Connection, rows: list[dict[str, Any]]) -> None:
+        conn.execute("BEGIN IMMEDIATE")  # waits for the lock (busy_timeout), in this thread only
+        try:
+            if not self._chain_written:
+                conn.execute(_CHAIN_SQL, self._chain_row())
+            # Short GIL holds: the rows come ready; bind them in chunks and let the loop run between.
+            for start in range(0, len(rows), INGEST_CHUNK):
+                conn.executemany(_INSERT_SQL, rows[start : start + INGEST_CHUNK])
+                time.sleep(0)
+            conn.execute(_ADVANCE_SQL, (rows[-1]["seq"], rows[-1]["hash"], self.chain))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _release_barriers(self, *, failed: bool) -> None:
+        # A failed ingest releases every flush too: its rows are retried, but a reader must not hang.
+        with self._lock:
+            done = [b for n, b in self._barriers if failed or n <= self._ingested]
+            self._barriers = [(n, b) for n, b in self._barriers if not failed and n > self._ingested]
+        if done:
+            _settle(done, None)
+
+    def _remove_ingested_segments(self) -> None:
+        journal = self._journal
+        if journal is not None:
+            with self._lock:
+                committed = self._ingested  # rows go in chain order from seq 1: the committed seq
+            journal.remove_ingested(committed)
+
+    def _ingest_connection(self) -> sqlite3.Connection:
+        # The driver's own connection, outside SQLAlchemy and its pool: binding named parameters from
+        # the ready row dicts is C work, so the thread's GIL holds stay short.
+        if self._ingest_conn is None:
+            conn = sqlite3.connect(str(self._sqlite_path), isolation_level=None, check_same_thread=False)
+            for pragma in ("journal_mode=WAL", "synchronous=NORMAL", f"busy_timeout={BUSY_TIMEOUT_MS}"):
+                conn.execute(f"PRAGMA {pragma}")
+            self._ingest_conn = conn
+        return self._ingest_conn
+
+    def _drop_ingest_connection(self) -> None:
+        if self._ingest_conn is not None:
+            try:
+                self._ingest_conn.close()
+            except sqlite3.Error:
+                log.debug("audit log: closing a broken connection failed", exc_info=True)
+            self._ingest_conn = None
+
+    def _checkpoint(self) -> None:
+        # A WAL checkpoint flushes to disk: this thread runs it when idle, PASSIVE, which neither
+        # waits for nor blocks the writers.
+        try:
+            self._ingest_connection().execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error:
+            log.warning("audit log: WAL checkpoint failed; the next one tries again", exc_info=True)
+            self._drop_ingest_connection()
+
+    # --- the writer thread (PostgreSQL, or `durability: power`) ---
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
             if item is None:
                 break
-            batch, items, stopping = self._gather(list(item))
+            batch, stopping = self._gather(list(item))
             for start in range(0, len(batch), self._batch_max):
                 part = batch[start : start + self._batch_max]
                 records = [p.record for p in part if p.record is not None]
                 error = self._commit(records) if records else None
-                self._settle(part, error)
+                _settle(part, error)
                 if error is None and self._retention_days is not None:
                     self._maybe_prune()
-            with self._lock:
-                self._in_thread -= items
-        if self._inline:
-            self._checkpoint()
+            if stopping:
+                break
 
-    def _checkpoint(self) -> None:
-        # The loop's connection never checkpoints (a checkpoint flushes to disk): this thread does, with
-        # PASSIVE, which neither waits for nor blocks the writers.
-        try:
-            self._connection().exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
-        except SQLAlchemyError:
-            log.warning("audit log: WAL checkpoint failed; the next one tries again", exc_info=True)
-            self._drop_connection()
-
-    def _gather(self, batch: list[_Pending]) -> tuple[list[_Pending], int, bool]:
-        """More of what is queued, for one transaction: the records, how many hand-offs they came in,
-        and whether the log is closing."""
-        items = 1
+    def _gather(self, batch: list[_Pending]) -> tuple[list[_Pending], bool]:
+        """More of what is queued, for one transaction, and whether the log is closing."""
         while len(batch) < self._batch_max:
             try:
                 more = self._queue.get_nowait()
             except queue.Empty:
                 break
             if more is None:
-                return batch, items, True
+                return batch, True
             batch.extend(more)
-            items += 1
-        return batch, items, False
-
-    def _settle(self, batch: Sequence[_Pending], error: Unavailable | None) -> None:
-        # One wake-up per event loop for the whole batch: each costs the loop a self-pipe write
-        # and a turn, and the GIL.
-        waiting: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], Unavailable | None]]] = {}
-        for pending in batch:
-            if pending.future is not None and pending.loop is not None:
-                # A flush barrier waits for the batch to be done, not for it to succeed.
-                outcome = error if pending.record is not None else None
-                waiting.setdefault(pending.loop, []).append((pending.future, outcome))
-            elif error is not None and pending.record is not None:
-                not_written(pending.record, exc_info=False)  # submitted: nobody waits to hear
-        for loop, settled in waiting.items():
-            try:
-                if self._on(loop):
-                    _wake(settled)
-                else:
-                    loop.call_soon_threadsafe(_wake, settled)
-            except RuntimeError:  # that event loop is closed: nobody waits any more
-                continue
-
-    @staticmethod
-    def _on(loop: asyncio.AbstractEventLoop) -> bool:
-        try:
-            return asyncio.get_running_loop() is loop
-        except RuntimeError:
-            return False
+        return batch, False
 
     def _connection(self) -> Connection:
         if self._conn is None:
@@ -489,17 +692,6 @@ class SqlAuditLog:
             self._conn = conn
         return self._conn
 
-    def _loop_connection(self) -> sqlite3.Connection:
-        # The driver's own connection, outside SQLAlchemy and its pool: on the event loop every
-        # statement's overhead is a call's latency, and these settings must reach no one else.
-        if self._loop_conn is None:
-            assert self._sqlite_path is not None
-            conn = sqlite3.connect(self._sqlite_path, isolation_level=None, check_same_thread=False)
-            for pragma in ("synchronous=NORMAL", "busy_timeout=0", "wal_autocheckpoint=0"):
-                conn.execute(f"PRAGMA {pragma}")
-            self._loop_conn = conn
-        return self._loop_conn
-
     def _drop_connection(self) -> None:
         if self._conn is not None:
             try:
@@ -508,33 +700,17 @@ class SqlAuditLog:
                 log.debug("audit log: closing a broken connection failed", exc_info=True)
             self._conn = None
 
-    def _commit(self, records: Sequence[AuditRecord], *, on_loop: bool = False) -> Unavailable | None:
-        seq, prev = self._head
-        rows = []
-        for record in records:
-            seq += 1
-            row = _row(record) | {"chain": self.chain, "seq": seq, "prev_hash": prev}
-            row["hash"] = prev = record_hash(row)
-            rows.append(row)
+    def _commit(self, records: Sequence[AuditRecord]) -> Unavailable | None:
+        rows, seq, head = self._chained(records)
         try:
             if not self._chain_written:
                 create_audit_tables(self.engine)
-            if on_loop:
-                self._write_on_loop(rows, seq, prev)
-            else:
-                self._write(rows, seq, prev)
+            self._write(rows, seq, head)
         except Exception as exc:  # whatever it was, the writer thread must live on and answer
-            if on_loop and _busy(exc):
-                return _BUSY  # a write lock is held elsewhere: the writer thread waits for it
             log.error("audit log: %d records not written: %s", len(rows), exc)
-            if on_loop:
-                self._drop_loop_connection()
-            else:
-                self._drop_connection()
-            error = Unavailable("audit log unavailable: the call cannot be recorded, so it was not forwarded")
-            error.__cause__ = exc
-            return error
-        self._head = (seq, prev)
+            self._drop_connection()
+            return _unavailable(_CANNOT_RECORD, exc)
+        self._head = (seq, head)
         self._chain_written = True
         self.commits += 1
         return None
@@ -562,30 +738,6 @@ class SqlAuditLog:
             conn.rollback()
             raise
 
-    def _write_on_loop(self, rows: list[dict[str, Any]], seq: int, head: str) -> None:
-        conn = self._loop_connection()
-        # IMMEDIATE: the write lock now or SQLITE_BUSY now (busy_timeout=0), never a wait.
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if not self._chain_written:
-                chain = self._chain_row()
-                conn.execute(_CHAIN_SQL, [chain[c] for c in _CHAIN_ORDER])
-            conn.executemany(_INSERT_SQL, [[row[c] for c in _INSERT_ORDER] for row in rows])
-            conn.execute(_ADVANCE_SQL, (seq, head, self.chain))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-
-    def _drop_loop_connection(self) -> None:
-        if self._loop_conn is not None:
-            try:
-                self._loop_conn.close()
-            except sqlite3.Error:
-                log.debug("audit log: closing a broken connection failed", exc_info=True)
-            self._loop_conn = None
-
     def _maybe_prune(self) -> None:
         now = self._clock()
         if now - self._pruned_at < PRUNE_EVERY_S or self._retention_days is None:
@@ -598,6 +750,241 @@ class SqlAuditLog:
             return
         if removed:
             log.info("audit log: retention removed %d records", removed)
+
+
+# --- the journal ----------------------------------------------------------------------------------
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def _chain_id(chain: str) -> str:
+    """A chain's name as a file name: no dots, so `<id>.<n>.jsonl` and `<id>.lock` parse back."""
+    return _UNSAFE.sub("_", chain)
+
+
+class _Journal:
+    """One process's journal: a lock file held for the log's life, and numbered segments of JSON lines.
+
+    The event loop appends (`append`, one `os.write` per batch) and rotates; the ingest thread removes
+    the segments every row of which is committed (`remove_ingested`).
+    """
+
+    def __init__(self, directory: Path, chain: str) -> None:
+        directory.mkdir(mode=0o700, exist_ok=True)
+        self.directory = directory
+        self.id = _chain_id(chain)
+        self.lock_path = directory / f"{self.id}.lock"
+        # Locked before it gets its name: a replay never sees this lock free (and takes it) while
+        # this process lives.
+        hidden = directory / f".{self.id}.lock.new"
+        self._lock_fd = os.open(hidden, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        os.rename(hidden, self.lock_path)
+        self._number = 0
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._size = 0
+        self._last_seq = 0
+        self._mutex = threading.Lock()  # the loop retires segments, the thread removes them
+        self._retired: list[tuple[Path, int]] = []  # closed segments and the last seq each holds
+
+    def append(self, data: bytes, last_seq: int) -> None:
+        """Append `data` (whole lines of rows up to `last_seq`) with one write.
+
+        Raises:
+            OSError: the write failed or was short; the segment is cut back and the next append
+                starts a new one, so no torn line is followed by others.
+        """
+        if self._fd is None or self._size >= SEGMENT_BYTES:
+            self._rotate()
+        assert self._fd is not None
+        try:
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(errno.EIO, f"short write to the audit journal ({written} of {len(data)} bytes)")
+        except OSError:
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                log.warning("audit log: cannot cut back the journal segment %s", self._path, exc_info=True)
+            self._retire()
+            raise
+        self._size += written
+        self._last_seq = last_seq
+
+    def _rotate(self) -> None:
+        if self._fd is not None:
+            self._retire()
+        self._number += 1
+        path = self.directory / f"{self.id}.{self._number}.jsonl"
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._path = path
+        self._size = os.fstat(self._fd).st_size
+
+    def _retire(self) -> None:
+        assert self._fd is not None and self._path is not None
+        try:
+            os.close(self._fd)
+        except OSError:
+            log.debug("audit log: closing a journal segment failed", exc_info=True)
+        with self._mutex:
+            self._retired.append((self._path, self._last_seq))
+        self._fd = self._path = None
+
+    def remove_ingested(self, committed_seq: int) -> None:
+        """Delete the closed segments every row of which is committed (seq at or below `committed_seq`)."""
+        with self._mutex:
+            done = [path for path, last in self._retired if last <= committed_seq]
+            self._retired = [(path, last) for path, last in self._retired if last > committed_seq]
+        for path in done:
+            _unlink(path)
+
+    def close(self, *, remove: bool) -> None:
+        """Close the files; with `remove` (everything committed), delete the segments, then the lock."""
+        if self._fd is not None:
+            self._retire()
+        if remove:
+            with self._mutex:
+                done, self._retired = [path for path, _ in self._retired], []
+            for path in done:
+                _unlink(path)
+            _unlink(self.lock_path)
+        os.close(self._lock_fd)  # releases the lock: a later start replays what is left
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        log.warning("audit log: cannot delete %s", path, exc_info=True)
+
+
+class _Unreadable(Exception):
+    """A journal line that cannot be replayed: the chain's replay stops there."""
+
+
+def replay_journals(database: str, directory: Path) -> int:
+    """Ingest the journals of dead processes in `directory` into the SQLite `database`; returns rows.
+
+    A journal is replayed only if its lock can be taken (its process is gone); rows already ingested
+    (at or below the chain's head) are skipped, the rest must continue the chain. A torn last line
+    of a segment (its write never completed, so its caller was never answered) is dropped with a
+    warning; anything else that does not fit stops that chain's replay there, and its files are
+    renamed `*.unreadable` for an operator. Replayed journals are deleted.
+    """
+    if not directory.is_dir():
+        return 0
+    replayed = 0
+    for lock_path in sorted(directory.glob("*.lock")):
+        chain_id = lock_path.name.removesuffix(".lock")
+        try:
+            fd = os.open(lock_path, os.O_RDWR)
+        except FileNotFoundError:
+            continue  # replayed by another process meanwhile
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live process's journal: never touched
+            try:
+                if os.stat(lock_path).st_ino != os.fstat(fd).st_ino:
+                    continue  # replayed and removed by another process while this one waited
+            except FileNotFoundError:
+                continue
+            replayed += _replay_chain(database, directory, chain_id, lock_path)
+        finally:
+            os.close(fd)
+    return replayed
+
+
+def _segments(directory: Path, chain_id: str) -> list[Path]:
+    numbered = []
+    for path in directory.glob(f"{chain_id}.*.jsonl"):
+        number = path.name[len(chain_id) + 1 : -len(".jsonl")]
+        if number.isdigit():
+            numbered.append((int(number), path))
+    return [path for _, path in sorted(numbered)]
+
+
+def _replay_chain(database: str, directory: Path, chain_id: str, lock_path: Path) -> int:
+    segments = _segments(directory, chain_id)
+    conn = sqlite3.connect(database, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        rows, problem = _read_journal(conn, segments)
+        if rows:
+            first = rows[0]
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if conn.execute(_HEAD_SQL, (first["chain"],)).fetchone() is None:
+                    chain_row = {
+                        "chain": first["chain"],
+                        "node": first["chain"].rpartition(":")[0] or first["chain"],
+                        "started_at": first["time"],
+                        "head_seq": 0,
+                        "head_hash": GENESIS,
+                        "anchor_seq": 0,
+                        "anchor_hash": GENESIS,
+                    }
+                    conn.execute(_CHAIN_SQL, chain_row)
+                conn.executemany(_INSERT_SQL, rows)
+                conn.execute(_ADVANCE_SQL, (rows[-1]["seq"], rows[-1]["hash"], first["chain"]))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+    finally:
+        conn.close()
+    if rows:
+        log.warning(
+            "audit log: replayed %d records of chain %r from its journal", len(rows), rows[0]["chain"]
+        )
+    if problem is not None:
+        log.error("audit log: journal replay stopped: %s; its files are renamed *.unreadable", problem)
+        for path in [*segments, lock_path]:
+            os.replace(path, path.with_name(path.name + ".unreadable"))
+    else:
+        for path in segments:
+            _unlink(path)
+        _unlink(lock_path)
+    return len(rows)
+
+
+def _read_journal(conn: sqlite3.Connection, segments: list[Path]) -> tuple[list[dict[str, Any]], str | None]:
+    """The rows of `segments` that continue their chain past its committed head, and the problem that
+    stopped the reading (None: all of it was read)."""
+    rows: list[dict[str, Any]] = []
+    head: tuple[int, str] | None = None  # the chain's last seq and hash
+    chain: str | None = None
+    for path in segments:
+        lines = path.read_bytes().split(b"\n")
+        torn = lines.pop()  # b"" after a final newline; else a write the crash cut short
+        if torn:
+            log.warning("audit log: dropped a torn last line of %s (its call was never answered)", path)
+        for number, line in enumerate(lines, 1):
+            try:
+                row = orjson.loads(line)
+                if chain is None:
+                    chain = row["chain"]
+                    found = conn.execute(_HEAD_SQL, (chain,)).fetchone()
+                    head = (int(found[0]), str(found[1])) if found is not None else (0, GENESIS)
+                assert head is not None
+                if row["chain"] != chain:
+                    raise _Unreadable(f"chain {row['chain']!r} in the journal of {chain!r}")
+                if row["seq"] <= head[0] and not rows:
+                    continue  # ingested before the process died
+                if row["seq"] != head[0] + 1 or row["prev_hash"] != head[1]:
+                    raise _Unreadable(f"seq {row['seq']} does not continue the chain at seq {head[0]}")
+                if record_hash(row) != row["hash"]:
+                    raise _Unreadable(f"seq {row['seq']} does not match its hash")
+            except (orjson.JSONDecodeError, KeyError, TypeError, _Unreadable) as exc:
+                return rows, f"{path} line {number}: {exc}"
+            rows.append(row)
+            head = (row["seq"], row["hash"])
+    return rows, None
 
 
 def prune(engine: Engine, before: str) -> int:

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sqlite3
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 from sqlalchemy import Engine, delete, insert, select, update
 
 from agentgw.errors import Unavailable
 from agentgw.filters.audit import AuditRecord, AuditSettings
+from agentgw.storage import audit_log as audit_log_module
 from agentgw.storage import make_engine
 from agentgw.storage.audit_log import (
     GENESIS,
@@ -23,6 +27,7 @@ from agentgw.storage.audit_log import (
     SqlAuditLog,
     audit_chain,
     audit_log,
+    create_audit_tables,
     otel_record,
     parse_time,
     prune,
@@ -267,45 +272,9 @@ async def test_the_writer_wakes_each_event_loop_once_per_batch(
     assert sum(len(settled) for (settled,) in wakes) == 100
 
 
-async def test_sqlite_commits_on_the_event_loop_without_a_thread_round_trip(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    wakes = await cross_thread_wakes(monkeypatch)
-    engine = make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
-    log = SqlAuditLog(engine, AuditSettings(node_id="node"))
-    await log.write(record(1))
-    await write_all(log, [record(n) for n in range(2, 12)])
-    log.close()
-    assert wakes == [] and log.commits == 2
-    assert verify(engine).ok and verify(engine).records == 11
-
-
-async def test_a_held_write_lock_sends_records_to_the_writer_thread_in_order(tmp_path: Path) -> None:
-    path = tmp_path / "audit.db"
-    engine = make_engine(f"sqlite:///{path}")
-    log = SqlAuditLog(engine, AuditSettings(node_id="node"))
-    await log.write(record(1))  # the loop's own connection is set up, the chain started
-    other = sqlite3.connect(path, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")  # another writer (a prune, the budget ledger) holds the lock
-    second = asyncio.create_task(log.write(record(2)))
-    await asyncio.sleep(0)  # the task queues its record
-    log.submit(record(3, event="outcome"))
-    third = asyncio.create_task(log.write(record(4)))
-    # The event loop is not blocked by the lock: other work goes on while the records wait.
-    await asyncio.wait_for(asyncio.sleep(0.05), 1)
-    assert not second.done() and not third.done()
-    other.execute("ROLLBACK")
-    with anyio.fail_after(10):
-        await asyncio.gather(second, third)
-    await log.write(record(5))  # the thread has caught up: back on the loop, after the others
-    log.close()
-    other.close()
-    assert [r["request_id"] for r in query(engine, AuditQuery())] == ["r1", "r2", "r3", "r4", "r5"]
-    assert verify(engine).ok
-
-
 async def test_an_outcome_nobody_waits_for_shares_the_next_decisions_commit(engine: Engine) -> None:
-    log = SqlAuditLog(engine, AuditSettings(node_id="node"))
+    # durability power: the writer thread commits while the waiters wait (the journal: below)
+    log = SqlAuditLog(engine, AuditSettings(node_id="node", durability="power"))
     await log.write(record(1))
     before = log.commits
     log.submit(record(2, event="outcome"))
@@ -398,3 +367,322 @@ def test_an_otel_log_record_carries_the_time_severity_and_attributes() -> None:
     assert attributes["agentgw.cost"] == {"doubleValue": 0.25}
     assert attributes["agentgw.actors"] == {"arrayValue": {"values": [{"stringValue": "client:a"}]}}
     assert "agentgw.tokens" not in attributes and "traceId" not in out
+
+
+# --- the journal (SQLite with durability crash, decision 0210) ------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
+    built = make_engine(f"sqlite:///{tmp_path / 'audit.db'}")
+    yield built
+    built.dispose()
+
+
+@pytest.fixture
+def no_timely_ingest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ingest thread runs only when woken (a flush, close or a large backlog), never on its own."""
+    monkeypatch.setattr(audit_log_module, "INGEST_EVERY_S", 3600.0)
+
+
+def journal_dir(engine: Engine) -> Path:
+    return Path(f"{engine.url.database}.audit-journal")
+
+
+def journal_files(engine: Engine) -> list[str]:
+    directory = journal_dir(engine)
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+def journaled_ids(engine: Engine) -> list[str]:
+    lines = b"".join(p.read_bytes() for p in sorted(journal_dir(engine).glob("*.jsonl"))).splitlines()
+    return [orjson.loads(line)["request_id"] for line in lines]
+
+
+def stored_ids(engine: Engine) -> list[str]:
+    return [r["request_id"] for r in query(engine, AuditQuery(), limit=10_000)]
+
+
+def dead_journal(engine: Engine, chain: str, lines: list[bytes], number: int = 1) -> Path:
+    """A journal segment as a process that died left it (its lock file there, and free)."""
+    directory = journal_dir(engine)
+    directory.mkdir(exist_ok=True)
+    chain_id = chain.replace(":", "_")
+    (directory / f"{chain_id}.lock").touch()
+    segment = directory / f"{chain_id}.{number}.jsonl"
+    segment.write_bytes(b"".join(lines))
+    return segment
+
+
+def chained_lines(chain: str, records: list[AuditRecord]) -> list[bytes]:
+    """The journal lines of `records` as the event loop writes them."""
+    lines, prev = [], GENESIS
+    for seq, rec in enumerate(records, 1):
+        row = stored_row(rec) | {"chain": chain, "seq": seq, "prev_hash": prev}
+        row["hash"] = prev = record_hash(row)
+        lines.append(orjson.dumps(row) + b"\n")
+    return lines
+
+
+async def test_a_written_record_is_in_the_journal_before_it_is_in_sql_and_in_sql_after_flush(
+    sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch, no_timely_ingest: None
+) -> None:
+    wakes = await cross_thread_wakes(monkeypatch)
+    log = SqlAuditLog(sqlite_engine, AuditSettings(node_id="node"))
+    await log.write(record(1))
+    await write_all(log, [record(n) for n in range(2, 12)])
+    # Answered from the loop, without a round trip through a thread.
+    assert wakes == []
+    assert journaled_ids(sqlite_engine) == [f"r{n}" for n in range(1, 12)]
+    assert stored_ids(sqlite_engine) == []
+    with anyio.fail_after(10):
+        await log.flush()
+    assert stored_ids(sqlite_engine) == [f"r{n}" for n in range(1, 12)]
+    assert verify(sqlite_engine).ok
+    log.close()
+
+
+async def test_an_outcome_nobody_waits_for_shares_the_next_decisions_journal_write(
+    sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = SqlAuditLog(sqlite_engine, AuditSettings(node_id="node"))
+    await log.write(record(1))
+    writes: list[bytes] = []
+    write = audit_log_module.os.write
+
+    def counted(fd: int, data: bytes) -> int:
+        writes.append(bytes(data))
+        return write(fd, data)
+
+    monkeypatch.setattr(audit_log_module.os, "write", counted)  # counts, writes as ever
+    log.submit(record(2, event="outcome"))
+    await asyncio.sleep(0)  # a turn of the loop: the outcome alone is not written
+    await log.write(record(3))
+    monkeypatch.undo()
+    assert [orjson.loads(line)["request_id"] for line in b"".join(writes).splitlines()] == ["r2", "r3"]
+    assert len(writes) == 1
+    log.close()
+    assert stored_ids(sqlite_engine) == ["r1", "r2", "r3"]
+
+
+async def test_close_ingests_everything_and_leaves_no_journal_behind(
+    sqlite_engine: Engine, no_timely_ingest: None
+) -> None:
+    log = SqlAuditLog(sqlite_engine, AuditSettings(node_id="node"))
+    await write_all(log, [record(n) for n in range(20)])
+    log.submit(record(20, event="outcome"))
+    assert journal_files(sqlite_engine) != []
+    log.close()
+    assert journal_files(sqlite_engine) == []
+    assert stored_ids(sqlite_engine) == [f"r{n}" for n in range(21)]
+    assert verify(sqlite_engine).ok
+
+
+async def test_segments_rotate_and_are_deleted_once_ingested(
+    sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch, no_timely_ingest: None
+) -> None:
+    monkeypatch.setattr(audit_log_module, "SEGMENT_BYTES", 1)  # every write starts a new segment
+    log = SqlAuditLog(sqlite_engine, AuditSettings(node_id="node"))
+    for n in range(4):
+        await log.write(record(n))
+    segments = [name for name in journal_files(sqlite_engine) if name.endswith(".jsonl")]
+    assert len(segments) == 4
+    with anyio.fail_after(10):
+        await log.flush()
+    # Ingested: every closed segment is gone; the one being written stays until close.
+    assert [name for name in journal_files(sqlite_engine) if name.endswith(".jsonl")] == [segments[-1]]
+    log.close()
+    assert journal_files(sqlite_engine) == []
+    assert stored_ids(sqlite_engine) == ["r0", "r1", "r2", "r3"]
+
+
+async def test_a_held_write_lock_does_not_block_the_loop_and_records_reach_sql_in_order(
+    sqlite_engine: Engine,
+) -> None:
+    log = SqlAuditLog(sqlite_engine, AuditSettings(node_id="node"))
+    await log.write(record(1))
+    with anyio.fail_after(10):
+        await log.flush()
+    other = sqlite3.connect(str(sqlite_engine.url.database), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer (a prune, the budget ledger) holds the lock
+    with anyio.fail_after(1):  # far less than the ingest thread's 5 s wait for the lock
+        await log.write(record(2))
+        log.submit(record(3, event="outcome"))
+        await write_all(log, [record(4), record(5)])
+    assert journaled_ids(sqlite_engine)[-4:] == ["r2", "r3", "r4", "r5"]
+    flushed = asyncio.create_task(log.flush())
+    # The event loop is not blocked by the lock: other work goes on while the ingest waits.
+    await asyncio.wait_for(asyncio.sleep(0.05), 1)
+    assert not flushed.done()
+    other.execute("ROLLBACK")
+    with anyio.fail_after(10):
+        await flushed
+    other.close()
+    log.close()
+    assert stored_ids(sqlite_engine) == ["r1", "r2", "r3", "r4", "r5"]
+    assert verify(sqlite_engine).ok
+
+
+async def test_while_ingest_fails_new_records_are_refused_and_it_recovers(
+    sqlite_engine: Engine, caplog: pytest.LogCaptureFixture, no_timely_ingest: None
+) -> None:
+    log = SqlAuditLog(sqlite_engine, AuditSettings(node_id="node"))
+    other = sqlite3.connect(str(sqlite_engine.url.database), isolation_level=None)
+    # A database that takes no records (as a full disk would), until the trigger goes.
+    other.execute("CREATE TRIGGER refuse BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'full'); END")
+    await log.write(record(1))  # in the journal: durable, so the call may go on
+    with anyio.fail_after(10):
+        await log.flush()  # the ingest fails; a flush does not hang on it
+    assert stored_ids(sqlite_engine) == []
+    with pytest.raises(Unavailable, match="audit log unavailable"):
+        await log.write(record(2))
+    log.submit(record(3, event="outcome"))
+    with anyio.fail_after(10):
+        await log.flush()
+    assert "audit record not written: outcome allowed r3" in caplog.text
+    other.execute("DROP TRIGGER refuse")
+    other.close()
+    with anyio.fail_after(10):
+        await log.flush()  # woken by the flush, the retry works
+    await log.write(record(4))
+    log.close()
+    assert stored_ids(sqlite_engine) == ["r1", "r4"]
+    assert verify(sqlite_engine).ok
+    assert journal_files(sqlite_engine) == []
+
+
+async def test_a_failed_journal_write_refuses_its_batch_and_the_next_write_starts_a_new_segment(
+    sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch, no_timely_ingest: None
+) -> None:
+    """The failure is injected by monkeypatching `os.write` in the module under test: a short write,
+    as a full disk makes (half the bytes land)."""
+    log = SqlAuditLog(sqlite_engine, AuditSettings(node_id="node"))
+    await log.write(record(1))
+    write = audit_log_module.os.write
+
+    def short(fd: int, data: bytes) -> int:
+        if b'"request_id":"doomed' in data:
+            return write(fd, data[: len(data) // 2])
+        return write(fd, data)
+
+    monkeypatch.setattr(audit_log_module.os, "write", short)
+    with pytest.raises(Unavailable, match="audit log unavailable"):
+        await log.write(replace(BASE, request_id="doomed"))
+    monkeypatch.undo()
+    await log.write(record(3))
+    segments = sorted(journal_dir(sqlite_engine).glob("*.jsonl"))
+    assert len(segments) == 2
+    assert segments[0].read_bytes().endswith(b"\n")  # the torn half was cut off
+    assert journaled_ids(sqlite_engine) == ["r1", "r3"]
+    log.close()
+    assert stored_ids(sqlite_engine) == ["r1", "r3"]
+    assert verify(sqlite_engine).ok  # the chain did not advance over the refused record
+
+
+CRASHING_WRITER = """
+import asyncio, sys
+from agentgw.filters.audit import AuditSettings
+from agentgw.storage import make_engine
+from agentgw.storage import audit_log
+from tests.storage.test_audit_log import record
+
+audit_log.INGEST_EVERY_S = 3600.0  # only a flush ingests
+
+async def main() -> None:
+    log = audit_log.SqlAuditLog(make_engine(sys.argv[1]), AuditSettings(node_id="crashing"))
+    for n in range(5):
+        await log.write(record(n))
+    await log.flush()  # these five are in SQL; the next five only in the journal
+    for n in range(5, 10):
+        await log.write(record(n))
+    print("written", flush=True)
+    await asyncio.to_thread(sys.stdin.read)  # until killed
+
+asyncio.run(main())
+"""
+
+
+async def test_a_new_log_replays_the_journal_of_a_sigkilled_process_and_the_chain_verifies(
+    sqlite_engine: Engine,
+) -> None:
+    writer = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CRASHING_WRITER,
+        sqlite_engine.url.render_as_string(hide_password=False),
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert writer.stdout is not None
+    line = await asyncio.wait_for(writer.stdout.readline(), 30)
+    assert line.strip() == b"written"
+    writer.send_signal(signal.SIGKILL)
+    await asyncio.wait_for(writer.wait(), 10)
+    assert stored_ids(sqlite_engine) == [f"r{n}" for n in range(5)]
+    log = SqlAuditLog(sqlite_engine, AuditSettings(node_id="next"))  # the next start
+    assert stored_ids(sqlite_engine) == [f"r{n}" for n in range(10)]
+    report = verify(sqlite_engine)
+    assert report.ok and report.records == 10, report.problem
+    assert [name for name in journal_files(sqlite_engine) if not name.startswith("next_")] == []
+    log.close()
+    assert journal_files(sqlite_engine) == []
+
+
+async def test_a_torn_last_line_is_dropped_and_the_rest_replayed(
+    sqlite_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    create_audit_tables(sqlite_engine)
+    lines = chained_lines("dead:1", [record(n) for n in range(3)])
+    dead_journal(sqlite_engine, "dead:1", [*lines[:2], lines[2][:40]])
+    SqlAuditLog(sqlite_engine, AuditSettings(node_id="next")).close()
+    assert stored_ids(sqlite_engine) == ["r0", "r1"]
+    assert verify(sqlite_engine).ok
+    assert "torn last line" in caplog.text
+    assert journal_files(sqlite_engine) == []
+
+
+async def test_a_corrupt_middle_line_stops_the_replay_and_leaves_unreadable_files(
+    sqlite_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    create_audit_tables(sqlite_engine)
+    lines = chained_lines("dead:2", [record(n) for n in range(4)])
+    segment = dead_journal(sqlite_engine, "dead:2", [lines[0], b'{"chain": "dead:2", oops\n', *lines[2:]])
+    log = SqlAuditLog(sqlite_engine, AuditSettings(node_id="next"))
+    await log.write(record(9))  # the gateway starts and serves all the same
+    log.close()
+    assert stored_ids(sqlite_engine) == ["r0", "r9"]
+    assert verify(sqlite_engine).ok  # what was ingested verifies
+    assert f"{segment} line 2" in caplog.text
+    assert journal_files(sqlite_engine) == ["dead_2.1.jsonl.unreadable", "dead_2.lock.unreadable"]
+    SqlAuditLog(sqlite_engine, AuditSettings(node_id="again")).close()  # nothing is replayed twice
+    assert stored_ids(sqlite_engine) == ["r0", "r9"]
+
+
+async def test_a_broken_chain_in_the_journal_stops_the_replay_there(
+    sqlite_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    create_audit_tables(sqlite_engine)
+    lines = chained_lines("dead:3", [record(n) for n in range(3)])
+    edited = orjson.loads(lines[1]) | {"decision": "denied"}  # its hash no longer matches
+    dead_journal(sqlite_engine, "dead:3", [lines[0], orjson.dumps(edited) + b"\n", lines[2]])
+    SqlAuditLog(sqlite_engine, AuditSettings(node_id="next")).close()
+    assert stored_ids(sqlite_engine) == ["r0"]
+    assert "does not match its hash" in caplog.text
+    assert verify(sqlite_engine).ok
+
+
+async def test_the_journal_of_a_live_log_is_not_touched_by_another_logs_replay(
+    sqlite_engine: Engine, no_timely_ingest: None
+) -> None:
+    live = SqlAuditLog(sqlite_engine, AuditSettings(node_id="live"))
+    await write_all(live, [record(n) for n in range(3)])
+    before = journal_files(sqlite_engine)
+    SqlAuditLog(sqlite_engine, AuditSettings(node_id="other")).close()
+    assert journal_files(sqlite_engine) == before
+    assert stored_ids(sqlite_engine) == []
+    live.close()
+    assert stored_ids(sqlite_engine) == ["r0", "r1", "r2"]
+    assert verify(sqlite_engine).ok
