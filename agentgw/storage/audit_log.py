@@ -202,8 +202,7 @@ _ADVANCE = (
     .where(audit_chain.c.chain == bindparam("of_chain"))
     .values(head_seq=bindparam("to_seq"), head_hash=bindparam("to_hash"))
 )
-# The same statements for the driver's own sqlite3 connection that ingests the journal: named
-# parameters, bound from the row dicts in C (no per-row Python work in the ingest thread).
+# The same statements for the driver's own sqlite3 connection that ingests the journal.
 _INSERT_COLUMNS = tuple(str(c.name) for c in audit_log.columns if c.name != "id")
 _CHAIN_COLUMNS = tuple(str(c.name) for c in audit_chain.columns)
 
@@ -216,6 +215,14 @@ def _named(table: Table, columns: Sequence[str]) -> str:
 
 _INSERT_SQL = _named(audit_log, _INSERT_COLUMNS)
 _CHAIN_SQL = _named(audit_chain, _CHAIN_COLUMNS)
+_VALUES = "(" + ", ".join("?" * len(_INSERT_COLUMNS)) + ")"
+# One statement inserts a whole chunk: sqlite3 lets go of the GIL around every statement it steps,
+# and the loop takes it back each time; a statement per row made the ingest thread dearer than the
+# rows (bench/RESULTS.md). INGEST_CHUNK x 31 parameters stays far below SQLite's limit (32,766).
+_INSERT_CHUNK_SQL = {
+    n: f"INSERT INTO audit_log ({', '.join(_INSERT_COLUMNS)}) VALUES {', '.join([_VALUES] * n)}"  # noqa: S608 - the table's own column names and placeholders, no input
+    for n in range(1, INGEST_CHUNK + 1)
+}
 _ADVANCE_SQL = "UPDATE audit_chain SET head_seq = ?, head_hash = ? WHERE chain = ?"
 _HEAD_SQL = "SELECT head_seq, head_hash FROM audit_chain WHERE chain = ?"
 
@@ -603,7 +610,8 @@ class SqlAuditLog:
                 conn.execute(_CHAIN_SQL, self._chain_row())
             # Short GIL holds: the rows come ready; bind them in chunks and let the loop run between.
             for start in range(0, len(rows), INGEST_CHUNK):
-                conn.executemany(_INSERT_SQL, rows[start : start + INGEST_CHUNK])
+                part = rows[start : start + INGEST_CHUNK]
+                conn.execute(_INSERT_CHUNK_SQL[len(part)], [row[c] for row in part for c in _INSERT_COLUMNS])
                 time.sleep(0)
             conn.execute(_ADVANCE_SQL, (rows[-1]["seq"], rows[-1]["hash"], self.chain))
             conn.execute("COMMIT")
