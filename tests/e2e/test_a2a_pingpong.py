@@ -22,9 +22,10 @@ from a2a.types.a2a_pb2 import Message, Part, Role, SendMessageRequest, Task, Tas
 from sqlalchemy import Engine
 
 from agentgw.storage import make_engine
-from agentgw.storage.audit_log import AuditQuery, query
+from agentgw.storage.audit_log import AuditQuery
 from conformance.fixtures.a2a_agents import agents_args
 from conformance.fixtures.launch import FixtureProcess, free_port, start_process
+from tests.support.audit import records_until
 from tests.support.gateway import RunningGateway, run_gateway
 
 MESSAGES_PER_CONTEXT = 6
@@ -88,7 +89,11 @@ async def test_a_ping_pong_loop_is_stopped_by_its_iteration_budget(loop: Loop) -
     assert "budget 'a2a-turns' exhausted" in text
     assert f"peer refused at hop {MESSAGES_PER_CONTEXT}" in text, text
 
-    records = query(loop.engine, AuditQuery(protocol="a2a", run_id=context, event="decision"), limit=100)
+    records = await records_until(
+        loop.engine,
+        AuditQuery(protocol="a2a", run_id=context, event="decision"),
+        lambda found: sum(r["action"] == "send" for r in found) > MESSAGES_PER_CONTEXT,
+    )
     sends = [(r["upstream"], r["decision"]) for r in records if r["action"] == "send"]
     assert len(sends) == MESSAGES_PER_CONTEXT + 1
     assert all(decision == "allowed" for _, decision in sends[:-1])

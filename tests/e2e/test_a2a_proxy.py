@@ -39,9 +39,10 @@ from sqlalchemy import Engine
 
 from agentgw.oauth.apikeys import ApiKeyStore, NewApiKey
 from agentgw.storage import make_engine
-from agentgw.storage.audit_log import AuditQuery, query
+from agentgw.storage.audit_log import AuditQuery
 from conformance.fixtures.a2a_agents import agents_args
 from conformance.fixtures.launch import free_port, start_process
+from tests.support.audit import keys, records_until
 from tests.support.gateway import RunningGateway, run_gateway
 
 AGENTS = ("echo", "stream", "slow", "dropper")
@@ -275,25 +276,18 @@ async def test_every_step_is_in_the_audit_log_with_its_context_and_task(stack: S
     async with a2a_client(stack, "echo", user="bob", streaming=False) as bob:
         with pytest.raises(A2AError):
             await first_task(bob, hello("shout", context_id=context))
-    # Decisions are committed before the answer is sent; outcomes are committed just after it
-    # (decision 0207), so this other process waits for the first one.
-    records = await audit_records_until(stack.engine, AuditQuery(protocol="a2a", run_id=context), "outcome")
-    sends = [(r["subject"], r["resource"], r["event"], r["decision"]) for r in records]
-    assert ("user:alice", "a2a:echo/echo", "decision", "allowed") in sends
-    assert ("user:alice", "a2a:echo/echo", "outcome", "allowed") in sends
-    assert ("user:bob", "a2a:echo/shout", "decision", "denied") in sends
+    # Records are durable in the journal before the answer is sent and reach SQL a moment later
+    # (decision 0210), so this other process reads until the three it expects are there.
+    expected = {
+        ("user:alice", "a2a:echo/echo", "decision", "allowed"),
+        ("user:alice", "a2a:echo/echo", "outcome", "allowed"),
+        ("user:bob", "a2a:echo/shout", "decision", "denied"),
+    }
+    records = await records_until(
+        stack.engine, AuditQuery(protocol="a2a", run_id=context), lambda found: expected <= keys(found)
+    )
     outcome = next(r for r in records if r["event"] == "outcome")
     assert outcome["session_id"] == task.id, "the task id is recorded with the context id"
-
-
-async def audit_records_until(engine: Engine, filters: AuditQuery, event: str) -> list[dict[str, Any]]:
-    """The records matching `filters` once one of them is an `event` record (bounded by TIMEOUT)."""
-    with anyio.fail_after(TIMEOUT):
-        while True:
-            records = query(engine, filters, limit=500)
-            if any(r["event"] == event for r in records):
-                return records
-            await anyio.sleep(0.05)  # polling another process's committed log: no event to wait on
 
 
 # --- bad input -----------------------------------------------------------------------------------
