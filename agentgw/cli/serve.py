@@ -120,6 +120,8 @@ def _uvicorn_options(args: argparse.Namespace, settings: Settings) -> dict[str, 
         # from a client on 127.0.0.1 is not trusted by default (uvicorn's default would), and the
         # middleware that applies it costs every request.
         "proxy_headers": False,
+        # No `server: uvicorn` on every answer: it names the software to whoever asks, for nothing.
+        "server_header": False,
         "lifespan": "on",
     }
 

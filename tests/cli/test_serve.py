@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
 from agentgw.cli import _parser, main
 from agentgw.cli.serve import _uvicorn_options
 from agentgw.settings import Settings
+from tests.support.gateway import run_gateway
 
 
 def test_several_workers_with_the_local_budget_store_refuse_to_start(
@@ -29,9 +31,17 @@ def test_several_workers_with_the_local_budget_store_refuse_to_start(
     assert not (tmp_path / "gw.db").exists()  # refused before anything was started
 
 
-def test_serve_trusts_no_forwarding_headers_from_local_clients() -> None:
+def test_serve_trusts_no_forwarding_headers_and_names_no_server_software() -> None:
     # uvicorn's default trusts X-Forwarded-For/-Proto from 127.0.0.1; nothing here needs them.
     args = _parser().parse_args(["serve"])
     options = _uvicorn_options(args, Settings())
     assert options["proxy_headers"] is False
     assert options["access_log"] is False
+
+
+def test_a_served_answer_names_no_server_software_and_keeps_its_date(tmp_path: Path) -> None:
+    with run_gateway(tmp_path, {"policy": {"allow_empty": True}}) as gateway:
+        response = httpx.get(f"{gateway.url}/healthz")
+    assert response.status_code == 200
+    assert "server" not in response.headers
+    assert "date" in response.headers  # RFC 9110: an origin server with a clock sends it
