@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Collection, Mapping
 
 from starlette.requests import ClientDisconnect, Request
-from starlette.types import Receive
+from starlette.types import Message, Receive
 
 from agentgw.errors import PayloadTooLarge, UnsupportedMediaType
 
@@ -29,7 +29,8 @@ async def read_body(
         UnsupportedMediaType: a (required or present) body of another content type.
         PayloadTooLarge: the body is larger than `limit`, declared or streamed.
     """
-    return await _read(request.headers, request.stream(), limit, media_types, required)
+    content_type = _check_declared(request.headers, limit, media_types, required)
+    return await _collect(request.stream(), limit, content_type, media_types, required)
 
 
 async def read_body_asgi(
@@ -42,12 +43,19 @@ async def read_body_asgi(
         PayloadTooLarge: the body is larger than `limit`, declared or streamed.
         ClientDisconnect: the client went away before the body was complete.
     """
-    return await _read(headers, _chunks(receive), limit, media_types, True)
+    content_type = _check_declared(headers, limit, media_types, True)
+    message = await receive()
+    if message["type"] == "http.request" and not message.get("more_body", False):
+        # The usual case, a body in one message: no generator to drive.
+        body: bytes = message.get("body", b"")
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body too large: the limit is {limit} bytes")
+        return body
+    return await _collect(_chunks(message, receive), limit, content_type, media_types, True)
 
 
-async def _chunks(receive: Receive) -> AsyncIterator[bytes]:
+async def _chunks(message: Message, receive: Receive) -> AsyncIterator[bytes]:
     while True:
-        message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnect()
         body: bytes = message.get("body", b"")
@@ -55,21 +63,25 @@ async def _chunks(receive: Receive) -> AsyncIterator[bytes]:
             yield body
         if not message.get("more_body", False):
             return
+        message = await receive()
 
 
-async def _read(
-    headers: Mapping[str, str],
-    stream: AsyncIterator[bytes],
-    limit: int,
-    media_types: Collection[str],
-    required: bool,
-) -> bytes:
+def _check_declared(
+    headers: Mapping[str, str], limit: int, media_types: Collection[str], required: bool
+) -> str:
+    """The request's media type, once its headers are acceptable."""
     content_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if required and content_type not in media_types:
         raise UnsupportedMediaType("unsupported media type: send application/json")
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body too large: the limit is {limit} bytes")
+    return content_type
+
+
+async def _collect(
+    stream: AsyncIterator[bytes], limit: int, content_type: str, media_types: Collection[str], required: bool
+) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async for chunk in stream:

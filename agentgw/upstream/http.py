@@ -33,14 +33,18 @@ class UpstreamResponse:
         url: the URL the request went to, for logs.
     """
 
-    __slots__ = ("_response", "_who", "headers", "status_code", "url")
+    __slots__ = ("_response", "_who", "headers", "status_code")
 
     def __init__(self, response: aiohttp.ClientResponse, who: str) -> None:
         self._response = response
         self._who = who
         self.status_code = response.status
         self.headers = {name.lower(): value for name, value in response.headers.items()}
-        self.url = str(response.url)
+
+    @property
+    def url(self) -> str:
+        # Only logs ask for it: not built on every answer.
+        return str(self._response.url)
 
     async def aread(self, max_bytes: int | None = None) -> bytes:
         """The whole body; with `max_bytes`, reading stops as soon as the body is larger.

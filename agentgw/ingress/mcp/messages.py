@@ -59,39 +59,47 @@ NAME_PARAM = {"tools/call": "name", "prompts/get": "name", "resources/read": "ur
 
 @dataclass(slots=True)
 class Message:
-    """One parsed JSON-RPC message."""
+    """One parsed JSON-RPC message, its envelope read once (the pass-through asks for it often).
+
+    Attributes:
+        body: the message as parsed.
+        raw: the bytes it was parsed from (what goes upstream).
+        method: the method of a request or notification; None for a response.
+        id: the id, None when there is none.
+        is_request: a method and an id.
+        params: the params object, empty when there is none.
+        protocol_version: the `io.modelcontextprotocol/protocolVersion` of `params._meta`, if a string.
+        is_modern: `protocol_version` is the 2026-07-28 era or later.
+    """
 
     body: dict[str, Any]
     raw: bytes
+    method: str | None
+    id: Any
+    is_request: bool
+    params: Mapping[str, Any]
+    protocol_version: str | None
+    is_modern: bool
 
-    @property
-    def method(self) -> str | None:
-        method = self.body.get("method")
-        return method if isinstance(method, str) else None
-
-    @property
-    def id(self) -> Any:
-        return self.body.get("id")
-
-    @property
-    def is_request(self) -> bool:
-        return self.method is not None and "id" in self.body
-
-    @property
-    def params(self) -> Mapping[str, Any]:
-        params = self.body.get("params")
-        return params if isinstance(params, dict) else {}
-
-    @property
-    def protocol_version(self) -> str | None:
-        meta = self.params.get("_meta")
+    @classmethod
+    def of(cls, body: dict[str, Any], raw: bytes) -> Message:
+        method = body.get("method")
+        method = method if isinstance(method, str) else None
+        params = body.get("params")
+        params = params if isinstance(params, dict) else {}
+        meta = params.get("_meta")
         version = meta.get(META_VERSION) if isinstance(meta, dict) else None
-        return version if isinstance(version, str) else None
-
-    @property
-    def is_modern(self) -> bool:
-        version = self.protocol_version
-        return version is not None and version >= MODERN_VERSION
+        version = version if isinstance(version, str) else None
+        return cls(
+            body,
+            raw,
+            method,
+            body.get("id"),
+            method is not None and "id" in body,
+            params,
+            version,
+            version is not None and version >= MODERN_VERSION,
+        )
 
 
 def parse(raw: bytes, headers: Mapping[str, str]) -> Message:
@@ -110,7 +118,6 @@ def parse(raw: bytes, headers: Mapping[str, str]) -> Message:
         raise BadRequest("JSON-RPC batches are not supported: send one message per request")
     if not isinstance(body, dict) or body.get("jsonrpc") != "2.0":
         raise BadRequest("invalid request: a JSON-RPC 2.0 object is required")
-    message = Message(body, raw)
     msg_id = body.get("id")
     if "id" in body and (isinstance(msg_id, bool) or not isinstance(msg_id, str | int)):
         raise BadRequest("invalid request: id must be a string or an integer")
@@ -121,6 +128,7 @@ def parse(raw: bytes, headers: Mapping[str, str]) -> Message:
             raise BadRequest("invalid request: params must be an object")
     elif "id" not in body or ("result" in body) == ("error" in body):
         raise BadRequest("invalid request: neither a request, a notification nor a response")
+    message = Message.of(body, raw)
     _check_headers(message, headers)
     return message
 
@@ -129,7 +137,11 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     # Surrounding whitespace is not part of an HTTP field value (RFC 9110 5.5), whatever the server
     # library kept; a value that needs exact bytes travels in the `=?base64?...?=` form.
     value = headers.get(name)
-    return None if value is None else decode_header_value(value.strip(" \t"))
+    if value is None:
+        return None
+    value = value.strip(" \t")
+    # Only the sentinel form needs decoding (the SDK's full-match regex costs more than the check).
+    return decode_header_value(value) if value.startswith("=?") else value
 
 
 def _check_headers(message: Message, headers: Mapping[str, str]) -> None:
