@@ -16,7 +16,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.middleware.trustedhost import TrustedHostMiddleware
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agentgw.admin.audit import audit_router
@@ -52,7 +52,7 @@ from agentgw.upstream.mcp_sessions import UpstreamSessions
 from registry.api import registry_router
 from registry.store import RegistryStore
 
-__all__ = ["Gateway", "GatewayApp", "create_app"]
+__all__ = ["DirectRoutes", "Gateway", "GatewayApp", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -226,29 +226,82 @@ class RememberedHostCheck:
         await self._check(scope, receive, send)
 
 
+class DirectRoutes:
+    """Routes served ahead of FastAPI's middleware stack, with what of it they need.
+
+    A request that one of `routes` fully matches is handed to it with the exception handlers that
+    FastAPI's `ExceptionMiddleware` would have given it (`GatewayError`, `HTTPException`; the route
+    applies them, as under the stack); anything else (no route, a wrong method) goes to `fallback`,
+    the whole stack, which answers as before. An exception no handler takes reaches the server, which
+    answers 500 as the stack's `ServerErrorMiddleware` did.
+    """
+
+    def __init__(self, app: GatewayApp, routes: list[BaseRoute], fallback: ASGIApp) -> None:
+        self._app = app
+        self._routes = routes
+        self._fallback = fallback
+        self._handlers: tuple[dict[Any, Any], dict[int, Any]] | None = None
+
+    def _exception_handlers(self) -> tuple[dict[Any, Any], dict[int, Any]]:
+        # Read once the app is complete (handlers are added after construction), as the stack is built.
+        if self._handlers is None:
+            by_class: dict[Any, Any] = {}
+            by_status: dict[int, Any] = {}
+            for key, handler in self._app.exception_handlers.items():
+                if isinstance(key, int):
+                    if key != 500:  # the server error handler is ServerErrorMiddleware's, never a route's
+                        by_status[key] = handler
+                elif key is not Exception:
+                    by_class[key] = handler
+            self._handlers = (by_class, by_status)
+        return self._handlers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        for route in self._routes:
+            match, child = route.matches(scope)
+            if match is Match.FULL:
+                scope.update(child)
+                scope["app"] = self._app
+                scope["router"] = self._app.router
+                scope["starlette.exception_handlers"] = self._exception_handlers()
+                await route.handle(scope, receive, send)
+                return
+        await self._fallback(scope, receive, send)
+
+
+# The data-plane prefixes whose routes `DirectRoutes` serves (A2A agents, the OpenAI-compatible API).
+DIRECT_PREFIXES = ("/a2a/", "/v1/")
+
+
 class GatewayApp(FastAPI):
-    """The admin API and documents on FastAPI; the MCP data plane in front of its middleware stack.
+    """The admin API and documents on FastAPI; the data plane in front of its middleware stack.
 
     FastAPI's stack (error, telemetry, body-limit, exception and exit-stack middleware, then routing)
     cost about 0.2 ms of CPU per call on the pass-through path (bench/RESULTS.md); the MCP routes need
-    none of it: they render their own errors. They keep the Host check (DNS rebinding).
+    none of it: they render their own errors. The A2A and LLM routes go through `DirectRoutes`, which
+    keeps the exception handlers they rely on. Both keep the Host check (DNS rebinding).
     """
 
     mcp_front: ASGIApp | None = None
+    direct_front: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.mcp_front is not None and scope["method"] in MCP_METHODS:
+        if scope["type"] == "http" and self.mcp_front is not None:
             path: str = scope["path"]
-            if path == "/mcp":
-                scope["path_params"] = {}
-            elif path.startswith("/mcp/") and len(path) > 5 and "/" not in path[5:]:
-                scope["path_params"] = {"server": path[5:]}
-            else:
-                await super().__call__(scope, receive, send)
+            if scope["method"] in MCP_METHODS and path.startswith("/mcp"):
+                if path == "/mcp":
+                    scope["path_params"] = {}
+                    scope["app"] = self
+                    await self.mcp_front(scope, receive, send)
+                    return
+                if path.startswith("/mcp/") and len(path) > 5 and "/" not in path[5:]:
+                    scope["path_params"] = {"server": path[5:]}
+                    scope["app"] = self
+                    await self.mcp_front(scope, receive, send)
+                    return
+            elif self.direct_front is not None and path.startswith(DIRECT_PREFIXES):
+                await self.direct_front(scope, receive, send)
                 return
-            scope["app"] = self
-            await self.mcp_front(scope, receive, send)
-            return
         await super().__call__(scope, receive, send)
 
 
@@ -317,8 +370,11 @@ def create_app(settings: Settings) -> GatewayApp:
     # Still routed, for other methods (405) and for anything that walks the routes.
     app.router.routes.append(Route("/mcp", mcp, methods=sorted(MCP_METHODS)))
     app.router.routes.append(Route("/mcp/{server}", mcp, methods=sorted(MCP_METHODS)))
-    app.router.routes.extend(gateway.llm.routes())  # /v1: OpenAI-compatible chat, embeddings, models
-    app.router.routes.extend(gateway.a2a.routes())  # /a2a/<agent>: cards, JSON-RPC, HTTP+JSON
+    direct = [*gateway.llm.routes(), *gateway.a2a.routes()]
+    # /v1: OpenAI-compatible chat, embeddings, models; /a2a/<agent>: cards, JSON-RPC, HTTP+JSON.
+    # Served ahead of the stack; still routed, for anything that walks the routes.
+    app.direct_front = RememberedHostCheck(DirectRoutes(app, direct, super(GatewayApp, app).__call__), hosts)
+    app.router.routes.extend(direct)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""The front door: MCP requests are dispatched ahead of FastAPI's middleware stack (with the Host
-check kept); everything else, and whatever the MCP routes do not serve, goes through FastAPI."""
+"""The front door: MCP, A2A and LLM requests are dispatched ahead of FastAPI's middleware stack (with
+the Host check kept); everything else, and whatever those routes do not serve, goes through FastAPI."""
 
 from __future__ import annotations
 
@@ -9,10 +9,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI, HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
 from starlette.testclient import TestClient
 from starlette.types import Message, Receive, Scope, Send
 
-from agentgw.app import GatewayApp, RememberedHostCheck, create_app
+from agentgw.app import DirectRoutes, GatewayApp, RememberedHostCheck, create_app
+from agentgw.errors import Forbidden
 from agentgw.settings import load_settings
 
 BASE = "http://127.0.0.1:8080"
@@ -107,3 +112,96 @@ def test_start_up_objects_are_frozen_out_of_the_gc_while_the_gateway_runs(tmp_pa
     with TestClient(app, base_url=BASE):
         assert gc.get_freeze_count() > 10_000
     assert gc.get_freeze_count() == 0
+
+
+# --- the A2A and LLM routes: ahead of the stack too, with the exception handlers they rely on ---
+
+DIRECT_REQUESTS = [
+    ("GET", "/v1/models", None),
+    ("GET", "/v1/models/nosuch", None),
+    ("POST", "/v1/chat/completions", b"{not json"),
+    ("POST", "/v1/chat/completions", b'{"model": "nosuch", "messages": [{"role": "user", "content": "hi"}]}'),
+    ("POST", "/v1/embeddings", b'{"model": "nosuch", "input": "hi"}'),
+    ("POST", "/a2a/nosuch", b'{"jsonrpc": "2.0", "id": 1, "method": "SendMessage", "params": {}}'),
+    ("GET", "/a2a/nosuch/.well-known/agent-card.json", None),
+    ("GET", "/a2a/nosuch/tasks/t1", None),
+]
+
+
+async def test_a2a_and_llm_requests_skip_fastapis_middleware_stack(
+    http: tuple[GatewayApp, httpx.AsyncClient],
+) -> None:
+    app, client = http
+    for method, path, body in DIRECT_REQUESTS:
+        response = await client.request(method, path, content=body, headers=JSON)
+        assert response.status_code < 500, (path, response.text)
+    assert app.middleware_stack is None, "FastAPI built its middleware stack for an A2A or LLM request"
+
+
+async def test_a2a_and_llm_answers_are_the_same_as_through_the_stack(
+    http: tuple[GatewayApp, httpx.AsyncClient],
+) -> None:
+    app, client = http
+
+    async def through_the_stack(scope: Scope, receive: Receive, send: Send) -> None:
+        await FastAPI.__call__(app, scope, receive, send)
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(through_the_stack), base_url=BASE) as stacked:
+        for method, path, body in DIRECT_REQUESTS:
+            direct = await client.request(method, path, content=body, headers=JSON)
+            expected = await stacked.request(method, path, content=body, headers=JSON)
+            assert (direct.status_code, direct.content) == (expected.status_code, expected.content), path
+            unique = ("x-request-id",)  # one per call
+            assert direct.headers.keys() == expected.headers.keys(), path
+            assert [(k, v) for k, v in direct.headers.items() if k not in unique] == [
+                (k, v) for k, v in expected.headers.items() if k not in unique
+            ], path
+
+
+async def test_the_host_check_holds_on_the_a2a_and_llm_front_door(
+    http: tuple[GatewayApp, httpx.AsyncClient],
+) -> None:
+    _, client = http
+    for method, path, body in DIRECT_REQUESTS:
+        response = await client.request(
+            method, path, content=body, headers=JSON | {"host": "evil.example.com"}
+        )
+        assert response.status_code == 400 and response.text == "Invalid host header", path
+
+
+async def test_what_the_a2a_and_llm_routes_do_not_serve_falls_through_to_fastapi(
+    http: tuple[GatewayApp, httpx.AsyncClient],
+) -> None:
+    app, client = http
+    assert (await client.put("/v1/models", headers=JSON)).status_code == 405
+    assert (await client.delete("/a2a/nosuch", headers=JSON)).status_code == 405
+    response = await client.get("/v1/nosuch", headers=JSON)
+    assert response.status_code == 404 and response.json() == {"detail": "Not Found"}
+    assert app.middleware_stack is not None
+
+
+async def test_a_direct_route_that_raises_is_answered_by_the_apps_exception_handlers(tmp_path: Path) -> None:
+    app = app_for(tmp_path)
+
+    async def refuses(request: Request) -> Response:
+        raise Forbidden("denied by policy: test")
+
+    async def not_here(request: Request) -> Response:
+        raise HTTPException(status_code=418, detail="short and stout")
+
+    async def crashes(request: Request) -> Response:
+        raise RuntimeError("boom")
+
+    routes: list[BaseRoute] = [
+        Route("/v1/refuses", refuses),
+        Route("/v1/teapot", not_here),
+        Route("/v1/crash", crashes),
+    ]
+    front = DirectRoutes(app, routes, app.router)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(front), base_url=BASE) as client:
+        response = await client.get("/v1/refuses")
+        assert response.status_code == 403 and response.json() == {"detail": "denied by policy: test"}
+        response = await client.get("/v1/teapot")
+        assert response.status_code == 418 and response.json() == {"detail": "short and stout"}
+        with pytest.raises(RuntimeError, match="boom"):  # the server answers 500, as it did under the stack
+            await client.get("/v1/crash")
