@@ -108,10 +108,6 @@ class Call:
     estimate: Usage = field(default_factory=Usage)
     # The policy rule that decided, for audit (`None` when no rule was consulted).
     decided_by: str | None = None
-    # Set by `Pipeline.run`: where the call goes after the last stage (the upstream dispatch).
-    terminal: Callable[[Call], Awaitable[Reply]] | None = field(
-        default=None, init=False, repr=False, compare=False
-    )
 
 
 @dataclass(slots=True)

@@ -20,11 +20,7 @@ Admitted = Callable[[Call], Awaitable[None]]
 
 
 class Filter(Protocol):
-    """A pipeline stage: returns a `Reply` or raises a `GatewayError`; never signals through flags.
-
-    A stage passes on the call it was given (it may enrich it, never replace it): the call carries
-    its run's terminal stage.
-    """
+    """A pipeline stage: returns a `Reply` or raises a `GatewayError`; never signals through flags."""
 
     async def __call__(self, call: Call, call_next: CallNext) -> Reply: ...
 
@@ -35,13 +31,6 @@ class Pipeline:
     def __init__(self, filters: Sequence[Filter], admitted: Admitted | None = None) -> None:
         self.filters = tuple(filters)
         self.admitted = admitted
-        # The chain of stages is linked once: each stage's `call_next` is the next stage, the last
-        # one's is `_forward`, which takes the terminal from the call (`run` puts it there). Linking
-        # per run cost a closure and a frame per stage, about 1.3 us per call.
-        chain: CallNext = self._forward
-        for stage in reversed(self.filters):
-            chain = _link(stage, chain)
-        self._chain = chain
 
     async def run(self, call: Call, terminal: CallNext) -> Reply:
         """Run `call` through every filter, then `terminal`.
@@ -49,23 +38,18 @@ class Pipeline:
         Raises:
             GatewayError: a stage refused the call, or the upstream failed.
         """
-        call.terminal = terminal
-        return await self._chain(call)
+        filters = self.filters
+        last = len(filters)
+        admitted = self.admitted
 
-    async def _forward(self, call: Call) -> Reply:
-        if self.admitted is not None:
-            await self.admitted(call)
-        terminal = call.terminal
-        if terminal is None:  # a stage passed on another call than the one it was given
-            raise RuntimeError("the call reached the end of the pipeline without its terminal stage")
-        return await terminal(call)
+        async def step(index: int, current: Call) -> Reply:
+            if index == last:
+                if admitted is not None:
+                    await admitted(current)
+                return await terminal(current)
+            return await filters[index](current, lambda c: step(index + 1, c))
 
-
-def _link(stage: Filter, call_next: CallNext) -> CallNext:
-    async def linked(call: Call) -> Reply:
-        return await stage(call, call_next)
-
-    return linked
+        return await step(0, call)
 
 
 def ordered(
