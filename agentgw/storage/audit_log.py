@@ -472,8 +472,15 @@ class SqlAuditLog:
                 self._start_thread()
             self._outbox.append(pending)
             if loop is not None:
-                schedule = self._hand_off_on is not loop
-                self._hand_off_on = loop
+                schedule = linger = False
+                if pending.future is not None or len(self._outbox) >= self._batch_max:
+                    schedule = self._hand_off_on is not loop
+                    self._hand_off_on = loop
+                elif self._hand_off_on is not loop and self._linger_on is not loop:
+                    # Nobody waits for this one (an outcome): it lingers up to `LINGER_S` to share the
+                    # next write (see `_hand_off`), without a hand-off of its own at the end of the turn.
+                    linger = True
+                    self._linger_on = loop
             else:
                 batch, self._outbox = self._outbox, []
                 if self._journal_path is None:
@@ -484,6 +491,8 @@ class SqlAuditLog:
         elif schedule:
             # Once per turn of the loop: records queued in one turn share one write (and one wake-up).
             loop.call_soon(self._hand_off)
+        elif linger:
+            loop.call_later(LINGER_S, self._linger_over)
 
     def _hand_off(self) -> None:
         with self._lock:
@@ -493,6 +502,7 @@ class SqlAuditLog:
                 # Records nobody waits for (outcomes) linger up to `LINGER_S`, so that they share the
                 # next write (usually the next call's decision) instead of paying for one of their
                 # own: one journal write, or one commit, per call when calls come one at a time.
+                # (`_put` starts their timer; here, those whose waited company another loop took.)
                 loop = asyncio.get_running_loop()
                 if self._outbox and self._linger_on is not loop:
                     self._linger_on = loop
