@@ -554,8 +554,15 @@ class SqlAuditLog:
         The rows go to the ingest thread without waking it, unless a flush waits or the backlog is
         large. A failed write, a failing ingest or too long a backlog refuses every record of the batch.
         """
-        pendings = [p for p in batch if p.record is not None]
-        barriers = [p for p in batch if p.record is None]
+        pendings: list[_Pending] = []
+        records: list[AuditRecord] = []
+        barriers: list[_Pending] = []
+        for pending in batch:
+            if pending.record is None:
+                barriers.append(pending)
+            else:
+                pendings.append(pending)
+                records.append(pending.record)
         error: Unavailable | None = None
         rows: list[dict[str, Any]] = []
         with self._append_lock:
@@ -563,9 +570,7 @@ class SqlAuditLog:
             if pendings:
                 error = self._refusal()
                 if error is None and journal is not None:
-                    rows, data, seq, head = self._chained(
-                        [p.record for p in pendings if p.record is not None]
-                    )
+                    rows, data, seq, head = self._chained(records)
                     try:
                         journal.append(data, seq)
                     except OSError as exc:
