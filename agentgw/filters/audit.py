@@ -77,12 +77,15 @@ BUILTIN_PATTERNS: dict[str, re.Pattern[str]] = {
 # matches: a string without it cannot match, so its substitution is skipped. Most strings have
 # none, and a substitution scans the whole string (the `api_key` one is slow). Each needle is a
 # literal taken from every alternative of its pattern, with the same case rule: `bearer` ignores
-# case as its pattern does; `api_key` has `k-` (sk-, pk-, rk-), `_` (gh?_, github_pat_), `glpat-`,
-# `xox`, `AKIA`, `AIza`, and the `[:=]` of its `name: value` form. Keep them in step.
+# case as its pattern does; `api_key` has `k-` (sk-, pk-, rk-), `gh?_`, `github_pat_`, `glpat-`,
+# `xox`, `AKIA`, `AIza`, and the names of its `name: value` form, case ignored (a `:`, `=` or `_`
+# alone is in too many strings: URLs, times, identifiers). Keep them in step.
 _NEEDLES: dict[str, re.Pattern[str]] = {
     "bearer": re.compile(r"(?i:bearer)"),
     "jwt": re.compile(r"eyJ"),
-    "api_key": re.compile(r"k-|_|glpat-|xox|AKIA|AIza|(?i:[:=])"),
+    "api_key": re.compile(
+        r"k-|gh[pousr]_|github_pat_|glpat-|xox|AKIA|AIza|(?i:api[_-]?key|secret|token|password|passwd)"
+    ),
     "email": re.compile(r"@"),
 }
 DEFAULT_SECRET_ARGUMENTS = [

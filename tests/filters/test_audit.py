@@ -192,7 +192,7 @@ def plain_redaction(text: str, settings: RedactionSettings) -> str:
 def test_skipping_strings_without_a_needle_changes_no_redaction(settings: RedactionSettings) -> None:
     # Letters the patterns look for, their other cases (also the non-ASCII ones that fold to ASCII
     # under IGNORECASE), and the separators they need.
-    alphabet = "bearBEARkKsS-_:=@.eyJxoglpatAKIzhG \u0130\u0131\u017f\u212a" + "0123456789"
+    alphabet = "bearBEARkKsS-_:=@.eyJxoglpatAKIzhGcnwdi \u0130\u0131\u017f\u212a" + "0123456789"
     rng = random.Random(9)
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(60))) for _ in range(10_000)]
     texts += [
@@ -201,6 +201,17 @@ def test_skipping_strings_without_a_needle_changes_no_redaction(settings: Redact
         f"BeArEr {JWT}",
         "api_key=" + "s" * 2000,
         "\u017fecret: hunter2",  # the long s folds to s under IGNORECASE
+        "TOKEN=abc",
+        "my_Secret : x",
+        "passwd= y",
+        "Api-Key:z",
+        "apikey=z",
+        "to\u212aen: v",  # the Kelvin sign folds to k
+        "ap\u0131_key=v",  # the dotless i folds to i
+        # `:`, `=`, `_` without a name before them: nothing to redact
+        "https://example.com/a_b?x=1",
+        "2026-01-01T10:00:00Z",
+        "snake_case_name",
         # one of each `api_key` alternative
         "pk-abcdefghijklmnopqr",
         "ghs_abcdefghijklmnopqrstuvwxyz",
