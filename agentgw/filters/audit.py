@@ -103,7 +103,7 @@ class _Needle:
 
 # Strings up to this long are searched with the regex: `in` costs more for each literal than the
 # regex for a few characters.
-_SHORT = 24
+_SHORT = 12
 
 # For each built-in pattern, its needle: literals taken from every alternative of the pattern, with
 # the same case rule. `bearer` ignores case as its pattern does; `api_key` has `k-` (sk-, pk-, rk-),
