@@ -73,17 +73,51 @@ BUILTIN_PATTERNS: dict[str, re.Pattern[str]] = {
     ),
     "email": re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"),
 }
-# For each built-in pattern, a cheap pattern that finds something in every string the built-in
-# matches: a string without it cannot match, so its substitution is skipped. Most strings have
-# none, and a substitution scans the whole string (the `api_key` one is slow). Each needle is a
-# literal taken from every alternative of its pattern, with the same case rule: `bearer` ignores
-# case as its pattern does; `api_key` has `k-` (sk-, pk-, rk-), `_` (gh?_, github_pat_), `glpat-`,
-# `xox`, `AKIA`, `AIza`, and the `[:=]` of its `name: value` form. Keep them in step.
-_NEEDLES: dict[str, re.Pattern[str]] = {
-    "bearer": re.compile(r"(?i:bearer)"),
-    "jwt": re.compile(r"eyJ"),
-    "api_key": re.compile(r"k-|_|glpat-|xox|AKIA|AIza|(?i:[:=])"),
-    "email": re.compile(r"@"),
+
+
+class _Needle:
+    """Literals of which every string a pattern matches holds one: a string with none of them cannot
+    match, so its substitution (a scan of the whole string) is skipped.
+
+    `exact` are found as written; `folded` (lower case) wherever their pattern ignores case. A long
+    ASCII string is searched with `in` on it and on its `lower()`, which for ASCII is what IGNORECASE
+    does, and is many times faster than a regex trying every literal at every character; a short or
+    non-ASCII string with one regex of the same literals (IGNORECASE folds a few non-ASCII letters).
+    """
+
+    def __init__(self, exact: tuple[str, ...], folded: tuple[str, ...] = ()) -> None:
+        assert all(literal == literal.lower() for literal in folded)
+        self.exact = exact
+        self.folded = folded
+        parts = [re.escape(literal) for literal in exact]
+        if folded:
+            parts.append("(?i:" + "|".join(re.escape(literal) for literal in folded) + ")")
+        self.regex = re.compile("|".join(parts))
+
+    def in_(self, value: str, lowered: str | None) -> bool:
+        """Whether `value` holds a literal (`lowered`: `value.lower()` if it is long ASCII, else None)."""
+        if lowered is None:
+            return self.regex.search(value) is not None
+        return any(map(value.__contains__, self.exact)) or any(map(lowered.__contains__, self.folded))
+
+
+# Strings up to this long are searched with the regex: `in` costs more for each literal than the
+# regex for a few characters.
+_SHORT = 12
+
+# For each built-in pattern, its needle: literals taken from every alternative of the pattern, with
+# the same case rule. `bearer` ignores case as its pattern does; `api_key` has `k-` (sk-, pk-, rk-),
+# `gh?_`, `github_pat_`, `glpat-`, `xox`, `AKIA`, `AIza`, and the names of its `name: value` form,
+# case ignored (a `:`, `=` or `_` alone is in too many strings: URLs, times, identifiers). Keep them
+# in step with the patterns.
+_NEEDLES: dict[str, _Needle] = {
+    "bearer": _Needle((), ("bearer",)),
+    "jwt": _Needle(("eyJ",)),
+    "api_key": _Needle(
+        ("k-", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "glpat-", "xox", "AKIA", "AIza"),
+        ("apikey", "api_key", "api-key", "secret", "token", "password", "passwd"),
+    ),
+    "email": _Needle(("@",)),
 }
 DEFAULT_SECRET_ARGUMENTS = [
     "*password*",
@@ -261,7 +295,7 @@ class _Redactor:
         globs = [fnmatch.translate(n.lower()) for n in settings.arguments]
         self.secret_names = re.compile("|".join(globs)) if globs else None
         # (pattern, replacement, needle): the substitution runs only where the needle is found.
-        self.patterns: list[tuple[re.Pattern[str], str, re.Pattern[str] | None]] = [
+        self.patterns: list[tuple[re.Pattern[str], str, _Needle | None]] = [
             (pattern, f"[REDACTED:{name}]", _NEEDLES[name])
             for name, pattern in BUILTIN_PATTERNS.items()
             if name in settings.builtin
@@ -269,9 +303,12 @@ class _Redactor:
         self.patterns += [(re.compile(p), "[REDACTED:pattern]", None) for p in settings.patterns]
         # Every needle in one search: a string with none of them (most) skips the loop below. Only
         # when every pattern has a needle (no configured patterns).
-        needles = [needle.pattern for _, _, needle in self.patterns if needle is not None]
+        needles = [needle for _, _, needle in self.patterns if needle is not None]
         self.any_needle = (
-            re.compile("|".join(f"(?:{n})" for n in needles))
+            _Needle(
+                tuple(literal for needle in needles for literal in needle.exact),
+                tuple(literal for needle in needles for literal in needle.folded),
+            )
             if needles and len(needles) == len(self.patterns)
             else None
         )
@@ -288,12 +325,21 @@ class _Redactor:
         return known
 
     def text(self, value: str) -> str:
-        if self.any_needle is not None and self.any_needle.search(value) is None:
-            return value if len(value) <= MAX_STRING else value[:MAX_STRING] + "...[truncated]"
+        if len(value) <= _SHORT:
+            # Most strings: one regex search, no more (a short string is never truncated).
+            if self.any_needle is not None and self.any_needle.regex.search(value) is None:
+                return value
+            lowered = None
+        else:
+            lowered = value.lower() if value.isascii() else None
+            if self.any_needle is not None and not self.any_needle.in_(value, lowered):
+                return value if len(value) <= MAX_STRING else value[:MAX_STRING] + "...[truncated]"
         for pattern, replacement, needle in self.patterns:
-            # Checked on the string as it is now: a replacement may add a needle (`:`) for the next.
-            if needle is None or needle.search(value) is not None:
+            # Checked on the string as it is now: a replacement may add a needle for the next.
+            if needle is None or needle.in_(value, lowered):
                 value = pattern.sub(replacement, value)
+                if lowered is not None:
+                    lowered = value.lower() if value.isascii() else None
         return value if len(value) <= MAX_STRING else value[:MAX_STRING] + "...[truncated]"
 
     def value(self, value: Any) -> Any:

@@ -46,9 +46,8 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from operator import attrgetter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -183,16 +182,49 @@ def record_hash(row: Mapping[Any, Any]) -> str:
     return hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-_FIELDS = tuple(f.name for f in fields(AuditRecord))
-_values = attrgetter(*_FIELDS)
+def _json_list(values: tuple[str, ...]) -> str:
+    return orjson.dumps(values).decode() if values else "[]"  # a tuple is a JSON array, as a list is
 
 
-def _row(record: AuditRecord) -> dict[str, Any]:
-    # Not `dataclasses.asdict`: it deep-copies every value, which made it most of a record's cost.
-    row = dict(zip(_FIELDS, _values(record), strict=True))
-    for name in _LIST_COLUMNS:
-        row[name] = orjson.dumps(row[name]).decode()  # a tuple is a JSON array, as a list is
-    return row
+def _stored(record: AuditRecord, chain: str, seq: int, prev_hash: str) -> dict[str, Any]:
+    """The stored row of `record` at `seq` of `chain`, but its hash.
+
+    Every hashed column, written out in sorted order: the row's plain JSON is then the canonical JSON
+    `record_hash` hashes, without a copy and a sort per record (`test_a_stored_row_is_in_hash_order`).
+    """
+    return {
+        "action": record.action,
+        "actors": _json_list(record.actors),
+        "args_digest": record.args_digest,
+        "arguments": record.arguments,
+        "chain": chain,
+        "client_id": record.client_id,
+        "cost": record.cost,
+        "credential_mode": record.credential_mode,
+        "decision": record.decision,
+        "detail": record.detail,
+        "event": record.event,
+        "latency_ms": record.latency_ms,
+        "method": record.method,
+        "prev_hash": prev_hash,
+        "protocol": record.protocol,
+        "reason": record.reason,
+        "request_id": record.request_id,
+        "resource": record.resource,
+        "roles": _json_list(record.roles),
+        "rule": record.rule,
+        "run_id": record.run_id,
+        "scopes": _json_list(record.scopes),
+        "seq": seq,
+        "session_id": record.session_id,
+        "status": record.status,
+        "subject": record.subject,
+        "time": record.time,
+        "tokens": record.tokens,
+        "trace_id": record.trace_id,
+        "upstream": record.upstream,
+        "upstream_actors": _json_list(record.upstream_actors),
+    }
 
 
 # Built once: constructing a statement costs more than executing a cached one.
@@ -440,8 +472,15 @@ class SqlAuditLog:
                 self._start_thread()
             self._outbox.append(pending)
             if loop is not None:
-                schedule = self._hand_off_on is not loop
-                self._hand_off_on = loop
+                schedule = linger = False
+                if pending.future is not None or len(self._outbox) >= self._batch_max:
+                    schedule = self._hand_off_on is not loop
+                    self._hand_off_on = loop
+                elif self._hand_off_on is not loop and self._linger_on is not loop:
+                    # Nobody waits for this one (an outcome): it lingers up to `LINGER_S` to share the
+                    # next write (see `_hand_off`), without a hand-off of its own at the end of the turn.
+                    linger = True
+                    self._linger_on = loop
             else:
                 batch, self._outbox = self._outbox, []
                 if self._journal_path is None:
@@ -452,6 +491,8 @@ class SqlAuditLog:
         elif schedule:
             # Once per turn of the loop: records queued in one turn share one write (and one wake-up).
             loop.call_soon(self._hand_off)
+        elif linger:
+            loop.call_later(LINGER_S, self._linger_over)
 
     def _hand_off(self) -> None:
         with self._lock:
@@ -461,6 +502,7 @@ class SqlAuditLog:
                 # Records nobody waits for (outcomes) linger up to `LINGER_S`, so that they share the
                 # next write (usually the next call's decision) instead of paying for one of their
                 # own: one journal write, or one commit, per call when calls come one at a time.
+                # (`_put` starts their timer; here, those whose waited company another loop took.)
                 loop = asyncio.get_running_loop()
                 if self._outbox and self._linger_on is not loop:
                     self._linger_on = loop
@@ -489,16 +531,21 @@ class SqlAuditLog:
         self._thread = threading.Thread(target=target, name="audit-writer", daemon=True)
         self._thread.start()
 
-    def _chained(self, records: Sequence[AuditRecord]) -> tuple[list[dict[str, Any]], int, str]:
-        """The stored rows of `records`, chained after the head (which this does not move)."""
+    def _chained(self, records: Sequence[AuditRecord]) -> tuple[list[dict[str, Any]], bytes, int, str]:
+        """The stored rows of `records`, chained after the head (which this does not move), their
+        journal lines, and the new head."""
         seq, prev = self._head
         rows = []
+        lines = []
         for record in records:
             seq += 1
-            row = _row(record) | {"chain": self.chain, "seq": seq, "prev_hash": prev}
-            row["hash"] = prev = record_hash(row)
+            row = _stored(record, self.chain, seq, prev)
+            canonical = orjson.dumps(row)  # sorted keys already: what `record_hash` hashes
+            row["hash"] = prev = hashlib.sha256(canonical).hexdigest()
             rows.append(row)
-        return rows, seq, prev
+            # The journal line is the canonical JSON with the hash as its last member.
+            lines.append(b'%s,"hash":"%s"}\n' % (canonical[:-1], prev.encode()))
+        return rows, b"".join(lines), seq, prev
 
     # --- the journal (SQLite with `durability: crash`) ---
     def _append(self, batch: list[_Pending]) -> None:
@@ -507,8 +554,15 @@ class SqlAuditLog:
         The rows go to the ingest thread without waking it, unless a flush waits or the backlog is
         large. A failed write, a failing ingest or too long a backlog refuses every record of the batch.
         """
-        pendings = [p for p in batch if p.record is not None]
-        barriers = [p for p in batch if p.record is None]
+        pendings: list[_Pending] = []
+        records: list[AuditRecord] = []
+        barriers: list[_Pending] = []
+        for pending in batch:
+            if pending.record is None:
+                barriers.append(pending)
+            else:
+                pendings.append(pending)
+                records.append(pending.record)
         error: Unavailable | None = None
         rows: list[dict[str, Any]] = []
         with self._append_lock:
@@ -516,8 +570,7 @@ class SqlAuditLog:
             if pendings:
                 error = self._refusal()
                 if error is None and journal is not None:
-                    rows, seq, head = self._chained([p.record for p in pendings if p.record is not None])
-                    data = b"".join([orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE) for row in rows])
+                    rows, data, seq, head = self._chained(records)
                     try:
                         journal.append(data, seq)
                     except OSError as exc:
@@ -709,7 +762,7 @@ class SqlAuditLog:
             self._conn = None
 
     def _commit(self, records: Sequence[AuditRecord]) -> Unavailable | None:
-        rows, seq, head = self._chained(records)
+        rows, _, seq, head = self._chained(records)
         try:
             if not self._chain_written:
                 create_audit_tables(self.engine)

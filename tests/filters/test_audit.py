@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from agentgw.call import Call, Principal, Reply, Usage
 from agentgw.errors import BudgetExceeded, Forbidden, Unavailable, UpstreamError
 from agentgw.filters.audit import (
+    _NEEDLES,  # private: how redaction skips strings
     BUILTIN_PATTERNS,
     DEFAULT_SECRET_ARGUMENTS,
     MAX_STRING,
@@ -192,15 +193,29 @@ def plain_redaction(text: str, settings: RedactionSettings) -> str:
 def test_skipping_strings_without_a_needle_changes_no_redaction(settings: RedactionSettings) -> None:
     # Letters the patterns look for, their other cases (also the non-ASCII ones that fold to ASCII
     # under IGNORECASE), and the separators they need.
-    alphabet = "bearBEARkKsS-_:=@.eyJxoglpatAKIzhG \u0130\u0131\u017f\u212a" + "0123456789"
+    alphabet = "bearBEARkKsS-_:=@.eyJxoglpatAKIzhGcnwdi \u0130\u0131\u017f\u212a" + "0123456789"
     rng = random.Random(9)
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(60))) for _ in range(10_000)]
+    # Long ASCII strings are searched another way (`in`, on the string and its lower case).
+    ascii_letters = alphabet.encode("ascii", "ignore").decode()
+    texts += ["".join(rng.choice(ascii_letters) for _ in range(rng.randrange(120))) for _ in range(10_000)]
     texts += [
         "x@sk-aaaaaaaaaaaaaaaaaaaa.com",  # two patterns overlap: the first in order wins
         "token: Bearer abc",  # a replacement brings the `:` a later pattern needs
         f"BeArEr {JWT}",
         "api_key=" + "s" * 2000,
         "\u017fecret: hunter2",  # the long s folds to s under IGNORECASE
+        "TOKEN=abc",
+        "my_Secret : x",
+        "passwd= y",
+        "Api-Key:z",
+        "apikey=z",
+        "to\u212aen: v",  # the Kelvin sign folds to k
+        "ap\u0131_key=v",  # the dotless i folds to i
+        # `:`, `=`, `_` without a name before them: nothing to redact
+        "https://example.com/a_b?x=1",
+        "2026-01-01T10:00:00Z",
+        "snake_case_name",
         # one of each `api_key` alternative
         "pk-abcdefghijklmnopqr",
         "ghs_abcdefghijklmnopqrstuvwxyz",
@@ -214,6 +229,17 @@ def test_skipping_strings_without_a_needle_changes_no_redaction(settings: Redact
     for n, text in enumerate(texts):
         assert kept[str(n)] == plain_redaction(text, settings), text
     assert sum(kept[str(n)] != text for n, text in enumerate(texts)) >= 2  # the corpus does redact
+
+
+def test_a_needle_finds_the_same_in_a_long_ascii_string_as_its_regex_does() -> None:
+    rng = random.Random(11)
+    letters = "abcdeghikoprstuwxyzABEGIJKOPRSTXZ-_@:= "
+    texts = ["".join(rng.choice(letters) for _ in range(rng.randrange(25, 200))) for _ in range(5_000)]
+    texts += ["my ApI-kEy is here", "GHS_x ghs_x", "xoxo", "Bearer", "PASSWD", "eyj eyJ"]
+    for needle in _NEEDLES.values():
+        for text in texts:
+            assert needle.in_(text, text.lower()) == needle.in_(text, None), (needle.exact, text)
+    assert sum(_NEEDLES["api_key"].in_(text, text.lower()) for text in texts) >= 10
 
 
 def test_secret_names_match_as_each_glob_would_on_the_lowered_name() -> None:

@@ -22,6 +22,7 @@ from agentgw.storage import audit_log as audit_log_module
 from agentgw.storage import make_engine
 from agentgw.storage.audit_log import (
     GENESIS,
+    HASHED,
     LINGER_S,
     AuditQuery,
     SqlAuditLog,
@@ -35,7 +36,7 @@ from agentgw.storage.audit_log import (
     record_hash,
     verify,
 )
-from agentgw.storage.audit_log import _row as stored_row  # the exact bytes a record is hashed from
+from agentgw.storage.audit_log import _stored as stored_row  # the exact bytes a record is hashed from
 
 BASE = AuditRecord(
     time="2026-01-01T12:00:00.000000Z",
@@ -298,10 +299,32 @@ async def test_a_lone_outcome_is_committed_once_its_linger_is_over(engine: Engin
 
 def test_a_records_hash_is_the_same_as_ever() -> None:
     # Pinned: the chain of every existing log depends on these bytes (columns, JSON, lists as arrays).
-    row = stored_row(record(1, roles=("role:a", "role:b"), latency_ms=1.5, tokens=3, cost=0.25))
-    row |= {"chain": "node:abc", "seq": 1, "prev_hash": GENESIS}
+    row = stored_row(
+        record(1, roles=("role:a", "role:b"), latency_ms=1.5, tokens=3, cost=0.25), "node:abc", 1, GENESIS
+    )
     assert row["roles"] == '["role:a","role:b"]' and row["scopes"] == "[]"
     assert record_hash(row) == HASH_OF_RECORD_1
+
+
+def test_a_stored_row_is_in_hash_order() -> None:
+    # The loop hashes the row's plain JSON: it must be the canonical JSON `record_hash` hashes.
+    rec = record(1, roles=("role:a",), scopes=("s:1", "s:2"), upstream_actors=("client:x",), reason="r")
+    row = stored_row(rec, "node:abc", 7, "f" * 64)
+    assert list(row) == sorted(HASHED)
+    assert orjson.dumps(row) == orjson.dumps(
+        {name: row[name] for name in HASHED}, option=orjson.OPT_SORT_KEYS
+    )
+
+
+def test_the_loop_chains_a_record_to_the_same_hash_and_journals_it_whole(tmp_path: Path) -> None:
+    log = SqlAuditLog(make_engine(f"sqlite:///{tmp_path / 'audit.db'}"), AuditSettings(node_id="node"))
+    log.chain = "node:abc"
+    rec = record(1, roles=("role:a", "role:b"), latency_ms=1.5, tokens=3, cost=0.25)
+    rows, data, seq, head = log._chained([rec])
+    log.close()
+    assert (seq, head) == (1, HASH_OF_RECORD_1) and rows[0]["hash"] == HASH_OF_RECORD_1
+    assert data.endswith(b"\n") and data.count(b"\n") == 1
+    assert data == orjson.dumps(rows[0]) + b"\n"  # the journal line is the stored row, hash last
 
 
 async def test_queries_filter_by_every_auditor_question(engine: Engine) -> None:
@@ -417,10 +440,10 @@ def dead_journal(engine: Engine, chain: str, lines: list[bytes], number: int = 1
 
 
 def chained_lines(chain: str, records: list[AuditRecord]) -> list[bytes]:
-    """The journal lines of `records` as the event loop writes them."""
+    """The journal lines of `records` as the event loop writes them (the hash last)."""
     lines, prev = [], GENESIS
     for seq, rec in enumerate(records, 1):
-        row = stored_row(rec) | {"chain": chain, "seq": seq, "prev_hash": prev}
+        row = stored_row(rec, chain, seq, prev)
         row["hash"] = prev = record_hash(row)
         lines.append(orjson.dumps(row) + b"\n")
     return lines
@@ -629,6 +652,20 @@ async def test_a_new_log_replays_the_journal_of_a_sigkilled_process_and_the_chai
     assert [name for name in journal_files(sqlite_engine) if not name.startswith("next_")] == []
     log.close()
     assert journal_files(sqlite_engine) == []
+
+
+async def test_a_journal_with_its_keys_in_another_order_is_replayed(sqlite_engine: Engine) -> None:
+    # Lines as an earlier version wrote them (the record's field order, then chain, seq, hashes): a
+    # line is read as a mapping, whatever the order of its keys.
+    create_audit_tables(sqlite_engine)
+    lines = [
+        orjson.dumps(dict(reversed(orjson.loads(line).items()))) + b"\n"
+        for line in chained_lines("dead:0", [record(n) for n in range(3)])
+    ]
+    dead_journal(sqlite_engine, "dead:0", lines)
+    SqlAuditLog(sqlite_engine, AuditSettings(node_id="next")).close()
+    assert stored_ids(sqlite_engine) == ["r0", "r1", "r2"]
+    assert verify(sqlite_engine).ok
 
 
 async def test_a_torn_last_line_is_dropped_and_the_rest_replayed(
