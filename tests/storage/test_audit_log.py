@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import sqlite3
-import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +35,7 @@ from agentgw.storage.audit_log import (
     verify,
 )
 from agentgw.storage.audit_log import _stored as stored_row  # the exact bytes a record is hashed from
+from tests.support.crash import kill_when_ready
 
 BASE = AuditRecord(
     time="2026-01-01T12:00:00.000000Z",
@@ -394,8 +393,6 @@ def test_an_otel_log_record_carries_the_time_severity_and_attributes() -> None:
 
 # --- the journal (SQLite with durability crash, decision 0210) ------------------------------------
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture
 def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
@@ -630,20 +627,9 @@ asyncio.run(main())
 async def test_a_new_log_replays_the_journal_of_a_sigkilled_process_and_the_chain_verifies(
     sqlite_engine: Engine,
 ) -> None:
-    writer = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        CRASHING_WRITER,
-        sqlite_engine.url.render_as_string(hide_password=False),
-        cwd=ROOT,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
+    await kill_when_ready(
+        CRASHING_WRITER, sqlite_engine.url.render_as_string(hide_password=False), ready=b"written"
     )
-    assert writer.stdout is not None
-    line = await asyncio.wait_for(writer.stdout.readline(), 30)
-    assert line.strip() == b"written"
-    writer.send_signal(signal.SIGKILL)
-    await asyncio.wait_for(writer.wait(), 10)
     assert stored_ids(sqlite_engine) == [f"r{n}" for n in range(5)]
     log = SqlAuditLog(sqlite_engine, AuditSettings(node_id="next"))  # the next start
     assert stored_ids(sqlite_engine) == [f"r{n}" for n in range(10)]

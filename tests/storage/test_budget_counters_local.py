@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -35,10 +34,10 @@ from agentgw.storage.budget_counters import (
     budget_store,
 )
 from tests.storage.test_budget_counters import charge
+from tests.support.crash import kill_when_ready
 
 _T = BudgetCounter.__table__  # type: ignore[attr-defined]  # SQLModel declares __table__ untyped
 _L = BudgetLedgerLease.__table__  # type: ignore[attr-defined]  # SQLModel declares __table__ untyped
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class Clock:
@@ -318,21 +317,9 @@ async def test_a_sigkilled_owner_loses_nothing_flushed_and_its_lease_is_taken_ov
     database: Engine,
 ) -> None:
     k = key()
-    owner = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        CRASHING_OWNER,
-        database.url.render_as_string(hide_password=False),
-        k,
-        cwd=ROOT,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
+    await kill_when_ready(
+        CRASHING_OWNER, database.url.render_as_string(hide_password=False), k, ready=b"flushed"
     )
-    assert owner.stdout is not None
-    line = await asyncio.wait_for(owner.stdout.readline(), 30)
-    assert line.strip() == b"flushed"
-    owner.send_signal(signal.SIGKILL)
-    await asyncio.wait_for(owner.wait(), 10)
     store = quiet(database)  # a fresh lease, but its holder is a dead process of this host
     assert await store.used([k], time.time()) == {k: 3}
     await store.aclose()
