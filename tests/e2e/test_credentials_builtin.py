@@ -24,7 +24,7 @@ from agentgw.oauth.server import hash_secret, mint_token
 from conformance.fixtures import mcp_protected_upstream
 from conformance.fixtures.launch import FixtureProcess, free_port, start_process
 from tests.support.gateway import gateway_args, write_config
-from tests.support.mcp import META, MODERN, modern_headers
+from tests.support.mcp import META, MODERN, answer_of, modern_headers
 
 CLIENT_SECRET = "gw-client-secret-4f9a1c"  # the gateway's own secret at its built-in server
 STATIC_KEY = "static-vault-key-77b2e0"
@@ -121,13 +121,7 @@ def rpc(setup: Setup, server: str, token: str | None, method: str, params: dict[
         headers["authorization"] = f"Bearer {token}"
     body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": {**params, "_meta": META}}
     response = httpx.post(f"{setup.url}/mcp/{server}", json=body, headers=headers, timeout=30)
-    assert response.status_code == 200, response.text
-    if response.headers["content-type"].startswith("text/event-stream"):
-        data = [line[5:].strip() for line in response.text.splitlines() if line.startswith("data:")]
-        answer: dict[str, Any] = json.loads(data[-1])
-        return answer
-    result: dict[str, Any] = response.json()
-    return result
+    return answer_of(response)
 
 
 def whoami(setup: Setup, server: str, token: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from agentgw.oauth.exchange import ID_JAG_TOKEN_TYPE, JWT_BEARER, TOKEN_EXCHANGE
 from conformance.fixtures import mcp_protected_upstream, sts
 from conformance.fixtures.launch import FixtureProcess, free_port, start_process
 from tests.support.gateway import gateway_args, write_config
-from tests.support.mcp import META, modern_headers
+from tests.support.mcp import META, answer_of, modern_headers
 
 IDP_SECRET = "idp-client-secret-8c1d"
 AS_SECRET = "as-client-secret-2e7f"
@@ -175,16 +175,6 @@ def body(tool: str = "whoami", arguments: dict[str, Any] | None = None) -> dict[
 
 def headers(token: str, tool: str = "whoami") -> dict[str, str]:
     return modern_headers("tools/call", tool) | {"authorization": f"Bearer {token}"}
-
-
-def answer_of(response: httpx.Response) -> dict[str, Any]:
-    assert response.status_code == 200, response.text
-    if response.headers["content-type"].startswith("text/event-stream"):
-        data = [line[5:].strip() for line in response.text.splitlines() if line.startswith("data:")]
-        parsed: dict[str, Any] = json.loads(data[-1])
-        return parsed
-    answer: dict[str, Any] = response.json()
-    return answer
 
 
 def call(setup: Setup, server: str, token: str, tool: str = "whoami", **arguments: Any) -> dict[str, Any]:

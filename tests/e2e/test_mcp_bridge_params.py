@@ -4,7 +4,6 @@ may not call."""
 
 from __future__ import annotations
 
-import json
 import sys
 import uuid
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ import pytest
 
 from conformance.fixtures.launch import FIXTURES_DIR, free_port, start_process
 from tests.support.gateway import RunningGateway, run_gateway
-from tests.support.mcp import ACCEPT, META, modern_headers
+from tests.support.mcp import ACCEPT, META, answer_of, modern_headers
 
 TOOL = "test_x_mcp_header"  # declares `region` with "x-mcp-header": "Region"
 LEGACY = "2025-11-25"
@@ -137,12 +136,7 @@ def legacy_call(gateway: RunningGateway, tool: str, arguments: dict[str, Any]) -
             "params": {"name": tool, "arguments": arguments},
         }
         response = http.post("/mcp", json=body, headers=headers)
-    if response.headers["content-type"].startswith("text/event-stream"):
-        data = [line[5:].strip() for line in response.text.splitlines() if line.startswith("data:")]
-        answer: dict[str, Any] = json.loads(data[-1])
-        return answer
-    result: dict[str, Any] = response.json()
-    return result
+    return answer_of(response)
 
 
 def test_a_first_call_of_a_tool_that_declares_headers_reaches_the_upstream_with_them(

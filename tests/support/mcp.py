@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-__all__ = ["ACCEPT", "META", "MODERN", "modern_headers"]
+import httpx
+
+__all__ = ["ACCEPT", "META", "MODERN", "answer_of", "modern_headers"]
 
 MODERN = "2026-07-28"
 ACCEPT = "application/json, text/event-stream"
@@ -22,3 +25,14 @@ def modern_headers(method: str, name: str | None = None) -> dict[str, str]:
     if name is not None:
         headers["mcp-name"] = name
     return headers
+
+
+def answer_of(response: httpx.Response) -> dict[str, Any]:
+    """The JSON-RPC answer of a 200 response: its JSON body, or the last event of its SSE stream."""
+    assert response.status_code == 200, response.text
+    if response.headers["content-type"].startswith("text/event-stream"):
+        data = [line[5:].strip() for line in response.text.splitlines() if line.startswith("data:")]
+        parsed: dict[str, Any] = json.loads(data[-1])
+        return parsed
+    answer: dict[str, Any] = response.json()
+    return answer
