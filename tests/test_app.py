@@ -16,7 +16,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.testclient import TestClient
 from starlette.types import Message, Receive, Scope, Send
 
-from agentgw.app import DirectRoutes, GatewayApp, RememberedHostCheck, create_app
+from agentgw.app import MAX_REMEMBERED_HOSTS, DirectRoutes, GatewayApp, RememberedHostCheck, create_app
 from agentgw.errors import Forbidden
 from agentgw.settings import load_settings
 
@@ -75,6 +75,22 @@ async def test_a_host_that_passed_the_check_does_not_let_another_one_through(
             assert response.status_code == 404, host
         else:
             assert response.status_code == 400 and response.text == "Invalid host header"
+
+
+async def test_the_remembered_hosts_stay_bounded_and_the_check_still_holds(
+    http: tuple[GatewayApp, httpx.AsyncClient],
+) -> None:
+    # Every port spells an allowed host anew: callers choose them, so only so many are remembered.
+    app, client = http
+    for port in range(MAX_REMEMBERED_HOSTS + 36):
+        response = await client.post(
+            "/mcp/nosuch", content=PING, headers=JSON | {"host": f"127.0.0.1:{port}"}
+        )
+        assert response.status_code == 404
+    front = app.mcp_front
+    assert isinstance(front, RememberedHostCheck) and len(front._passed_hosts) == MAX_REMEMBERED_HOSTS
+    response = await client.post("/mcp/nosuch", content=PING, headers=JSON | {"host": "evil.example.com"})
+    assert response.status_code == 400
 
 
 async def test_a_request_without_a_host_header_is_refused() -> None:

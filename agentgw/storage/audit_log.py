@@ -689,8 +689,8 @@ class SqlAuditLog:
             journal.remove_ingested(committed)
 
     def _ingest_connection(self) -> sqlite3.Connection:
-        # The driver's own connection, outside SQLAlchemy and its pool: binding named parameters from
-        # the ready row dicts is C work, so the thread's GIL holds stay short.
+        # The driver's own connection, outside SQLAlchemy and its pool: per statement it adds nothing
+        # but sqlite3's own binding, so the thread's GIL holds stay short.
         if self._ingest_conn is None:
             conn = sqlite3.connect(str(self._sqlite_path), isolation_level=None, check_same_thread=False)
             for pragma in ("journal_mode=WAL", "synchronous=NORMAL", f"busy_timeout={BUSY_TIMEOUT_MS}"):

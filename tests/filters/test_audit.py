@@ -22,10 +22,12 @@ from agentgw.filters.audit import (
     _NEEDLES,  # private: how redaction skips strings
     BUILTIN_PATTERNS,
     DEFAULT_SECRET_ARGUMENTS,
+    MAX_KNOWN_NAMES,
     MAX_STRING,
     Audit,
     AuditRecord,
     RedactionSettings,
+    _Redactor,  # private: its memory of argument names
     arguments_digest,
     redact,
     timestamp,
@@ -466,3 +468,11 @@ async def test_records_reach_the_sql_log_and_an_unwritable_log_refuses_calls(tmp
     readonly.dispose()
     assert forwarded == []
     assert refused.value.http_status == 503
+
+
+def test_caller_chosen_argument_names_never_grow_the_redactors_memory_past_its_bound() -> None:
+    redactor = _Redactor(RedactionSettings())
+    for n in range(MAX_KNOWN_NAMES + 100):
+        assert redactor.secret_name(f"x{n}_password") is True
+        assert redactor.secret_name(f"x{n}") is False
+        assert len(redactor._names) <= MAX_KNOWN_NAMES  # names come from callers

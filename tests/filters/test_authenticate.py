@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from agentgw.call import ANONYMOUS, Call, Principal, Reply
 from agentgw.errors import InsufficientScope, Unauthenticated, Unavailable
 from agentgw.filters.authenticate import (
+    MAX_ACCEPTED_RESOURCES,
     Authenticate,
     BearerVerifier,
     JwtVerifier,
@@ -178,6 +179,19 @@ async def test_the_cached_token_is_still_checked_for_audience_and_expiry(
     now[0] += 60 + 31
     with pytest.raises(Unauthenticated, match="expired"):
         await verifier.verify(token, RESOURCE)
+
+
+async def test_remembered_audience_checks_stay_bounded_and_never_widen_the_audience(
+    keys: SigningKeys, verifier: JwtVerifier
+) -> None:
+    # Callers choose the endpoints: a token for the /mcp tree used on many servers is remembered for
+    # at most MAX_ACCEPTED_RESOURCES of them, and each one is still checked against its audience.
+    token = mint(keys, audience="http://gw.test/mcp")
+    for n in range(MAX_ACCEPTED_RESOURCES * 3):
+        assert (await verifier.verify(token, f"http://gw.test/mcp/s{n}")).subject == "user:alice"
+    with pytest.raises(Unauthenticated, match="not meant for"):
+        await verifier.verify(token, "http://gw.test/a2a/agent")
+    assert len(verifier._cache[token].accepted) == MAX_ACCEPTED_RESOURCES
 
 
 async def test_tokens_signed_by_a_rotated_out_key_still_verify_while_published(

@@ -207,6 +207,15 @@ def test_a_cached_plan_is_planned_again_when_the_rules_change() -> None:
     assert cache.charges((), call(), NOON) == ()
 
 
+def test_caller_chosen_run_ids_never_grow_the_plan_cache_past_its_bound() -> None:
+    rules = (BudgetRule(name="runs", per="run", window="day", calls=5),)
+    cache = PlanCache(3600, max_entries=8)
+    for n in range(100):
+        made = call(run=f"run-{n}")
+        assert list(cache.charges(rules, made, NOON)) == plan(rules, made, NOON, 3600)
+        assert len(cache._plans) <= 8  # the bound on keys callers choose
+
+
 def test_a_plan_with_a_windowless_run_budget_is_planned_every_time() -> None:
     # Its counter expires a run TTL after the call that creates it: no earlier call's `now` may stand in.
     rules = (BudgetRule(name="run", calls=10),)
