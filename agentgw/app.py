@@ -19,6 +19,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from agentgw import __version__
 from agentgw.admin.audit import audit_router
 from agentgw.admin.budgets import budgets_router
 from agentgw.admin.policies import policy_router
@@ -378,7 +379,7 @@ def create_app(settings: Settings) -> GatewayApp:
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "servers": len(gateway.registry.servers())}
+        return {"status": "ok", "version": __version__, "servers": len(gateway.registry.servers())}
 
     app.include_router(
         registry_router(

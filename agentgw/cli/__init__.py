@@ -7,6 +7,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from agentgw import __version__
 from agentgw.cli import audit, budget, keys, policy, registry, serve, token
 from agentgw.settings import ConfigError
 
@@ -17,6 +18,7 @@ COMMANDS = (serve, registry, audit, budget, policy, token, keys)
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentgw", description="agentgw: a gateway for agent traffic")
+    parser.add_argument("--version", action="version", version=f"agentgw {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(sub)

@@ -8,6 +8,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+from agentgw import __version__
 from agentgw.cli.settings import add_common_options, settings_from_args
 
 if TYPE_CHECKING:
@@ -95,9 +96,14 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         return _serve_workers(args, settings)
     app = create_app(settings)
-    print(f"agentgw listening on {base}", flush=True)
+    print(f"agentgw {__version__} listening on {base}", flush=True)
     for spec in app.state.gateway.registry.servers():
         print(f"  MCP server {spec.name!r}: {base}/mcp/{spec.name}", flush=True)
+    for agent in settings.a2a_agents:
+        if agent.enabled:
+            print(f"  A2A agent {agent.name!r}: {base}/a2a/{agent.name}", flush=True)
+    for route in settings.llm_routes:
+        print(f"  LLM model {route.name!r}: {base}/v1 (model {route.name!r})", flush=True)
     if settings.demo:
         print(
             "  demo mode: SQLite, the built-in demo upstream and demo policy; anonymous callers allowed",
@@ -130,7 +136,7 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     os.environ[WORKER_SETTINGS_ENV] = settings.model_dump_json()
-    print(f"agentgw listening on {settings.base_url} with {args.workers} workers", flush=True)
+    print(f"agentgw {__version__} listening on {settings.base_url} with {args.workers} workers", flush=True)
     uvicorn.run(
         "agentgw.cli.serve:worker_app", factory=True, workers=args.workers, **_uvicorn_options(args, settings)
     )
