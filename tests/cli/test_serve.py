@@ -9,6 +9,7 @@ import httpx
 import pytest
 import yaml
 
+from agentgw import __version__
 from agentgw.cli import _parser, main
 from agentgw.cli.serve import _uvicorn_options
 from agentgw.settings import Settings
@@ -45,3 +46,40 @@ def test_a_served_answer_names_no_server_software_and_keeps_its_date(tmp_path: P
     assert response.status_code == 200
     assert "server" not in response.headers
     assert "date" in response.headers  # RFC 9110: an origin server with a clock sends it
+
+
+def test_version_is_in_the_cli_the_banner_and_healthz(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"agentgw {__version__}"
+    config = {
+        "policy": {"allow_empty": True},
+        "a2a_agents": [
+            {
+                "name": "helper",
+                "card": {
+                    "name": "Helper",
+                    "description": "helps",
+                    "version": "1.0.0",
+                    "supportedInterfaces": [
+                        {"url": "http://127.0.0.1:9/", "protocolBinding": "JSONRPC", "protocolVersion": "1.0"}
+                    ],
+                    "capabilities": {},
+                    "defaultInputModes": ["text/plain"],
+                    "defaultOutputModes": ["text/plain"],
+                    "skills": [],
+                },
+            }
+        ],
+        "llm_routes": [{"name": "fast", "base_url": "http://127.0.0.1:9/v1", "model": "m"}],
+    }
+    with run_gateway(tmp_path, config) as gateway:
+        health = httpx.get(f"{gateway.url}/healthz").json()
+        banner = gateway.output()
+    assert health["version"] == __version__
+    assert f"agentgw {__version__} listening on {gateway.url}" in banner
+    assert f"A2A agent 'helper': {gateway.url}/a2a/helper" in banner
+    assert "LLM model 'fast'" in banner
