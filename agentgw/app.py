@@ -352,7 +352,7 @@ def create_app(settings: Settings) -> GatewayApp:
                 # Commit what the audit writer still holds before the process goes.
                 await anyio.to_thread.run_sync(gateway.audit_log.close)
 
-    app = GatewayApp(title="agentgw", version="0.1.0", lifespan=lifespan)
+    app = GatewayApp(title="agentgw", version=__version__, lifespan=lifespan)
     hosts = settings.trusted_hosts()
     if hosts == ["*"]:
         log.warning("no allowed_hosts or public_url: answering any Host header (DNS rebinding unchecked)")

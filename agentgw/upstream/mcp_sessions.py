@@ -67,6 +67,9 @@ _RAW = TypeAdapter(dict[str, Any])
 # Reserved per-request keys of the client's era: the upstream session stamps its own.
 _RESERVED_META = "io.modelcontextprotocol/"
 RESTART_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+# Between requests, a shared session is probed this often, and declared lost if a probe takes longer.
+KEEPALIVE_S = 15.0
+KEEPALIVE_TIMEOUT_S = 10.0
 PEER_IDLE_S = 300.0
 _LIST_CHANGED = {
     "notifications/tools/list_changed": "tools",
@@ -479,20 +482,39 @@ class _Connection:
     async def run(self) -> None:
         """Keep a session open until cancelled; reconnect (restart a stdio child) after each failure."""
         while True:
+            connected = False
             try:
-                await self._session()
+                connected = await self._session()
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # the SDK raises exception groups from its task groups
                 self.failures += 1
-                log.warning("upstream %s disconnected (%s); reconnecting", self.spec.name, type(exc).__name__)
+                backoff = RESTART_BACKOFF_S[min(self.failures, len(RESTART_BACKOFF_S) - 1)]
+                # An operator must tell an upstream that cannot be reached from one that dropped a
+                # session that was up: the first needs fixing, the second usually heals by itself.
+                if self.ready.is_set():
+                    log.warning(
+                        "upstream %s: connection lost (%s); reconnecting", self.spec.name, _reason(exc)
+                    )
+                else:
+                    log.warning(
+                        "upstream %s: cannot connect (%s); retrying in %.1f s",
+                        self.spec.name,
+                        _reason(exc),
+                        backoff,
+                    )
+            else:
+                backoff = RESTART_BACKOFF_S[0]
+                if connected:
+                    log.info("upstream %s: session ended by the upstream; reconnecting", self.spec.name)
             finally:
                 self.client = None
                 self.post = None
                 self.ready.clear()
-            await anyio.sleep(RESTART_BACKOFF_S[min(self.failures, len(RESTART_BACKOFF_S) - 1)])
+            await anyio.sleep(backoff)
 
-    async def _session(self) -> None:
+    async def _session(self) -> bool:
+        """One session until it ends; True if it ended after being connected, without an error."""
         target = self._transport_target()
         stderr = _StderrToLog(self.spec.name) if self.spec.transport == "stdio" else None
         try:
@@ -525,23 +547,32 @@ class _Connection:
                 async with anyio.create_task_group() as tg:
                     if modern and not self.session_bound:
                         tg.start_soon(self._listen, client)
-                    await self._until_closed(client)
+                    await self._until_closed(client, version if modern else None)
                     tg.cancel_scope.cancel()
+            return True
         finally:
             if stderr is not None:
                 stderr.close()
 
-    async def _until_closed(self, client: Client) -> None:
-        # Leave (and so reconnect) when a request saw the connection close; ping now and then so that
+    async def _until_closed(self, client: Client, modern_version: str | None) -> None:
+        # Leave (and so reconnect) when a request saw the connection close; probe now and then so that
         # a stdio child that died or an HTTP session that expired is noticed between requests too.
         while True:
-            with anyio.move_on_after(15):
+            with anyio.move_on_after(KEEPALIVE_S):
                 await self.dead.wait()
                 return
             if self.session_bound and time.monotonic() - self.last_used > PEER_IDLE_S:
                 return
-            with anyio.fail_after(10):
-                await client.session.send_ping()
+            try:
+                with anyio.fail_after(KEEPALIVE_TIMEOUT_S):
+                    # 2026-07-28 has no ping; server/discover is the one request every server of
+                    # that era must answer.
+                    if modern_version is not None:
+                        await client.session.send_discover(modern_version)
+                    else:
+                        await client.session.send_ping()
+            except MCPError:
+                pass  # an error reply still comes from a live server
 
 
 class UpstreamSessions:
@@ -705,3 +736,11 @@ def _strip_era(params: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 def _strip_era_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if not k.startswith(_RESERVED_META)}
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause of a failure, for a log line: the SDK wraps everything in exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

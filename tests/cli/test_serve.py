@@ -3,6 +3,9 @@ counts in one process only)."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -13,6 +16,7 @@ from agentgw import __version__
 from agentgw.cli import _parser, main
 from agentgw.cli.serve import _uvicorn_options
 from agentgw.settings import Settings
+from conformance.fixtures.launch import start_upstream_sync, stdio_command
 from tests.support.gateway import run_gateway
 
 
@@ -83,3 +87,31 @@ def test_version_is_in_the_cli_the_banner_and_healthz(
     assert f"agentgw {__version__} listening on {gateway.url}" in banner
     assert f"A2A agent 'helper': {gateway.url}/a2a/helper" in banner
     assert "LLM model 'fast'" in banner
+
+
+@pytest.mark.parametrize("kind", ["modern", "legacy", "sse", "stdio"])
+def test_serve_stops_within_a_second_of_sigterm_with_upstream_sessions_open(
+    tmp_path: Path, kind: str
+) -> None:
+    with contextlib.ExitStack() as stack:
+        if kind == "stdio":
+            command, args = stdio_command()
+            server = {"name": "up", "transport": "stdio", "command": command, "args": args}
+        else:
+            upstream = stack.enter_context(start_upstream_sync(kind))
+            server = {"name": "up", "url": f"{upstream}/sse" if kind == "sse" else f"{upstream}/mcp"}
+            server |= {"transport": "sse"} if kind == "sse" else {}
+        config = {"policy": {"allow_empty": True}, "servers": [server]}
+        gateway = stack.enter_context(run_gateway(tmp_path, config))
+        deadline = time.monotonic() + 30
+        while "upstream up connected" not in gateway.output():
+            assert time.monotonic() < deadline, gateway.output()
+            time.sleep(0.05)
+        process = gateway.process.process
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)
+        took = time.monotonic() - started
+    # uvicorn shuts down gracefully, then re-raises the signal it caught: the exit is "by SIGTERM".
+    assert process.returncode == -signal.SIGTERM
+    assert took < 1.0, f"shutdown took {took:.2f} s"
