@@ -32,8 +32,10 @@ async def test_a_healthy_upstream_keeps_its_session_across_keepalives(
         sessions.sync([McpServerSpec(name="up", url=f"{url}/mcp")])
         try:
             async with asyncio.timeout(30):
-                while (await _probes(url)).count(probe) < 3:
-                    await asyncio.sleep(0.1)
+                while True:
+                    if (await _probes(url)).count(probe) >= 3:
+                        break
+                    await asyncio.sleep(0.1)  # polling another process: no event to wait on
         finally:
             await sessions.aclose()
     connects = [r for r in caplog.records if "connected (" in r.getMessage()]
@@ -49,8 +51,10 @@ async def test_an_unreachable_upstream_is_logged_as_such_not_as_a_reconnect(
     sessions.sync([McpServerSpec(name="gone", url="http://127.0.0.1:9/mcp")])
     try:
         async with asyncio.timeout(10):
-            while not [r for r in caplog.records if r.levelno >= logging.WARNING]:
-                await asyncio.sleep(0.05)
+            while True:
+                if [r for r in caplog.records if r.levelno >= logging.WARNING]:
+                    break
+                await asyncio.sleep(0.05)  # log records come with no event to wait on
     finally:
         await sessions.aclose()
     message = next(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
