@@ -95,6 +95,8 @@ async def test_merged_prompts_and_resources_are_namespaced_and_readable(gateway:
         assert uris == ["modern+fixture://hello"]
         read = await client.read_resource("modern+fixture://hello")
         assert read.contents[0].text == "hello"  # type: ignore[union-attr]
+        # The contents name the URI the client asked for, which it can read again through /mcp.
+        assert [str(c.uri) for c in read.contents] == ["modern+fixture://hello"]
 
 
 @pytest.mark.parametrize("mode", MODES)

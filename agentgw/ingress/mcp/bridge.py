@@ -293,6 +293,21 @@ class Bridge:
             item["uriTemplate"] = f"{server}+{item.get('uriTemplate', '')}"
         return item
 
+    @staticmethod
+    def _expose_contents(server: str, result: dict[str, Any]) -> dict[str, Any]:
+        # The client must get back the URIs it can read again through this endpoint, which are the
+        # namespaced ones it listed, never the upstream's own.
+        contents = result.get("contents")
+        if not isinstance(contents, list):
+            return result
+        exposed = [
+            {**item, "uri": f"{server}+{item['uri']}"}
+            if isinstance(item, dict) and isinstance(item.get("uri"), str)
+            else item
+            for item in contents
+        ]
+        return {**result, "contents": exposed}
+
     def _route(self, endpoint: Endpoint, kind: str, exposed: str) -> tuple[str, str] | None:
         """(server, upstream name) for an exposed name, or None when it names nothing routable."""
         if endpoint.prefix:
@@ -416,6 +431,8 @@ class Bridge:
 
         reply = await self._run(call, terminal)
         payload: dict[str, Any] = reply.payload
+        if method == "resources/read" and route is not None and endpoint.prefix:
+            payload = self._expose_contents(server, payload)
         if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
             # A handshake-era upstream's result has no resultType; the modern era requires one.
             payload.setdefault("resultType", "complete")
