@@ -103,6 +103,10 @@ class Call:
     # False when the ingress answers from the gateway's own copy (an A2A agent's public card):
     # nothing reaches the upstream, so the credentials stage obtains nothing for it.
     reaches_upstream: bool = True
+    # True for what anyone may ask without credentials even where the gateway admits no anonymous
+    # callers (an A2A agent's public card: it is how a client learns to authenticate). Such a call
+    # runs as `anonymous`, so the policy still decides what it shows.
+    public: bool = False
     credential_mode: str | None = None
     upstream_actors: tuple[str, ...] = ()
     estimate: Usage = field(default_factory=Usage)

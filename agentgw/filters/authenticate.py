@@ -341,7 +341,7 @@ class Authenticate:
         """
         path = self.endpoint_of(call, endpoint)
         if not header:
-            if not self._allow_anonymous:
+            if not (self._allow_anonymous or (call is not None and call.public)):
                 raise self._refuse("authentication required", path, scopes=self._scopes(call))
             return ANONYMOUS
         scheme, _, token = header.partition(" ")

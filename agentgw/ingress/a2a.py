@@ -1000,6 +1000,7 @@ class A2aIngress:
             upstream=spec.name,
             method="GetAgentCard",
             reaches_upstream=False,  # served from the gateway's copy of the card
+            public=True,  # a client without credentials learns from it how to authenticate
             credentials=request.headers.get("authorization"),
             endpoint=f"/a2a/{spec.name}",
             run_id=_run_id(request, None),

@@ -1126,14 +1126,16 @@ async def test_an_agents_own_a2a_errors_reach_the_caller_unchanged(gateway: Gate
     assert outcomes == ["upstream_error", "upstream_400"]
 
 
-async def test_without_credentials_every_route_answers_401_with_the_oauth_challenge(gateway: Gateway) -> None:
+async def test_without_credentials_every_route_but_the_card_answers_401_with_the_oauth_challenge(
+    gateway: Gateway,
+) -> None:
     stages = gateway.ingress._pipeline.filters
     strict = Authenticate(Names(), allow_anonymous=False, base_url=GW)
     gateway.ingress._pipeline = ordered(stages[0], strict, *stages[2:])  # type: ignore[arg-type]  # a star tuple: five stages, as ordered() wants
+    gateway.ingress._security = CardSecurity.bearer(required=True)  # as built for allow_anonymous=False
     http = gateway.http(None)
     body = {"jsonrpc": "2.0", "id": 2, "method": "GetTask", "params": {"id": "t"}}
     answers = [
-        await http.get("/a2a/echo/.well-known/agent-card.json"),
         await http.post("/a2a/echo", json=body, headers={"a2a-version": "1.0"}),
         await http.get("/a2a/echo/tasks/t", headers={"a2a-version": "1.0"}),
     ]
@@ -1143,6 +1145,14 @@ async def test_without_credentials_every_route_answers_401_with_the_oauth_challe
         assert (
             challenge.startswith("Bearer ") and "/.well-known/oauth-protected-resource/a2a/echo" in challenge
         )
-    assert answers[1].json()["error"]["code"] == -32041
-    assert answers[2].json()["error"]["status"] == "UNAUTHENTICATED"
+    assert answers[0].json()["error"]["code"] == -32041
+    assert answers[1].json()["error"]["status"] == "UNAUTHENTICATED"
+    # The public card is served to anyone: it is how a client learns to authenticate. It requires the
+    # gateway's bearer token and lists only the skills the policy gives `anonymous`.
+    card = await http.get("/a2a/echo/.well-known/agent-card.json")
+    assert card.status_code == 200
+    document = card.json()
+    assert document["securityRequirements"] == [{"schemes": {"agentgw": {"list": []}}}]
+    assert "httpAuthSecurityScheme" in document["securitySchemes"]["agentgw"]
+    assert [s["id"] for s in document["skills"]] == ["echo"]
     assert gateway.echo.received == []
