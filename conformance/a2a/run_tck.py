@@ -1,0 +1,236 @@
+"""Run the A2A TCK against the reference agent directly and through the gateway, and compare.
+
+    .venv/bin/python -m conformance.a2a.run_tck [--full] [--transports jsonrpc,rest]
+
+The kit (`../shared/third_party/a2a-tck`, pinned by its SOURCE file) is copied to a temporary folder
+and patched to keep the path of the URL it is given (`tck-keep-path.patch`: the gateway serves the
+agent under `/a2a/<agent>`); its own dependencies come from `tck-requirements.txt` (hash-pinned)
+into a venv under the cache. The reference agent is `conformance.a2a.tck_agent`.
+
+Each transport runs the `mandatory` category (`--full`: every category) twice: against the agent,
+then through `agentgw serve` with the agent registered as `tck` and a token of the built-in
+authorization server. The discipline of the MCP legs: every test that passes directly must pass
+through the gateway unless `expected-failures.a2a-tck.yml` lists it with the reason, and a listed
+test that passes through the gateway is an error too (the list must shrink with the fixes). Tests
+that fail directly are the reference agent's own gaps and are reported, not judged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import yaml
+
+from conformance.fixtures.launch import free_port, start_process
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+KIT = Path(os.environ.get("AGENTGW_A2A_TCK", ROOT.parent / "shared" / "third_party" / "a2a-tck"))
+CACHE = Path(os.environ.get("AGENTGW_CACHE", Path.home() / ".cache" / "agentgw"))
+EXPECTED = HERE.parent / "expected-failures.a2a-tck.yml"
+CATEGORIES = {
+    "mandatory": ("tests/mandatory/", "mandatory or mandatory_protocol or mandatory_jsonrpc"),
+    "capabilities": ("tests/optional/capabilities/", None),
+    "quality": ("tests/optional/quality/", None),
+    "features": ("tests/optional/features/", None),
+}
+
+
+def log(message: str) -> None:
+    print(f"[a2a-tck {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def kit_venv() -> Path:
+    """A venv with the kit's locked dependencies, reused while the lock is unchanged."""
+    lock = HERE / "tck-requirements.txt"
+    digest = hashlib.sha256(lock.read_bytes()).hexdigest()[:16]
+    venv = CACHE / f"a2a-tck-venv-{digest}"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        log(f"installing the kit's {lock.read_text().count('==')} locked packages into {venv}")
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--require-hashes",
+                "-r",
+                str(lock),
+            ],
+            check=True,
+        )
+    return python
+
+
+def kit_copy(into: Path) -> Path:
+    """The kit, copied and patched to keep the path of the SUT URL."""
+    target = into / "a2a-tck"
+    shutil.copytree(KIT, target, ignore=shutil.ignore_patterns("reports", "SUT", ".git"))
+    for path in target.rglob("*"):
+        path.chmod(path.stat().st_mode | 0o200)
+    subprocess.run(["patch", "-s", "-p1", "-i", str(HERE / "tck-keep-path.patch")], cwd=target, check=True)
+    return target
+
+
+def run_kit(
+    python: Path, kit: Path, url: str, headers: dict[str, str], category: str, transport: str, report: Path
+) -> dict[str, str]:
+    """Run one category over one transport; returns nodeid -> outcome."""
+    path, markers = CATEGORIES[category]
+    cmd = [
+        str(python),
+        "-m",
+        "pytest",
+        path,
+        f"--sut-url={url}",
+        "--test-scope=all",
+        "--tb=no",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--transports",
+        transport,
+        "--json-report",
+        f"--json-report-file={report}",
+    ]
+    if markers:
+        cmd += ["-m", markers]
+    env = {**os.environ, "A2A_AUTH_HEADERS": json.dumps(headers), "TCK_STREAMING_TIMEOUT": "2.0"}
+    subprocess.run(cmd, cwd=kit, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    if not report.exists():
+        raise SystemExit(f"the kit wrote no report for {category}/{transport} against {url}")
+    tests = json.loads(report.read_text()).get("tests", [])
+    return {f"{transport}::{t['nodeid']}": t["outcome"] for t in tests}
+
+
+@contextmanager
+def services(work: Path) -> Iterator[tuple[str, str, dict[str, str]]]:
+    """The reference agent and the gateway in front of it: (agent URL, gateway agent URL, headers)."""
+    agent_port, gateway_port = free_port(), free_port()
+    agent = f"http://127.0.0.1:{agent_port}"
+    gateway = f"http://127.0.0.1:{gateway_port}"
+    config = {
+        "a2a_agents": [{"name": "tck", "card_url": f"{agent}/.well-known/agent-card.json", "timeout_s": 60}],
+        "policy": {"rules": ["p, user:tck, a2a:tck/*, *, allow", "p, user:tck, a2a:tck, *, allow"]},
+    }
+    config_path = work / "gateway.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    database = f"sqlite:///{work / 'agentgw.db'}"
+    common = ["--config", str(config_path), "--database-url", database]
+    with ExitStack() as stack:
+        stack.enter_context(
+            start_process(
+                [sys.executable, "-m", "conformance.a2a.tck_agent", "--port", str(agent_port)], agent_port
+            )
+        )
+        stack.enter_context(
+            start_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "agentgw",
+                    "serve",
+                    *common,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(gateway_port),
+                ],
+                gateway_port,
+                env={"AGENTGW_PORT": str(gateway_port)},
+            )
+        )
+        token = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "agentgw",
+                "token",
+                "issue",
+                *common,
+                "--subject",
+                "tck",
+                "--resource",
+                f"{gateway}/a2a/tck",
+            ],
+            cwd=ROOT,
+            env={**os.environ, "AGENTGW_PORT": str(gateway_port)},
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        yield f"{agent}/", f"{gateway}/a2a/tck", {"A2A-Version": "1.0", "Authorization": f"Bearer {token}"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="the A2A TCK, directly and through the gateway")
+    parser.add_argument("--full", action="store_true", help="every category, not only mandatory")
+    parser.add_argument("--transports", default="jsonrpc,rest")
+    args = parser.parse_args()
+    categories = list(CATEGORIES) if args.full else ["mandatory"]
+    expected: dict[str, str] = yaml.safe_load(EXPECTED.read_text()) or {}
+    python = kit_venv()
+    with tempfile.TemporaryDirectory(prefix="a2a-tck-") as tmp:
+        work = Path(tmp)
+        kit = kit_copy(work)
+        direct: dict[str, str] = {}
+        through: dict[str, str] = {}
+        with services(work) as (agent_url, gateway_url, headers):
+            for transport in args.transports.split(","):
+                for category in categories:
+                    log(f"{category} over {transport}: directly against the reference agent")
+                    direct |= run_kit(
+                        python,
+                        kit,
+                        agent_url,
+                        {"A2A-Version": "1.0"},
+                        category,
+                        transport,
+                        work / f"direct-{category}-{transport}.json",
+                    )
+                    log(f"{category} over {transport}: through the gateway")
+                    through |= run_kit(
+                        python,
+                        kit,
+                        gateway_url,
+                        headers,
+                        category,
+                        transport,
+                        work / f"gateway-{category}-{transport}.json",
+                    )
+    return judge(direct, through, expected)
+
+
+def judge(direct: dict[str, str], through: dict[str, str], expected: dict[str, str]) -> int:
+    passed_direct = {t for t, o in direct.items() if o == "passed"}
+    regressions = sorted(t for t in passed_direct if through.get(t) != "passed" and t not in expected)
+    stale = sorted(t for t in expected if through.get(t) == "passed")
+    gaps = sorted(t for t, o in direct.items() if o == "failed")
+    log(f"directly: {len(passed_direct)} passed, {len(gaps)} failed (the reference agent's own gaps)")
+    for test in regressions:
+        print(f"REGRESSION through the gateway ({through.get(test, 'missing')}): {test}")
+    for test in stale:
+        print(f"STALE expected failure (now passes through the gateway): {test}")
+    ok = sum(1 for t in passed_direct if through.get(t) == "passed")
+    print(f"a2a-tck: {ok} passed, {len(regressions) + len(stale)} failed, {len(expected)} expected failures")
+    return 1 if regressions or stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
