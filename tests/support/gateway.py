@@ -40,8 +40,9 @@ class RunningGateway:
 
 
 def write_config(tmp_path: Path, config: dict[str, Any], name: str = "gateway.yaml") -> Path:
+    """Write `config` as YAML; the gateway's state (signing keys, say) goes beside it unless it says."""
     path = tmp_path / name
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump({"data_dir": str(tmp_path), **config}))
     return path
 
 
