@@ -86,7 +86,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, modern_upstream: str) -> I
 
 
 def keys_of(gw: RunningGateway) -> SigningKeys:
-    return SigningKeys(Path(gw.database_url.removeprefix("sqlite:///")).parent / "oauth-keys.json")
+    return SigningKeys(gw.signing_keys)
 
 
 def token(gw: RunningGateway, subject: str, **overrides: Any) -> str:
