@@ -134,8 +134,8 @@ class Settings(BaseSettings):
         """The gateway's own files, never read as an upstream secret: the data directory, the
         databases (with their SQLite side files and audit journal), the signing keys, the config file."""
         paths = [self.data_dir, *([self.config_file] if self.config_file else [])]
-        if self.auth.builtin.signing_key is not None:
-            paths.append(self.auth.builtin.signing_key)
+        # Named itself, not only as a file in data_dir: a hard link elsewhere is caught by its inode.
+        paths.append(self.auth.builtin.signing_key or self.data_dir / "oauth-keys.json")
         for url in (self.database_url, self.audit.database_url):
             parsed = make_url(url) if url else None
             if parsed is None or parsed.get_backend_name() != "sqlite":

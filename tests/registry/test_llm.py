@@ -92,7 +92,7 @@ def test_a_secret_file_is_read_and_stripped_and_a_missing_or_empty_one_names_the
     )
     route = LlmRoute.load(spec("a", credential={"mode": "static", "secret": "key"}), secrets)
     assert route.secret is not None and route.secret.reveal() == "sk-from-file"
-    with pytest.raises(LlmRouteError, match="secret 'absent' cannot be read .cannot read file"):
+    with pytest.raises(LlmRouteError, match=r"secret 'absent' cannot be read \(cannot read file"):
         LlmRoute.load(spec("a", credential={"mode": "static", "secret": "absent"}), secrets)
     with pytest.raises(LlmRouteError, match="is empty"):
         LlmRoute.load(spec("a", credential={"mode": "static", "secret": "empty"}), secrets)

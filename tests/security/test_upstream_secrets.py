@@ -15,6 +15,7 @@ import pytest
 
 from agentgw.app import GatewayApp, create_app
 from agentgw.cli import main
+from agentgw.oauth.identity import signing_keys
 from agentgw.oauth.server import mint_token
 from agentgw.settings import ConfigError, load_settings
 from registry.secrets import SecretRefused, Secrets, SecretSource
@@ -200,3 +201,12 @@ def test_registry_show_names_the_secret_never_where_it_lives(
     shown = capsys.readouterr().out
     assert json.loads(shown)["credential"] == {"mode": "static", "secret": "github-pat"}
     assert "/run/secrets" not in shown
+
+
+def test_a_hard_link_to_the_signing_key_is_refused_too(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    settings = load_settings(None, data_dir=state)
+    keys = signing_keys(settings).path
+    (tmp_path / "copy").hardlink_to(keys)
+    with pytest.raises(ConfigError, match="gateway's own state"):
+        load_settings(None, data_dir=state, secrets={"stolen": {"file": str(tmp_path / "copy")}})
