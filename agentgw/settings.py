@@ -132,8 +132,10 @@ class Settings(BaseSettings):
 
     def protected_paths(self) -> list[Path]:
         """The gateway's own files, never read as an upstream secret: the data directory, the
-        databases (with their SQLite side files and audit journal), the signing keys, the config file."""
-        paths = [self.data_dir, *([self.config_file] if self.config_file else [])]
+        databases (with their SQLite side files and audit journal), the signing keys, the config file,
+        the process's own state."""
+        # /proc: the process's own environment and memory (`/proc/self/environ`) hold the settings.
+        paths = [self.data_dir, Path("/proc"), *([self.config_file] if self.config_file else [])]
         # Named itself, not only as a file in data_dir: a hard link elsewhere is caught by its inode.
         paths.append(self.auth.builtin.signing_key or self.data_dir / "oauth-keys.json")
         for url in (self.database_url, self.audit.database_url):

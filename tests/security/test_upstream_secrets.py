@@ -160,6 +160,7 @@ def test_the_config_file_cannot_declare_the_gateways_own_files_as_secrets(tmp_pa
         {"file": str(link)},  # a link is followed to what it names
         {"file": str(tmp_path / "gw.db")},
         {"file": str(tmp_path / "gw.db-wal")},
+        {"file": "/proc/self/environ"},  # every setting given by environment
     ):
         with pytest.raises(ConfigError, match="gateway's own state"):
             load_settings(
