@@ -44,7 +44,7 @@ from agentgw.oauth.metadata import protected_resource_router
 from agentgw.oauth.server import oauth_router
 from agentgw.pipeline import Pipeline, ordered
 from agentgw.settings import Settings
-from agentgw.storage import create_db, make_engine
+from agentgw.storage import create_db, ensure_private_dir, make_engine
 from agentgw.storage.audit_log import SqlAuditLog
 from agentgw.storage.budget_counters import budget_store
 from agentgw.storage.budget_rules import BudgetRuleBook
@@ -89,9 +89,15 @@ def build_gateway(settings: Settings) -> Gateway:
         PolicyError: the policy is unreadable, malformed, or empty when that is not allowed.
         ConfigError: an LLM route's, A2A agent's or MCP upstream's secret is missing or unreadable.
     """
+    ensure_private_dir(settings.data_dir)
     engine = make_engine(settings.database_url)
     create_db(engine)
-    registry = RegistryStore(engine)
+    admission = settings.admission()
+    # A stored server today's rules refuse (a secret not declared for it, a stdio command not allowed,
+    # a spec no longer valid) is left out and reported, never a reason not to start.
+    registry = RegistryStore(
+        engine, lambda spec, from_config: admission.refusal(spec, from_config=from_config)
+    )
     registry.sync_config(settings.servers, settings.virtual_servers)
     authorizer = CasbinAuthorizer(
         settings.policy.model,
@@ -105,9 +111,18 @@ def build_gateway(settings: Settings) -> Gateway:
     # A2A agents with a token credential mode are served by the same stage as MCP upstreams.
     a2a_tokens = {a.name: u for a in settings.a2a_agents if a.enabled and (u := a.token_upstream())}
     credentials = Credentials(
-        registry.server, agents=a2a_tokens.get, builtin=_builtin_token_service(settings, identity)
+        registry.server,
+        agents=a2a_tokens.get,
+        builtin=_builtin_token_service(settings, identity),
+        secrets=admission.secrets,
     )
-    credentials.prepare([*registry.servers(), *a2a_tokens.values()])  # a missing secret stops start-up
+    # A missing secret of the config file's upstreams stops start-up: the file is wrong. One of a server
+    # added through the admin API fails that server's calls only (and says so in the log and status).
+    owned = [s for s in registry.servers() if registry.owner(s.name) == "config"]
+    credentials.prepare([*owned, *a2a_tokens.values()])
+    for spec in registry.servers():
+        if registry.owner(spec.name) != "config" and (problem := admission.problem(spec, from_config=False)):
+            log.error("registry: server %s is failing: %s", spec.name, problem)
     audit_engine = make_engine(settings.audit.database_url) if settings.audit.database_url else engine
     audit_log = SqlAuditLog(audit_engine, settings.audit)
     audit = Audit(audit_log, settings.audit.redact)
@@ -138,7 +153,9 @@ def build_gateway(settings: Settings) -> Gateway:
         max_body_bytes=settings.max_body_bytes,
     )
     sessions.on_list_changed(bridge.on_list_changed)
-    llm = LlmIngress.build(settings.llm_routes, pipeline, max_body_bytes=settings.max_body_bytes)
+    llm = LlmIngress.build(
+        settings.llm_routes, pipeline, max_body_bytes=settings.max_body_bytes, secrets=admission.secrets
+    )
     a2a = A2aIngress.build(
         settings.a2a_agents,
         pipeline,
@@ -146,6 +163,7 @@ def build_gateway(settings: Settings) -> Gateway:
         allow_anonymous=settings.allow_anonymous,
         max_body_bytes=settings.max_body_bytes,
         signer=card_signer(settings.a2a_sign_cards, identity.keys, settings.base_url),
+        secrets=admission.secrets,
     )
     return Gateway(
         settings,
@@ -386,6 +404,9 @@ def create_app(settings: Settings) -> GatewayApp:
             gateway.registry,
             read_guard=_admin_guard(gateway, "registry", "read"),
             write_guard=_admin_guard(gateway, "registry", "write"),
+            # Running a command on the host is more than editing the registry: a grant of its own.
+            exec_guard=_admin_guard(gateway, "exec", "write"),
+            admission=settings.admission(),
         )
     )
     app.include_router(

@@ -10,19 +10,22 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 from agentgw.filters.audit import AuditSettings
 from agentgw.filters.budget import BudgetSettings
 from agentgw.oauth.config import AuthSettings
-from registry.a2a import A2aAgentSpec
-from registry.llm import LlmRouteList
-from registry.models import McpServerSpec, VirtualServerSpec
+from registry.a2a import A2aAgentSpec, A2aCredential
+from registry.admission import Admission
+from registry.llm import LlmRouteList, route_secrets
+from registry.models import McpServerSpec, VirtualServerSpec, credential_secrets
+from registry.secrets import SecretRefused, Secrets, SecretSource
 
 __all__ = ["ConfigError", "PolicySettings", "Settings", "load_settings"]
 
@@ -56,7 +59,11 @@ class Settings(BaseSettings):
     port: int = 8080
     # The gateway's canonical URL as clients see it (RFC 8707 audience, metadata documents).
     public_url: str | None = None
-    database_url: str = "sqlite:///agentgw.db"
+    # The gateway's own state: the SQLite database and its audit journal (unless database_url says
+    # otherwise), the built-in authorization server's signing keys. Created owner-only (0700).
+    data_dir: Path = Path(".agentgw")
+    # Default: SQLite in data_dir (`sqlite:///<data_dir>/agentgw.db`).
+    database_url: str = ""
     config_file: Path | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     upstream_timeout_s: float = 30.0
@@ -84,13 +91,73 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     servers: list[McpServerSpec] = Field(default_factory=list)
     virtual_servers: list[VirtualServerSpec] = Field(default_factory=list)
-    # Virtual models served at /v1 (see registry/llm.py); secrets are named (env/file), never inline.
+    # Virtual models served at /v1 (see registry/llm.py); secrets are named, never inline.
     llm_routes: LlmRouteList = Field(default_factory=list)
-    # A2A agents served at /a2a/<name> (see registry/a2a.py); secrets are named (env/file), never inline.
+    # A2A agents served at /a2a/<name> (see registry/a2a.py); secrets are named, never inline.
     a2a_agents: list[A2aAgentSpec] = Field(default_factory=list)
+    # Named secrets for upstream credentials (registry/secrets.py): specs name them, never locate them.
+    secrets: dict[str, SecretSource] = Field(default_factory=dict)
+    # Command lines a stdio server registered outside the config file may run (with admin:exec for
+    # the admin API); each entry is `[command, *leading args]`. Empty: stdio servers come from this file.
+    stdio_allowed_commands: list[Annotated[list[str], Field(min_length=1)]] = Field(default_factory=list)
     # Sign the A2A cards the gateway serves with the built-in authorization server's key (JWKS at
     # /oauth/jwks). Unset: on when the built-in server is enabled; true without it is a config error.
     a2a_sign_cards: bool | None = None
+
+    @model_validator(mode="after")
+    def _state_and_secrets(self) -> Settings:
+        if not self.database_url:
+            # Derived, so not marked as set: settings rebuilt with another data_dir derive it again.
+            object.__setattr__(self, "database_url", f"sqlite:///{self.data_dir / 'agentgw.db'}")
+        admission = self.admission()  # its secrets refuse the gateway's own files
+        for spec in self.servers:
+            if refused := admission.refusal(spec, from_config=True):
+                raise ValueError(f"server {spec.name!r}: {refused}")
+        uses = [(f"llm route {r.name!r}", route_secrets(r)) for r in self.llm_routes]
+        for agent in self.a2a_agents:
+            credential, where = agent.credential, agent.resource_url()
+            if isinstance(credential, A2aCredential):
+                named = [(credential.secret, where)] if credential.secret else []
+            else:
+                named = credential_secrets(credential, where)
+            uses.append((f"A2A agent {agent.name!r}", named))
+        for what, named in uses:
+            for name, destination in named:
+                destinations = [destination or admission.builtin_token_url]
+                try:
+                    admission.secrets.check(name, destinations, from_config=True)
+                except SecretRefused as exc:
+                    raise ValueError(f"{what}: {exc}") from exc
+        return self
+
+    def protected_paths(self) -> list[Path]:
+        """The gateway's own files, never read as an upstream secret: the data directory, the
+        databases (with their SQLite side files and audit journal), the signing keys, the config file,
+        the process's own state."""
+        # /proc: the process's own environment and memory (`/proc/self/environ`) hold the settings.
+        paths = [self.data_dir, Path("/proc"), *([self.config_file] if self.config_file else [])]
+        # Named itself, not only as a file in data_dir: a hard link elsewhere is caught by its inode.
+        paths.append(self.auth.builtin.signing_key or self.data_dir / "oauth-keys.json")
+        for url in (self.database_url, self.audit.database_url):
+            parsed = make_url(url) if url else None
+            if parsed is None or parsed.get_backend_name() != "sqlite":
+                continue
+            if parsed.database and parsed.database != ":memory:":
+                ends = ("", "-wal", "-shm", ".audit-journal")
+                paths += [Path(f"{parsed.database}{end}") for end in ends]
+        return paths
+
+    def admission(self) -> Admission:
+        """The registry's rules under this config: its secrets, its stdio allow-list.
+
+        Raises:
+            SecretRefused: a declared secret is the gateway's own file.
+        """
+        return Admission(
+            Secrets(self.secrets, self.protected_paths()),
+            self.stdio_allowed_commands,
+            f"{self.base_url}/oauth/token",
+        )
 
     def trusted_hosts(self) -> list[str]:
         """The Host header values the gateway accepts (`*` for any)."""
@@ -163,9 +230,10 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         data["config_file"] = config_file
     try:
         settings = Settings(**data)
+        dumped = settings.model_dump()
+        if "database_url" not in settings.model_fields_set:
+            del dumped["database_url"]  # derived from data_dir, which an override may change
         # Command-line options are the most specific statement of intent: they win over everything.
-        return Settings.model_validate(
-            settings.model_dump() | {k: v for k, v in overrides.items() if v is not None}
-        )
+        return Settings.model_validate(dumped | {k: v for k, v in overrides.items() if v is not None})
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc

@@ -513,6 +513,9 @@ def main(args: argparse.Namespace) -> int:
     print(heading(report), flush=True)
     with tempfile.TemporaryDirectory(prefix="agentgw-bench-") as tmp:
         config_path = Path(tmp) / "gateway.yaml"
+        if "data_dir" in _settings_fields():
+            # The signing key `token issue` makes and the gateway loads: in the run's directory.
+            setup.config["data_dir"] = str(Path(tmp) / "state")
         config_path.write_text(yaml.safe_dump(setup.config))
         database_url = f"sqlite:///{Path(tmp) / 'agentgw.db'}"
         if not setup.config.get("allow_anonymous"):

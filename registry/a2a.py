@@ -3,8 +3,8 @@
 An agent is a name (part of the policy objects `a2a:<agent>/<skill>` and of its URL `/a2a/<agent>`),
 its upstream card (fetched from `card_url` and refreshed every `card_refresh_s`, or given inline as
 `card`), an optional default skill for messages that name none, and how the gateway authenticates to
-it (`credential`: `none`; `static`, a secret from an environment variable or a file, read once at
-start-up, the way LLM routes read theirs; or `client_credentials`, `token_exchange`, `id_jag`, the MCP
+it (`credential`: `none`; `static`, a secret declared in the config file (registry/secrets.py), read
+once at start-up, the way LLM routes read theirs; or `client_credentials`, `token_exchange`, `id_jag`, the MCP
 upstream modes of registry/models.py, served by the credentials stage), and the keys its card's
 signatures are verified with (`card_keys`, docs/decisions/0403). Declared in the config file:
 
@@ -12,7 +12,7 @@ signatures are verified with (`card_keys`, docs/decisions/0403). Declared in the
       - name: planner                       # policy objects a2a:planner/<skill>; URL /a2a/planner
         card_url: http://planner:9000/.well-known/agent-card.json
         default_skill: plan                 # for messages whose metadata names no skill
-        credential: {mode: static, env: PLANNER_TOKEN}   # sent as `Authorization: Bearer <secret>`
+        credential: {mode: static, secret: planner-token}  # sent as `Authorization: Bearer <secret>`
         card_keys: {jwks_uri: http://planner:9000/jwks.json}  # the card must carry a signature by one
 
 The card is read only for what routing and discovery need: the upstream's interfaces (binding,
@@ -25,23 +25,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from registry.models import (
+    LOCATION_REFUSED,
     Name,
     UpstreamClientCredentials,
     UpstreamIdJag,
     UpstreamTokenExchange,
     Url,
 )
+from registry.secrets import SecretRefused, Secrets, SecretUnavailable
 
 __all__ = [
     "BINDINGS",
@@ -82,8 +82,8 @@ _VERSION = re.compile(r"v?(\d+)(?:\.(\d+))?(?:\.\d+)?")
 
 
 class A2aCredential(BaseModel):
-    """How the gateway authenticates to the agent: `none`, or `static`, a secret read from an
-    environment variable (`env`) or a file (`file`) and sent as `<header>: <scheme> <secret>`.
+    """How the gateway authenticates to the agent: `none`, or `static`, the named secret (declared in
+    the config file) sent as `<header>: <scheme> <secret>`.
 
     Never the caller's token; the secret itself never appears in a spec, so specs can be shown.
     """
@@ -91,45 +91,40 @@ class A2aCredential(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mode: Literal["none", "static"] = "none"
-    env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    file: Path | None = None
+    secret: Name | None = None
     header: str = Field(default="authorization", pattern=r"^[A-Za-z0-9-]+$")
     # Empty for headers that carry the bare secret (`X-Api-Key: <secret>`).
     scheme: str = Field(default="Bearer", pattern=r"^[A-Za-z0-9._-]*$")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _named_not_located(cls, data: object) -> object:
+        if isinstance(data, dict) and ("env" in data or "file" in data):
+            raise ValueError(LOCATION_REFUSED)
+        return data
+
     @model_validator(mode="after")
-    def _source_matches_mode(self) -> A2aCredential:
-        sources = (self.env is not None) + (self.file is not None)
-        if self.mode == "static" and sources != 1:
-            raise ValueError(
-                "a static credential needs exactly one of env (a variable name) or file (a path)"
-            )
-        if self.mode == "none" and sources:
-            raise ValueError("credential mode none takes no env or file")
+    def _secret_matches_mode(self) -> A2aCredential:
+        if self.mode == "static" and self.secret is None:
+            raise ValueError("a static credential names its secret (`secret: <name>`)")
+        if self.mode == "none" and self.secret is not None:
+            raise ValueError("credential mode none takes no secret")
         return self
 
-    def header_pair(self, agent: str) -> tuple[str, str] | None:
+    def header_pair(self, agent: str, secrets: Secrets) -> tuple[str, str] | None:
         """The `(header, value)` to send upstream; None in mode `none`.
 
         Raises:
-            A2aConfigError: the variable is unset or empty, or the file is unreadable or empty.
+            A2aConfigError: the secret is undeclared, or its variable or file is missing or empty.
         """
-        if self.mode == "none":
+        if self.secret is None:
             return None
-        if self.env is not None:
-            secret = os.environ.get(self.env, "").strip()
-            where = f"environment variable {self.env}"
-        else:
-            assert self.file is not None
-            where = f"file {self.file}"
-            try:
-                secret = self.file.read_text().strip()
-            except OSError as exc:
-                raise A2aConfigError(
-                    f"A2A agent {agent!r}: cannot read secret {where}: {exc.strerror}"
-                ) from exc
-        if not secret:
-            raise A2aConfigError(f"A2A agent {agent!r}: the secret in {where} is empty")
+        try:
+            secret = secrets.read(self.secret).reveal()
+        except SecretUnavailable as exc:
+            raise A2aConfigError(f"A2A agent {agent!r}: {exc} ({exc.detail})") from exc
+        except SecretRefused as exc:
+            raise A2aConfigError(f"A2A agent {agent!r}: {exc}") from exc
         return self.header.lower(), f"{self.scheme} {secret}" if self.scheme else secret
 
 
@@ -368,11 +363,13 @@ class A2aRegistry:
         fetch: CardFetcher,
         clock: Callable[[], float] = time.monotonic,
         verify: CardVerifier | None = None,
+        secrets: Secrets | None = None,
     ) -> None:
         self._agents = {a.name: a for a in agents}
         # Secrets are read once, at start-up: a missing one stops the gateway instead of a later call.
+        book = secrets or Secrets({})
         self._credentials = {
-            a.name: a.credential.header_pair(a.name)
+            a.name: a.credential.header_pair(a.name, book)
             for a in self._agents.values()
             if isinstance(a.credential, A2aCredential)
         }

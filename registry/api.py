@@ -3,21 +3,43 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from pydantic import BaseModel
 
+from registry.admission import Admission
 from registry.models import McpServerSpec, VirtualServerSpec, validate_name
+from registry.secrets import Secrets
 from registry.store import RegistryConflict, RegistryStore
 
-__all__ = ["registry_router"]
+__all__ = ["ServerStatus", "registry_router"]
 
 Guard = Callable[..., Awaitable[Any]]
 
 
-def registry_router(store: RegistryStore, read_guard: Guard, write_guard: Guard) -> APIRouter:
-    """Routes under /admin/registry; each guarded by the policy grant on `admin:registry`."""
+class ServerStatus(BaseModel):
+    """Whether a stored server serves, and if not why (secrets by name only, never where they live)."""
+
+    name: str
+    owner: str
+    state: Literal["ok", "disabled", "failing"]
+    problem: str | None = None
+
+
+def registry_router(
+    store: RegistryStore,
+    read_guard: Guard,
+    write_guard: Guard,
+    *,
+    exec_guard: Guard | None = None,
+    admission: Admission | None = None,
+) -> APIRouter:
+    """Routes under /admin/registry; each guarded by the policy grant on `admin:registry`. A stdio
+    server also needs `exec_guard` (the grant on `admin:exec`; without one, none is admitted), and
+    every server the rules of `admission` (secrets declared for it, the stdio allow-list)."""
     router = APIRouter(prefix="/admin/registry", tags=["registry"])
+    rules = admission or Admission(Secrets({}))
     # Guards as default values, not local Annotated aliases: FastAPI cannot resolve a local alias
     # under postponed annotations (it would become a required query parameter).
     read = Depends(read_guard)
@@ -28,6 +50,30 @@ def registry_router(store: RegistryStore, read_guard: Guard, write_guard: Guard)
             return validate_name(name)
         except ValueError as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+
+    async def _admit(spec: McpServerSpec, request: Request) -> None:
+        # Checked before anything is stored: a row the gateway cannot run is refused now, not at the
+        # next start.
+        if spec.transport == "stdio":
+            if exec_guard is None:
+                raise HTTPException(status.HTTP_403_FORBIDDEN, "stdio servers come from the config file")
+            await exec_guard(request)
+        problem = rules.problem(spec, from_config=False)
+        if problem is not None:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, problem)
+
+    @router.get("/status", response_model=list[ServerStatus])
+    async def server_status(_: Any = read) -> list[ServerStatus]:
+        out = [
+            ServerStatus(name=name, owner=store.owner(name) or "api", state="failing", problem=why)
+            for name, why in store.failing_servers().items()
+        ]
+        for spec in store.all_servers():
+            owner = store.owner(spec.name) or "api"
+            problem = rules.problem(spec, from_config=owner == "config") if spec.enabled else None
+            state = "disabled" if not spec.enabled else "failing" if problem else "ok"
+            out.append(ServerStatus(name=spec.name, owner=owner, state=state, problem=problem))
+        return sorted(out, key=lambda s: s.name)
 
     @router.get("/servers", response_model=list[McpServerSpec])
     async def list_servers(_: Any = read) -> list[McpServerSpec]:
@@ -41,7 +87,8 @@ def registry_router(store: RegistryStore, read_guard: Guard, write_guard: Guard)
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no server named {name!r}")
 
     @router.post("/servers", response_model=McpServerSpec, status_code=status.HTTP_201_CREATED)
-    async def add_server(spec: McpServerSpec, _: Any = write) -> McpServerSpec:
+    async def add_server(spec: McpServerSpec, request: Request, _: Any = write) -> McpServerSpec:
+        await _admit(spec, request)
         try:
             store.put_server(spec)
         except RegistryConflict as exc:
@@ -49,9 +96,12 @@ def registry_router(store: RegistryStore, read_guard: Guard, write_guard: Guard)
         return spec
 
     @router.put("/servers/{name}", response_model=McpServerSpec)
-    async def replace_server(name: str, spec: McpServerSpec, _: Any = write) -> McpServerSpec:
+    async def replace_server(
+        name: str, spec: McpServerSpec, request: Request, _: Any = write
+    ) -> McpServerSpec:
         if _name(name) != spec.name:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "the name in the path and body differ")
+        await _admit(spec, request)
         try:
             store.put_server(spec, replace=True)
         except RegistryConflict as exc:

@@ -6,15 +6,15 @@ Declared in the config file under `llm_routes`:
       - name: fast                          # the virtual model; policy object `llm:fast`
         base_url: https://api.openai.com/v1 # OpenAI-compatible; requests go to <base_url>/chat/completions
         model: gpt-4o-mini                  # the provider's model id
-        credential: {mode: static, env: OPENAI_API_KEY}   # or {mode: static, file: /run/secrets/key}
+        credential: {mode: static, secret: openai-key}   # a secret declared under `secrets:`
         input_price: 0.15                   # per MILLION input (prompt) tokens
         output_price: 0.60                  # per MILLION output (completion) tokens
         timeout_s: 60                       # wait for the first byte, and at most between stream chunks
         fallbacks: [fast-backup]            # other routes tried, in order, on 5xx, timeout or unreachable
 
-Secrets never live in a spec: a spec names an environment variable or a file, and `LlmRoutes` reads
-the secret once at start-up into memory (`Secret`, whose repr hides it). So specs may be stored,
-logged and returned by an admin API without leaking anything.
+Secrets never live in a spec: a spec names a secret declared in the config file (registry/secrets.py),
+and `LlmRoutes` reads it once at start-up into memory (`Secret`, whose repr hides it). So specs may be
+stored, logged and returned by an admin API without leaking anything.
 
 Prices are per million tokens, in whatever currency the operator uses throughout (the unit providers
 publish); `LlmRoute.cost` turns token counts into that currency.
@@ -22,16 +22,15 @@ publish); `LlmRoute.cost` turns token counts into that currency.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from registry.models import Url
+from registry.models import NamedSecret, Url
+from registry.secrets import Secret, SecretRefused, Secrets, SecretUnavailable
 
 __all__ = [
     "MODEL_NAME_PATTERN",
@@ -45,13 +44,13 @@ __all__ = [
     "Secret",
     "StaticCredential",
     "check_routes",
+    "route_secrets",
     "validate_model_name",
 ]
 
 # Like registry names, plus `.` (model names such as `gpt-4.1` are the norm). Still no `/`, `*`, `:`
 # or whitespace: the name becomes the policy object `llm:<name>` and must not widen a pattern.
 MODEL_NAME_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9.-]{0,62}[a-z0-9])?$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PROVIDER_MODEL = re.compile(r"^\S{1,256}$")
 PER_MILLION = 1_000_000
 
@@ -73,12 +72,6 @@ def validate_model_name(name: str) -> str:
     return name
 
 
-def _validate_env_name(name: str) -> str:
-    if not _ENV_NAME.fullmatch(name):
-        raise ValueError(f"invalid environment variable name {name!r}")
-    return name
-
-
 def _validate_provider_model(model: str) -> str:
     if not _PROVIDER_MODEL.fullmatch(model):
         raise ValueError(f"invalid provider model id {model!r}: 1-256 characters, no whitespace")
@@ -86,20 +79,6 @@ def _validate_provider_model(model: str) -> str:
 
 
 ModelName = Annotated[str, AfterValidator(validate_model_name)]
-EnvName = Annotated[str, AfterValidator(_validate_env_name)]
-
-
-class _SecretSource(BaseModel):
-    """Exactly one of `env` (variable name) or `file` (path) holds the secret."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> _SecretSource:
-        env, file = getattr(self, "env", None), getattr(self, "file", None)
-        if (env is None) == (file is None):
-            raise ValueError("give exactly one of env (a variable name) or file (a path) for the secret")
-        return self
 
 
 class NoCredential(BaseModel):
@@ -110,23 +89,19 @@ class NoCredential(BaseModel):
     mode: Literal["none"] = "none"
 
 
-class StaticCredential(_SecretSource):
-    """A static API key, sent as `Authorization: Bearer <key>`."""
+class StaticCredential(NamedSecret):
+    """A static API key (the named secret), sent as `Authorization: Bearer <key>`."""
 
     mode: Literal["static"]
-    env: EnvName | None = None
-    file: Path | None = None
 
 
-class ClientCredentials(_SecretSource):
-    """OAuth client credentials grant (RFC 6749 4.4) at `token_url`; the client secret is env or file."""
+class ClientCredentials(NamedSecret):
+    """OAuth client credentials grant (RFC 6749 4.4) at `token_url`; the client secret is the named one."""
 
     mode: Literal["client_credentials"]
     token_url: Url
     client_id: str = Field(min_length=1, max_length=256)
     scope: str | None = None
-    env: EnvName | None = None
-    file: Path | None = None
 
 
 Credential = Annotated[NoCredential | StaticCredential | ClientCredentials, Field(discriminator="mode")]
@@ -180,45 +155,18 @@ def check_routes(specs: list[LlmRouteSpec]) -> list[LlmRouteSpec]:
     return specs
 
 
+def route_secrets(spec: LlmRouteSpec) -> list[tuple[str, str | None]]:
+    """The secret a route names, with where it is sent (the provider, or the token endpoint)."""
+    credential = spec.credential
+    if isinstance(credential, StaticCredential):
+        return [(credential.secret, spec.base_url)]
+    if isinstance(credential, ClientCredentials):
+        return [(credential.secret, credential.token_url)]
+    return []
+
+
 # The settings field type: each spec validated, then the list as a whole.
 LlmRouteList = Annotated[list[LlmRouteSpec], AfterValidator(check_routes)]
-
-
-class Secret:
-    """A secret held in memory only: its repr and str never show it."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        """The secret itself, for the one header that carries it."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('***')"
-
-    __str__ = __repr__
-
-
-def _read_secret(route: str, env: str | None, file: Path | None) -> Secret:
-    if env is not None:
-        value = os.environ.get(env)
-        if not value:
-            raise LlmRouteError(f"llm route {route!r}: environment variable {env} is not set or empty")
-    else:
-        assert file is not None
-        try:
-            value = file.read_text().strip()
-        except OSError as exc:
-            # The path is configuration, not a secret; the OS error says why (missing, permissions).
-            raise LlmRouteError(
-                f"llm route {route!r}: cannot read secret file {file}: {exc.strerror}"
-            ) from exc
-        if not value:
-            raise LlmRouteError(f"llm route {route!r}: secret file {file} is empty")
-    return Secret(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,16 +185,21 @@ class LlmRoute:
         return (input_tokens * self.spec.input_price + output_tokens * self.spec.output_price) / PER_MILLION
 
     @classmethod
-    def load(cls, spec: LlmRouteSpec) -> LlmRoute:
+    def load(cls, spec: LlmRouteSpec, secrets: Secrets) -> LlmRoute:
         """Read the route's secret (once, at start-up).
 
         Raises:
-            LlmRouteError: the environment variable or file holding the secret is missing or empty.
+            LlmRouteError: the secret is undeclared, or its variable or file is missing or empty.
         """
         credential = spec.credential
         if isinstance(credential, NoCredential):
             return cls(spec)
-        return cls(spec, _read_secret(spec.name, credential.env, credential.file))
+        try:
+            return cls(spec, secrets.read(credential.secret))
+        except SecretUnavailable as exc:
+            raise LlmRouteError(f"llm route {spec.name!r}: {exc} ({exc.detail})") from exc
+        except SecretRefused as exc:
+            raise LlmRouteError(f"llm route {spec.name!r}: {exc}") from exc
 
 
 class LlmRoutes:
@@ -256,7 +209,7 @@ class LlmRoutes:
         self._routes = {r.name: r for r in routes}
 
     @classmethod
-    def load(cls, specs: Sequence[LlmRouteSpec]) -> LlmRoutes:
+    def load(cls, specs: Sequence[LlmRouteSpec], secrets: Secrets) -> LlmRoutes:
         """Validate `specs` together and read every enabled route's secret.
 
         Raises:
@@ -266,7 +219,7 @@ class LlmRoutes:
             check_routes(list(specs))
         except ValueError as exc:
             raise LlmRouteError(str(exc)) from exc
-        return cls(LlmRoute.load(spec) for spec in specs if spec.enabled)
+        return cls(LlmRoute.load(spec, secrets) for spec in specs if spec.enabled)
 
     def get(self, name: str) -> LlmRoute | None:
         return self._routes.get(name)

@@ -17,11 +17,13 @@ from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
 
 __all__ = [
+    "LOCATION_REFUSED",
     "NAME_PATTERN",
     "PER_CALLER_MODES",
     "ClientAuth",
     "McpServerRow",
     "McpServerSpec",
+    "NamedSecret",
     "Transport",
     "UpstreamClientCredentials",
     "UpstreamCredential",
@@ -31,6 +33,7 @@ __all__ = [
     "UpstreamTokenExchange",
     "VirtualServerRow",
     "VirtualServerSpec",
+    "credential_secrets",
     "validate_name",
 ]
 
@@ -65,19 +68,12 @@ def _validate_url(url: str) -> str:
 Name = Annotated[str, AfterValidator(validate_name)]
 Url = Annotated[str, AfterValidator(_validate_url)]
 
-# --- upstream credentials (docs/decisions/0600) ---------------------------------------------------
-# A spec names where a secret lives (an environment variable or a file), never the secret: specs are
-# stored in the database, logged and returned by the admin API. The credentials stage reads the
-# secrets once, when it builds an upstream's credential source.
+# --- upstream credentials (docs/decisions/0600, 0700) ---------------------------------------------
+# A spec names a secret declared in the config file (`secrets:`, registry/secrets.py), never the secret
+# nor where it lives: specs are stored in the database, logged and returned by the admin API, and
+# whoever may write one must not choose which file or variable the gateway reads.
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 3.3 scope-token
-
-
-def _validate_env_name(name: str) -> str:
-    if not _ENV_NAME.fullmatch(name):
-        raise ValueError(f"invalid environment variable name {name!r}")
-    return name
 
 
 def _validate_scopes(scopes: list[str]) -> list[str]:
@@ -87,28 +83,30 @@ def _validate_scopes(scopes: list[str]) -> list[str]:
     return scopes
 
 
-EnvName = Annotated[str, AfterValidator(_validate_env_name)]
 Scopes = Annotated[list[str], AfterValidator(_validate_scopes)]
 TokenType = Literal["access_token", "jwt", "id_token"]
+LOCATION_REFUSED = (
+    "a credential names a secret declared under `secrets:` in the config file (`secret: <name>`), "
+    "never an environment variable or a file"
+)
 
 
-class _SecretRef(BaseModel):
-    """Exactly one of `env` (a variable name) or `file` (a path) holds the secret."""
+class NamedSecret(BaseModel):
+    """`secret`: the name of a secret declared in the config file."""
 
     model_config = ConfigDict(extra="forbid")
 
-    env: EnvName | None = None
-    # A path (a plain string: specs are stored as JSON).
-    file: str | None = Field(default=None, min_length=1, max_length=4096)
+    secret: Name
 
-    @model_validator(mode="after")
-    def _one_source(self) -> _SecretRef:
-        if (self.env is None) == (self.file is None):
-            raise ValueError("give exactly one of env (a variable name) or file (a path) for the secret")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _named_not_located(cls, data: object) -> object:
+        if isinstance(data, dict) and ("env" in data or "file" in data):
+            raise ValueError(LOCATION_REFUSED)
+        return data
 
 
-class ClientAuth(_SecretRef):
+class ClientAuth(NamedSecret):
     """How the gateway authenticates itself at a token endpoint, as an OAuth client.
 
     `client_secret_basic` / `client_secret_post` (RFC 6749 2.3.1): the secret is the client secret.
@@ -130,7 +128,7 @@ class UpstreamNone(BaseModel):
     mode: Literal["none"] = "none"
 
 
-class UpstreamStatic(_SecretRef):
+class UpstreamStatic(NamedSecret):
     """A fixed secret (an API key), sent as `Authorization: Bearer <secret>`."""
 
     mode: Literal["static"]
@@ -196,6 +194,23 @@ UpstreamCredential = Annotated[
     UpstreamNone | UpstreamStatic | UpstreamClientCredentials | UpstreamTokenExchange | UpstreamIdJag,
     Field(discriminator="mode"),
 ]
+
+
+def credential_secrets(credential: UpstreamCredential, url: str | None) -> list[tuple[str, str | None]]:
+    """The secrets `credential` names, each with where it is sent: `url` (the upstream's, for a static
+    secret) or a token endpoint; None for the built-in authorization server (never leaves the process)."""
+    if isinstance(credential, UpstreamStatic):
+        return [(credential.secret, url)]
+    if isinstance(credential, UpstreamClientCredentials | UpstreamTokenExchange):
+        return [(credential.client.secret, credential.token_url)]
+    if isinstance(credential, UpstreamIdJag):
+        return [
+            (credential.idp_client.secret, credential.idp_token_url),
+            (credential.client.secret, credential.token_url),
+        ]
+    return []
+
+
 # Modes whose token stands for the caller: one per caller, so never on a session shared by callers.
 PER_CALLER_MODES = frozenset({"token_exchange", "id_jag"})
 

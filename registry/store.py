@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlmodel import Field, Session, SQLModel, select
 
@@ -34,6 +35,14 @@ def _refuse_per_caller(virtual: str, servers: set[str]) -> None:
         )
 
 
+def _first_error(exc: ValueError) -> str:
+    if isinstance(exc, ValidationError) and exc.errors():
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        return f"{where}: {error['msg']}" if where else str(error["msg"])
+    return str(exc)
+
+
 class RegistryVersion(SQLModel, table=True):
     __tablename__ = "registry_version"
 
@@ -41,11 +50,20 @@ class RegistryVersion(SQLModel, table=True):
     version: int = 0
 
 
+# Why a stored server may not run under the rules of today's config (None: it may); the flag says
+# whether the config file owns it. See registry/admission.py.
+Admit = Callable[[McpServerSpec, bool], str | None]
+
+
 class RegistryStore:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, admit: Admit | None = None) -> None:
         self._engine = engine
+        self._admit = admit
         self._servers: dict[str, McpServerSpec] = {}
         self._virtual: dict[str, VirtualServerSpec] = {}
+        self._sources: dict[str, str] = {}
+        # Stored servers that cannot run (a spec no longer valid, or refused by `admit`), with why.
+        self._failing: dict[str, str] = {}
         self._version = -1
         self._listeners: list[Callable[[], None]] = []
 
@@ -70,6 +88,14 @@ class RegistryStore:
         with Session(self._engine) as session:
             row = session.get(McpServerRow, name)
             return row.source if row else None
+
+    def owner(self, name: str) -> str | None:
+        """Who owns server `name` in the snapshot: `config` (the config file) or `api`."""
+        return self._sources.get(name)
+
+    def failing_servers(self) -> dict[str, str]:
+        """Stored servers left out of the snapshot (an invalid spec, or refused by the rules), with why."""
+        return dict(self._failing)
 
     def on_change(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
@@ -202,14 +228,31 @@ class RegistryStore:
             version = row.version if row else 0
             if version == self._version and not force:
                 return False
-            servers = {
-                r.name: McpServerSpec.model_validate(r.spec) for r in session.exec(select(McpServerRow))
-            }
+            servers: dict[str, McpServerSpec] = {}
+            sources: dict[str, str] = {}
+            failing: dict[str, str] = {}
+            for r in session.exec(select(McpServerRow)):
+                sources[r.name] = r.source
+                # One bad row must not stop the gateway or hide the others: it is left out, loudly.
+                try:
+                    spec = McpServerSpec.model_validate(r.spec)
+                except ValueError as exc:
+                    failing[r.name] = f"its stored spec is not valid any more: {_first_error(exc)}"
+                    continue
+                refused = self._admit(spec, r.source == "config") if self._admit is not None else None
+                if refused is not None:
+                    failing[r.name] = refused
+                else:
+                    servers[r.name] = spec
             virtual = {
                 r.name: VirtualServerSpec.model_validate(r.spec)
                 for r in session.exec(select(VirtualServerRow))
             }
+        for name, why in failing.items():
+            if self._failing.get(name) != why:
+                log.error("registry: server %s is not served: %s", name, why)
         self._servers, self._virtual, self._version = servers, virtual, version
+        self._sources, self._failing = sources, failing
         for listener in self._listeners:
             listener()
         return True

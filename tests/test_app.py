@@ -28,6 +28,7 @@ JSON = {"content-type": "application/json", "accept": "application/json, text/ev
 def app_for(tmp_path: Path) -> GatewayApp:
     settings = load_settings(
         None,
+        data_dir=tmp_path,
         database_url=f"sqlite:///{tmp_path / 'gw.db'}",
         allowed_hosts=["127.0.0.1"],
         allow_anonymous=True,

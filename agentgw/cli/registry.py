@@ -45,7 +45,9 @@ def _registry(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, demo=False)
     engine = make_engine(settings.database_url)
     create_db(engine)
-    store = RegistryStore(engine)
+    admission = settings.admission()
+    # The gateway's rules: a stored server they refuse is listed as failing, not served.
+    store = RegistryStore(engine, lambda spec, from_config: admission.refusal(spec, from_config=from_config))
     if settings.config_file is not None:
         # The config file owns its declarations: the registry shows them as the gateway would.
         store.sync_config(settings.servers, settings.virtual_servers)
@@ -53,10 +55,14 @@ def _registry(args: argparse.Namespace) -> int:
         # Without a file nothing is declared; rows a file owns stay as the gateway last wrote them.
         store.refresh(force=True)
     if args.registry_command == "list":
+        rows = [(name, "?", "?", f"failing: {why}") for name, why in store.failing_servers().items()]
         for spec in store.all_servers():
             where = spec.url or " ".join([spec.command or "", *spec.args])
-            state = "enabled" if spec.enabled else "disabled"
-            print(f"{spec.name}\t{spec.transport}\t{where}\t{state}")
+            problem = admission.problem(spec, from_config=store.owner(spec.name) == "config")
+            state = "disabled" if not spec.enabled else f"failing: {problem}" if problem else "enabled"
+            rows.append((spec.name, spec.transport, where, state))
+        for row in sorted(rows):
+            print("\t".join(row))
         return 0
     if args.registry_command == "show":
         found = next((s for s in store.all_servers() if s.name == args.name), None)
@@ -75,6 +81,9 @@ def _registry(args: argparse.Namespace) -> int:
                 args=args.arg or [],
                 timeout_s=args.timeout,
             )
+            if refused := admission.refusal(spec, from_config=False):
+                print(f"error: {refused}", file=sys.stderr)
+                return 2
             store.put_server(spec)
         except ValidationError as exc:
             for error in exc.errors():

@@ -17,7 +17,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", type=Path, help="YAML config file (default: $AGENTGW_CONFIG, else the demo)"
     )
-    parser.add_argument("--database-url", help="SQLAlchemy URL (default: sqlite:///agentgw.db)")
+    parser.add_argument(
+        "--database-url", help="SQLAlchemy URL (default: SQLite in the data directory, data_dir)"
+    )
 
 
 def settings_from_args(args: argparse.Namespace, *, demo: bool = True) -> Settings:

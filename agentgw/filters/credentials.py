@@ -5,7 +5,7 @@ Each MCP upstream names a credential mode in the registry (`McpServerSpec.creden
 (`A2aAgentSpec.token_upstream()`, named `a2a:<agent>` here so it never meets an MCP server's name):
 
     none                no Authorization header
-    static              a secret from an environment variable or a file, read once
+    static              a named secret (declared in the config file, registry/secrets.py), read once
     client_credentials  the gateway's own token (RFC 6749 4.4) from a token endpoint
     token_exchange      RFC 8693: the caller's token exchanged for one meant for the upstream, with
                         the gateway's own token as the actor token, so the upstream sees `act`
@@ -28,11 +28,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NamedTuple, Protocol, TypeAlias
 
 import httpx
@@ -52,7 +50,6 @@ from agentgw.oauth.exchange import (
 )
 from agentgw.pipeline import CallNext
 from agentgw.settings import ConfigError
-from registry.llm import Secret
 from registry.models import (
     ClientAuth,
     McpServerSpec,
@@ -62,6 +59,7 @@ from registry.models import (
     UpstreamStatic,
     UpstreamTokenExchange,
 )
+from registry.secrets import Secret, SecretRefused, Secrets, SecretUnavailable
 
 __all__ = [
     "CacheKey",
@@ -281,21 +279,15 @@ class CredentialSource(Protocol):
         ...
 
 
-def _read_secret(ref: UpstreamStatic | ClientAuth, what: str) -> Secret:
-    if ref.env is not None:
-        value = os.environ.get(ref.env)
-        if not value:
-            raise CredentialConfigError(f"{what}: environment variable {ref.env} is not set or empty")
-        return Secret(value)
-    assert ref.file is not None
+def _read_secret(secrets: Secrets, name: str, what: str) -> Secret:
     try:
-        value = Path(ref.file).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        # The path is configuration, not a secret; the OS error says why (missing, permissions).
-        raise CredentialConfigError(f"{what}: cannot read secret file {ref.file}: {exc.strerror}") from exc
-    if not value:
-        raise CredentialConfigError(f"{what}: secret file {ref.file} is empty")
-    return Secret(value)
+        return secrets.read(name)
+    except SecretUnavailable as exc:
+        # Where the secret lives goes to the log only: the error may reach the admin API.
+        log.error("%s: secret %r: %s", what, name, exc.detail)
+        raise CredentialConfigError(f"{what}: {exc}") from exc
+    except SecretRefused as exc:
+        raise CredentialConfigError(f"{what}: {exc}") from exc
 
 
 def _subject_token(principal: Principal | None, label: str) -> str:
@@ -542,8 +534,10 @@ class Credentials:
         http: httpx.AsyncClient | None = None,
         cache: TokenCache | None = None,
         clock: Callable[[], float] = time.monotonic,
+        secrets: Secrets | None = None,
     ) -> None:
         self._servers = servers
+        self._secrets = secrets or Secrets({})
         self._agents = agents
         self._builtin = builtin
         self._http = http  # made on first use: most upstreams need no token service
@@ -606,7 +600,7 @@ class Credentials:
             if self._http is None:
                 self._http = httpx.AsyncClient(follow_redirects=False)
             http = self._http
-        secret = _read_secret(client, f"{label}, client {client.client_id!r}")
+        secret = _read_secret(self._secrets, client.secret, f"{label}, client {client.client_id!r}")
         try:
             return TokenEndpoint(url, client, secret, http, timeout_s=timeout_s, label=label)
         except ValueError as exc:
@@ -620,7 +614,7 @@ class Credentials:
         if credential.mode == "none":
             return None
         if isinstance(credential, UpstreamStatic):
-            return _Static(_read_secret(credential, label))
+            return _Static(_read_secret(self._secrets, credential.secret, label))
         resource = credential.resource or spec.url or ""
         if isinstance(credential, UpstreamClientCredentials):
             endpoint = self._endpoint(credential.token_url, credential.client, credential.timeout_s, label)

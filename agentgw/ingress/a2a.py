@@ -89,6 +89,7 @@ from registry.a2a import (
     card_skill_ids,
     version_of,
 )
+from registry.secrets import Secrets
 
 __all__ = [
     "RUN_ID_HEADER",
@@ -948,6 +949,7 @@ class A2aIngress:
         allow_anonymous: bool,
         max_body_bytes: int,
         signer: CardSigner | None = None,
+        secrets: Secrets | None = None,
     ) -> A2aIngress:
         """The ingress for the configured agents, with its own pooled client and in-memory task owners;
         upstream card signatures are checked against each agent's `card_keys`, served cards signed by
@@ -959,7 +961,7 @@ class A2aIngress:
         upstream = A2aHttpUpstream()
         try:
             verify = UpstreamCardVerifier(upstream.fetch_card)
-            registry = A2aRegistry(agents, upstream.fetch_card, verify=verify)
+            registry = A2aRegistry(agents, upstream.fetch_card, verify=verify, secrets=secrets)
         except A2aConfigError as exc:
             raise ConfigError(str(exc)) from exc
         return cls(

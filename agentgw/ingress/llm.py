@@ -47,6 +47,7 @@ from agentgw.pipeline import Pipeline
 from agentgw.settings import ConfigError
 from agentgw.upstream.llm import LlmAnswer, LlmProvider, OpenAICompatible, Operation
 from registry.llm import MODEL_NAME_PATTERN, LlmRoute, LlmRouteError, LlmRoutes, LlmRouteSpec
+from registry.secrets import Secrets
 
 __all__ = [
     "ENDPOINT",
@@ -358,14 +359,21 @@ class LlmIngress:
         self._max_body = max_body_bytes
 
     @classmethod
-    def build(cls, specs: Sequence[LlmRouteSpec], pipeline: Pipeline, *, max_body_bytes: int) -> LlmIngress:
+    def build(
+        cls,
+        specs: Sequence[LlmRouteSpec],
+        pipeline: Pipeline,
+        *,
+        max_body_bytes: int,
+        secrets: Secrets | None = None,
+    ) -> LlmIngress:
         """The ingress for `specs`, with one pooled client per provider kind.
 
         Raises:
             ConfigError: a route's secret is missing or unreadable.
         """
         try:
-            routes = LlmRoutes.load(specs)
+            routes = LlmRoutes.load(specs, secrets or Secrets({}))
         except LlmRouteError as exc:
             raise ConfigError(str(exc)) from exc
         return cls(pipeline, routes, {"openai": OpenAICompatible()}, max_body_bytes=max_body_bytes)

@@ -117,7 +117,7 @@ class BuiltinAuthServer(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    # JSON file of signing keys; default `oauth-keys.json` beside the SQLite database (else ./).
+    # JSON file of signing keys; default `oauth-keys.json` in the data directory (`data_dir`).
     signing_key: Path | None = None
     token_ttl_s: int = Field(default=3600, gt=0, le=86400)
     # The current signing key is replaced when older than this; old keys stay in the JWKS a while.

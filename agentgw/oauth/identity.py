@@ -12,7 +12,7 @@ from agentgw.call import Call
 from agentgw.filters.authenticate import Authenticate, BearerVerifier, JwtVerifier, TrustedIssuer
 from agentgw.oauth.apikeys import ApiKeyStore, ApiKeyVerifier
 from agentgw.oauth.jwks import LocalKeySet, RemoteKeySet
-from agentgw.oauth.keys import ALGORITHM, SigningKeys, default_key_path
+from agentgw.oauth.keys import ALGORITHM, SigningKeys
 from agentgw.oauth.metadata import endpoint_scopes
 from agentgw.oauth.server import AuthorizationServer
 from agentgw.settings import Settings
@@ -39,9 +39,11 @@ class Identity:
 
 
 def signing_keys(settings: Settings) -> SigningKeys:
-    """The built-in authorization server's key file (created with a first key when missing)."""
+    """The built-in authorization server's key file (created with a first key when missing): the
+    gateway and every command (`agentgw token issue`, `agentgw keys rotate-signing`) find it by the
+    same settings, in the data directory unless `auth.builtin.signing_key` names it."""
     builtin = settings.auth.builtin
-    path = builtin.signing_key or default_key_path(settings.database_url)
+    path = builtin.signing_key or settings.data_dir / "oauth-keys.json"
     return SigningKeys(path, rotate_after_s=builtin.rotate_after_s)
 
 

@@ -21,20 +21,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-__all__ = ["ALGORITHM", "KEEP", "SigningKeys", "default_key_path"]
+__all__ = ["ALGORITHM", "KEEP", "SigningKeys"]
 
 ALGORITHM = "RS256"
 KEEP = 3
 # Another process may rotate the file; an unknown kid rereads it at most this often.
 RELOAD_MIN_S = 1.0
-
-
-def default_key_path(database_url: str) -> Path:
-    """`oauth-keys.json` beside a SQLite database file, else in the working directory."""
-    prefix = "sqlite:///"
-    if database_url.startswith(prefix) and ":memory:" not in database_url:
-        return Path(database_url[len(prefix) :]).parent / "oauth-keys.json"
-    return Path("oauth-keys.json")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +92,7 @@ class SigningKeys:
             }
             for key in self._keys
         ]
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = self._path.with_name(f".{self._path.name}.{secrets.token_hex(4)}")
         # Private keys: owner-only from the first byte, then an atomic rename over the old file.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -67,3 +67,20 @@ def test_servers_owned_by_the_config_file_cannot_be_edited_from_the_cli(
     assert code == 0
     code, _, err = run(capsys, db, "remove", "owned")
     assert code == 1 and "declared in the config file" in err
+
+
+def test_a_stdio_server_is_added_only_with_an_allow_listed_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "gw.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'state'}\nstdio_allowed_commands: [[/usr/bin/mcp-git]]\n")
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+
+    def add(*argv: str) -> tuple[int, str]:
+        code = main(["registry", "add", "--config", str(config), "--database-url", db, *argv])
+        return code, capsys.readouterr().err
+
+    code, err = add("shell", "--transport", "stdio", "--command", "/bin/sh", "--arg=-c", "--arg=id")
+    assert code == 2 and "stdio_allowed_commands" in err
+    assert add("git", "--transport", "stdio", "--command", "/usr/bin/mcp-git")[0] == 0
+    assert run(capsys, db, "list")[1].count("\n") == 1

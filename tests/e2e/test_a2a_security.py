@@ -24,7 +24,7 @@ from agentgw.oauth.keys import SigningKeys
 from agentgw.oauth.server import hash_secret, mint_token
 from conformance.fixtures.a2a_agents import agents_args
 from conformance.fixtures.launch import FixtureProcess, free_port, start_process
-from tests.support.gateway import gateway_args, write_config
+from tests.support.gateway import data_dir_of, gateway_args, write_config
 
 CLIENT_SECRET = "a2a-gw-client-secret-81c2"  # the gateway's own secret at its built-in server
 TIMEOUT = 20
@@ -56,7 +56,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     agents = f"http://127.0.0.1:{agents_port}"
     keys = {"jwks_uri": f"{agents}/_fixture/jwks"}
     echo_card = f"{agents}/echo/.well-known/agent-card.json"
-    client = {"client_id": "agentgw", "env": "AGW_E2E_A2A_SECRET"}
+    client = {"client_id": "agentgw", "secret": "client-secret"}
     config = {
         "allow_anonymous": True,
         "a2a_agents": [
@@ -77,6 +77,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
                 "credential": {"mode": "client_credentials", "client": client},
             },
         ],
+        "secrets": {"client-secret": {"env": "AGW_E2E_A2A_SECRET"}},
         "policy": {"rules": ["p, anonymous, a2a:*, *", "p, user:alice, a2a:*, *"]},
         "auth": {
             "builtin": {
@@ -99,7 +100,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         gateway = stack.enter_context(
             start_process(gateway_args(config_path, port, database_url), port, env=env)
         )
-        yield Setup(gateway, agents, tmp / "oauth-keys.json")
+        yield Setup(gateway, agents, data_dir_of(tmp) / "oauth-keys.json")
 
 
 def gateway_verifier(setup: Setup) -> Any:

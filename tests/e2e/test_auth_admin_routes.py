@@ -27,7 +27,7 @@ POLICY = [
 
 @pytest.fixture
 async def app(tmp_path: Path) -> AsyncIterator[FastAPI]:
-    settings = load_settings(None, database_url=f"sqlite:///{tmp_path / 'gw.db'}", policy={"rules": POLICY})
+    settings = load_settings(None, data_dir=tmp_path, policy={"rules": POLICY})
     yield create_app(settings)
 
 

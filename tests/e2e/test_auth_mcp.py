@@ -14,7 +14,6 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl, urlsplit
 
@@ -86,7 +85,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, modern_upstream: str) -> I
 
 
 def keys_of(gw: RunningGateway) -> SigningKeys:
-    return SigningKeys(Path(gw.database_url.removeprefix("sqlite:///")).parent / "oauth-keys.json")
+    return SigningKeys(gw.signing_keys)
 
 
 def token(gw: RunningGateway, subject: str, **overrides: Any) -> str:

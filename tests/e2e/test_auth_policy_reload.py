@@ -40,7 +40,7 @@ def gateway(tmp_path: Path, modern_upstream: str) -> Iterator[tuple[RunningGatew
 
 
 def token(gw: RunningGateway, subject: str, audience: str) -> str:
-    keys = SigningKeys(Path(gw.database_url.removeprefix("sqlite:///")).parent / "oauth-keys.json")
+    keys = SigningKeys(gw.signing_keys)
     return mint_token(keys, gw.url, subject=subject, audience=audience)[0]
 
 

@@ -23,7 +23,7 @@ from agentgw.oauth.keys import SigningKeys
 from agentgw.oauth.server import hash_secret, mint_token
 from conformance.fixtures import mcp_protected_upstream
 from conformance.fixtures.launch import FixtureProcess, free_port, start_process
-from tests.support.gateway import gateway_args, write_config
+from tests.support.gateway import data_dir_of, gateway_args, write_config
 from tests.support.mcp import META, MODERN, answer_of, modern_headers
 
 CLIENT_SECRET = "gw-client-secret-4f9a1c"  # the gateway's own secret at its built-in server
@@ -71,7 +71,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
                 (mcp_protected_upstream.command(ports[2], static_key=STATIC_KEY), ports[2]),
             )
         )
-        client = {"client_id": "agentgw", "env": "AGW_E2E_CLIENT_SECRET"}
+        client = {"client_id": "agentgw", "secret": "client-secret"}
         config = {
             "log_level": "DEBUG",
             "servers": [
@@ -88,9 +88,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
                 {
                     "name": "vault",
                     "url": f"{vault.url}/mcp",
-                    "credential": {"mode": "static", "env": "AGW_E2E_KEY"},
+                    "credential": {"mode": "static", "secret": "vault-key"},
                 },
             ],
+            "secrets": {
+                "client-secret": {"env": "AGW_E2E_CLIENT_SECRET"},
+                "vault-key": {"env": "AGW_E2E_KEY"},
+            },
             "policy": {"rules": ["p, user:alice, mcp:*, *, allow", "p, user:root, admin:*, *, allow"]},
             "auth": {
                 "builtin": {
@@ -111,7 +115,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         gateway = stack.enter_context(
             start_process(gateway_args(config_path, port, database_url), port, env=env)
         )
-        yield Setup(gateway, tmp / "oauth-keys.json", payments.url, ledger.url, vault.url)
+        yield Setup(gateway, data_dir_of(tmp) / "oauth-keys.json", payments.url, ledger.url, vault.url)
 
 
 def rpc(setup: Setup, server: str, token: str | None, method: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -210,7 +214,9 @@ def test_secrets_appear_neither_in_the_gateway_output_nor_in_the_admin_api(setup
     whoami(setup, "payments", setup.user_token())
     admin = setup.user_token(subject="root", server="admin", audience=f"{setup.url}/admin", scopes=[])
     listing = httpx.get(f"{setup.url}/admin/registry/servers", headers={"authorization": f"Bearer {admin}"})
-    assert listing.status_code == 200 and "AGW_E2E_CLIENT_SECRET" in listing.text
+    # The admin API names the secret, never its value nor where it lives.
+    assert listing.status_code == 200 and '"secret":"client-secret"' in listing.text
+    assert "AGW_E2E_CLIENT_SECRET" not in listing.text
     issued = [
         r["authorization"].removeprefix("Bearer ")
         for u in (setup.payments, setup.ledger)
@@ -229,9 +235,10 @@ def test_a_missing_secret_stops_the_gateway_at_start_up_naming_the_variable(tmp_
             {
                 "name": "vault",
                 "url": "http://127.0.0.1:9/mcp",
-                "credential": {"mode": "static", "env": "AGW_E2E_UNSET"},
+                "credential": {"mode": "static", "secret": "unset"},
             }
         ],
+        "secrets": {"unset": {"env": "AGW_E2E_UNSET"}},
         "policy": {"allow_empty": True},
     }
     port = free_port()

@@ -97,7 +97,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     exchange = {
         "mode": "token_exchange",
         "token_url": f"{idp}/token",
-        "client": {"client_id": "gateway", "env": "AGW_E2E_IDP_SECRET"},
+        "client": {"client_id": "gateway", "secret": "idp-secret"},
         "scopes": ["payments"],
         "tool_scopes": {"pay": ["payments.write"]},
     }
@@ -105,6 +105,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         "log_level": "DEBUG",
         "auth": {"issuers": [{"issuer": idp}], "builtin": {"enabled": False}},
         "policy": {"rules": ["p, role:staff, mcp:*, *, allow"]},
+        "secrets": {
+            "idp-secret": {"env": "AGW_E2E_IDP_SECRET"},
+            "as-secret": {"env": "AGW_E2E_AS_SECRET"},
+            "gateway-pk": {"file": str(tmp / "gateway-pk.pem")},
+        },
         "servers": [
             {"name": "pay", "url": upstream, "credential": exchange},
             {
@@ -115,7 +120,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
                     "client": {
                         "client_id": "gateway-pk",
                         "method": "private_key_jwt",
-                        "file": str(tmp / "gateway-pk.pem"),
+                        "secret": "gateway-pk",
                         "key_id": "pk1",
                     }
                 },
@@ -132,10 +137,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
                 "credential": {
                     "mode": "id_jag",
                     "idp_token_url": f"{idp}/token",
-                    "idp_client": {"client_id": "gateway", "env": "AGW_E2E_IDP_SECRET"},
+                    "idp_client": {"client_id": "gateway", "secret": "idp-secret"},
                     "authorization_server": as_url,
                     "token_url": f"{as_url}/token",
-                    "client": {"client_id": "gateway", "env": "AGW_E2E_AS_SECRET"},
+                    "client": {"client_id": "gateway", "secret": "as-secret"},
                     "scopes": ["payments"],
                 },
             },

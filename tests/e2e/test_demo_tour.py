@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +11,13 @@ from pathlib import Path
 from conformance.fixtures.launch import REPO_ROOT, free_port, start_process
 
 
-def agentgw(database: str, port: int, *args: str) -> str:
+def agentgw(data_dir: Path, port: int, *args: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "agentgw", *args, "--database-url", database],
+        [sys.executable, "-m", "agentgw", *args],
         cwd=REPO_ROOT,
-        env={**os.environ, "AGENTGW_PORT": str(port)},  # the issuer and audience name the gateway's port
+        # The issuer and audience name the gateway's port; the signing key and database are found in
+        # the same data directory as the gateway's.
+        env={**os.environ, "AGENTGW_PORT": str(port), "AGENTGW_DATA_DIR": str(data_dir)},
         capture_output=True,
         text=True,
         check=True,
@@ -25,11 +28,11 @@ def agentgw(database: str, port: int, *args: str) -> str:
 
 def test_the_readme_tour_shows_two_users_a_denial_a_budget_stop_and_the_audit_trail(tmp_path: Path) -> None:
     port = free_port()
-    database = f"sqlite:///{tmp_path / 'agentgw.db'}"  # the demo's signing key is kept beside it
-    serve = [sys.executable, "-m", "agentgw", "serve", "--port", str(port), "--database-url", database]
-    with start_process(serve, port) as gateway:  # no config: the demo
+    data_dir = tmp_path / "state"  # the README's commands use the default, ./.agentgw
+    serve = [sys.executable, "-m", "agentgw", "serve", "--port", str(port)]
+    with start_process(serve, port, env={"AGENTGW_DATA_DIR": str(data_dir)}) as gateway:  # the demo
         tokens = {
-            user.upper(): agentgw(database, port, "token", "issue", "--subject", user)
+            user.upper(): agentgw(data_dir, port, "token", "issue", "--subject", user)
             for user in ("alice", "bob")
         }
         tour = subprocess.run(
@@ -47,6 +50,9 @@ def test_the_readme_tour_shows_two_users_a_denial_a_budget_stop_and_the_audit_tr
             "call 11: budget 'demo-run-calls' exhausted for run run-42: calls 10 of 10; it does not reset: "
             "start a new run",
         ]
-        trail = agentgw(database, port, "audit", "query", "--run", "run-42", "--decision", "denied")
+        trail = agentgw(data_dir, port, "audit", "query", "--run", "run-42", "--decision", "denied")
         assert "budget_exceeded" in trail
-        assert "ok" in agentgw(database, port, "audit", "verify")
+        assert "ok" in agentgw(data_dir, port, "audit", "verify")
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((data_dir / "oauth-keys.json").stat().st_mode) == 0o600
+    assert (data_dir / "agentgw.db").exists()

@@ -48,13 +48,14 @@ def gateway(
     api = f"{upstream}/v1"
 
     def route(name: str, model: str, **extra: Any) -> dict[str, Any]:
-        credential = {"mode": "static", "file": str(key)}
+        credential = {"mode": "static", "secret": "route-key"}
         prices = {"input_price": IN_PRICE, "output_price": OUT_PRICE}
         return {"name": name, "base_url": api, "model": model, "credential": credential} | prices | extra
 
     config = {
         "allow_anonymous": True,
         "max_body_bytes": 64 * 1024,
+        "secrets": {"route-key": {"file": str(key)}},
         "servers": [{"name": "tools", "url": f"{modern_upstream}/mcp"}],
         "llm_routes": [
             route("chat", "fixture-chat"),

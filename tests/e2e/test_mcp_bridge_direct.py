@@ -39,9 +39,10 @@ def gateway(
             {
                 "name": "vault",
                 "url": f"{vault}/mcp",
-                "credential": {"mode": "static", "env": "AGW_BRIDGE_KEY"},
+                "credential": {"mode": "static", "secret": "vault-key"},
             },
         ],
+        "secrets": {"vault-key": {"env": "AGW_BRIDGE_KEY"}},
         "policy": {"rules": ["p, anonymous, mcp:modern/*, *, allow", "p, anonymous, mcp:vault/*, *, allow"]},
     }
     config_path = write_config(tmp, config)

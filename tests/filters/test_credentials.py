@@ -37,6 +37,7 @@ from agentgw.filters.credentials import (
 from agentgw.oauth.exchange import ACCESS_TOKEN_TYPE, ID_JAG_TOKEN_TYPE, JWT_BEARER, TOKEN_EXCHANGE
 from conformance.fixtures.sts import build_app as sts_app
 from registry.models import McpServerSpec
+from registry.secrets import Secrets, SecretSource
 
 UPSTREAM = "http://up.test/mcp"
 TOKEN_URL = "http://sts.test/token"
@@ -114,6 +115,15 @@ class Clock:
         return self.now
 
 
+def book(**files: Path) -> Secrets:
+    """The secrets the tests name: `sts-secret` and `static-key` from the environment, plus `files`."""
+    declared = {
+        "sts-secret": SecretSource(env="TEST_STS_SECRET"),
+        "static-key": SecretSource(env="TEST_STATIC_KEY"),
+    }
+    return Secrets(declared | {name: SecretSource(file=path) for name, path in files.items()})
+
+
 def server(credential: dict[str, Any], name: str = "pay", **extra: Any) -> McpServerSpec:
     return McpServerSpec.model_validate({"name": name, "url": UPSTREAM, "credential": credential, **extra})
 
@@ -122,7 +132,7 @@ def exchange_spec(**overrides: Any) -> dict[str, Any]:
     return {
         "mode": "token_exchange",
         "token_url": TOKEN_URL,
-        "client": {"client_id": "gw", "env": "TEST_STS_SECRET"},
+        "client": {"client_id": "gw", "secret": "sts-secret"},
         "scopes": ["pay.read"],
         "tool_scopes": {"pay": ["pay.write"]},
     } | overrides
@@ -148,10 +158,12 @@ def clock() -> Clock:
 async def stage_for(sts: FakeSts, clock: Clock) -> AsyncIterator[Callable[..., Credentials]]:
     made: list[Credentials] = []
 
-    def build(*specs: McpServerSpec, builtin: TokenService | None = None) -> Credentials:
+    def build(
+        *specs: McpServerSpec, builtin: TokenService | None = None, secrets: Secrets | None = None
+    ) -> Credentials:
         by_name = {s.name: s for s in specs}
         http = httpx.AsyncClient(transport=httpx.MockTransport(sts))
-        stage = Credentials(by_name.get, http=http, builtin=builtin, clock=clock)
+        stage = Credentials(by_name.get, http=http, builtin=builtin, clock=clock, secrets=secrets or book())
         made.append(stage)
         return stage
 
@@ -209,21 +221,28 @@ def test_the_delegation_chain_is_read_from_the_act_claim_current_first() -> None
 
 
 def test_credential_specs_name_secrets_and_refuse_what_cannot_work() -> None:
-    spec = server({"mode": "static", "env": "TEST_STATIC_KEY"})
+    spec = server({"mode": "static", "secret": "static-key"})
     assert "static-upstream-key" not in spec.model_dump_json()
-    with pytest.raises(ValueError, match="exactly one of env"):
-        server({"mode": "static", "env": "A", "file": "/x"})
-    with pytest.raises(ValueError, match="exactly one of env"):
-        server({"mode": "static"})
-    with pytest.raises(ValueError, match="environment variable name"):
-        server({"mode": "static", "env": "NOT-A-NAME"})
+    with pytest.raises(ValueError, match="never an environment variable or a file"):
+        server({"mode": "static", "file": "/x"})
+    with pytest.raises(ValueError, match="never an environment variable or a file"):
+        server({"mode": "static", "env": "X"})
     with pytest.raises(ValueError, match="secret"):
-        server({"mode": "static", "value": "inline-secret", "env": "X"})  # no inline secrets
+        server({"mode": "static"})
+    with pytest.raises(ValueError, match="invalid name"):
+        server({"mode": "static", "secret": "NOT_A_NAME"})
+    with pytest.raises(ValueError, match="Extra inputs"):
+        server({"mode": "static", "value": "inline-secret", "secret": "x"})  # no inline secrets
     with pytest.raises(ValueError, match="streamable-http"):
         server(exchange_spec(), transport="sse")
     with pytest.raises(ValueError, match="stdio"):
         McpServerSpec.model_validate(
-            {"name": "s", "transport": "stdio", "command": "x", "credential": {"mode": "static", "env": "X"}}
+            {
+                "name": "s",
+                "transport": "stdio",
+                "command": "x",
+                "credential": {"mode": "static", "secret": "x"},
+            }
         )
     with pytest.raises(ValueError, match="passthrough"):
         server({"mode": "passthrough"})
@@ -262,8 +281,9 @@ async def test_static_mode_sends_the_secret_from_the_environment_or_a_file(
     key_file = tmp_path / "key"
     key_file.write_text("file-key\n")
     stage = stage_for(
-        server({"mode": "static", "env": "TEST_STATIC_KEY"}),
-        server({"mode": "static", "file": str(key_file)}, name="filed"),
+        server({"mode": "static", "secret": "static-key"}),
+        server({"mode": "static", "secret": "filed-key"}, name="filed"),
+        secrets=book(**{"filed-key": key_file}),
     )
     terminal = Terminal()
     await stage(mcp_call(), terminal)
@@ -271,17 +291,26 @@ async def test_static_mode_sends_the_secret_from_the_environment_or_a_file(
     assert terminal.seen == ["Bearer static-upstream-key", "Bearer file-key"]
 
 
-async def test_a_missing_secret_stops_start_up_naming_where_it_was_looked_for(
-    stage_for: Callable[..., Credentials], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+async def test_a_missing_secret_stops_start_up_naming_it_and_logging_where_it_was_looked_for(
+    stage_for: Callable[..., Credentials],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.delenv("TEST_STATIC_KEY")
-    with pytest.raises(CredentialConfigError, match="TEST_STATIC_KEY is not set"):
-        stage_for().prepare([server({"mode": "static", "env": "TEST_STATIC_KEY"})])
-    with pytest.raises(CredentialConfigError, match="cannot read secret file"):
-        stage_for().prepare([server({"mode": "static", "file": str(tmp_path / "nope")})])
     (tmp_path / "empty").write_text("\n")
-    with pytest.raises(CredentialConfigError, match="is empty"):
-        stage_for().prepare([server({"mode": "static", "file": str(tmp_path / "empty")})])
+    secrets = book(nope=tmp_path / "nope", empty=tmp_path / "empty")
+    with pytest.raises(CredentialConfigError, match="secret 'static-key' cannot be read") as unset:
+        stage_for(secrets=secrets).prepare([server({"mode": "static", "secret": "static-key"})])
+    assert "TEST_STATIC_KEY" not in str(unset.value) and "TEST_STATIC_KEY is not set" in caplog.text
+    with pytest.raises(CredentialConfigError, match="secret 'nope' cannot be read"):
+        stage_for(secrets=secrets).prepare([server({"mode": "static", "secret": "nope"})])
+    assert f"cannot read file {tmp_path / 'nope'}" in caplog.text
+    with pytest.raises(CredentialConfigError, match="secret 'empty' cannot be read"):
+        stage_for(secrets=secrets).prepare([server({"mode": "static", "secret": "empty"})])
+    assert "is empty" in caplog.text
+    with pytest.raises(CredentialConfigError, match="unknown secret 'undeclared'"):
+        stage_for().prepare([server({"mode": "static", "secret": "undeclared"})])
     with pytest.raises(CredentialConfigError, match="token_url is required"):
         stage_for().prepare([server(exchange_spec(token_url=None))])
 
@@ -304,7 +333,7 @@ async def test_client_credentials_are_fetched_once_for_every_caller(
         {
             "mode": "client_credentials",
             "token_url": TOKEN_URL,
-            "client": {"client_id": "gw", "env": "TEST_STS_SECRET", "method": "client_secret_post"},
+            "client": {"client_id": "gw", "secret": "sts-secret", "method": "client_secret_post"},
             "scopes": ["b", "a"],
             "audience": "payments-api",
         }
@@ -460,7 +489,7 @@ async def test_a_second_401_fails_the_call_after_exactly_one_retry(
 
 
 async def test_a_401_for_a_static_secret_is_not_retried(stage_for: Callable[..., Credentials]) -> None:
-    stage = stage_for(server({"mode": "static", "env": "TEST_STATIC_KEY"}))
+    stage = stage_for(server({"mode": "static", "secret": "static-key"}))
     terminal = Terminal(refuse=1)
     with pytest.raises(UpstreamUnauthorized):
         await stage(mcp_call(), terminal)
@@ -540,7 +569,7 @@ async def test_the_gateways_own_credential_serves_shared_sessions_and_refreshes_
         {
             "mode": "client_credentials",
             "token_url": TOKEN_URL,
-            "client": {"client_id": "gw", "env": "TEST_STS_SECRET"},
+            "client": {"client_id": "gw", "secret": "sts-secret"},
         }
     )
     stage = stage_for(spec, server({"mode": "none"}, name="open"), server(exchange_spec(), name="exch"))
@@ -627,15 +656,11 @@ async def test_token_exchange_and_private_key_jwt_against_the_authlib_sts(
         spec = server(
             exchange_spec(
                 token_url="http://127.0.0.1:9999/token",
-                client={
-                    "client_id": "gw",
-                    "method": "private_key_jwt",
-                    "file": str(tmp_path / "gw.pem"),
-                    "key_id": "k1",
-                },
+                client={"client_id": "gw", "method": "private_key_jwt", "secret": "gw-pem", "key_id": "k1"},
             )
         )
-        stage = Credentials({"pay": spec}.get, http=http)
+        secrets = book(**{"gw-pem": tmp_path / "gw.pem"})
+        stage = Credentials({"pay": spec}.get, http=http, secrets=secrets)
         terminal = Terminal()
         call = mcp_call(who=principal(caller))
         await stage(call, terminal)
@@ -653,6 +678,7 @@ async def test_token_exchange_and_private_key_jwt_against_the_authlib_sts(
                 )
             }.get,
             http=http,
+            secrets=secrets,
         )
         with pytest.raises(CredentialError, match="invalid_target"):
             await stage_elsewhere(mcp_call(who=principal(caller)), Terminal())
@@ -662,13 +688,9 @@ async def test_a_bad_private_key_stops_start_up(
     stage_for: Callable[..., Credentials], tmp_path: Path
 ) -> None:
     (tmp_path / "bad.pem").write_text("-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
-    spec = server(
-        exchange_spec(
-            client={"client_id": "gw", "method": "private_key_jwt", "file": str(tmp_path / "bad.pem")}
-        )
-    )
+    spec = server(exchange_spec(client={"client_id": "gw", "method": "private_key_jwt", "secret": "bad-pem"}))
     with pytest.raises(CredentialConfigError, match="private key is unusable"):
-        stage_for().prepare([spec])
+        stage_for(secrets=book(**{"bad-pem": tmp_path / "bad.pem"})).prepare([spec])
 
 
 async def test_id_jag_exchanges_at_the_idp_then_presents_the_grant_to_the_upstreams_server(
@@ -678,10 +700,10 @@ async def test_id_jag_exchanges_at_the_idp_then_presents_the_grant_to_the_upstre
         {
             "mode": "id_jag",
             "idp_token_url": "http://idp.test/token",
-            "idp_client": {"client_id": "gw-at-idp", "env": "TEST_STS_SECRET"},
+            "idp_client": {"client_id": "gw-at-idp", "secret": "sts-secret"},
             "authorization_server": "http://as.test",
             "token_url": TOKEN_URL,
-            "client": {"client_id": "gw", "env": "TEST_STS_SECRET", "method": "client_secret_post"},
+            "client": {"client_id": "gw", "secret": "sts-secret", "method": "client_secret_post"},
             "scopes": ["pay.read"],
         }
     )
@@ -709,10 +731,10 @@ async def test_an_idp_that_does_not_issue_an_id_jag_fails_the_call(
         {
             "mode": "id_jag",
             "idp_token_url": "http://idp.test/token",
-            "idp_client": {"client_id": "gw", "env": "TEST_STS_SECRET"},
+            "idp_client": {"client_id": "gw", "secret": "sts-secret"},
             "authorization_server": "http://as.test",
             "token_url": TOKEN_URL,
-            "client": {"client_id": "gw", "env": "TEST_STS_SECRET"},
+            "client": {"client_id": "gw", "secret": "sts-secret"},
         }
     )
     sts.answers = [httpx.Response(200, json={"access_token": "x", "token_type": "Bearer"})]

@@ -75,6 +75,7 @@ from agentgw.settings import PACKAGE_POLICIES
 from agentgw.upstream.a2a import A2aHttpUpstream
 from conformance.fixtures.a2a_agents import Recorder, build_server
 from registry.a2a import A2aAgentSpec, A2aRegistry
+from registry.secrets import Secrets, SecretSource
 from tests.support.servers import Answer, LocalServer, Received, Scripted, unused_url
 
 GW = "http://gw.test"
@@ -573,13 +574,14 @@ async def gateway(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Gateway]:
     agents = [
         A2aAgentSpec(name="echo", card_url=card),
         A2aAgentSpec(name="plain", card_url=card, default_skill="shout"),
-        A2aAgentSpec(name="keyed", card_url=card, credential={"mode": "static", "env": "A2A_TEST_SECRET"}),
+        A2aAgentSpec(name="keyed", card_url=card, credential={"mode": "static", "secret": "a2a-secret"}),
         A2aAgentSpec(name="scripted", card=scripted_card(scripted_server.url), timeout_s=5),
         A2aAgentSpec(name="broken", card_url=f"{echo_server.url}/_fixture/card-500"),
         A2aAgentSpec(name="garbage", card_url=f"{echo_server.url}/_fixture/card-garbage"),
         A2aAgentSpec(name="down", card_url=f"{unused_url()}/.well-known/agent-card.json"),
     ]
-    registry = A2aRegistry(agents, upstream.fetch_card)
+    secrets = Secrets({"a2a-secret": SecretSource(env="A2A_TEST_SECRET")})
+    registry = A2aRegistry(agents, upstream.fetch_card, secrets=secrets)
     calls, settles = Calls(), Settles()
     authorizer = CasbinAuthorizer(PACKAGE_POLICIES / "model.conf", None, POLICY)
     pipeline = ordered(

@@ -18,6 +18,7 @@ from agentgw.oauth.keys import SigningKeys
 from agentgw.settings import ConfigError
 from conformance.fixtures.a2a_agents import CardKeys, agent_card
 from registry.a2a import A2aAgentSpec, A2aRegistry, CardSignatureInvalid, CardUnavailable
+from registry.secrets import Secrets, SecretSource
 
 CARD_URL = "http://agent.test/echo/.well-known/agent-card.json"
 
@@ -155,12 +156,12 @@ def test_card_signing_is_on_with_the_builtin_server_and_refused_without_it(tmp_p
 
 
 def test_a2a_agents_with_token_modes_are_named_apart_from_mcp_servers() -> None:
-    client = {"client_id": "gw", "env": "NOT_READ_HERE"}
+    client = {"client_id": "gw", "secret": "not-read-here"}
     agent = spec(credential={"mode": "client_credentials", "client": client})
     upstream = agent.token_upstream()
     assert upstream is not None and upstream.name == "a2a:echo"
     assert upstream.url == "http://agent.test/echo", "the card URL without its well-known path"
-    assert spec(credential={"mode": "static", "env": "X"}).token_upstream() is None
+    assert spec(credential={"mode": "static", "secret": "x"}).token_upstream() is None
     with pytest.raises(ConfigError):
         Credentials().prepare([upstream])  # its client secret is not set: start-up stops
 
@@ -178,11 +179,13 @@ async def test_the_credentials_stage_serves_an_agents_token_mode_but_not_its_pub
         )
 
     http = httpx.AsyncClient(transport=httpx.MockTransport(token_endpoint))
-    client = {"client_id": "gw", "env": "A2A_TEST_SECRET"}
+    client = {"client_id": "gw", "secret": "a2a-secret"}
     upstream = spec(credential={"mode": "client_credentials", "client": client}).token_upstream()
     assert upstream is not None
     stage = Credentials(
-        agents={"echo": upstream}.get, builtin=TokenService("http://gw.test/oauth/token", http)
+        agents={"echo": upstream}.get,
+        builtin=TokenService("http://gw.test/oauth/token", http),
+        secrets=Secrets({"a2a-secret": SecretSource(env="A2A_TEST_SECRET")}),
     )
     seen: list[str | None] = []
 

@@ -37,6 +37,7 @@ from agentgw.storage.budget_counters import SqlBudgetStore
 from conformance.fixtures.launch import free_port
 from conformance.fixtures.openai_upstream import start_openai_upstream_sync
 from registry.llm import LlmRouteSpec
+from registry.secrets import Secrets, SecretSource
 
 ROUTE_SECRET = "route-secret-7f3a"
 POLICY = [
@@ -139,9 +140,13 @@ def received(upstream: str) -> Iterator[Any]:
     yield read
 
 
+def book(secret_file: Path) -> Secrets:
+    return Secrets({"route-key": SecretSource(file=secret_file)})
+
+
 def routes(upstream: str, secret_file: Path) -> list[LlmRouteSpec]:
     api = f"{upstream}/v1"
-    static = {"mode": "static", "file": str(secret_file)}
+    static = {"mode": "static", "secret": "route-key"}
 
     def route(name: str, model: str, **extra: Any) -> LlmRouteSpec:
         fields: dict[str, Any] = {"name": name, "base_url": api, "model": model, "credential": static}
@@ -170,7 +175,7 @@ def routes(upstream: str, secret_file: Path) -> list[LlmRouteSpec]:
                 "mode": "client_credentials",
                 "token_url": f"{upstream}/_fixture/token",
                 "client_id": "gw",
-                "file": str(secret_file),
+                "secret": "route-key",
             },
         ),
     ]
@@ -216,7 +221,10 @@ def secret_file(tmp_path: Path) -> Path:
 async def gateway(upstream: str, secret_file: Path) -> AsyncIterator[Gateway]:
     ledger, outcomes = Ledger(), Outcomes()
     ingress = LlmIngress.build(
-        routes(upstream, secret_file), pipeline_with(ledger, outcomes), max_body_bytes=64 * 1024
+        routes(upstream, secret_file),
+        pipeline_with(ledger, outcomes),
+        max_body_bytes=64 * 1024,
+        secrets=book(secret_file),
     )
     app = Starlette(routes=ingress.routes())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
@@ -654,7 +662,9 @@ async def test_a_stream_refused_on_its_way_back_is_closed_and_settled_before_the
         budget=ledger,
         credentials=Credentials(),
     )
-    ingress = LlmIngress.build(routes(upstream, secret_file), pipeline, max_body_bytes=1024)
+    ingress = LlmIngress.build(
+        routes(upstream, secret_file), pipeline, max_body_bytes=1024, secrets=book(secret_file)
+    )
     app = Starlette(routes=ingress.routes())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
         response = await http.post(
@@ -671,24 +681,28 @@ async def test_a_route_whose_secret_is_missing_stops_start_up(tmp_path: Path) ->
         name="chat",
         base_url="http://127.0.0.1:1/v1",
         model="m",
-        credential={"mode": "static", "env": "AGENTGW_TEST_UNSET_KEY"},
+        credential={"mode": "static", "secret": "unset"},
     )
-    with pytest.raises(ConfigError, match="AGENTGW_TEST_UNSET_KEY is not set"):
-        LlmIngress.build([spec], pipeline_with(Ledger(), Outcomes()), max_body_bytes=1024)
+    secrets = Secrets({"unset": SecretSource(env="LLM_TEST_UNSET_KEY")})
+    with pytest.raises(ConfigError, match="LLM_TEST_UNSET_KEY is not set"):
+        LlmIngress.build([spec], pipeline_with(Ledger(), Outcomes()), max_body_bytes=1024, secrets=secrets)
 
 
 async def test_a_routes_secret_is_read_once_at_start_up_not_per_call(
     upstream: str, received: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("AGENTGW_TEST_ROUTE_KEY", "sk-at-start")
+    monkeypatch.setenv("LLM_TEST_ROUTE_KEY", "sk-at-start")
     spec = LlmRouteSpec(
         name="chat",
         base_url=f"{upstream}/v1",
         model="fixture-chat",
-        credential={"mode": "static", "env": "AGENTGW_TEST_ROUTE_KEY"},
+        credential={"mode": "static", "secret": "route"},
     )
-    ingress = LlmIngress.build([spec], pipeline_with(Ledger(), Outcomes()), max_body_bytes=64 * 1024)
-    monkeypatch.setenv("AGENTGW_TEST_ROUTE_KEY", "sk-changed-later")
+    secrets = Secrets({"route": SecretSource(env="LLM_TEST_ROUTE_KEY")})
+    ingress = LlmIngress.build(
+        [spec], pipeline_with(Ledger(), Outcomes()), max_body_bytes=64 * 1024, secrets=secrets
+    )
+    monkeypatch.setenv("LLM_TEST_ROUTE_KEY", "sk-changed-later")
     app = Starlette(routes=ingress.routes())
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
@@ -709,7 +723,10 @@ async def budget_gateway(
     store = SqlBudgetStore(make_engine(f"sqlite:///{tmp_path / 'budget.db'}"))
     budget = Budget(store, StaticRules([rule]))
     ingress = LlmIngress.build(
-        routes(upstream, secret_file), pipeline_with(budget, Outcomes()), max_body_bytes=64 * 1024
+        routes(upstream, secret_file),
+        pipeline_with(budget, Outcomes()),
+        max_body_bytes=64 * 1024,
+        secrets=book(secret_file),
     )
     app = Starlette(routes=ingress.routes())
     return ingress, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw"), store

@@ -272,7 +272,7 @@ async def test_client_secret_basic_encodes_both_parts_before_base64() -> None:
     async with recorder(OK, seen) as http:
         endpoint = TokenEndpoint(
             "https://sts/token",
-            ClientAuth(client_id="gw:1", env="X"),
+            ClientAuth(client_id="gw:1", secret="x"),
             Secret("p@ss:w rd"),
             http,
             timeout_s=5,
@@ -291,7 +291,7 @@ async def test_private_key_jwt_signs_a_short_single_use_assertion_for_the_endpoi
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
     seen: list[httpx.Request] = []
-    auth = ClientAuth(client_id="gw", env="X", method="private_key_jwt", algorithm="ES256", key_id="k9")
+    auth = ClientAuth(client_id="gw", secret="x", method="private_key_jwt", algorithm="ES256", key_id="k9")
     async with recorder(OK, seen) as http:
         endpoint = TokenEndpoint("https://sts/token", auth, Secret(pem), http, timeout_s=5, label="u")
         await endpoint.request({"grant_type": "client_credentials"}, "grant")
@@ -327,7 +327,7 @@ async def test_refusals_and_garbage_become_credential_errors(answer: httpx.Respo
     async with recorder(answer, []) as http:
         endpoint = TokenEndpoint(
             "https://sts/token",
-            ClientAuth(client_id="gw", env="X"),
+            ClientAuth(client_id="gw", secret="x"),
             Secret("s"),
             http,
             timeout_s=5,
@@ -344,7 +344,7 @@ async def test_a_token_without_expires_in_lives_until_its_own_exp() -> None:
     ) as http:
         endpoint = TokenEndpoint(
             "https://sts/token",
-            ClientAuth(client_id="gw", env="X"),
+            ClientAuth(client_id="gw", secret="x"),
             Secret("s"),
             http,
             timeout_s=5,
@@ -357,7 +357,7 @@ async def test_a_token_without_expires_in_lives_until_its_own_exp() -> None:
     ) as http:
         endpoint = TokenEndpoint(
             "https://sts/token",
-            ClientAuth(client_id="gw", env="X"),
+            ClientAuth(client_id="gw", secret="x"),
             Secret("s"),
             http,
             timeout_s=5,

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agentgw.oauth.keys import KEEP, SigningKeys, default_key_path
+from agentgw.oauth.identity import signing_keys
+from agentgw.oauth.keys import KEEP, SigningKeys
+from agentgw.settings import load_settings
 
 
 def test_a_missing_key_file_is_created_owner_only_with_one_key(tmp_path: Path) -> None:
@@ -50,6 +52,14 @@ def test_a_corrupt_key_file_is_an_error_not_a_silent_new_key(tmp_path: Path) -> 
         SigningKeys(path)
 
 
-def test_the_default_key_file_lives_beside_a_sqlite_database() -> None:
-    assert default_key_path("sqlite:////var/lib/agentgw/gw.db") == Path("/var/lib/agentgw/oauth-keys.json")
-    assert default_key_path("postgresql://db/agentgw") == Path("oauth-keys.json")
+def test_the_signing_keys_and_database_live_in_an_owner_only_data_directory(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    settings = load_settings(None, data_dir=state)
+    assert settings.database_url == f"sqlite:///{state / 'agentgw.db'}"
+    keys = signing_keys(settings)
+    assert keys.path == state / "oauth-keys.json"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE(keys.path.stat().st_mode) == 0o600
+    # Another database does not move the keys: every command finds them by data_dir alone.
+    elsewhere = load_settings(None, data_dir=state, database_url="postgresql://db/agentgw")
+    assert signing_keys(elsewhere).jwks() == keys.jwks()

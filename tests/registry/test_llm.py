@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from agentgw.settings import ConfigError, load_settings
 from registry.llm import LlmRoute, LlmRouteError, LlmRoutes, LlmRouteSpec, check_routes
+from registry.secrets import Secrets, SecretSource
 
 BASE = {"base_url": "https://llm.example/v1", "model": "gpt-4o-mini"}
 
@@ -41,11 +42,12 @@ def test_model_names_that_could_widen_a_policy_pattern_or_fake_a_separator_are_r
         ({"timeout_s": 0}, "greater than"),
         ({"fallbacks": ["self"]}, "its own fallback"),
         ({"fallbacks": ["b", "b"]}, "twice"),
-        ({"credential": {"mode": "static"}}, "exactly one of env"),
-        ({"credential": {"mode": "static", "env": "K", "file": "/k"}}, "exactly one of env"),
-        ({"credential": {"mode": "static", "env": "NOT-A-NAME"}}, "environment variable name"),
-        ({"credential": {"mode": "static", "value": "sk-inline"}}, "Extra inputs"),
-        ({"credential": {"mode": "client_credentials", "env": "K"}}, "token_url"),
+        ({"credential": {"mode": "static"}}, "secret"),
+        ({"credential": {"mode": "static", "env": "K"}}, "never an environment variable or a file"),
+        ({"credential": {"mode": "static", "file": "/k"}}, "never an environment variable or a file"),
+        ({"credential": {"mode": "static", "secret": "NOT_A_NAME"}}, "invalid name"),
+        ({"credential": {"mode": "static", "secret": "k", "value": "sk-inline"}}, "Extra inputs"),
+        ({"credential": {"mode": "client_credentials", "secret": "k"}}, "token_url"),
         ({"credential": {"mode": "magic"}}, "does not match any of the expected tags"),
         ({"provider": "anthropic"}, "openai"),
         ({"unknown": 1}, "Extra inputs"),
@@ -66,9 +68,10 @@ def test_routes_must_have_unique_names_and_declared_fallbacks() -> None:
 def test_a_static_secret_is_read_from_the_environment_once_and_never_shown(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("AGENTGW_TEST_LLM_KEY", "sk-very-secret")
-    route = LlmRoute.load(spec("a", credential={"mode": "static", "env": "AGENTGW_TEST_LLM_KEY"}))
-    monkeypatch.setenv("AGENTGW_TEST_LLM_KEY", "changed")
+    monkeypatch.setenv("LLM_TEST_KEY", "sk-very-secret")
+    secrets = Secrets({"llm-key": SecretSource(env="LLM_TEST_KEY")})
+    route = LlmRoute.load(spec("a", credential={"mode": "static", "secret": "llm-key"}), secrets)
+    monkeypatch.setenv("LLM_TEST_KEY", "changed")
     assert route.secret is not None and route.secret.reveal() == "sk-very-secret"
     assert "sk-very-secret" not in repr(route) + str(route.secret)
     assert "sk-very-secret" not in route.spec.model_dump_json()
@@ -79,18 +82,28 @@ def test_a_secret_file_is_read_and_stripped_and_a_missing_or_empty_one_names_the
 ) -> None:
     key = tmp_path / "key"
     key.write_text("sk-from-file\n")
-    route = LlmRoute.load(spec("a", credential={"mode": "static", "file": str(key)}))
-    assert route.secret is not None and route.secret.reveal() == "sk-from-file"
-    with pytest.raises(LlmRouteError, match="cannot read secret file"):
-        LlmRoute.load(spec("a", credential={"mode": "static", "file": str(tmp_path / "absent")}))
     (tmp_path / "empty").write_text("\n")
+    secrets = Secrets(
+        {
+            "key": SecretSource(file=key),
+            "absent": SecretSource(file=tmp_path / "absent"),
+            "empty": SecretSource(file=tmp_path / "empty"),
+        }
+    )
+    route = LlmRoute.load(spec("a", credential={"mode": "static", "secret": "key"}), secrets)
+    assert route.secret is not None and route.secret.reveal() == "sk-from-file"
+    with pytest.raises(LlmRouteError, match=r"secret 'absent' cannot be read \(cannot read file"):
+        LlmRoute.load(spec("a", credential={"mode": "static", "secret": "absent"}), secrets)
     with pytest.raises(LlmRouteError, match="is empty"):
-        LlmRoute.load(spec("a", credential={"mode": "static", "file": str(tmp_path / "empty")}))
+        LlmRoute.load(spec("a", credential={"mode": "static", "secret": "empty"}), secrets)
+    with pytest.raises(LlmRouteError, match="unknown secret 'nope'"):
+        LlmRoute.load(spec("a", credential={"mode": "static", "secret": "nope"}), secrets)
 
 
 def test_a_disabled_route_is_unknown_and_skipped_as_a_fallback() -> None:
     routes = LlmRoutes.load(
-        [spec("a", fallbacks=["off", "b"]), spec("b"), spec("off", enabled=False, credential=_unset_env())]
+        [spec("a", fallbacks=["off", "b"]), spec("b"), spec("off", enabled=False, credential=_unset_env())],
+        Secrets({"unset": SecretSource(env="LLM_TEST_SURELY_UNSET")}),
     )
     assert routes.names() == ["a", "b"]
     assert routes.get("off") is None and routes.chain("off") == []
@@ -100,7 +113,7 @@ def test_a_disabled_route_is_unknown_and_skipped_as_a_fallback() -> None:
 
 def _unset_env() -> dict[str, str]:
     # A disabled route's secret is not read: an unset variable must not stop start-up.
-    return {"mode": "static", "env": "AGENTGW_TEST_SURELY_UNSET"}
+    return {"mode": "static", "secret": "unset"}
 
 
 def test_cost_is_per_million_tokens_at_the_input_and_output_prices() -> None:

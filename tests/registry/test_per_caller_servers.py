@@ -13,7 +13,7 @@ from agentgw.storage import create_db, make_engine
 from registry.models import McpServerSpec, VirtualServerSpec
 from registry.store import RegistryConflict, RegistryStore
 
-EXCHANGE = {"mode": "token_exchange", "client": {"client_id": "gw", "env": "GW_SECRET"}}
+EXCHANGE = {"mode": "token_exchange", "client": {"client_id": "gw", "secret": "gw-secret"}}
 
 
 def store(tmp_path: Path) -> RegistryStore:
@@ -59,7 +59,7 @@ def test_the_admin_api_cannot_select_one_nor_switch_a_selected_server_to_one(tmp
             replace=True,
         )
     registry.put_server(
-        server("docs", {"mode": "static", "env": "DOCS_KEY"}), replace=True
+        server("docs", {"mode": "static", "secret": "docs-key"}), replace=True
     )  # own identity: fine
     assert registry.server("docs") is not None and registry.server("docs").credential.mode == "static"  # type: ignore[union-attr]
 
@@ -73,4 +73,6 @@ def test_a_stored_spec_round_trips_and_holds_only_the_names_of_secrets(
     registry.put_server(spec)
     registry.refresh(force=True)
     assert registry.server("pay") == spec
-    assert "GW_SECRET" in spec.model_dump_json() and "the-actual-secret" not in spec.model_dump_json()
+    assert (
+        '"secret":"gw-secret"' in spec.model_dump_json() and "the-actual-secret" not in spec.model_dump_json()
+    )

@@ -19,7 +19,7 @@ import yaml
 
 from conformance.fixtures.launch import FixtureProcess, free_port, start_process
 
-__all__ = ["RunningGateway", "gateway_args", "run_gateway", "write_config"]
+__all__ = ["RunningGateway", "data_dir_of", "gateway_args", "run_gateway", "write_config"]
 
 
 @dataclass
@@ -38,10 +38,21 @@ class RunningGateway:
     def output(self) -> str:
         return self.process.output()
 
+    @property
+    def signing_keys(self) -> Path:
+        """The built-in authorization server's key file (in the data directory `write_config` sets)."""
+        return data_dir_of(self.config_path.parent) / "oauth-keys.json"
+
+
+def data_dir_of(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
 
 def write_config(tmp_path: Path, config: dict[str, Any], name: str = "gateway.yaml") -> Path:
+    """Write `config` as YAML; the gateway's state (signing keys, say) goes in `data_dir_of(tmp_path)`
+    unless it says otherwise."""
     path = tmp_path / name
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump({"data_dir": str(data_dir_of(tmp_path)), **config}))
     return path
 
 

@@ -68,7 +68,7 @@ async def test_the_request_names_the_provider_model_asks_for_stream_usage_and_ca
 ) -> None:
     llm = provider.script(lambda _: sse(b'data: {"choices": []}\n\n', b"data: [DONE]\n\n"))
     body = {"model": "fast", "messages": [], "stream": True, "stream_options": {"x": 1}}
-    route = provider.route(credential={"mode": "static", "env": "K"})
+    route = provider.route(credential={"mode": "static", "secret": "k"})
     answer = await llm.send(route, "chat/completions", body, stream=True)
     assert await collect(answer) == [{"choices": []}]
     [request] = provider.upstream.received
@@ -215,7 +215,7 @@ async def test_a_client_credentials_token_is_fetched_once_and_a_refused_client_i
         "mode": "client_credentials",
         "token_url": f"{provider.url}/token",
         "client_id": "gw",
-        "env": "K",
+        "secret": "k",
     }
     llm = provider.script(handler)
     for _ in range(3):
@@ -240,7 +240,7 @@ async def test_an_unreachable_token_endpoint_is_a_credential_error(provider: Pro
         "mode": "client_credentials",
         "token_url": f"{unused_url()}/token",
         "client_id": "gw",
-        "env": "K",
+        "secret": "k",
     }
     with pytest.raises(CredentialError, match="token endpoint is unreachable"):
         await provider.llm.send(provider.route(credential=credential), "embeddings", {}, stream=False)
