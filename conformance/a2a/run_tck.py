@@ -126,6 +126,7 @@ def services(work: Path) -> Iterator[tuple[str, str, dict[str, str]]]:
     agent = f"http://127.0.0.1:{agent_port}"
     gateway = f"http://127.0.0.1:{gateway_port}"
     config = {
+        "data_dir": str(work / "state"),
         "a2a_agents": [{"name": "tck", "card_url": f"{agent}/.well-known/agent-card.json", "timeout_s": 60}],
         "policy": {"rules": ["p, user:tck, a2a:tck/*, *, allow", "p, user:tck, a2a:tck, *, allow"]},
     }
