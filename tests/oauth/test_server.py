@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import secrets
+import ssl
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -16,6 +19,7 @@ import jwt
 import pytest
 from fastapi import FastAPI
 
+from agentgw.fetch_guard import FetchGuard
 from agentgw.filters.authenticate import JwtVerifier, TrustedIssuer
 from agentgw.oauth.config import BuiltinAuthServer, BuiltinClient, BuiltinUser
 from agentgw.oauth.jwks import LocalKeySet
@@ -29,21 +33,44 @@ from agentgw.oauth.server import (
     mint_token,
     oauth_router,
 )
+from tests.support.servers import Answer, LocalServer, Received, Scripted, tls_ca
 
 BASE = "http://127.0.0.1:8080"
 REDIRECT = "http://127.0.0.1:9999/cb"
-CIMD_ID = "https://client.example/mcp-client.json"
 ACCESS = "urn:ietf:params:oauth:token-type:access_token"
 
 
-def cimd_handler(request: httpx.Request) -> httpx.Response:
-    if str(request.url) == CIMD_ID:
-        return httpx.Response(
-            200, json={"client_id": CIMD_ID, "redirect_uris": [REDIRECT], "client_name": "x"}
-        )
-    if str(request.url) == "https://client.example/liar.json":
-        return httpx.Response(200, json={"client_id": CIMD_ID, "redirect_uris": [REDIRECT]})
-    return httpx.Response(404)
+@dataclass
+class Documents:
+    """Client ID Metadata Documents served over https on loopback (allow-listed for these tests)."""
+
+    base: str
+    trust: ssl.SSLContext
+
+    @property
+    def client_id(self) -> str:
+        return f"{self.base}/mcp-client.json"
+
+
+@pytest.fixture
+async def documents() -> AsyncIterator[Documents]:
+    ca = tls_ca()
+    server = LocalServer(tls=ca.issue_cert("127.0.0.1"))
+    own = f"{server.url}/mcp-client.json"
+
+    def answer(request: Received) -> Answer:
+        if request.path == "/mcp-client.json":
+            document = {"client_id": own, "redirect_uris": [REDIRECT], "client_name": "x"}
+        elif request.path == "/liar.json":
+            document = {"client_id": own, "redirect_uris": [REDIRECT]}
+        else:
+            return Answer(404)
+        return Answer(200, [json.dumps(document).encode()], {"content-type": "application/json"})
+
+    trust = ssl.create_default_context()
+    ca.configure_trust(trust)
+    async with server.serve(Scripted(answer)):
+        yield Documents(server.url, trust)
 
 
 @pytest.fixture
@@ -52,7 +79,7 @@ def keys(tmp_path: Path) -> SigningKeys:
 
 
 @pytest.fixture
-async def client(keys: SigningKeys) -> AsyncIterator[httpx.AsyncClient]:
+async def client(keys: SigningKeys, documents: Documents) -> AsyncIterator[httpx.AsyncClient]:
     config = BuiltinAuthServer(
         clients=[
             BuiltinClient(
@@ -67,14 +94,18 @@ async def client(keys: SigningKeys) -> AsyncIterator[httpx.AsyncClient]:
         users=[BuiltinUser(name="alice", password_hash=hash_password("pw"), roles=["dev"])],
     )
     verifier = JwtVerifier([TrustedIssuer(BASE, LocalKeySet(keys))])
-    async with httpx.AsyncClient(transport=httpx.MockTransport(cimd_handler)) as outbound:
-        server = AuthorizationServer(
-            BASE, config, keys, verifier=verifier, known_scopes=lambda: {"read", "write"}, http=outbound
-        )
-        app = FastAPI()
-        app.include_router(oauth_router(server))
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url=BASE) as http:
-            yield http
+    server = AuthorizationServer(
+        BASE,
+        config,
+        keys,
+        verifier=verifier,
+        known_scopes=lambda: {"read", "write"},
+        fetch=FetchGuard(["127.0.0.1"], ssl_context=documents.trust),
+    )
+    app = FastAPI()
+    app.include_router(oauth_router(server))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url=BASE) as http:
+        yield http
 
 
 def claims_of(token: str) -> dict[str, Any]:
@@ -268,30 +299,33 @@ async def test_a_wrong_password_shows_the_form_again_without_a_code(client: http
     assert answer.status_code == 401
 
 
-async def test_a_client_id_metadata_document_registers_a_public_client(client: httpx.AsyncClient) -> None:
+async def test_a_client_id_metadata_document_registers_a_public_client(
+    client: httpx.AsyncClient, documents: Documents
+) -> None:
     verifier, challenge = pkce()
-    code = await code_for(client, challenge, client_id=CIMD_ID)
+    code = await code_for(client, challenge, client_id=documents.client_id)
     answer = await client.post(
         "/oauth/token",
         data={
             "grant_type": "authorization_code",
             "code": code,
             "redirect_uri": REDIRECT,
-            "client_id": CIMD_ID,
+            "client_id": documents.client_id,
             "code_verifier": verifier,
         },
     )
     assert answer.status_code == 200, answer.text
-    assert claims_of(answer.json()["access_token"])["client_id"] == CIMD_ID
+    assert claims_of(answer.json()["access_token"])["client_id"] == documents.client_id
 
 
 @pytest.mark.parametrize(
     "client_id",
-    ["https://client.example/liar.json", "https://client.example/missing.json", "http://client.example/x"],
+    ["{base}/liar.json", "{base}/missing.json", "http://client.example/x"],
 )
 async def test_a_metadata_document_that_is_missing_or_not_its_own_is_refused(
-    client: httpx.AsyncClient, client_id: str
+    client: httpx.AsyncClient, documents: Documents, client_id: str
 ) -> None:
+    client_id = client_id.format(base=documents.base)
     _, challenge = pkce()
     answer = await client.get("/oauth/authorize", params=authorize_params(challenge, client_id=client_id))
     assert answer.status_code == 400 and answer.json()["error"] == "invalid_client"
