@@ -315,9 +315,12 @@ async def test_private_key_jwt_signs_a_short_single_use_assertion_for_the_endpoi
 @pytest.mark.parametrize(
     ("answer", "message"),
     [
-        (httpx.Response(400, json={"error": "invalid_target"}), r"refused the grant \(invalid_target\)"),
-        (httpx.Response(400, json={"error": 'bad"code'}), r"refused the grant \(HTTP 400\)"),
-        (httpx.Response(401, text="no"), r"\(HTTP 401\)"),
+        (
+            httpx.Response(400, json={"error": "invalid_target"}),
+            "grant failed: .* answered HTTP 400 invalid_target",
+        ),
+        (httpx.Response(400, json={"error": 'bad"code'}), "answered HTTP 400 without an OAuth error code"),
+        (httpx.Response(401, text="no"), "answered HTTP 401 without an OAuth error code"),
         (httpx.Response(200, json={"access_token": "t"}), "without a token"),
         (httpx.Response(200, json=["t"]), "without a token"),
         (httpx.Response(200, content=b"{" + b" " * 70_000 + b"}"), "without a token"),
