@@ -9,7 +9,6 @@ import json
 import secrets
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -40,22 +39,17 @@ REDIRECT = "http://127.0.0.1:9999/cb"
 ACCESS = "urn:ietf:params:oauth:token-type:access_token"
 
 
-@dataclass
-class Documents:
-    """Client ID Metadata Documents served over https on loopback (allow-listed for these tests)."""
-
-    base: str
-    trust: ssl.SSLContext
-
-    @property
-    def client_id(self) -> str:
-        return f"{self.base}/mcp-client.json"
+# Client ID Metadata Documents are served over https on loopback, which the server's fetch guard
+# allow-lists for these tests and whose certificate authority it trusts.
+CA = tls_ca()
+TRUST = ssl.create_default_context()
+CA.configure_trust(TRUST)
 
 
 @pytest.fixture
-async def documents() -> AsyncIterator[Documents]:
-    ca = tls_ca()
-    server = LocalServer(tls=ca.issue_cert("127.0.0.1"))
+async def documents() -> AsyncIterator[str]:
+    """The base URL of a client's documents: its own at /mcp-client.json, another's at /liar.json."""
+    server = LocalServer(tls=CA.issue_cert("127.0.0.1"))
     own = f"{server.url}/mcp-client.json"
 
     def answer(request: Received) -> Answer:
@@ -67,10 +61,8 @@ async def documents() -> AsyncIterator[Documents]:
             return Answer(404)
         return Answer(200, [json.dumps(document).encode()], {"content-type": "application/json"})
 
-    trust = ssl.create_default_context()
-    ca.configure_trust(trust)
     async with server.serve(Scripted(answer)):
-        yield Documents(server.url, trust)
+        yield server.url
 
 
 @pytest.fixture
@@ -79,7 +71,7 @@ def keys(tmp_path: Path) -> SigningKeys:
 
 
 @pytest.fixture
-async def client(keys: SigningKeys, documents: Documents) -> AsyncIterator[httpx.AsyncClient]:
+async def client(keys: SigningKeys) -> AsyncIterator[httpx.AsyncClient]:
     config = BuiltinAuthServer(
         clients=[
             BuiltinClient(
@@ -100,7 +92,7 @@ async def client(keys: SigningKeys, documents: Documents) -> AsyncIterator[httpx
         keys,
         verifier=verifier,
         known_scopes=lambda: {"read", "write"},
-        fetch=FetchGuard(["127.0.0.1"], ssl_context=documents.trust),
+        fetch=FetchGuard(["127.0.0.1"], ssl_context=TRUST),
     )
     app = FastAPI()
     app.include_router(oauth_router(server))
@@ -300,35 +292,41 @@ async def test_a_wrong_password_shows_the_form_again_without_a_code(client: http
 
 
 async def test_a_client_id_metadata_document_registers_a_public_client(
-    client: httpx.AsyncClient, documents: Documents
+    client: httpx.AsyncClient, documents: str
 ) -> None:
+    client_id = f"{documents}/mcp-client.json"
     verifier, challenge = pkce()
-    code = await code_for(client, challenge, client_id=documents.client_id)
+    code = await code_for(client, challenge, client_id=client_id)
     answer = await client.post(
         "/oauth/token",
         data={
             "grant_type": "authorization_code",
             "code": code,
             "redirect_uri": REDIRECT,
-            "client_id": documents.client_id,
+            "client_id": client_id,
             "code_verifier": verifier,
         },
     )
     assert answer.status_code == 200, answer.text
-    assert claims_of(answer.json()["access_token"])["client_id"] == documents.client_id
+    assert claims_of(answer.json()["access_token"])["client_id"] == client_id
 
 
 @pytest.mark.parametrize(
-    "client_id",
-    ["{base}/liar.json", "{base}/missing.json", "http://client.example/x"],
+    ("client_id", "why"),
+    [
+        ("{base}/liar.json", "client metadata document refused: the document's client_id is not its own URL"),
+        ("{base}/missing.json", "client metadata document refused: HTTP 404"),
+        ("http://client.example/x", "The client does not exist on this server."),  # no CIMD client id
+    ],
 )
-async def test_a_metadata_document_that_is_missing_or_not_its_own_is_refused(
-    client: httpx.AsyncClient, documents: Documents, client_id: str
+async def test_a_metadata_document_that_is_missing_or_not_its_own_is_refused_saying_why(
+    client: httpx.AsyncClient, documents: str, client_id: str, why: str
 ) -> None:
-    client_id = client_id.format(base=documents.base)
+    client_id = client_id.format(base=documents)
     _, challenge = pkce()
     answer = await client.get("/oauth/authorize", params=authorize_params(challenge, client_id=client_id))
-    assert answer.status_code == 400 and answer.json()["error"] == "invalid_client"
+    body = answer.json()
+    assert answer.status_code == 400 and (body["error"], body["error_description"]) == ("invalid_client", why)
 
 
 async def test_token_exchange_carries_the_subject_and_names_the_actor(
