@@ -14,10 +14,11 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
+from agentgw.fetch_guard import parse_allow
 from agentgw.filters.audit import AuditSettings
 from agentgw.filters.budget import BudgetSettings
 from agentgw.oauth.config import AuthSettings
@@ -83,6 +84,10 @@ class Settings(BaseSettings):
     # Mount the built-in demo upstream at /_demo/mcp (used by `agentgw serve` with no config).
     demo: bool = False
     policy: PolicySettings = Field(default_factory=PolicySettings)
+    # What fetches of caller-chosen URLs (Client ID Metadata Documents) may reach although it is not a
+    # public address: IPs, CIDRs (`10.20.0.0/16`) or host names. Empty: public addresses only
+    # (agentgw/fetch_guard.py).
+    fetch_allow: list[str] = Field(default_factory=list)
     # Trusted token issuers, the built-in authorization server, API keys; see agentgw/oauth/config.py.
     auth: AuthSettings = Field(default_factory=AuthSettings)
     # Run and principal budgets (rate limits included); see agentgw/filters/budget.py.
@@ -103,6 +108,12 @@ class Settings(BaseSettings):
     # Sign the A2A cards the gateway serves with the built-in authorization server's key (JWKS at
     # /oauth/jwks). Unset: on when the built-in server is enabled; true without it is a config error.
     a2a_sign_cards: bool | None = None
+
+    @field_validator("fetch_allow")
+    @classmethod
+    def _fetch_allow(cls, value: list[str]) -> list[str]:
+        parse_allow(value)
+        return value
 
     @model_validator(mode="after")
     def _state_and_secrets(self) -> Settings:

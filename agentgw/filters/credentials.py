@@ -29,9 +29,9 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol, TypeAlias
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple, Protocol, TypeAlias
 
 import httpx
 import jwt
@@ -47,6 +47,8 @@ from agentgw.oauth.exchange import (
     TOKEN_TYPES,
     TokenAnswer,
     TokenEndpoint,
+    check_exchanged,
+    unverified_claims,
 )
 from agentgw.pipeline import CallNext
 from agentgw.settings import ConfigError
@@ -307,6 +309,15 @@ def _bearer(answer: TokenAnswer, now: float, label: str, actors: tuple[str, ...]
     return IssuedCredential(f"Bearer {answer.access_token}", refresh_at(now, answer.lifetime_s), actors)
 
 
+def _within_caller(issued: IssuedCredential, now: float, caller: Mapping[str, Any]) -> IssuedCredential:
+    """`issued`, cached no longer than the caller's token lives: a token that stands for the caller
+    must not keep serving after the caller's own has expired, however long the service made it."""
+    exp = caller.get("exp")
+    if not isinstance(exp, int | float) or isinstance(exp, bool) or issued.refresh_at is None:
+        return issued
+    return replace(issued, refresh_at=min(issued.refresh_at, now + (float(exp) - time.time())))
+
+
 class _Static:
     mode = "static"
     per_caller = False
@@ -385,7 +396,9 @@ class _TokenExchange:
     async def _actor_token(self) -> str:
         # The gateway's own token at the same service; shared by every caller of this upstream.
         async def fetch() -> IssuedCredential:
-            answer = await self._endpoint.request({"grant_type": "client_credentials"}, "actor token request")
+            answer = await self._endpoint.request(
+                {"grant_type": "client_credentials"}, "actor token request (client credentials)"
+            )
             return _bearer(answer, self._clock(), self._label)
 
         issued = await self._cache.get(CacheKey("", self._name, (), "actor"), fetch)
@@ -407,10 +420,23 @@ class _TokenExchange:
         if spec.actor_token:
             form["actor_token"] = await self._actor_token()
             form["actor_token_type"] = ACCESS_TOKEN_TYPE
-        answer = await self._endpoint.request(form, "token exchange")
+        answer = await self._endpoint.request(form, "subject token exchange")
         if answer.issued_token_type not in (None, requested, ACCESS_TOKEN_TYPE):
-            raise CredentialError(f"{self._label}: the token service issued a {answer.issued_token_type}")
-        return _bearer(answer, self._clock(), self._label, chain_of(answer.access_token))
+            raise CredentialError(
+                f"{self._label}: the subject token exchange failed: the token service issued a "
+                f"{answer.issued_token_type}"
+            )
+        caller = unverified_claims(subject) or {}
+        try:
+            check_exchanged(answer, str(caller.get("sub")), scopes or (principal.scopes if principal else ()))
+        except ValueError as exc:
+            log.warning("exchanged token refused upstream=%s reason=%s", self._name, exc)
+            raise CredentialError(
+                f"{self._label}: the subject token exchange failed: the token service's answer was "
+                f"refused: {exc}"
+            ) from exc
+        now = self._clock()
+        return _within_caller(_bearer(answer, now, self._label, chain_of(answer.access_token)), now, caller)
 
 
 class _IdJag:
@@ -464,7 +490,9 @@ class _IdJag:
             },
             "jwt-bearer grant",
         )
-        return _bearer(answer, self._clock(), self._label, chain_of(answer.access_token))
+        now = self._clock()
+        issued = _bearer(answer, now, self._label, chain_of(answer.access_token))
+        return _within_caller(issued, now, unverified_claims(subject) or {})
 
 
 # --- the stage -------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ Server side (pure functions, used by `agentgw/oauth/server.py`):
 
 Client side (`TokenEndpoint`): one POST to a token endpoint with the gateway's client authentication
 (`client_secret_basic`, `client_secret_post` or `private_key_jwt`), the answer checked, and every
-failure mapped to `CredentialError` with the OAuth error code (never a token or a secret) in it.
+failure mapped to `CredentialError` naming the request that failed and why (HTTP status, OAuth error
+code; never a token or a secret). `check_exchanged`: the sanity checks on an exchanged token.
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ __all__ = [
     "TokenAnswer",
     "TokenEndpoint",
     "actor_allowed",
+    "check_exchanged",
     "delegation",
     "load_private_key",
     "narrowed_scopes",
+    "unverified_claims",
 ]
 
 log = logging.getLogger(__name__)
@@ -232,14 +235,19 @@ class TokenEndpoint:
         form = {k: v for k, v in grant.items() if v is not None}
         headers = {"accept": "application/json"}
         self._authenticate(form, headers)
+        failed = f"{self._label}: the {what} failed"
         try:
             response = await self._http.post(self.url, data=form, headers=headers, timeout=self._timeout)
         except httpx.TimeoutException as exc:
             raise CredentialError(
-                f"{self._label}: the token service did not answer the {what} within {self._timeout:g}s"
+                f"{failed}: the token service did not answer within {self._timeout:g}s"
             ) from exc
         except httpx.HTTPError as exc:
-            raise CredentialError(f"{self._label}: the token service is unreachable ({what})") from exc
+            # The exception's class says enough (ConnectError, RemoteProtocolError...); its text may
+            # hold the URL, which is configuration the caller need not see.
+            raise CredentialError(
+                f"{failed}: the token service is unreachable ({type(exc).__name__})"
+            ) from exc
         body = _json_object(response.content)
         if response.status_code != 200:
             error = body.get("error") if body else None
@@ -255,14 +263,14 @@ class TokenEndpoint:
                 str(description)[:200] if description else None,
             )
             raise CredentialError(
-                f"{self._label}: the token service refused the {what} "
-                f"({code or 'HTTP ' + str(response.status_code)})",
+                f"{failed}: the token service answered HTTP {response.status_code} "
+                + (code or "without an OAuth error code"),
                 data={"error": code} if code else None,
             )
         token = body.get("access_token") if body else None
         token_type = body.get("token_type") if body else None
         if not body or not isinstance(token, str) or not token or not isinstance(token_type, str):
-            raise CredentialError(f"{self._label}: the token service answered the {what} without a token")
+            raise CredentialError(f"{failed}: the token service answered without a token")
         issued = body.get("issued_token_type")
         scope = body.get("scope")
         return TokenAnswer(
@@ -271,6 +279,50 @@ class TokenEndpoint:
             _lifetime(body.get("expires_in"), token),
             scope if isinstance(scope, str) else None,
         )
+
+
+def unverified_claims(token: str) -> dict[str, Any] | None:
+    """A JWT's claims read without verifying it (None if it is no JWT): for sanity checks only."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def _scopes_of(claims: Mapping[str, Any]) -> set[str] | None:
+    value = claims.get("scope", claims.get("scp"))
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return set(value.split())
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return set(value)
+    return {"<malformed>"}  # unreadable scopes are not within anything
+
+
+def check_exchanged(answer: TokenAnswer, subject: str, allowed_scopes: Collection[str]) -> None:
+    """Defence in depth on an RFC 8693 answer, whose token is opaque to the gateway by the spec: a token
+    service that errs (or is impersonated) must not have the gateway forward a token for another
+    subject or with more scopes than asked for.
+
+    The answer's `scope`, and where the token is a JWT its `sub` and `scope`/`scp` claims (read without
+    verifying the signature: the upstream verifies it), must name `subject` and stay within
+    `allowed_scopes`.
+
+    Raises:
+        ValueError: the answer fails a check; the message says which (never a token or a subject).
+    """
+    allowed = set(allowed_scopes)
+    stated = set(answer.scope.split()) if answer.scope is not None else set()
+    claims = unverified_claims(answer.access_token)
+    if claims is not None:
+        if claims.get("sub") != subject:
+            raise ValueError("the token does not name the caller as its subject")
+        stated |= _scopes_of(claims) or set()
+    wider = stated - allowed
+    if wider:
+        raise ValueError(f"the token has scopes that were not asked for: {' '.join(sorted(wider))}")
 
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:

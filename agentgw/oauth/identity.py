@@ -9,6 +9,7 @@ import httpx
 from sqlalchemy import Engine
 
 from agentgw.call import Call
+from agentgw.fetch_guard import FetchGuard
 from agentgw.filters.authenticate import Authenticate, BearerVerifier, JwtVerifier, TrustedIssuer
 from agentgw.oauth.apikeys import ApiKeyStore, ApiKeyVerifier
 from agentgw.oauth.jwks import LocalKeySet, RemoteKeySet
@@ -100,7 +101,12 @@ def build_identity(settings: Settings, engine: Engine, registry: RegistryStore) 
             return scopes | {s for client in auth.builtin.clients for s in client.scopes}
 
         server = AuthorizationServer(
-            settings.base_url, auth.builtin, keys, verifier=jwt_verifier, known_scopes=known_scopes, http=http
+            settings.base_url,
+            auth.builtin,
+            keys,
+            verifier=jwt_verifier,
+            known_scopes=known_scopes,
+            fetch=FetchGuard(settings.fetch_allow),
         )
     return Identity(
         authenticate,

@@ -84,18 +84,24 @@ class RemoteKeySet:
 
     async def key(self, kid: str | None) -> dict[str, Any] | None:
         found = self._find(kid)
-        now = time.monotonic()
-        stale = self._fetched_at is None or now - self._fetched_at >= self._max_age
-        may_refresh = self._fetched_at is None or now - self._fetched_at >= self._min_refresh
-        if stale or (found is None and may_refresh):
+        if found is not None and not self._due(self._max_age):
+            return found
+        if found is None or not self._lock.locked():
+            # No key for this kid (none loaded yet, or a rotation): wait for a fetch in progress and
+            # look again, so a burst right after start finds the keys the first caller fetched. A
+            # known key that is only old does not wait: another caller is refreshing it already.
             async with self._lock:
-                # Another task may have fetched while this one waited for the lock.
-                if self._fetched_at is None or time.monotonic() - self._fetched_at >= self._min_refresh:
+                found = self._find(kid)
+                if self._due(self._max_age) or (found is None and self._due(self._min_refresh)):
                     await self._refresh()
-            found = self._find(kid)
+                    found = self._find(kid)
         if not self._fetched_ok and not self._keys:
             raise Unavailable(f"the signing keys of issuer {self._issuer} cannot be fetched")
         return found
+
+    def _due(self, age_s: float) -> bool:
+        """Whether the last fetch attempt is at least `age_s` old (or there was none)."""
+        return self._fetched_at is None or time.monotonic() - self._fetched_at >= age_s
 
     def _find(self, kid: str | None) -> dict[str, Any] | None:
         if kid is None:

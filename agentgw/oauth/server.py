@@ -8,8 +8,10 @@
                                                    token-exchange grant
 
 Clients are pre-registered in the config, or are Client ID Metadata Documents: an https client id
-whose document the server fetches. Access tokens are RFC 9068 JWTs whose audience is the RFC 8707
-`resource` the client asked for (default: the gateway's `/mcp`), never wider than the gateway.
+whose document the server fetches (through agentgw/fetch_guard.py: public addresses only, unless
+`fetch_allow` names others; a document that cannot be used is an `invalid_client` that says why).
+Access tokens are RFC 9068 JWTs whose audience is the RFC 8707 `resource` the client asked for
+(default: the gateway's `/mcp`), never wider than the gateway.
 
 authlib's server framework is synchronous and knows no Starlette: each handler reads the request
 (and fetches anything remote, such as a metadata document or a JWKS) first, then hands authlib a
@@ -30,10 +32,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+import orjson
 from authlib.oauth2 import rfc6749
 from authlib.oauth2.rfc6749 import grants
 from authlib.oauth2.rfc6749.errors import (
+    InvalidClientError,
     InvalidGrantError,
     InvalidRequestError,
     InvalidScopeError,
@@ -47,6 +50,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 
 from agentgw.call import Principal
 from agentgw.errors import GatewayError
+from agentgw.fetch_guard import FetchGuard, FetchRefused
 from agentgw.filters.authenticate import JwtVerifier, audience_covers, canonical_uri
 from agentgw.oauth.config import BuiltinAuthServer, BuiltinClient, BuiltinUser
 from agentgw.oauth.exchange import TOKEN_TYPES, actor_allowed, delegation, narrowed_scopes
@@ -289,7 +293,7 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         *,
         verifier: JwtVerifier,
         known_scopes: Callable[[], set[str]],
-        http: httpx.AsyncClient | None = None,
+        fetch: FetchGuard | None = None,
     ) -> None:
         super().__init__()
         self.issuer = issuer.rstrip("/")
@@ -297,7 +301,7 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         self.keys = keys
         self._verifier = verifier
         self._known_scopes = known_scopes
-        self._http = http or httpx.AsyncClient(follow_redirects=False)
+        self._fetch = fetch or FetchGuard()
         self._clients = {c.client_id: self._client(c) for c in config.clients}
         self._users = {u.name: u for u in config.users}
         self._codes: dict[str, _Code] = {}
@@ -387,7 +391,12 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         )
 
     async def _prefetch_client(self, client_id: str | None) -> None:
-        """Fetch a Client ID Metadata Document when the client id is its https URL (cached)."""
+        """Fetch a Client ID Metadata Document when the client id is its https URL (cached).
+
+        Raises:
+            InvalidClientError: the document cannot be used; the description says why (the caller
+                chose the URL, so the reason is theirs to read).
+        """
         if not client_id or client_id in self._clients or not self.config.client_id_metadata_documents:
             return
         parts = urlsplit(client_id)
@@ -397,16 +406,16 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         if cached is not None and cached[0] > time.monotonic():
             return
         try:
-            response = await self._http.get(
-                client_id, timeout=CIMD_TIMEOUT_S, headers={"accept": "application/json"}
+            raw = await self._fetch.get(
+                client_id,
+                max_bytes=CIMD_MAX_BYTES,
+                timeout_s=CIMD_TIMEOUT_S,
+                headers={"accept": "application/json"},
             )
-            if response.status_code != 200 or len(response.content) > CIMD_MAX_BYTES:
-                raise ValueError(f"HTTP {response.status_code}, {len(response.content)} bytes")
-            document = response.json()
-            client = self._client_from_document(client_id, document)
-        except (httpx.HTTPError, ValueError) as exc:
+            client = self._client_from_document(client_id, _json(raw))
+        except (FetchRefused, ValueError) as exc:
             log.warning("client metadata document refused client_id=%s reason=%s", client_id, exc)
-            return
+            raise InvalidClientError(description=f"client metadata document refused: {exc}") from exc
         self._cimd[client_id] = (time.monotonic() + CIMD_TTL_S, client)
 
     def _client_from_document(self, client_id: str, document: Any) -> _Client:
@@ -599,6 +608,13 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         if requested not in (None, ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE):
             raise InvalidRequestError("only access tokens can be issued")
         return _Exchange(subject, actor)
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError("the document is not JSON") from exc
 
 
 def _actor_claims(exchange: _Exchange, client_id: str, issuer: str) -> dict[str, Any]:

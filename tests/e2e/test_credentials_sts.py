@@ -250,7 +250,10 @@ def test_a_slow_sts_fails_the_call_at_the_configured_timeout(setup: Setup) -> No
     behave(setup, exchange="slow", delay_s=4)
     started = time.monotonic()
     answer = call(setup, "pay-slow", setup.user_token("slow-user", "pay-slow"))
-    assert "did not answer the token exchange within 1s" in answer["error"]["message"]
+    assert (
+        "subject token exchange failed: the token service did not answer within 1s"
+        in answer["error"]["message"]
+    )
     assert time.monotonic() - started < 3.5 and received(setup.upstream) == []
 
 

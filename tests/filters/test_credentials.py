@@ -89,7 +89,10 @@ class FakeSts:
                 raise answer
             return answer
         self.issued += 1
-        claims: dict[str, Any] = {"sub": form.get("subject_token", "gw")[:8], "n": self.issued}
+        # As a real STS: the exchanged token names the subject token's subject.
+        subject = form.get("subject_token")
+        sub = jwt.decode(subject, options={"verify_signature": False})["sub"] if subject else "gw"
+        claims: dict[str, Any] = {"sub": sub, "n": self.issued}
         if form.get("grant_type") == TOKEN_EXCHANGE:
             claims["act"] = {"sub": "gw", "act": {"sub": "agent-7"}}
         body: dict[str, Any] = {
@@ -446,7 +449,7 @@ async def test_a_token_without_a_stated_lifetime_lives_as_long_as_its_exp_says(
     stage_for: Callable[..., Credentials], sts: FakeSts
 ) -> None:
     sts.expires_in = None
-    expired = jwt.encode({"sub": "a", "exp": 1}, "k" * 32, algorithm="HS256")
+    expired = jwt.encode({"sub": "alice", "exp": 1}, "k" * 32, algorithm="HS256")
     sts.answers = [httpx.Response(200, json={"access_token": expired, "token_type": "Bearer"})]
     stage = stage_for(server(exchange_spec(actor_token=False)))
     terminal = Terminal()
@@ -503,7 +506,10 @@ async def test_a_401_for_a_static_secret_is_not_retried(stage_for: Callable[...,
         (httpx.Response(400, json={"error": "invalid_grant"}), "invalid_grant"),
         (httpx.Response(503, text="<html>down</html>"), "HTTP 503"),
         (httpx.ConnectError("refused"), "unreachable"),
-        (httpx.ReadTimeout("slow"), "did not answer the token exchange within 10s"),
+        (
+            httpx.ReadTimeout("slow"),
+            "subject token exchange failed: the token service did not answer within 10s",
+        ),
         (httpx.Response(200, json={"token_type": "Bearer"}), "without a token"),
         (httpx.Response(200, text="not json"), "without a token"),
         (

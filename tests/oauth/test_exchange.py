@@ -26,8 +26,10 @@ from agentgw.oauth.exchange import (
     MAX_CHAIN,
     TOKEN_EXCHANGE,
     TOKEN_TYPES,
+    TokenAnswer,
     TokenEndpoint,
     actor_allowed,
+    check_exchanged,
     delegation,
     load_private_key,
     narrowed_scopes,
@@ -315,9 +317,12 @@ async def test_private_key_jwt_signs_a_short_single_use_assertion_for_the_endpoi
 @pytest.mark.parametrize(
     ("answer", "message"),
     [
-        (httpx.Response(400, json={"error": "invalid_target"}), r"refused the grant \(invalid_target\)"),
-        (httpx.Response(400, json={"error": 'bad"code'}), r"refused the grant \(HTTP 400\)"),
-        (httpx.Response(401, text="no"), r"\(HTTP 401\)"),
+        (
+            httpx.Response(400, json={"error": "invalid_target"}),
+            "grant failed: .* answered HTTP 400 invalid_target",
+        ),
+        (httpx.Response(400, json={"error": 'bad"code'}), "answered HTTP 400 without an OAuth error code"),
+        (httpx.Response(401, text="no"), "answered HTTP 401 without an OAuth error code"),
         (httpx.Response(200, json={"access_token": "t"}), "without a token"),
         (httpx.Response(200, json=["t"]), "without a token"),
         (httpx.Response(200, content=b"{" + b" " * 70_000 + b"}"), "without a token"),
@@ -364,3 +369,28 @@ async def test_a_token_without_expires_in_lives_until_its_own_exp() -> None:
             label="u",
         )
         assert (await endpoint.request({"grant_type": "client_credentials"}, "grant")).lifetime_s == 60
+
+
+def answered(token: str, scope: str | None = None) -> TokenAnswer:
+    return TokenAnswer(token, ACCESS_TOKEN_TYPE, 60.0, scope)
+
+
+def test_an_exchanged_jwt_must_name_the_caller_and_stay_within_the_scopes_asked_for() -> None:
+    def token(**claims: Any) -> str:
+        return jwt.encode(claims, "k" * 32, algorithm="HS256")
+
+    check_exchanged(answered(token(sub="alice", scope="a b")), "alice", ["a", "b", "c"])
+    check_exchanged(answered(token(sub="alice", scp=["a"]), "a"), "alice", ["a"])
+    check_exchanged(answered("opaque-token", "a"), "alice", ["a"])  # nothing to read but `scope`
+    refusals = [
+        (answered(token(sub="mallory", scope="a")), "does not name the caller"),
+        (answered(token(scope="a")), "does not name the caller"),
+        (answered(token(sub="alice", scope="a admin")), "not asked for: admin"),
+        (answered(token(sub="alice", scp=["a", "admin"])), "not asked for: admin"),
+        (answered(token(sub="alice", scope=7)), "not asked for: <malformed>"),
+        (answered(token(sub="alice", scope="a"), "a admin"), "not asked for: admin"),
+        (answered("opaque-token", "a root"), "not asked for: root"),
+    ]
+    for answer, why in refusals:
+        with pytest.raises(ValueError, match=why):
+            check_exchanged(answer, "alice", ["a"])

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import secrets
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import jwt
 import pytest
 from fastapi import FastAPI
 
+from agentgw.fetch_guard import FetchGuard
 from agentgw.filters.authenticate import JwtVerifier, TrustedIssuer
 from agentgw.oauth.config import BuiltinAuthServer, BuiltinClient, BuiltinUser
 from agentgw.oauth.jwks import LocalKeySet
@@ -29,21 +32,37 @@ from agentgw.oauth.server import (
     mint_token,
     oauth_router,
 )
+from tests.support.servers import Answer, LocalServer, Received, Scripted, tls_ca
 
 BASE = "http://127.0.0.1:8080"
 REDIRECT = "http://127.0.0.1:9999/cb"
-CIMD_ID = "https://client.example/mcp-client.json"
 ACCESS = "urn:ietf:params:oauth:token-type:access_token"
 
 
-def cimd_handler(request: httpx.Request) -> httpx.Response:
-    if str(request.url) == CIMD_ID:
-        return httpx.Response(
-            200, json={"client_id": CIMD_ID, "redirect_uris": [REDIRECT], "client_name": "x"}
-        )
-    if str(request.url) == "https://client.example/liar.json":
-        return httpx.Response(200, json={"client_id": CIMD_ID, "redirect_uris": [REDIRECT]})
-    return httpx.Response(404)
+# Client ID Metadata Documents are served over https on loopback, which the server's fetch guard
+# allow-lists for these tests and whose certificate authority it trusts.
+CA = tls_ca()
+TRUST = ssl.create_default_context()
+CA.configure_trust(TRUST)
+
+
+@pytest.fixture
+async def documents() -> AsyncIterator[str]:
+    """The base URL of a client's documents: its own at /mcp-client.json, another's at /liar.json."""
+    server = LocalServer(tls=CA.issue_cert("127.0.0.1"))
+    own = f"{server.url}/mcp-client.json"
+
+    def answer(request: Received) -> Answer:
+        if request.path == "/mcp-client.json":
+            document = {"client_id": own, "redirect_uris": [REDIRECT], "client_name": "x"}
+        elif request.path == "/liar.json":
+            document = {"client_id": own, "redirect_uris": [REDIRECT]}
+        else:
+            return Answer(404)
+        return Answer(200, [json.dumps(document).encode()], {"content-type": "application/json"})
+
+    async with server.serve(Scripted(answer)):
+        yield server.url
 
 
 @pytest.fixture
@@ -67,14 +86,18 @@ async def client(keys: SigningKeys) -> AsyncIterator[httpx.AsyncClient]:
         users=[BuiltinUser(name="alice", password_hash=hash_password("pw"), roles=["dev"])],
     )
     verifier = JwtVerifier([TrustedIssuer(BASE, LocalKeySet(keys))])
-    async with httpx.AsyncClient(transport=httpx.MockTransport(cimd_handler)) as outbound:
-        server = AuthorizationServer(
-            BASE, config, keys, verifier=verifier, known_scopes=lambda: {"read", "write"}, http=outbound
-        )
-        app = FastAPI()
-        app.include_router(oauth_router(server))
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url=BASE) as http:
-            yield http
+    server = AuthorizationServer(
+        BASE,
+        config,
+        keys,
+        verifier=verifier,
+        known_scopes=lambda: {"read", "write"},
+        fetch=FetchGuard(["127.0.0.1"], ssl_context=TRUST),
+    )
+    app = FastAPI()
+    app.include_router(oauth_router(server))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url=BASE) as http:
+        yield http
 
 
 def claims_of(token: str) -> dict[str, Any]:
@@ -268,33 +291,42 @@ async def test_a_wrong_password_shows_the_form_again_without_a_code(client: http
     assert answer.status_code == 401
 
 
-async def test_a_client_id_metadata_document_registers_a_public_client(client: httpx.AsyncClient) -> None:
+async def test_a_client_id_metadata_document_registers_a_public_client(
+    client: httpx.AsyncClient, documents: str
+) -> None:
+    client_id = f"{documents}/mcp-client.json"
     verifier, challenge = pkce()
-    code = await code_for(client, challenge, client_id=CIMD_ID)
+    code = await code_for(client, challenge, client_id=client_id)
     answer = await client.post(
         "/oauth/token",
         data={
             "grant_type": "authorization_code",
             "code": code,
             "redirect_uri": REDIRECT,
-            "client_id": CIMD_ID,
+            "client_id": client_id,
             "code_verifier": verifier,
         },
     )
     assert answer.status_code == 200, answer.text
-    assert claims_of(answer.json()["access_token"])["client_id"] == CIMD_ID
+    assert claims_of(answer.json()["access_token"])["client_id"] == client_id
 
 
 @pytest.mark.parametrize(
-    "client_id",
-    ["https://client.example/liar.json", "https://client.example/missing.json", "http://client.example/x"],
+    ("client_id", "why"),
+    [
+        ("{base}/liar.json", "client metadata document refused: the document's client_id is not its own URL"),
+        ("{base}/missing.json", "client metadata document refused: HTTP 404"),
+        ("http://client.example/x", "The client does not exist on this server."),  # no CIMD client id
+    ],
 )
-async def test_a_metadata_document_that_is_missing_or_not_its_own_is_refused(
-    client: httpx.AsyncClient, client_id: str
+async def test_a_metadata_document_that_is_missing_or_not_its_own_is_refused_saying_why(
+    client: httpx.AsyncClient, documents: str, client_id: str, why: str
 ) -> None:
+    client_id = client_id.format(base=documents)
     _, challenge = pkce()
     answer = await client.get("/oauth/authorize", params=authorize_params(challenge, client_id=client_id))
-    assert answer.status_code == 400 and answer.json()["error"] == "invalid_client"
+    body = answer.json()
+    assert answer.status_code == 400 and (body["error"], body["error_description"]) == ("invalid_client", why)
 
 
 async def test_token_exchange_carries_the_subject_and_names_the_actor(

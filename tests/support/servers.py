@@ -7,21 +7,24 @@
 
 In-process, so a test can script the answers and see what was received; over a real socket, so the
 gateway's own HTTP client (aiohttp) is what talks to it, with real breaks and real disconnects.
+`LocalServer(tls=cert)` serves https with a trustme certificate (`tls_ca()` makes the CA).
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
+import trustme
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["Answer", "LocalServer", "Received", "Scripted", "unused_url"]
+__all__ = ["Answer", "LocalServer", "Received", "Scripted", "tls_ca", "unused_url"]
 
 HOST = "127.0.0.1"
 STOP_TIMEOUT_S = 5.0
@@ -34,19 +37,39 @@ def unused_url() -> str:
         return f"http://{HOST}:{sock.getsockname()[1]}"
 
 
+def tls_ca() -> trustme.CA:
+    """A throwaway certificate authority: `ca.issue_cert("127.0.0.1")` for a server, and
+    `ca.configure_trust(ssl.create_default_context())` for a client that trusts it."""
+    return trustme.CA()
+
+
 class LocalServer:
     """A listening socket on 127.0.0.1, and uvicorn serving an app on it while `serve` is open."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: trustme.LeafCert | None = None) -> None:
         self.socket = socket.socket()
         self.socket.bind((HOST, 0))
         # Listening at once: a connection made before uvicorn starts waits in the backlog.
         self.socket.listen(128)
-        self.url = f"http://{HOST}:{self.socket.getsockname()[1]}"
+        self.port: int = self.socket.getsockname()[1]
+        self.url = f"{'https' if tls else 'http'}://{HOST}:{self.port}"
+        self._tls = tls
+
+    def _tls_context(self, config: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        assert self._tls is not None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._tls.configure_cert(context)
+        return context
 
     @asynccontextmanager
     async def serve(self, app: ASGIApp) -> AsyncIterator[None]:
-        config = uvicorn.Config(app, log_config=None, ws="none", timeout_graceful_shutdown=1)
+        config = uvicorn.Config(
+            app,
+            log_config=None,
+            ws="none",
+            timeout_graceful_shutdown=1,
+            ssl_context_factory=self._tls_context if self._tls is not None else None,
+        )
         server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve(sockets=[self.socket]))
         try:
