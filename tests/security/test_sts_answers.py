@@ -22,6 +22,7 @@ from agentgw.filters.credentials import Credentials
 from agentgw.oauth.exchange import TOKEN_EXCHANGE
 from conformance.fixtures.sts import build_app
 from registry.models import McpServerSpec
+from registry.secrets import Secrets, SecretSource
 from tests.support.servers import LocalServer, unused_url
 
 SECRET = "sts-client-secret-4b1e"
@@ -91,7 +92,7 @@ def exchange(sts: Sts, **overrides: Any) -> McpServerSpec:
     credential = {
         "mode": "token_exchange",
         "token_url": f"{sts.url}/token",
-        "client": {"client_id": "gateway", "env": "AGW_SEC_STS_SECRET"},
+        "client": {"client_id": "gateway", "secret": "sts-secret"},
         "scopes": ["pay.read"],
     } | overrides
     return McpServerSpec.model_validate({"name": "pay", "url": UPSTREAM, "credential": credential})
@@ -102,7 +103,10 @@ async def stage_for(sts: Sts) -> AsyncIterator[Any]:
     made: list[Credentials] = []
 
     def build(spec: McpServerSpec, clock: Clock | None = None) -> Credentials:
-        stage = Credentials({spec.name: spec}.get, http=httpx.AsyncClient(), clock=clock or Clock())
+        secrets = Secrets({"sts-secret": SecretSource(env="AGW_SEC_STS_SECRET")})
+        stage = Credentials(
+            {spec.name: spec}.get, http=httpx.AsyncClient(), clock=clock or Clock(), secrets=secrets
+        )
         made.append(stage)
         return stage
 
