@@ -36,7 +36,7 @@ from agentgw.ingress.llm import LlmIngress
 from agentgw.ingress.mcp.bridge import Bridge
 from agentgw.ingress.mcp.passthrough import PassThrough
 from agentgw.ingress.mcp.routes import McpIngress
-from agentgw.ingress.mcp.sessions import MemorySessionStore, RedisSessionStore, SessionStore
+from agentgw.ingress.mcp.sessions import MemorySessionStore, RedisSessionStore, SessionLimits, SessionStore
 from agentgw.oauth.apikeys import api_key_router
 from agentgw.oauth.identity import Identity, build_identity
 from agentgw.oauth.metadata import protected_resource_router
@@ -123,8 +123,15 @@ def build_gateway(settings: Settings) -> Gateway:
     )
     upstream = McpHttpUpstream()
     # Sessions in Redis let any node continue a session another node started.
+    session_limits = SessionLimits(
+        per_principal=settings.max_sessions_per_principal,
+        total=settings.max_sessions,
+        idle_s=settings.session_idle_s,
+    )
     mcp_sessions: SessionStore = (
-        RedisSessionStore(settings.redis_url) if settings.redis_url else MemorySessionStore()
+        RedisSessionStore(settings.redis_url, limits=session_limits)
+        if settings.redis_url
+        else MemorySessionStore(session_limits)
     )
     passthrough = PassThrough(pipeline, upstream, mcp_sessions, settings.max_body_bytes)
     sessions = UpstreamSessions(credentials.session_credential)
@@ -135,6 +142,8 @@ def build_gateway(settings: Settings) -> Gateway:
         list_timeout_s=settings.list_timeout_s,
         page_size=settings.list_page_size,
         max_body_bytes=settings.max_body_bytes,
+        bindings=mcp_sessions,
+        session_limits=session_limits,
     )
     sessions.on_list_changed(bridge.on_list_changed)
     llm = LlmIngress.build(settings.llm_routes, pipeline, max_body_bytes=settings.max_body_bytes)

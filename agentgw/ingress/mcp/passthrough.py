@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 from agentgw.call import Call, Reply
 from agentgw.errors import (
     BadRequest,
+    GatewayError,
     UpstreamError,
     UpstreamUnauthorized,
 )
@@ -159,9 +160,15 @@ class PassThrough:
             await _refused(response, spec.name)
         upstream_session = response.headers.get("mcp-session-id")
         if upstream_session and message.method == "initialize" and response.status_code == 200:
-            response.headers["mcp-session-id"] = await self._sessions.bind(
-                spec.name, upstream_session, call.principal.subject
-            )
+            try:
+                response.headers["mcp-session-id"] = await self._sessions.bind(
+                    spec.name, upstream_session, call.principal.subject
+                )
+            except GatewayError:
+                # No binding, so no client can ever use the upstream's session: end it there too.
+                await response.aclose()
+                await self._end_upstream_session(spec, headers, upstream_session)
+                raise
         elif upstream_session:
             response.headers["mcp-session-id"] = call.session_id or ""
         kind = LIST_KEYS.get(message.method or "")
@@ -190,6 +197,15 @@ class PassThrough:
             raise UpstreamError(f"upstream {spec.name!r} answered a list request with a malformed result")
         listing = [item_object(spec.name, kind, i) for i in items if isinstance(i, dict)]
         return Reply(payload=_Listing(response, body, kind, message.is_modern), listing=listing)
+
+    async def _end_upstream_session(self, spec: McpServerSpec, headers: dict[str, str], session: str) -> None:
+        assert spec.url is not None
+        headers = {k: v for k, v in headers.items() if k != "content-type"} | {"mcp-session-id": session}
+        try:
+            response = await self._upstream.send("DELETE", spec.url, headers, None, spec.timeout_s, spec.name)
+            await response.aclose()
+        except GatewayError as exc:
+            log.warning("upstream %s: an unbound session was not ended (%s)", spec.name, exc.message)
 
     def _render(self, reply: Reply, spec: McpServerSpec) -> Response | _Listing:
         payload = reply.payload
@@ -226,7 +242,8 @@ class PassThrough:
             if response.status_code == 401:
                 await _refused(response, spec.name)
             if method == "DELETE" and call.session_id and response.status_code < 300:
-                await self._sessions.drop(call.session_id)
+                assert call.principal is not None
+                await self._sessions.drop(call.session_id, call.principal.subject)
             if call.session_id and "mcp-session-id" in response.headers:
                 response.headers["mcp-session-id"] = call.session_id
             return Reply(payload=response, status="ok" if response.status_code < 400 else "upstream_error")

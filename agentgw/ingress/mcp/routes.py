@@ -62,10 +62,9 @@ class McpIngress:
                     raise NotFound(f"unknown MCP server {name!r}")
             # The SDK serves the bridged endpoints; refuse bad credentials before it sees the request,
             # so the OAuth challenge is an HTTP 401 whatever the message was.
-            await self._authenticate.principal(
+            principal = await self._authenticate.principal(
                 headers.get("authorization"), endpoint="/mcp" if name is None else f"/mcp/{name}"
             )
+            await self._bridge.asgi(scope, receive, send, endpoint, principal, headers)
         except GatewayError as exc:
             await jsonrpc_error_response(None, exc)(scope, receive, send)
-            return
-        await self._bridge.asgi(scope, receive, send, endpoint)
