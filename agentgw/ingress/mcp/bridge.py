@@ -103,11 +103,23 @@ class Endpoint:
     servers: tuple[str, ...]
     prefix: bool
     selection: Mapping[str, Mapping[str, frozenset[str]]] | None = None  # kind -> server -> names ("*" = all)
+    # Server -> the scopes its calls need, where that differs from server to server (the merged
+    # catalog; elsewhere the identity stage asks the endpoint's for every message).
+    scopes: Mapping[str, frozenset[str]] | None = None
 
     @classmethod
     def merged(cls, servers: list[McpServerSpec]) -> Endpoint:
         # Upstreams with a per-caller credential are served by pass-through only (decision 0602).
-        return cls("*", tuple(s.name for s in servers if not s.per_caller_credential), prefix=True)
+        served = [s for s in servers if not s.per_caller_credential]
+        scopes = {s.name: frozenset(s.scopes) for s in served if s.scopes}
+        return cls("*", tuple(s.name for s in served), prefix=True, scopes=scopes or None)
+
+    def visible_to(self, principal: Principal | None) -> tuple[str, ...]:
+        """The servers whose items `principal` may discover: those whose calls its scopes allow."""
+        if self.scopes is None:
+            return self.servers
+        granted = principal.scopes if principal is not None else frozenset()
+        return tuple(s for s in self.servers if self.scopes.get(s, frozenset()) <= granted)
 
     @classmethod
     def single(cls, spec: McpServerSpec) -> Endpoint:
@@ -397,7 +409,9 @@ class Bridge:
         self.catalog.put(server, kind, items)
         return items
 
-    async def _gather(self, endpoint: Endpoint, method: str, kind: str) -> list[tuple[str, dict[str, Any]]]:
+    async def _gather(
+        self, servers: tuple[str, ...], method: str, kind: str
+    ) -> list[tuple[str, dict[str, Any]]]:
         async def one(server: str) -> list[tuple[str, dict[str, Any]]]:
             try:
                 async with asyncio.timeout(self._list_timeout):
@@ -406,7 +420,7 @@ class Bridge:
                 log.warning("upstream %s left out of %s: %s", server, method, exc)
                 return []
 
-        results = await asyncio.gather(*(one(s) for s in endpoint.servers))
+        results = await asyncio.gather(*(one(s) for s in servers))
         return [pair for per_server in results for pair in per_server]
 
     async def _list(self, ctx: ServerRequestContext[Any, Any], _params: Any) -> dict[str, Any]:
@@ -417,10 +431,13 @@ class Bridge:
         offset = _decode_cursor(raw.get("cursor"))
         call = self._call(ctx, request, endpoint, "list", f"mcp:{endpoint.label}")
 
-        async def terminal(_call: Call) -> Reply:
+        async def terminal(call: Call) -> Reply:
+            # Discovery applies the scope check of invocation: a server whose calls the token's scopes
+            # would not allow shows nothing.
+            servers = endpoint.visible_to(call.principal)
             pairs = [
                 (server, item)
-                for server, item in await self._gather(endpoint, ctx.method, kind)
+                for server, item in await self._gather(servers, ctx.method, kind)
                 if endpoint.selects(kind, server, _item_name(kind, item))
             ]
             return Reply(payload=pairs, listing=[item_object(s, kind, i) for s, i in pairs])
