@@ -28,7 +28,7 @@ from agentgw.errors import (
     UpstreamUnauthorized,
 )
 from agentgw.ingress.body import read_body_asgi
-from agentgw.ingress.mcp.messages import LIST_KEYS, Message, classify, item_object, parse
+from agentgw.ingress.mcp.messages import LIST_KEYS, Message, classify, item_object, listened_objects, parse
 from agentgw.ingress.mcp.rendering import jsonrpc_error_response, run_id_of
 from agentgw.ingress.mcp.sessions import SessionStore
 from agentgw.pipeline import Pipeline
@@ -115,6 +115,7 @@ class PassThrough:
             protocol="mcp",
             action=action,
             resource=resource,
+            objects=listened_objects(spec.name, message)[1:],
             upstream=spec.name,
             method=message.method or "response",
             credentials=headers.get("authorization"),
