@@ -374,7 +374,9 @@ def create_app(settings: Settings) -> GatewayApp:
         return JSONResponse({"detail": exc.message}, status_code=exc.http_status, headers=exc.headers)
 
     # The data plane is plain ASGI routes: no FastAPI validation on the hot path.
-    mcp = McpIngress(gateway.registry, gateway.passthrough, gateway.bridge, gateway.authenticate)
+    mcp = McpIngress(
+        gateway.registry, gateway.passthrough, gateway.bridge, gateway.authenticate, gateway.pipeline
+    )
     app.mcp_front = RememberedHostCheck(mcp, hosts)
     # Still routed, for other methods (405) and for anything that walks the routes.
     app.router.routes.append(Route("/mcp", mcp, methods=sorted(MCP_METHODS)))
