@@ -16,8 +16,9 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.responses import PlainTextResponse
 from starlette.routing import BaseRoute, Match, Mount, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agentgw.admin.audit import audit_router
 from agentgw.admin.budgets import budgets_router
@@ -200,12 +201,8 @@ MCP_METHODS = frozenset({"GET", "POST", "DELETE"})
 MAX_REMEMBERED_HOSTS = 64
 
 
-def _host_header(scope: Scope) -> bytes | None:
-    # The first one, as Starlette's `Headers.get` (which the Host check reads) takes it.
-    for name, value in scope["headers"]:
-        if name == b"host":
-            return value  # type: ignore[no-any-return]  # ASGI headers are (bytes, bytes) pairs
-    return None
+def _host_headers(scope: Scope) -> list[bytes]:
+    return [value for name, value in scope["headers"] if name == b"host"]
 
 
 class RememberedHostCheck:
@@ -215,6 +212,8 @@ class RememberedHostCheck:
     straight to `app` (Starlette decodes every header and parses the Host value per request: 2.2 us
     of a pass-through call). Anything else, refusals and their answers included, is Starlette's.
     At most `MAX_REMEMBERED_HOSTS` values are remembered (ports make many spellings of one host).
+    A request with more than one Host header is refused (400, RFC 9112 section 3.2) before either:
+    Starlette checks only the first, and what is behind the gateway may read another.
     """
 
     def __init__(self, app: ASGIApp, allowed_hosts: list[str]) -> None:
@@ -223,16 +222,69 @@ class RememberedHostCheck:
         self._passed_hosts: set[bytes] = set()
 
     async def _passed(self, scope: Scope, receive: Receive, send: Send) -> None:
-        host = _host_header(scope)
-        if host is not None and len(self._passed_hosts) < MAX_REMEMBERED_HOSTS:
-            self._passed_hosts.add(host)
+        hosts = _host_headers(scope) if scope["type"] == "http" else []
+        if hosts and len(self._passed_hosts) < MAX_REMEMBERED_HOSTS:
+            self._passed_hosts.add(hosts[0])
         await self.app(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if _host_header(scope) in self._passed_hosts:
+        if scope["type"] != "http":
+            await self._check(scope, receive, send)
+            return
+        hosts = _host_headers(scope)
+        if len(hosts) > 1:
+            await PlainTextResponse("Bad Request: more than one Host header", status_code=400)(
+                scope, receive, send
+            )
+            return
+        if hosts and hosts[0] in self._passed_hosts:
             await self.app(scope, receive, send)
             return
         await self._check(scope, receive, send)
+
+
+class BodyLimit:
+    """Refuses request bodies over `limit` bytes with 413, declared or streamed (chunked, no length).
+
+    For the routes behind FastAPI's stack (the admin API, OAuth endpoints, documents), whose handlers
+    read bodies whole and unbounded; the data plane bounds its own (`max_body_bytes`). The body is
+    read here, at most `limit` bytes of it, and handed on as it came.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self._limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > self._limit:
+            await self._refuse(scope, receive, send)
+            return
+        received: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            received.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self._limit:
+                await self._refuse(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return received.pop(0) if received else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = f"request body too large: the limit is {self._limit} bytes"
+        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
 
 
 class DirectRoutes:
@@ -364,7 +416,8 @@ def create_app(settings: Settings) -> GatewayApp:
     hosts = settings.trusted_hosts()
     if hosts == ["*"]:
         log.warning("no allowed_hosts or public_url: answering any Host header (DNS rebinding unchecked)")
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
+    app.add_middleware(BodyLimit, limit=settings.admin_max_body_bytes)
+    app.add_middleware(RememberedHostCheck, allowed_hosts=hosts)  # outermost: added last
     if demo is not None:
         app.router.routes.append(Mount("/_demo", app=demo.streamable_http_app(host=settings.host)))
     app.state.gateway = gateway
