@@ -81,7 +81,8 @@ class Call:
             audience a token must carry (RFC 8707) and names the metadata in the OAuth challenge.
         run_id: the agent run this call belongs to (budgets span a run across protocols).
         arguments: the call's arguments, for audit digests and redaction.
-        principal: set by the identity stage.
+        principal: set by the identity stage, or by an ingress that has verified `credentials` at
+            `endpoint` already (the stage then only checks its scopes).
         upstream_authorization: set by the credentials stage; the only credential sent upstream.
         credential_mode: set by the credentials stage, for audit: how `upstream_authorization` was
             obtained (`none`, `static`, `client_credentials`, `token_exchange`, `id_jag`).

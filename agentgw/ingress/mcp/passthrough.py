@@ -20,7 +20,7 @@ from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from agentgw.call import Call, Reply
+from agentgw.call import Call, Principal, Reply
 from agentgw.errors import (
     BadRequest,
     GatewayError,
@@ -89,13 +89,20 @@ class PassThrough:
         self._max_body = max_body_bytes
 
     async def serve(
-        self, scope: Scope, receive: Receive, send: Send, spec: McpServerSpec, headers: Mapping[str, str]
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        spec: McpServerSpec,
+        headers: Mapping[str, str],
+        principal: Principal,
     ) -> None:
-        """Answer one request to `/mcp/<spec.name>`; `headers` are the request's, names lower-cased."""
+        """Answer one request to `/mcp/<spec.name>`; `headers` are the request's, names lower-cased;
+        `principal` is who its credentials, already verified at that endpoint, say is calling."""
         if scope["method"] == "POST":
-            response = await self._post(receive, headers, spec)
+            response = await self._post(receive, headers, spec, principal)
         else:
-            response = await self._other(scope["method"], headers, spec)
+            response = await self._other(scope["method"], headers, spec, principal)
         if isinstance(response, _Listing):
             await _send_whole(send, response)
         else:
@@ -103,7 +110,7 @@ class PassThrough:
 
     # --- POST: one JSON-RPC message ---
     async def _post(
-        self, receive: Receive, headers: Mapping[str, str], spec: McpServerSpec
+        self, receive: Receive, headers: Mapping[str, str], spec: McpServerSpec, principal: Principal
     ) -> Response | _Listing:
         try:
             raw = await read_body_asgi(headers, receive, self._max_body)
@@ -123,6 +130,7 @@ class PassThrough:
             run_id=run_id_of(headers, message.params),
             session_id=headers.get("mcp-session-id"),
             arguments=message.params.get("arguments") if message.method == "tools/call" else None,
+            principal=principal,
         )
 
         async def terminal(call: Call) -> Reply:
@@ -219,7 +227,7 @@ class PassThrough:
 
     # --- GET (standalone SSE stream of a legacy session) and DELETE (end a session) ---
     async def _other(
-        self, method: str, incoming: Mapping[str, str], spec: McpServerSpec
+        self, method: str, incoming: Mapping[str, str], spec: McpServerSpec, principal: Principal
     ) -> Response | _Listing:
         assert spec.url is not None
         call = Call(
@@ -231,6 +239,7 @@ class PassThrough:
             credentials=incoming.get("authorization"),
             endpoint=f"/mcp/{spec.name}",
             session_id=incoming.get("mcp-session-id"),
+            principal=principal,
         )
         url = spec.url
 

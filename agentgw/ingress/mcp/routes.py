@@ -73,7 +73,7 @@ class McpIngress:
                     and spec.transport == "streamable-http"
                     and not (_modern(headers) and self._bridge.speaks_only_legacy(spec.name))
                 ):
-                    await self._passthrough.serve(scope, receive, send, spec, headers)
+                    await self._passthrough.serve(scope, receive, send, spec, headers, principal)
                     return
                 virtual = self._registry.virtual_server(name)
                 if spec is not None:
