@@ -16,8 +16,9 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.responses import PlainTextResponse
 from starlette.routing import BaseRoute, Match, Mount, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agentgw import __version__
 from agentgw.admin.audit import audit_router
@@ -37,7 +38,7 @@ from agentgw.ingress.llm import LlmIngress
 from agentgw.ingress.mcp.bridge import Bridge
 from agentgw.ingress.mcp.passthrough import PassThrough
 from agentgw.ingress.mcp.routes import McpIngress
-from agentgw.ingress.mcp.sessions import MemorySessionStore, RedisSessionStore, SessionStore
+from agentgw.ingress.mcp.sessions import MemorySessionStore, RedisSessionStore, SessionLimits, SessionStore
 from agentgw.oauth.apikeys import api_key_router
 from agentgw.oauth.identity import Identity, build_identity
 from agentgw.oauth.metadata import protected_resource_router
@@ -139,8 +140,15 @@ def build_gateway(settings: Settings) -> Gateway:
     )
     upstream = McpHttpUpstream()
     # Sessions in Redis let any node continue a session another node started.
+    session_limits = SessionLimits(
+        per_principal=settings.max_sessions_per_principal,
+        total=settings.max_sessions,
+        idle_s=settings.session_idle_s,
+    )
     mcp_sessions: SessionStore = (
-        RedisSessionStore(settings.redis_url) if settings.redis_url else MemorySessionStore()
+        RedisSessionStore(settings.redis_url, limits=session_limits)
+        if settings.redis_url
+        else MemorySessionStore(session_limits)
     )
     passthrough = PassThrough(pipeline, upstream, mcp_sessions, settings.max_body_bytes)
     sessions = UpstreamSessions(credentials.session_credential)
@@ -151,6 +159,8 @@ def build_gateway(settings: Settings) -> Gateway:
         list_timeout_s=settings.list_timeout_s,
         page_size=settings.list_page_size,
         max_body_bytes=settings.max_body_bytes,
+        bindings=mcp_sessions,
+        session_limits=session_limits,
     )
     sessions.on_list_changed(bridge.on_list_changed)
     llm = LlmIngress.build(
@@ -210,12 +220,8 @@ MCP_METHODS = frozenset({"GET", "POST", "DELETE"})
 MAX_REMEMBERED_HOSTS = 64
 
 
-def _host_header(scope: Scope) -> bytes | None:
-    # The first one, as Starlette's `Headers.get` (which the Host check reads) takes it.
-    for name, value in scope["headers"]:
-        if name == b"host":
-            return value  # type: ignore[no-any-return]  # ASGI headers are (bytes, bytes) pairs
-    return None
+def _host_headers(scope: Scope) -> list[bytes]:
+    return [value for name, value in scope["headers"] if name == b"host"]
 
 
 class RememberedHostCheck:
@@ -225,6 +231,8 @@ class RememberedHostCheck:
     straight to `app` (Starlette decodes every header and parses the Host value per request: 2.2 us
     of a pass-through call). Anything else, refusals and their answers included, is Starlette's.
     At most `MAX_REMEMBERED_HOSTS` values are remembered (ports make many spellings of one host).
+    A request with more than one Host header is refused (400, RFC 9112 section 3.2) before either:
+    Starlette checks only the first, and what is behind the gateway may read another.
     """
 
     def __init__(self, app: ASGIApp, allowed_hosts: list[str]) -> None:
@@ -233,16 +241,69 @@ class RememberedHostCheck:
         self._passed_hosts: set[bytes] = set()
 
     async def _passed(self, scope: Scope, receive: Receive, send: Send) -> None:
-        host = _host_header(scope)
-        if host is not None and len(self._passed_hosts) < MAX_REMEMBERED_HOSTS:
-            self._passed_hosts.add(host)
+        hosts = _host_headers(scope) if scope["type"] == "http" else []
+        if hosts and len(self._passed_hosts) < MAX_REMEMBERED_HOSTS:
+            self._passed_hosts.add(hosts[0])
         await self.app(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if _host_header(scope) in self._passed_hosts:
+        if scope["type"] != "http":
+            await self._check(scope, receive, send)
+            return
+        hosts = _host_headers(scope)
+        if len(hosts) > 1:
+            await PlainTextResponse("Bad Request: more than one Host header", status_code=400)(
+                scope, receive, send
+            )
+            return
+        if hosts and hosts[0] in self._passed_hosts:
             await self.app(scope, receive, send)
             return
         await self._check(scope, receive, send)
+
+
+class BodyLimit:
+    """Refuses request bodies over `limit` bytes with 413, declared or streamed (chunked, no length).
+
+    For the routes behind FastAPI's stack (the admin API, OAuth endpoints, documents), whose handlers
+    read bodies whole and unbounded; the data plane bounds its own (`max_body_bytes`). The body is
+    read here, at most `limit` bytes of it, and handed on as it came.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self._limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > self._limit:
+            await self._refuse(scope, receive, send)
+            return
+        received: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            received.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self._limit:
+                await self._refuse(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return received.pop(0) if received else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = f"request body too large: the limit is {self._limit} bytes"
+        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
 
 
 class DirectRoutes:
@@ -374,7 +435,8 @@ def create_app(settings: Settings) -> GatewayApp:
     hosts = settings.trusted_hosts()
     if hosts == ["*"]:
         log.warning("no allowed_hosts or public_url: answering any Host header (DNS rebinding unchecked)")
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
+    app.add_middleware(BodyLimit, limit=settings.admin_max_body_bytes)
+    app.add_middleware(RememberedHostCheck, allowed_hosts=hosts)  # outermost: added last
     if demo is not None:
         app.router.routes.append(Mount("/_demo", app=demo.streamable_http_app(host=settings.host)))
     app.state.gateway = gateway
@@ -384,7 +446,9 @@ def create_app(settings: Settings) -> GatewayApp:
         return JSONResponse({"detail": exc.message}, status_code=exc.http_status, headers=exc.headers)
 
     # The data plane is plain ASGI routes: no FastAPI validation on the hot path.
-    mcp = McpIngress(gateway.registry, gateway.passthrough, gateway.bridge, gateway.authenticate)
+    mcp = McpIngress(
+        gateway.registry, gateway.passthrough, gateway.bridge, gateway.authenticate, gateway.pipeline
+    )
     app.mcp_front = RememberedHostCheck(mcp, hosts)
     # Still routed, for other methods (405) and for anything that walks the routes.
     app.router.routes.append(Route("/mcp", mcp, methods=sorted(MCP_METHODS)))

@@ -72,6 +72,8 @@ class Call:
         action: see `Action`.
         resource: the policy object, e.g. `mcp:github/create_issue`; for a list, the listed container
             (`mcp:github`), and `Reply.listing` names the items.
+        objects: further objects the call needs `action` on, each decided like `resource` (a request
+            that names several resources at once).
         upstream: the registry name of the upstream that will serve it.
         method: the wire method, for audit and logs only (filters must not branch on it).
         credentials: the raw `Authorization` header value from the ingress, for the identity stage.
@@ -79,7 +81,8 @@ class Call:
             audience a token must carry (RFC 8707) and names the metadata in the OAuth challenge.
         run_id: the agent run this call belongs to (budgets span a run across protocols).
         arguments: the call's arguments, for audit digests and redaction.
-        principal: set by the identity stage.
+        principal: set by the identity stage, or by an ingress that has verified `credentials` at
+            `endpoint` already (the stage then only checks its scopes).
         upstream_authorization: set by the credentials stage; the only credential sent upstream.
         credential_mode: set by the credentials stage, for audit: how `upstream_authorization` was
             obtained (`none`, `static`, `client_credentials`, `token_exchange`, `id_jag`).
@@ -96,6 +99,7 @@ class Call:
     endpoint: str | None = None
     run_id: str | None = None
     session_id: str | None = None
+    objects: tuple[str, ...] = ()
     arguments: Mapping[str, Any] | None = field(default=None, repr=False)
     request_id: str = field(default_factory=_request_id)
     principal: Principal | None = None

@@ -9,6 +9,7 @@ ingress adapters render it in their protocol's own shape.
     │   └── HeaderMismatch (400, -32020)
     ├── NotFound (404, -32601)            unknown server or tool (never says which is hidden)
     │   └── SessionNotFound (404, -32600) unknown or foreign session: the client starts a new one
+    ├── TooManySessions (429, -32600)     the caller holds as many legacy MCP sessions as it may
     ├── Unauthenticated (401, -32001)     no or bad credentials; carries the OAuth challenge
     ├── Forbidden (403, -32003)           denied by policy (same text whether or not the thing exists)
     │   └── InsufficientScope (403, -32003)
@@ -18,6 +19,7 @@ ingress adapters render it in their protocol's own shape.
     ├── CredentialError (502, -32603)     no upstream credential could be obtained
     │   └── UpstreamUnauthorized (502)    the upstream refused the gateway's credential (HTTP 401)
     └── Unavailable (503, -32603)         a store the gateway must consult is unreachable (fail closed)
+        └── SessionsExhausted (503)       the gateway holds as many legacy MCP sessions as it may
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ __all__ = [
     "ParseError",
     "PayloadTooLarge",
     "SessionNotFound",
+    "SessionsExhausted",
+    "TooManySessions",
     "Unauthenticated",
     "Unavailable",
     "UnsupportedMediaType",
@@ -97,6 +101,12 @@ class SessionNotFound(NotFound):
     reason = "session_not_found"
 
 
+class TooManySessions(GatewayError):
+    http_status = 429
+    jsonrpc_code = -32600
+    reason = "too_many_sessions"
+
+
 class Unauthenticated(GatewayError):
     http_status = 401
     jsonrpc_code = -32001
@@ -145,3 +155,7 @@ class UpstreamUnauthorized(CredentialError):
 class Unavailable(GatewayError):
     http_status = 503
     reason = "unavailable"
+
+
+class SessionsExhausted(Unavailable):
+    reason = "sessions_exhausted"

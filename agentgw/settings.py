@@ -80,6 +80,13 @@ class Settings(BaseSettings):
     allow_anonymous: bool = False
     # Shared state for scale-out (MCP session bindings): redis://host:port/db. Unset: in-process.
     redis_url: str | None = None
+    # Legacy-era MCP sessions (Mcp-Session-Id), on every node together when redis_url is set: at most
+    # this many open per principal and in all; one unused for session_idle_s expires.
+    max_sessions_per_principal: int = Field(default=100, ge=1)
+    max_sessions: int = Field(default=10_000, ge=1)
+    session_idle_s: float = Field(default=3600.0, gt=0)
+    # Request bodies of the admin API (and the other routes behind FastAPI's stack); larger ones get 413.
+    admin_max_body_bytes: int = Field(default=1024 * 1024, ge=1)
     log_level: str = "INFO"
     # Mount the built-in demo upstream at /_demo/mcp (used by `agentgw serve` with no config).
     demo: bool = False

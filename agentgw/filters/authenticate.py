@@ -365,7 +365,9 @@ class Authenticate:
         return sorted(set(scopes)) if scopes else []  # most endpoints need none
 
     async def __call__(self, call: Call, call_next: CallNext) -> Reply:
-        principal = await self.principal(call.credentials, call)
+        # An ingress that has verified these credentials at this endpoint already hands the principal
+        # on (the MCP pass-through checks credentials before anything else): not verified twice.
+        principal = call.principal or await self.principal(call.credentials, call)
         needed = self._scopes(call)
         if needed and not set(needed) <= principal.scopes:
             if principal is ANONYMOUS:

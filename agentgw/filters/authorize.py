@@ -445,7 +445,9 @@ class Authorize:
             return reply
         decision = self._authorizer.decide(principal, call.resource, call.action)
         call.decided_by = decision.rule
-        if not decision.allowed:
+        if not decision.allowed or not all(
+            self._authorizer.decide(principal, obj, call.action).allowed for obj in call.objects
+        ):
             # The same words whether or not the object exists: a denial must not reveal a tool.
             raise Forbidden(f"denied by policy: {principal.subject} may not {call.action} this object")
         return await call_next(call)

@@ -8,6 +8,12 @@
 
 `resource` is the endpoint's canonical URI (the audience its tokens must carry); `scopes_supported`
 lists the scopes the registry requires there (every server's for `/mcp`).
+
+The documents are public, so they must not tell which names the gateway serves: every well-formed
+`/mcp/<name>` has one, alike whether or not the name is served, and lists every scope any server
+requires (as `/mcp` does). A client asks for all of them for that one audience; the authorization
+server grants what it may, and a token that still lacks a server's scopes gets 403 `insufficient_scope`
+naming them, once the caller has shown valid credentials.
 """
 
 from __future__ import annotations
@@ -54,7 +60,11 @@ def protected_resource_router(
     base = base_url.rstrip("/")
 
     def document(endpoint: str) -> JSONResponse:
-        scopes = endpoint_scopes(registry, endpoint)
+        name = endpoint.removeprefix("/mcp/")
+        if name != endpoint and NAME_PATTERN.fullmatch(name):
+            scopes: list[str] | None = endpoint_scopes(registry, "/mcp")  # the same for every name
+        else:
+            scopes = endpoint_scopes(registry, endpoint)
         if scopes is None:
             return JSONResponse({"detail": "no such protected resource"}, status_code=404)
         body = {

@@ -39,7 +39,9 @@ async def test_each_endpoint_publishes_its_resource_issuers_and_scopes(registry:
         doc = (await http.get("/.well-known/oauth-protected-resource/mcp/github")).json()
         assert doc["resource"] == f"{BASE}/mcp/github"
         assert doc["authorization_servers"] == [BASE, "https://idp.example"]
-        assert doc["scopes_supported"] == ["issues", "repo"] and doc["bearer_methods_supported"] == ["header"]
+        # Every server's scopes, as for /mcp: a document must not tell which names are served.
+        assert doc["scopes_supported"] == ["cluster", "issues", "repo"]
+        assert doc["bearer_methods_supported"] == ["header"]
         merged = (await http.get("/.well-known/oauth-protected-resource/mcp")).json()
         assert merged["resource"] == f"{BASE}/mcp" and merged["scopes_supported"] == [
             "cluster",
@@ -47,12 +49,12 @@ async def test_each_endpoint_publishes_its_resource_issuers_and_scopes(registry:
             "repo",
         ]
         virtual = (await http.get("/.well-known/oauth-protected-resource/mcp/triage")).json()
-        assert virtual["scopes_supported"] == ["issues", "repo"]
+        assert virtual["scopes_supported"] == ["cluster", "issues", "repo"]
         assert (await http.get("/.well-known/oauth-protected-resource/admin")).json()[
             "scopes_supported"
         ] == []
         assert (await http.get("/.well-known/oauth-protected-resource")).json()["resource"] == BASE
-        for unknown in ("/mcp/nope", "/mcp/GitHub", "/mcp/github/extra", "/other", "/mcp/..%2Fadmin"):
+        for unknown in ("/mcp/GitHub", "/mcp/github/extra", "/other", "/mcp/..%2Fadmin"):
             assert (await http.get(f"/.well-known/oauth-protected-resource{unknown}")).status_code == 404, (
                 unknown
             )

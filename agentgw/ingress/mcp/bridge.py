@@ -45,16 +45,17 @@ from mcp.server.subscriptions import (
 from mcp.shared.exceptions import MCPError
 from mcp.shared.inbound import find_invalid_x_mcp_header, validate_mcp_param_headers, x_mcp_header_map
 from mcp.shared.message import ServerMessageMetadata
-from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, TypeAdapter
 from starlette.datastructures import Headers
 from starlette.requests import Request
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
-from agentgw.call import Call, Reply
+from agentgw.call import Call, Principal, Reply
 from agentgw.errors import GatewayError, HeaderMismatch, NotFound, UpstreamError
 from agentgw.ingress.mcp.messages import LIST_KEYS, item_object
-from agentgw.ingress.mcp.rendering import run_id_of
+from agentgw.ingress.mcp.rendering import jsonrpc_error_response, run_id_of
+from agentgw.ingress.mcp.sessions import SessionLimits, SessionStore
 from agentgw.pipeline import Pipeline
 from agentgw.upstream.mcp_sessions import Relay, UpstreamSessions
 from registry.models import McpServerSpec, VirtualServerSpec
@@ -64,6 +65,8 @@ __all__ = ["Bridge", "Endpoint"]
 log = logging.getLogger(__name__)
 
 SCOPE_KEY = "agentgw.endpoint"
+# Bridged sessions are bound per endpoint, apart from the pass-through's bindings (keyed by server).
+_BINDING_PREFIX = "bridge:"
 CATALOG_TTL_S = 30.0
 MAX_UPSTREAM_PAGES = 50
 MAX_INPUT_ROUNDS = 8
@@ -100,11 +103,23 @@ class Endpoint:
     servers: tuple[str, ...]
     prefix: bool
     selection: Mapping[str, Mapping[str, frozenset[str]]] | None = None  # kind -> server -> names ("*" = all)
+    # Server -> the scopes its calls need, where that differs from server to server (the merged
+    # catalog; elsewhere the identity stage asks the endpoint's for every message).
+    scopes: Mapping[str, frozenset[str]] | None = None
 
     @classmethod
     def merged(cls, servers: list[McpServerSpec]) -> Endpoint:
         # Upstreams with a per-caller credential are served by pass-through only (decision 0602).
-        return cls("*", tuple(s.name for s in servers if not s.per_caller_credential), prefix=True)
+        served = [s for s in servers if not s.per_caller_credential]
+        scopes = {s.name: frozenset(s.scopes) for s in served if s.scopes}
+        return cls("*", tuple(s.name for s in served), prefix=True, scopes=scopes or None)
+
+    def visible_to(self, principal: Principal | None) -> tuple[str, ...]:
+        """The servers whose items `principal` may discover: those whose calls its scopes allow."""
+        if self.scopes is None:
+            return self.servers
+        granted = principal.scopes if principal is not None else frozenset()
+        return tuple(s for s in self.servers if self.scopes.get(s, frozenset()) <= granted)
 
     @classmethod
     def single(cls, spec: McpServerSpec) -> Endpoint:
@@ -207,6 +222,8 @@ class Bridge:
         list_timeout_s: float,
         page_size: int = 100,
         max_body_bytes: int,
+        bindings: SessionStore,
+        session_limits: SessionLimits | None = None,
     ) -> None:
         if all(c.isalnum() or c == "-" for c in separator):
             raise ValueError("the namespace separator needs a character outside [a-z0-9-] to be unambiguous")
@@ -241,7 +258,15 @@ class Bridge:
         self._legacy_connections: weakref.WeakSet[Any] = weakref.WeakSet()
         self._notify_tasks: set[asyncio.Task[None]] = set()
         self.server = server
-        self.session_manager = StreamableHTTPSessionManager(app=server, max_request_body_size=max_body_bytes)
+        self._bindings = bindings
+        limits = session_limits or SessionLimits()
+        # The SDK's own session limits match the bindings', so neither outlives the other for long.
+        self.session_manager = StreamableHTTPSessionManager(
+            app=server,
+            max_request_body_size=max_body_bytes,
+            session_idle_timeout=limits.idle_s,
+            max_sessions=limits.total,
+        )
 
     def speaks_only_legacy(self, server: str) -> bool:
         """Whether the upstream session negotiated a handshake-era version (unknown: False)."""
@@ -271,14 +296,68 @@ class Bridge:
         if connection is not None and ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
             self._legacy_connections.add(connection)
 
-    async def handle(self, request: Request, endpoint: Endpoint) -> None:
-        """Serve one HTTP request of a bridged endpoint (ASGI; the SDK writes the response)."""
-        request.scope[SCOPE_KEY] = endpoint
-        await self.session_manager.handle_request(request.scope, request.receive, request._send)
+    async def asgi(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        endpoint: Endpoint,
+        principal: Principal,
+        headers: Mapping[str, str],
+    ) -> None:
+        """Serve one HTTP request of a bridged endpoint for `principal` (the SDK writes the response).
 
-    async def asgi(self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
+        A legacy session is bound to the principal that opened it, per endpoint, in the same store as
+        the pass-through's: anyone else's request with its id (POST, GET stream, DELETE) is refused as
+        for an unknown id, before the SDK sees it.
+
+        Raises:
+            SessionNotFound: the request names a session that is unknown, expired, of another
+                endpoint, or another principal's.
+            Unavailable: the session store is unreachable.
+        """
         scope[SCOPE_KEY] = endpoint
-        await self.session_manager.handle_request(scope, receive, send)
+        key = _BINDING_PREFIX + endpoint.label
+        session_id = headers.get("mcp-session-id")
+        if session_id is not None:
+            # Whatever the era the request claims: a session id is checked wherever it appears.
+            await self._bindings.resolve(session_id, key, principal.subject)
+            if scope["method"] != "DELETE":
+                await self.session_manager.handle_request(scope, receive, send)
+                return
+            status = await _status_of(self.session_manager.handle_request, scope, receive, send)
+            if status is not None and (status < 300 or status == 404):
+                try:
+                    await self._bindings.drop(session_id, principal.subject)
+                except GatewayError as exc:  # answered already; the binding expires on its own
+                    log.warning("an ended session stays bound until it expires: %s", exc.message)
+            return
+        version = headers.get("mcp-protocol-version")
+        if version is not None and version not in HANDSHAKE_PROTOCOL_VERSIONS:
+            # 2026-07-28 (or unknown, which the SDK refuses): stateless, no session to bind. The test is
+            # the SDK's own, so a request it serves statefully is never taken for a stateless one.
+            await self.session_manager.handle_request(scope, receive, send)
+            return
+        opened = _Opening(self._bindings, key, principal.subject, scope, receive, send)
+        await self.session_manager.handle_request(scope, receive, opened.send)
+        if opened.orphan is not None:
+            await self._end_sdk_session(scope, opened.orphan)
+
+    async def _end_sdk_session(self, scope: Scope, session_id: str) -> None:
+        """End a session the SDK opened but the store refused to bind (nobody could ever use it)."""
+        request = {
+            **scope,
+            "method": "DELETE",
+            "headers": [(b"mcp-session-id", session_id.encode("latin-1"))],
+        }
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def discard(_message: Message) -> None:
+            return None
+
+        await self.session_manager.handle_request(request, receive, discard)
 
     # --- naming ---
     def _expose(self, kind: str, server: str, item: dict[str, Any], endpoint: Endpoint) -> dict[str, Any]:
@@ -345,7 +424,9 @@ class Bridge:
         self.catalog.put(server, kind, items)
         return items
 
-    async def _gather(self, endpoint: Endpoint, method: str, kind: str) -> list[tuple[str, dict[str, Any]]]:
+    async def _gather(
+        self, servers: tuple[str, ...], method: str, kind: str
+    ) -> list[tuple[str, dict[str, Any]]]:
         async def one(server: str) -> list[tuple[str, dict[str, Any]]]:
             try:
                 async with asyncio.timeout(self._list_timeout):
@@ -354,7 +435,7 @@ class Bridge:
                 log.warning("upstream %s left out of %s: %s", server, method, exc)
                 return []
 
-        results = await asyncio.gather(*(one(s) for s in endpoint.servers))
+        results = await asyncio.gather(*(one(s) for s in servers))
         return [pair for per_server in results for pair in per_server]
 
     async def _list(self, ctx: ServerRequestContext[Any, Any], _params: Any) -> dict[str, Any]:
@@ -365,10 +446,13 @@ class Bridge:
         offset = _decode_cursor(raw.get("cursor"))
         call = self._call(ctx, request, endpoint, "list", f"mcp:{endpoint.label}")
 
-        async def terminal(_call: Call) -> Reply:
+        async def terminal(call: Call) -> Reply:
+            # Discovery applies the scope check of invocation: a server whose calls the token's scopes
+            # would not allow shows nothing.
+            servers = endpoint.visible_to(call.principal)
             pairs = [
                 (server, item)
-                for server, item in await self._gather(endpoint, ctx.method, kind)
+                for server, item in await self._gather(servers, ctx.method, kind)
                 if endpoint.selects(kind, server, _item_name(kind, item))
             ]
             return Reply(payload=pairs, listing=[item_object(s, kind, i) for s, i in pairs])
@@ -576,6 +660,64 @@ class Bridge:
             ) from exc
         except GatewayError as exc:
             raise MCPError(code=exc.jsonrpc_code, message=exc.message, data=exc.data) from exc
+
+
+class _Opening:
+    """The `send` of a legacy request that may open a session: binds the id the SDK answers with.
+
+    The binding is made before the response starts, so the client never sees an id that is not bound.
+    When the store refuses it (the caps, or unreachable), the client gets that refusal instead of the
+    SDK's answer, and `orphan` names the SDK's session for the caller to end.
+    """
+
+    def __init__(
+        self, bindings: SessionStore, key: str, subject: str, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        self._bindings = bindings
+        self._key = key
+        self._subject = subject
+        self._scope = scope
+        self._receive = receive
+        self._send = send
+        self._refused = False
+        self.orphan: str | None = None
+
+    async def send(self, message: Message) -> None:
+        if self._refused:
+            return  # the rest of the SDK's answer, which the client must not get
+        if message["type"] == "http.response.start" and message["status"] < 400:
+            # A refused opening request opened nothing (the SDK discards its session): nothing to bind.
+            session_id = next(
+                (
+                    v.decode("latin-1")
+                    for k, v in message.get("headers", ())
+                    if k.lower() == b"mcp-session-id"
+                ),
+                None,
+            )
+            if session_id is not None:
+                try:
+                    await self._bindings.bind(self._key, session_id, self._subject, session_id=session_id)
+                except GatewayError as exc:
+                    self._refused = True
+                    self.orphan = session_id
+                    await jsonrpc_error_response(None, exc)(self._scope, self._receive, self._send)
+                    return
+        await self._send(message)
+
+
+async def _status_of(app: Any, scope: Scope, receive: Receive, send: Send) -> int | None:
+    """Run `app` for one request; the HTTP status it answered with (None if it sent no response)."""
+    status: int | None = None
+
+    async def watch(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        await send(message)
+
+    await app(scope, receive, watch)
+    return status
 
 
 def _checked_in_invoke(_tool: str) -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "classify",
     "error_body",
     "item_object",
+    "listened_objects",
     "parse",
 ]
 
@@ -182,6 +183,10 @@ def classify(server: str, message: Message) -> tuple[Action, str]:
     """The action and policy object of a message sent to `server`."""
     method = message.method
     params = message.params
+    if method == "subscriptions/listen" and (objects := listened_objects(server, message)):
+        # Updates of a resource tell what it holds: listening needs `read` on each one, as subscribing
+        # does (the rest go in `Call.objects`).
+        return "read", objects[0]
     if method is None or method.startswith("notifications/") or method in SESSION_METHODS:
         return "session", f"mcp:{server}"
     if method in LIST_KEYS:
@@ -199,6 +204,19 @@ def classify(server: str, message: Message) -> tuple[Action, str]:
             return "call", item_object(server, "prompts", ref)
         return "read", item_object(server, "resources", ref)
     return "call", f"mcp:{server}/method/{_name(method)}"
+
+
+def listened_objects(server: str, message: Message) -> tuple[str, ...]:
+    """The policy object of every resource a `subscriptions/listen` asks updates of, in order."""
+    notifications = message.params.get("notifications")
+    if message.method != "subscriptions/listen" or not isinstance(notifications, dict):
+        return ()
+    uris = notifications.get("resourceSubscriptions")
+    if uris is None:
+        return ()
+    # Anything but a list of strings is judged too, never skipped (as an empty URI: default deny).
+    listed = uris if isinstance(uris, list) else [uris]
+    return tuple(item_object(server, "resources", {"uri": uri}) for uri in listed)
 
 
 def error_body(msg_id: Any, code: int, message: str, data: Any = None) -> bytes:

@@ -20,14 +20,15 @@ from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from agentgw.call import Call, Reply
+from agentgw.call import Call, Principal, Reply
 from agentgw.errors import (
     BadRequest,
+    GatewayError,
     UpstreamError,
     UpstreamUnauthorized,
 )
 from agentgw.ingress.body import read_body_asgi
-from agentgw.ingress.mcp.messages import LIST_KEYS, Message, classify, item_object, parse
+from agentgw.ingress.mcp.messages import LIST_KEYS, Message, classify, item_object, listened_objects, parse
 from agentgw.ingress.mcp.rendering import jsonrpc_error_response, run_id_of
 from agentgw.ingress.mcp.sessions import SessionStore
 from agentgw.pipeline import Pipeline
@@ -88,13 +89,20 @@ class PassThrough:
         self._max_body = max_body_bytes
 
     async def serve(
-        self, scope: Scope, receive: Receive, send: Send, spec: McpServerSpec, headers: Mapping[str, str]
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        spec: McpServerSpec,
+        headers: Mapping[str, str],
+        principal: Principal,
     ) -> None:
-        """Answer one request to `/mcp/<spec.name>`; `headers` are the request's, names lower-cased."""
+        """Answer one request to `/mcp/<spec.name>`; `headers` are the request's, names lower-cased;
+        `principal` is who its credentials, already verified at that endpoint, say is calling."""
         if scope["method"] == "POST":
-            response = await self._post(receive, headers, spec)
+            response = await self._post(receive, headers, spec, principal)
         else:
-            response = await self._other(scope["method"], headers, spec)
+            response = await self._other(scope["method"], headers, spec, principal)
         if isinstance(response, _Listing):
             await _send_whole(send, response)
         else:
@@ -102,7 +110,7 @@ class PassThrough:
 
     # --- POST: one JSON-RPC message ---
     async def _post(
-        self, receive: Receive, headers: Mapping[str, str], spec: McpServerSpec
+        self, receive: Receive, headers: Mapping[str, str], spec: McpServerSpec, principal: Principal
     ) -> Response | _Listing:
         try:
             raw = await read_body_asgi(headers, receive, self._max_body)
@@ -114,6 +122,7 @@ class PassThrough:
             protocol="mcp",
             action=action,
             resource=resource,
+            objects=listened_objects(spec.name, message)[1:],
             upstream=spec.name,
             method=message.method or "response",
             credentials=headers.get("authorization"),
@@ -121,6 +130,7 @@ class PassThrough:
             run_id=run_id_of(headers, message.params),
             session_id=headers.get("mcp-session-id"),
             arguments=message.params.get("arguments") if message.method == "tools/call" else None,
+            principal=principal,
         )
 
         async def terminal(call: Call) -> Reply:
@@ -159,9 +169,15 @@ class PassThrough:
             await _refused(response, spec.name)
         upstream_session = response.headers.get("mcp-session-id")
         if upstream_session and message.method == "initialize" and response.status_code == 200:
-            response.headers["mcp-session-id"] = await self._sessions.bind(
-                spec.name, upstream_session, call.principal.subject
-            )
+            try:
+                response.headers["mcp-session-id"] = await self._sessions.bind(
+                    spec.name, upstream_session, call.principal.subject
+                )
+            except GatewayError:
+                # No binding, so no client can ever use the upstream's session: end it there too.
+                await response.aclose()
+                await self._end_upstream_session(spec, headers, upstream_session)
+                raise
         elif upstream_session:
             response.headers["mcp-session-id"] = call.session_id or ""
         kind = LIST_KEYS.get(message.method or "")
@@ -191,6 +207,15 @@ class PassThrough:
         listing = [item_object(spec.name, kind, i) for i in items if isinstance(i, dict)]
         return Reply(payload=_Listing(response, body, kind, message.is_modern), listing=listing)
 
+    async def _end_upstream_session(self, spec: McpServerSpec, headers: dict[str, str], session: str) -> None:
+        assert spec.url is not None
+        headers = {k: v for k, v in headers.items() if k != "content-type"} | {"mcp-session-id": session}
+        try:
+            response = await self._upstream.send("DELETE", spec.url, headers, None, spec.timeout_s, spec.name)
+            await response.aclose()
+        except GatewayError as exc:
+            log.warning("upstream %s: an unbound session was not ended (%s)", spec.name, exc.message)
+
     def _render(self, reply: Reply, spec: McpServerSpec) -> Response | _Listing:
         payload = reply.payload
         if isinstance(payload, _Listing):
@@ -202,7 +227,7 @@ class PassThrough:
 
     # --- GET (standalone SSE stream of a legacy session) and DELETE (end a session) ---
     async def _other(
-        self, method: str, incoming: Mapping[str, str], spec: McpServerSpec
+        self, method: str, incoming: Mapping[str, str], spec: McpServerSpec, principal: Principal
     ) -> Response | _Listing:
         assert spec.url is not None
         call = Call(
@@ -214,6 +239,7 @@ class PassThrough:
             credentials=incoming.get("authorization"),
             endpoint=f"/mcp/{spec.name}",
             session_id=incoming.get("mcp-session-id"),
+            principal=principal,
         )
         url = spec.url
 
@@ -226,7 +252,8 @@ class PassThrough:
             if response.status_code == 401:
                 await _refused(response, spec.name)
             if method == "DELETE" and call.session_id and response.status_code < 300:
-                await self._sessions.drop(call.session_id)
+                assert call.principal is not None
+                await self._sessions.drop(call.session_id, call.principal.subject)
             if call.session_id and "mcp-session-id" in response.headers:
                 response.headers["mcp-session-id"] = call.session_id
             return Reply(payload=response, status="ok" if response.status_code < 400 else "upstream_error")
