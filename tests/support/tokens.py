@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
 from agentgw.oauth.keys import SigningKeys
 from agentgw.oauth.server import mint_token
 from tests.support.gateway import RunningGateway
@@ -17,7 +19,8 @@ __all__ = ["bearer", "token"]
 
 def token(gw: RunningGateway, subject: str, endpoint: str, *, scopes: Sequence[str] = ()) -> str:
     """A token for `subject` whose audience is `endpoint` (a gateway path such as `/mcp`)."""
-    keys = SigningKeys(Path(gw.database_url.removeprefix("sqlite:///")).parent / "oauth-keys.json")
+    data_dir = yaml.safe_load(gw.config_path.read_text()).get("data_dir")
+    keys = SigningKeys(Path(data_dir) / "oauth-keys.json")
     value, _ = mint_token(
         keys, gw.url, subject=subject, audience=f"{gw.url}{endpoint}", client_id="tests", scopes=list(scopes)
     )
