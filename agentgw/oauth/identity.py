@@ -4,6 +4,7 @@ server, API keys, and the `Authenticate` stage that uses them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 from sqlalchemy import Engine
@@ -18,7 +19,7 @@ from agentgw.oauth.server import AuthorizationServer
 from agentgw.settings import Settings
 from registry.store import RegistryStore
 
-__all__ = ["Identity", "build_identity", "signing_keys"]
+__all__ = ["Identity", "build_identity", "signing_key_path", "signing_keys"]
 
 
 @dataclass
@@ -38,11 +39,14 @@ class Identity:
         await self.http.aclose()
 
 
+def signing_key_path(settings: Settings) -> Path:
+    """Where the built-in authorization server's key file is; the gateway's other keys go beside it."""
+    return settings.auth.builtin.signing_key or default_key_path(settings.database_url)
+
+
 def signing_keys(settings: Settings) -> SigningKeys:
     """The built-in authorization server's key file (created with a first key when missing)."""
-    builtin = settings.auth.builtin
-    path = builtin.signing_key or default_key_path(settings.database_url)
-    return SigningKeys(path, rotate_after_s=builtin.rotate_after_s)
+    return SigningKeys(signing_key_path(settings), rotate_after_s=settings.auth.builtin.rotate_after_s)
 
 
 def build_identity(settings: Settings, engine: Engine, registry: RegistryStore) -> Identity:
