@@ -144,7 +144,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, engine: Any, settings: Any) -> int:
     from agentgw.oauth.identity import signing_key_path
-    from agentgw.storage.audit_checkpoints import checkpointer, trust
+    from agentgw.storage.audit_checkpoints import checkpointer, public_text, trust
     from agentgw.storage.audit_log import iter_records, otel_record, parse_time, prune, query, verify
 
     command = args.audit_command
@@ -158,8 +158,8 @@ def _run(args: argparse.Namespace, engine: Any, settings: Any) -> int:
             return 1
         print(f"ok: {report.records} records in {report.chains} chains verify")
         sinks = ", ".join(str(path) for path in held_to.sinks)
-        keys = ", ".join(held_to.keys) or "none"
-        print(f"held to {report.checkpoints} signed checkpoints (keys {keys}; sinks {sinks})")
+        keys = ", ".join(f"{kid} = {public_text(key)}" for kid, key in held_to.keys.items()) or "none"
+        print(f"held to {report.checkpoints} signed checkpoints (sinks {sinks}; public keys {keys})")
         if report.unproven:
             print(f"{report.unproven} records are newer than their chain's last checkpoint: not covered yet")
         if report.pending:

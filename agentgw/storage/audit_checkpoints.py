@@ -248,6 +248,8 @@ def checkpointer(settings: CheckpointSettings, key_dir: Path, *, clock: Any = ti
     """
     key_path, sink = _paths(settings, key_dir)
     key = CheckpointKey.load_or_create(key_path)
+    # The public half, for `trusted_keys` on the hosts that verify this gateway's chains.
+    log.info("audit log: checkpoints are signed with key %s (public key %s)", key.id, public_text(key.public))
     return Checkpointer(
         key, sink, every_records=settings.every_records, every_s=settings.every_s, clock=clock
     )
