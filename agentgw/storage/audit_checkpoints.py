@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agentgw.filters.audit import CheckpointSettings, timestamp
+from agentgw.settings import ConfigError
 
 __all__ = [
     "KEY_FILE",
@@ -243,11 +244,13 @@ def checkpointer(settings: CheckpointSettings, key_dir: Path, *, clock: Any = ti
         key_dir: where the key goes by default: the directory of the built-in server's signing key.
 
     Raises:
-        ValueError: the key file holds no Ed25519 key.
-        OSError: the key file cannot be read or written.
+        ConfigError: the key file holds no Ed25519 key, or cannot be read or written.
     """
     key_path, sink = _paths(settings, key_dir)
-    key = CheckpointKey.load_or_create(key_path)
+    try:
+        key = CheckpointKey.load_or_create(key_path)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"audit.checkpoints: the key file {key_path}: {exc}") from exc
     # The public half, for `trusted_keys` on the hosts that verify this gateway's chains.
     log.info("audit log: checkpoints are signed with key %s (public key %s)", key.id, public_text(key.public))
     return Checkpointer(
@@ -266,18 +269,23 @@ def trust(
     `trusted_keys` and `keys`; the sinks given, or else the configured one.
 
     Raises:
-        ValueError: a trusted key is not base64 of 32 bytes, or the key file holds no Ed25519 key.
+        ConfigError: a trusted key is not base64 of 32 bytes, or the key file holds no Ed25519 key.
     """
     key_path, sink = _paths(settings, key_dir)
     publics: dict[str, Ed25519PublicKey] = {}
-    local = CheckpointKey.load(key_path)
+    try:
+        local = CheckpointKey.load(key_path)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"audit.checkpoints: the key file {key_path}: {exc}") from exc
     if local is not None:
         publics[local.id] = local.public
     for text in [*settings.trusted_keys, *keys]:
         try:
             public = Ed25519PublicKey.from_public_bytes(base64.b64decode(text, validate=True))
         except (ValueError, binascii.Error) as exc:
-            raise ValueError(f"not an Ed25519 public key (base64 of 32 bytes): {text!r}") from exc
+            raise ConfigError(
+                f"audit.checkpoints: not an Ed25519 public key (base64 of 32 bytes): {text!r}"
+            ) from exc
         publics[_key_id(public)] = public
     return CheckpointTrust(publics, tuple(sinks) or (sink,))
 

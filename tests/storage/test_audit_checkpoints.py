@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import Engine, delete, insert, select, update
 
 from agentgw.filters.audit import AuditSettings, CheckpointSettings
+from agentgw.settings import ConfigError
 from agentgw.storage import make_engine
 from agentgw.storage.audit_checkpoints import (
     Checkpointer,
@@ -290,6 +291,15 @@ def test_two_processes_creating_the_key_at_once_share_one(keys: Path) -> None:
     ids = {CheckpointKey.load_or_create(path).id for _ in range(3)}
     assert len(ids) == 1
     assert (path.stat().st_mode & 0o777) == 0o600
+
+
+def test_an_unusable_key_or_trusted_key_is_a_config_error(keys: Path) -> None:
+    keys.mkdir()
+    (keys / "audit-checkpoint-key.pem").write_text("not a key")
+    with pytest.raises(ConfigError, match=r"audit-checkpoint-key\.pem"):
+        checkpointer(CheckpointSettings(), keys)
+    with pytest.raises(ConfigError, match="not an Ed25519 public key"):
+        trust(CheckpointSettings(key=keys / "elsewhere.pem", trusted_keys=["c2hvcnQ="]), keys)
 
 
 # --- the journal (SQLite) -------------------------------------------------------------------------
