@@ -159,7 +159,7 @@ def _run(args: argparse.Namespace, engine: Any, settings: Any) -> int:
         print(f"ok: {report.records} records in {report.chains} chains verify")
         sinks = ", ".join(str(path) for path in held_to.sinks)
         keys = ", ".join(f"{kid} = {public_text(key)}" for kid, key in held_to.keys.items()) or "none"
-        print(f"held to {report.checkpoints} signed checkpoints (sinks {sinks}; public keys {keys})")
+        print(f"checked {report.checkpoints} checkpoint signatures (sinks {sinks}; public keys {keys})")
         if report.unproven:
             print(f"{report.unproven} records are newer than their chain's last checkpoint: not covered yet")
         if report.pending:

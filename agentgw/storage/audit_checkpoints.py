@@ -24,7 +24,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -323,19 +323,19 @@ def parse_checkpoint(line: bytes | str, keys: dict[str, Ed25519PublicKey]) -> Ch
     return checkpoint
 
 
-def read_sink(path: Path, keys: dict[str, Ed25519PublicKey]) -> list[Checkpoint]:
-    """Every checkpoint in the sink file `path` (a torn last line, a write cut short, is skipped).
+def read_sink(path: Path, keys: dict[str, Ed25519PublicKey]) -> Iterator[Checkpoint]:
+    """Every checkpoint in the sink file `path`, read a line at a time (a torn last line, a write cut
+    short, is skipped).
 
     Raises:
         OSError: the file cannot be read.
         ValueError: a line is not a checkpoint signed by one of `keys` (the message names it).
     """
-    lines = path.read_bytes().split(b"\n")
-    lines.pop()  # b"" after the last newline, or a torn line
-    out = []
-    for number, line in enumerate(lines, 1):
-        try:
-            out.append(parse_checkpoint(line, keys))
-        except ValueError as exc:
-            raise ValueError(f"line {number} of the checkpoint sink {path}: {exc}") from None
-    return out
+    with path.open("rb") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.endswith(b"\n"):
+                return  # the last line, torn
+            try:
+                yield parse_checkpoint(line, keys)
+            except ValueError as exc:
+                raise ValueError(f"line {number} of the checkpoint sink {path}: {exc}") from None

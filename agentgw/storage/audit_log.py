@@ -46,7 +46,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -1384,7 +1384,7 @@ class VerifyReport:
     records: int
     chains: int
     problem: Problem | None
-    checkpoints: int = 0  # signed checkpoints and anchors the chains were held to
+    checkpoints: int = 0  # checkpoint signatures checked (a sink's line and its database copy: two)
     unproven: int = 0  # records after their chain's newest checkpoint: the window no signature covers
     pending: int = 0  # records only in a journal so far (a live gateway ingests them within moments)
 
@@ -1405,21 +1405,21 @@ def verify(engine: Engine, trust: CheckpointTrust | None = None) -> VerifyReport
     Reads checkpoints first, then the journal, then the chains: a live gateway only adds to what was
     read before, so nothing it checkpointed can be missed in between.
     """
-    signed: dict[str, set[Checkpoint]] = {}
+    signed: dict[str, _Claims] = {}
     problem, missing_sink = _read_checkpoints(engine, trust, signed) if trust is not None else (None, None)
     journaled: dict[str, dict[int, str]] = {}
     directory = journal_directory(engine)
     if problem is None and directory is not None:
         problem = _read_journals(directory, journaled)
-    # What each record's hash must be, and who says so: every checkpoint, and the journal's line.
+    # What a record's hash must be, and who says so: the chain's newest checkpoint, its journal line.
     expected: dict[str, dict[int, list[tuple[str, str]]]] = {}
     for chain, lines in journaled.items():
         expected[chain] = {seq: [(hash_, "its line in the journal")] for seq, hash_ in lines.items()}
-    for chain, checkpoints in signed.items():
-        for c in sorted(checkpoints, key=lambda c: c.time):
-            if c.kind == "head":
-                claims = expected.setdefault(chain, {}).setdefault(c.seq, [])
-                claims.append((c.hash, f"the checkpoint signed at {c.time}"))
+    for chain, claims in signed.items():
+        for c in [claims.newest, *claims.rivals] if claims.newest is not None else ():
+            expected.setdefault(chain, {}).setdefault(c.seq, []).append(
+                (c.hash, f"the checkpoint signed at {c.time}")
+            )
     with engine.connect() as conn:
         heads = {r.chain: r for r in conn.execute(select(audit_chain))}
         if problem is not None:
@@ -1450,20 +1450,44 @@ def verify(engine: Engine, trust: CheckpointTrust | None = None) -> VerifyReport
     if trust is not None:
         held, unproven = _held_to_checkpoints(heads, signed, journaled)
         problem = problem or held
-    count = sum(len(c) for c in signed.values())
+    count = sum(c.count for c in signed.values())
     return VerifyReport(checked, len(heads), problem, count, unproven, pending)
 
 
+@dataclass(slots=True)
+class _Claims:
+    """What the trusted checkpoints of one chain say, kept to what `verify` needs, so that its memory
+    does not grow with them: the chain links every earlier record to the newest checkpoint's."""
+
+    newest: Checkpoint | None = None  # the head checkpoint of the highest seq
+    rivals: list[Checkpoint] = field(default_factory=list)  # of the same seq, another hash: a lie
+    final: Checkpoint | None = None  # the final checkpoint of the lowest seq
+    anchors: set[tuple[int, str]] = field(default_factory=set)  # (seq, hash) of the signed anchors
+    count: int = 0
+
+    def add(self, c: Checkpoint) -> None:
+        self.count += 1
+        if c.kind == "anchor":
+            self.anchors.add((c.seq, c.hash))
+            return
+        if self.newest is None or c.seq > self.newest.seq:
+            self.newest, self.rivals = c, []
+        elif c.seq == self.newest.seq and c.hash != self.newest.hash and len(self.rivals) < 8:
+            self.rivals.append(c)
+        if c.last and (self.final is None or c.seq < self.final.seq):
+            self.final = c
+
+
 def _read_checkpoints(
-    engine: Engine, trust: CheckpointTrust, signed: dict[str, set[Checkpoint]]
+    engine: Engine, trust: CheckpointTrust, signed: dict[str, _Claims]
 ) -> tuple[Problem | None, Path | None]:
     """Collect the checkpoints of the sinks and the database into `signed`; the first problem, and
     a sink that does not exist (a problem if there are checkpoints at all)."""
     missing: Path | None = None
-    found: list[Checkpoint] = []
     for sink in trust.sinks:
         try:
-            found += read_sink(sink, trust.keys)
+            for checkpoint in read_sink(sink, trust.keys):
+                signed.setdefault(checkpoint.chain, _Claims()).add(checkpoint)
         except FileNotFoundError:
             missing = missing or sink
         except OSError as exc:
@@ -1472,20 +1496,20 @@ def _read_checkpoints(
             ), None
         except ValueError as exc:
             return Problem("forged", "", None, None, str(exc)), None
-    in_sinks = {c.line().decode() for c in found}  # the database's copies need no second check
     with engine.connect() as conn:
-        for row in conn.execute(select(audit_checkpoint).order_by(audit_checkpoint.c.id)):
-            if row.body in in_sinks:
-                continue
+        rows = conn.execution_options(yield_per=1000).execute(
+            select(audit_checkpoint).order_by(audit_checkpoint.c.id)
+        )
+        for row in rows:
             try:
-                found.append(parse_checkpoint(row.body, trust.keys))
+                checkpoint = parse_checkpoint(row.body, trust.keys)
             except ValueError as exc:
+                rows.close()
                 where = f"checkpoint {row.id} in the database (chain {row.chain!r}, seq {row.seq})"
                 return Problem(
                     "forged", row.chain, None, row.seq, f"{where} is not to be trusted: {exc}"
                 ), None
-    for checkpoint in found:
-        signed.setdefault(checkpoint.chain, set()).add(checkpoint)
+            signed.setdefault(checkpoint.chain, _Claims()).add(checkpoint)
     return None, missing
 
 
@@ -1540,61 +1564,56 @@ def _read_journals(directory: Path, journaled: dict[str, dict[int, str]]) -> Pro
 
 
 def _held_to_checkpoints(
-    heads: Mapping[str, Any],
-    signed: Mapping[str, set[Checkpoint]],
-    journaled: Mapping[str, Mapping[int, str]],
+    heads: Mapping[str, Any], signed: Mapping[str, _Claims], journaled: Mapping[str, Mapping[int, str]]
 ) -> tuple[Problem | None, int]:
     """What the records walk cannot see: checkpointed records gone from the database and the
     journal, chains gone with their head, anchors nobody signed, records after a final checkpoint.
     Returns the first problem and how many records no checkpoint covers yet."""
     unproven = 0
     for chain, head in heads.items():
-        checkpoints = signed.get(chain, set())
+        claims = signed.get(chain, _Claims())
         lines = journaled.get(chain, {})
-        if head.anchor_seq > 0 and not any(
-            c.kind == "anchor" and c.seq == head.anchor_seq and c.hash == head.anchor_hash
-            for c in checkpoints
-        ):
+        if head.anchor_seq > 0 and (head.anchor_seq, head.anchor_hash) not in claims.anchors:
             why = f"no anchor signed by a trusted key vouches for seq {head.anchor_seq}"
             message = f"the oldest records of chain {chain!r} (to seq {head.anchor_seq}) were removed: {why}"
             return Problem("removed", chain, None, head.anchor_seq, message), unproven
         reach = head.head_seq  # the database's head, and after it what the journal still holds
         while reach + 1 in lines:
             reach += 1
-        tops = sorted(
-            (c for c in checkpoints if c.kind == "head" and c.seq > head.anchor_seq), key=lambda c: c.seq
-        )
-        for c in tops:
-            if c.seq > reach:
-                why = f"a checkpoint signed at {c.time} vouches for seq {c.seq}"
-                message = (
-                    f"the newest record(s) of chain {chain!r} (seq {reach + 1} to {c.seq}) were removed, "
-                    f"from the database and the journal, and its head moved back: {why}"
-                )
-                return Problem("removed", chain, None, reach + 1, message), unproven
-            if c.seq > head.head_seq and lines[c.seq] != c.hash:
-                message = f"seq {c.seq} of chain {chain!r} in the journal is not the one signed at {c.time}"
-                return Problem("edited", chain, None, c.seq, message), unproven
-        finals = [c.seq for c in tops if c.last]
-        if finals and head.head_seq > min(finals):
+        newest = claims.newest if claims.newest is not None and claims.newest.seq > head.anchor_seq else None
+        if newest is not None and newest.seq > reach:
+            why = f"a checkpoint signed at {newest.time} vouches for seq {newest.seq}"
             message = (
-                f"records seq {min(finals) + 1} to {head.head_seq} of chain {chain!r} were inserted "
-                f"after its final checkpoint (seq {min(finals)})"
+                f"the newest record(s) of chain {chain!r} (seq {reach + 1} to {newest.seq}) were removed, "
+                f"from the database and the journal, and its head moved back: {why}"
             )
-            return Problem("inserted", chain, None, min(finals) + 1, message), unproven
-        if not finals:
-            unproven += max(0, head.head_seq - max([head.anchor_seq, *(c.seq for c in tops)]))
-    for chain, checkpoints in sorted(signed.items()):
+            return Problem("removed", chain, None, reach + 1, message), unproven
+        if newest is not None and newest.seq > head.head_seq and lines[newest.seq] != newest.hash:
+            message = (
+                f"seq {newest.seq} of chain {chain!r} in the journal is not the one signed at {newest.time}"
+            )
+            return Problem("edited", chain, None, newest.seq, message), unproven
+        final = claims.final
+        if final is not None and head.head_seq > final.seq:
+            message = (
+                f"records seq {final.seq + 1} to {head.head_seq} of chain {chain!r} were inserted "
+                f"after its final checkpoint (seq {final.seq})"
+            )
+            return Problem("inserted", chain, None, final.seq + 1, message), unproven
+        if final is None:
+            unproven += head.head_seq - max(head.anchor_seq, newest.seq if newest is not None else 0)
+    for chain, claims in sorted(signed.items()):
         if chain in heads:
             continue
-        lines = journaled.get(chain, {})
-        for c in sorted(checkpoints, key=lambda c: c.seq):
-            if c.kind == "anchor" or lines.get(c.seq) != c.hash:
-                message = (
-                    f"chain {chain!r} was removed, its head included: a checkpoint signed at {c.time} "
-                    f"vouches for its records up to seq {c.seq}"
-                )
-                return Problem("removed", chain, None, None, message), unproven
+        c = claims.newest
+        if claims.anchors or (c is not None and journaled.get(chain, {}).get(c.seq) != c.hash):
+            vouched = (
+                f"a checkpoint signed at {c.time} vouches for its records up to seq {c.seq}"
+                if c
+                else "it was pruned"
+            )
+            message = f"chain {chain!r} was removed, its head included: {vouched}"
+            return Problem("removed", chain, None, None, message), unproven
     return None, unproven
 
 
