@@ -40,12 +40,13 @@ from agentgw.ingress.mcp.passthrough import PassThrough
 from agentgw.ingress.mcp.routes import McpIngress
 from agentgw.ingress.mcp.sessions import MemorySessionStore, RedisSessionStore, SessionLimits, SessionStore
 from agentgw.oauth.apikeys import api_key_router
-from agentgw.oauth.identity import Identity, build_identity
+from agentgw.oauth.identity import Identity, build_identity, signing_key_path
 from agentgw.oauth.metadata import protected_resource_router
 from agentgw.oauth.server import oauth_router
 from agentgw.pipeline import Pipeline, ordered
 from agentgw.settings import Settings
 from agentgw.storage import create_db, ensure_private_dir, make_engine
+from agentgw.storage.audit_checkpoints import checkpointer, trust
 from agentgw.storage.audit_log import SqlAuditLog
 from agentgw.storage.budget_counters import budget_store
 from agentgw.storage.budget_rules import BudgetRuleBook
@@ -125,7 +126,14 @@ def build_gateway(settings: Settings) -> Gateway:
         if registry.owner(spec.name) != "config" and (problem := admission.problem(spec, from_config=False)):
             log.error("registry: server %s is failing: %s", spec.name, problem)
     audit_engine = make_engine(settings.audit.database_url) if settings.audit.database_url else engine
-    audit_log = SqlAuditLog(audit_engine, settings.audit)
+    # The checkpoint key lives beside the signing key, out of the database (decision 0215).
+    key_dir = signing_key_path(settings).parent
+    audit_log = SqlAuditLog(
+        audit_engine,
+        settings.audit,
+        checkpointer=checkpointer(settings.audit.checkpoints, key_dir),
+        trust=trust(settings.audit.checkpoints, key_dir),
+    )
     audit = Audit(audit_log, settings.audit.redact)
     budget_rules = BudgetRuleBook(engine)
     budget_rules.sync_config(settings.budgets.rules)
@@ -486,6 +494,7 @@ def create_app(settings: Settings) -> GatewayApp:
             gateway.audit_log.engine,
             read_guard=_admin_guard(gateway, "audit", "read"),
             flush=gateway.audit_log.flush,
+            check=gateway.audit_log.verify,
         )
     )
     app.include_router(

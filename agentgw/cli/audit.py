@@ -3,7 +3,8 @@
 Filters (all commands but verify and prune): --since/--until (ISO 8601 or an age: 15m, 2h, 7d),
 --subject, --actor, --client, --protocol, --resource (trailing `*` for a prefix), --decision,
 --run, --request, --event. Output: a table or JSON Lines; export also as OpenTelemetry log records.
-`verify` exits 1 and names the first record that was edited, removed or inserted.
+`verify` exits 1 and names the first record that was edited, removed or inserted, holding the chains
+to the checkpoints signed by the gateway's key (decision 0215; what that proves: docs/audit.md).
 """
 
 from __future__ import annotations
@@ -58,8 +59,23 @@ def register(sub: Any) -> None:
     _add_filters(export)
     export.add_argument("--format", choices=["jsonl", "otel"], default="jsonl", help="otel: OTLP log records")
     export.add_argument("-o", "--output", type=Path, help="write to this file (default: standard output)")
-    verify = audit_sub.add_parser("verify", help="check the hash chains; exit 1 at the first broken record")
+    verify = audit_sub.add_parser(
+        "verify", help="check the hash chains and their signed checkpoints; exit 1 at the first problem"
+    )
     add_common_options(verify)
+    verify.add_argument(
+        "--sink",
+        action="append",
+        type=Path,
+        default=[],
+        help="a checkpoint sink file to read (repeatable; default: audit.checkpoints.sink)",
+    )
+    verify.add_argument(
+        "--trust-key",
+        action="append",
+        default=[],
+        help="a public key (base64) whose checkpoints count, besides the local key and trusted_keys",
+    )
     prune = audit_sub.add_parser(
         "prune", help="delete records older than an age (keeps the chains verifiable)"
     )
@@ -115,7 +131,7 @@ def _audit(args: argparse.Namespace) -> int:
     engine = make_engine(settings.audit.database_url or settings.database_url)
     try:
         create_audit_tables(engine)
-        return _run(args, engine)
+        return _run(args, engine, settings)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -126,20 +142,35 @@ def _audit(args: argparse.Namespace) -> int:
         engine.dispose()
 
 
-def _run(args: argparse.Namespace, engine: Any) -> int:
+def _run(args: argparse.Namespace, engine: Any, settings: Any) -> int:
+    from agentgw.oauth.identity import signing_key_path
+    from agentgw.storage.audit_checkpoints import checkpointer, public_text, trust
     from agentgw.storage.audit_log import iter_records, otel_record, parse_time, prune, query, verify
 
     command = args.audit_command
+    key_dir = signing_key_path(settings).parent  # the checkpoint key's default place, as the gateway's
     if command == "verify":
-        report = verify(engine)
+        held_to = trust(settings.audit.checkpoints, key_dir, sinks=args.sink, keys=args.trust_key)
+        report = verify(engine, held_to)
         if report.problem is not None:
             print(f"FAILED: {report.problem.message}", file=sys.stderr)
             print(f"checked {report.records} records in {report.chains} chains before it", file=sys.stderr)
             return 1
         print(f"ok: {report.records} records in {report.chains} chains verify")
+        sinks = ", ".join(str(path) for path in held_to.sinks)
+        keys = ", ".join(f"{kid} = {public_text(key)}" for kid, key in held_to.keys.items()) or "none"
+        print(f"checked {report.checkpoints} checkpoint signatures (sinks {sinks}; public keys {keys})")
+        if report.unproven:
+            print(f"{report.unproven} records are newer than their chain's last checkpoint: not covered yet")
+        if report.pending:
+            print(f"{report.pending} records are only in the journal so far")
         return 0
     if command == "prune":
-        removed = prune(engine, parse_time(args.older_than))
+        signer = checkpointer(settings.audit.checkpoints, key_dir)
+        try:
+            removed = prune(engine, parse_time(args.older_than), signer)
+        finally:
+            signer.close()
         print(f"removed {removed} records")
         return 0
     filters = _filters(args)

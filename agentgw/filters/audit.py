@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import anyio
@@ -46,6 +47,7 @@ __all__ = [
     "AuditRecord",
     "AuditSettings",
     "AuditSink",
+    "CheckpointSettings",
     "RedactionSettings",
     "arguments_digest",
     "not_written",
@@ -166,6 +168,24 @@ class RedactionSettings(BaseModel):
         return patterns
 
 
+class CheckpointSettings(BaseModel):
+    """`audit.checkpoints`: signed heads of the hash chains, in the database and a sink (decision 0215)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The Ed25519 key that signs them; default: audit-checkpoint-key.pem beside the built-in server's
+    # signing key (created on first start). Never in the database: it is what a database writer lacks.
+    key: Path | None = None
+    # A file every checkpoint is appended to (O_APPEND), out of the database writers' reach; default:
+    # audit-checkpoints.jsonl beside the key.
+    sink: Path | None = None
+    # A checkpoint after this many records or this long, whichever comes first, and at shutdown.
+    every_records: int = Field(default=10_000, ge=1)
+    every_s: float = Field(default=10.0, gt=0)
+    # Public keys (base64) of other gateways writing the same log, whose checkpoints `verify` accepts.
+    trusted_keys: list[str] = Field(default_factory=list)
+
+
 class AuditSettings(BaseModel):
     """The `audit:` section of the config file."""
 
@@ -185,6 +205,7 @@ class AuditSettings(BaseModel):
     # (synchronous=FULL: one flush per group commit, milliseconds on most disks).
     durability: Literal["crash", "power"] = "crash"
     redact: RedactionSettings = Field(default_factory=RedactionSettings)
+    checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings)
 
 
 # Not frozen: a frozen dataclass sets each of its 28 fields through object.__setattr__, which

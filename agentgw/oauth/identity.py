@@ -4,6 +4,7 @@ server, API keys, and the `Authenticate` stage that uses them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 from sqlalchemy import Engine
@@ -19,7 +20,7 @@ from agentgw.oauth.server import AuthorizationServer
 from agentgw.settings import Settings
 from registry.store import RegistryStore
 
-__all__ = ["Identity", "build_identity", "signing_keys"]
+__all__ = ["Identity", "build_identity", "signing_key_path", "signing_keys"]
 
 
 @dataclass
@@ -39,13 +40,16 @@ class Identity:
         await self.http.aclose()
 
 
+def signing_key_path(settings: Settings) -> Path:
+    """Where the built-in authorization server's key file is; the gateway's other keys go beside it."""
+    return settings.auth.builtin.signing_key or settings.data_dir / "oauth-keys.json"
+
+
 def signing_keys(settings: Settings) -> SigningKeys:
     """The built-in authorization server's key file (created with a first key when missing): the
     gateway and every command (`agentgw token issue`, `agentgw keys rotate-signing`) find it by the
     same settings, in the data directory unless `auth.builtin.signing_key` names it."""
-    builtin = settings.auth.builtin
-    path = builtin.signing_key or settings.data_dir / "oauth-keys.json"
-    return SigningKeys(path, rotate_after_s=builtin.rotate_after_s)
+    return SigningKeys(signing_key_path(settings), rotate_after_s=settings.auth.builtin.rotate_after_s)
 
 
 def build_identity(settings: Settings, engine: Engine, registry: RegistryStore) -> Identity:

@@ -46,7 +46,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -77,6 +77,13 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from agentgw.errors import Unavailable
 from agentgw.filters.audit import AuditRecord, AuditSettings, not_written, timestamp
+from agentgw.storage.audit_checkpoints import (
+    Checkpoint,
+    Checkpointer,
+    CheckpointTrust,
+    parse_checkpoint,
+    read_sink,
+)
 
 __all__ = [
     "GENESIS",
@@ -85,6 +92,7 @@ __all__ = [
     "SqlAuditLog",
     "VerifyReport",
     "create_audit_tables",
+    "journal_directory",
     "otel_record",
     "parse_time",
     "prune",
@@ -165,6 +173,16 @@ audit_chain = Table(
     Column("anchor_seq", BigInteger, nullable=False),
     Column("anchor_hash", String(64), nullable=False),
 )
+# Signed checkpoints and anchors (decision 0215), each stored as its whole signed line: `verify`
+# checks every signature, so a row counts for what it says, not for being here.
+audit_checkpoint = Table(
+    "audit_checkpoint",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("chain", String(200), nullable=False, index=True),
+    Column("seq", BigInteger, nullable=False),
+    Column("body", Text, nullable=False),
+)
 _LIST_COLUMNS = ("roles", "scopes", "actors", "upstream_actors")
 HASHED = tuple(
     str(c.name) for c in audit_log.columns if c.name not in ("id", "hash")
@@ -180,6 +198,19 @@ def record_hash(row: Mapping[Any, Any]) -> str:
     """The hash of a stored record: SHA-256 over the canonical JSON of every column but id and hash."""
     content = {name: row[name] for name in HASHED}
     return hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def journal_directory(engine: Engine) -> Path | None:
+    """Where the journal of a SQLite file database lives (`<file>.audit-journal`); None otherwise."""
+    url = engine.url
+    file_db = url.database not in (None, "", ":memory:") and not url.query
+    if engine.dialect.name != "sqlite" or not file_db:
+        return None
+    return Path(f"{url.database}.audit-journal")
+
+
+def _checkpoint_row(checkpoint: Checkpoint) -> dict[str, Any]:
+    return {"chain": checkpoint.chain, "seq": checkpoint.seq, "body": checkpoint.line().decode()}
 
 
 def _json_list(values: tuple[str, ...]) -> str:
@@ -247,6 +278,7 @@ def _named(table: Table, columns: Sequence[str]) -> str:
 
 _INSERT_SQL = _named(audit_log, _INSERT_COLUMNS)
 _CHAIN_SQL = _named(audit_chain, _CHAIN_COLUMNS)
+_CHECKPOINT_SQL = _named(audit_checkpoint, ("chain", "seq", "body"))
 _VALUES = "(" + ", ".join("?" * len(_INSERT_COLUMNS)) + ")"
 # One statement inserts a whole chunk: sqlite3 lets go of the GIL around every statement it steps,
 # and the loop takes it back each time; a statement per row made the ingest thread dearer than the
@@ -322,8 +354,21 @@ class SqlAuditLog:
     """The `AuditSink` of the gateway: one hash chain per process, stored in batches by one thread."""
 
     def __init__(
-        self, engine: Engine, settings: AuditSettings | None = None, *, clock: Any = time.time
+        self,
+        engine: Engine,
+        settings: AuditSettings | None = None,
+        *,
+        clock: Any = time.time,
+        checkpointer: Checkpointer | None = None,
+        trust: CheckpointTrust | None = None,
     ) -> None:
+        """A log appending to a new chain of `engine`'s tables.
+
+        Args:
+            checkpointer: signs this chain's head now and then, and anchors when pruning
+                (decision 0215); without it nothing is signed.
+            trust: what `verify` holds the chains to.
+        """
         settings = settings or AuditSettings()
         self.engine = engine
         self.node = settings.node_id or socket.gethostname()
@@ -371,6 +416,12 @@ class SqlAuditLog:
         self._stopping = False
         self._ingest_wake = threading.Event()
         self._ingest_conn: sqlite3.Connection | None = None
+        # Checkpoints (decision 0215), signed by the thread that stores the records, and at close.
+        self._checkpointer = checkpointer
+        self.trust = trust
+        self._signed = (0, time.monotonic())  # this chain's newest checkpoint: its seq, and when
+        self._unstored: list[Checkpoint] = []  # signed, not yet in the database
+        self._taken = (0, GENESIS)  # the newest row the ingest thread took from the journal
         try:
             create_audit_tables(engine)
         except SQLAlchemyError:
@@ -381,7 +432,7 @@ class SqlAuditLog:
 
     def _open_journal(self, directory: Path) -> None:
         try:
-            replay_journals(str(self._sqlite_path), directory)
+            replay_journals(str(self._sqlite_path), directory, self._checkpointer)
         except Exception:  # start anyway: what is not replayed stays in the journal for the next start
             log.exception("audit log: replaying the journals in %s failed", directory)
         try:
@@ -451,10 +502,19 @@ class SqlAuditLog:
                     self._journal_path,
                 )
             self._journal = None
+        if self._checkpointer is not None and not self._thread_alive():
+            # The final checkpoint: `verify` takes any record after it for an insertion.
+            self._maybe_checkpoint(*self._head, last=True)
+            self._store_checkpoints(self._ingested if self._journal_path is not None else self._head[0])
+            self._checkpointer.close()
         for conn in (self._conn, self._ingest_conn):
             if conn is not None:
                 conn.close()
         self._conn = self._ingest_conn = None
+
+    def verify(self) -> VerifyReport:
+        """`verify` of this log's database, held to its checkpoints (`trust`)."""
+        return verify(self.engine, self.trust)
 
     def _thread_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -613,6 +673,11 @@ class SqlAuditLog:
                 held += self._rows
                 self._rows = []
                 stopping = self._stopping
+            if held:
+                self._taken = (held[-1]["seq"], held[-1]["hash"])
+            # Signed once the rows are durable in the journal, before SQL has them: rows lost from
+            # the journal before they reach SQL are then caught as well.
+            self._maybe_checkpoint(*self._taken)
             error: Exception | None = None
             if held:
                 idle_since = None
@@ -622,6 +687,8 @@ class SqlAuditLog:
                 elif error is None and self._failing:
                     log.warning("audit log: ingest works again; records are accepted")
                 self._failing = error is not None
+                if error is None:
+                    self._store_checkpoints(self._ingested)
                 self._remove_ingested_segments()
                 if error is None and self._retention_days is not None:
                     self._maybe_prune()
@@ -715,10 +782,48 @@ class SqlAuditLog:
             log.warning("audit log: WAL checkpoint failed; the next one tries again", exc_info=True)
             self._drop_ingest_connection()
 
+    # --- checkpoints (decision 0215): by the thread that stores the records, and at close ---
+    def _maybe_checkpoint(self, seq: int, head: str, *, last: bool = False) -> None:
+        """Sign this chain's head at `seq` if a checkpoint is due: `every_records` records or
+        `every_s` seconds after the previous one; always if `last` (the chain ends there)."""
+        checkpointer = self._checkpointer
+        if checkpointer is None or seq == 0:
+            return
+        signed_seq, signed_at = self._signed
+        now = time.monotonic()
+        if not last and (
+            seq == signed_seq
+            or (seq - signed_seq < checkpointer.every_records and now - signed_at < checkpointer.every_s)
+        ):
+            return
+        self._unstored.append(checkpointer.sign("head", self.chain, seq, head, last=last))
+        self._signed = (seq, now)
+
+    def _store_checkpoints(self, committed_seq: int) -> None:
+        """Insert the signed checkpoints whose records are committed, so that a reader of the database
+        alone finds every record a checkpoint there names; a failure retries with the next ones."""
+        ready = [c for c in self._unstored if c.seq <= committed_seq]
+        if not ready:
+            return
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(audit_checkpoint), [_checkpoint_row(c) for c in ready])
+        except SQLAlchemyError:
+            log.warning(
+                "audit log: checkpoints not stored in the database (the sink has them)", exc_info=True
+            )
+            return
+        self._unstored = [c for c in self._unstored if c.seq > committed_seq]
+
     # --- the writer thread (PostgreSQL, or `durability: power`) ---
     def _run(self) -> None:
+        every_s = self._checkpointer.every_s if self._checkpointer is not None else None
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=every_s)
+            except queue.Empty:  # idle: sign what the last batches committed, if it is time
+                self._checkpoint_committed()
+                continue
             if item is None:
                 break
             batch, stopping = self._gather(list(item))
@@ -727,10 +832,15 @@ class SqlAuditLog:
                 records = [p.record for p in part if p.record is not None]
                 error = self._commit(records) if records else None
                 _settle(part, error)
+                self._checkpoint_committed()
                 if error is None and self._retention_days is not None:
                     self._maybe_prune()
             if stopping:
                 break
+
+    def _checkpoint_committed(self) -> None:
+        self._maybe_checkpoint(*self._head)
+        self._store_checkpoints(self._head[0])
 
     def _gather(self, batch: list[_Pending]) -> tuple[list[_Pending], bool]:
         """More of what is queued, for one transaction, and whether the log is closing."""
@@ -805,7 +915,7 @@ class SqlAuditLog:
             return
         self._pruned_at = now
         try:
-            removed = prune(self.engine, timestamp(now - self._retention_days * 86400))
+            removed = prune(self.engine, timestamp(now - self._retention_days * 86400), self._checkpointer)
         except SQLAlchemyError:
             log.exception("audit log: retention pruning failed")
             return
@@ -926,14 +1036,15 @@ class _Unreadable(Exception):
     """A journal line that cannot be replayed: the chain's replay stops there."""
 
 
-def replay_journals(database: str, directory: Path) -> int:
+def replay_journals(database: str, directory: Path, checkpointer: Checkpointer | None = None) -> int:
     """Ingest the journals of dead processes in `directory` into the SQLite `database`; returns rows.
 
     A journal is replayed only if its lock can be taken (its process is gone); rows already ingested
     (at or below the chain's head) are skipped, the rest must continue the chain. A torn last line
     of a segment (its write never completed, so its caller was never answered) is dropped with a
     warning; anything else that does not fit stops that chain's replay there, and its files are
-    renamed `*.unreadable` for an operator. Replayed journals are deleted.
+    renamed `*.unreadable` for an operator. Replayed journals are deleted. With a `checkpointer`,
+    a chain replayed whole gets its final checkpoint: its process is gone and cannot sign it.
     """
     if not directory.is_dir():
         return 0
@@ -954,7 +1065,7 @@ def replay_journals(database: str, directory: Path) -> int:
                     continue  # replayed and removed by another process while this one waited
             except FileNotFoundError:
                 continue
-            replayed += _replay_chain(database, directory, chain_id, lock_path)
+            replayed += _replay_chain(database, directory, chain_id, lock_path, checkpointer)
         finally:
             os.close(fd)
     return replayed
@@ -969,12 +1080,14 @@ def _segments(directory: Path, chain_id: str) -> list[Path]:
     return [path for _, path in sorted(numbered)]
 
 
-def _replay_chain(database: str, directory: Path, chain_id: str, lock_path: Path) -> int:
+def _replay_chain(
+    database: str, directory: Path, chain_id: str, lock_path: Path, checkpointer: Checkpointer | None
+) -> int:
     segments = _segments(directory, chain_id)
     conn = sqlite3.connect(database, isolation_level=None)
     try:
         conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        rows, problem = _read_journal(conn, segments)
+        rows, problem, end = _read_journal(conn, segments)
         if rows:
             first = rows[0]
             conn.execute("BEGIN IMMEDIATE")
@@ -997,6 +1110,12 @@ def _replay_chain(database: str, directory: Path, chain_id: str, lock_path: Path
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+        if checkpointer is not None and problem is None and end is not None and end[1] > 0:
+            final = checkpointer.sign("head", end[0], end[1], end[2], last=True)
+            try:
+                conn.execute(_CHECKPOINT_SQL, _checkpoint_row(final))
+            except sqlite3.Error:
+                log.warning("audit log: a replayed chain's checkpoint is only in the sink", exc_info=True)
     finally:
         conn.close()
     if rows:
@@ -1014,9 +1133,11 @@ def _replay_chain(database: str, directory: Path, chain_id: str, lock_path: Path
     return len(rows)
 
 
-def _read_journal(conn: sqlite3.Connection, segments: list[Path]) -> tuple[list[dict[str, Any]], str | None]:
-    """The rows of `segments` that continue their chain past its committed head, and the problem that
-    stopped the reading (None: all of it was read)."""
+def _read_journal(
+    conn: sqlite3.Connection, segments: list[Path]
+) -> tuple[list[dict[str, Any]], str | None, tuple[str, int, str] | None]:
+    """The rows of `segments` that continue their chain past its committed head, the problem that
+    stopped the reading (None: all of it was read), and the chain's head after them (None: no line)."""
     rows: list[dict[str, Any]] = []
     head: tuple[int, str] | None = None  # the chain's last seq and hash
     chain: str | None = None
@@ -1042,17 +1163,19 @@ def _read_journal(conn: sqlite3.Connection, segments: list[Path]) -> tuple[list[
                 if record_hash(row) != row["hash"]:
                     raise _Unreadable(f"seq {row['seq']} does not match its hash")
             except (orjson.JSONDecodeError, KeyError, TypeError, _Unreadable) as exc:
-                return rows, f"{path} line {number}: {exc}"
+                return rows, f"{path} line {number}: {exc}", None
             rows.append(row)
             head = (row["seq"], row["hash"])
-    return rows, None
+    return rows, None, (chain, *head) if chain is not None and head is not None else None
 
 
-def prune(engine: Engine, before: str) -> int:
+def prune(engine: Engine, before: str, checkpointer: Checkpointer | None = None) -> int:
     """Delete records older than `before` (a `timestamp`), moving each chain's anchor; returns how many.
 
     Records go in chain order up to the last one older than `before`, so that a chain never has a
-    hole: what remains starts right after its anchor.
+    hole: what remains starts right after its anchor. The `checkpointer` signs each new anchor
+    (into its sink before the database has it), without which `verify` holding the chains to their
+    checkpoints finds the oldest records removed; checkpoints below the anchor are dropped.
     """
     removed = 0
     with engine.begin() as conn:
@@ -1070,6 +1193,14 @@ def prune(engine: Engine, before: str) -> int:
                 delete(audit_log).where(audit_log.c.chain == chain, audit_log.c.seq <= last.seq)
             )
             removed += result.rowcount
+            if checkpointer is not None:
+                anchor = checkpointer.sign("anchor", chain, last.seq, last.hash)
+                conn.execute(insert(audit_checkpoint).values(**_checkpoint_row(anchor)))
+            conn.execute(
+                delete(audit_checkpoint).where(
+                    audit_checkpoint.c.chain == chain, audit_checkpoint.c.seq < last.seq
+                )
+            )
             conn.execute(
                 update(audit_chain)
                 .where(audit_chain.c.chain == chain, audit_chain.c.anchor_seq < last.seq)
@@ -1232,7 +1363,9 @@ def otel_record(record: Mapping[str, Any]) -> dict[str, Any]:
 
 # --- verify ---------------------------------------------------------------------------------------
 
-ProblemKind = Literal["edited", "removed", "inserted"]
+# forged: a checkpoint not signed by a trusted key; unreadable: a file `verify` must read cannot be,
+# or one a journal replay gave up on is left.
+ProblemKind = Literal["edited", "removed", "inserted", "forged", "unreadable"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -1240,7 +1373,7 @@ class Problem:
     """The first thing wrong with the log."""
 
     kind: ProblemKind
-    chain: str
+    chain: str  # "" when no chain is named
     record_id: int | None  # the record named; None when records at a chain's end are gone
     seq: int | None
     message: str
@@ -1251,21 +1384,51 @@ class VerifyReport:
     records: int
     chains: int
     problem: Problem | None
+    checkpoints: int = 0  # checkpoint signatures checked (a sink's line and its database copy: two)
+    unproven: int = 0  # records after their chain's newest checkpoint: the window no signature covers
+    pending: int = 0  # records only in a journal so far (a live gateway ingests them within moments)
 
     @property
     def ok(self) -> bool:
         return self.problem is None
 
 
-def verify(engine: Engine) -> VerifyReport:
-    """Walk every chain and report the first record that was edited, removed or inserted."""
+def verify(engine: Engine, trust: CheckpointTrust | None = None) -> VerifyReport:
+    """Walk every chain and report the first record that was edited, removed or inserted.
+
+    With `trust` the chains are also held to every checkpoint signed by a trusted key, from its sinks
+    and the database (decision 0215): recomputed hashes, a truncated tail with its head moved back, a
+    chain deleted with its head, the oldest records removed without a signed prune are found, up to
+    the newest checkpoint of each chain. A SQLite database's journal is checked as well: its lines
+    must match their hashes and the database, and a file a replay gave up on (`*.unreadable`) fails.
+
+    Reads checkpoints first, then the journal, then the chains: a live gateway only adds to what was
+    read before, so nothing it checkpointed can be missed in between.
+    """
+    signed: dict[str, _Claims] = {}
+    problem, missing_sink = _read_checkpoints(engine, trust, signed) if trust is not None else (None, None)
+    journaled: dict[str, dict[int, str]] = {}
+    directory = journal_directory(engine)
+    if problem is None and directory is not None:
+        problem = _read_journals(directory, journaled)
+    # What a record's hash must be, and who says so: the chain's newest checkpoint, its journal line.
+    expected: dict[str, dict[int, list[tuple[str, str]]]] = {}
+    for chain, lines in journaled.items():
+        expected[chain] = {seq: [(hash_, "its line in the journal")] for seq, hash_ in lines.items()}
+    for chain, claims in signed.items():
+        for c in [claims.newest, *claims.rivals] if claims.newest is not None else ():
+            expected.setdefault(chain, {}).setdefault(c.seq, []).append(
+                (c.hash, f"the checkpoint signed at {c.time}")
+            )
     with engine.connect() as conn:
         heads = {r.chain: r for r in conn.execute(select(audit_chain))}
+        if problem is not None:
+            return VerifyReport(0, len(heads), problem)
         rows = conn.execution_options(yield_per=1000).execute(
             select(audit_log).order_by(audit_log.c.chain, audit_log.c.seq, audit_log.c.id)
         )
         try:
-            checked, seen, problem = _walk((r._mapping for r in rows), heads)
+            checked, seen, problem = _walk((r._mapping for r in rows), heads, expected)
         finally:
             rows.close()  # stopping at the first problem leaves a server-side cursor open otherwise
     if problem is None:
@@ -1275,11 +1438,189 @@ def verify(engine: Engine) -> VerifyReport:
                 message = f"every record of chain {chain!r} ({span}) was removed"
                 problem = Problem("removed", chain, None, head.anchor_seq + 1, message)
                 break
-    return VerifyReport(checked, len(heads), problem)
+    if problem is None and missing_sink is not None and signed:
+        # A gateway that signs checkpoints creates its sink at start; missing, it was removed (or
+        # this is another host: pass the sinks to read).
+        problem = Problem("unreadable", "", None, None, f"the checkpoint sink {missing_sink} is missing")
+    pending = sum(
+        sum(1 for seq in lines if chain not in heads or seq > heads[chain].head_seq)
+        for chain, lines in journaled.items()
+    )
+    unproven = 0
+    if trust is not None:
+        held, unproven = _held_to_checkpoints(heads, signed, journaled)
+        problem = problem or held
+    count = sum(c.count for c in signed.values())
+    return VerifyReport(checked, len(heads), problem, count, unproven, pending)
+
+
+@dataclass(slots=True)
+class _Claims:
+    """What the trusted checkpoints of one chain say, kept to what `verify` needs, so that its memory
+    does not grow with them: the chain links every earlier record to the newest checkpoint's."""
+
+    newest: Checkpoint | None = None  # the head checkpoint of the highest seq
+    rivals: list[Checkpoint] = field(default_factory=list)  # of the same seq, another hash: a lie
+    final: Checkpoint | None = None  # the final checkpoint of the lowest seq
+    anchors: set[tuple[int, str]] = field(default_factory=set)  # (seq, hash) of the signed anchors
+    count: int = 0
+
+    def add(self, c: Checkpoint) -> None:
+        self.count += 1
+        if c.kind == "anchor":
+            self.anchors.add((c.seq, c.hash))
+            return
+        if self.newest is None or c.seq > self.newest.seq:
+            self.newest, self.rivals = c, []
+        elif c.seq == self.newest.seq and c.hash != self.newest.hash and len(self.rivals) < 8:
+            self.rivals.append(c)
+        if c.last and (self.final is None or c.seq < self.final.seq):
+            self.final = c
+
+
+def _read_checkpoints(
+    engine: Engine, trust: CheckpointTrust, signed: dict[str, _Claims]
+) -> tuple[Problem | None, Path | None]:
+    """Collect the checkpoints of the sinks and the database into `signed`; the first problem, and
+    a sink that does not exist (a problem if there are checkpoints at all)."""
+    missing: Path | None = None
+    for sink in trust.sinks:
+        try:
+            for checkpoint in read_sink(sink, trust.keys):
+                signed.setdefault(checkpoint.chain, _Claims()).add(checkpoint)
+        except FileNotFoundError:
+            missing = missing or sink
+        except OSError as exc:
+            return Problem(
+                "unreadable", "", None, None, f"the checkpoint sink {sink} cannot be read: {exc}"
+            ), None
+        except ValueError as exc:
+            return Problem("forged", "", None, None, str(exc)), None
+    with engine.connect() as conn:
+        rows = conn.execution_options(yield_per=1000).execute(
+            select(audit_checkpoint).order_by(audit_checkpoint.c.id)
+        )
+        for row in rows:
+            try:
+                checkpoint = parse_checkpoint(row.body, trust.keys)
+            except ValueError as exc:
+                rows.close()
+                where = f"checkpoint {row.id} in the database (chain {row.chain!r}, seq {row.seq})"
+                return Problem(
+                    "forged", row.chain, None, row.seq, f"{where} is not to be trusted: {exc}"
+                ), None
+            signed.setdefault(checkpoint.chain, _Claims()).add(checkpoint)
+    return None, missing
+
+
+def _read_journals(directory: Path, journaled: dict[str, dict[int, str]]) -> Problem | None:
+    """Read every journal segment in `directory` into `journaled` (chain -> seq -> hash); the first
+    line that does not match its hash or its predecessor, or a file a replay gave up on."""
+    try:
+        names = sorted(path.name for path in directory.iterdir())
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return Problem("unreadable", "", None, None, f"the journal {directory} cannot be read: {exc}")
+    for name in names:
+        if name.endswith(".unreadable"):
+            why = "a journal replay stopped there, and the records after that point are not in the database"
+            return Problem(
+                "unreadable", "", None, None, f"{directory / name} is left: {why} (see the gateway's log)"
+            )
+    for chain_id in sorted({name.split(".")[0] for name in names if name.endswith(".jsonl")}):
+        previous: tuple[int, str] | None = None
+        for path in _segments(directory, chain_id):
+            try:
+                lines = path.read_bytes().split(b"\n")
+            except FileNotFoundError:  # ingested and deleted meanwhile: the next one starts later
+                previous = None
+                continue
+            except OSError as exc:
+                return Problem(
+                    "unreadable", "", None, None, f"the journal segment {path} cannot be read: {exc}"
+                )
+            lines.pop()  # b"" after the last newline, or a write still under way
+            for number, line in enumerate(lines, 1):
+                where = f"line {number} of the journal segment {path}"
+                try:
+                    row = orjson.loads(line)
+                    chain, seq, prev_hash, hash_ = row["chain"], row["seq"], row["prev_hash"], row["hash"]
+                    edited = record_hash(row) != hash_
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    return Problem("edited", "", None, None, f"{where} is not a record: it was edited")
+                if edited:
+                    why = "was edited: its content does not match its hash"
+                    return Problem("edited", chain, None, seq, f"{where} (chain {chain!r}, seq {seq}) {why}")
+                if previous is not None and seq > previous[0] + 1:
+                    why = f"seq {previous[0] + 1} to {seq - 1} of chain {chain!r} were removed before it"
+                    return Problem("removed", chain, None, previous[0] + 1, f"{where}: {why}")
+                if previous is not None and (seq != previous[0] + 1 or prev_hash != previous[1]):
+                    why = "does not follow from its predecessor's hash: it was edited or inserted"
+                    return Problem("edited", chain, None, seq, f"{where} (chain {chain!r}, seq {seq}) {why}")
+                journaled.setdefault(chain, {})[seq] = hash_
+                previous = (seq, hash_)
+    return None
+
+
+def _held_to_checkpoints(
+    heads: Mapping[str, Any], signed: Mapping[str, _Claims], journaled: Mapping[str, Mapping[int, str]]
+) -> tuple[Problem | None, int]:
+    """What the records walk cannot see: checkpointed records gone from the database and the
+    journal, chains gone with their head, anchors nobody signed, records after a final checkpoint.
+    Returns the first problem and how many records no checkpoint covers yet."""
+    unproven = 0
+    for chain, head in heads.items():
+        claims = signed.get(chain, _Claims())
+        lines = journaled.get(chain, {})
+        if head.anchor_seq > 0 and (head.anchor_seq, head.anchor_hash) not in claims.anchors:
+            why = f"no anchor signed by a trusted key vouches for seq {head.anchor_seq}"
+            message = f"the oldest records of chain {chain!r} (to seq {head.anchor_seq}) were removed: {why}"
+            return Problem("removed", chain, None, head.anchor_seq, message), unproven
+        reach = head.head_seq  # the database's head, and after it what the journal still holds
+        while reach + 1 in lines:
+            reach += 1
+        newest = claims.newest if claims.newest is not None and claims.newest.seq > head.anchor_seq else None
+        if newest is not None and newest.seq > reach:
+            why = f"a checkpoint signed at {newest.time} vouches for seq {newest.seq}"
+            message = (
+                f"the newest record(s) of chain {chain!r} (seq {reach + 1} to {newest.seq}) were removed, "
+                f"from the database and the journal, and its head moved back: {why}"
+            )
+            return Problem("removed", chain, None, reach + 1, message), unproven
+        if newest is not None and newest.seq > head.head_seq and lines[newest.seq] != newest.hash:
+            message = (
+                f"seq {newest.seq} of chain {chain!r} in the journal is not the one signed at {newest.time}"
+            )
+            return Problem("edited", chain, None, newest.seq, message), unproven
+        final = claims.final
+        if final is not None and head.head_seq > final.seq:
+            message = (
+                f"records seq {final.seq + 1} to {head.head_seq} of chain {chain!r} were inserted "
+                f"after its final checkpoint (seq {final.seq})"
+            )
+            return Problem("inserted", chain, None, final.seq + 1, message), unproven
+        if final is None:
+            unproven += head.head_seq - max(head.anchor_seq, newest.seq if newest is not None else 0)
+    for chain, claims in sorted(signed.items()):
+        if chain in heads:
+            continue
+        c = claims.newest
+        if claims.anchors or (c is not None and journaled.get(chain, {}).get(c.seq) != c.hash):
+            vouched = (
+                f"a checkpoint signed at {c.time} vouches for its records up to seq {c.seq}"
+                if c
+                else "it was pruned"
+            )
+            message = f"chain {chain!r} was removed, its head included: {vouched}"
+            return Problem("removed", chain, None, None, message), unproven
+    return None, unproven
 
 
 def _walk(
-    rows: Iterator[Mapping[Any, Any]], heads: Mapping[str, Any]
+    rows: Iterator[Mapping[Any, Any]],
+    heads: Mapping[str, Any],
+    expected: Mapping[str, Mapping[int, list[tuple[str, str]]]],
 ) -> tuple[int, set[str], Problem | None]:
     checked = 0
     seen: set[str] = set()
@@ -1297,6 +1638,11 @@ def _walk(
         problem = _check(row, heads[chain], state[1], state[2])
         if problem is not None:
             return checked, seen, problem
+        known = expected.get(chain)
+        for hash_, source in known.get(row["seq"], ()) if known is not None else ():
+            if hash_ != row["hash"]:
+                why = f"its hash is not the one {source} holds: the chain was rewritten from here on"
+                return checked, seen, _problem("edited", row, why)
         checked += 1
         state = (chain, row["seq"] + 1, row["hash"])
     if state is not None and (problem := _tail(heads[state[0]], state[1] - 1)) is not None:

@@ -84,6 +84,17 @@ def test_removing_the_last_row_fails_verify(database: Path, capsys: pytest.Captu
     assert "newest record(s)" in capsys.readouterr().err
 
 
+def test_a_journal_file_a_replay_gave_up_on_fails_verify(
+    database: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    journal = Path(f"{database}.audit-journal")
+    journal.mkdir(exist_ok=True)  # the log's own journal directory (its segments are gone: all ingested)
+    (journal / "crashed_1.1.jsonl.unreadable").write_bytes(b'{"chain": "crashed:1", oops\n')
+    assert audit(database, "verify") == 1
+    err = capsys.readouterr().err
+    assert "FAILED: " in err and "crashed_1.1.jsonl.unreadable is left" in err
+
+
 def test_query_filters_and_prints_a_table_or_json_lines(
     database: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

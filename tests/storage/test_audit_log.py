@@ -677,7 +677,10 @@ async def test_a_corrupt_middle_line_stops_the_replay_and_leaves_unreadable_file
     await log.write(record(9))  # the gateway starts and serves all the same
     log.close()
     assert stored_ids(sqlite_engine) == ["r0", "r9"]
-    assert verify(sqlite_engine).ok  # what was ingested verifies
+    # What was ingested verifies, but the records left behind are not in the database: verify fails.
+    problem = verify(sqlite_engine).problem
+    assert problem is not None and problem.kind == "unreadable"
+    assert f"{segment}.unreadable is left" in problem.message
     assert f"{segment} line 2" in caplog.text
     assert journal_files(sqlite_engine) == ["dead_2.1.jsonl.unreadable", "dead_2.lock.unreadable"]
     SqlAuditLog(sqlite_engine, AuditSettings(node_id="again")).close()  # nothing is replayed twice
@@ -694,7 +697,12 @@ async def test_a_broken_chain_in_the_journal_stops_the_replay_there(
     SqlAuditLog(sqlite_engine, AuditSettings(node_id="next")).close()
     assert stored_ids(sqlite_engine) == ["r0"]
     assert "does not match its hash" in caplog.text
-    assert verify(sqlite_engine).ok
+    problem = verify(sqlite_engine).problem
+    assert (
+        problem is not None
+        and problem.kind == "unreadable"
+        and "dead_3.1.jsonl.unreadable" in problem.message
+    )
 
 
 async def test_the_journal_of_a_live_log_is_not_touched_by_another_logs_replay(
