@@ -14,7 +14,7 @@ from sqlalchemy import delete, select, update
 from agentgw.cli import main
 from agentgw.storage import make_engine
 from agentgw.storage.audit_log import audit_chain, audit_checkpoint, audit_log, record_hash
-from tests.support.gateway import run_gateway
+from tests.support.gateway import data_dir_of, run_gateway
 
 MODERN = "2026-07-28"
 
@@ -48,6 +48,8 @@ async def test_a_gateways_log_verifies_across_restarts_and_a_rewritten_chain_doe
         },
     }
     database_url = f"sqlite:///{tmp_path / 'agentgw.db'}"
+    # The command finds the checkpoint key and sink in the gateway's data directory, by its config.
+    verify = ["audit", "verify", "--config", str(tmp_path / "gateway.yaml"), "--database-url", database_url]
     for life in range(2):
         with run_gateway(tmp_path, config, database_url=database_url) as gateway:
             async with Client(streamable_http_client(gateway.mcp("modern")), mode=MODERN) as client:
@@ -56,11 +58,11 @@ async def test_a_gateways_log_verifies_across_restarts_and_a_rewritten_chain_doe
                 live = (await http.get("/admin/audit/verify")).json()
             assert live["ok"] and live["problem"] is None, live
         # Stopped: the final checkpoint covers every record, in the sink beside the key.
-        assert main(["audit", "verify", "--database-url", database_url]) == 0
+        assert main(verify) == 0
         out = capsys.readouterr().out
         assert f"in {life + 1} chains verify" in out and "not covered" not in out
-        assert (tmp_path / "audit-checkpoint-key.pem").exists()
-        assert len((tmp_path / "audit-checkpoints.jsonl").read_bytes().splitlines()) >= life + 1
+        assert (data_dir_of(tmp_path) / "audit-checkpoint-key.pem").exists()
+        assert len((data_dir_of(tmp_path) / "audit-checkpoints.jsonl").read_bytes().splitlines()) >= life + 1
     rewrite_history(database_url)
-    assert main(["audit", "verify", "--database-url", database_url]) == 1
+    assert main(verify) == 1
     assert "the chain was rewritten" in capsys.readouterr().err
