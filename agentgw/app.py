@@ -47,6 +47,7 @@ from agentgw.storage import create_db, make_engine
 from agentgw.storage.audit_log import SqlAuditLog
 from agentgw.storage.budget_counters import budget_store
 from agentgw.storage.budget_rules import BudgetRuleBook
+from agentgw.upstream.http import DEFAULT_LIMITS
 from agentgw.upstream.mcp import McpHttpUpstream
 from agentgw.upstream.mcp_sessions import UpstreamSessions
 from registry.api import registry_router
@@ -121,7 +122,8 @@ def build_gateway(settings: Settings) -> Gateway:
         credentials=credentials,
         admitted=audit.admitted,
     )
-    upstream = McpHttpUpstream()
+    limits = DEFAULT_LIMITS.over(settings.upstream_limits)
+    upstream = McpHttpUpstream(limits=limits)
     # Sessions in Redis let any node continue a session another node started.
     mcp_sessions: SessionStore = (
         RedisSessionStore(settings.redis_url) if settings.redis_url else MemorySessionStore()
@@ -137,7 +139,9 @@ def build_gateway(settings: Settings) -> Gateway:
         max_body_bytes=settings.max_body_bytes,
     )
     sessions.on_list_changed(bridge.on_list_changed)
-    llm = LlmIngress.build(settings.llm_routes, pipeline, max_body_bytes=settings.max_body_bytes)
+    llm = LlmIngress.build(
+        settings.llm_routes, pipeline, max_body_bytes=settings.max_body_bytes, limits=limits
+    )
     a2a = A2aIngress.build(
         settings.a2a_agents,
         pipeline,
@@ -145,6 +149,7 @@ def build_gateway(settings: Settings) -> Gateway:
         allow_anonymous=settings.allow_anonymous,
         max_body_bytes=settings.max_body_bytes,
         signer=card_signer(settings.a2a_sign_cards, identity.keys, settings.base_url),
+        limits=limits,
     )
     return Gateway(
         settings,

@@ -22,7 +22,7 @@ from agentgw.filters.budget import BudgetSettings
 from agentgw.oauth.config import AuthSettings
 from registry.a2a import A2aAgentSpec
 from registry.llm import LlmRouteList
-from registry.models import McpServerSpec, VirtualServerSpec
+from registry.models import McpServerSpec, UpstreamLimits, VirtualServerSpec
 
 __all__ = ["ConfigError", "PolicySettings", "Settings", "load_settings"]
 
@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     config_file: Path | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     upstream_timeout_s: float = 30.0
+    # Connections, streams and answer sizes per upstream; each upstream's own `limits` go over these.
+    upstream_limits: UpstreamLimits = Field(default_factory=UpstreamLimits)
     # Per-upstream budget for a fan-out list on /mcp: a slow upstream drops out, it does not stall.
     list_timeout_s: float = 5.0
     namespace_separator: str = "__"

@@ -495,7 +495,7 @@ class Audit:
         if reply.streaming:
 
             async def settle(usage: Usage) -> None:
-                self._submit(self._outcome(call, caller, reply.status, usage, started))
+                self._submit(self._outcome(call, caller, reply.status, usage, started, reply.detail))
 
             reply.on_settle(settle)
         else:
@@ -503,7 +503,13 @@ class Audit:
         return reply
 
     def _outcome(
-        self, call: Call, caller: _Caller, status: str, usage: Usage | None, started: float
+        self,
+        call: Call,
+        caller: _Caller,
+        status: str,
+        usage: Usage | None,
+        started: float,
+        detail: str | None = None,
     ) -> AuditRecord:
         return self._record(
             call,
@@ -511,6 +517,9 @@ class Audit:
             "outcome",
             "allowed",
             status=status,
+            # A stream that ended badly is recorded as a failed call is: its reason and what happened.
+            reason=status if detail is not None else None,
+            detail=detail,
             latency_ms=round((time.perf_counter() - started) * 1000, 3),
             tokens=usage.tokens if usage else None,
             cost=usage.cost if usage else None,

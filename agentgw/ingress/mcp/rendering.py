@@ -8,7 +8,14 @@ from typing import Any
 
 from starlette.responses import Response
 
-from agentgw.errors import GatewayError, InsufficientScope, SessionNotFound, Unauthenticated
+from agentgw.errors import (
+    GatewayError,
+    InsufficientScope,
+    SessionNotFound,
+    Unauthenticated,
+    UpstreamBusy,
+    UpstreamFailed,
+)
 from agentgw.ingress.mcp.messages import error_body
 
 __all__ = ["RUN_ID_HEADER", "RUN_ID_META", "jsonrpc_error_response", "run_id_of"]
@@ -18,9 +25,12 @@ log = logging.getLogger(__name__)
 RUN_ID_HEADER = "agent-run-id"
 RUN_ID_META = "io.agentgw/runId"
 # Refusals of the caller's credentials are HTTP-level (clients start OAuth from them), and so is a
-# lost session (the transport must signal it); every other refusal of an admitted message is a
-# JSON-RPC error that the client's code sees as the call's outcome.
-_HTTP_LEVEL = (Unauthenticated, InsufficientScope, SessionNotFound)
+# lost session (the transport must signal it), an upstream too busy to take the call (503 with
+# Retry-After, for retrying clients and balancers) and an upstream's server error (502, where relaying
+# its 500 would blame the gateway); clients read the JSON-RPC error in the body at any status. Every
+# other refusal of an admitted message is a JSON-RPC error that the client's code sees as the call's
+# outcome.
+_HTTP_LEVEL = (Unauthenticated, InsufficientScope, SessionNotFound, UpstreamBusy, UpstreamFailed)
 
 
 def jsonrpc_error_response(msg_id: Any, exc: BaseException, *, in_pipeline: bool = False) -> Response:
