@@ -15,6 +15,7 @@ import anyio
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy import Engine
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -24,12 +25,13 @@ from agentgw.admin.budgets import budgets_router
 from agentgw.admin.policies import policy_router
 from agentgw.call import Principal
 from agentgw.demo.upstream import demo_server
-from agentgw.errors import Forbidden, GatewayError
-from agentgw.filters.audit import Audit
+from agentgw.errors import Forbidden, GatewayError, Unavailable
+from agentgw.filters.audit import Audit, timestamp
 from agentgw.filters.authenticate import Authenticate
 from agentgw.filters.authorize import Authorize, CasbinAuthorizer
 from agentgw.filters.budget import Budget, BudgetStore
 from agentgw.filters.credentials import Credentials, TokenService
+from agentgw.health import Readiness
 from agentgw.ingress.a2a import A2aIngress
 from agentgw.ingress.a2a_signatures import card_signer
 from agentgw.ingress.llm import LlmIngress
@@ -58,6 +60,8 @@ __all__ = ["DirectRoutes", "Gateway", "GatewayApp", "create_app"]
 log = logging.getLogger(__name__)
 
 REGISTRY_POLL_S = 2.0
+# A budget counter key no rule makes: reading it reaches the store and finds nothing.
+READY_PROBE_KEY = "agentgw:readyz"
 
 
 @dataclass
@@ -80,6 +84,7 @@ class Gateway:
     identity: Identity
     a2a: A2aIngress
     credentials: Credentials | None = None
+    readiness: Readiness | None = None
 
 
 def build_gateway(settings: Settings) -> Gateway:
@@ -151,6 +156,12 @@ def build_gateway(settings: Settings) -> Gateway:
         signer=card_signer(settings.a2a_sign_cards, identity.keys, settings.base_url),
         limits=limits,
     )
+    readiness = _readiness(
+        policy=engine if settings.policy.database else None,
+        budgets=budgets,
+        audit_log=audit_log,
+        upstreams=lambda: _upstream_states(upstream, sessions, llm, a2a),
+    )
     return Gateway(
         settings,
         registry,
@@ -168,7 +179,59 @@ def build_gateway(settings: Settings) -> Gateway:
         identity=identity,
         a2a=a2a,
         credentials=credentials,
+        readiness=readiness,
     )
+
+
+async def _select_one(engine: Engine) -> None:
+    def run() -> None:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
+    await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+
+
+def _readiness(
+    *,
+    policy: Engine | None,
+    budgets: BudgetStore,
+    audit_log: SqlAuditLog,
+    upstreams: Callable[[], dict[str, dict[str, Any]]],
+) -> Readiness:
+    """The stores a call needs, each with a probe that raises when it cannot be used."""
+
+    async def probe_policy() -> None:
+        if policy is not None:  # rules in the database; a file policy is in memory once loaded
+            await _select_one(policy)
+
+    async def probe_budgets() -> None:
+        await budgets.used([READY_PROBE_KEY])  # one read, as a reservation would start
+
+    async def probe_audit() -> None:
+        problem = audit_log.problem()
+        if problem is not None:
+            raise Unavailable(problem)
+        await _select_one(audit_log.engine)
+
+    stores = {"policy": probe_policy, "budget_store": probe_budgets, "audit_log": probe_audit}
+    return Readiness(stores, upstreams)
+
+
+def _upstream_states(
+    mcp: McpHttpUpstream, bridge: UpstreamSessions, llm: LlmIngress, a2a: A2aIngress
+) -> dict[str, dict[str, Any]]:
+    """Each upstream's last known state, from what calls found (nothing is probed here)."""
+    out: dict[str, dict[str, Any]] = {}
+    for who, state in (*mcp.states().items(), *a2a.upstream_states().items(), *llm.upstream_states().items()):
+        entry: dict[str, Any] = {"ok": state.ok, "since": timestamp(state.at)}
+        if not state.ok:
+            entry["reason"] = state.detail
+        out[who] = entry
+    for name, up in bridge.connected().items():
+        out[f"upstream {name!r} (bridge session)"] = (
+            {"ok": up} if up else {"ok": False, "reason": "not connected"}
+        )
+    return out
 
 
 def _builtin_token_service(settings: Settings, identity: Identity) -> TokenService | None:
@@ -381,9 +444,16 @@ def create_app(settings: Settings) -> GatewayApp:
     app.direct_front = RememberedHostCheck(DirectRoutes(app, direct, super(GatewayApp, app).__call__), hosts)
     app.router.routes.extend(direct)
 
+    # Liveness: the process answers (nothing slow, no store). Readiness: it can serve calls now.
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "servers": len(gateway.registry.servers())}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        assert gateway.readiness is not None
+        ready, body = await gateway.readiness.report()
+        return JSONResponse(body, status_code=200 if ready else 503, headers={"cache-control": "no-store"})
 
     app.include_router(
         registry_router(
