@@ -3,6 +3,8 @@ counts in one process only)."""
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -12,7 +14,8 @@ import yaml
 from agentgw.cli import _parser, main
 from agentgw.cli.serve import _uvicorn_options
 from agentgw.settings import Settings
-from tests.support.gateway import run_gateway
+from conformance.fixtures.launch import free_port, start_process
+from tests.support.gateway import gateway_args, run_gateway, write_config
 
 
 def test_several_workers_with_the_local_budget_store_refuse_to_start(
@@ -45,3 +48,46 @@ def test_a_served_answer_names_no_server_software_and_keeps_its_date(tmp_path: P
     assert response.status_code == 200
     assert "server" not in response.headers
     assert "date" in response.headers  # RFC 9110: an origin server with a clock sends it
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the gateway closes `sock` within `seconds` (reading until the end; a 408 may come first)."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_connections_that_send_nothing_or_send_slowly_are_closed(tmp_path: Path, http: str) -> None:
+    config = {"policy": {"allow_empty": True}, "client_idle_timeout_s": 0.5, "client_read_timeout_s": 1.0}
+    config_path = write_config(tmp_path, config)
+    port = free_port()
+    args = [*gateway_args(config_path, port, f"sqlite:///{tmp_path / 'gw.db'}"), "--http", http]
+    with start_process(args, port):
+        with socket.create_connection(("127.0.0.1", port)) as idle:
+            assert _closed_within(idle, 5), "a connection that never sends a request is closed"
+        with socket.create_connection(("127.0.0.1", port)) as slow:
+            slow.sendall(b"POST /mcp/demo HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            started = time.monotonic()
+            closed = False
+            while not closed and time.monotonic() - started < 5:
+                try:
+                    slow.sendall(b"x")  # a slow-loris client: one more header byte now and then
+                except OSError:
+                    closed = True
+                    break
+                closed = _closed_within(slow, 0.3)
+            assert closed, "a request whose headers never finish is cut off"
+            assert time.monotonic() - started < 4
+        with socket.create_connection(("127.0.0.1", port)) as body:
+            body.sendall(b"POST /mcp/demo HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-length: 100\r\n\r\n{")
+            assert _closed_within(body, 5), "a request whose body never finishes is cut off"
+        # A client that keeps to the limits is served as ever, on one kept-alive connection.
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            assert [client.get("/healthz").status_code for _ in range(3)] == [200, 200, 200]
