@@ -566,6 +566,8 @@ class Audit:
         # admitted-decision record, which gates forwarding, is written by `admitted` instead.
         try:
             await self._sink.write(record)
+        except GatewayError as exc:
+            not_written(record, exc_info=False, why=exc.message)  # expected: one line, no traceback
         except Exception:
             not_written(record)
 
@@ -574,17 +576,21 @@ class Audit:
         # not wait for this one's commit (decision 0207); the sink logs it if it fails later.
         try:
             self._sink.submit(record)
+        except GatewayError as exc:
+            not_written(record, exc_info=False, why=exc.message)
         except Exception:
             not_written(record)
 
 
-def not_written(record: AuditRecord, *, exc_info: bool = True) -> None:
-    """Log a record that could not be written (never its arguments: they may hold secrets)."""
+def not_written(record: AuditRecord, *, exc_info: bool = True, why: str | None = None) -> None:
+    """Log a record that could not be written (never its arguments: they may hold secrets); `why`
+    says it in one line where a traceback would tell nothing more (the sink refused it)."""
     log.error(
-        "audit record not written: %s %s %s %s",
+        "audit record not written: %s %s %s %s%s",
         record.event,
         record.decision,
         record.request_id,
         record.resource,
+        f" ({why})" if why else "",
         exc_info=exc_info,
     )
