@@ -69,7 +69,7 @@ def test_connections_that_send_nothing_or_send_slowly_are_closed(tmp_path: Path,
     config_path = write_config(tmp_path, config)
     port = free_port()
     args = [*gateway_args(config_path, port, f"sqlite:///{tmp_path / 'gw.db'}"), "--http", http]
-    with start_process(args, port):
+    with start_process(args, port) as gateway:
         with socket.create_connection(("127.0.0.1", port)) as idle:
             assert _closed_within(idle, 5), "a connection that never sends a request is closed"
         with socket.create_connection(("127.0.0.1", port)) as slow:
@@ -91,3 +91,4 @@ def test_connections_that_send_nothing_or_send_slowly_are_closed(tmp_path: Path,
         # A client that keeps to the limits is served as ever, on one kept-alive connection.
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
             assert [client.get("/healthz").status_code for _ in range(3)] == [200, 200, 200]
+        assert "Traceback" not in gateway.output()

@@ -102,6 +102,7 @@ async def test_a_stream_cut_before_its_answer_ends_with_a_jsonrpc_error_and_an_e
             assert first["method"] == "notifications/progress", "what came before the cut is relayed"
             assert last == {"jsonrpc": "2.0", "id": 7, "error": {"code": -32603, "message": detail}}
             record = await outcome(make_engine(gw.database_url), "mcp:up/cut")
+            assert "Traceback" not in gw.output(), "an upstream's break is logged in one line"
     assert (record["status"], record["reason"], record["detail"]) == (
         "upstream_error",
         "upstream_error",
@@ -254,4 +255,5 @@ async def test_a_full_streams_lane_answers_busy_while_calls_still_get_through(tm
                 AuditQuery(resource="mcp:up/also_long", event="outcome"),
                 lambda records: len(records) == 1,
             )
+            assert "Traceback" not in gw.output()
     assert records[0]["status"] == "upstream_busy"
