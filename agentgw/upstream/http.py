@@ -132,6 +132,12 @@ class UpstreamResponse:
         if place is not None:
             place.release()
 
+    def __del__(self) -> None:
+        # A safety net, not the way: an answer dropped unclosed (a bug) must not keep its upstream's
+        # place forever, or the upstream would stay "busy" for good.
+        if getattr(self, "_place", None) is not None:
+            self._free()
+
     async def as_stream(self) -> None:
         """Move this answer from the calls lane to the streams lane: it is about to be relayed as a
         stream that may stay open for long, and must not hold a place that calls need.

@@ -17,7 +17,6 @@ from typing import Any, NoReturn
 
 import anyio
 import orjson
-from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -127,20 +126,17 @@ class PassThrough:
             arguments=message.params.get("arguments") if message.method == "tools/call" else None,
         )
 
-        opened: list[_SseAnswer] = []
+        opened: list[Reply] = []
 
         async def terminal(call: Call) -> Reply:
             reply = await self._forward_post(call, headers, spec, message)
-            if isinstance(reply.payload, _SseAnswer):
-                opened.append(reply.payload)
+            opened.append(reply)
             return reply
 
         try:
             reply = await self._pipeline.run(call, terminal)
         except Exception as exc:
-            # A stage refused on the way back after the upstream started answering: close that answer.
-            for answer in opened:
-                await answer.finish()
+            await _close(opened)
             return jsonrpc_error_response(message.id, exc, in_pipeline=True)
         return self._render(reply, spec)
 
@@ -265,13 +261,27 @@ class PassThrough:
                 await self._sessions.drop(call.session_id)
             if call.session_id and "mcp-session-id" in response.headers:
                 response.headers["mcp-session-id"] = call.session_id
-            return Reply(payload=response, status="ok" if response.status_code < 400 else "upstream_error")
+            reply = Reply(payload=response, status="ok" if response.status_code < 400 else "upstream_error")
+            opened.append(reply)
+            return reply
 
+        opened: list[Reply] = []
         try:
             reply = await self._pipeline.run(call, terminal)
         except Exception as exc:
+            await _close(opened)
             return jsonrpc_error_response(None, exc, in_pipeline=True)
         return self._render(reply, spec)
+
+
+async def _close(replies: list[Reply]) -> None:
+    # A stage refused on the way back after the upstream answered: close what it answered, or its
+    # connection (and its place in the upstream's lane) would wait for the garbage collector.
+    for reply in replies:
+        if isinstance(reply.payload, _SseAnswer):
+            await reply.payload.finish()
+        elif isinstance(reply.payload, UpstreamResponse):
+            await reply.payload.aclose()
 
 
 async def _failed(response: UpstreamResponse, server: str) -> NoReturn:
@@ -355,12 +365,23 @@ def _stream(response: UpstreamResponse) -> Response:
         except UpstreamError:
             log.warning("upstream stream broke off", extra={"url": response.url})
 
-    return StreamingResponse(
-        body(),
-        status_code=response.status_code,
-        headers=_response_headers(response),
-        background=BackgroundTask(response.aclose),
-    )
+    return _Relayed(body(), response)
+
+
+class _Relayed(StreamingResponse):
+    """An upstream answer relayed as it is, closed however the response ends (a failed send to a
+    departed client included, where a background task would not run)."""
+
+    def __init__(self, content: AsyncIterator[bytes], response: UpstreamResponse) -> None:
+        super().__init__(content, status_code=response.status_code, headers=_response_headers(response))
+        self._upstream = response
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._upstream.aclose()
 
 
 # Where an SSE event ends (a blank line; SSE allows `\n`, `\r\n` and `\r` line ends).
