@@ -456,9 +456,12 @@ class _SseAnswer:
         pending = bytearray()
         try:
             async for chunk in response.aiter_raw():
+                # Only the new bytes (and the 3 before them, a split blank line) are searched: an event
+                # arriving in many chunks is not scanned again from its start each time.
+                since = max(len(pending) - 3, 0)
                 pending += chunk
                 end = 0
-                for match in _SSE_EVENT_END.finditer(pending):
+                for match in _SSE_EVENT_END.finditer(pending, since):
                     end = match.end()
                 if end:
                     events = bytes(pending[:end])
@@ -471,7 +474,8 @@ class _SseAnswer:
                 if len(pending) > cap:
                     raise AnswerTooLarge(too_large)
             if pending.strip():
-                # A last event without its blank line: relayed ended, so nothing after it joins it.
+                # A last event without its blank line: the stream ended, so it is complete; ended here
+                # so that nothing the gateway adds joins it.
                 self._watch(bytes(pending))
                 yield bytes(pending) + b"\n\n"
         except UpstreamError as exc:
