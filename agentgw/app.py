@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -205,7 +206,10 @@ def _readiness(
             await _select_one(policy)
 
     async def probe_budgets() -> None:
-        await budgets.used([READY_PROBE_KEY])  # one read, as a reservation would start
+        # Taking nothing asks whether the store admits calls at all (a local ledger that cannot save
+        # its counters refuses); one read reaches its database or Redis.
+        await budgets.reserve((), time.time())
+        await budgets.used([READY_PROBE_KEY])
 
     async def probe_audit() -> None:
         problem = audit_log.problem()
