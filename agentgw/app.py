@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ import anyio
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy import Engine
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.responses import PlainTextResponse
 from starlette.routing import BaseRoute, Match, Mount, Route
@@ -26,12 +28,13 @@ from agentgw.admin.budgets import budgets_router
 from agentgw.admin.policies import policy_router
 from agentgw.call import Principal
 from agentgw.demo.upstream import demo_server
-from agentgw.errors import Forbidden, GatewayError
-from agentgw.filters.audit import Audit
+from agentgw.errors import Forbidden, GatewayError, Unavailable
+from agentgw.filters.audit import Audit, timestamp
 from agentgw.filters.authenticate import Authenticate
 from agentgw.filters.authorize import Authorize, CasbinAuthorizer
 from agentgw.filters.budget import Budget, BudgetStore
 from agentgw.filters.credentials import Credentials, TokenService
+from agentgw.health import Readiness
 from agentgw.ingress.a2a import A2aIngress
 from agentgw.ingress.a2a_signatures import card_signer
 from agentgw.ingress.llm import LlmIngress
@@ -50,6 +53,7 @@ from agentgw.storage.audit_checkpoints import checkpointer, trust
 from agentgw.storage.audit_log import SqlAuditLog
 from agentgw.storage.budget_counters import budget_store
 from agentgw.storage.budget_rules import BudgetRuleBook
+from agentgw.upstream.http import DEFAULT_LIMITS
 from agentgw.upstream.mcp import McpHttpUpstream
 from agentgw.upstream.mcp_sessions import UpstreamSessions
 from registry.api import registry_router
@@ -60,6 +64,8 @@ __all__ = ["DirectRoutes", "Gateway", "GatewayApp", "create_app"]
 log = logging.getLogger(__name__)
 
 REGISTRY_POLL_S = 2.0
+# A budget counter key no rule makes: reading it reaches the store and finds nothing.
+READY_PROBE_KEY = "agentgw:readyz"
 
 
 @dataclass
@@ -82,6 +88,7 @@ class Gateway:
     identity: Identity
     a2a: A2aIngress
     credentials: Credentials | None = None
+    readiness: Readiness | None = None
 
 
 def build_gateway(settings: Settings) -> Gateway:
@@ -146,7 +153,8 @@ def build_gateway(settings: Settings) -> Gateway:
         credentials=credentials,
         admitted=audit.admitted,
     )
-    upstream = McpHttpUpstream()
+    limits = DEFAULT_LIMITS.over(settings.upstream_limits)
+    upstream = McpHttpUpstream(limits=limits)
     # Sessions in Redis let any node continue a session another node started.
     session_limits = SessionLimits(
         per_principal=settings.max_sessions_per_principal,
@@ -172,7 +180,11 @@ def build_gateway(settings: Settings) -> Gateway:
     )
     sessions.on_list_changed(bridge.on_list_changed)
     llm = LlmIngress.build(
-        settings.llm_routes, pipeline, max_body_bytes=settings.max_body_bytes, secrets=admission.secrets
+        settings.llm_routes,
+        pipeline,
+        max_body_bytes=settings.max_body_bytes,
+        secrets=admission.secrets,
+        limits=limits,
     )
     a2a = A2aIngress.build(
         settings.a2a_agents,
@@ -182,6 +194,13 @@ def build_gateway(settings: Settings) -> Gateway:
         max_body_bytes=settings.max_body_bytes,
         signer=card_signer(settings.a2a_sign_cards, identity.keys, settings.base_url),
         secrets=admission.secrets,
+        limits=limits,
+    )
+    readiness = _readiness(
+        policy=engine if settings.policy.database else None,
+        budgets=budgets,
+        audit_log=audit_log,
+        upstreams=lambda: _upstream_states(upstream, sessions, llm, a2a),
     )
     return Gateway(
         settings,
@@ -200,7 +219,62 @@ def build_gateway(settings: Settings) -> Gateway:
         identity=identity,
         a2a=a2a,
         credentials=credentials,
+        readiness=readiness,
     )
+
+
+async def _select_one(engine: Engine) -> None:
+    def run() -> None:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
+    await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+
+
+def _readiness(
+    *,
+    policy: Engine | None,
+    budgets: BudgetStore,
+    audit_log: SqlAuditLog,
+    upstreams: Callable[[], dict[str, dict[str, Any]]],
+) -> Readiness:
+    """The stores a call needs, each with a probe that raises when it cannot be used."""
+
+    async def probe_policy() -> None:
+        if policy is not None:  # rules in the database; a file policy is in memory once loaded
+            await _select_one(policy)
+
+    async def probe_budgets() -> None:
+        # Taking nothing asks whether the store admits calls at all (a local ledger that cannot save
+        # its counters refuses); one read reaches its database or Redis.
+        await budgets.reserve((), time.time())
+        await budgets.used([READY_PROBE_KEY])
+
+    async def probe_audit() -> None:
+        problem = audit_log.problem()
+        if problem is not None:
+            raise Unavailable(problem)
+        await _select_one(audit_log.engine)
+
+    stores = {"policy": probe_policy, "budget_store": probe_budgets, "audit_log": probe_audit}
+    return Readiness(stores, upstreams)
+
+
+def _upstream_states(
+    mcp: McpHttpUpstream, bridge: UpstreamSessions, llm: LlmIngress, a2a: A2aIngress
+) -> dict[str, dict[str, Any]]:
+    """Each upstream's last known state, from what calls found (nothing is probed here)."""
+    out: dict[str, dict[str, Any]] = {}
+    for who, state in (*mcp.states().items(), *a2a.upstream_states().items(), *llm.upstream_states().items()):
+        entry: dict[str, Any] = {"ok": state.ok, "since": timestamp(state.at)}
+        if not state.ok:
+            entry["reason"] = state.detail
+        out[who] = entry
+    for name, up in bridge.connected().items():
+        out[f"upstream {name!r} (bridge session)"] = (
+            {"ok": up} if up else {"ok": False, "reason": "not connected"}
+        )
+    return out
 
 
 def _builtin_token_service(settings: Settings, identity: Identity) -> TokenService | None:
@@ -467,9 +541,16 @@ def create_app(settings: Settings) -> GatewayApp:
     app.direct_front = RememberedHostCheck(DirectRoutes(app, direct, super(GatewayApp, app).__call__), hosts)
     app.router.routes.extend(direct)
 
+    # Liveness: the process answers (nothing slow, no store). Readiness: it can serve calls now.
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "servers": len(gateway.registry.servers())}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        assert gateway.readiness is not None
+        ready, body = await gateway.readiness.report()
+        return JSONResponse(body, status_code=200 if ready else 503, headers={"cache-control": "no-store"})
 
     app.include_router(
         registry_router(

@@ -140,14 +140,17 @@ class Reply:
     status: str = "ok"
     usage: Usage | None = None
     streaming: bool = False
+    # Why a streamed answer ended badly, for audit (set by `settle`).
+    detail: str | None = None
     _settle_hooks: list[Settle] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def on_settle(self, hook: Settle) -> None:
         """Have `hook` called with the final usage when a streamed answer ends (inner stages first)."""
         self._settle_hooks.append(hook)
 
-    async def settle(self, usage: Usage, status: str | None = None) -> None:
-        """Record the final usage (and outcome) of a streamed answer and tell every registered hook.
+    async def settle(self, usage: Usage, status: str | None = None, detail: str | None = None) -> None:
+        """Record the final usage (and outcome, with `detail` saying what went wrong) of a streamed
+        answer and tell every registered hook.
 
         Every hook runs even if an earlier one fails, so one broken stage cannot leak another's
         reservation; hooks run once (a second call is a no-op for them).
@@ -158,6 +161,7 @@ class Reply:
         self.usage = usage
         if status is not None:
             self.status = status
+        self.detail = detail
         hooks, self._settle_hooks = self._settle_hooks, []
         first: Exception | None = None
         for hook in hooks:

@@ -15,7 +15,9 @@ ingress adapters render it in their protocol's own shape.
     │   └── InsufficientScope (403, -32003)
     ├── BudgetExceeded (429, -32029)      names the budget and when it resets
     ├── UpstreamError (502, -32603)       upstream down or answered garbage
-    │   └── UpstreamTimeout (504, -32603)
+    │   ├── UpstreamTimeout (504, -32603)
+    │   ├── UpstreamFailed (502, -32603)  the upstream answered HTTP 5xx (never relayed as it is)
+    │   └── UpstreamBusy (503, -32603)    no connection to the upstream free within a short wait
     ├── CredentialError (502, -32603)     no upstream credential could be obtained
     │   └── UpstreamUnauthorized (502)    the upstream refused the gateway's credential (HTTP 401)
     └── Unavailable (503, -32603)         a store the gateway must consult is unreachable (fail closed)
@@ -43,7 +45,9 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "UnsupportedMediaType",
+    "UpstreamBusy",
     "UpstreamError",
+    "UpstreamFailed",
     "UpstreamTimeout",
     "UpstreamUnauthorized",
 ]
@@ -137,6 +141,21 @@ class UpstreamError(GatewayError):
 class UpstreamTimeout(UpstreamError):
     http_status = 504
     reason = "upstream_timeout"
+
+
+class UpstreamFailed(UpstreamError):
+    """The upstream answered with a server error: the caller gets the gateway's own protocol error, not
+    the upstream's page (which would read as the gateway failing, and may show the upstream's internals)."""
+
+    reason = "upstream_failed"
+
+
+class UpstreamBusy(UpstreamError):
+    """Every connection the gateway allows itself to the upstream stayed in use for the short wait: the
+    call was not sent, and may be retried (`Retry-After`)."""
+
+    http_status = 503
+    reason = "upstream_busy"
 
 
 class CredentialError(GatewayError):

@@ -25,7 +25,7 @@ from agentgw.oauth.config import AuthSettings
 from registry.a2a import A2aAgentSpec, A2aCredential
 from registry.admission import Admission
 from registry.llm import LlmRouteList, route_secrets
-from registry.models import McpServerSpec, VirtualServerSpec, credential_secrets
+from registry.models import McpServerSpec, UpstreamLimits, VirtualServerSpec, credential_secrets
 from registry.secrets import SecretRefused, Secrets, SecretSource
 
 __all__ = ["ConfigError", "PolicySettings", "Settings", "load_settings"]
@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     config_file: Path | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     upstream_timeout_s: float = 30.0
+    # Connections, streams and answer sizes per upstream; each upstream's own `limits` go over these.
+    upstream_limits: UpstreamLimits = Field(default_factory=UpstreamLimits)
+    # Client connections: closed when idle this long between requests (or before the first one), and
+    # when a request's headers and body have not all arrived this long after it started (slow clients).
+    client_idle_timeout_s: float = Field(default=5.0, gt=0, le=3600)
+    client_read_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     # Per-upstream budget for a fan-out list on /mcp: a slow upstream drops out, it does not stall.
     list_timeout_s: float = 5.0
     namespace_separator: str = "__"

@@ -38,6 +38,7 @@ from registry.models import (
     Name,
     UpstreamClientCredentials,
     UpstreamIdJag,
+    UpstreamLimits,
     UpstreamTokenExchange,
     Url,
 )
@@ -183,6 +184,7 @@ class A2aAgentSpec(BaseModel):
     credential: A2aCredential | A2aTokenCredential = Field(default_factory=A2aCredential)
     # Keys the upstream card's signatures must verify with; unset: signatures are not checked.
     card_keys: CardKeys | None = None
+    limits: UpstreamLimits = Field(default_factory=UpstreamLimits)
 
     def resource_url(self) -> str | None:
         """The agent's URL, the default resource of its tokens: the card URL without its well-known

@@ -29,7 +29,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from registry.models import NamedSecret, Url
+from registry.models import NamedSecret, UpstreamLimits, Url
 from registry.secrets import Secret, SecretRefused, Secrets, SecretUnavailable
 
 __all__ = [
@@ -127,6 +127,7 @@ class LlmRouteSpec(BaseModel):
     default_max_tokens: int = Field(default=1024, ge=1, le=10_000_000)
     fallbacks: list[ModelName] = Field(default_factory=list)
     enabled: bool = True
+    limits: UpstreamLimits = Field(default_factory=UpstreamLimits)
 
     @model_validator(mode="after")
     def _fallbacks(self) -> LlmRouteSpec:

@@ -28,6 +28,7 @@ __all__ = [
     "UpstreamClientCredentials",
     "UpstreamCredential",
     "UpstreamIdJag",
+    "UpstreamLimits",
     "UpstreamNone",
     "UpstreamStatic",
     "UpstreamTokenExchange",
@@ -215,6 +216,23 @@ def credential_secrets(credential: UpstreamCredential, url: str | None) -> list[
 PER_CALLER_MODES = frozenset({"token_exchange", "id_jag"})
 
 
+class UpstreamLimits(BaseModel):
+    """How much of the gateway one upstream may hold. A field left unset takes the gateway-wide value
+    (`upstream_limits` in the settings), and that one the built-in default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Requests in flight whose answers are read whole or are short; a call finds one of these even
+    # while the upstream's streams are all open.
+    max_connections: int | None = Field(default=None, ge=1, le=100_000)
+    # Streamed answers (SSE) open at once, counted apart from the calls above.
+    max_streams: int | None = Field(default=None, ge=1, le=100_000)
+    # How long a call waits for a free connection before it is refused as "upstream busy".
+    connect_wait_s: float | None = Field(default=None, ge=0, le=60)
+    # The largest answer the gateway reads whole (and the largest single SSE event it relays).
+    max_answer_bytes: int | None = Field(default=None, ge=1024, le=1024**3)
+
+
 class McpServerSpec(BaseModel):
     """An upstream MCP server as declared in the config file or through the admin API."""
 
@@ -232,6 +250,7 @@ class McpServerSpec(BaseModel):
     scopes: list[str] = Field(default_factory=list)
     # What the gateway sends upstream as Authorization; never the caller's token (docs/decisions/0600).
     credential: UpstreamCredential = Field(default_factory=UpstreamNone)
+    limits: UpstreamLimits = Field(default_factory=UpstreamLimits)
 
     @property
     def per_caller_credential(self) -> bool:

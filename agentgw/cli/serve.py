@@ -64,8 +64,11 @@ def worker_app() -> FastAPI:
         raise RuntimeError(
             f"{WORKER_SETTINGS_ENV} is not set: start workers with `agentgw serve --workers N`"
         )
+    from agentgw.cli import client_timeouts
+
     settings = Settings.model_validate_json(encoded)
     _configure_logging(settings)
+    client_timeouts.configure(settings.client_idle_timeout_s, settings.client_read_timeout_s)
     return create_app(settings)
 
 
@@ -73,6 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from agentgw.app import create_app
+    from agentgw.cli import client_timeouts
 
     settings = settings_from_args(args)
     if args.workers < 1:
@@ -92,6 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return 2
     _configure_logging(settings)
+    client_timeouts.configure(settings.client_idle_timeout_s, settings.client_read_timeout_s)
     base = settings.base_url
     if args.workers > 1:
         return _serve_workers(args, settings)
@@ -114,11 +119,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _uvicorn_options(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from agentgw.cli import client_timeouts
+
     return {
         "host": settings.host,
         "port": settings.port,
         "loop": args.loop,
-        "http": args.http,
+        # uvicorn's parser, with a deadline for each request's headers and body (slow clients).
+        "http": client_timeouts.PROTOCOLS[args.http],
+        "timeout_keep_alive": settings.client_idle_timeout_s,
         "log_level": "warning",
         # Every call is in the audit log; an access log line per request would only repeat it.
         "access_log": False,

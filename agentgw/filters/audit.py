@@ -516,7 +516,7 @@ class Audit:
         if reply.streaming:
 
             async def settle(usage: Usage) -> None:
-                self._submit(self._outcome(call, caller, reply.status, usage, started))
+                self._submit(self._outcome(call, caller, reply.status, usage, started, reply.detail))
 
             reply.on_settle(settle)
         else:
@@ -524,7 +524,13 @@ class Audit:
         return reply
 
     def _outcome(
-        self, call: Call, caller: _Caller, status: str, usage: Usage | None, started: float
+        self,
+        call: Call,
+        caller: _Caller,
+        status: str,
+        usage: Usage | None,
+        started: float,
+        detail: str | None = None,
     ) -> AuditRecord:
         return self._record(
             call,
@@ -532,6 +538,9 @@ class Audit:
             "outcome",
             "allowed",
             status=status,
+            # A stream that ended badly is recorded as a failed call is: its reason and what happened.
+            reason=status if detail is not None else None,
+            detail=detail,
             latency_ms=round((time.perf_counter() - started) * 1000, 3),
             tokens=usage.tokens if usage else None,
             cost=usage.cost if usage else None,
@@ -578,6 +587,8 @@ class Audit:
         # admitted-decision record, which gates forwarding, is written by `admitted` instead.
         try:
             await self._sink.write(record)
+        except GatewayError as exc:
+            not_written(record, exc_info=False, why=exc.message)  # expected: one line, no traceback
         except Exception:
             not_written(record)
 
@@ -586,17 +597,21 @@ class Audit:
         # not wait for this one's commit (decision 0207); the sink logs it if it fails later.
         try:
             self._sink.submit(record)
+        except GatewayError as exc:
+            not_written(record, exc_info=False, why=exc.message)
         except Exception:
             not_written(record)
 
 
-def not_written(record: AuditRecord, *, exc_info: bool = True) -> None:
-    """Log a record that could not be written (never its arguments: they may hold secrets)."""
+def not_written(record: AuditRecord, *, exc_info: bool = True, why: str | None = None) -> None:
+    """Log a record that could not be written (never its arguments: they may hold secrets); `why`
+    says it in one line where a traceback would tell nothing more (the sink refused it)."""
     log.error(
-        "audit record not written: %s %s %s %s",
+        "audit record not written: %s %s %s %s%s",
         record.event,
         record.decision,
         record.request_id,
         record.resource,
+        f" ({why})" if why else "",
         exc_info=exc_info,
     )

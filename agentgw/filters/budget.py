@@ -30,7 +30,7 @@ import anyio
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agentgw.call import Call, Principal, Reply, Usage
-from agentgw.errors import BudgetExceeded
+from agentgw.errors import BudgetExceeded, GatewayError
 from agentgw.filters.authorize import object_match
 from agentgw.pipeline import CallNext
 
@@ -541,6 +541,9 @@ class Budget:
             return
         try:
             await self._store.adjust(deltas)
-        except Exception:
+        except GatewayError as exc:
             # The call already happened (settle) or failed (release); failing it now would help no one.
+            # The store said why (unreachable): one line, no traceback.
+            log.error("budget %s failed; counters may be off until their window ends: %s", what, exc.message)
+        except Exception:
             log.exception("budget %s failed; counters may be off until their window ends", what)

@@ -71,6 +71,7 @@ from agentgw.errors import (
     Unauthenticated,
     UnsupportedMediaType,
     UpstreamError,
+    UpstreamFailed,
     UpstreamTimeout,
 )
 from agentgw.ingress.a2a_signatures import CardSigner, UpstreamCardVerifier
@@ -78,7 +79,14 @@ from agentgw.ingress.body import read_body
 from agentgw.pipeline import Pipeline
 from agentgw.settings import ConfigError
 from agentgw.upstream.a2a import A2aHttpUpstream, forwarded_headers
-from agentgw.upstream.http import AnswerTooLarge, UpstreamResponse
+from agentgw.upstream.http import (
+    DEFAULT_LIMITS,
+    AnswerTooLarge,
+    HttpClient,
+    Limits,
+    UpstreamResponse,
+    UpstreamState,
+)
 from registry.a2a import (
     A2aAgentSpec,
     A2aConfigError,
@@ -121,7 +129,6 @@ log = logging.getLogger(__name__)
 SKILL_KEY = "skill"
 RUN_ID_HEADER = "agent-run-id"
 JSON_TYPES = ("application/json", "application/a2a+json")
-MAX_ANSWER_BYTES = 32 * 1024 * 1024
 MAX_EVENT_BYTES = 8 * 1024 * 1024
 ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
 A2A_DOMAIN = "a2a-protocol.org"
@@ -950,15 +957,17 @@ class A2aIngress:
         max_body_bytes: int,
         signer: CardSigner | None = None,
         secrets: Secrets | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> A2aIngress:
-        """The ingress for the configured agents, with its own pooled client and in-memory task owners;
+        """The ingress for the configured agents, with its own pooled client (`limits`, under each
+        agent's own) and in-memory task owners;
         upstream card signatures are checked against each agent's `card_keys`, served cards signed by
         `signer` when given.
 
         Raises:
             ConfigError: an agent's credential secret is missing or unreadable.
         """
-        upstream = A2aHttpUpstream()
+        upstream = A2aHttpUpstream(HttpClient(limits=limits))
         try:
             verify = UpstreamCardVerifier(upstream.fetch_card)
             registry = A2aRegistry(agents, upstream.fetch_card, verify=verify, secrets=secrets)
@@ -985,6 +994,10 @@ class A2aIngress:
 
     async def aclose(self) -> None:
         await self._upstream.aclose()
+
+    def upstream_states(self) -> dict[str, UpstreamState]:
+        """What the last request to each agent found."""
+        return self._upstream.states()
 
     def agent_url(self, agent: str) -> str:
         return f"{self._base_url}/a2a/{agent}"
@@ -1148,6 +1161,7 @@ class A2aIngress:
             timeout_s=spec.timeout_s,
             stream=a2a.op.streaming,
             agent=spec.name,
+            limits=spec.limits,
         )
         content_type = response.headers.get("content-type", "")
         if a2a.op.streaming and response.status_code == 200 and content_type.startswith("text/event-stream"):
@@ -1166,15 +1180,20 @@ class A2aIngress:
     async def _unary(
         self, call: Call, spec: A2aAgentSpec, a2a: A2aRequest, response: UpstreamResponse
     ) -> Reply:
+        status = response.status_code
+        if status >= 500:
+            # The agent's own failure page is not relayed: it would read as the gateway failing.
+            await response.aclose()
+            raise UpstreamFailed(f"A2A agent {spec.name!r} failed (HTTP {status})")
         try:
-            body = await response.aread(MAX_ANSWER_BYTES)
+            body = await response.aread()
         except AnswerTooLarge as exc:
             raise InvalidAgentResponse(
-                f"A2A agent {spec.name!r} answered more than the gateway accepts"
+                f"A2A agent {spec.name!r} answered more than {response.max_answer_bytes} bytes, "
+                "more than the gateway reads whole"
             ) from exc
         finally:
             await response.aclose()
-        status = response.status_code
         content_type = response.headers.get("content-type", "application/json")
         try:
             message = orjson.loads(body) if body.strip() else {}

@@ -45,6 +45,7 @@ from agentgw.errors import (
 from agentgw.ingress.body import read_body
 from agentgw.pipeline import Pipeline
 from agentgw.settings import ConfigError
+from agentgw.upstream.http import DEFAULT_LIMITS, HttpClient, Limits, UpstreamState
 from agentgw.upstream.llm import LlmAnswer, LlmProvider, OpenAICompatible, Operation
 from registry.llm import MODEL_NAME_PATTERN, LlmRoute, LlmRouteError, LlmRoutes, LlmRouteSpec
 from registry.secrets import Secrets
@@ -366,8 +367,10 @@ class LlmIngress:
         *,
         max_body_bytes: int,
         secrets: Secrets | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> LlmIngress:
-        """The ingress for `specs`, with one pooled client per provider kind.
+        """The ingress for `specs`, with one pooled client per provider kind (`limits`, under each
+        route's own).
 
         Raises:
             ConfigError: a route's secret is missing or unreadable.
@@ -376,7 +379,8 @@ class LlmIngress:
             routes = LlmRoutes.load(specs, secrets or Secrets({}))
         except LlmRouteError as exc:
             raise ConfigError(str(exc)) from exc
-        return cls(pipeline, routes, {"openai": OpenAICompatible()}, max_body_bytes=max_body_bytes)
+        provider = OpenAICompatible(HttpClient(limits=limits))
+        return cls(pipeline, routes, {"openai": provider}, max_body_bytes=max_body_bytes)
 
     def routes(self) -> list[BaseRoute]:
         """The Starlette routes of the data plane."""
@@ -390,6 +394,12 @@ class LlmIngress:
     async def aclose(self) -> None:
         for provider in self._providers.values():
             await provider.aclose()
+
+    def upstream_states(self) -> dict[str, UpstreamState]:
+        """What the last request to each provider found."""
+        return {
+            who: state for provider in self._providers.values() for who, state in provider.states().items()
+        }
 
     # --- endpoints ---
     async def chat_completions(self, request: Request) -> Response:

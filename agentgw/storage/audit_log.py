@@ -651,6 +651,11 @@ class SqlAuditLog:
         if barriers and not waiting:
             _settle(barriers, None)  # nothing is waiting to be ingested
 
+    def problem(self) -> str | None:
+        """Why the log refuses records now (the journal, the database, the backlog), or None."""
+        refusal = self._refusal()
+        return refusal.message if refusal is not None else None
+
     def _refusal(self) -> Unavailable | None:
         if self._journal is None:
             return _unavailable(f"{_CANNOT_RECORD} (the journal could not be opened)")

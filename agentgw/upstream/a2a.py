@@ -12,7 +12,8 @@ from collections.abc import Mapping
 import orjson
 
 from agentgw.errors import UpstreamError
-from agentgw.upstream.http import HttpClient, UpstreamResponse
+from agentgw.upstream.http import HttpClient, UpstreamResponse, UpstreamState
+from registry.models import UpstreamLimits
 
 __all__ = ["FORWARDED_REQUEST_HEADERS", "MAX_CARD_BYTES", "A2aHttpUpstream", "forwarded_headers"]
 
@@ -44,6 +45,10 @@ class A2aHttpUpstream:
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    def states(self) -> dict[str, UpstreamState]:
+        """What the last request to each agent found."""
+        return self._http.states()
+
     async def send(
         self,
         method: str,
@@ -54,10 +59,12 @@ class A2aHttpUpstream:
         timeout_s: float,
         stream: bool,
         agent: str,
+        limits: UpstreamLimits | None = None,
     ) -> UpstreamResponse:
         """Send one request; the response comes back unread (read or stream it, then close it).
 
         Raises:
+            UpstreamBusy: no connection to the agent free within its short wait; nothing was sent.
             UpstreamTimeout: no answer within `timeout_s`.
             UpstreamError: the agent cannot be reached.
         """
@@ -69,6 +76,8 @@ class A2aHttpUpstream:
             timeout_s=timeout_s,
             who=f"A2A agent {agent!r}",
             read_timeout=not stream,
+            stream=stream,
+            limits=limits,
         )
 
     async def fetch_card(self, url: str, timeout_s: float) -> object:

@@ -23,7 +23,7 @@ import anyio
 import orjson
 
 from agentgw.errors import CredentialError, UpstreamError
-from agentgw.upstream.http import HttpClient, UpstreamResponse
+from agentgw.upstream.http import HttpClient, UpstreamResponse, UpstreamState
 from registry.llm import ClientCredentials, LlmRoute, StaticCredential
 
 __all__ = ["LlmAnswer", "LlmProvider", "OpenAICompatible", "Operation"]
@@ -82,6 +82,10 @@ class LlmProvider(Protocol):
 
     async def aclose(self) -> None: ...
 
+    def states(self) -> dict[str, UpstreamState]:
+        """What the last request to each provider found (for readiness)."""
+        ...
+
 
 @dataclass(slots=True)
 class _Token:
@@ -100,14 +104,20 @@ class OpenAICompatible:
     async def aclose(self) -> None:
         await self._http.aclose()
 
+    def states(self) -> dict[str, UpstreamState]:
+        """What the last request to each provider (and token endpoint) found."""
+        return self._http.states()
+
     async def send(
         self, route: LlmRoute, operation: Operation, body: Mapping[str, Any], *, stream: bool
     ) -> LlmAnswer:
         """Send `body` to the route's `<base_url>/<operation>`.
 
         Raises:
+            UpstreamBusy: no connection to the provider free within the route's short wait.
             UpstreamTimeout: no answer within the route's timeout.
-            UpstreamError: unreachable, a 5xx, or an answer that is not what the API promises.
+            UpstreamError: unreachable, a 5xx, an answer larger than the route's `max_answer_bytes`,
+                or one that is not what the API promises.
             CredentialError: the route's client-credentials token could not be obtained.
         """
         spec = route.spec
@@ -131,6 +141,8 @@ class OpenAICompatible:
             timeout_s=spec.timeout_s,
             connect_s=spec.connect_timeout_s,
             who=f"model {route.name!r}: the provider",
+            stream=stream,
+            limits=spec.limits,
         )
         relayed = {h: response.headers[h] for h in RELAYED_HEADERS if h in response.headers}
         content_type = response.headers.get("content-type", "")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from agentgw.upstream.http import MAX_CONNECTIONS, HttpClient, UpstreamResponse
+from agentgw.upstream.http import DEFAULT_LIMITS, HttpClient, Limits, UpstreamResponse, UpstreamState
+from registry.models import UpstreamLimits
 
 __all__ = ["FORWARDED_REQUEST_HEADERS", "McpHttpUpstream", "UpstreamResponse", "forwarded_headers"]
 
@@ -20,11 +21,15 @@ FORWARDED_REQUEST_HEADERS = ("accept", "mcp-protocol-version", "mcp-method", "mc
 class McpHttpUpstream:
     """Sends one HTTP request to an upstream and returns the streaming response, errors mapped."""
 
-    def __init__(self, *, max_connections: int = MAX_CONNECTIONS) -> None:
-        self._http = HttpClient(max_connections=max_connections)
+    def __init__(self, *, limits: Limits = DEFAULT_LIMITS) -> None:
+        self._http = HttpClient(limits=limits)
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    def states(self) -> dict[str, UpstreamState]:
+        """What the last request to each upstream found."""
+        return self._http.states()
 
     async def send(
         self,
@@ -34,15 +39,26 @@ class McpHttpUpstream:
         body: bytes | None,
         timeout_s: float,
         upstream: str,
+        *,
+        limits: UpstreamLimits | None = None,
+        stream: bool = False,
     ) -> UpstreamResponse:
         """Send and return the response with its body still unread (stream it, then close it).
 
         Raises:
+            UpstreamBusy: no connection to the upstream free within its short wait; nothing was sent.
             UpstreamTimeout: no answer within `timeout_s`.
             UpstreamError: the upstream cannot be reached.
         """
         return await self._http.send(
-            method, url, headers, body, timeout_s=timeout_s, who=f"upstream {upstream!r}"
+            method,
+            url,
+            headers,
+            body,
+            timeout_s=timeout_s,
+            who=f"upstream {upstream!r}",
+            limits=limits,
+            stream=stream,
         )
 
 

@@ -619,6 +619,10 @@ class UpstreamSessions:
                 task = asyncio.get_running_loop().create_task(conn.run(), name=f"upstream:{name}")
                 self._connections[name] = (conn, task)
 
+    def connected(self) -> dict[str, bool]:
+        """Whether the shared session to each server is up now (for readiness)."""
+        return {name: conn.ready.is_set() for name, (conn, _) in self._connections.items()}
+
     def protocol_version(self, server: str) -> str | None:
         """The version the shared session to `server` negotiated; None when not connected."""
         entry = self._connections.get(server)

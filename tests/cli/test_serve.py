@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -16,8 +17,8 @@ from agentgw import __version__
 from agentgw.cli import _parser, main
 from agentgw.cli.serve import _uvicorn_options
 from agentgw.settings import Settings
-from conformance.fixtures.launch import start_upstream_sync, stdio_command
-from tests.support.gateway import run_gateway
+from conformance.fixtures.launch import free_port, start_process, start_upstream_sync, stdio_command
+from tests.support.gateway import gateway_args, run_gateway, write_config
 
 
 def test_several_workers_with_the_local_budget_store_refuse_to_start(
@@ -115,3 +116,47 @@ def test_serve_stops_within_a_second_of_sigterm_with_upstream_sessions_open(
     # uvicorn shuts down gracefully, then re-raises the signal it caught: the exit is "by SIGTERM".
     assert process.returncode == -signal.SIGTERM
     assert took < 1.0, f"shutdown took {took:.2f} s"
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the gateway closes `sock` within `seconds` (reading until the end; a 408 may come first)."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        pass
+    return True
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_connections_that_send_nothing_or_send_slowly_are_closed(tmp_path: Path, http: str) -> None:
+    config = {"policy": {"allow_empty": True}, "client_idle_timeout_s": 0.5, "client_read_timeout_s": 1.0}
+    config_path = write_config(tmp_path, config)
+    port = free_port()
+    args = [*gateway_args(config_path, port, f"sqlite:///{tmp_path / 'gw.db'}"), "--http", http]
+    with start_process(args, port) as gateway:
+        with socket.create_connection(("127.0.0.1", port)) as idle:
+            assert _closed_within(idle, 5), "a connection that never sends a request is closed"
+        with socket.create_connection(("127.0.0.1", port)) as slow:
+            slow.sendall(b"POST /mcp/demo HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            started = time.monotonic()
+            closed = False
+            while not closed and time.monotonic() - started < 5:
+                try:
+                    slow.sendall(b"x")  # a slow-loris client: one more header byte now and then
+                except OSError:
+                    closed = True
+                    break
+                closed = _closed_within(slow, 0.3)
+            assert closed, "a request whose headers never finish is cut off"
+            assert time.monotonic() - started < 4
+        with socket.create_connection(("127.0.0.1", port)) as body:
+            body.sendall(b"POST /mcp/demo HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-length: 100\r\n\r\n{")
+            assert _closed_within(body, 5), "a request whose body never finishes is cut off"
+        # A client that keeps to the limits is served as ever, on one kept-alive connection.
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            assert [client.get("/healthz").status_code for _ in range(3)] == [200, 200, 200]
+        assert "Traceback" not in gateway.output()

@@ -1158,3 +1158,34 @@ async def test_without_credentials_every_route_but_the_card_answers_401_with_the
     assert "httpAuthSecurityScheme" in document["securitySchemes"]["agentgw"]
     assert [s["id"] for s in document["skills"]] == ["echo"]
     assert gateway.echo.received == []
+
+
+async def test_an_agents_server_error_becomes_the_gateways_own_error_never_relayed(gateway: Gateway) -> None:
+    leak = {"jsonrpc": "2.0", "id": 1, "error": {"code": -32603, "message": "db at 10.0.0.7 refused"}}
+    gateway.scripts.append(Answer(500, [orjson.dumps(leak)], {"content-type": "application/json"}))
+    gateway.scripts.append(
+        Answer(500, [b'{"error": "db at 10.0.0.7"}'], {"content-type": "application/json"})
+    )
+    http = gateway.http("alice")
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "SendMessage",
+        "params": {**MESSAGE, "metadata": {SKILL_KEY: "s"}},
+    }
+    rpc = await http.post("/a2a/scripted", json=body, headers={"a2a-version": "1.0"})
+    assert rpc.status_code == 200, "A2A's JSON-RPC clients read errors at 200 only"
+    assert rpc.json()["id"] == 1
+    assert rpc.json()["error"]["code"] == -32603
+    assert rpc.json()["error"]["message"] == "A2A agent 'scripted' failed (HTTP 500)"
+    rest = await http.post(
+        "/a2a/scripted/message:send",
+        json={**MESSAGE, "metadata": {SKILL_KEY: "s"}},
+        headers={"a2a-version": "1.0"},
+    )
+    assert rest.status_code == 502
+    assert rest.json()["error"]["message"] == "A2A agent 'scripted' failed (HTTP 500)"
+    assert "10.0.0.7" not in rpc.text + rest.text
+    assert [reason for call, reason in gateway.calls.seen if call.upstream == "scripted"] == [
+        "upstream_failed"
+    ] * 2

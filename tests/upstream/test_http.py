@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agentgw.errors import UpstreamError, UpstreamTimeout
-from agentgw.upstream.http import AnswerTooLarge, HttpClient
-from tests.support.servers import Answer, LocalServer, Scripted, unused_url
+from agentgw.errors import UpstreamBusy, UpstreamError, UpstreamTimeout
+from agentgw.upstream.http import DEFAULT_LIMITS, AnswerTooLarge, HttpClient
+from registry.models import UpstreamLimits
+from tests.support.servers import Answer, LocalServer, Received, Scripted, unused_url
 
 WHO = "upstream 'u'"
 
@@ -123,3 +124,111 @@ async def test_a_closed_client_makes_a_new_pool_on_next_use(upstream: Upstream) 
     response = await upstream.http.send("GET", upstream.url, {}, None, timeout_s=5, who=WHO)
     assert await response.aread() == b"ok"
     await response.aclose()
+
+
+def limited(**fields: float) -> HttpClient:
+    return HttpClient(limits=DEFAULT_LIMITS.over(UpstreamLimits.model_validate(fields)))
+
+
+def streams_and_calls(request: Received) -> Answer:
+    if request.path == "/stream":
+        return Answer(200, [b"data: 1\n\n"], {"content-type": "text/event-stream"}, "hang")
+    return Answer(200, [b"ok"])
+
+
+async def test_a_call_beyond_the_upstreams_connections_is_refused_as_busy_and_never_sent(
+    upstream: Upstream,
+) -> None:
+    upstream.answer(Answer(200, [b"x"], {}, "hang"))
+    http = limited(max_connections=2, connect_wait_s=0.2)
+    try:
+        held = [await http.send("GET", upstream.url, {}, None, timeout_s=5, who=WHO) for _ in range(2)]
+        with pytest.raises(
+            UpstreamBusy, match="upstream 'u' is busy: its 2 connections are all in use"
+        ) as info:
+            await http.send("GET", upstream.url, {}, None, timeout_s=5, who=WHO)
+        assert (info.value.http_status, info.value.headers["retry-after"]) == (503, "1")
+        assert len(upstream.scripted.received) == 2, "the refused call never reached the upstream"
+        await held[0].aclose()
+        held[0] = await http.send("GET", upstream.url, {}, None, timeout_s=5, who=WHO)
+        assert len(upstream.scripted.received) == 3, "a closed answer gives its place back"
+        for response in held:
+            await response.aclose()
+    finally:
+        await http.aclose()
+
+
+async def test_open_streams_leave_calls_their_connections_and_each_upstream_has_its_own_lanes(
+    upstream: Upstream,
+) -> None:
+    upstream.scripted.answer = streams_and_calls
+    http = limited(max_connections=1, max_streams=2, connect_wait_s=0.2)
+    url = upstream.url
+    try:
+        streams = [await http.send("GET", f"{url}/stream", {}, None, timeout_s=5, who=WHO, stream=True)]
+        streams.append(await http.send("GET", f"{url}/stream", {}, None, timeout_s=5, who=WHO, stream=True))
+        with pytest.raises(UpstreamBusy, match="upstream 'u' is busy: its 2 streams are all open"):
+            await http.send("GET", f"{url}/stream", {}, None, timeout_s=5, who=WHO, stream=True)
+        for _ in range(3):  # one connection for calls, free every time
+            call = await http.send("GET", f"{url}/call", {}, None, timeout_s=5, who=WHO)
+            assert await call.aread() == b"ok"
+            await call.aclose()
+        # An answer that turns out to be a stream moves to the streams lane, or is refused if it is full.
+        late = await http.send("GET", f"{url}/stream", {}, None, timeout_s=5, who=WHO)
+        with pytest.raises(UpstreamBusy, match="its 2 streams are all open"):
+            await late.as_stream()
+        await streams.pop().aclose()
+        await late.as_stream()
+        streams.append(late)
+        call = await http.send("GET", f"{url}/call", {}, None, timeout_s=5, who=WHO)
+        assert await call.aread() == b"ok", "the moved stream gave its call's place back"
+        await call.aclose()
+        # Another upstream, and one with its own higher limit, are not held back by this one's streams.
+        other = await http.send(
+            "GET", f"{url}/stream", {}, None, timeout_s=5, who="upstream 'v'", stream=True
+        )
+        more = UpstreamLimits(max_streams=3)
+        third = await http.send(
+            "GET", f"{url}/stream", {}, None, timeout_s=5, who=WHO, stream=True, limits=more
+        )
+        for response in (*streams, other, third):
+            await response.aclose()
+    finally:
+        await http.aclose()
+
+
+async def test_an_answer_read_whole_is_capped_at_the_upstreams_max_answer_bytes(upstream: Upstream) -> None:
+    http = limited(max_answer_bytes=1024)
+    try:
+        for headers in ({"content-length": "2048"}, {}):
+            upstream.answer(Answer(200, [b"x" * 1024, b"y" * 1024], headers))
+            response = await http.send("GET", upstream.url, {}, None, timeout_s=5, who=WHO)
+            assert response.max_answer_bytes == 1024
+            with pytest.raises(AnswerTooLarge, match="upstream 'u' answered more than 1024 bytes"):
+                await response.aread()
+            await response.aclose()
+        upstream.answer(Answer(200, [b"x" * 1024]))
+        response = await http.send("GET", upstream.url, {}, None, timeout_s=5, who=WHO)
+        assert len(await response.aread()) == 1024
+        await response.aclose()
+    finally:
+        await http.aclose()
+
+
+async def test_the_last_state_of_each_upstream_is_kept_without_probing(upstream: Upstream) -> None:
+    http = HttpClient()
+    try:
+        upstream.answer(Answer(500, [b"oops"]))
+        response = await http.send("GET", upstream.url, {}, None, timeout_s=5, who=WHO)
+        await response.aclose()
+        with pytest.raises(UpstreamError):
+            await http.send("GET", unused_url(), {}, None, timeout_s=5, who="upstream 'down'")
+        states = http.states()
+        assert (states[WHO].ok, states[WHO].detail) == (False, "answered HTTP 500")
+        assert (states["upstream 'down'"].ok, states["upstream 'down'"].detail) == (False, "unreachable")
+        upstream.answer(Answer(200, [b"ok"]))
+        response = await http.send("GET", upstream.url, {}, None, timeout_s=5, who=WHO)
+        await response.aclose()
+        assert http.states()[WHO].ok
+    finally:
+        await http.aclose()

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from agentgw.errors import CredentialError, UpstreamError, UpstreamTimeout
+from agentgw.errors import CredentialError, UpstreamBusy, UpstreamError, UpstreamTimeout
 from agentgw.upstream import llm as llm_module
 from agentgw.upstream.llm import LlmAnswer, OpenAICompatible
 from registry.llm import LlmRoute, LlmRouteSpec, Secret
@@ -244,3 +244,27 @@ async def test_an_unreachable_token_endpoint_is_a_credential_error(provider: Pro
     }
     with pytest.raises(CredentialError, match="token endpoint is unreachable"):
         await provider.llm.send(provider.route(credential=credential), "embeddings", {}, stream=False)
+
+
+async def test_an_answer_over_the_routes_cap_is_an_upstream_error_and_streams_leave_calls_a_connection(
+    provider: Provider,
+) -> None:
+    big = orjson.dumps({"choices": [{"message": {"content": "x" * 5000}}]})
+    llm = provider.script(
+        lambda request: (
+            sse(b'data: {"choices": []}\n\n', end="hang")
+            if request.headers["accept"] == "text/event-stream"
+            else Answer(200, [big], JSON)
+        )
+    )
+    route = provider.route(
+        limits={"max_answer_bytes": 4096, "max_streams": 1, "connect_wait_s": 0.1}, timeout_s=5
+    )
+    with pytest.raises(UpstreamError, match="model 'fast': the provider answered more than 4096 bytes"):
+        await llm.send(route, "chat/completions", {"messages": []}, stream=False)
+    held = await llm.send(route, "chat/completions", {"messages": []}, stream=True)
+    with pytest.raises(UpstreamBusy, match="model 'fast': the provider is busy: its 1 streams are all open"):
+        await llm.send(route, "chat/completions", {"messages": []}, stream=True)
+    with pytest.raises(UpstreamError, match="more than 4096 bytes"):  # a call still reaches the provider
+        await llm.send(route, "chat/completions", {"messages": []}, stream=False)
+    await held.close()

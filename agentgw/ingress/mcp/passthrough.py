@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+import anyio
 import orjson
-from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -25,13 +25,24 @@ from agentgw.errors import (
     BadRequest,
     GatewayError,
     UpstreamError,
+    UpstreamFailed,
+    UpstreamTimeout,
     UpstreamUnauthorized,
 )
 from agentgw.ingress.body import read_body_asgi
-from agentgw.ingress.mcp.messages import LIST_KEYS, Message, classify, item_object, listened_objects, parse
+from agentgw.ingress.mcp.messages import (
+    LIST_KEYS,
+    Message,
+    classify,
+    error_body,
+    item_object,
+    listened_objects,
+    parse,
+)
 from agentgw.ingress.mcp.rendering import jsonrpc_error_response, run_id_of
 from agentgw.ingress.mcp.sessions import SessionStore
 from agentgw.pipeline import Pipeline
+from agentgw.upstream.http import AnswerTooLarge
 from agentgw.upstream.mcp import McpHttpUpstream, UpstreamResponse, forwarded_headers
 from registry.models import McpServerSpec
 
@@ -133,12 +144,17 @@ class PassThrough:
             principal=principal,
         )
 
+        opened: list[Reply] = []
+
         async def terminal(call: Call) -> Reply:
-            return await self._forward_post(call, headers, spec, message)
+            reply = await self._forward_post(call, headers, spec, message)
+            opened.append(reply)
+            return reply
 
         try:
             reply = await self._pipeline.run(call, terminal)
         except Exception as exc:
+            await _close(opened)
             return jsonrpc_error_response(message.id, exc, in_pipeline=True)
         return self._render(reply, spec)
 
@@ -163,10 +179,12 @@ class PassThrough:
         assert spec.url is not None and call.principal is not None
         headers = await self._upstream_headers(call, incoming, spec)
         response = await self._upstream.send(
-            "POST", spec.url, headers, message.raw, spec.timeout_s, spec.name
+            "POST", spec.url, headers, message.raw, spec.timeout_s, spec.name, limits=spec.limits
         )
         if response.status_code == 401:
             await _refused(response, spec.name)
+        if response.status_code >= 500:
+            await _failed(response, spec.name)
         upstream_session = response.headers.get("mcp-session-id")
         if upstream_session and message.method == "initialize" and response.status_code == 200:
             try:
@@ -183,6 +201,15 @@ class PassThrough:
         kind = LIST_KEYS.get(message.method or "")
         content_type = response.headers.get("content-type", "")
         is_sse = content_type.startswith("text/event-stream")
+        if message.is_request and response.status_code == 200 and is_sse and kind is None:
+            try:
+                await response.as_stream()
+            except UpstreamError:
+                await response.aclose()
+                raise
+            reply = Reply(streaming=True)
+            reply.payload = _SseAnswer(response, message.id, spec.name, reply, call)
+            return reply
         if not message.is_request or response.status_code != 200 or (is_sse and kind is None):
             status = "ok" if response.status_code < 400 else f"upstream_{response.status_code}"
             return Reply(payload=response, status=status)
@@ -222,6 +249,8 @@ class PassThrough:
             if payload.kind is not None:
                 payload.body = _rewrite(payload, set(reply.listing or ()), spec.name)
             return payload
+        if isinstance(payload, _SseAnswer):
+            return _SseAnswerResponse(payload)
         assert isinstance(payload, UpstreamResponse)
         return _stream(payload)
 
@@ -248,21 +277,53 @@ class PassThrough:
             headers.pop("content-type", None)
             if method == "GET":
                 headers["accept"] = "text/event-stream"
-            response = await self._upstream.send(method, url, headers, None, spec.timeout_s, spec.name)
+            response = await self._upstream.send(
+                method,
+                url,
+                headers,
+                None,
+                spec.timeout_s,
+                spec.name,
+                limits=spec.limits,
+                stream=method == "GET",
+            )
             if response.status_code == 401:
                 await _refused(response, spec.name)
+            if response.status_code >= 500:
+                await _failed(response, spec.name)
             if method == "DELETE" and call.session_id and response.status_code < 300:
                 assert call.principal is not None
                 await self._sessions.drop(call.session_id, call.principal.subject)
             if call.session_id and "mcp-session-id" in response.headers:
                 response.headers["mcp-session-id"] = call.session_id
-            return Reply(payload=response, status="ok" if response.status_code < 400 else "upstream_error")
+            reply = Reply(payload=response, status="ok" if response.status_code < 400 else "upstream_error")
+            opened.append(reply)
+            return reply
 
+        opened: list[Reply] = []
         try:
             reply = await self._pipeline.run(call, terminal)
         except Exception as exc:
+            await _close(opened)
             return jsonrpc_error_response(None, exc, in_pipeline=True)
         return self._render(reply, spec)
+
+
+async def _close(replies: list[Reply]) -> None:
+    # A stage refused on the way back after the upstream answered: close what it answered, or its
+    # connection (and its place in the upstream's lane) would wait for the garbage collector.
+    for reply in replies:
+        if isinstance(reply.payload, _SseAnswer):
+            await reply.payload.finish()
+        elif isinstance(reply.payload, UpstreamResponse):
+            await reply.payload.aclose()
+
+
+async def _failed(response: UpstreamResponse, server: str) -> NoReturn:
+    # A server error is the upstream's, not the gateway's: relayed as it is, it would read as the
+    # gateway failing (and its page may show the upstream's internals). The client gets a protocol error.
+    await response.aclose()
+    raise UpstreamFailed(f"upstream {server!r} failed (HTTP {response.status_code})")
 
 
 async def _refused(response: UpstreamResponse, server: str) -> NoReturn:
@@ -339,9 +400,160 @@ def _stream(response: UpstreamResponse) -> Response:
         except UpstreamError:
             log.warning("upstream stream broke off", extra={"url": response.url})
 
-    return StreamingResponse(
-        body(),
-        status_code=response.status_code,
-        headers=_response_headers(response),
-        background=BackgroundTask(response.aclose),
-    )
+    return _Relayed(body(), response)
+
+
+class _Relayed(StreamingResponse):
+    """An upstream answer relayed as it is, closed however the response ends (a failed send to a
+    departed client included, where a background task would not run)."""
+
+    def __init__(self, content: AsyncIterator[bytes], response: UpstreamResponse) -> None:
+        super().__init__(content, status_code=response.status_code, headers=_response_headers(response))
+        self._upstream = response
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._upstream.aclose()
+
+
+# Where an SSE event ends (a blank line; SSE allows `\n`, `\r\n` and `\r` line ends).
+_SSE_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+class _SseAnswer:
+    """An SSE answer to one request, relayed whole events at a time as they arrive.
+
+    It watches for the response to the request (and for event ids, which make the stream resumable).
+    A stream that ends or breaks before the response, and cannot be resumed, is a failed call: the
+    client gets a JSON-RPC error for the request as the last event, and the outcome says why. A stream
+    closed after an event id is the upstream's to resume (`Last-Event-ID`): no error is made up.
+    """
+
+    def __init__(
+        self, response: UpstreamResponse, request_id: Any, server: str, reply: Reply, call: Call
+    ) -> None:
+        self.response = response
+        self._request_id = request_id
+        self._server = server
+        self._reply = reply
+        self._call = call
+        self._answered = False
+        self._resumable = False
+        self._outcome: tuple[str, str | None] | None = None
+        self._finished = False
+        self.body = self._events()
+
+    def _watch(self, events: bytes) -> None:
+        for event in _SSE_EVENT_END.split(events):
+            data = []
+            for line in event.splitlines():
+                if line.startswith(b"data:"):
+                    data.append(line[5:].removeprefix(b" "))
+                elif line.startswith(b"id:") and line[3:].strip():
+                    self._resumable = True
+            joined = b"\n".join(data)
+            if b'"result"' not in joined and b'"error"' not in joined:
+                continue  # notifications and requests of the upstream's own
+            try:
+                message = orjson.loads(joined)
+            except orjson.JSONDecodeError:
+                continue
+            if (
+                isinstance(message, dict)
+                and message.get("id") == self._request_id
+                and ("result" in message or "error" in message)
+            ):
+                self._answered = True
+                return
+
+    def _cut(self, exc: UpstreamError) -> bytes | None:
+        """The outcome of a stream that ended at `exc`, and the error event to end it with, if any."""
+        if self._answered:
+            self._outcome = ("ok", None)
+            return None
+        if self._resumable and not isinstance(exc, (UpstreamTimeout, AnswerTooLarge)):
+            # Closed (or broken) after an event id: the client resumes with Last-Event-ID.
+            self._outcome = ("stream_closed", exc.message)
+            return None
+        self._outcome = (exc.reason, exc.message)
+        log.warning("%s", exc.message)
+        return b"data: " + error_body(self._request_id, exc.jsonrpc_code, exc.message) + b"\n\n"
+
+    async def _events(self) -> AsyncGenerator[bytes, None]:
+        response = self.response
+        cap = response.max_answer_bytes
+        too_large = (
+            f"upstream {self._server!r} sent an event of more than {cap} bytes, more than the gateway relays"
+        )
+        pending = bytearray()
+        try:
+            async for chunk in response.aiter_raw():
+                # Only the new bytes (and the 3 before them, a split blank line) are searched: an event
+                # arriving in many chunks is not scanned again from its start each time.
+                since = max(len(pending) - 3, 0)
+                pending += chunk
+                end = 0
+                for match in _SSE_EVENT_END.finditer(pending, since):
+                    end = match.end()
+                if end:
+                    events = bytes(pending[:end])
+                    del pending[:end]
+                    # Rarely more than the cap at once: then one by one, up to one that is too large.
+                    for block in (events,) if len(events) <= cap else _one_by_one(events, cap, too_large):
+                        if not self._answered:
+                            self._watch(block)
+                        yield block
+                if len(pending) > cap:
+                    raise AnswerTooLarge(too_large)
+            if pending.strip():
+                # A last event without its blank line: the stream ended, so it is complete; ended here
+                # so that nothing the gateway adds joins it.
+                self._watch(bytes(pending))
+                yield bytes(pending) + b"\n\n"
+        except UpstreamError as exc:
+            last = self._cut(exc)
+        else:
+            last = self._cut(UpstreamError(f"upstream {self._server!r} ended its stream before answering"))
+        if last is not None:
+            yield last
+
+    async def finish(self) -> None:
+        """Close the upstream's answer and settle the reply once; never raises."""
+        if self._finished:
+            return
+        self._finished = True
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.body.aclose()
+                await self.response.aclose()
+            except Exception:
+                log.exception("closing an MCP stream failed")
+            status, detail = self._outcome or ("client_closed", None)
+            try:
+                await self._reply.settle(self._call.estimate, status, detail)
+            except Exception:
+                log.exception("settling an MCP stream failed")
+
+
+def _one_by_one(events: bytes, cap: int, too_large: str) -> Iterator[bytes]:
+    for event in _SSE_EVENT_END.split(events)[:-1]:
+        if len(event) > cap:
+            raise AnswerTooLarge(too_large)
+        yield event + b"\n\n"
+
+
+class _SseAnswerResponse(StreamingResponse):
+    """A relayed SSE answer that is finished (closed, settled) however the response ends."""
+
+    def __init__(self, answer: _SseAnswer) -> None:
+        super().__init__(answer.body, headers=_response_headers(answer.response))
+        self._answer = answer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._answer.finish()

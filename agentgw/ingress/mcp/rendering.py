@@ -15,6 +15,8 @@ from agentgw.errors import (
     SessionsExhausted,
     TooManySessions,
     Unauthenticated,
+    UpstreamBusy,
+    UpstreamFailed,
 )
 from agentgw.ingress.mcp.messages import error_body
 
@@ -25,10 +27,20 @@ log = logging.getLogger(__name__)
 RUN_ID_HEADER = "agent-run-id"
 RUN_ID_META = "io.agentgw/runId"
 # Refusals of the caller's credentials are HTTP-level (clients start OAuth from them), and so are a
-# lost session (the transport must signal it) and a session the caps refuse (429, 503: back off);
-# every other refusal of an admitted message is a JSON-RPC error that the client's code sees as the
-# call's outcome.
-_HTTP_LEVEL = (Unauthenticated, InsufficientScope, SessionNotFound, TooManySessions, SessionsExhausted)
+# lost session (the transport must signal it), a session the caps refuse (429, 503: back off), an
+# upstream too busy to take the call (503 with Retry-After, for retrying clients and balancers) and an
+# upstream's server error (502, where relaying its 500 would blame the gateway); clients read the
+# JSON-RPC error in the body at any status. Every other refusal of an admitted message is a JSON-RPC
+# error that the client's code sees as the call's outcome.
+_HTTP_LEVEL = (
+    Unauthenticated,
+    InsufficientScope,
+    SessionNotFound,
+    TooManySessions,
+    SessionsExhausted,
+    UpstreamBusy,
+    UpstreamFailed,
+)
 
 
 def jsonrpc_error_response(msg_id: Any, exc: BaseException, *, in_pipeline: bool = False) -> Response:
