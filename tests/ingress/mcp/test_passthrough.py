@@ -11,7 +11,7 @@ import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from agentgw.call import Call, Principal, Reply
+from agentgw.call import ANONYMOUS, Call, Principal, Reply
 from agentgw.errors import Forbidden
 from agentgw.ingress.mcp.passthrough import PassThrough, header_map
 from agentgw.ingress.mcp.sessions import MemorySessionStore
@@ -62,7 +62,7 @@ async def gateway() -> AsyncIterator[tuple[httpx.AsyncClient, Stage]]:
     spec = McpServerSpec(name="up", url=f"{server.url}/mcp", timeout_s=5)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await passthrough.serve(scope, receive, send, spec, header_map(scope))
+        await passthrough.serve(scope, receive, send, spec, header_map(scope), ANONYMOUS)
 
     transport = httpx.ASGITransport(app)
     async with (
