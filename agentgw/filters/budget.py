@@ -30,7 +30,7 @@ import anyio
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agentgw.call import Call, Principal, Reply, Usage
-from agentgw.errors import BudgetExceeded
+from agentgw.errors import BudgetExceeded, GatewayError
 from agentgw.filters.authorize import object_match
 from agentgw.pipeline import CallNext
 
@@ -475,7 +475,8 @@ async def effective_budgets(
 
 
 class Budget:
-    """Reserves before forwarding, trues up from `Reply.usage`, gives everything back on failure."""
+    """Reserves before forwarding, trues up from `Reply.usage`, gives everything back when the call
+    never left the gateway (`GatewayError.maybe_sent` false)."""
 
     def __init__(
         self,
@@ -505,10 +506,15 @@ class Budget:
                 raise exhausted(charge.target, charge.metric, shortfall.used, charge.limit, now)
         try:
             reply = await call_next(call)
-        except BaseException:
-            # Nothing was consumed that we can know of: give the reservation back, even when cancelled.
-            with anyio.CancelScope(shield=True):
-                await self._adjust([(c.key, -c.amount) for c in charges], "release")
+        except GatewayError as exc:
+            # Given back only when the call provably never left the gateway (a later stage refused
+            # it, no connection was made). A call that may have reached the upstream (a timeout, a
+            # broken or garbage answer) stays charged, as does one whose outcome is unknown (the
+            # caller went away, a crash: not a GatewayError): a runaway agent against a slow tool
+            # must be stopped, and the upstream may have done the work.
+            if not exc.maybe_sent:
+                with anyio.CancelScope(shield=True):
+                    await self._adjust([(c.key, -c.amount) for c in charges], "release")
             raise
         if not charges:
             return reply

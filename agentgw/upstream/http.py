@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 
-from agentgw.errors import UpstreamError, UpstreamTimeout
+from agentgw.errors import UpstreamError, UpstreamTimeout, UpstreamUnreachable
 
 __all__ = ["CONNECT_TIMEOUT_S", "MAX_CONNECTIONS", "AnswerTooLarge", "HttpClient", "UpstreamResponse"]
 
@@ -153,8 +153,9 @@ class HttpClient:
             read_timeout: False for streams that may stay silent for long (A2A task updates).
 
         Raises:
+            UpstreamUnreachable: no connection could be made; nothing was sent.
             UpstreamTimeout: no answer within `timeout_s`.
-            UpstreamError: the upstream cannot be reached.
+            UpstreamError: the connection broke after the request may have been sent.
         """
         # Upstreams are near: compression would cost CPU on both sides, and the gateway forwards bodies
         # without a Content-Encoding. Said outright (no header would leave the upstream free to
@@ -170,8 +171,15 @@ class HttpClient:
                 allow_redirects=False,
                 auto_decompress=True,
             )
+        # Whether the request may have left decides whether budgets charge it (errors.py): only a
+        # failure to connect (refused, no such host, TLS handshake, no connection in time) or a request
+        # that could not be built proves it did not; a timeout or break after that may not.
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise UpstreamUnreachable(f"{who} did not accept a connection within {timeout_s:g}s") from exc
         except TimeoutError as exc:  # aiohttp.ServerTimeoutError included (also a ClientError)
             raise UpstreamTimeout(f"{who} did not answer within {timeout_s:g}s") from exc
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
-            raise UpstreamError(f"{who} is unreachable") from exc
+        except (aiohttp.ClientConnectorError, ValueError) as exc:  # aiohttp.InvalidURL is a ValueError
+            raise UpstreamUnreachable(f"{who} is unreachable") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamError(f"{who} broke off the connection") from exc
         return UpstreamResponse(response, who)
