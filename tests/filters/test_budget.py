@@ -257,8 +257,24 @@ def test_counter_keys_keep_their_stored_form() -> None:
     rule = BudgetRule(name="a:b", per="subject", window="day", resource="mcp:x/*", per_resource=True, calls=1)
     target = targets([rule], Principal(subject="user:a|b"), None, "mcp:x/y z", NOON)[0]
     assert target.key("calls") == "a%3Ab|subject|user%3Aa%7Cb|1767225600|mcp%3Ax%2Fy%20z|calls"
-    run = targets([BudgetRule(name="r", calls=1)], None, "run/1", "mcp:x/y", NOON)[0]
-    assert run.key("tokens") == "r|run|run%2F1|run|tokens"
+    shared = targets([BudgetRule(name="r", shared_run=True, calls=1)], ALICE, "run/1", "mcp:x/y", NOON)[0]
+    assert shared.key("tokens") == "r|run|run%2F1|run|tokens"
+    owned = targets([BudgetRule(name="r", calls=1)], ALICE, "run/1", "mcp:x/y", NOON)[0]
+    assert owned.key("tokens") == "r|run|user%3Aalice/run%2F1|run|tokens"
+
+
+def test_a_run_is_counted_per_principal_unless_the_rule_shares_it() -> None:
+    bob = Principal(subject="user:bob")
+    owned, shared = BudgetRule(name="own", calls=1), BudgetRule(name="shared", shared_run=True, calls=1)
+    alice_keys = {t.key("calls") for t in targets([owned, shared], ALICE, "run-42", "x", NOON)}
+    bob_keys = {t.key("calls") for t in targets([owned, shared], bob, "run-42", "x", NOON)}
+    assert alice_keys & bob_keys == {"shared|run|run-42|run|calls"}
+    # No subject and run id can spell another pair's counter: `/` in either part is encoded.
+    one = targets([owned], Principal(subject="a/b"), "c", "x", NOON)[0]
+    other = targets([owned], Principal(subject="a"), "b/c", "x", NOON)[0]
+    assert one.key("calls") != other.key("calls")
+    with pytest.raises(ValidationError, match="run budgets only"):
+        BudgetRule(name="x", per="subject", window="day", shared_run=True, calls=1)
 
 
 def test_a_value_cannot_forge_another_counter_key() -> None:
