@@ -15,6 +15,7 @@ import anyio
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy import Engine
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -25,7 +26,7 @@ from agentgw.admin.policies import policy_router
 from agentgw.call import Principal
 from agentgw.demo.upstream import demo_server
 from agentgw.errors import Forbidden, GatewayError
-from agentgw.filters.audit import Audit
+from agentgw.filters.audit import Audit, timestamp
 from agentgw.filters.authenticate import Authenticate
 from agentgw.filters.authorize import Authorize, CasbinAuthorizer
 from agentgw.filters.budget import Budget, BudgetStore
@@ -44,8 +45,8 @@ from agentgw.oauth.server import oauth_router
 from agentgw.pipeline import Pipeline, ordered
 from agentgw.settings import Settings
 from agentgw.storage import create_db, make_engine
-from agentgw.storage.audit_log import SqlAuditLog
-from agentgw.storage.budget_counters import budget_store
+from agentgw.storage.audit_log import AuditQuery, SqlAuditLog, iter_records
+from agentgw.storage.budget_counters import LocalBudgetStore, budget_store
 from agentgw.storage.budget_rules import BudgetRuleBook
 from agentgw.upstream.mcp import McpHttpUpstream
 from agentgw.upstream.mcp_sessions import UpstreamSessions
@@ -113,6 +114,8 @@ def build_gateway(settings: Settings) -> Gateway:
     budget_rules = BudgetRuleBook(engine)
     budget_rules.sync_config(settings.budgets.rules)
     budgets = budget_store(settings.budgets, engine, settings.redis_url)
+    if isinstance(budgets, LocalBudgetStore) and budgets.recover_since is not None:
+        _recount(budgets, budget_rules, audit_engine, settings.budgets.run_ttl_s)
     pipeline = ordered(
         audit=audit,
         authenticate=authenticate,
@@ -163,6 +166,21 @@ def build_gateway(settings: Settings) -> Gateway:
         identity=identity,
         a2a=a2a,
         credentials=credentials,
+    )
+
+
+def _recount(ledger: LocalBudgetStore, rules: BudgetRuleBook, audit_engine: Engine, run_ttl_s: float) -> None:
+    """The last owner of the budget ledger crashed: recount what it spent after its last save from the
+    audit log (whose journal `SqlAuditLog` has already replayed), so that no run starts afresh."""
+    assert ledger.recover_since is not None
+    since = timestamp(ledger.recover_since)
+    records = iter_records(audit_engine, AuditQuery(since=since))
+    calls = ledger.recount([rule for rule, _ in rules.rules()], records, run_ttl_s)
+    log.warning(
+        "budget ledger: the last gateway process stopped without saving its counters; "
+        "%d calls since %s recounted from the audit log",
+        calls,
+        since,
     )
 
 

@@ -138,8 +138,9 @@ class BudgetSettings(BaseModel):
     # one gateway process per database), `sql` (every reservation a transaction in the gateway's
     # database; many processes) or `redis` (shared by many nodes).
     store: Literal["local", "sql", "redis"] = "local"
-    # `local` only: dirty counters are written to the database this often; a crash (SIGKILL) loses
-    # at most this much counting, and a ledger that cannot write for 5 intervals refuses calls.
+    # `local` only: dirty counters are written to the database this often (what a crash loses of them
+    # is recounted from the audit log at the next start); a ledger whose saving fails for 5 intervals
+    # refuses calls.
     flush_s: float = Field(default=1.0, gt=0)
     # Unset: the gateway's top-level `redis_url`.
     redis_url: str | None = None
