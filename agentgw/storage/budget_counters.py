@@ -604,15 +604,7 @@ class LocalBudgetStore:
             with self._lock:
                 self._dirty |= dirty
             if _lock_wait(exc):
-                lag = self._clock() - self._flushed_at
-                if not self._lagging and lag > self._fail_after:
-                    self._lagging = True
-                    log.warning(
-                        "budget ledger: saving counters lags %.1fs behind: another writer holds the "
-                        "database's write lock; counting goes on in memory (a crash is recounted "
-                        "from the audit log)",
-                        lag,
-                    )
+                self._note_lag()
                 return False
             if not self._failing:
                 self._failing = True
@@ -624,15 +616,28 @@ class LocalBudgetStore:
                     exc_info=True,
                 )
             return False
-        if self._failing or self._lagging:
+        lag = self._note_lag()
+        if self._failing or (self._lagging and lag <= self._fail_after):
             self._failing = self._lagging = False
-            log.warning(
-                "budget ledger: counters saved again, %.1fs after the last save", started - self._flushed_at
-            )
+            log.warning("budget ledger: counters saved again, %.1fs after the last save", lag)
         self._flushed_at = started
         if prune is not None:
             self._pruned_at = started
         return True
+
+    def _note_lag(self) -> float:
+        # A save that waited long for the database (another writer's lock, a loaded process) or gave
+        # up waiting: said once while it lasts, never a refusal by itself.
+        lag = self._clock() - self._flushed_at
+        if lag > self._fail_after and not self._lagging and not self._failing:
+            self._lagging = True
+            log.warning(
+                "budget ledger: saving counters lags %.1fs behind (the database is busy: another writer "
+                "holds its write lock); counting goes on in memory, and a crash is recounted from the "
+                "audit log",
+                lag,
+            )
+        return lag
 
     def _close(self) -> None:
         self._stop.set()
