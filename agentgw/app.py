@@ -50,8 +50,8 @@ from agentgw.pipeline import Pipeline, ordered
 from agentgw.settings import Settings
 from agentgw.storage import create_db, ensure_private_dir, make_engine
 from agentgw.storage.audit_checkpoints import checkpointer, trust
-from agentgw.storage.audit_log import SqlAuditLog
-from agentgw.storage.budget_counters import budget_store
+from agentgw.storage.audit_log import AuditQuery, SqlAuditLog, iter_records
+from agentgw.storage.budget_counters import LocalBudgetStore, budget_store
 from agentgw.storage.budget_rules import BudgetRuleBook
 from agentgw.upstream.http import DEFAULT_LIMITS
 from agentgw.upstream.mcp import McpHttpUpstream
@@ -145,6 +145,8 @@ def build_gateway(settings: Settings) -> Gateway:
     budget_rules = BudgetRuleBook(engine)
     budget_rules.sync_config(settings.budgets.rules)
     budgets = budget_store(settings.budgets, engine, settings.redis_url)
+    if isinstance(budgets, LocalBudgetStore) and budgets.recover_since is not None:
+        _recount(budgets, budget_rules, audit_engine, settings.budgets.run_ttl_s)
     pipeline = ordered(
         audit=audit,
         authenticate=authenticate,
@@ -275,6 +277,21 @@ def _upstream_states(
             {"ok": up} if up else {"ok": False, "reason": "not connected"}
         )
     return out
+
+
+def _recount(ledger: LocalBudgetStore, rules: BudgetRuleBook, audit_engine: Engine, run_ttl_s: float) -> None:
+    """The last owner of the budget ledger crashed: recount what it spent after its last save from the
+    audit log (whose journal `SqlAuditLog` has already replayed), so that no run starts afresh."""
+    assert ledger.recover_since is not None
+    since = timestamp(ledger.recover_since)
+    records = iter_records(audit_engine, AuditQuery(since=since))
+    calls = ledger.recount([rule for rule, _ in rules.rules()], records, run_ttl_s)
+    log.warning(
+        "budget ledger: the last gateway process stopped without saving its counters; "
+        "%d calls since %s recounted from the audit log",
+        calls,
+        since,
+    )
 
 
 def _builtin_token_service(settings: Settings, identity: Identity) -> TokenService | None:

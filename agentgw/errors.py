@@ -14,10 +14,11 @@ ingress adapters render it in their protocol's own shape.
     ├── Forbidden (403, -32003)           denied by policy (same text whether or not the thing exists)
     │   └── InsufficientScope (403, -32003)
     ├── BudgetExceeded (429, -32029)      names the budget and when it resets
-    ├── UpstreamError (502, -32603)       upstream down or answered garbage
+    ├── UpstreamError (502, -32603)       the upstream failed after the call may have reached it
     │   ├── UpstreamTimeout (504, -32603)
     │   ├── UpstreamFailed (502, -32603)  the upstream answered HTTP 5xx (never relayed as it is)
-    │   └── UpstreamBusy (503, -32603)    no connection to the upstream free within a short wait
+    │   ├── UpstreamBusy (503, -32603)    no connection to the upstream free within a short wait
+    │   └── UpstreamUnreachable (502)     no connection was made: the call never left the gateway
     ├── CredentialError (502, -32603)     no upstream credential could be obtained
     │   └── UpstreamUnauthorized (502)    the upstream refused the gateway's credential (HTTP 401)
     └── Unavailable (503, -32603)         a store the gateway must consult is unreachable (fail closed)
@@ -50,6 +51,7 @@ __all__ = [
     "UpstreamFailed",
     "UpstreamTimeout",
     "UpstreamUnauthorized",
+    "UpstreamUnreachable",
 ]
 
 
@@ -60,6 +62,11 @@ class GatewayError(Exception):
     jsonrpc_code: ClassVar[int] = -32603
     # Short machine-readable reason for audit records and OpenAI-style error types.
     reason: ClassVar[str] = "internal_error"
+    # Whether the call may have reached its upstream when this was raised. The budget stage charges
+    # such a call (the upstream may be working on it) and gives back only one that provably never
+    # left the gateway. Only the upstream seam knows, so only it says True; an instance may override
+    # the class (an error standing for several attempts, one of which was sent).
+    maybe_sent: bool = False
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None, data: Any = None) -> None:
         super().__init__(message)
@@ -134,8 +141,12 @@ class BudgetExceeded(GatewayError):
 
 
 class UpstreamError(GatewayError):
+    """The upstream failed: timed out, broke off, answered garbage or an error. Bytes may have gone
+    upstream, so the call counts as sent."""
+
     http_status = 502
     reason = "upstream_error"
+    maybe_sent = True
 
 
 class UpstreamTimeout(UpstreamError):
@@ -156,6 +167,14 @@ class UpstreamBusy(UpstreamError):
 
     http_status = 503
     reason = "upstream_busy"
+    maybe_sent = False  # unless it stands for a stream refused after the upstream started it
+
+
+class UpstreamUnreachable(UpstreamError):
+    """No connection to the upstream could be made (refused, no such host, connect timeout, not
+    connected): nothing of the call was sent."""
+
+    maybe_sent = False
 
 
 class CredentialError(GatewayError):
@@ -169,6 +188,7 @@ class UpstreamUnauthorized(CredentialError):
     read as "your token is bad" and invite token passthrough)."""
 
     reason = "upstream_unauthorized"
+    maybe_sent = True  # the upstream received the call and refused it
 
 
 class Unavailable(GatewayError):

@@ -3,7 +3,7 @@
     python -m bench compare [--calls N] [--concurrency 1,10,50] [--kind mcp|a2a|llm]
                             [--era modern|legacy] [--upstream fast|sdk] [--memory-run N]
                             [--json FILE] [--no-bridge] [--anonymous] [--no-budget]
-                            [--redis-url URL] [--serve-args "..."] [--floor]
+                            [--redis-url URL] [--serve-args "..."] [--floor] [--flush-s S]
 
 Starts the fixture upstream (`fast`: bench/upstream.py; `sdk`: the `mcp`-SDK fixture the tests use)
 and the gateway (`python -m agentgw serve`, from the current directory, on free 127.0.0.1 ports, with
@@ -130,6 +130,7 @@ def gateway_setup(
     budget: bool = True,
     redis_url: str | None = None,
     kind: Kind = "mcp",
+    flush_s: float | None = None,
 ) -> Setup:
     """A config with every stage this checkout has, switched on; and the names of those stages.
 
@@ -182,6 +183,8 @@ def gateway_setup(
             "rules": [{"name": "bench", "per": "subject", "window": "day", "calls": 1_000_000_000}]
         }
         stages.append("budget")
+        if flush_s is not None:
+            config["budgets"]["flush_s"] = flush_s
         if redis_url:
             # A prefix of its own per run: counters of earlier runs never count against this one.
             prefix = f"agentgw-bench:{port}:"
@@ -456,6 +459,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--redis-url", help="shared state in Redis (sessions, budgets): needed for workers > 1"
     )
+    parser.add_argument(
+        "--flush-s",
+        type=float,
+        help="budgets.flush_s (the local ledger's save interval; it refuses calls after 5 failed ones)",
+    )
     parser.add_argument("--memory-run", type=int, default=0, metavar="N", help="N calls, RSS before/after")
     parser.add_argument(
         "--serve-args", default="", help='more `agentgw serve` options, e.g. "--loop asyncio --http h11"'
@@ -506,6 +514,7 @@ def main(args: argparse.Namespace) -> int:
             budget=args.budget,
             redis_url=args.redis_url,
             kind=args.kind,
+            flush_s=args.flush_s,
         )
     except RuntimeError as exc:
         raise SystemExit(f"error: {exc}") from None

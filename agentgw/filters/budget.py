@@ -2,10 +2,12 @@
 
 A budget is a `BudgetRule`: a limit on calls, tokens and/or cost, counted per agent run or per
 principal (subject, role or client) within a window (minute, hour, day, month); rate limits are
-budgets with a `calls` limit. Deciding what a call must reserve is pure (`plan`); the counters live
-behind the `BudgetStore` protocol (in `agentgw.storage.budget_counters`: `LocalBudgetStore`, this
-process's memory written behind to SQL; `SqlBudgetStore`; `RedisBudgetStore`), whose `reserve` is
-all-or-nothing and atomic (across processes for SQL and Redis; a local ledger has one process).
+budgets with a `calls` limit. A run is counted per principal in it (its subject), unless the rule
+says `shared_run`: a run id is no secret, and another caller must not be able to exhaust it.
+Deciding what a call must reserve is pure (`plan`); the counters live behind the `BudgetStore`
+protocol (in `agentgw.storage.budget_counters`: `LocalBudgetStore`, this process's memory written
+behind to SQL; `SqlBudgetStore`; `RedisBudgetStore`), whose `reserve` is all-or-nothing and atomic
+(across processes for SQL and Redis; a local ledger has one process).
 
 The run a call belongs to is `Call.run_id` (the `Agent-Run-Id` header or the `io.agentgw/runId`
 `_meta` key), falling back to `Call.session_id`; a call with neither is in no run, and run budgets do
@@ -77,6 +79,10 @@ class BudgetRule(BaseModel):
         match: which runs/subjects/roles/clients the budget applies to (exact, or a trailing `*`).
         window: the counting window; required for principal budgets, optional for runs (a run
             budget without one lasts the run).
+        shared_run: for runs only: every principal in a run spends from one count. By default each
+            principal's calls in a run are counted apart, so that a caller who knows (or guesses)
+            another's run id cannot exhaust that run; a run that spans agents with one budget says
+            so here.
         resource: the policy objects it covers (`mcp:github/*`, `llm:gpt-4o`); `*` for all.
         per_resource: count each tool/model separately ("at most 5 calls per tool").
         calls, tokens, cost: the limits (at least one, or `duration_s`).
@@ -89,6 +95,7 @@ class BudgetRule(BaseModel):
     per: Per = "run"
     match: str = "*"
     window: Window | None = None
+    shared_run: bool = False
     resource: str = "*"
     per_resource: bool = False
     calls: int | None = Field(default=None, ge=0)
@@ -106,6 +113,8 @@ class BudgetRule(BaseModel):
             raise ValueError(f"budget {self.name!r} counts per {self.per}: it needs a window")
         if self.per != "run" and self.duration_s is not None:
             raise ValueError(f"budget {self.name!r}: duration_s applies to run budgets only")
+        if self.per != "run" and self.shared_run:
+            raise ValueError(f"budget {self.name!r}: shared_run applies to run budgets only")
         return self
 
     def limits(self) -> list[tuple[Metric, int]]:
@@ -129,8 +138,9 @@ class BudgetSettings(BaseModel):
     # one gateway process per database), `sql` (every reservation a transaction in the gateway's
     # database; many processes) or `redis` (shared by many nodes).
     store: Literal["local", "sql", "redis"] = "local"
-    # `local` only: dirty counters are written to the database this often; a crash (SIGKILL) loses
-    # at most this much counting, and a ledger that cannot write for 5 intervals refuses calls.
+    # `local` only: dirty counters are written to the database this often (what a crash loses of them
+    # is recounted from the audit log at the next start); a ledger whose saving fails for 5 intervals
+    # refuses calls.
     flush_s: float = Field(default=1.0, gt=0)
     # Unset: the gateway's top-level `redis_url`.
     redis_url: str | None = None
@@ -156,20 +166,25 @@ class Target:
     start: float  # window start (epoch seconds); for a windowless run budget, 0
     resets_at: float | None  # window end; None: the budget does not reset (start a new run)
     resource: str | None  # set when the rule counts per resource
+    owner: str | None = None  # a run counted per principal: the subject whose calls these are
 
     def key(self, metric: str) -> str:
         """The counter's identity; values are percent-encoded so no value can forge another key."""
         window = int(self.start) if self.rule.window else None
-        return _counter_key(self.rule.name, self.rule.per, self.value, window, self.resource, metric)
+        return _counter_key(
+            self.rule.name, self.rule.per, self.value, window, self.resource, metric, self.owner
+        )
 
 
 # Every call of a principal within a window asks for the same keys: encoding them once saves about
 # 1 us per counter per call (three `quote`s each).
 @functools.lru_cache(maxsize=4096)
 def _counter_key(
-    name: str, per: str, value: str, window: int | None, resource: str | None, metric: str
+    name: str, per: str, value: str, window: int | None, resource: str | None, metric: str, owner: str | None
 ) -> str:
-    parts = [quote(name, safe=""), per, quote(value, safe=""), "run" if window is None else str(window)]
+    # An owned run is `<owner>/<run>`: an encoded value holds no `/`, so it differs from any shared run.
+    counted = quote(value, safe="") if owner is None else f"{quote(owner, safe='')}/{quote(value, safe='')}"
+    parts = [quote(name, safe=""), per, counted, "run" if window is None else str(window)]
     if resource is not None:
         parts.append(quote(resource, safe=""))
     parts.append(metric)
@@ -289,7 +304,12 @@ def targets(
         else:
             start, resets_at = 0.0, None
         counted = resource if rule.per_resource and resource is not None else None
-        out.extend(Target(rule, value, start, resets_at, counted) for value in _values(rule, principal, run))
+        owner = None
+        if rule.per == "run" and not rule.shared_run:
+            owner = principal.subject if principal is not None else ""
+        out.extend(
+            Target(rule, value, start, resets_at, counted, owner) for value in _values(rule, principal, run)
+        )
     return out
 
 
@@ -475,7 +495,8 @@ async def effective_budgets(
 
 
 class Budget:
-    """Reserves before forwarding, trues up from `Reply.usage`, gives everything back on failure."""
+    """Reserves before forwarding, trues up from `Reply.usage`, gives everything back when the call
+    never left the gateway (`GatewayError.maybe_sent` false)."""
 
     def __init__(
         self,
@@ -505,10 +526,15 @@ class Budget:
                 raise exhausted(charge.target, charge.metric, shortfall.used, charge.limit, now)
         try:
             reply = await call_next(call)
-        except BaseException:
-            # Nothing was consumed that we can know of: give the reservation back, even when cancelled.
-            with anyio.CancelScope(shield=True):
-                await self._adjust([(c.key, -c.amount) for c in charges], "release")
+        except GatewayError as exc:
+            # Given back only when the call provably never left the gateway (a later stage refused
+            # it, no connection was made). A call that may have reached the upstream (a timeout, a
+            # broken or garbage answer) stays charged, as does one whose outcome is unknown (the
+            # caller went away, a crash: not a GatewayError): a runaway agent against a slow tool
+            # must be stopped, and the upstream may have done the work.
+            if not exc.maybe_sent:
+                with anyio.CancelScope(shield=True):
+                    await self._adjust([(c.key, -c.amount) for c in charges], "release")
             raise
         if not charges:
             return reply

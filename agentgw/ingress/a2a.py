@@ -73,6 +73,7 @@ from agentgw.errors import (
     UpstreamError,
     UpstreamFailed,
     UpstreamTimeout,
+    UpstreamUnreachable,
 )
 from agentgw.ingress.a2a_signatures import CardSigner, UpstreamCardVerifier
 from agentgw.ingress.body import read_body
@@ -1127,8 +1128,8 @@ class A2aIngress:
     async def _card_of(self, spec: A2aAgentSpec) -> UpstreamCard:
         try:
             return await self._registry.card(spec)
-        except CardUnavailable as exc:
-            raise UpstreamError(str(exc)) from exc
+        except CardUnavailable as exc:  # the call itself was never sent
+            raise UpstreamUnreachable(str(exc)) from exc
 
     # --- the terminal: forward to the agent ---
     async def _forward(

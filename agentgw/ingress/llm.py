@@ -532,6 +532,7 @@ class LlmIngress:
         if not chain:
             raise _unknown_model(model)
         failure: UpstreamError | None = None
+        sent = False
         for route in chain:
             provider = self._providers[route.spec.provider]
             try:
@@ -539,12 +540,15 @@ class LlmIngress:
             except UpstreamError as exc:
                 log.warning("LLM route %s failed (%s): %s", route.name, exc.reason, exc.message)
                 failure = exc
+                sent = sent or exc.maybe_sent
                 continue
             call.upstream = route.name
             return self._reply(answer, route, model, operation, prompt_estimate, wants_usage)
         assert failure is not None
         if len(chain) > 1:
-            raise type(failure)(f"{failure.message} (and every fallback failed)", headers=failure.headers)
+            failure = type(failure)(f"{failure.message} (and every fallback failed)", headers=failure.headers)
+        # A fallback that could not connect does not make an earlier provider's attempt unsent.
+        failure.maybe_sent = sent
         raise failure
 
     def _reply(

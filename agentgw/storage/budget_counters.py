@@ -4,8 +4,9 @@ Each reserves all of a call's charges or none:
 - Local (the default): the counters live in this process's memory and are the truth; a
   reservation is a few dict operations with no await between check and add, so it is atomic on the
   event loop. A thread writes changed counters to the `budget_counter` table every `flush_s` and
-  at close, and they are loaded from it at start: a crash loses at most `flush_s` of counting. One
-  process owns the ledger of a database (a lease row); a ledger that cannot write refuses calls.
+  at close, and they are loaded from it at start; what a crash lost since the last save is recounted
+  from the audit log's decision records (`recount`). One process owns the ledger of a database (a
+  lease row); a ledger whose saving fails refuses calls (waiting for a busy write lock is not failing).
 - SQL: atomic across processes; one transaction of conditional
   `UPDATE ... SET used = used + n WHERE used + n <= limit` statements, taken in key order so that
   two transactions never wait on each other in a cycle.
@@ -20,10 +21,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 import anyio.to_thread
@@ -32,8 +35,22 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Field, SQLModel
 
+from agentgw.call import Call, Principal
 from agentgw.errors import Unavailable
-from agentgw.filters.budget import BudgetSettings, BudgetStore, Charge, Shortfall, admits
+from agentgw.filters.budget import (
+    COST_SCALE,
+    SPENDING_ACTIONS,
+    BudgetRule,
+    BudgetSettings,
+    BudgetStore,
+    Charge,
+    Metric,
+    Shortfall,
+    admits,
+    plan,
+    run_key,
+    targets,
+)
 from agentgw.settings import ConfigError
 
 __all__ = [
@@ -221,11 +238,15 @@ class SqlBudgetStore:
         return None
 
 
-# A local ledger that has not saved its counters for this many flush intervals refuses calls; its
-# lease counts as abandoned after twice as long, so an owner that cannot write is already refusing
-# calls when another process takes over (with room for clock skew between hosts).
+# A local ledger whose saving has failed for this many flush intervals refuses calls; its lease
+# counts as abandoned after twice as long, so an owner that cannot write is already refusing calls
+# when another process takes over (with room for clock skew between hosts). Waiting for the
+# database's write lock is not failing: it is logged once saving lags this far behind.
 FAIL_AFTER_FLUSHES = 5
 STALE_AFTER_FLUSHES = 10
+# One save that has run this much longer than the fail-closed bound hangs (SQLite's own lock waits
+# end after its busy timeout, 5 s, and count as lag).
+HUNG_AFTER_S = 10.0
 KEY_MAX = 512  # the `key` column's size
 _BIGINT = (-(2**63), 2**63 - 1)  # the `used` column's range
 
@@ -240,6 +261,12 @@ class _Counter:
 
 class _LeaseLost(Exception):
     pass
+
+
+def _lock_wait(exc: BaseException) -> bool:
+    """Whether `exc` is SQLite giving up its wait for another connection's lock (busy or locked)."""
+    code = getattr(getattr(exc, "orig", None), "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _this_host() -> str:
@@ -312,8 +339,13 @@ class LocalBudgetStore:
         self._now = 0.0  # the latest caller clock seen: expired counters are pruned by it
         self._pruned_at = clock()
         self._failing = False
+        self._lagging = False
+        self._saving_since: float | None = None  # when the save in progress began (caller clock)
         self._lost = False
         self._closed = False
+        # Set when this store took over the lease of an owner that did not release it (it crashed):
+        # that owner's last save (wall clock); what it counted after that is recounted (`recount`).
+        self.recover_since: float | None = None
         SQLModel.metadata.create_all(engine, tables=[_T, _L])
         self._claim()
         _OPEN_OWNERS.add(self._owner)
@@ -351,6 +383,7 @@ class LocalBudgetStore:
                         raise ConfigError(
                             "another gateway process took the budget ledger lease at the same time"
                         )
+                    self.recover_since = float(held.heartbeat)
                 rows = conn.execute(
                     select(_T.c.key, _T.c.used, _T.c.expires_at).where(_T.c.expires_at > wall)
                 )
@@ -364,7 +397,11 @@ class LocalBudgetStore:
 
     def _admitting(self, keys: Sequence[str]) -> None:
         # Fail closed: counting that cannot be saved, or a ledger another process owns now, admits nothing.
-        if self._lost or self._closed or self._clock() - self._flushed_at > self._fail_after:
+        if (
+            self._lost
+            or self._closed
+            or (self._clock() - self._flushed_at > self._fail_after and self._cannot_save())
+        ):
             raise Unavailable("budget store unavailable: the call was not forwarded")
         for key in keys:
             if len(key) > KEY_MAX:  # it could never be saved, and would fail every flush after it
@@ -372,11 +409,22 @@ class LocalBudgetStore:
                     f"budget counter key longer than {KEY_MAX} characters: the call was not forwarded"
                 )
 
+    def _cannot_save(self) -> bool:
+        # Saving fails, hangs, or nothing saves any more. Lag behind a busy database's write lock (the
+        # audit log's ingest holds it under load) is no reason to refuse: the counts are in memory,
+        # and what a crash loses of them is recounted from the audit log at the next start.
+        saving_since = self._saving_since
+        return (
+            self._failing
+            or not self._thread.is_alive()
+            or (saving_since is not None and self._clock() - saving_since > self._fail_after + HUNG_AFTER_S)
+        )
+
     async def reserve(self, charges: Sequence[Charge], now: float) -> Shortfall | None:
         """Take every charge, or none.
 
         Raises:
-            Unavailable: the counters have not been saved for too long, another process took over
+            Unavailable: saving the counters has failed for too long, another process took over
                 the ledger, or a counter key is too long to be saved.
         """
         self._admitting([c.key for c in charges])
@@ -430,6 +478,76 @@ class LocalBudgetStore:
             found = ((k, self._counters.get(k)) for k in keys)
             return {k: c.used for k, c in found if c is not None and c.expires_at > at}
 
+    # --- recovery from a crash ---
+
+    def recount(
+        self, rules: Sequence[BudgetRule], records: Iterable[Mapping[str, Any]], run_ttl_s: float
+    ) -> int:
+        """Add what the audit records after `recover_since` say was spent, then save (blocking).
+
+        A crashed owner's counting since its last save is lost from the table, never from the audit
+        log: every forwarded call has a durable `decision` record, which the audit log's start-up
+        replays into SQL. Each allowed decision counts one call on every budget it falls under now
+        (the rules in force, at the record's time); an outcome that reports tokens or cost adds them.
+        A call that was in flight when the owner saved may be counted twice: after a crash the counts
+        are at least what was spent, never less. Returns the number of calls counted.
+        """
+        wall = time.time()
+        calls = 0
+        with self._lock:
+            for record in records:
+                if record["decision"] != "allowed" or not record["subject"]:
+                    continue
+                at = datetime.fromisoformat(record["time"]).timestamp()
+                call = Call(
+                    protocol=record["protocol"],
+                    action=record["action"],
+                    resource=record["resource"],
+                    upstream=record["upstream"],
+                    method=record["method"],
+                    run_id=record["run_id"],
+                    session_id=record["session_id"],
+                    principal=Principal(
+                        record["subject"], client_id=record["client_id"], roles=tuple(record["roles"])
+                    ),
+                )
+                amounts: dict[Metric, int]
+                if record["event"] == "decision":
+                    amounts = {"calls": 1}
+                    calls += 1
+                    self._recount_start(rules, call, at, run_ttl_s)
+                else:
+                    amounts = {
+                        "tokens": max(record["tokens"] or 0, 0),
+                        "cost": max(round((record["cost"] or 0.0) * COST_SCALE), 0),
+                    }
+                for charge in plan(rules, call, at, run_ttl_s):
+                    amount = amounts.get(charge.metric, 0)
+                    if amount == 0 or charge.expires_at <= wall:
+                        continue
+                    counter = self._counters.get(charge.key)
+                    if counter is None or counter.expires_at <= wall:
+                        self._counters[charge.key] = _Counter(amount, charge.expires_at)
+                    else:
+                        counter.used += amount
+                    self._dirty.add(charge.key)
+        # Saved at once: a second crash before the first save would recount from this store's own
+        # lease, after the records counted here.
+        if not self.flush():
+            log.error("budget ledger: the recounted counters could not be saved yet")
+        return calls
+
+    def _recount_start(self, rules: Sequence[BudgetRule], call: Call, at: float, run_ttl_s: float) -> None:
+        # A run under a duration budget that started after the last save starts at its first record.
+        timed = [r for r in rules if r.duration_s is not None]
+        if not timed or call.action not in SPENDING_ACTIONS:
+            return
+        for target in targets(timed, call.principal, run_key(call), call.resource, at):
+            key = target.key("started")
+            if key not in self._counters:
+                self._counters[key] = _Counter(int(at * 1000), at + run_ttl_s)
+                self._dirty.add(key)
+
     # --- write-behind (the flush thread) ---
 
     def _flush_every(self) -> None:
@@ -444,57 +562,82 @@ class LocalBudgetStore:
         with self._flushing:
             if self._lost:
                 return False
-            started, wall = self._clock(), time.time()
-            with self._lock:
-                dirty, self._dirty = self._dirty, set()
-                rows = [
-                    {"key": k, "used": min(max(c.used, _BIGINT[0]), _BIGINT[1]), "expires_at": c.expires_at}
-                    for k in dirty
-                    if (c := self._counters.get(k)) is not None
-                ]
-                prune = self._now if started - self._pruned_at >= PRUNE_EVERY_S else None
-                if prune is not None:
-                    self._counters = {k: c for k, c in self._counters.items() if c.expires_at > prune}
+            started = self._saving_since = self._clock()
             try:
-                with self._engine.begin() as conn:
-                    renewed = conn.execute(
-                        update(_L)
-                        .where(_L.c.name == LEDGER, _L.c.owner == self._owner)
-                        .values(heartbeat=wall)
-                    )
-                    if renewed.rowcount != 1:
-                        raise _LeaseLost
-                    if rows:
-                        conn.execute(self._upsert, rows)
-                    if prune is not None:
-                        conn.execute(delete(_T).where(_T.c.expires_at <= prune))
-            except _LeaseLost:
-                self._lost = True
-                log.error(
-                    "budget ledger: another gateway process took over this database's counters; "
-                    "this one refuses every budgeted call (restart it, or give budgets.store sql)"
-                )
-                return False
-            except Exception:  # whatever it is, the thread must live on to retry
-                with self._lock:
-                    self._dirty |= dirty
-                if not self._failing:
-                    self._failing = True
-                    log.warning(
-                        "budget ledger: saving counters failed; retrying every %gs, refusing budgeted "
-                        "calls once nothing was saved for %gs",
-                        self._flush_s,
-                        self._fail_after,
-                        exc_info=True,
-                    )
-                return False
-            if self._failing:
-                self._failing = False
-                log.warning("budget ledger: counters saved again")
-            self._flushed_at = started
+                return self._save(started)
+            finally:
+                self._saving_since = None
+
+    def _save(self, started: float) -> bool:
+        with self._lock:
+            # Taken with the snapshot: every call counted in it was reserved before this moment,
+            # so a crash is recounted from the decision records after it (the heartbeat).
+            wall = time.time()
+            dirty, self._dirty = self._dirty, set()
+            rows = [
+                {"key": k, "used": min(max(c.used, _BIGINT[0]), _BIGINT[1]), "expires_at": c.expires_at}
+                for k in dirty
+                if (c := self._counters.get(k)) is not None
+            ]
+            prune = self._now if started - self._pruned_at >= PRUNE_EVERY_S else None
             if prune is not None:
-                self._pruned_at = started
-            return True
+                self._counters = {k: c for k, c in self._counters.items() if c.expires_at > prune}
+        try:
+            with self._engine.begin() as conn:
+                renewed = conn.execute(
+                    update(_L).where(_L.c.name == LEDGER, _L.c.owner == self._owner).values(heartbeat=wall)
+                )
+                if renewed.rowcount != 1:
+                    raise _LeaseLost
+                if rows:
+                    conn.execute(self._upsert, rows)
+                if prune is not None:
+                    conn.execute(delete(_T).where(_T.c.expires_at <= prune))
+        except _LeaseLost:
+            self._lost = True
+            log.error(
+                "budget ledger: another gateway process took over this database's counters; "
+                "this one refuses every budgeted call (restart it, or give budgets.store sql)"
+            )
+            return False
+        except Exception as exc:  # whatever it is, the thread must live on to retry
+            with self._lock:
+                self._dirty |= dirty
+            if _lock_wait(exc):
+                self._note_lag()
+                return False
+            if not self._failing:
+                self._failing = True
+                log.warning(
+                    "budget ledger: saving counters failed; retrying every %gs, refusing budgeted "
+                    "calls once nothing was saved for %gs",
+                    self._flush_s,
+                    self._fail_after,
+                    exc_info=True,
+                )
+            return False
+        lag = self._note_lag()
+        if self._failing or (self._lagging and lag <= self._fail_after):
+            self._failing = self._lagging = False
+            log.warning("budget ledger: counters saved again, %.1fs after the last save", lag)
+        self._flushed_at = started
+        if prune is not None:
+            self._pruned_at = started
+        return True
+
+    def _note_lag(self) -> float:
+        # A save that waited long for the database (another writer's lock, a loaded process) or gave
+        # up waiting: said once while it lasts, never a refusal by itself.
+        lag = self._clock() - self._flushed_at
+        if lag > self._fail_after and not self._lagging and not self._failing:
+            self._lagging = True
+            log.warning(
+                "budget ledger: saving counters lags %.1fs behind (the database is busy: another writer "
+                "holds its write lock); counting goes on in memory, and a crash is recounted from the "
+                "audit log",
+                lag,
+            )
+        return lag
 
     def _close(self) -> None:
         self._stop.set()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from agentgw.errors import UpstreamBusy, UpstreamError, UpstreamTimeout
+from agentgw.errors import UpstreamBusy, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from registry.models import UpstreamLimits
 
 __all__ = [
@@ -150,7 +150,11 @@ class UpstreamResponse:
             return
         limits = lanes.limits
         refusal = f"{self._who} is busy: its {limits.max_streams} streams are all open"
-        place = await _take(lanes.streams, limits.connect_wait_s, refusal)
+        try:
+            place = await _take(lanes.streams, limits.connect_wait_s, refusal)
+        except UpstreamBusy as exc:
+            exc.maybe_sent = True  # the upstream has started this call: the budget keeps it charged
+            raise
         self._free()
         self._place = place
 
@@ -303,8 +307,9 @@ class HttpClient:
 
         Raises:
             UpstreamBusy: no place in the upstream's lane within its `connect_wait_s`; nothing was sent.
+            UpstreamUnreachable: no connection could be made; nothing was sent.
             UpstreamTimeout: no answer within `timeout_s`.
-            UpstreamError: the upstream cannot be reached.
+            UpstreamError: the connection broke after the request may have been sent.
         """
         lanes = self._lanes_of(who, limits)
         resolved = lanes.limits
@@ -328,14 +333,25 @@ class HttpClient:
                 allow_redirects=False,
                 auto_decompress=True,
             )
+        # Whether the request may have left decides whether budgets charge it (errors.py): only a
+        # failure to connect (refused, no such host, TLS handshake, no connection in time) or a request
+        # that could not be built proves it did not; a timeout or break after that may not.
+        except aiohttp.ConnectionTimeoutError as exc:
+            place.release()
+            self._states[who] = UpstreamState(False, "no connection in time", time.time())
+            raise UpstreamUnreachable(f"{who} did not accept a connection within {timeout_s:g}s") from exc
         except TimeoutError as exc:  # aiohttp.ServerTimeoutError included (also a ClientError)
             place.release()
             self._states[who] = UpstreamState(False, "no answer in time", time.time())
             raise UpstreamTimeout(f"{who} did not answer within {timeout_s:g}s") from exc
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
+        except (aiohttp.ClientConnectorError, ValueError) as exc:  # aiohttp.InvalidURL is a ValueError
             place.release()
             self._states[who] = UpstreamState(False, "unreachable", time.time())
-            raise UpstreamError(f"{who} is unreachable") from exc
+            raise UpstreamUnreachable(f"{who} is unreachable") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            place.release()
+            self._states[who] = UpstreamState(False, "connection broken", time.time())
+            raise UpstreamError(f"{who} broke off the connection") from exc
         except BaseException:
             place.release()  # cancelled while sending
             raise

@@ -53,7 +53,14 @@ from mcp_types import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY, PROTOC
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import TypeAdapter, ValidationError
 
-from agentgw.errors import BadRequest, GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnauthorized
+from agentgw.errors import (
+    BadRequest,
+    GatewayError,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnauthorized,
+    UpstreamUnreachable,
+)
 from agentgw.filters.credentials import GatewayCredential
 from agentgw.upstream.http import HttpClient, UpstreamResponse
 from registry.models import McpServerSpec
@@ -674,12 +681,13 @@ class UpstreamSessions:
 
         Raises:
             BadRequest: the method and params are not a request the client may send.
-            UpstreamTimeout: no connection or no answer in time.
+            UpstreamUnreachable: not connected, or no connection in time: nothing was sent.
+            UpstreamTimeout: no answer in time.
             UpstreamError: the upstream answered with an error or garbage (the error's text travels).
         """
         entry = self._connections.get(server)
         if entry is None:
-            raise UpstreamError(f"upstream {server!r} is not connected")
+            raise UpstreamUnreachable(f"upstream {server!r} is not connected")
         conn = entry[0]
         if relay_key is not None and relay is not None:
             conn = self._peer(server, relay_key, relay) or conn
@@ -701,7 +709,7 @@ class UpstreamSessions:
                     raise BadRequest(f"invalid params for {method}") from exc
                 client = conn.client
                 if client is None:
-                    raise UpstreamError(f"upstream {server!r} is not connected")
+                    raise UpstreamUnreachable(f"upstream {server!r} is not connected")
                 # A TypeAdapter of a plain dict keeps the result raw; the SDK has already checked it
                 # against the negotiated era's schema before it gets here.
                 result: dict[str, Any] = await client.session.send_request(  # type: ignore[type-var]  # raw dict, see above
@@ -709,6 +717,8 @@ class UpstreamSessions:
                 )
                 return result
         except TimeoutError as exc:
+            if post is None and not conn.ready.is_set():  # still waiting for a connection: nothing sent
+                raise UpstreamUnreachable(f"upstream {server!r} did not connect within {timeout:g}s") from exc
             raise UpstreamTimeout(f"upstream {server!r} did not answer within {timeout:g}s") from exc
         except MCPError as exc:
             if exc.error.code == types.CONNECTION_CLOSED:

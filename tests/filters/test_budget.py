@@ -12,7 +12,16 @@ import pytest
 from pydantic import ValidationError
 
 from agentgw.call import Call, Principal, Reply, Usage
-from agentgw.errors import BudgetExceeded, Unavailable, UpstreamError
+from agentgw.errors import (
+    BudgetExceeded,
+    CredentialError,
+    GatewayError,
+    Unavailable,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnauthorized,
+    UpstreamUnreachable,
+)
 from agentgw.filters.budget import (
     Budget,
     BudgetRule,
@@ -248,8 +257,24 @@ def test_counter_keys_keep_their_stored_form() -> None:
     rule = BudgetRule(name="a:b", per="subject", window="day", resource="mcp:x/*", per_resource=True, calls=1)
     target = targets([rule], Principal(subject="user:a|b"), None, "mcp:x/y z", NOON)[0]
     assert target.key("calls") == "a%3Ab|subject|user%3Aa%7Cb|1767225600|mcp%3Ax%2Fy%20z|calls"
-    run = targets([BudgetRule(name="r", calls=1)], None, "run/1", "mcp:x/y", NOON)[0]
-    assert run.key("tokens") == "r|run|run%2F1|run|tokens"
+    shared = targets([BudgetRule(name="r", shared_run=True, calls=1)], ALICE, "run/1", "mcp:x/y", NOON)[0]
+    assert shared.key("tokens") == "r|run|run%2F1|run|tokens"
+    owned = targets([BudgetRule(name="r", calls=1)], ALICE, "run/1", "mcp:x/y", NOON)[0]
+    assert owned.key("tokens") == "r|run|user%3Aalice/run%2F1|run|tokens"
+
+
+def test_a_run_is_counted_per_principal_unless_the_rule_shares_it() -> None:
+    bob = Principal(subject="user:bob")
+    owned, shared = BudgetRule(name="own", calls=1), BudgetRule(name="shared", shared_run=True, calls=1)
+    alice_keys = {t.key("calls") for t in targets([owned, shared], ALICE, "run-42", "x", NOON)}
+    bob_keys = {t.key("calls") for t in targets([owned, shared], bob, "run-42", "x", NOON)}
+    assert alice_keys & bob_keys == {"shared|run|run-42|run|calls"}
+    # No subject and run id can spell another pair's counter: `/` in either part is encoded.
+    one = targets([owned], Principal(subject="a/b"), "c", "x", NOON)[0]
+    other = targets([owned], Principal(subject="a"), "b/c", "x", NOON)[0]
+    assert one.key("calls") != other.key("calls")
+    with pytest.raises(ValidationError, match="run budgets only"):
+        BudgetRule(name="x", per="subject", window="day", shared_run=True, calls=1)
 
 
 def test_a_value_cannot_forge_another_counter_key() -> None:
@@ -338,18 +363,64 @@ async def test_a_smaller_actual_cost_gives_back_the_rest_of_the_estimate(store: 
     assert lines[0]["used"] == pytest.approx(0.5)
 
 
-async def test_a_failed_call_gives_its_reservation_back(store: BudgetStore) -> None:
+async def test_a_call_that_never_left_the_gateway_gives_its_reservation_back(store: BudgetStore) -> None:
     stage = Budget(store, StaticRules([BudgetRule(name="run", calls=1)]))
 
-    async def broken(_: Call) -> Reply:
-        raise UpstreamError("upstream 'github' is unreachable")
+    async def unreachable(_: Call) -> Reply:
+        raise UpstreamUnreachable("upstream 'github' is unreachable")
 
-    for _ in range(3):
-        with pytest.raises(UpstreamError):
+    async def refused_later(_: Call) -> Reply:
+        raise CredentialError("upstream 'github': its credential is not configured correctly")
+
+    for broken in (unreachable, refused_later, unreachable):
+        with pytest.raises(GatewayError):
             await stage(call(), broken)
     forwarded: list[Call] = []
     await stage(call(), forwarding(forwarded))
     assert len(forwarded) == 1
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        UpstreamTimeout("upstream 'github' did not answer within 1s"),
+        UpstreamError("upstream 'github' answered with something that is not a JSON-RPC response"),
+        UpstreamUnauthorized("upstream 'github' refused the gateway's credential"),
+        RuntimeError("a crash after the call went out"),
+    ],
+)
+async def test_a_call_that_may_have_reached_the_upstream_stays_charged(
+    store: BudgetStore, failure: Exception
+) -> None:
+    stage = Budget(store, StaticRules([BudgetRule(name="run", calls=1, tokens=100)]))
+
+    async def failing(_: Call) -> Reply:
+        raise failure
+
+    with pytest.raises(type(failure)):
+        await stage(call(estimate=Usage(tokens=40)), failing)
+    with pytest.raises(BudgetExceeded, match="calls 1 of 1"):
+        await stage(call(), forwarding([]))
+    lines = await effective_budgets([BudgetRule(name="run", tokens=100)], store, ALICE, "run-1", NOON)
+    assert lines[0]["used"] == 40
+
+
+async def test_a_call_whose_caller_went_away_stays_charged(store: BudgetStore) -> None:
+    stage = Budget(store, StaticRules([BudgetRule(name="run", calls=1)]))
+    started = asyncio.Event()
+
+    async def hanging(_: Call) -> Reply:
+        started.set()
+        await asyncio.Event().wait()
+        raise AssertionError("never answers")
+
+    task = asyncio.create_task(stage(call(), hanging))
+    await asyncio.wait_for(started.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with pytest.raises(BudgetExceeded):
+        await stage(call(), forwarding([]))
 
 
 async def test_a_streamed_answer_is_settled_when_it_ends(store: BudgetStore) -> None:

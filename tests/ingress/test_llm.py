@@ -751,6 +751,29 @@ async def test_a_spent_token_budget_is_429_with_retry_after_in_openai_shape(
     assert "alice-hourly" in error["message"]
 
 
+async def test_a_fallback_chain_that_reached_a_provider_is_charged_though_the_last_was_down(
+    upstream: str, secret_file: Path, tmp_path: Path
+) -> None:
+    # `doomed` fails with a 500 (the provider got the request), then its fallback `down` cannot be
+    # reached: the call may have been worked on, so it stays charged. `down` alone is given back.
+    rule = BudgetRule(name="one-call", per="run", calls=1)
+    ingress, http, _ = await budget_gateway(upstream, secret_file, tmp_path, rule)
+    async with http:
+        statuses = {}
+        for model in ("down", "doomed"):
+            headers = JSON | {"agent-run-id": f"run-{model}"}
+            statuses[model] = [
+                (
+                    await http.post(
+                        "/v1/chat/completions", json={"model": model, "messages": HELLO}, headers=headers
+                    )
+                ).status_code
+                for _ in range(2)
+            ]
+    await ingress.aclose()
+    assert statuses == {"down": [502, 502], "doomed": [502, 429]}
+
+
 async def test_a_runs_token_counter_holds_what_was_settled_after_a_cut_stream_not_the_reservation(
     upstream: str, secret_file: Path, tmp_path: Path
 ) -> None:
@@ -777,4 +800,7 @@ async def test_a_runs_token_counter_holds_what_was_settled_after_a_cut_stream_no
     key = target.key("tokens")
     used = await store.used([key])
     cut_tokens = prompt_estimate(messages) + math.ceil(len("echo: one") / 4)
-    assert used[key] == 5 + cut_tokens  # the slow call's reservation was released, the cut one settled
+    # The cut stream settled what it used; the slow call may have reached the provider, which may
+    # have spent on it: its whole reservation stays charged.
+    slow_reserved = prompt_estimate(HELLO) + LlmRouteSpec.model_fields["default_max_tokens"].default
+    assert used[key] == 5 + cut_tokens + slow_reserved

@@ -6,22 +6,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import Engine, delete, event, insert, select, update
 
+from agentgw.call import Principal
 from agentgw.errors import Unavailable
-from agentgw.filters.budget import BudgetSettings, Shortfall
+from agentgw.filters.audit import timestamp
+from agentgw.filters.budget import BudgetRule, BudgetSettings, Shortfall, targets
 from agentgw.settings import ConfigError
 from agentgw.storage import make_engine
 from agentgw.storage.budget_counters import (
     FAIL_AFTER_FLUSHES,
+    HUNG_AFTER_S,
     LEDGER,
     PRUNE_EVERY_S,
     STALE_AFTER_FLUSHES,
@@ -239,6 +244,116 @@ async def test_a_ledger_that_cannot_save_refuses_calls_until_it_saves_again(
     assert await asyncio.to_thread(store.flush)
     assert stored(database, k) == 7  # the changes made while failing were kept for the next flush
     assert stored(database, later) == 1
+    await store.aclose()
+
+
+async def test_a_save_waiting_for_another_writers_lock_refuses_no_call_and_says_it_lags(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "gw.db"
+    engine = make_engine(f"sqlite:///{path}")
+
+    @event.listens_for(engine, "connect")
+    def _short_lock_wait(conn: Any, _record: Any) -> None:
+        conn.execute("PRAGMA busy_timeout=20")  # SQLite gives up waiting at once here, as after 5 s
+
+    clock = Clock()
+    store = quiet(engine, clock)
+    now = time.time()
+    k = key()
+    assert await store.reserve([charge(k, 10, expires_at=now + 60)], now) is None
+    writer = sqlite3.connect(path, isolation_level=None)  # another writer (the audit ingest) holds the lock
+    writer.execute("BEGIN IMMEDIATE")
+    clock.now += FAIL_AFTER_FLUSHES * 3600 + 1
+    with caplog.at_level(logging.WARNING, "agentgw.storage.budget_counters"):
+        assert not await asyncio.to_thread(store.flush)
+        assert "saving counters lags" in caplog.text and "failed" not in caplog.text
+        assert await store.reserve([charge(k, 10, expires_at=now + 60)], now) is None
+        writer.execute("ROLLBACK")
+        assert await asyncio.to_thread(store.flush)  # a late save: lagging still
+        assert "counters saved again" not in caplog.text
+        assert await asyncio.to_thread(store.flush)  # on time again
+    writer.close()
+    assert caplog.text.count("saving counters lags") == 1
+    assert "counters saved again" in caplog.text
+    assert stored(engine, k) == 2
+    await store.aclose()
+    engine.dispose()
+
+
+async def test_a_save_that_hangs_refuses_calls_until_it_returns(database: Engine) -> None:
+    clock = Clock()
+    store = quiet(database, clock)
+    now = time.time()
+    entered, release = threading.Event(), threading.Event()
+
+    def hang(*_: Any) -> None:  # the database does not answer (a network partition, a stuck disk)
+        if not release.is_set():
+            entered.set()
+            release.wait(10)
+
+    event.listen(database, "before_cursor_execute", hang)
+    saving = asyncio.create_task(asyncio.to_thread(store.flush))
+    assert await asyncio.to_thread(entered.wait, 10)
+    clock.now += FAIL_AFTER_FLUSHES * 3600 + HUNG_AFTER_S + 1
+    with pytest.raises(Unavailable, match="budget store unavailable"):
+        await store.reserve([charge(key(), 10, expires_at=now + 60)], now)
+    release.set()
+    assert await saving
+    event.remove(database, "before_cursor_execute", hang)
+    assert await store.reserve([charge(key(), 10, expires_at=now + 60)], now) is None
+    await store.aclose()
+
+
+def decision(subject: str, run: str, at: float, **fields: Any) -> dict[str, Any]:
+    """An audit record as `iter_records` returns it."""
+    return {
+        "time": timestamp(at),
+        "event": "decision",
+        "decision": "allowed",
+        "protocol": "mcp",
+        "action": "call",
+        "resource": "mcp:github/create_issue",
+        "upstream": "github",
+        "method": "tools/call",
+        "run_id": run,
+        "session_id": None,
+        "subject": subject,
+        "client_id": None,
+        "roles": [],
+        "tokens": None,
+        "cost": None,
+    } | fields
+
+
+async def test_what_a_crashed_owner_spent_is_recounted_from_the_audit_records(database: Engine) -> None:
+    gone = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import os; print(os.getpid())", stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await gone.communicate()
+    hold_lease(database, host=_this_host(), pid=int(out), age=3)
+    store = quiet(database)
+    assert store.recover_since == pytest.approx(time.time() - 3, abs=1)
+    now = time.time()
+    run = key()
+    rules = [
+        BudgetRule(name="run", calls=10, tokens=1000, duration_s=600),
+        BudgetRule(name="rate", per="subject", window="day", calls=100),
+    ]
+    records = [
+        decision("user:alice", run, now - 2),
+        decision("user:alice", run, now - 1),
+        decision("user:alice", run, now - 1, event="outcome", tokens=30),
+        decision("user:alice", run, now - 1, decision="denied"),
+        decision("user:bob", run, now - 1),
+        decision("user:alice", run, now - 1, action="list"),
+    ]
+    assert store.recount(rules, records, 3600) == 4
+    alice = targets(rules, Principal(subject="user:alice"), run, "mcp:github/create_issue", now)
+    keys = [alice[0].key("calls"), alice[0].key("tokens"), alice[1].key("calls")]
+    assert await store.used(keys, now) == dict(zip(keys, [2, 30, 2], strict=True))
+    assert await store.started(alice[0].key("started"), now, now + 60) == pytest.approx(now - 2, abs=0.01)
+    assert [stored(database, k) for k in keys] == [2, 30, 2]  # saved at once
     await store.aclose()
 
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agentgw.errors import UpstreamBusy, UpstreamError, UpstreamTimeout
+from agentgw.errors import UpstreamBusy, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from agentgw.upstream.http import DEFAULT_LIMITS, AnswerTooLarge, HttpClient
 from registry.models import UpstreamLimits
 from tests.support.servers import Answer, LocalServer, Received, Scripted, unused_url
@@ -115,8 +115,22 @@ async def test_an_unreachable_upstream_is_an_upstream_error() -> None:
         with pytest.raises(UpstreamError, match="upstream 'u' is unreachable") as info:
             await http.send("GET", unused_url(), {}, None, timeout_s=5, who=WHO)
         assert not isinstance(info.value, UpstreamTimeout)
+        assert isinstance(info.value, UpstreamUnreachable) and not info.value.maybe_sent
     finally:
         await http.aclose()
+
+
+async def test_a_request_that_may_have_reached_the_upstream_says_so(upstream: Upstream) -> None:
+    # Budgets charge what may have been sent: a timeout after sending or a break is such a failure.
+    upstream.answer(Answer(end="mute"))
+    with pytest.raises(UpstreamTimeout) as timed_out:
+        await upstream.http.send("POST", upstream.url, {}, b"work", timeout_s=0.2, who=WHO)
+    assert timed_out.value.maybe_sent and upstream.scripted.received[-1].content == b"work"
+    upstream.answer(Answer(end="drop"))
+    with pytest.raises(UpstreamError) as broken:
+        response = await upstream.http.send("POST", upstream.url, {}, b"more", timeout_s=5, who=WHO)
+        await response.aread()
+    assert broken.value.maybe_sent and not isinstance(broken.value, UpstreamUnreachable)
 
 
 async def test_a_closed_client_makes_a_new_pool_on_next_use(upstream: Upstream) -> None:
