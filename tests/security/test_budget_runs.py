@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,10 +16,10 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from agentgw.oauth.keys import SigningKeys
-from agentgw.oauth.server import hash_password, mint_token
+from agentgw.oauth.server import hash_password
 from tests.support.gateway import RunningGateway, run_gateway
 from tests.support.mcp import MODERN
+from tests.support.tokens import bearer
 
 LIMIT = 3
 
@@ -49,15 +48,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, modern_upstream: str) -> I
         yield gw
 
 
-def token(gw: RunningGateway, subject: str) -> str:
-    keys = SigningKeys(Path(gw.database_url.removeprefix("sqlite:///")).parent / "oauth-keys.json")
-    value, _ = mint_token(keys, gw.url, subject=subject, audience=f"{gw.url}/mcp/modern", client_id="tests")
-    return value
-
-
 async def calls_until_refused(gw: RunningGateway, subject: str, run: str, most: int) -> int:
     """How many echo calls `subject` makes in `run` before the budget refuses one (at most `most`)."""
-    headers = {"Authorization": f"Bearer {token(gw, subject)}", "Agent-Run-Id": run}
+    headers = {**bearer(gw, subject, "/mcp/modern"), "Agent-Run-Id": run}
     async with (
         httpx.AsyncClient(headers=headers) as http,
         Client(streamable_http_client(gw.mcp("modern"), http_client=http), mode=MODERN) as client,
