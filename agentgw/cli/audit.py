@@ -4,6 +4,10 @@ Filters (all commands but verify and prune): --since/--until (ISO 8601 or an age
 --subject, --actor, --client, --protocol, --resource (trailing `*` for a prefix), --decision,
 --run, --request, --event. Output: a table or JSON Lines; export also as OpenTelemetry log records.
 `verify` exits 1 and names the first record that was edited, removed or inserted.
+
+Records hold what callers chose, control characters included: everything printed goes through
+`printable`, so that a value can neither add a line or a column to the table nor reach the terminal
+as an escape sequence (JSON escapes only some of them: DEL, C1 and bidi controls it writes as they are).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any, TextIO
 import orjson
 
 from agentgw.cli.settings import add_common_options, settings_from_args
+from agentgw.filters.audit import printable
 
 __all__ = ["register"]
 
@@ -87,13 +92,17 @@ def _filters(args: argparse.Namespace) -> Any:
 
 
 def _cell(value: Any) -> str:
-    return "-" if value is None else str(value)
+    return "-" if value is None else printable(str(value))
+
+
+def _json_line(row: dict[str, Any]) -> str:
+    return printable(orjson.dumps(row).decode(), in_json=True) + "\n"
 
 
 def _print(rows: Iterable[dict[str, Any]], fmt: str, out: TextIO, *, header: bool = True) -> None:
     if fmt == "jsonl":
         for row in rows:
-            out.write(orjson.dumps(row).decode() + "\n")
+            out.write(_json_line(row))
         return
     if header:
         out.write("\t".join(TABLE_COLUMNS) + "\n")
@@ -133,7 +142,7 @@ def _run(args: argparse.Namespace, engine: Any) -> int:
     if command == "verify":
         report = verify(engine)
         if report.problem is not None:
-            print(f"FAILED: {report.problem.message}", file=sys.stderr)
+            print(f"FAILED: {printable(report.problem.message)}", file=sys.stderr)
             print(f"checked {report.records} records in {report.chains} chains before it", file=sys.stderr)
             return 1
         print(f"ok: {report.records} records in {report.chains} chains verify")
@@ -150,7 +159,7 @@ def _run(args: argparse.Namespace, engine: Any) -> int:
         out = args.output.open("w") if args.output else sys.stdout
         try:
             for row in iter_records(engine, filters):
-                out.write(orjson.dumps(otel_record(row) if args.format == "otel" else row).decode() + "\n")
+                out.write(_json_line(otel_record(row) if args.format == "otel" else row))
         finally:
             if args.output:
                 out.close()
