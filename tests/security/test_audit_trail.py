@@ -317,6 +317,10 @@ async def refuse(call: Call, call_next: CallNext) -> Reply:
     raise AssertionError("the hostile stage refuses every call")
 
 
+async def never(call: Call) -> Reply:
+    raise AssertionError("a refused call is never forwarded")
+
+
 @pytest.mark.parametrize(
     ("filler", "in_arguments", "pieces"),
     [(c, c, 1000) for c in ("\x01", '"', "\\", "\U0001f600", "\u202e", "m")]
@@ -352,7 +356,7 @@ async def test_the_largest_record_any_request_can_make_is_under_the_bound(
         admitted=audit.admitted,
     )
     with pytest.raises(Forbidden):
-        await stages.run(call, refuse)
+        await stages.run(call, never)
     log.close()
     engine.dispose()
     with closing(sqlite3.connect(tmp_path / "audit.db")) as conn:
