@@ -8,12 +8,26 @@ A2A or OpenAI shapes: `Reply.payload` is opaque to every filter.
 from __future__ import annotations
 
 import itertools
+import re
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["ANONYMOUS", "Action", "Call", "Principal", "Protocol", "Reply", "Settle", "Usage"]
+from agentgw.errors import InvalidRunId
+
+__all__ = [
+    "ANONYMOUS",
+    "RUN_ID_PATTERN",
+    "Action",
+    "Call",
+    "Principal",
+    "Protocol",
+    "Reply",
+    "Settle",
+    "Usage",
+    "checked_run_id",
+]
 
 Protocol = Literal["mcp", "a2a", "llm"]
 # list: discovery; call: invocation; read: resources; send: A2A messages;
@@ -52,6 +66,27 @@ _ID_COUNTER = itertools.count()
 
 def _request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
+# A run id is chosen by the caller and keys budgets and audit records, which people read: ASCII
+# letters, digits and the punctuation of UUIDs, ULIDs, URNs, e-mail-like and base64 ids, nothing that
+# could split or restyle a line where it is shown.
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@/+=~-]{1,128}")
+
+
+def checked_run_id(value: object, source: str) -> str | None:
+    """`value` (from `source`, named in the error) as a run id; None or "" is no run id.
+
+    Raises:
+        InvalidRunId: `value` is not a string of 1 to 128 of `A-Z a-z 0-9 - _ . : @ / + = ~`.
+    """
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or RUN_ID_PATTERN.fullmatch(value) is None:
+        raise InvalidRunId(
+            f"invalid run id in {source}: use 1 to 128 ASCII letters, digits and - _ . : @ / + = ~"
+        )
+    return value
 
 
 @dataclass(slots=True)

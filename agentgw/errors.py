@@ -6,7 +6,8 @@ ingress adapters render it in their protocol's own shape.
     │   ├── ParseError (400, -32700)
     │   ├── PayloadTooLarge (413, -32600)
     │   ├── UnsupportedMediaType (415, -32600)
-    │   └── HeaderMismatch (400, -32020)
+    │   ├── HeaderMismatch (400, -32020)
+    │   └── InvalidRunId (400, -32602)     the run id a caller sent is not one (`call.checked_run_id`)
     ├── NotFound (404, -32601)            unknown server or tool (never says which is hidden)
     │   └── SessionNotFound (404, -32600) unknown or foreign session: the client starts a new one
     ├── TooManySessions (429, -32600)     the caller holds as many legacy MCP sessions as it may
@@ -37,6 +38,7 @@ __all__ = [
     "GatewayError",
     "HeaderMismatch",
     "InsufficientScope",
+    "InvalidRunId",
     "NotFound",
     "ParseError",
     "PayloadTooLarge",
@@ -99,6 +101,11 @@ class UnsupportedMediaType(BadRequest):
 class HeaderMismatch(BadRequest):
     jsonrpc_code = -32020
     reason = "header_mismatch"
+
+
+class InvalidRunId(BadRequest):
+    jsonrpc_code = -32602
+    reason = "invalid_run_id"
 
 
 class NotFound(GatewayError):

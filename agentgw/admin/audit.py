@@ -13,6 +13,9 @@ Times are ISO 8601 (`2026-05-01T10:00:00Z`) or ages (`15m`, `2h`, `7d`).
 Every read first awaits the log's flush barrier (`SqlAuditLog.flush`): outcome records are queued
 without waiting for their commit (decision 0207), and an auditor who got a reply and then asks
 this gateway must find that call's outcome.
+
+Answers are JSON with every character that is not printable escaped (`printable`), also those JSON
+writes as they are (DEL, C1 and bidi controls): a record read in a terminal shows what it holds.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from typing import Annotated, Any, Literal
 import anyio.to_thread
 import orjson
 from fastapi import APIRouter, Depends, HTTPException, Query, status
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from agentgw.errors import Unavailable
+from agentgw.filters.audit import printable
 from agentgw.storage.audit_log import AuditQuery, VerifyReport, otel_record, parse_time, query, verify
 
 __all__ = ["audit_router"]
@@ -67,6 +71,10 @@ def _filters(
         )
     except ValueError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+
+
+def _json(value: Any) -> bytes:
+    return printable(orjson.dumps(value).decode(), in_json=True).encode()
 
 
 async def _read(work: Callable[[], Any]) -> Any:
@@ -110,12 +118,13 @@ def audit_router(
         limit: Annotated[int, Query(ge=1, le=PAGE)] = 100,
         after: int | None = None,
         newest_first: bool = False,
-    ) -> dict[str, Any]:
+    ) -> Response:
         await flushed()
         rows = await _read(
             lambda: query(engine, filters, limit=limit, after_id=after, newest_first=newest_first)
         )
-        return {"records": rows, "next": rows[-1]["id"] if len(rows) == limit else None}
+        body = {"records": rows, "next": rows[-1]["id"] if len(rows) == limit else None}
+        return Response(_json(body), media_type="application/json")
 
     @router.get("/export")
     async def export(
@@ -130,7 +139,7 @@ def audit_router(
             while True:
                 rows = await _read(partial(query, engine, filters, limit=PAGE, after_id=after))
                 for row in rows:
-                    yield orjson.dumps(otel_record(row) if fmt == "otel" else row) + b"\n"
+                    yield _json(otel_record(row) if fmt == "otel" else row) + b"\n"
                 if len(rows) < PAGE:
                     return
                 after = rows[-1]["id"]

@@ -5,6 +5,10 @@ Filters (all commands but verify and prune): --since/--until (ISO 8601 or an age
 --run, --request, --event. Output: a table or JSON Lines; export also as OpenTelemetry log records.
 `verify` exits 1 and names the first record that was edited, removed or inserted, holding the chains
 to the checkpoints signed by the gateway's key (decision 0215; what that proves: docs/audit.md).
+
+Records hold what callers chose, control characters included: everything printed goes through
+`printable`, so that a value can neither add a line or a column to the table nor reach the terminal
+as an escape sequence (JSON escapes only some of them: DEL, C1 and bidi controls it writes as they are).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any, TextIO
 import orjson
 
 from agentgw.cli.settings import add_common_options, settings_from_args
+from agentgw.filters.audit import printable
 
 __all__ = ["register"]
 
@@ -103,13 +108,17 @@ def _filters(args: argparse.Namespace) -> Any:
 
 
 def _cell(value: Any) -> str:
-    return "-" if value is None else str(value)
+    return "-" if value is None else printable(str(value))
+
+
+def _json_line(row: dict[str, Any]) -> str:
+    return printable(orjson.dumps(row).decode(), in_json=True) + "\n"
 
 
 def _print(rows: Iterable[dict[str, Any]], fmt: str, out: TextIO, *, header: bool = True) -> None:
     if fmt == "jsonl":
         for row in rows:
-            out.write(orjson.dumps(row).decode() + "\n")
+            out.write(_json_line(row))
         return
     if header:
         out.write("\t".join(TABLE_COLUMNS) + "\n")
@@ -153,7 +162,7 @@ def _run(args: argparse.Namespace, engine: Any, settings: Any) -> int:
         held_to = trust(settings.audit.checkpoints, key_dir, sinks=args.sink, keys=args.trust_key)
         report = verify(engine, held_to)
         if report.problem is not None:
-            print(f"FAILED: {report.problem.message}", file=sys.stderr)
+            print(f"FAILED: {printable(report.problem.message)}", file=sys.stderr)
             print(f"checked {report.records} records in {report.chains} chains before it", file=sys.stderr)
             return 1
         print(f"ok: {report.records} records in {report.chains} chains verify")
@@ -181,7 +190,7 @@ def _run(args: argparse.Namespace, engine: Any, settings: Any) -> int:
         out = args.output.open("w") if args.output else sys.stdout
         try:
             for row in iter_records(engine, filters):
-                out.write(orjson.dumps(otel_record(row) if args.format == "otel" else row).decode() + "\n")
+                out.write(_json_line(otel_record(row) if args.format == "otel" else row))
         finally:
             if args.output:
                 out.close()

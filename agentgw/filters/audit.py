@@ -16,10 +16,18 @@ Arguments are never stored as sent: every record carries the SHA-256 digest of t
 arguments, and the decision record a copy redacted by `RedactionSettings` (values of secret-looking
 argument names, of whole tools, and every e-mail address, bearer token, JWT and API key in any
 string). The sink (`agentgw.storage.audit_log.SqlAuditLog`) chains, batches and stores the records.
+
+Every string a caller chooses (method, resource, run and session ids, principal names, error text,
+the redacted arguments) is capped where the record is built (`capped`: its start and a marker saying
+how much was cut), so that a record stays under `RECORD_MAX_BYTES` whatever the request (decision
+0212). Records are stored as they came, control characters included; whatever shows them to a person
+escapes them with `printable`.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import fnmatch
 import hashlib
 import logging
@@ -50,7 +58,10 @@ __all__ = [
     "CheckpointSettings",
     "RedactionSettings",
     "arguments_digest",
+    "builtin_replacement",
+    "capped",
     "not_written",
+    "printable",
     "redact",
     "timestamp",
 ]
@@ -59,22 +70,55 @@ log = logging.getLogger(__name__)
 
 Event = Literal["decision", "outcome"]
 Verdict = Literal["allowed", "denied", "error"]
-BuiltinPattern = Literal["email", "bearer", "jwt", "api_key"]
+BuiltinPattern = Literal["email", "bearer", "basic", "jwt", "url_credentials", "api_key"]
 
 # Value patterns redacted wherever they appear inside a string argument. Order matters: a bearer
-# token is replaced whole before the JWT pattern could leave its scheme behind.
+# token is replaced whole before the JWT pattern could leave its scheme behind, and a URL's password
+# before the e-mail pattern takes `password@host.tld` for an address.
 BUILTIN_PATTERNS: dict[str, re.Pattern[str]] = {
     "bearer": re.compile(r"(?i)\bbearer\s+[A-Za-z0-9\-._~+/]+=*"),
+    # Shaped as base64 (groups of four), so that most words after "basic" do not match at all.
+    "basic": re.compile(
+        r"(?i)\bbasic\s+((?:[A-Za-z0-9+/]{4})+(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?)(?![A-Za-z0-9+/=])"
+    ),
     "jwt": re.compile(r"\beyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*"),
+    # The password of `scheme://user:password@host` (DSNs, proxy and git URLs), up to the last `@`
+    # before the path, as URL parsers split it; the user name and the host stay. (Its marker names
+    # no needle of a later pattern, which would then scan the string for nothing.)
+    "url_credentials": re.compile(r"://([^\s/?#@:]*):[^\s/?#]+@"),
     "api_key": re.compile(
         r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}"
         r"|\bgh[pousr]_[A-Za-z0-9]{20,}|\bgithub_pat_[A-Za-z0-9_]{20,}"
         r"|\bglpat-[A-Za-z0-9_-]{20,}|\bxox[abprs]-[A-Za-z0-9-]{10,}"
         r"|\bAKIA[0-9A-Z]{16}\b|\bAIza[0-9A-Za-z_-]{35}"
-        r"|(?i:\b(?:api[_-]?key|secret|token|password|passwd)\s*[:=]\s*)[^\s,;&\"']+"
+        # `name: value` and `name=value`, also as the name ends a longer one (`client_secret=`,
+        # `access_token=`) and quoted as in JSON text (`"password": "..."`).
+        r"|(?i:(?:api[_-]?key|secret|token|password|passwd|pwd|passphrase)[\"']?\s*[:=]\s*[\"']?)"
+        r"[^\s,;&\"']+"
     ),
     "email": re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"),
 }
+
+
+def _basic(match: re.Match[str]) -> str:
+    # `Basic <base64 of user:password>` is redacted; "basic" before an ordinary word is prose.
+    try:
+        decoded = base64.b64decode(match.group(1), validate=True)
+    except (binascii.Error, ValueError):
+        return match.group()
+    return "[REDACTED:basic]" if b":" in decoded else match.group()
+
+
+Replacement = str | Callable[[re.Match[str]], str]
+_REPLACEMENTS: dict[str, Replacement] = {
+    "basic": _basic,
+    "url_credentials": r"://\g<1>:[REDACTED:url_credentials]@",
+}
+
+
+def builtin_replacement(name: str) -> Replacement:
+    """What a match of the built-in pattern `name` is replaced with (for `re.sub`)."""
+    return _REPLACEMENTS.get(name, f"[REDACTED:{name}]")
 
 
 class _Needle:
@@ -100,7 +144,14 @@ class _Needle:
         """Whether `value` holds a literal (`lowered`: `value.lower()` if it is long ASCII, else None)."""
         if lowered is None:
             return self.regex.search(value) is not None
-        return any(map(value.__contains__, self.exact)) or any(map(lowered.__contains__, self.folded))
+        # Plain loops: cheaper than `any(map(...))`, whose setup costs more than a few `in`s.
+        for literal in self.exact:
+            if literal in value:
+                return True
+        for literal in self.folded:  # noqa: SIM110 - a generator costs what the loop saves
+            if literal in lowered:
+                return True
+        return False
 
 
 # Strings up to this long are searched with the regex: `in` costs more for each literal than the
@@ -108,37 +159,66 @@ class _Needle:
 _SHORT = 12
 
 # For each built-in pattern, its needle: literals taken from every alternative of the pattern, with
-# the same case rule. `bearer` ignores case as its pattern does; `api_key` has `k-` (sk-, pk-, rk-),
-# `gh?_`, `github_pat_`, `glpat-`, `xox`, `AKIA`, `AIza`, and the names of its `name: value` form,
-# case ignored (a `:`, `=` or `_` alone is in too many strings: URLs, times, identifiers). Keep them
-# in step with the patterns.
+# the same case rule. `bearer` and `basic` ignore case as their patterns do; `url_credentials`
+# needs the `@` that ends a URL's user information (`://` alone is in every URL); `api_key` has `k-`
+# (sk-, pk-, rk-), `gh?_`, `github_pat_`, `glpat-`, `xox`, `AKIA`, `AIza`, and the names of its
+# `name: value` form, case ignored (a `:`, `=` or `_` alone is in too many strings: URLs, times,
+# identifiers). Keep them in step with the patterns.
 _NEEDLES: dict[str, _Needle] = {
     "bearer": _Needle((), ("bearer",)),
+    "basic": _Needle((), ("basic",)),
     "jwt": _Needle(("eyJ",)),
+    "url_credentials": _Needle(("@",)),
     "api_key": _Needle(
         ("k-", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "glpat-", "xox", "AKIA", "AIza"),
-        ("apikey", "api_key", "api-key", "secret", "token", "password", "passwd"),
+        ("apikey", "api_key", "api-key", "secret", "token", "password", "passwd", "pwd", "passphrase"),
     ),
     "email": _Needle(("@",)),
 }
 DEFAULT_SECRET_ARGUMENTS = [
     "*password*",
     "*passwd*",
+    "*pwd*",
+    "*passphrase*",
     "*secret*",
     "*token*",
     "*api_key*",
     "*apikey*",
     "*api-key*",
-    "authorization",
-    "cookie",
-    "*credential*",
+    "*access_key*",
+    "*accesskey*",
+    "*access-key*",
     "*private_key*",
+    "*privatekey*",
+    "*private-key*",
+    "key",
+    "auth",
+    "*_auth",
+    "*-auth",
+    "*authorization",
+    "*cookie*",
+    "*credential*",
 ]
-_ALL_BUILTIN: tuple[BuiltinPattern, ...] = ("bearer", "jwt", "api_key", "email")
+_ALL_BUILTIN: tuple[BuiltinPattern, ...] = ("bearer", "basic", "jwt", "url_credentials", "api_key", "email")
 REDACTED = "[REDACTED]"
-# Long strings are cut: the audit log is evidence of what was asked, not a copy of every payload.
-MAX_STRING = 1024
 MAX_KNOWN_NAMES = 4096
+
+# Caps, in characters, on what a caller chooses and a record stores (decision 0212): a record is
+# evidence of what was asked, not a copy of every payload, and its size must not be the caller's
+# choice. Each fits its column (PostgreSQL refuses a longer value, and with it the whole batch).
+MAX_STRING = 1024  # each string inside the redacted arguments
+MAX_ARGUMENTS = 4096  # the redacted arguments, as stored
+MAX_METHOD = 128
+MAX_RESOURCE = 512
+MAX_UPSTREAM = 256
+MAX_RUN_ID = 128
+MAX_SESSION_ID = 256
+MAX_NAME = 256  # subject, client id
+MAX_NAMES = 512  # roles, scopes, actors, upstream actors: the items of each list together
+MAX_DETAIL = 512
+# What a stored row's canonical JSON (its journal line, the bytes its hash covers) stays under,
+# whatever the request: every capped field at its cap, of the characters JSON and UTF-8 grow most.
+RECORD_MAX_BYTES = 40 * 1024
 
 
 class RedactionSettings(BaseModel):
@@ -148,11 +228,14 @@ class RedactionSettings(BaseModel):
 
     # Policy-object patterns (`mcp:vault/*`) whose argument values are all replaced.
     tools: list[str] = Field(default_factory=list)
-    # Argument names (at any depth; case-insensitive; `*` globs) whose values are replaced.
+    # Argument names (at any depth; case-insensitive; `*` globs) whose values are replaced; also the
+    # value beside such a name in a `[name, value]` pair (header lists) or a `{"name", "value"}` map.
     arguments: list[str] = Field(default_factory=lambda: list(DEFAULT_SECRET_ARGUMENTS))
+    # More names, in addition to `arguments` (so that the defaults stay when names are added).
+    extra_arguments: list[str] = Field(default_factory=list)
     # Built-in value patterns redacted inside every string.
     builtin: list[BuiltinPattern] = Field(default_factory=lambda: list(_ALL_BUILTIN))
-    # More value patterns (regular expressions), redacted inside every string.
+    # More value patterns (regular expressions), redacted inside every string, in addition to `builtin`.
     patterns: list[str] = Field(default_factory=list)
     # False: keep only the digest.
     store_arguments: bool = True
@@ -266,6 +349,63 @@ class AuditSink(Protocol):
 # --- pure pieces --------------------------------------------------------------------------------
 
 
+def capped(text: str, limit: int) -> str:
+    """`text` if it has at most `limit` characters, else its start and `…[truncated N chars]` (N: how
+    many were cut), `limit` characters in all (`limit` must leave room for the marker)."""
+    if len(text) <= limit:
+        return text
+    keep = limit - len(f"…[truncated {len(text)} chars]")
+    return f"{text[:keep]}…[truncated {len(text) - keep} chars]"
+
+
+def _capped_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    # A list column: its items together (and the quotes and comma each costs) within MAX_NAMES.
+    if not names or sum(map(len, names)) + 3 * len(names) <= MAX_NAMES:
+        return names
+    kept: list[str] = []
+    left = MAX_NAMES - 32  # room for the marker
+    for n, name in enumerate(names):
+        name = capped(name, MAX_NAME)
+        if len(name) + 3 > left:
+            kept.append(f"…[truncated {len(names) - n} more]")
+            break
+        kept.append(name)
+        left -= len(name) + 3
+    return tuple(kept)
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+
+
+def _escaped(char: str) -> str:
+    known = _ESCAPES.get(char)
+    if known is not None:
+        return known
+    code = ord(char)
+    if code > 0xFFFF:  # as JSON writes it: a surrogate pair
+        code -= 0x10000
+        return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+    return f"\\u{code:04x}"
+
+
+def printable(text: str, *, in_json: bool = False) -> str:
+    r"""`text` as it may be shown to a person: every character that is not printable escaped.
+
+    Not printable (`str.isprintable`): control characters (C0, DEL, C1), format characters (bidi
+    overrides and isolates, zero-width characters, tags), line and paragraph separators, spaces
+    other than the space, surrogates, private and unassigned code points. Each becomes `\n`, `\r`,
+    `\t` or `\uXXXX` (a surrogate pair past U+FFFF), and a backslash `\\`, so that what is shown is
+    one line, cannot move the cursor or reorder text, and says which characters were there.
+    With `in_json`, `text` is JSON (whose strings already escape backslashes) and stays JSON that
+    decodes to the same values.
+    """
+    if text.isprintable() and (in_json or "\\" not in text):
+        return text
+    return "".join(
+        char if char.isprintable() and (in_json or char != "\\") else _escaped(char) for char in text
+    )
+
+
 # The formatted second of the last timestamp: records come many per second, and datetime's
 # strftime is most of a timestamp's cost. One tuple, replaced whole, so threads may share it.
 _second: tuple[float, str] = (float("nan"), "")
@@ -313,11 +453,11 @@ class _Redactor:
         # One regex for every secret-name glob: the lowered name against the lowered globs, as
         # `fnmatchcase` over each would (lowering both, rather than IGNORECASE, keeps its exact
         # semantics for non-ASCII names). No globs: no name is secret.
-        globs = [fnmatch.translate(n.lower()) for n in settings.arguments]
+        globs = [fnmatch.translate(n.lower()) for n in [*settings.arguments, *settings.extra_arguments]]
         self.secret_names = re.compile("|".join(globs)) if globs else None
         # (pattern, replacement, needle): the substitution runs only where the needle is found.
-        self.patterns: list[tuple[re.Pattern[str], str, _Needle | None]] = [
-            (pattern, f"[REDACTED:{name}]", _NEEDLES[name])
+        self.patterns: list[tuple[re.Pattern[str], Replacement, _Needle | None]] = [
+            (pattern, builtin_replacement(name), _NEEDLES[name])
             for name, pattern in BUILTIN_PATTERNS.items()
             if name in settings.builtin
         ]
@@ -327,8 +467,8 @@ class _Redactor:
         needles = [needle for _, _, needle in self.patterns if needle is not None]
         self.any_needle = (
             _Needle(
-                tuple(literal for needle in needles for literal in needle.exact),
-                tuple(literal for needle in needles for literal in needle.folded),
+                tuple(dict.fromkeys(literal for needle in needles for literal in needle.exact)),
+                tuple(dict.fromkeys(literal for needle in needles for literal in needle.folded)),
             )
             if needles and len(needles) == len(self.patterns)
             else None
@@ -354,21 +494,36 @@ class _Redactor:
         else:
             lowered = value.lower() if value.isascii() else None
             if self.any_needle is not None and not self.any_needle.in_(value, lowered):
-                return value if len(value) <= MAX_STRING else value[:MAX_STRING] + "...[truncated]"
+                return value if len(value) <= MAX_STRING else capped(value, MAX_STRING)
         for pattern, replacement, needle in self.patterns:
             # Checked on the string as it is now: a replacement may add a needle for the next.
             if needle is None or needle.in_(value, lowered):
                 value = pattern.sub(replacement, value)
                 if lowered is not None:
                     lowered = value.lower() if value.isascii() else None
-        return value if len(value) <= MAX_STRING else value[:MAX_STRING] + "...[truncated]"
+        return value if len(value) <= MAX_STRING else capped(value, MAX_STRING)
+
+    def named_secret(self, mapping: Mapping[Any, Any]) -> bool:
+        # `{"name": "Authorization", "value": ...}`: headers, environment variables, form fields.
+        for label in ("name", "key", "Name", "Key"):
+            name = mapping.get(label)
+            if isinstance(name, str) and self.secret_name(name):
+                return True
+        return False
 
     def value(self, value: Any) -> Any:
         if isinstance(value, str):
             return self.text(value)
         if isinstance(value, dict | Mapping):  # dict first: the ABC's check is slower
-            return {str(k): REDACTED if self.secret_name(str(k)) else self.value(v) for k, v in value.items()}
+            kept = {str(k): REDACTED if self.secret_name(str(k)) else self.value(v) for k, v in value.items()}
+            if ("value" in kept or "Value" in kept) and self.named_secret(value):
+                for label in ("value", "Value"):
+                    if label in kept:
+                        kept[label] = REDACTED
+            return kept
         if isinstance(value, list | tuple):
+            if len(value) == 2 and isinstance(value[0], str) and self.secret_name(value[0]):
+                return [self.text(value[0]), REDACTED]  # `[name, value]`: a header list's item
             return [self.value(v) for v in value]
         if value is None or isinstance(value, bool | int | float):
             return value
@@ -381,7 +536,12 @@ class _Redactor:
             kept: Any = dict.fromkeys((str(k) for k in arguments), REDACTED)
         else:
             kept = self.value(arguments)
-        return _canonical(kept).decode()
+        text = _canonical(kept).decode()
+        if len(text) > MAX_ARGUMENTS:
+            # Still JSON, which readers parse: the cut text as one JSON string. Escaping at most
+            # doubles its length (every other character is written as it is).
+            text = orjson.dumps(capped(text, MAX_ARGUMENTS // 2 - 1)).decode()
+        return text
 
 
 def redact(arguments: Mapping[str, Any] | None, resource: str, settings: RedactionSettings) -> str | None:
@@ -418,14 +578,15 @@ def _caller(call: Call, known: _Caller | None = None) -> _Caller:
         return known
     if principal is None:
         return _Caller(None, arguments, None, None, (), (), (), arguments_digest(arguments))
+    subject, client_id = principal.subject, principal.client_id
     return _Caller(
         principal,
         arguments,
-        principal.subject,
-        principal.client_id,
-        principal.roles,
-        tuple(sorted(principal.scopes)),
-        principal.actors,
+        subject if len(subject) <= MAX_NAME else capped(subject, MAX_NAME),
+        client_id if client_id is None or len(client_id) <= MAX_NAME else capped(client_id, MAX_NAME),
+        _capped_names(principal.roles),
+        _capped_names(tuple(sorted(principal.scopes))),
+        _capped_names(principal.actors),
         arguments_digest(arguments),
     )
 
@@ -451,26 +612,33 @@ class Audit:
         self, call: Call, caller: _Caller, event: Event, decision: Verdict, **fields: Any
     ) -> AuditRecord:
         # Everything else is read from the call each time: the terminal may still set some of it
-        # (an A2A task id as session, the LLM route that answered as upstream).
+        # (an A2A task id as session, the LLM route that answered as upstream). What the caller
+        # chose is capped here, once (a length check per field when nothing is cut).
+        resource, method, upstream = call.resource, call.method, call.upstream
+        run_id, session_id = call.run_id, call.session_id
         return AuditRecord(
             time=timestamp(self._clock()),
             event=event,
             request_id=call.request_id,
             protocol=call.protocol,
             action=call.action,
-            resource=call.resource,
-            method=call.method,
-            upstream=call.upstream,
+            resource=resource if len(resource) <= MAX_RESOURCE else capped(resource, MAX_RESOURCE),
+            method=method if len(method) <= MAX_METHOD else capped(method, MAX_METHOD),
+            upstream=upstream if len(upstream) <= MAX_UPSTREAM else capped(upstream, MAX_UPSTREAM),
             decision=decision,
-            run_id=call.run_id,
-            session_id=call.session_id,
+            run_id=run_id if run_id is None or len(run_id) <= MAX_RUN_ID else capped(run_id, MAX_RUN_ID),
+            session_id=(
+                session_id
+                if session_id is None or len(session_id) <= MAX_SESSION_ID
+                else capped(session_id, MAX_SESSION_ID)
+            ),
             subject=caller.subject,
             client_id=caller.client_id,
             roles=caller.roles,
             scopes=caller.scopes,
             actors=caller.actors,
             credential_mode=call.credential_mode,
-            upstream_actors=tuple(call.upstream_actors),
+            upstream_actors=_capped_names(tuple(call.upstream_actors)),
             rule=call.decided_by,
             args_digest=caller.args_digest,
             **fields,
@@ -552,7 +720,8 @@ class Audit:
             if isinstance(exc, GatewayError)
             else ("cancelled" if isinstance(exc, anyio.get_cancelled_exc_class()) else "internal_error")
         )
-        detail = exc.message if isinstance(exc, GatewayError) else None
+        # Error text may quote what the caller sent (a tool name) or what the upstream answered.
+        detail = capped(exc.message, MAX_DETAIL) if isinstance(exc, GatewayError) else None
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
         caller = self._admitted.pop(call.request_id, None)
         if caller is not None:
@@ -611,7 +780,7 @@ def not_written(record: AuditRecord, *, exc_info: bool = True, why: str | None =
         record.event,
         record.decision,
         record.request_id,
-        record.resource,
-        f" ({why})" if why else "",
+        printable(record.resource),
+        f" ({printable(why)})" if why else "",
         exc_info=exc_info,
     )

@@ -59,12 +59,13 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from agentgw.call import Action, Call, Reply, Usage
+from agentgw.call import Action, Call, Reply, Usage, checked_run_id
 from agentgw.errors import (
     BadRequest,
     Forbidden,
     GatewayError,
     InsufficientScope,
+    InvalidRunId,
     NotFound,
     ParseError,
     PayloadTooLarge,
@@ -436,7 +437,7 @@ class A2aRequest:
     @property
     def context_id(self) -> str | None:
         values = _strings(v for m in self.messages for v in _spellings(m, "contextId"))
-        return values[0][:128] if values else None
+        return values[0] if values else None
 
     def task_refs(self) -> list[str]:
         """Every task the request is about or refers to; each must be the caller's own."""
@@ -1019,7 +1020,6 @@ class A2aIngress:
             public=True,  # a client without credentials learns from it how to authenticate
             credentials=request.headers.get("authorization"),
             endpoint=f"/a2a/{spec.name}",
-            run_id=_run_id(request, None),
         )
 
         async def terminal(call: Call) -> Reply:
@@ -1027,6 +1027,7 @@ class A2aIngress:
             return Reply(payload=_Card(card), listing=[skill_object(spec.name, s) for s in card.skills])
 
         try:
+            call.run_id = _run_id(request, None)
             reply = await self._pipeline.run(call, terminal)
             assert isinstance(reply.payload, _Card)
             body = self._rewrite(spec, reply.payload.card.document, reply.listing)
@@ -1077,6 +1078,7 @@ class A2aIngress:
         try:
             requested_version(request.headers)
             action, resource = self._classify(spec, a2a)
+            run_id = _run_id(request, a2a.context_id)
         except GatewayError as exc:
             return refuse(exc)
         call = Call(
@@ -1087,7 +1089,7 @@ class A2aIngress:
             method=a2a.op.name,
             credentials=request.headers.get("authorization"),
             endpoint=f"/a2a/{spec.name}",
-            run_id=_run_id(request, a2a.context_id),
+            run_id=run_id,
             session_id=next(iter(a2a.task_refs()), None),
             arguments=a2a.params if a2a.op.kind == "send" else None,
         )
@@ -1418,8 +1420,18 @@ class _Relay:
 
 
 def _run_id(request: Request, context_id: str | None) -> str | None:
+    """The `Agent-Run-Id` header, else the message's `contextId`.
+
+    Raises:
+        InvalidParams: the one it names is not a valid run id.
+    """
     run_id = request.headers.get(RUN_ID_HEADER)
-    return run_id[:128] if run_id else context_id
+    try:
+        if run_id:
+            return checked_run_id(run_id, "the Agent-Run-Id header")
+        return checked_run_id(context_id, "the message's contextId")
+    except InvalidRunId as exc:
+        raise InvalidParams(exc.message) from exc
 
 
 def _raw_suffix(request: Request, agent: str) -> str:

@@ -34,7 +34,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from agentgw.call import Call, Reply, Usage
+from agentgw.call import Call, Reply, Usage, checked_run_id
 from agentgw.errors import (
     BadRequest,
     GatewayError,
@@ -484,7 +484,6 @@ class LlmIngress:
         body: Mapping[str, Any] | None,
         estimate: Usage,
     ) -> Call:
-        run_id = request.headers.get(RUN_ID_HEADER)
         return Call(
             protocol="llm",
             action=action,
@@ -493,12 +492,17 @@ class LlmIngress:
             method=method,
             credentials=request.headers.get("authorization"),
             endpoint=ENDPOINT,
-            run_id=run_id[:128] if run_id else None,
+            run_id=request.headers.get(RUN_ID_HEADER),  # checked by `_run`
             arguments=body,
             estimate=estimate,
         )
 
     async def _run(self, call: Call, terminal: Terminal) -> Response:
+        try:
+            # Before the pipeline: a refused run id leaves no budget or audit state behind.
+            call.run_id = checked_run_id(call.run_id, "the Agent-Run-Id header")
+        except GatewayError as exc:
+            return error_response(exc)
         produced: list[Reply] = []
 
         async def tracked(call: Call) -> Reply:

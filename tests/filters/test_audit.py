@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 from pydantic import ValidationError
 
@@ -29,6 +30,9 @@ from agentgw.filters.audit import (
     RedactionSettings,
     _Redactor,  # private: its memory of argument names
     arguments_digest,
+    builtin_replacement,
+    capped,
+    printable,
     redact,
     timestamp,
 )
@@ -178,10 +182,10 @@ def plain_redaction(text: str, settings: RedactionSettings) -> str:
     """Every configured substitution, in order, on every string: what the redactor's shortcuts must equal."""
     for name, pattern in BUILTIN_PATTERNS.items():
         if name in settings.builtin:
-            text = pattern.sub(f"[REDACTED:{name}]", text)
+            text = pattern.sub(builtin_replacement(name), text)
     for extra in settings.patterns:
         text = re.sub(extra, "[REDACTED:pattern]", text)
-    return text if len(text) <= MAX_STRING else text[:MAX_STRING] + "...[truncated]"
+    return capped(text, MAX_STRING)
 
 
 @pytest.mark.parametrize(
@@ -227,7 +231,8 @@ def test_skipping_strings_without_a_needle_changes_no_redaction(settings: Redact
         "AKIA0123456789ABCDEF",
         "AIza" + "b" * 35,
     ]
-    kept = json.loads(redact(dict(enumerate(texts)), "mcp:x/y", settings) or "")
+    # The redactor's walk, not `redact`: the whole corpus is far past what a record keeps.
+    kept = _Redactor(settings).value(dict(enumerate(texts)))
     for n, text in enumerate(texts):
         assert kept[str(n)] == plain_redaction(text, settings), text
     assert sum(kept[str(n)] != text for n, text in enumerate(texts)) >= 2  # the corpus does redact
@@ -250,13 +255,42 @@ def test_secret_names_match_as_each_glob_would_on_the_lowered_name() -> None:
     names = ["API_KEY", "x_Password_y", "Authorization", "cookies", "\u0130TOKEN", "\u017fecret", "ab", "a]b"]
     letters = "abcoknet_-*[]?ASKPW\u0130"
     names += ["".join(rng.choice(letters) for _ in range(rng.randrange(12))) for _ in range(5000)]
-    kept = json.loads(redact(dict.fromkeys(names, "v"), "mcp:x/y", RedactionSettings(arguments=globs)) or "")
+    kept = _Redactor(RedactionSettings(arguments=globs)).value(dict.fromkeys(names, "v"))
     for name in names:
         secret = any(fnmatch.fnmatchcase(name.lower(), glob.lower()) for glob in globs)
         assert (kept[name] == "[REDACTED]") == secret, name
     assert json.loads(redact({"password": "v"}, "mcp:x/y", RedactionSettings(arguments=[])) or "") == {
         "password": "v"
     }
+
+
+def test_capped_keeps_the_start_and_says_how_much_was_cut_within_the_limit() -> None:
+    assert capped("short", 128) == "short"
+    cut = capped("x" * 1000 + "END", 128)
+    assert len(cut) <= 128 and cut.startswith("x" * 100) and "END" not in cut
+    assert cut.endswith(f"…[truncated {1003 - cut.index('…')} chars]")
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("plain: é 日本 ok", "plain: é 日本 ok"),
+        ("a\nb\rc\td", "a\\nb\\rc\\td"),
+        ("\x1b[2J\x00\x7f\x9b", "\\u001b[2J\\u0000\\u007f\\u009b"),
+        ("a\u202eb\u2066c\u200bd\ufeffe\u2028f\u00a0g", "a\\u202eb\\u2066c\\u200bd\\ufeffe\\u2028f\\u00a0g"),
+        ("tag\U000e0041", "tag\\udb40\\udc41"),
+        ("C:\\dir\\n", "C:\\\\dir\\\\n"),  # a backslash is escaped: `\\n` cannot pass for a newline
+    ],
+)
+def test_printable_escapes_what_a_terminal_would_not_show_as_itself(text: str, shown: str) -> None:
+    assert printable(text) == shown
+    assert printable(shown) == shown.replace("\\", "\\\\")  # printable, but for the backslashes
+
+
+def test_printable_json_stays_the_same_json() -> None:
+    value = {"k\u202e": ["\x7f\x9b\u2066", "\\", "\U000e0041", "日本"]}
+    text = printable(orjson.dumps(value).decode(), in_json=True)
+    assert text.isprintable() and json.loads(text) == value
 
 
 # --- the stage -----------------------------------------------------------------------------------

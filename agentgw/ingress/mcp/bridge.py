@@ -638,6 +638,10 @@ class Bridge:
         ctx: ServerRequestContext[Any, Any], request: Request, endpoint: Endpoint, action: Any, resource: str
     ) -> Call:
         params = ctx.params or {}
+        try:
+            run_id = run_id_of(request.headers, params)
+        except GatewayError as exc:
+            raise MCPError(code=exc.jsonrpc_code, message=exc.message) from exc
         return Call(
             protocol="mcp",
             action=action,
@@ -646,7 +650,7 @@ class Bridge:
             method=ctx.method,
             credentials=request.headers.get("authorization"),
             endpoint=endpoint.path,  # not request.url: building that URL costs more than the rest
-            run_id=run_id_of(request.headers, params),
+            run_id=run_id,
             session_id=request.headers.get("mcp-session-id"),
         )
 

@@ -128,6 +128,10 @@ class PassThrough:
             message = parse(raw, headers)
         except BadRequest as exc:
             return jsonrpc_error_response(None, exc)
+        try:
+            run_id = run_id_of(headers, message.params)
+        except BadRequest as exc:
+            return jsonrpc_error_response(message.id, exc)
         action, resource = classify(spec.name, message)
         call = Call(
             protocol="mcp",
@@ -138,7 +142,7 @@ class PassThrough:
             method=message.method or "response",
             credentials=headers.get("authorization"),
             endpoint=f"/mcp/{spec.name}",
-            run_id=run_id_of(headers, message.params),
+            run_id=run_id,
             session_id=headers.get("mcp-session-id"),
             arguments=message.params.get("arguments") if message.method == "tools/call" else None,
             principal=principal,

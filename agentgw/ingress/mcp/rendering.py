@@ -8,6 +8,7 @@ from typing import Any
 
 from starlette.responses import Response
 
+from agentgw.call import checked_run_id
 from agentgw.errors import (
     GatewayError,
     InsufficientScope,
@@ -54,10 +55,14 @@ def jsonrpc_error_response(msg_id: Any, exc: BaseException, *, in_pipeline: bool
 
 
 def run_id_of(headers: Mapping[str, str], params: Mapping[str, Any]) -> str | None:
-    """The agent run a message belongs to: the `Agent-Run-Id` header, else `_meta["io.agentgw/runId"]`."""
+    """The agent run a message belongs to: the `Agent-Run-Id` header, else `_meta["io.agentgw/runId"]`.
+
+    Raises:
+        InvalidRunId: the one it names is not a valid run id.
+    """
     run_id = headers.get(RUN_ID_HEADER)
     if run_id:
-        return run_id[:128]
+        return checked_run_id(run_id, "the Agent-Run-Id header")
     meta = params.get("_meta")
     value = meta.get(RUN_ID_META) if isinstance(meta, dict) else None
-    return value[:128] if isinstance(value, str) and value else None
+    return checked_run_id(value, f"_meta[{RUN_ID_META!r}]")
