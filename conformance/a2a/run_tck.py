@@ -61,7 +61,8 @@ def kit_venv() -> Path:
     digest = hashlib.sha256(lock.read_bytes()).hexdigest()[:16]
     venv = CACHE / f"a2a-tck-venv-{digest}"
     python = venv / "bin" / "python"
-    if not python.exists():
+    done = venv / "installed"  # written last: a venv whose install was cut short is made again
+    if not done.exists():
         log(f"installing the kit's {lock.read_text().count('==')} locked packages into {venv}")
         shutil.rmtree(venv, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -79,6 +80,7 @@ def kit_venv() -> Path:
             ],
             check=True,
         )
+        done.touch()
     return python
 
 
@@ -232,7 +234,10 @@ def main() -> int:
         kit = kit_copy(work)
         # Every leg (direct or through the gateway, per transport) has an agent of its own, so the
         # tests that list tasks see the same history on both sides; the legs run at once, since
-        # most of their time is the reference agent's deliberate delays.
+        # most of their time is the reference agent's deliberate delays. (Under --full, the
+        # capabilities category's push-notification webhook binds the fixed port 8888, so all but
+        # one leg error in those tests; the reference agent declares no push notifications, so
+        # they skip directly and are not judged.)
         legs = [(side, transport) for side in SITES for transport in transports]
         sites = {(side, t): stack.enter_context(SITES[side](work / f"{side}-{t}")) for side, t in legs}
 
