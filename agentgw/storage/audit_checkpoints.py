@@ -111,7 +111,7 @@ class CheckpointKey:
         pem = private.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -182,7 +182,7 @@ class Checkpointer:
 
     def _open(self) -> int:
         if self._fd is None:
-            self.sink.parent.mkdir(parents=True, exist_ok=True)
+            self.sink.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._fd = os.open(self.sink, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         return self._fd
 

@@ -20,6 +20,8 @@ from tests.storage.test_audit_log import record
 def database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An audit log of six records: r0..r5, r3 denied and by user:bob."""
     monkeypatch.delenv("AGENTGW_CONFIG", raising=False)
+    # The commands read the checkpoint sink of the data directory: this log's own, not the cwd's.
+    monkeypatch.setenv("AGENTGW_DATA_DIR", str(tmp_path / "state"))
     path = tmp_path / "agentgw.db"
     engine = make_engine(f"sqlite:///{path}")
     log = SqlAuditLog(engine, AuditSettings(node_id="node"))

@@ -80,12 +80,13 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, modern_upstream: str) -> I
                     "default_skill": "echo",
                 }
             ],
+            "secrets": {"llm-key": {"file": str(key)}},
             "llm_routes": [
                 {
                     "name": "chat",
                     "base_url": f"{llm}/v1",
                     "model": "fixture-chat",
-                    "credential": {"mode": "static", "file": str(key)},
+                    "credential": {"mode": "static", "secret": "llm-key"},
                 }
             ],
             "policy": {
