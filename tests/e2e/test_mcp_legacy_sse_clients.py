@@ -17,6 +17,7 @@ import pytest
 from mcp import ClientSession
 from mcp.client.sse import sse_client
 from mcp.shared.exceptions import MCPError
+from mcp_types import CreateMessageResult, TextContent
 
 from agentgw.storage import make_engine
 from agentgw.storage.audit_log import AuditQuery
@@ -32,15 +33,22 @@ POLICY = [
     "p, user:bob, mcp:local/*, *, allow",
     "p, user:bob, mcp:modern/add, *, allow",
     "p, user:bob, mcp:local/crash, *, deny",
+    "p, user:carol, mcp:legacy/sample, *, allow",
 ]
-CALL = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "modern__echo", "arguments": {}}}
+CALL = {
+    "jsonrpc": "2.0",
+    "id": 7,
+    "method": "tools/call",
+    "params": {"name": "modern__echo", "arguments": {}},
+}
 
 
-def config(modern_upstream: str, sse_upstream: str, **extra: Any) -> dict[str, Any]:
+def config(modern_upstream: str, sse_upstream: str, legacy_upstream: str, **extra: Any) -> dict[str, Any]:
     command, args = stdio_command()
     return {
         "servers": [
             {"name": "modern", "url": f"{modern_upstream}/mcp"},
+            {"name": "legacy", "url": f"{legacy_upstream}/mcp"},
             {"name": "old-sse", "transport": "sse", "url": f"{sse_upstream}/sse"},
             {"name": "local", "transport": "stdio", "command": command, "args": args},
         ],
@@ -48,15 +56,20 @@ def config(modern_upstream: str, sse_upstream: str, **extra: Any) -> dict[str, A
         "policy": {"rules": POLICY},
         "auth": {"builtin": {"enabled": True}},
         "max_body_bytes": MAX_BODY,
+        # Without a run id, a legacy session is the run: over SSE, the SSE session.
+        "budgets": {
+            "rules": [{"name": "echo-per-run", "per": "run", "resource": "mcp:local/echo", "calls": 1}]
+        },
         **extra,
     }
 
 
 @pytest.fixture(scope="module")
 def gateway(
-    tmp_path_factory: pytest.TempPathFactory, modern_upstream: str, sse_upstream: str
+    tmp_path_factory: pytest.TempPathFactory, modern_upstream: str, sse_upstream: str, legacy_upstream: str
 ) -> Iterator[RunningGateway]:
-    with run_gateway(tmp_path_factory.mktemp("gw"), config(modern_upstream, sse_upstream)) as gw:
+    settings = config(modern_upstream, sse_upstream, legacy_upstream)
+    with run_gateway(tmp_path_factory.mktemp("gw"), settings) as gw:
         yield gw
 
 
@@ -67,17 +80,17 @@ def sse_url(gw: RunningGateway, endpoint: str) -> str:
 
 @asynccontextmanager
 async def sse_session(
-    gw: RunningGateway, endpoint: str, who: str, sessions: list[str] | None = None
+    gw: RunningGateway, endpoint: str, who: str, sessions: list[str] | None = None, **options: Any
 ) -> AsyncIterator[ClientSession]:
     """An initialized SDK session over HTTP+SSE as `who`, with a token for `endpoint`; the session's
-    id is appended to `sessions`."""
+    id is appended to `sessions`; `options` go to `ClientSession`."""
     async with (
         sse_client(
             sse_url(gw, endpoint),
             headers=bearer(gw, who, endpoint),
             on_session_created=(sessions if sessions is not None else []).append,
         ) as (read, write),
-        ClientSession(read, write) as session,
+        ClientSession(read, write, **options) as session,
     ):
         await session.initialize()
         yield session
@@ -140,6 +153,24 @@ async def test_a_denied_call_over_sse_is_refused_before_the_upstream_and_audited
     finally:
         engine.dispose()
     assert record["session_id"] == sessions[0]
+
+
+async def sampling(_ctx: Any, _params: Any) -> Any:
+    return CreateMessageResult(role="assistant", content=TextContent(type="text", text="sampled!"), model="m")
+
+
+async def test_an_upstreams_sampling_request_reaches_the_calling_sse_client(gateway: RunningGateway) -> None:
+    async with sse_session(gateway, "/mcp", "carol", sampling_callback=sampling) as carol:
+        assert "sampled!" in text(await carol.call_tool("legacy__sample", {}))
+
+
+async def test_budgets_hold_over_sse_with_the_session_as_the_run(gateway: RunningGateway) -> None:
+    async with sse_session(gateway, "/mcp", "bob") as bob:
+        assert text(await bob.call_tool("local__echo", {"text": "once"})) == "once"
+        with pytest.raises(MCPError, match="budget 'echo-per-run' exhausted"):
+            await bob.call_tool("local__echo", {"text": "twice"})
+    async with sse_session(gateway, "/mcp", "bob") as bob:
+        assert text(await bob.call_tool("local__echo", {"text": "a new run"})) == "a new run"
 
 
 async def test_a_session_is_not_found_for_another_principal_another_endpoint_or_an_unknown_id(
@@ -241,14 +272,18 @@ async def raw_stream(http: httpx.AsyncClient, gw: RunningGateway, who: str) -> A
 
 
 async def test_sse_sessions_count_in_the_per_principal_cap_with_the_other_legacy_sessions(
-    tmp_path: Path, modern_upstream: str, sse_upstream: str
+    tmp_path: Path, modern_upstream: str, sse_upstream: str, legacy_upstream: str
 ) -> None:
-    settings = config(modern_upstream, sse_upstream, max_sessions_per_principal=2)
+    settings = config(modern_upstream, sse_upstream, legacy_upstream, max_sessions_per_principal=2)
     initialize = {
         "jsonrpc": "2.0",
         "id": 1,
         "method": "initialize",
-        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+        "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"},
+        },
     }
     legacy = {"accept": "application/json, text/event-stream", "mcp-protocol-version": "2025-11-25"}
     with run_gateway(tmp_path, settings) as gw:
@@ -273,9 +308,10 @@ async def test_sse_sessions_count_in_the_per_principal_cap_with_the_other_legacy
 
 
 async def test_an_idle_sse_session_is_closed_and_its_id_forgotten(
-    tmp_path: Path, modern_upstream: str, sse_upstream: str
+    tmp_path: Path, modern_upstream: str, sse_upstream: str, legacy_upstream: str
 ) -> None:
-    with run_gateway(tmp_path, config(modern_upstream, sse_upstream, session_idle_s=1)) as gw:
+    settings = config(modern_upstream, sse_upstream, legacy_upstream, session_idle_s=1)
+    with run_gateway(tmp_path, settings) as gw:
         async with httpx.AsyncClient(timeout=10) as http, raw_stream(http, gw, "alice") as stream:
             assert stream.response.status_code == 200 and stream.endpoint is not None
             with anyio.fail_after(10):
