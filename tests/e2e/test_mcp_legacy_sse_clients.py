@@ -320,3 +320,27 @@ async def test_an_idle_sse_session_is_closed_and_its_id_forgotten(
             auth = bearer(gw, "alice", "/mcp")
             late = await http.post(f"{gw.url}{stream.endpoint}", json=CALL, headers=auth)
             assert late.status_code == 404
+
+
+def test_a_server_whose_credential_is_per_caller_has_no_sse_leg(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, modern_upstream: str
+) -> None:
+    # The bridge's upstream sessions are shared: a caller's exchanged token must never ride one.
+    monkeypatch.setenv("AGW_SSE_TEST_SECRET", "not-used")
+    client = {"client_id": "agentgw", "secret": "client-secret"}
+    settings = {
+        "servers": [
+            {
+                "name": "payments",
+                "url": f"{modern_upstream}/mcp",
+                "credential": {"mode": "token_exchange", "client": client},
+            }
+        ],
+        "secrets": {"client-secret": {"env": "AGW_SSE_TEST_SECRET"}},
+        "policy": {"rules": ["p, user:alice, mcp:payments/*, *, allow"]},
+        "auth": {"builtin": {"enabled": True}},
+    }
+    with run_gateway(tmp_path, settings) as gw:
+        refused = httpx.get(f"{gw.url}/mcp/payments/sse", headers=bearer(gw, "alice", "/mcp/payments"))
+    assert refused.status_code == 404
+    assert "streamable HTTP only" in refused.json()["error"]["message"]
