@@ -192,6 +192,27 @@ async def test_a_session_is_not_found_for_another_principal_another_endpoint_or_
         assert text(await alice.call_tool("modern__echo", {"text": "still mine"})) == "still mine"
 
 
+async def test_a_session_header_on_an_sse_message_names_no_other_session(gateway: RunningGateway) -> None:
+    # Unchecked on this transport, it must not pick another session's run (budgets, audit) or relay.
+    sessions: list[str] = []
+    async with sse_session(gateway, "/mcp", "alice", sessions):
+        headers = bearer(gateway, "alice", "/mcp") | {
+            "mcp-session-id": "someone-elses",
+            "agent-run-id": "hdr",
+        }
+        accepted = httpx.post(
+            f"{gateway.url}/mcp/_messages", params={"session_id": sessions[0]}, json=CALL, headers=headers
+        )
+        assert accepted.status_code == 202
+        engine = make_engine(gateway.database_url)
+        try:
+            query = AuditQuery(subject="user:alice", run_id="hdr", event="decision")
+            [record] = await records_until(engine, query, lambda found: len(found) == 1)
+        finally:
+            engine.dispose()
+    assert record["session_id"] == sessions[0]
+
+
 @pytest.mark.parametrize(
     ("method", "path", "endpoint"),
     [

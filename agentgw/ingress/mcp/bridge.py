@@ -762,8 +762,12 @@ async def _status_of(app: Any, scope: Scope, receive: Receive, send: Send) -> in
 
 
 def _session_of(request: Request) -> str | None:
-    """The legacy session a message belongs to: its `Mcp-Session-Id`, or the HTTP+SSE session's id."""
-    session_id: str | None = request.headers.get("mcp-session-id") or request.scope.get(SESSION_KEY)
+    """The legacy session a message belongs to: the HTTP+SSE session's, else its `Mcp-Session-Id`.
+
+    The SSE session comes first: it is the one checked for that transport; a header the client added
+    to an SSE message was checked by nobody and must not pick another session's run or relay.
+    """
+    session_id: str | None = request.scope.get(SESSION_KEY) or request.headers.get("mcp-session-id")
     return session_id
 
 

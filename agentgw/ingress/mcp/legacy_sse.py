@@ -78,9 +78,6 @@ class LegacySse:
         # Open sessions of this process: id -> the scope that closes it once idle.
         self._open: dict[str, anyio.CancelScope] = {}
 
-    def __len__(self) -> int:
-        return len(self._open)
-
     async def stream(
         self, scope: Scope, receive: Receive, send: Send, *, endpoint: str, key: str, subject: str
     ) -> None:
