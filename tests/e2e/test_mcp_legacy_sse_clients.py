@@ -231,6 +231,16 @@ def test_without_credentials_each_leg_gets_its_endpoints_oauth_challenge(
     assert f'resource_metadata="{metadata}"' in answer.headers["www-authenticate"]
 
 
+@pytest.mark.parametrize(("endpoint", "sse"), [("/mcp", "/mcp/_sse"), ("/mcp/local", "/mcp/local/sse")])
+def test_an_sse_client_at_the_streamable_url_is_told_where_to_connect(
+    gateway: RunningGateway, endpoint: str, sse: str
+) -> None:
+    headers = bearer(gateway, "bob", endpoint) | {"accept": "text/event-stream"}
+    answer = httpx.get(f"{gateway.url}{endpoint}", headers=headers)
+    assert answer.status_code == 400
+    assert f"HTTP+SSE transport connect to {sse}" in answer.json()["error"]["message"]
+
+
 def test_a_token_for_another_endpoint_is_refused_on_an_sse_leg(gateway: RunningGateway) -> None:
     answer = httpx.get(f"{gateway.url}/mcp/_sse", headers=bearer(gateway, "alice", "/mcp/modern"))
     assert answer.status_code == 401

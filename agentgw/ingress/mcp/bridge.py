@@ -53,7 +53,7 @@ from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
 from agentgw.call import Call, Principal, Reply
-from agentgw.errors import GatewayError, HeaderMismatch, NotFound, UpstreamError
+from agentgw.errors import BadRequest, GatewayError, HeaderMismatch, NotFound, UpstreamError
 from agentgw.ingress.mcp.legacy_sse import SESSION_KEY, LegacySse
 from agentgw.ingress.mcp.messages import LIST_KEYS, item_object
 from agentgw.ingress.mcp.rendering import jsonrpc_error_response, run_id_of
@@ -317,6 +317,7 @@ class Bridge:
         for an unknown id, before the SDK sees it.
 
         Raises:
+            BadRequest: a GET without a session (what an HTTP+SSE client sends).
             SessionNotFound: the request names a session that is unknown, expired, of another
                 endpoint, or another principal's.
             Unavailable: the session store is unreachable.
@@ -343,6 +344,13 @@ class Bridge:
             # the SDK's own, so a request it serves statefully is never taken for a stateless one.
             await self.session_manager.handle_request(scope, receive, send)
             return
+        if scope["method"] == "GET":
+            # What a client of the 2024-11-05 HTTP+SSE transport sends first: say where that one is.
+            sse = "/mcp/_sse" if endpoint.label == "*" else f"{endpoint.path}/sse"
+            raise BadRequest(
+                "a stream needs a session (Mcp-Session-Id); clients of the 2024-11-05 HTTP+SSE "
+                f"transport connect to {sse}"
+            )
         opened = _Opening(self._bindings, key, principal.subject, scope, receive, send)
         await self.session_manager.handle_request(scope, receive, opened.send)
         if opened.orphan is not None:
