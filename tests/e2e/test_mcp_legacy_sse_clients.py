@@ -375,3 +375,39 @@ def test_a_server_whose_credential_is_per_caller_has_no_sse_leg(
         refused = httpx.get(f"{gw.url}/mcp/payments/sse", headers=bearer(gw, "alice", "/mcp/payments"))
     assert refused.status_code == 404
     assert "streamable HTTP only" in refused.json()["error"]["message"]
+
+
+# --- with the session store in Redis ---------------------------------------------------------------
+
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+async def test_with_redis_a_session_is_checked_on_every_node_and_served_by_its_own(
+    tmp_path: Path, modern_upstream: str, sse_upstream: str, legacy_upstream: str
+) -> None:
+    settings = config(modern_upstream, sse_upstream, legacy_upstream, redis_url=REDIS)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    sessions: list[str] = []
+    with run_gateway(tmp_path / "a", settings) as a, run_gateway(tmp_path / "b", settings) as b:
+        async with sse_session(a, "/mcp", "alice", sessions) as alice:
+            assert text(await alice.call_tool("modern__echo", {"text": "a"})) == "a"
+            messages = f"/mcp/_messages?session_id={sessions[0]}"
+            # Another principal, on the node that holds the session: refused by the binding.
+            foreign = httpx.post(f"{a.url}{messages}", json=CALL, headers=bearer(a, "bob", "/mcp"))
+            assert foreign.status_code == 404
+            # The owner, on another node: the stream, and so the session, is not there.
+            elsewhere = httpx.post(f"{b.url}{messages}", json=CALL, headers=bearer(b, "alice", "/mcp"))
+            assert elsewhere.status_code == 404
+            assert "session not found" in elsewhere.json()["error"]["message"]
+            assert text(await alice.call_tool("modern__echo", {"text": "still"})) == "still"
+
+
+def test_an_unreachable_session_store_refuses_to_open_a_session(
+    tmp_path: Path, modern_upstream: str, sse_upstream: str, legacy_upstream: str
+) -> None:
+    settings = config(modern_upstream, sse_upstream, legacy_upstream, redis_url="redis://127.0.0.1:1/0")
+    with run_gateway(tmp_path, settings) as gw:
+        refused = httpx.get(f"{gw.url}/mcp/_sse", headers=bearer(gw, "alice", "/mcp"), timeout=10)
+    assert refused.status_code == 503
+    assert "session store is unreachable" in refused.json()["error"]["message"]

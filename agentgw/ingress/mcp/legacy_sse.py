@@ -32,7 +32,7 @@ from mcp.server.sse import SseServerTransport
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from agentgw.errors import BadRequest, GatewayError
+from agentgw.errors import BadRequest, GatewayError, SessionNotFound
 from agentgw.ingress.body import read_body_asgi
 from agentgw.ingress.mcp.messages import error_body, parse
 from agentgw.ingress.mcp.rendering import jsonrpc_error_response
@@ -131,7 +131,8 @@ class LegacySse:
 
         Raises:
             BadRequest: no session id, or the body is not one JSON-RPC message (ParseError: not JSON).
-            SessionNotFound: the session is unknown, closed, of another endpoint or another principal's.
+            SessionNotFound: the session is unknown, closed, of another endpoint or another principal's,
+                or held by another node.
             UnsupportedMediaType: the body is not application/json.
             PayloadTooLarge: the body is larger than the limit.
             Unavailable: the session store is unreachable.
@@ -145,8 +146,10 @@ class LegacySse:
         # Refused here with a JSON-RPC error, before the SDK would put a failure into the session.
         parse(raw, headers)
         closer = self._open.get(session_id)
-        if closer is not None:
-            closer.deadline = anyio.current_time() + self._idle_s
+        if closer is None:
+            # Bound (in Redis) but held by another node, or just closed: answered as any lost session.
+            raise SessionNotFound("session not found: open a new stream")
+        closer.deadline = anyio.current_time() + self._idle_s
         scope[SESSION_KEY] = session_id
         transport = self._merged if endpoint == "/mcp" else self._named
         await transport.handle_post_message(scope, _replay(raw, receive), send)
