@@ -57,7 +57,7 @@ _RELEASE_TIMEOUT_S = 5.0
 def method_not_allowed(leg: str) -> Response:
     """The answer to a request with a method its leg does not take."""
     allowed = LEGS[leg]
-    body = error_body(None, -32600, f"method not allowed: this URL takes {allowed} only")
+    body = error_body(None, BadRequest.jsonrpc_code, f"method not allowed: this URL takes {allowed} only")
     return Response(body, status_code=405, headers={"Allow": allowed}, media_type="application/json")
 
 
