@@ -56,7 +56,7 @@ def path_params(path: str) -> dict[str, str] | None:
 
 
 class McpIngress:
-    """ASGI app for `/mcp` and `/mcp/{name}`."""
+    """ASGI app for `/mcp`, `/mcp/{name}` and their HTTP+SSE legs."""
 
     def __init__(
         self,
