@@ -41,6 +41,7 @@ from agentgw.ingress.llm import LlmIngress
 from agentgw.ingress.mcp.bridge import Bridge
 from agentgw.ingress.mcp.passthrough import PassThrough
 from agentgw.ingress.mcp.routes import McpIngress
+from agentgw.ingress.mcp.routes import path_params as mcp_path_params
 from agentgw.ingress.mcp.sessions import MemorySessionStore, RedisSessionStore, SessionLimits, SessionStore
 from agentgw.oauth.apikeys import api_key_router
 from agentgw.oauth.identity import Identity, build_identity, signing_key_path
@@ -468,13 +469,9 @@ class GatewayApp(FastAPI):
         if scope["type"] == "http" and self.mcp_front is not None:
             path: str = scope["path"]
             if scope["method"] in MCP_METHODS and path.startswith("/mcp"):
-                if path == "/mcp":
-                    scope["path_params"] = {}
-                    scope["app"] = self
-                    await self.mcp_front(scope, receive, send)
-                    return
-                if path.startswith("/mcp/") and len(path) > 5 and "/" not in path[5:]:
-                    scope["path_params"] = {"server": path[5:]}
+                params = mcp_path_params(path)
+                if params is not None:
+                    scope["path_params"] = params
                     scope["app"] = self
                     await self.mcp_front(scope, receive, send)
                     return

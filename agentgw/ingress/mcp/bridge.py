@@ -2,7 +2,8 @@
 
 Serves `/mcp` (every upstream, merged), virtual servers (`/mcp/<virtual>`), and `/mcp/<server>` for
 upstreams that are not streamable HTTP (stdio, legacy SSE). The SDK's server speaks both eras to the
-client; each request runs through the pipeline; upstream requests go through `UpstreamSessions`.
+client; each request runs through the pipeline; upstream requests go through `UpstreamSessions`. The
+same server also serves the HTTP+SSE transport of every endpoint, any server's included (`legacy_sse`).
 
 Namespacing, when an endpoint prefixes (the default for `/mcp` and virtual servers):
     tool or prompt `name` of server `github`   ->  `github__name`  (separator configurable)
@@ -52,7 +53,8 @@ from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
 from agentgw.call import Call, Principal, Reply
-from agentgw.errors import GatewayError, HeaderMismatch, NotFound, UpstreamError
+from agentgw.errors import BadRequest, GatewayError, HeaderMismatch, NotFound, UpstreamError
+from agentgw.ingress.mcp.legacy_sse import SESSION_KEY, LegacySse
 from agentgw.ingress.mcp.messages import LIST_KEYS, item_object
 from agentgw.ingress.mcp.rendering import jsonrpc_error_response, run_id_of
 from agentgw.ingress.mcp.sessions import SessionLimits, SessionStore
@@ -65,8 +67,10 @@ __all__ = ["Bridge", "Endpoint"]
 log = logging.getLogger(__name__)
 
 SCOPE_KEY = "agentgw.endpoint"
-# Bridged sessions are bound per endpoint, apart from the pass-through's bindings (keyed by server).
+# Bridged sessions are bound per endpoint, apart from the pass-through's bindings (keyed by server),
+# and per transport: an id of one is never taken on the other.
 _BINDING_PREFIX = "bridge:"
+_SSE_BINDING_PREFIX = "bridge-sse:"
 CATALOG_TTL_S = 30.0
 MAX_UPSTREAM_PAGES = 50
 MAX_INPUT_ROUNDS = 8
@@ -267,6 +271,7 @@ class Bridge:
             session_idle_timeout=limits.idle_s,
             max_sessions=limits.total,
         )
+        self.sse = LegacySse(server, bindings, limits=limits, max_body_bytes=max_body_bytes)
 
     def speaks_only_legacy(self, server: str) -> bool:
         """Whether the upstream session negotiated a handshake-era version (unknown: False)."""
@@ -312,6 +317,7 @@ class Bridge:
         for an unknown id, before the SDK sees it.
 
         Raises:
+            BadRequest: a GET without a session (what an HTTP+SSE client sends).
             SessionNotFound: the request names a session that is unknown, expired, of another
                 endpoint, or another principal's.
             Unavailable: the session store is unreachable.
@@ -338,10 +344,53 @@ class Bridge:
             # the SDK's own, so a request it serves statefully is never taken for a stateless one.
             await self.session_manager.handle_request(scope, receive, send)
             return
+        if scope["method"] == "GET":
+            # What a client of the 2024-11-05 HTTP+SSE transport sends first: say where that one is.
+            sse = "/mcp/_sse" if endpoint.label == "*" else f"{endpoint.path}/sse"
+            raise BadRequest(
+                "a stream needs a session (Mcp-Session-Id); clients of the 2024-11-05 HTTP+SSE "
+                f"transport connect to {sse}"
+            )
         opened = _Opening(self._bindings, key, principal.subject, scope, receive, send)
         await self.session_manager.handle_request(scope, receive, opened.send)
         if opened.orphan is not None:
             await self._end_sdk_session(scope, opened.orphan)
+
+    async def legacy_sse(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        endpoint: Endpoint,
+        principal: Principal,
+        headers: Mapping[str, str],
+        leg: str,
+    ) -> None:
+        """Serve one request of the HTTP+SSE transport (2024-11-05) of `endpoint` for `principal`:
+        `leg` "sse" (GET: a session's stream) or "messages" (POST: one message of a session).
+
+        Raises:
+            BadRequest: a POST without a session id, or whose body is not one JSON-RPC message.
+            SessionNotFound: a POST naming a session that is unknown, closed, of another endpoint, or
+                another principal's.
+            Unavailable: the session store is unreachable.
+        """
+        scope[SCOPE_KEY] = endpoint
+        key = _SSE_BINDING_PREFIX + endpoint.label
+        if leg == "sse":
+            await self.sse.stream(
+                scope, receive, send, endpoint=endpoint.path, key=key, subject=principal.subject
+            )
+        else:
+            await self.sse.post(
+                scope,
+                receive,
+                send,
+                endpoint=endpoint.path,
+                key=key,
+                subject=principal.subject,
+                headers=headers,
+            )
 
     async def _end_sdk_session(self, scope: Scope, session_id: str) -> None:
         """End a session the SDK opened but the store refused to bind (nobody could ever use it)."""
@@ -573,7 +622,7 @@ class Bridge:
             # and its retry, carrying requestState, routes by name to the same upstream.
             return await self._sessions.request(server, method, params, progress=progress)
         relay = self._relay(ctx)
-        session_key = request.headers.get("mcp-session-id")
+        session_key = _session_of(request)
         result = await self._sessions.request(
             server, method, params, progress=progress, relay_key=session_key, relay=relay
         )
@@ -651,7 +700,7 @@ class Bridge:
             credentials=request.headers.get("authorization"),
             endpoint=endpoint.path,  # not request.url: building that URL costs more than the rest
             run_id=run_id,
-            session_id=request.headers.get("mcp-session-id"),
+            session_id=_session_of(request),
         )
 
     async def _run(self, call: Call, terminal: Any) -> Reply:
@@ -722,6 +771,16 @@ async def _status_of(app: Any, scope: Scope, receive: Receive, send: Send) -> in
 
     await app(scope, receive, watch)
     return status
+
+
+def _session_of(request: Request) -> str | None:
+    """The legacy session a message belongs to: the HTTP+SSE session's, else its `Mcp-Session-Id`.
+
+    The SSE session comes first: it is the one checked for that transport; a header the client added
+    to an SSE message was checked by nobody and must not pick another session's run or relay.
+    """
+    session_id: str | None = request.scope.get(SESSION_KEY) or request.headers.get("mcp-session-id")
+    return session_id
 
 
 def _checked_in_invoke(_tool: str) -> None:

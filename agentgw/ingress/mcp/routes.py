@@ -3,10 +3,13 @@
 /mcp                 the merged catalog of every enabled server (bridge, prefixed names)
 /mcp/<virtual>       a virtual server (bridge)
 /mcp/<server>        streamable-HTTP upstream: pass-through; stdio or SSE upstream: bridge
+/mcp/_sse, /mcp/_messages                the HTTP+SSE transport (2024-11-05) of /mcp (bridge)
+/mcp/<name>/sse, /mcp/<name>/messages    the same for any server or virtual server (bridge)
 
 Credentials are checked first, before anything that depends on the name: without valid ones, a name
 the gateway serves and one it does not answer alike (the same 401, whose challenge names the same
-metadata URL), so server names cannot be enumerated anonymously.
+metadata URL), so server names cannot be enumerated anonymously. The HTTP+SSE legs belong to their
+endpoint: credentials are checked for it (its token audience, its challenge and metadata).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from agentgw.call import Call, Reply
 from agentgw.errors import GatewayError, NotFound, Unauthenticated
 from agentgw.filters.authenticate import Authenticate
 from agentgw.ingress.mcp.bridge import Bridge, Endpoint
+from agentgw.ingress.mcp.legacy_sse import LEGS, MERGED_LEGS, method_not_allowed
 from agentgw.ingress.mcp.messages import MODERN_VERSION
 from agentgw.ingress.mcp.passthrough import PassThrough, header_map
 from agentgw.ingress.mcp.rendering import jsonrpc_error_response
@@ -27,7 +31,7 @@ from agentgw.pipeline import Pipeline
 from registry.models import NAME_PATTERN
 from registry.store import RegistryStore
 
-__all__ = ["McpIngress"]
+__all__ = ["McpIngress", "path_params"]
 
 
 def _modern(headers: Mapping[str, str]) -> bool:
@@ -35,8 +39,24 @@ def _modern(headers: Mapping[str, str]) -> bool:
     return version >= MODERN_VERSION
 
 
+def path_params(path: str) -> dict[str, str] | None:
+    """The parameters of an MCP URL: `server` (absent for `/mcp`), and `leg` for the HTTP+SSE
+    transport ("sse" or "messages"); None when `path` is no MCP URL."""
+    if path == "/mcp":
+        return {}
+    if not path.startswith("/mcp/"):
+        return None
+    name, slash, leg = path[5:].partition("/")
+    if not name:
+        return None
+    if not slash:
+        merged = MERGED_LEGS.get(name)
+        return {"server": name} if merged is None else {"leg": merged}
+    return {"server": name, "leg": leg} if leg in LEGS else None
+
+
 class McpIngress:
-    """ASGI app for `/mcp` and `/mcp/{name}`."""
+    """ASGI app for `/mcp`, `/mcp/{name}` and their HTTP+SSE legs."""
 
     def __init__(
         self,
@@ -53,11 +73,16 @@ class McpIngress:
         self._pipeline = pipeline
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        name: str | None = scope.get("path_params", {}).get("server")
+        params: dict[str, str] = scope.get("path_params", {})
+        name = params.get("server")
+        leg = params.get("leg")
         headers = header_map(scope)
         try:
             if name is not None and not NAME_PATTERN.fullmatch(name):
                 raise NotFound(f"unknown MCP server {name!r}")  # no registered name looks like this
+            if leg is not None and scope["method"] != LEGS[leg]:
+                await method_not_allowed(leg)(scope, receive, send)
+                return
             path = "/mcp" if name is None else f"/mcp/{name}"
             try:
                 principal = await self._authenticate.principal(headers.get("authorization"), endpoint=path)
@@ -69,7 +94,8 @@ class McpIngress:
             else:
                 spec = self._registry.server(name)
                 if (
-                    spec is not None
+                    leg is None
+                    and spec is not None
                     and spec.transport == "streamable-http"
                     and not (_modern(headers) and self._bridge.speaks_only_legacy(spec.name))
                 ):
@@ -77,11 +103,20 @@ class McpIngress:
                     return
                 virtual = self._registry.virtual_server(name)
                 if spec is not None:
+                    if leg is not None and spec.per_caller_credential:
+                        # The bridge never carries a per-caller credential (decision 0602).
+                        raise NotFound(
+                            f"MCP server {name!r} is served over streamable HTTP only (its upstream "
+                            f"credential is per caller): use /mcp/{name}"
+                        )
                     endpoint = Endpoint.single(spec)
                 elif virtual is not None:
                     endpoint = Endpoint.virtual(virtual)
                 else:
                     raise NotFound(f"unknown MCP server {name!r}")
+            if leg is not None:
+                await self._bridge.legacy_sse(scope, receive, send, endpoint, principal, headers, leg)
+                return
             await self._bridge.asgi(scope, receive, send, endpoint, principal, headers)
         except GatewayError as exc:
             await jsonrpc_error_response(None, exc)(scope, receive, send)
