@@ -35,6 +35,7 @@ from tests.support.mcp import META, answer_of, modern_headers
 from tests.support.tokens import bearer
 
 REDIRECT_URI = "http://127.0.0.1:1/callback"
+AGENTGW = (sys.executable, "-m", "agentgw")
 TOKEN_TTL_S = 2
 POLICY = [
     "p, role:developer, mcp:modern/*, *, allow",
@@ -54,7 +55,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, modern_upstream: str) -> I
             "leeway_s": 0,
             "builtin": {
                 "token_ttl_s": TOKEN_TTL_S,
-                # Every test here registers from 127.0.0.1 (the limit itself: tests/oauth/test_registration.py).
+                # Every test here registers from 127.0.0.1 (the limit: tests/oauth/test_registration.py).
                 "registration": {"per_address_per_minute": 1000},
                 "users": [{"name": "alice", "password_hash": hash_password("wonderland")}],
             },
@@ -287,8 +288,15 @@ def test_admins_list_and_revoke_registered_clients(gateway: RunningGateway) -> N
     listed = {c["client_id"]: c for c in httpx.get(f"{gateway.url}/admin/clients", headers=admin).json()}
     assert listed[client_id]["client_name"] == "to revoke" and listed[client_id]["revoked"] is None
     cli = subprocess.run(
-        [sys.executable, "-m", "agentgw", "clients", "list", "--config", str(gateway.config_path)]
-        + ["--database-url", gateway.database_url],
+        [
+            *AGENTGW,
+            "clients",
+            "list",
+            "--config",
+            str(gateway.config_path),
+            "--database-url",
+            gateway.database_url,
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -299,7 +307,7 @@ def test_admins_list_and_revoke_registered_clients(gateway: RunningGateway) -> N
     assert httpx.delete(f"{gateway.url}/admin/clients/agc_nobody", headers=admin).status_code == 404
     # Revoked: its refresh tokens end, and it can no longer start a login.
     assert refresh(gateway, client_id, tokens["refresh_token"]).status_code in (400, 401)
-    verifier, challenge = pkce()
+    _, challenge = pkce()
     form = httpx.get(
         f"{gateway.url}/oauth/authorize",
         params={
@@ -334,8 +342,7 @@ def test_agentgw_token_issue_mints_for_the_port_the_gateway_was_started_on(gatew
     env = {k: v for k, v in os.environ.items() if k not in ("AGENTGW_PORT", "AGENTGW_HOST")}
     assert urlsplit(gateway.url).port != 8080
     minted = subprocess.run(
-        [sys.executable, "-m", "agentgw", "token", "issue", "--config", str(gateway.config_path)]
-        + ["--database-url", gateway.database_url, "--subject", "alice"],
+        [*AGENTGW, "token", "issue", "--config", str(gateway.config_path), "--subject", "alice"],
         capture_output=True,
         text=True,
         check=True,
