@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl, urlsplit
 
@@ -30,12 +31,14 @@ from mcp.shared.auth import (
 )
 
 from agentgw.oauth.server import hash_password
+from conformance.fixtures.launch import FixtureProcess, free_port, start_process
 from tests.support.gateway import RunningGateway, run_gateway
 from tests.support.mcp import META, answer_of, modern_headers
 from tests.support.tokens import bearer
 
 REDIRECT_URI = "http://127.0.0.1:1/callback"
 AGENTGW = (sys.executable, "-m", "agentgw")
+ALICE = ("alice", "wonderland")
 TOKEN_TTL_S = 2
 POLICY = [
     "p, role:developer, mcp:modern/*, *, allow",
@@ -91,12 +94,14 @@ def pkce() -> tuple[str, str]:
     return verifier, challenge
 
 
-def register(gw: RunningGateway, **metadata: Any) -> httpx.Response:
+def register(gw: RunningGateway | FixtureProcess, **metadata: Any) -> httpx.Response:
     body = {"redirect_uris": [REDIRECT_URI], "token_endpoint_auth_method": "none"} | metadata
     return httpx.post(f"{gw.url}/oauth/register", json=body)
 
 
-def login(gw: RunningGateway, client_id: str, resource: str) -> dict[str, Any]:
+def login(
+    gw: RunningGateway | FixtureProcess, client_id: str, resource: str, user: tuple[str, str] = ALICE
+) -> dict[str, Any]:
     """The code flow by hand, as a browser and a public client do it; returns the token answer."""
     verifier, challenge = pkce()
     params = {
@@ -108,9 +113,7 @@ def login(gw: RunningGateway, client_id: str, resource: str) -> dict[str, Any]:
         "code_challenge_method": "S256",
         "resource": resource,
     }
-    answer = httpx.post(
-        f"{gw.url}/oauth/authorize", data=params | {"username": "alice", "password": "wonderland"}
-    )
+    answer = httpx.post(f"{gw.url}/oauth/authorize", data=params | {"username": user[0], "password": user[1]})
     assert answer.status_code == 302, answer.text
     code = parse_qs(urlsplit(answer.headers["location"]).query)["code"][0]
     tokens = httpx.post(
@@ -133,7 +136,7 @@ def refresh(gw: RunningGateway, client_id: str, refresh_token: str, **extra: str
     return httpx.post(f"{gw.url}/oauth/token", data=data)
 
 
-def list_tools(gw: RunningGateway, endpoint: str, access_token: str) -> httpx.Response:
+def list_tools(gw: RunningGateway | FixtureProcess, endpoint: str, access_token: str) -> httpx.Response:
     return httpx.post(
         f"{gw.url}{endpoint}",
         json={"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": META}},
@@ -326,7 +329,7 @@ def test_admins_list_and_revoke_registered_clients(gateway: RunningGateway) -> N
 
 
 def test_a_token_for_another_audience_gets_a_401_naming_the_expected_one(gateway: RunningGateway) -> None:
-    answer = httpx.get(f"{gateway.url}/admin/clients", headers=bearer(gateway, "sec", "/mcp"))
+    answer = httpx.get(f"{gateway.url}/admin/keys", headers=bearer(gateway, "sec", "/mcp"))
     assert answer.status_code == 401
     assert f"expected audience: {gateway.url}/admin" in answer.json()["detail"]
     assert (
@@ -350,3 +353,14 @@ def test_agentgw_token_issue_mints_for_the_port_the_gateway_was_started_on(gatew
     ).stdout.strip()
     tools = answer_of(list_tools(gateway, "/mcp", minted))["result"]["tools"]
     assert "modern__echo" in {t["name"] for t in tools}
+
+
+def test_the_demo_prints_its_users_and_alice_logs_in_with_a_registered_client(tmp_path: Path) -> None:
+    port = free_port()
+    serve = [*AGENTGW, "serve", "--port", str(port)]
+    with start_process(serve, port, env={"AGENTGW_DATA_DIR": str(tmp_path / "state")}) as demo:
+        assert "alice / alice-demo" in demo.output() and "bob / bob-demo" in demo.output()
+        client_id = register(demo, client_name="demo client").json()["client_id"]
+        tokens = login(demo, client_id, f"{demo.url}/mcp", user=("alice", "alice-demo"))
+        tools = answer_of(list_tools(demo, "/mcp", tokens["access_token"]))["result"]["tools"]
+        assert {t["name"] for t in tools} == {"demo__get_weather", "demo__search_docs"}
