@@ -171,7 +171,7 @@ class JwtVerifier:
         if not any(a in verified.extra_audiences or audience_covers(a, resource) for a in verified.audiences):
             # Audiences are not secret to the token's holder; naming both tells the caller the fix.
             raise Unauthenticated(
-                f"the token is not meant for {resource} (its audience: {', '.join(verified.audiences)}); "
+                f"the token is not meant for {resource} (its audience: {' '.join(verified.audiences)}); "
                 f"expected audience: {resource} or a parent of it (RFC 8707 resource)"
             )
         if len(verified.accepted) < MAX_ACCEPTED_RESOURCES:
@@ -328,8 +328,9 @@ class Authenticate:
         params = []
         if error is not None:
             params.append(f'error="{error}"')
-            # RFC 6750 section 3: the description is a quoted string without quotes or backslashes.
-            description = "".join(c if " " <= c <= "~" and c not in '"\\' else "'" for c in message)
+            # RFC 6750 section 3: printable ASCII without quotes or backslashes; no commas either, for
+            # the many parsers that split the challenge on them.
+            description = "".join(c if " " <= c <= "~" and c not in '"\\,' else ";" for c in message)
             params.append(f'error_description="{description}"')
         if scopes:
             params.append(f'scope="{" ".join(scopes)}"')
