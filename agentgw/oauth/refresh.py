@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -111,8 +112,9 @@ class RefreshTokenStore:
             session.commit()
         return token
 
-    def take(self, token: str, client_id: str) -> Login:
-        """Use a refresh token once: it is marked used, and its login returned.
+    def take(self, token: str, client_id: str, check: Callable[[Login], None] | None = None) -> Login:
+        """Use a refresh token once: it is marked used, and its login returned. `check` may refuse the
+        request first (by raising), leaving the token unused.
 
         Raises:
             RefreshRefused: unknown, another client's, expired, revoked, or used before (which
@@ -128,6 +130,9 @@ class RefreshTokenStore:
                 raise RefreshRefused("the login was revoked")
             if _aware(row.expires) <= now or _aware(login.expires) <= now:
                 raise RefreshRefused("the refresh token has expired")
+            found = Login(login.id, login.client_id, login.subject, login.scope, login.resource)
+            if check is not None:
+                check(found)
             marked = session.exec(
                 update(RefreshTokenRow)
                 .where(
@@ -141,7 +146,7 @@ class RefreshTokenStore:
                 session.commit()
                 raise RefreshRefused("the refresh token was used before: the login is revoked")
             session.commit()
-            return Login(login.id, login.client_id, login.subject, login.scope, login.resource)
+            return found
 
     def rotate(self, login_id: str) -> str:
         """The next refresh token of a live login.

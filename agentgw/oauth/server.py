@@ -374,8 +374,16 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
             def authenticate_refresh_token(self, refresh_token: str) -> Login:
                 if server.refresh_store is None:
                     raise InvalidGrantError("refresh tokens are not issued here")
+                payload = self.request.payload
+
+                def check(login: Login) -> None:
+                    # A request the login cannot serve is refused before its token is spent.
+                    server._within(payload.datalist.get("resource", []), login.resource)
+                    if not set((payload.scope or "").split()) <= set(login.scope.split()):
+                        raise InvalidScopeError("the scope is wider than the login's")
+
                 try:
-                    return server.refresh_store.take(refresh_token, self.request.client.client_id)
+                    return server.refresh_store.take(refresh_token, self.request.client.client_id, check)
                 except RefreshRefused as exc:
                     raise InvalidGrantError(str(exc)) from exc
 
@@ -700,10 +708,13 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         else:  # a metadata document without a name: its host, not a path chosen to mislead
             shown = urlsplit(known.client_id).hostname or known.client_id
         client = html.escape(shown)
+        # The name is the client's own choice; where the browser goes next is checked, so say it.
+        returns = urlsplit(oauth_request.payload.redirect_uri or "").hostname
+        back = f"<p>You then return to {html.escape(returns)}.</p>" if returns else ""
         problem = f"<p role='alert'>{html.escape(error)}</p>" if error else ""
         page = (
             "<!doctype html><title>agentgw sign-in</title>"
-            f"<h1>Sign in</h1><p>{client} asks to act for you.</p>{problem}"
+            f"<h1>Sign in</h1><p>{client} asks to act for you.</p>{back}{problem}"
             f'<form method="post" action="{self.issuer}/oauth/authorize">{fields}'
             '<label>User <input name="username" autocomplete="username"></label>'
             '<label>Password <input name="password" type="password" autocomplete="current-password"></label>'

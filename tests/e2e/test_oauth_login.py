@@ -251,6 +251,8 @@ def test_one_login_for_the_gateway_serves_every_endpoint_by_refresh(gateway: Run
     mcp_login = login(gateway, client_id, gateway.mcp())
     wider = refresh(gateway, client_id, mcp_login["refresh_token"], resource=f"{gateway.url}/admin")
     assert wider.status_code == 400 and wider.json()["error"] == "invalid_target"
+    # The refused request did not spend the refresh token.
+    assert refresh(gateway, client_id, mcp_login["refresh_token"]).status_code == 200
 
 
 @pytest.mark.parametrize(
