@@ -91,6 +91,14 @@ class ClientMetadata(BaseModel):
     def _redirects(cls, value: list[str]) -> list[str]:
         return [_redirect_uri(uri) for uri in value]
 
+    @field_validator("client_name", "scope", "software_id", "software_version")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        # Shown on the login page and in listings: no control characters (terminal escapes, newlines).
+        if value is not None and not value.isprintable():
+            raise ValueError("control characters are not allowed")
+        return value
+
     @field_validator("grant_types")
     @classmethod
     def _grants(cls, value: list[str]) -> list[str]:

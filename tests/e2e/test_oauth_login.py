@@ -263,6 +263,7 @@ def test_one_login_for_the_gateway_serves_every_endpoint_by_refresh(gateway: Run
         ({"redirect_uris": ["https://app.example/cb#frag"]}, "invalid_redirect_uri"),
         ({"redirect_uris": []}, "invalid_redirect_uri"),
         ({"client_name": "x" * 5000}, "invalid_client_metadata"),
+        ({"client_name": "evil\x1b[2J"}, "invalid_client_metadata"),
         ({"logo_uri": "https://app.example/" + "a" * 9000}, "invalid_client_metadata"),
         ({"unknown_field": 1}, "invalid_client_metadata"),
         ({"token_endpoint_auth_method": "client_secret_basic"}, "invalid_client_metadata"),
