@@ -22,6 +22,7 @@ from agentgw.oauth.refresh import RefreshTokenStore
 from agentgw.oauth.registration import ClientInfo, ClientStore
 from agentgw.oauth.server import AuthorizationServer
 from agentgw.settings import Settings
+from agentgw.storage import ensure_private_dir
 from registry.store import RegistryStore
 
 __all__ = [
@@ -88,6 +89,7 @@ BASE_URL_FILE = "base-url"
 
 def record_base_url(settings: Settings) -> None:
     """Note in the data directory the URL the gateway serves at, for `issuer_url` in other commands."""
+    ensure_private_dir(settings.data_dir)  # `serve --workers` records before any worker builds it
     (settings.data_dir / BASE_URL_FILE).write_text(settings.base_url + "\n")
 
 
