@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from agentgw import __version__
 from agentgw.admin.audit import audit_router
 from agentgw.admin.budgets import budgets_router
+from agentgw.admin.clients import clients_router
 from agentgw.admin.policies import policy_router
 from agentgw.call import Principal
 from agentgw.demo.upstream import demo_server
@@ -603,6 +604,14 @@ def create_app(settings: Settings) -> GatewayApp:
         api_key_router(
             gateway.identity.api_keys,
             gateway.identity.api_key_verifier,
+            read_guard=_admin_guard(gateway, "keys", "read"),
+            write_guard=_admin_guard(gateway, "keys", "write"),
+        )
+    )
+    app.include_router(
+        clients_router(
+            gateway.identity.list_clients,
+            gateway.identity.revoke_client,
             read_guard=_admin_guard(gateway, "keys", "read"),
             write_guard=_admin_guard(gateway, "keys", "write"),
         )

@@ -8,12 +8,12 @@ import sys
 from collections.abc import Sequence
 
 from agentgw import __version__
-from agentgw.cli import audit, budget, keys, policy, registry, serve, token
+from agentgw.cli import audit, budget, clients, keys, policy, registry, serve, token
 from agentgw.settings import ConfigError
 
 __all__ = ["main"]
 
-COMMANDS = (serve, registry, audit, budget, policy, token, keys)
+COMMANDS = (serve, registry, audit, budget, policy, token, keys, clients)
 
 
 def _parser() -> argparse.ArgumentParser:

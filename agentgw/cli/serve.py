@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from agentgw import __version__
 from agentgw.cli.settings import add_common_options, settings_from_args
+from agentgw.oauth.identity import record_base_url
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -114,6 +115,12 @@ def _serve(args: argparse.Namespace) -> int:
             "  demo mode: SQLite, the built-in demo upstream and demo policy; anonymous callers allowed",
             flush=True,
         )
+        if settings.auth.builtin.enabled:
+            from agentgw.cli.settings import DEMO_USERS
+
+            logins = ", ".join(f"{name} / {password}" for name, (password, _) in DEMO_USERS.items())
+            print(f"  demo users for {base}/oauth/authorize: {logins}", flush=True)
+    record_base_url(settings)
     uvicorn.run(app, **_uvicorn_options(args, settings))
     return 0
 
@@ -145,6 +152,7 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     os.environ[WORKER_SETTINGS_ENV] = settings.model_dump_json()
+    record_base_url(settings)
     print(f"agentgw {__version__} listening on {settings.base_url} with {args.workers} workers", flush=True)
     uvicorn.run(
         "agentgw.cli.serve:worker_app", factory=True, workers=args.workers, **_uvicorn_options(args, settings)

@@ -2,8 +2,12 @@
 
     agentgw token issue --subject alice --role security --resource http://127.0.0.1:8080/admin
     agentgw token issue --subject alice --scope tools.read            # audience: <base url>/mcp
+    agentgw token issue --subject alice --resource http://127.0.0.1:8080  # every endpoint
 
 The token is signed with the gateway's key file (so the gateway trusts it) and printed on stdout.
+Its issuer and default audience are the gateway's base URL: `public_url`, else the URL the gateway
+started on this data directory serves at (whatever `--port` it was given), else host and port.
+A token is good at its audience and every path under it (docs/decisions/0100, 0109).
 """
 
 from __future__ import annotations
@@ -29,7 +33,11 @@ def register(sub: Any) -> None:
     issue.add_argument("--scope", action="append", default=[], help="a scope (repeat, or space-separated)")
     issue.add_argument("--role", action="append", default=[], help="a role (repeat)")
     issue.add_argument(
-        "--resource", action="append", default=[], help="audience URI (repeat; default: <base url>/mcp)"
+        "--resource",
+        action="append",
+        default=[],
+        help="audience URI: an endpoint (<base url>/v1, /a2a/<agent>, /admin) or the base URL for all "
+        "(repeat; default: <base url>/mcp)",
     )
     issue.add_argument("--actor", help="delegation: the client acting for the subject (an `act` claim)")
     issue.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
@@ -37,7 +45,7 @@ def register(sub: Any) -> None:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from agentgw.oauth.identity import signing_keys
+    from agentgw.oauth.identity import issuer_url, signing_keys
     from agentgw.oauth.server import mint_token
 
     settings = settings_from_args(args)
@@ -48,11 +56,13 @@ def _token(args: argparse.Namespace) -> int:
         print("error: --ttl must be between 1 and 86400 seconds", file=sys.stderr)
         return 2
     subject = args.subject.removeprefix("user:")
+    issuer = issuer_url(settings)
+    audience = args.resource or [f"{issuer}/mcp"]
     token, _ = mint_token(
         signing_keys(settings),
-        settings.base_url,
+        issuer,
         subject=subject,
-        audience=args.resource or [f"{settings.base_url}/mcp"],
+        audience=audience,
         client_id=args.client or "agentgw-cli",
         scopes=[s for value in args.scope for s in value.split()],
         roles=args.role,
@@ -60,4 +70,5 @@ def _token(args: argparse.Namespace) -> int:
         ttl_s=args.ttl,
     )
     print(token)
+    print(f"token for {', '.join(audience)} (issuer {issuer})", file=sys.stderr)
     return 0

@@ -169,7 +169,11 @@ class JwtVerifier:
         if resource in verified.accepted:
             return verified.principal
         if not any(a in verified.extra_audiences or audience_covers(a, resource) for a in verified.audiences):
-            raise Unauthenticated(f"the token is not meant for {resource}")
+            # Audiences are not secret to the token's holder; naming both tells the caller the fix.
+            raise Unauthenticated(
+                f"the token is not meant for {resource} (its audience: {' '.join(verified.audiences)}); "
+                f"expected audience: {resource} or a parent of it (RFC 8707 resource)"
+            )
         if len(verified.accepted) < MAX_ACCEPTED_RESOURCES:
             verified.accepted.add(resource)
         return verified.principal
@@ -324,6 +328,10 @@ class Authenticate:
         params = []
         if error is not None:
             params.append(f'error="{error}"')
+            # RFC 6750 section 3: printable ASCII without quotes or backslashes; no commas either, for
+            # the many parsers that split the challenge on them.
+            description = "".join(c if " " <= c <= "~" and c not in '"\\,' else ";" for c in message)
+            params.append(f'error_description="{description}"')
         if scopes:
             params.append(f'scope="{" ".join(scopes)}"')
         params.append(f'resource_metadata="{self.metadata_url(endpoint)}"')

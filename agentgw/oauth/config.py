@@ -6,7 +6,9 @@ embed them without an import cycle.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -20,6 +22,7 @@ __all__ = [
     "BuiltinUser",
     "ExchangePermission",
     "IssuerSettings",
+    "RegistrationSettings",
 ]
 
 # Asymmetric algorithms only: `none` and the HS* family are never accepted, whatever the config says
@@ -98,6 +101,8 @@ class BuiltinClient(BaseModel):
     roles: list[str] = Field(default_factory=list)
     # Token exchange and client credentials for upstreams (docs/decisions/0601).
     exchange: ExchangePermission = Field(default_factory=ExchangePermission)
+    # Shown on the login page ("<client_name> asks to act for you"); default: the client id.
+    client_name: str | None = Field(default=None, max_length=100)
 
 
 class BuiltinUser(BaseModel):
@@ -111,6 +116,29 @@ class BuiltinUser(BaseModel):
     roles: list[str] = Field(default_factory=list)
 
 
+class RegistrationSettings(BaseModel):
+    """RFC 7591 dynamic client registration at `/oauth/register` (public clients only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # open: anyone may register; token: a bearer initial access token from
+    # `initial_access_tokens_sha256` is required; off: no registration endpoint.
+    mode: Literal["open", "token", "off"] = "open"
+    # sha256 hex of each accepted initial access token (`agentgw keys hash-secret`).
+    initial_access_tokens_sha256: list[str] = Field(default_factory=list)
+    # Registered clients not revoked, across every node (the database counts them).
+    max_clients: int = Field(default=1000, ge=0)
+    # Registrations per source address per minute, per node.
+    per_address_per_minute: int = Field(default=10, ge=1)
+
+    @field_validator("initial_access_tokens_sha256")
+    @classmethod
+    def _hashes(cls, value: list[str]) -> list[str]:
+        if any(not re.fullmatch(r"[0-9a-f]{64}", v) for v in value):
+            raise ValueError("initial access tokens are given as sha256 hex (`agentgw keys hash-secret`)")
+        return value
+
+
 class BuiltinAuthServer(BaseModel):
     """The embedded authorization server; its issuer is the gateway's base URL."""
 
@@ -120,12 +148,17 @@ class BuiltinAuthServer(BaseModel):
     # JSON file of signing keys; default `oauth-keys.json` in the data directory (`data_dir`).
     signing_key: Path | None = None
     token_ttl_s: int = Field(default=3600, gt=0, le=86400)
+    # A refresh token (issued with every authorization-code login) is good this long unused; each use
+    # rotates it. A login's tokens all end `refresh_max_s` after the login, used or not.
+    refresh_ttl_s: int = Field(default=14 * 86400, gt=0)
+    refresh_max_s: int = Field(default=90 * 86400, gt=0)
     # The current signing key is replaced when older than this; old keys stay in the JWKS a while.
     rotate_after_s: int = Field(default=30 * 86400, gt=0)
     clients: list[BuiltinClient] = Field(default_factory=list)
     users: list[BuiltinUser] = Field(default_factory=list)
     # Accept https client ids that point at a Client ID Metadata Document.
     client_id_metadata_documents: bool = True
+    registration: RegistrationSettings = Field(default_factory=RegistrationSettings)
 
 
 class ApiKeySettings(BaseModel):

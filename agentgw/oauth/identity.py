@@ -3,8 +3,10 @@ server, API keys, and the `Authenticate` stage that uses them."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 from sqlalchemy import Engine
@@ -16,11 +18,23 @@ from agentgw.oauth.apikeys import ApiKeyStore, ApiKeyVerifier
 from agentgw.oauth.jwks import LocalKeySet, RemoteKeySet
 from agentgw.oauth.keys import ALGORITHM, SigningKeys
 from agentgw.oauth.metadata import endpoint_scopes
+from agentgw.oauth.refresh import RefreshTokenStore
+from agentgw.oauth.registration import ClientInfo, ClientStore
 from agentgw.oauth.server import AuthorizationServer
 from agentgw.settings import Settings
+from agentgw.storage import ensure_private_dir
 from registry.store import RegistryStore
 
-__all__ = ["Identity", "build_identity", "signing_key_path", "signing_keys"]
+__all__ = [
+    "Identity",
+    "build_identity",
+    "client_stores",
+    "issuer_url",
+    "record_base_url",
+    "revoke_registered_client",
+    "signing_key_path",
+    "signing_keys",
+]
 
 
 @dataclass
@@ -35,9 +49,68 @@ class Identity:
     server: AuthorizationServer | None
     http: httpx.AsyncClient
     issuers: list[str]
+    clients: ClientStore
+    refresh: RefreshTokenStore
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+    def list_clients(self) -> list[ClientInfo]:
+        """Every dynamically registered client."""
+        return self.clients.list()
+
+    def revoke_client(self, client_id: str) -> bool:
+        """Revoke a registered client and end its logins; False if there is no such client."""
+        if not revoke_registered_client(self.clients, self.refresh, client_id):
+            return False
+        if self.server is not None:
+            self.server.forget_client(client_id)
+        return True
+
+
+def revoke_registered_client(clients: ClientStore, refresh: RefreshTokenStore, client_id: str) -> bool:
+    """Revoke a registered client and every login (refresh token) it holds; False if unknown."""
+    if not clients.revoke(client_id):
+        return False
+    refresh.revoke_client(client_id)
+    return True
+
+
+def client_stores(settings: Settings, engine: Engine) -> tuple[ClientStore, RefreshTokenStore]:
+    """The registered clients and the logins of the built-in authorization server."""
+    builtin = settings.auth.builtin
+    return ClientStore(engine), RefreshTokenStore(
+        engine, ttl_s=builtin.refresh_ttl_s, max_s=builtin.refresh_max_s
+    )
+
+
+BASE_URL_FILE = "base-url"
+
+
+def record_base_url(settings: Settings) -> None:
+    """Note in the data directory the URL the gateway serves at, for `issuer_url` in other commands."""
+    ensure_private_dir(settings.data_dir)  # `serve --workers` records before any worker builds it
+    (settings.data_dir / BASE_URL_FILE).write_text(settings.base_url + "\n")
+
+
+def issuer_url(settings: Settings) -> str:
+    """The built-in authorization server's issuer (and the gateway's base URL) as a command sees it.
+
+    `public_url` if set; else the URL the gateway last started on this data directory serves at
+    (`agentgw serve --port N` records it), so that `agentgw token issue` mints tokens that gateway
+    trusts; else the one `host` and `port` make. `AGENTGW_HOST`/`AGENTGW_PORT` say which gateway
+    is meant: they win over the record.
+    """
+    if settings.public_url or "AGENTGW_HOST" in os.environ or "AGENTGW_PORT" in os.environ:
+        return settings.base_url
+    try:
+        recorded = (settings.data_dir / BASE_URL_FILE).read_text().strip()
+    except OSError:
+        return settings.base_url
+    parts = urlsplit(recorded)
+    if parts.scheme in ("http", "https") and parts.hostname and not parts.query and not parts.fragment:
+        return recorded.rstrip("/")
+    return settings.base_url
 
 
 def signing_key_path(settings: Settings) -> Path:
@@ -97,6 +170,7 @@ def build_identity(settings: Settings, engine: Engine, registry: RegistryStore) 
         base_url=settings.base_url,
         required_scopes=required_scopes,
     )
+    clients, refresh = client_stores(settings, engine)
     server = None
     if keys is not None:
 
@@ -111,6 +185,8 @@ def build_identity(settings: Settings, engine: Engine, registry: RegistryStore) 
             verifier=jwt_verifier,
             known_scopes=known_scopes,
             fetch=FetchGuard(settings.fetch_allow),
+            clients=clients,
+            refresh=refresh,
         )
     return Identity(
         authenticate,
@@ -122,4 +198,6 @@ def build_identity(settings: Settings, engine: Engine, registry: RegistryStore) 
         http,
         [i.issuer for i in issuers if i.issuer != settings.base_url]
         + ([settings.base_url] if keys is not None else []),
+        clients,
+        refresh,
     )

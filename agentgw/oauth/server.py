@@ -4,18 +4,24 @@
     GET  /oauth/jwks                               public keys (every key still published after rotation)
     GET  /oauth/authorize                          login form (authorization code + PKCE S256, required)
     POST /oauth/authorize                          checks the user's password, redirects with a code
-    POST /oauth/token                              authorization_code, client_credentials, and the RFC 8693
-                                                   token-exchange grant
+    POST /oauth/token                              authorization_code, refresh_token (rotated),
+                                                   client_credentials, and the RFC 8693 token-exchange grant
+    POST /oauth/register                           RFC 7591 dynamic registration of public clients
+    POST /oauth/revoke                             RFC 7009: revoking a refresh token ends its login
 
-Clients are pre-registered in the config, or are Client ID Metadata Documents: an https client id
+Clients are pre-registered in the config, registered dynamically (stored in the database,
+agentgw/oauth/registration.py), or are Client ID Metadata Documents: an https client id
 whose document the server fetches (through agentgw/fetch_guard.py: public addresses only, unless
 `fetch_allow` names others; a document that cannot be used is an `invalid_client` that says why).
 Access tokens are RFC 9068 JWTs whose audience is the RFC 8707 `resource` the client asked for
-(default: the gateway's `/mcp`), never wider than the gateway.
+(default: the gateway's `/mcp`), never wider than the gateway. A login (authorization code) also
+gets a refresh token, rotated on every use (agentgw/oauth/refresh.py); a token or refresh request may
+name any resource the login's resource covers (docs/decisions/0109).
 
 authlib's server framework is synchronous and knows no Starlette: each handler reads the request
-(and fetches anything remote, such as a metadata document or a JWKS) first, then hands authlib a
-fully-read request.
+(and fetches anything remote, such as a metadata document or a JWKS, or a registered client) first,
+then hands authlib a fully-read request; the token and revocation endpoints, whose hooks use the
+database, run it in a worker thread.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio.to_thread
 import orjson
 from authlib.oauth2 import rfc6749
 from authlib.oauth2.rfc6749 import grants
@@ -43,6 +50,7 @@ from authlib.oauth2.rfc6749.errors import (
     OAuth2Error,
     UnauthorizedClientError,
 )
+from authlib.oauth2.rfc7009 import RevocationEndpoint
 from authlib.oauth2.rfc7636 import CodeChallenge
 from fastapi import APIRouter, Request
 from starlette.datastructures import QueryParams
@@ -55,6 +63,14 @@ from agentgw.filters.authenticate import JwtVerifier, audience_covers, canonical
 from agentgw.oauth.config import BuiltinAuthServer, BuiltinClient, BuiltinUser
 from agentgw.oauth.exchange import TOKEN_TYPES, actor_allowed, delegation, narrowed_scopes
 from agentgw.oauth.keys import SigningKeys
+from agentgw.oauth.refresh import Login, RefreshRefused, RefreshTokenStore
+from agentgw.oauth.registration import (
+    ClientInfo,
+    ClientStore,
+    RegistrationError,
+    RegistrationLimiter,
+    parse_registration,
+)
 
 __all__ = [
     "TOKEN_EXCHANGE",
@@ -75,6 +91,9 @@ CIMD_TTL_S = 300
 CIMD_MAX_BYTES = 5 * 1024
 CIMD_TIMEOUT_S = 5.0
 SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+REGISTERED_PREFIX = "agc_"
+REGISTERED_TTL_S = 30
+MAX_NAME = 100
 
 
 # --- secrets ---
@@ -154,6 +173,8 @@ class _Client:
     # Resources outside the gateway this client may get tokens for, canonical; extra exchange scopes.
     audiences: frozenset[str] = frozenset()
     exchange_scopes: frozenset[str] = frozenset()
+    # What the login page calls the client (its registered or configured name); default its id.
+    name: str | None = None
 
     @property
     def public(self) -> bool:
@@ -178,7 +199,7 @@ class _Client:
         )
 
     def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
-        if endpoint != "token":
+        if endpoint not in ("token", "revocation"):
             return True
         return method == "none" if self.public else method in ("client_secret_basic", "client_secret_post")
 
@@ -188,6 +209,8 @@ class _Client:
     def check_grant_type(self, grant_type: str) -> bool:
         if grant_type in ("client_credentials", TOKEN_EXCHANGE) and self.public:
             return False  # only confidential clients may act without a user
+        if grant_type == "refresh_token":  # every login gets a refresh token
+            return "authorization_code" in self.grant_types
         return grant_type in self.grant_types
 
 
@@ -198,7 +221,7 @@ class _Code:
     redirect_uri: str
     scope: str
     user: BuiltinUser
-    resource: str
+    resource: str  # what the user authorized: a token may be for it or anything inside it
     code_challenge: str
     code_challenge_method: str
     expires_at: float
@@ -294,6 +317,8 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         verifier: JwtVerifier,
         known_scopes: Callable[[], set[str]],
         fetch: FetchGuard | None = None,
+        clients: ClientStore | None = None,
+        refresh: RefreshTokenStore | None = None,
     ) -> None:
         super().__init__()
         self.issuer = issuer.rstrip("/")
@@ -306,6 +331,11 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         self._users = {u.name: u for u in config.users}
         self._codes: dict[str, _Code] = {}
         self._cimd: dict[str, tuple[float, _Client]] = {}
+        # Registered clients (database), read before each request; an unknown or revoked one is dropped.
+        self.client_store = clients
+        self._registered: dict[str, tuple[float, _Client]] = {}
+        self.refresh_store = refresh
+        self._limiter = RegistrationLimiter(config.registration.per_address_per_minute)
         server = self
 
         class _AuthorizationCode(grants.AuthorizationCodeGrant):  # type: ignore[misc]  # authlib is untyped
@@ -327,7 +357,71 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
                 self, user: BuiltinUser | None = None, scope: str | None = None, **_: Any
             ) -> Any:
                 code: _Code = self.request.authorization_code
-                return server._token(self.request, user.name if user else None, scope, code.resource, user)
+                resource = server._within(self.request.payload.datalist.get("resource", []), code.resource)
+                answer = server._token(self.request, user.name if user else None, scope, resource, user)
+                if server.refresh_store is not None and user is not None:
+                    answer["refresh_token"] = server.refresh_store.start(
+                        client_id=self.request.client.client_id,
+                        subject=user.name,
+                        scope=scope or "",
+                        resource=code.resource,
+                    )
+                return answer
+
+        class _Refresh(grants.RefreshTokenGrant):  # type: ignore[misc]  # authlib is untyped
+            TOKEN_ENDPOINT_AUTH_METHODS = ["client_secret_basic", "client_secret_post", "none"]  # noqa: RUF012
+
+            def authenticate_refresh_token(self, refresh_token: str) -> Login:
+                if server.refresh_store is None:
+                    raise InvalidGrantError("refresh tokens are not issued here")
+                payload = self.request.payload
+
+                def check(login: Login) -> None:
+                    # A request the login cannot serve is refused before its token is spent.
+                    server._within(payload.datalist.get("resource", []), login.resource)
+                    if not set((payload.scope or "").split()) <= set(login.scope.split()):
+                        raise InvalidScopeError("the scope is wider than the login's")
+
+                try:
+                    return server.refresh_store.take(refresh_token, self.request.client.client_id, check)
+                except RefreshRefused as exc:
+                    raise InvalidGrantError(str(exc)) from exc
+
+            def authenticate_user(self, login: Login) -> BuiltinUser:
+                user = server._users.get(login.subject)
+                if user is None:
+                    raise InvalidGrantError("the user of this login is no longer known")
+                return user
+
+            def revoke_old_credential(self, login: Login) -> None:
+                """`take` marked the old refresh token used already."""
+
+            def issue_token(self, user: BuiltinUser, login: Login) -> Any:
+                scope = self.request.payload.scope or login.scope
+                resource = server._within(self.request.payload.datalist.get("resource", []), login.resource)
+                answer = server._token(self.request, user.name, scope, resource, user)
+                store = server.refresh_store
+                if store is None:
+                    raise InvalidGrantError("refresh tokens are not issued here")
+                try:
+                    answer["refresh_token"] = store.rotate(login.id)
+                except RefreshRefused as exc:
+                    raise InvalidGrantError(str(exc)) from exc
+                return answer
+
+        class _Revocation(RevocationEndpoint):  # type: ignore[misc]  # authlib is untyped
+            CLIENT_AUTH_METHODS = ["client_secret_basic", "client_secret_post", "none"]  # noqa: RUF012
+            SUPPORTED_TOKEN_TYPES = ("access_token", "refresh_token")
+
+            def authenticate_token(self, request: _Request, client: _Client) -> str | None:
+                self.check_params(request, client)
+                return str(request.form["token"])
+
+            def revoke_token(self, token: str, request: _Request) -> None:
+                # Access tokens are self-contained JWTs that expire on their own: revoking one is a
+                # no-op that answers 200 (RFC 7009 section 2.2); a refresh token ends its login.
+                if server.refresh_store is not None:
+                    server.refresh_store.revoke_token(token, request.client.client_id)
 
         class _ClientCredentials(grants.ClientCredentialsGrant):  # type: ignore[misc]  # authlib is untyped
             TOKEN_ENDPOINT_AUTH_METHODS = ["client_secret_basic", "client_secret_post"]  # noqa: RUF012
@@ -344,14 +438,16 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
                 return server._token(self.request, None, self.request.scope, resource, None)
 
         self.register_grant(_AuthorizationCode, [_PkceS256(required=True)])
+        self.register_grant(_Refresh)
         self.register_grant(_ClientCredentials)
         self.register_grant(_TokenExchange)
+        self.register_endpoint(_Revocation)
 
     # authlib hooks
     def query_client(self, client_id: str) -> _Client | None:
         if client_id in self._clients:
             return self._clients[client_id]
-        cached = self._cimd.get(client_id)
+        cached = self._registered.get(client_id) or self._cimd.get(client_id)
         return cached[1] if cached is not None and cached[0] > time.monotonic() else None
 
     def save_token(self, token: Any, request: Any) -> None:
@@ -388,6 +484,34 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
             self._known_scopes,
             frozenset(canonical_uri(a) for a in spec.exchange.audiences),
             frozenset(spec.exchange.scopes),
+            spec.client_name,
+        )
+
+    async def _prefetch_registered(self, client_id: str) -> None:
+        """Read a dynamically registered client from the database (every node sees a revocation at
+        its next request)."""
+        store = self.client_store
+        if store is None or not client_id.startswith(REGISTERED_PREFIX) or len(client_id) > MAX_NAME:
+            return
+        info = await anyio.to_thread.run_sync(store.get, client_id)
+        if info is None:
+            self._registered.pop(client_id, None)
+            return
+        self._registered[client_id] = (time.monotonic() + REGISTERED_TTL_S, self._registered_client(info))
+        now = time.monotonic()
+        for stale in [c for c, (until, _) in self._registered.items() if until < now]:
+            del self._registered[stale]
+
+    def _registered_client(self, info: ClientInfo) -> _Client:
+        return _Client(
+            info.client_id,
+            list(info.redirect_uris),
+            list(info.grant_types),
+            [],
+            [],
+            None,
+            self._known_scopes,
+            name=info.client_name,
         )
 
     async def _prefetch_client(self, client_id: str | None) -> None:
@@ -397,6 +521,8 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
             InvalidClientError: the document cannot be used; the description says why (the caller
                 chose the URL, so the reason is theirs to read).
         """
+        if client_id and client_id not in self._clients:
+            await self._prefetch_registered(client_id)
         if not client_id or client_id in self._clients or not self.config.client_id_metadata_documents:
             return
         parts = urlsplit(client_id)
@@ -427,7 +553,17 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         redirect_uris = document.get("redirect_uris")
         if not isinstance(redirect_uris, list) or not all(isinstance(u, str) for u in redirect_uris):
             raise ValueError("redirect_uris must be a list of strings")
-        return _Client(client_id, redirect_uris, ["authorization_code"], [], [], None, self._known_scopes)
+        name = document.get("client_name")
+        return _Client(
+            client_id,
+            redirect_uris,
+            ["authorization_code"],
+            [],
+            [],
+            None,
+            self._known_scopes,
+            name=name[:MAX_NAME] if isinstance(name, str) and name else None,
+        )
 
     # codes
     def _save_code(self, code: str, request: _Request) -> None:
@@ -452,9 +588,6 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         found = self._codes.pop(code, None)
         if found is None or found.client_id != client.client_id or found.expires_at < time.monotonic():
             return None
-        requested = list(request.payload.datalist.get("resource", []))
-        if requested and requested != [found.resource]:
-            raise InvalidGrantError("the resource differs from the one authorized")
         return found
 
     # tokens
@@ -469,6 +602,21 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         if not audience_covers(self.issuer, resource):
             raise InvalidTargetError(f"resource {resource} is not served by this gateway")
         return resource
+
+    def _within(self, resources: Sequence[str], granted: str) -> str:
+        """The resource a token of a login for `granted` is for: the one requested, if `granted` covers
+        it (one login for the gateway's base URL serves every endpoint), else `granted`.
+
+        Raises:
+            InvalidTargetError: more than one resource, or one the login does not cover.
+        """
+        if len(set(resources)) > 1:
+            raise InvalidTargetError("one resource per token")
+        if not resources:
+            return granted
+        if not audience_covers(granted, resources[0]):
+            raise InvalidTargetError(f"resource {resources[0]} is not within the authorized {granted}")
+        return resources[0]
 
     def _token(
         self, request: _Request, user: str | None, scope: str | None, resource: str, who: BuiltinUser | None
@@ -491,20 +639,38 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         return answer
 
     # documents
+    @property
+    def registration_open(self) -> bool:
+        return self.client_store is not None and self.config.registration.mode != "off"
+
     def metadata(self) -> dict[str, Any]:
         """RFC 8414 authorization server metadata."""
-        return {
+        document = {
             "issuer": self.issuer,
             "authorization_endpoint": f"{self.issuer}/oauth/authorize",
             "token_endpoint": f"{self.issuer}/oauth/token",
             "jwks_uri": f"{self.issuer}/oauth/jwks",
+            "revocation_endpoint": f"{self.issuer}/oauth/revoke",
             "response_types_supported": ["code"],
-            "grant_types_supported": ["authorization_code", "client_credentials", TOKEN_EXCHANGE],
+            "grant_types_supported": [
+                "authorization_code",
+                "refresh_token",
+                "client_credentials",
+                TOKEN_EXCHANGE,
+            ],
             "code_challenge_methods_supported": ["S256"],
             "token_endpoint_auth_methods_supported": ["none", "client_secret_basic", "client_secret_post"],
+            "revocation_endpoint_auth_methods_supported": [
+                "none",
+                "client_secret_basic",
+                "client_secret_post",
+            ],
             "scopes_supported": sorted(self._known_scopes()),
             "client_id_metadata_document_supported": self.config.client_id_metadata_documents,
         }
+        if self.registration_open:
+            document["registration_endpoint"] = f"{self.issuer}/oauth/register"
+        return document
 
     # HTTP
     async def _read(self, request: Request) -> _Request:
@@ -533,11 +699,22 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
             if k not in ("username", "password")
             for v in values
         )
-        client = html.escape(oauth_request.payload.client_id or "")
+        # The client's name, never its id or URL, which a client chooses to look like anything.
+        known = self.query_client(oauth_request.payload.client_id or "")
+        if known is None:
+            shown = "An unknown client"
+        elif known.name:
+            shown = known.name
+        else:  # a metadata document without a name: its host, not a path chosen to mislead
+            shown = urlsplit(known.client_id).hostname or known.client_id
+        client = html.escape(shown)
+        # The name is the client's own choice; where the browser goes next is checked, so say it.
+        returns = urlsplit(oauth_request.payload.redirect_uri or "").hostname
+        back = f"<p>You then return to {html.escape(returns)}.</p>" if returns else ""
         problem = f"<p role='alert'>{html.escape(error)}</p>" if error else ""
         page = (
             "<!doctype html><title>agentgw sign-in</title>"
-            f"<h1>Sign in</h1><p>{client} asks to act for you.</p>{problem}"
+            f"<h1>Sign in</h1><p>{client} asks to act for you.</p>{back}{problem}"
             f'<form method="post" action="{self.issuer}/oauth/authorize">{fields}'
             '<label>User <input name="username" autocomplete="username"></label>'
             '<label>Password <input name="password" type="password" autocomplete="current-password"></label>'
@@ -579,7 +756,54 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
                 oauth_request.exchange = await self._verify_exchange(oauth_request)
             except OAuth2Error as error:
                 return self.handle_error_response(oauth_request, error)  # type: ignore[no-any-return]  # authlib is untyped
-        return self.create_token_response(oauth_request)  # type: ignore[no-any-return]  # authlib is untyped
+        # Refresh tokens live in the database: the grants' synchronous hooks run off the event loop.
+        response: Response = await anyio.to_thread.run_sync(self.create_token_response, oauth_request)
+        return response
+
+    async def revoke(self, request: Request) -> Response:
+        """RFC 7009 revocation: a refresh token ends its login; anything else is answered 200."""
+        try:
+            oauth_request = await self._read(request)
+        except OAuth2Error as error:
+            return self._bad_request(error)
+        response: Response = await anyio.to_thread.run_sync(
+            self.create_endpoint_response, "revocation", oauth_request
+        )
+        return response
+
+    async def register(self, request: Request) -> Response:
+        """RFC 7591 dynamic client registration of a public client."""
+        registration = self.config.registration
+        headers = {"Cache-Control": "no-store"}
+        if registration.mode == "token":
+            scheme, _, presented = (request.headers.get("authorization") or "").partition(" ")
+            digest = hash_secret(presented.strip()) if scheme.lower() == "bearer" and presented else ""
+            if not any(
+                hmac.compare_digest(digest, known) for known in registration.initial_access_tokens_sha256
+            ):
+                body = {"error": "invalid_token", "error_description": "an initial access token is required"}
+                challenge = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+                return JSONResponse(body, status_code=401, headers=headers | challenge)
+        source = request.client.host if request.client is not None else "unknown"
+        if not self._limiter.allow(source):
+            body = {"error": "slow_down", "error_description": "too many registrations from this address"}
+            return JSONResponse(body, status_code=429, headers=headers | {"Retry-After": "60"})
+        store = self.client_store
+        if store is None or registration.mode == "off":
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        try:
+            metadata = parse_registration(await request.body())
+            answer = await anyio.to_thread.run_sync(
+                lambda: store.register(metadata, source=source, max_clients=registration.max_clients)
+            )
+        except RegistrationError as exc:
+            return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        log.info("client registered client_id=%s from=%s", answer["client_id"], source)
+        return JSONResponse(answer, status_code=201, headers=headers)
+
+    def forget_client(self, client_id: str) -> None:
+        """Drop a revoked client at once on this node (other nodes read it again per request)."""
+        self._registered.pop(client_id, None)
 
     async def _inspect(self, token: str | None, token_type: str | None, what: str) -> _Verified:
         if not token:
@@ -716,5 +940,15 @@ def oauth_router(server: AuthorizationServer) -> APIRouter:
     @router.post("/oauth/token", include_in_schema=False)
     async def token(request: Request) -> Response:
         return await server.token(request)
+
+    @router.post("/oauth/revoke", include_in_schema=False)
+    async def revoke(request: Request) -> Response:
+        return await server.revoke(request)
+
+    if server.registration_open:
+
+        @router.post("/oauth/register", include_in_schema=False)
+        async def register(request: Request) -> Response:
+            return await server.register(request)
 
     return router

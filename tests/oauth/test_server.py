@@ -254,7 +254,12 @@ async def test_the_code_is_refused_with_a_wrong_verifier_another_client_or_anoth
         } | change
         answer = await client.post("/oauth/token", data=data)
         assert answer.status_code in (400, 401), change
-        assert answer.json()["error"] in ("invalid_grant", "invalid_request", "invalid_client"), change
+        assert answer.json()["error"] in (
+            "invalid_grant",
+            "invalid_request",
+            "invalid_client",
+            "invalid_target",
+        ), change
 
 
 @pytest.mark.parametrize(
