@@ -88,7 +88,7 @@ def build_gateway(settings: Settings) -> Gateway:
         PolicyError: the policy is unreadable, malformed, or empty when that is not allowed.
         ConfigError: an LLM route's, A2A agent's or MCP upstream's secret is missing or unreadable.
     """
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, settings.database)
     create_db(engine)
     registry = RegistryStore(engine)
     registry.sync_config(settings.servers, settings.virtual_servers)
@@ -107,12 +107,16 @@ def build_gateway(settings: Settings) -> Gateway:
         registry.server, agents=a2a_tokens.get, builtin=_builtin_token_service(settings, identity)
     )
     credentials.prepare([*registry.servers(), *a2a_tokens.values()])  # a missing secret stops start-up
-    audit_engine = make_engine(settings.audit.database_url) if settings.audit.database_url else engine
-    audit_log = SqlAuditLog(audit_engine, settings.audit)
+    audit_engine = (
+        make_engine(settings.audit.database_url, settings.database) if settings.audit.database_url else engine
+    )
+    audit_log = SqlAuditLog(audit_engine, settings.audit, timeout_s=settings.database.statement_timeout_s)
     audit = Audit(audit_log, settings.audit.redact)
     budget_rules = BudgetRuleBook(engine)
     budget_rules.sync_config(settings.budgets.rules)
-    budgets = budget_store(settings.budgets, engine, settings.redis_url)
+    budgets = budget_store(
+        settings.budgets, engine, settings.redis_url, database=settings.database, redis=settings.redis
+    )
     pipeline = ordered(
         audit=audit,
         authenticate=authenticate,
@@ -124,7 +128,9 @@ def build_gateway(settings: Settings) -> Gateway:
     upstream = McpHttpUpstream()
     # Sessions in Redis let any node continue a session another node started.
     mcp_sessions: SessionStore = (
-        RedisSessionStore(settings.redis_url) if settings.redis_url else MemorySessionStore()
+        RedisSessionStore(settings.redis_url, settings=settings.redis)
+        if settings.redis_url
+        else MemorySessionStore()
     )
     passthrough = PassThrough(pipeline, upstream, mcp_sessions, settings.max_body_bytes)
     sessions = UpstreamSessions(credentials.session_credential)

@@ -20,6 +20,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from agentgw.filters.audit import AuditSettings
 from agentgw.filters.budget import BudgetSettings
 from agentgw.oauth.config import AuthSettings
+from agentgw.storage.db import DatabaseSettings
+from agentgw.storage.redis_client import RedisSettings
 from registry.a2a import A2aAgentSpec
 from registry.llm import LlmRouteList
 from registry.models import McpServerSpec, VirtualServerSpec
@@ -57,6 +59,8 @@ class Settings(BaseSettings):
     # The gateway's canonical URL as clients see it (RFC 8707 audience, metadata documents).
     public_url: str | None = None
     database_url: str = "sqlite:///agentgw.db"
+    # Pool and time limits of a server database (PostgreSQL): `database_url` and `audit.database_url`.
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     config_file: Path | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     upstream_timeout_s: float = 30.0
@@ -72,6 +76,8 @@ class Settings(BaseSettings):
     allow_anonymous: bool = False
     # Shared state for scale-out (MCP session bindings): redis://host:port/db. Unset: in-process.
     redis_url: str | None = None
+    # Pool and time limits of each Redis client (budget counters, MCP sessions).
+    redis: RedisSettings = Field(default_factory=RedisSettings)
     log_level: str = "INFO"
     # Mount the built-in demo upstream at /_demo/mcp (used by `agentgw serve` with no config).
     demo: bool = False

@@ -77,6 +77,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from agentgw.errors import Unavailable
 from agentgw.filters.audit import AuditRecord, AuditSettings, not_written, timestamp
+from agentgw.storage.db import STATEMENT_TIMEOUT_S
 
 __all__ = [
     "GENESIS",
@@ -322,10 +323,17 @@ class SqlAuditLog:
     """The `AuditSink` of the gateway: one hash chain per process, stored in batches by one thread."""
 
     def __init__(
-        self, engine: Engine, settings: AuditSettings | None = None, *, clock: Any = time.time
+        self,
+        engine: Engine,
+        settings: AuditSettings | None = None,
+        *,
+        clock: Any = time.time,
+        timeout_s: float = STATEMENT_TIMEOUT_S,
     ) -> None:
+        """Open the log; `timeout_s` bounds how long `write` waits for its record to be stored."""
         settings = settings or AuditSettings()
         self.engine = engine
+        self._timeout_s = timeout_s
         self.node = settings.node_id or socket.gethostname()
         self.chain = f"{self.node}:{uuid.uuid4().hex[:12]}"
         self._batch_max = settings.batch_max
@@ -395,11 +403,17 @@ class SqlAuditLog:
         """Queue `record` and return once it is durable (in the journal, or committed).
 
         Raises:
-            Unavailable: the record could not be stored, or the log is closed.
+            Unavailable: the record could not be stored, or not within `timeout_s` (a hung database: the
+                writer commits it later if it can, and the call it records is refused now), or the log
+                is closed.
         """
         future = asyncio.get_running_loop().create_future()
         self._put(_Pending(record, future.get_loop(), future))
-        await future
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await future
+        except TimeoutError as exc:
+            raise _unavailable(f"no answer within {self._timeout_s:g}s; {_CANNOT_RECORD}", exc) from exc
 
     def submit(self, record: AuditRecord) -> None:
         """Queue `record` and return at once; if it cannot be stored, it is logged.

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from agentgw.errors import SessionNotFound, Unavailable
+from agentgw.storage.redis_client import RedisSettings, redis_client
 
 __all__ = ["MemorySessionStore", "RedisSessionStore", "SessionStore"]
 
@@ -68,8 +68,15 @@ class MemorySessionStore:
 class RedisSessionStore:
     """Bindings in Redis with a sliding TTL; an unreachable Redis refuses the call (fail closed)."""
 
-    def __init__(self, url: str, *, prefix: str = "agentgw:mcp-session:", ttl_s: int = SESSION_TTL_S) -> None:
-        self._redis = aioredis.from_url(url)
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "agentgw:mcp-session:",
+        ttl_s: int = SESSION_TTL_S,
+        settings: RedisSettings | None = None,
+    ) -> None:
+        self._redis = redis_client(url, settings)
         self._prefix = prefix
         self._ttl = ttl_s
 

@@ -1,0 +1,45 @@
+"""The gateway's Redis clients (budget counters, MCP session bindings): bounded, time-limited, no retries.
+
+redis-py's own defaults suit neither a hot path nor fail-closed stores: its asyncio pool refuses a
+command when its connections are all busy (instead of waiting for one), and a command is retried on a
+timeout, so a hung Redis holds a call through several socket timeouts. Here each client's pool waits
+up to `pool_timeout_s` for a free connection, each command is refused after `socket_timeout_s`, and no
+command is sent twice: a budget reservation is not idempotent, and a refused call can be retried by
+its caller. A connection that Redis or the network closed is replaced when it is next taken from the
+pool, so the client recovers by itself once Redis answers again.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+__all__ = ["RedisSettings", "redis_client"]
+
+
+class RedisSettings(BaseModel):
+    """Pool and time limits of each Redis client of a gateway process."""
+
+    # Commands in flight at once per client; more wait for a free connection.
+    max_connections: int = Field(default=100, ge=1)
+    # How long a command waits for a free connection before its call is refused.
+    pool_timeout_s: float = Field(default=2.0, gt=0)
+    # How long a command waits for Redis's answer, and a connection for Redis to accept it.
+    socket_timeout_s: float = Field(default=2.0, gt=0)
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+
+
+def redis_client(url: str, settings: RedisSettings | None = None) -> Redis:
+    """A client of `url` with its own pool (closed with the client)."""
+    limits = settings or RedisSettings()
+    pool = BlockingConnectionPool.from_url(
+        url,
+        max_connections=limits.max_connections,
+        timeout=limits.pool_timeout_s,
+        socket_timeout=limits.socket_timeout_s,
+        socket_connect_timeout=limits.connect_timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return Redis.from_pool(pool)
