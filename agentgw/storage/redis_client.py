@@ -3,18 +3,23 @@
 redis-py's own defaults suit neither a hot path nor fail-closed stores: its asyncio pool refuses a
 command when its connections are all busy (instead of waiting for one), and a command is retried on a
 timeout, so a hung Redis holds a call through several socket timeouts. Here each client's pool waits
-up to `pool_timeout_s` for a free connection, each command is refused after `socket_timeout_s`, and no
-command is sent twice: a budget reservation is not idempotent, and a refused call can be retried by
-its caller. A connection that Redis or the network closed is replaced when it is next taken from the
-pool, so the client recovers by itself once Redis answers again.
+up to `pool_timeout_s` for a free connection, first come first served, each command is refused after
+`socket_timeout_s`, and no command is sent twice: a budget reservation is not idempotent, and a
+refused call can be retried by its caller. A connection that Redis or the network closed is replaced
+when it is next taken from the pool, so the client recovers by itself once Redis answers again.
 """
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from pydantic import BaseModel, Field
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 __all__ = ["RedisSettings", "redis_client"]
 
@@ -31,10 +36,42 @@ class RedisSettings(BaseModel):
     connect_timeout_s: float = Field(default=2.0, gt=0)
 
 
+class _FairPool(BlockingConnectionPool):
+    """`BlockingConnectionPool`, first come first served.
+
+    Its waiters wait on a condition that a newcomer overtakes whenever a connection comes back, so
+    under sustained load an early waiter times out while later ones are served. A semaphore in front,
+    which hands a released slot to its longest waiter, keeps the order.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._turns = asyncio.Semaphore(self.max_connections)
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._turns.acquire()
+        except TimeoutError as exc:
+            raise RedisConnectionError("No connection available.") from exc
+        try:
+            connection: AbstractConnection = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]  # untyped in redis-py
+        except BaseException:
+            self._turns.release()
+            raise
+        return connection
+
+    async def release(self, connection: AbstractConnection) -> None:
+        try:
+            await super().release(connection)
+        finally:
+            self._turns.release()
+
+
 def redis_client(url: str, settings: RedisSettings | None = None) -> Redis:
     """A client of `url` with its own pool (closed with the client)."""
     limits = settings or RedisSettings()
-    pool = BlockingConnectionPool.from_url(
+    pool = _FairPool.from_url(
         url,
         max_connections=limits.max_connections,
         timeout=limits.pool_timeout_s,

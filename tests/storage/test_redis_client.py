@@ -108,6 +108,29 @@ async def test_calls_beyond_max_connections_wait_for_one_and_no_more_are_opened(
         await store.aclose()
 
 
+async def test_under_sustained_load_waiting_calls_are_served_first_come_first_served() -> None:
+    """Workers calling back to back, ten times as many as connections: a waiting call is served in
+    its turn, not overtaken until its wait runs out."""
+    settings = RedisSettings(max_connections=4, pool_timeout_s=0.5)
+    store = RedisBudgetStore(REDIS, prefix(), settings)
+    charges = [charge(f"k-{uuid.uuid4().hex}", 10**9)]
+    refused: list[Exception] = []
+    until = time.monotonic() + 3.0
+
+    async def worker() -> None:
+        while time.monotonic() < until:
+            try:
+                await store.reserve(charges, NOW)
+            except Unavailable as exc:
+                refused.append(exc)
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(40)))
+    finally:
+        await store.aclose()
+    assert refused == []
+
+
 async def test_while_redis_hangs_calls_are_refused_within_the_socket_timeout(
     proxied: Stores, redis_proxy: TcpProxy
 ) -> None:
