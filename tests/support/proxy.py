@@ -23,8 +23,6 @@ from collections.abc import Awaitable, Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
-import pytest
-
 __all__ = ["TcpProxy"]
 
 T = TypeVar("T")
@@ -81,7 +79,7 @@ class TcpProxy:
     async def answer_within(self, call: Awaitable[T], seconds: float) -> T | Exception:
         """What `call` came to (its result or its exception) within `seconds`.
 
-        Past them the test fails, after `resume`: a call that code under test cannot give up on (a
+        Past them it raises AssertionError, after `resume`: a call that code under test cannot give up on (a
         thread blocked on a hung server) then finishes, and the test ends instead of hanging.
         """
         task = asyncio.ensure_future(call)
@@ -90,7 +88,7 @@ class TcpProxy:
             self.resume()
             with contextlib.suppress(Exception):
                 await task
-            pytest.fail(f"no answer within {seconds:g}s through the broken proxy")
+            raise AssertionError(f"no answer within {seconds:g}s through the broken proxy")
         try:
             return task.result()
         except Exception as exc:
@@ -133,10 +131,10 @@ class TcpProxy:
 
     async def _close(self) -> None:
         await self._refuse()
+        await self._set_flowing(True)  # held bytes go nowhere now: every pump sees its end and stops
         relays = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for relay in relays:
-            relay.cancel()
-        await asyncio.gather(*relays, return_exceptions=True)
+        if relays:
+            await asyncio.wait(relays, timeout=CONTROL_TIMEOUT_S / 2)
 
     async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
