@@ -108,6 +108,27 @@ async def test_calls_beyond_max_connections_wait_for_one_and_no_more_are_opened(
         await store.aclose()
 
 
+async def test_connections_that_fail_to_open_do_not_widen_the_pool(redis_proxy: TcpProxy) -> None:
+    url = f"redis://127.0.0.1:{redis_proxy.port}/0"
+    store = RedisBudgetStore(url, prefix(), RedisSettings(max_connections=4))
+    charges = [charge(f"k-{uuid.uuid4().hex}", 1000)]
+    try:
+        redis_proxy.refuse()
+        refused = await asyncio.gather(
+            *(store.reserve(charges, NOW) for _ in range(20)), return_exceptions=True
+        )
+        assert all(isinstance(r, Unavailable) for r in refused)
+        redis_proxy.resume()
+        before = redis_proxy.accepted
+        outcomes = await asyncio.gather(
+            *(store.reserve(charges, NOW) for _ in range(100)), return_exceptions=True
+        )
+        assert outcomes == [None] * 100
+        assert redis_proxy.accepted - before <= 4
+    finally:
+        await store.aclose()
+
+
 async def test_under_sustained_load_waiting_calls_are_served_first_come_first_served() -> None:
     """Workers calling back to back, ten times as many as connections: a waiting call is served in
     its turn, not overtaken until its wait runs out."""
