@@ -151,6 +151,8 @@ async def load(name: str, store: Any, concurrency: int, duration: float) -> Load
             except Unavailable as exc:
                 refused += 1
                 first = first or str(exc)
+                # A refusal can come without the loop having run: yield, as a caller answered 503 would.
+                await asyncio.sleep(0)
                 continue
             latencies.append((time.monotonic() - started) * 1000)
 
@@ -315,6 +317,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", default="50,150", help="comma-separated (default 50,150)")
     parser.add_argument("--fault-s", type=float, default=10.0, help="how long a pause or failover lasts")
     parser.add_argument("--only", choices=("load", "faults"), help="run only one half")
+    parser.add_argument("--stores", default="sql-postgres,redis", help="load: which stores (default both)")
     parser.add_argument("--postgres", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
 
@@ -323,7 +326,7 @@ async def _main(args: argparse.Namespace) -> None:
     if args.only != "faults":
         print(LOAD_HEADER, flush=True)
         with fresh_database(args.postgres) as database:
-            for kind in ("sql-postgres", "redis"):
+            for kind in args.stores.split(","):
                 for concurrency in (int(c) for c in args.concurrency.split(",")):
                     async with load_store(kind.split("-")[0], args, database) as store:
                         print((await load(kind, store, concurrency, args.duration)).line(), flush=True)
