@@ -352,6 +352,7 @@ class SqlAuditLog:
         self._head = (0, GENESIS)
         self._chain_written = False
         self._conn: Connection | None = None
+        self._head_unsure = False  # a commit failed: it may have happened all the same
         self._pruned_at = 0.0
         self._closed = False
         # Transactions committed so far (group commit makes this far fewer than the records).
@@ -776,19 +777,39 @@ class SqlAuditLog:
             self._conn = None
 
     def _commit(self, records: Sequence[AuditRecord]) -> Unavailable | None:
-        rows, _, seq, head = self._chained(records)
         try:
+            if self._head_unsure:
+                self._reread_head()
+            rows, _, seq, head = self._chained(records)
             if not self._chain_written:
                 create_audit_tables(self.engine)
             self._write(rows, seq, head)
         except Exception as exc:  # whatever it was, the writer thread must live on and answer
-            log.error("audit log: %d records not written: %s", len(rows), exc)
+            log.error("audit log: %d records not written: %s", len(records), exc)
             self._drop_connection()
+            # The connection may have broken after the server committed: the next batch goes after
+            # the head the database holds, not the one this process last heard of.
+            self._head_unsure = True
             return _unavailable(_CANNOT_RECORD, exc)
         self._head = (seq, head)
         self._chain_written = True
         self.commits += 1
         return None
+
+    def _reread_head(self) -> None:
+        conn = self._connection()
+        try:
+            row = conn.execute(
+                select(audit_chain.c.head_seq, audit_chain.c.head_hash).where(
+                    audit_chain.c.chain == self.chain
+                )
+            ).first()
+        finally:
+            conn.rollback()
+        if row is not None:
+            self._head = (int(row.head_seq), str(row.head_hash))
+            self._chain_written = True
+        self._head_unsure = False
 
     def _chain_row(self) -> dict[str, Any]:
         return {

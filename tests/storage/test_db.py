@@ -21,7 +21,7 @@ from agentgw.errors import Unavailable
 from agentgw.filters.audit import AuditRecord
 from agentgw.filters.budget import Charge, Shortfall
 from agentgw.storage import make_engine
-from agentgw.storage.audit_log import SqlAuditLog
+from agentgw.storage.audit_log import SqlAuditLog, verify
 from agentgw.storage.budget_counters import SqlBudgetStore
 from agentgw.storage.db import STATEMENT_TIMEOUT_S, DatabaseSettings
 from tests.storage.conftest import POSTGRES_ADMIN
@@ -145,6 +145,21 @@ async def test_after_lost_connections_and_a_refusing_server_the_sql_stores_work_
     assert isinstance(refused, list) and all(isinstance(o, Unavailable) for o in refused)
     postgres_proxy.resume()
     assert await attempts_until_both_work(stores, most=3) <= 2
+
+
+async def test_an_audit_commit_whose_answer_was_lost_does_not_wedge_the_chain(
+    stores: Stores, postgres_proxy: TcpProxy
+) -> None:
+    """The connection breaks after the server committed a batch and before the gateway heard so: the
+    batch counts as failed (its calls are refused), the next records continue the chain after it."""
+    postgres_proxy.lose_answer_after(b"COMMIT")
+    lost = await postgres_proxy.answer_within(stores.write(), SLACK_S)
+    assert isinstance(lost, Unavailable)
+    assert await attempts_until_both_work(stores, most=3) <= 2
+    await stores.audit.flush()
+    report = verify(stores.engine)
+    assert report.ok, report.problem
+    assert report.records == 3  # the fixture's, the lost answer's, the one after
 
 
 def test_the_gateway_s_statement_timeout_is_enforced_by_the_server(postgres_url: str) -> None:

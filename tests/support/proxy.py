@@ -6,6 +6,8 @@
         proxy.cut()                      # every open connection is reset (RST), as by a crash or failover
         proxy.refuse()                   # nothing listens (connections refused), open ones are reset
         proxy.resume()                   # listening again, on the same port
+        proxy.lose_answer_after(b"COMMIT")   # the next request holding these bytes reaches the server,
+                                             # and its connection is reset when the answer comes back
 
 The proxy runs its own event loop in a thread: the code under test may block its thread (a sync
 database driver, or the test's own event loop) without stalling the proxy. Each control call returns
@@ -44,6 +46,8 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._flowing: asyncio.Event | None = None
         self._open: set[asyncio.StreamWriter] = set()  # both ends of every relayed connection
+        self._marker: bytes | None = None  # lose the answer to the next request holding these bytes
+        self._doomed: set[asyncio.StreamWriter] = set()  # clients whose next answer is lost
 
     def __enter__(self) -> TcpProxy:
         self._thread.start()
@@ -75,6 +79,11 @@ class TcpProxy:
     def refuse(self) -> None:
         """Stop listening (new connections are refused) and reset every open connection."""
         self._control(self._refuse())
+
+    def lose_answer_after(self, marker: bytes) -> None:
+        """Relay the next request that holds `marker`, then reset its connection when the answer
+        comes back, unread: the server did the work, the client cannot know it (once)."""
+        self._control(self._arm(marker))
 
     async def answer_within(self, call: Awaitable[T], seconds: float) -> T | Exception:
         """What `call` came to (its result or its exception) within `seconds`.
@@ -113,6 +122,9 @@ class TcpProxy:
         else:
             self._flowing.clear()
 
+    async def _arm(self, marker: bytes) -> None:
+        self._marker = marker
+
     async def _resume(self) -> None:
         if self._server is None:
             await self._listen()
@@ -146,17 +158,29 @@ class TcpProxy:
             return
         self._open.add(target_writer)
         await asyncio.gather(
-            self._pump(client_reader, target_writer, client_writer),
+            self._pump(client_reader, target_writer, client_writer, doom=client_writer),
             self._pump(target_reader, client_writer, target_writer),
         )
 
     async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, other: asyncio.StreamWriter
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        other: asyncio.StreamWriter,
+        doom: asyncio.StreamWriter | None = None,  # requests go this way: the client they come from
     ) -> None:
         assert self._flowing is not None
         try:
             while data := await reader.read(65536):
                 await self._flowing.wait()
+                if writer in self._doomed:  # the answer to the marked request: lost with its connection
+                    self._doomed.discard(writer)
+                    self._reset(writer)
+                    self._reset(other)
+                    return
+                if doom is not None and self._marker is not None and self._marker in data:
+                    self._marker = None
+                    self._doomed.add(doom)
                 writer.write(data)
                 await writer.drain()
         except OSError:
