@@ -211,39 +211,52 @@ FAULT_HEADER = (
 
 
 async def probe(call: Call, start: Callable[[], None], clear: Callable[[], None], fault_s: float) -> FaultRow:
-    """Call back to back: 2 s healthy, `fault_s` broken, then until the first success after clearing."""
-    during = refused = after = 0
-    longest = 0.0
-    t0 = time.monotonic()
-    phase = "before"
-    cleared_at = 0.0
+    """One caller calling back to back while a timeline breaks the store 2 s in and clears it `fault_s`
+    later (on its own: a call that hangs does not hold it up); then until the first call started after
+    clearing works. "During" are the calls that overlap the fault."""
+    marks: dict[str, float] = {}
+
+    async def timeline() -> None:
+        await asyncio.sleep(2.0)
+        marks["broken"] = time.monotonic()
+        await asyncio.to_thread(start)
+        await asyncio.sleep(fault_s)
+        await asyncio.to_thread(clear)
+        marks["cleared"] = time.monotonic()
+
+    faults = asyncio.create_task(timeline())
+    calls: list[tuple[float, float, bool]] = []
+    recovered: float | None = None
     while True:
-        now = time.monotonic()
-        if phase == "before" and now - t0 >= 2.0:
-            await asyncio.to_thread(start)
-            phase, broken_at = "during", time.monotonic()
-        elif phase == "during" and now - broken_at >= fault_s:
-            await asyncio.to_thread(clear)
-            phase, cleared_at = "after", time.monotonic()
-        elif phase == "after" and now - cleared_at >= GIVE_UP_S:
-            return FaultRow("", "", during, refused, longest * 1000, None, after)
         began = time.monotonic()
+        cleared = marks.get("cleared")
+        if cleared is not None and began - cleared >= GIVE_UP_S:
+            break
         try:
             await call()
             ok = True
         except Unavailable:
             ok = False
-        took = time.monotonic() - began
-        if phase == "during":
-            during += 1
-            refused += not ok
-            longest = max(longest, took)
-        elif phase == "after":
-            if ok:
-                return FaultRow("", "", during, refused, longest * 1000, time.monotonic() - cleared_at, after)
-            after += 1
+        ended = time.monotonic()
+        calls.append((began, ended, ok))
+        if ok and cleared is not None:
+            recovered = ended - cleared
+            break
         if not ok:
             await asyncio.sleep(0.01)  # a refusal can be instant: do not spin
+    await faults
+    broken, cleared = marks["broken"], marks["cleared"]
+    during = [(b, e, ok) for b, e, ok in calls if e > broken and b < cleared]
+    after = [ok for b, _, ok in calls if b >= cleared]
+    return FaultRow(
+        "",
+        "",
+        len(during),
+        sum(not ok for _, _, ok in during),
+        max((e - b for b, e, _ in during), default=0.0) * 1000,
+        recovered,
+        after.count(False),
+    )
 
 
 async def fault_run(store: str, fault: str, args: argparse.Namespace) -> FaultRow:
