@@ -353,6 +353,7 @@ class SqlAuditLog:
         self._chain_written = False
         self._conn: Connection | None = None
         self._head_unsure = False  # a commit failed: it may have happened all the same
+        self._committing_since: float | None = None  # when the writer thread began its current commit
         self._pruned_at = 0.0
         self._closed = False
         # Transactions committed so far (group commit makes this far fewer than the records).
@@ -405,9 +406,14 @@ class SqlAuditLog:
 
         Raises:
             Unavailable: the record could not be stored, or not within `timeout_s` (a hung database: the
-                writer commits it later if it can, and the call it records is refused now), or the log
-                is closed.
+                writer commits it later if it can, and the call it records is refused now; while the
+                writer's commit has hung longer than that, records are refused at once), or the log is
+                closed.
         """
+        since = self._committing_since
+        if since is not None and time.monotonic() - since > self._timeout_s:
+            # A hung database: refused at once, and not queued behind the commit that hangs.
+            raise _unavailable(f"the database has not answered for {self._timeout_s:g}s; {_CANNOT_RECORD}")
         future = asyncio.get_running_loop().create_future()
         self._put(_Pending(record, future.get_loop(), future))
         try:
@@ -740,7 +746,9 @@ class SqlAuditLog:
             for start in range(0, len(batch), self._batch_max):
                 part = batch[start : start + self._batch_max]
                 records = [p.record for p in part if p.record is not None]
+                self._committing_since = time.monotonic()
                 error = self._commit(records) if records else None
+                self._committing_since = None
                 _settle(part, error)
                 if error is None and self._retention_days is not None:
                     self._maybe_prune()
