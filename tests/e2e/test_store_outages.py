@@ -49,5 +49,7 @@ async def test_calls_made_while_the_database_hangs_are_refused_in_time_and_never
             assert "not forwarded" in refused["error"]["message"]
 
             postgres_proxy.resume()
-            assert "result" in (await read(http, gw.mcp("modern"), f"{prefix}after", 3)).json()
+            # The first call may still find the hung commit unfinished, and be refused at once.
+            answers = [(await read(http, gw.mcp("modern"), f"{prefix}after", n)).json() for n in (3, 4, 5)]
+            assert any("result" in answer for answer in answers), answers
     assert await upstream_uris(modern_upstream, prefix) == {f"{prefix}before", f"{prefix}after"}

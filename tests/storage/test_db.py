@@ -129,11 +129,14 @@ async def test_while_the_database_hangs_sql_store_calls_are_refused_within_their
     assert all(isinstance(o, Unavailable) for o in outcomes), outcomes
     assert "audit log unavailable" in str(outcomes[-1])
     assert time.monotonic() - started < STATEMENT_TIMEOUT_S + SLACK_S
-    # While the writer's commit hangs, a record is refused at once, not after another time limit.
-    at_once = await postgres_proxy.answer_within(stores.write(), SLACK_S)
+    # Once the writer's commit has hung past the limit (by now, or by the end of this next record's
+    # wait), a record is refused at once, not after another time limit.
+    await postgres_proxy.answer_within(stores.write(), STATEMENT_TIMEOUT_S + SLACK_S)
+    at_once = await postgres_proxy.answer_within(stores.write(), 1.0)
     assert isinstance(at_once, Unavailable) and "has not answered" in str(at_once)
 
     postgres_proxy.resume()
+    await postgres_proxy.answer_within(stores.audit.flush(), SLACK_S)  # the hung commit is done
     assert await attempts_until_both_work(stores, most=3) == 1
 
 
