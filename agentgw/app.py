@@ -101,7 +101,7 @@ def build_gateway(settings: Settings) -> Gateway:
         ConfigError: an LLM route's, A2A agent's or MCP upstream's secret is missing or unreadable.
     """
     ensure_private_dir(settings.data_dir)
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, settings.database)
     create_db(engine)
     admission = settings.admission()
     # A stored server today's rules refuse (a secret not declared for it, a stdio command not allowed,
@@ -134,7 +134,9 @@ def build_gateway(settings: Settings) -> Gateway:
     for spec in registry.servers():
         if registry.owner(spec.name) != "config" and (problem := admission.problem(spec, from_config=False)):
             log.error("registry: server %s is failing: %s", spec.name, problem)
-    audit_engine = make_engine(settings.audit.database_url) if settings.audit.database_url else engine
+    audit_engine = (
+        make_engine(settings.audit.database_url, settings.database) if settings.audit.database_url else engine
+    )
     # The checkpoint key lives beside the signing key, out of the database (decision 0215).
     key_dir = signing_key_path(settings).parent
     audit_log = SqlAuditLog(
@@ -142,11 +144,14 @@ def build_gateway(settings: Settings) -> Gateway:
         settings.audit,
         checkpointer=checkpointer(settings.audit.checkpoints, key_dir),
         trust=trust(settings.audit.checkpoints, key_dir),
+        timeout_s=settings.database.statement_timeout_s,
     )
     audit = Audit(audit_log, settings.audit.redact)
     budget_rules = BudgetRuleBook(engine)
     budget_rules.sync_config(settings.budgets.rules)
-    budgets = budget_store(settings.budgets, engine, settings.redis_url)
+    budgets = budget_store(
+        settings.budgets, engine, settings.redis_url, database=settings.database, redis=settings.redis
+    )
     if isinstance(budgets, LocalBudgetStore) and budgets.recover_since is not None:
         _recount(budgets, budget_rules, audit_engine, settings.budgets.run_ttl_s)
     pipeline = ordered(
@@ -166,7 +171,7 @@ def build_gateway(settings: Settings) -> Gateway:
         idle_s=settings.session_idle_s,
     )
     mcp_sessions: SessionStore = (
-        RedisSessionStore(settings.redis_url, limits=session_limits)
+        RedisSessionStore(settings.redis_url, limits=session_limits, settings=settings.redis)
         if settings.redis_url
         else MemorySessionStore(session_limits)
     )

@@ -22,6 +22,8 @@ from agentgw.fetch_guard import parse_allow
 from agentgw.filters.audit import AuditSettings
 from agentgw.filters.budget import BudgetSettings
 from agentgw.oauth.config import AuthSettings
+from agentgw.storage.db import DatabaseSettings
+from agentgw.storage.redis_client import RedisSettings
 from registry.a2a import A2aAgentSpec, A2aCredential
 from registry.admission import Admission
 from registry.llm import LlmRouteList, route_secrets
@@ -65,6 +67,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".agentgw")
     # Default: SQLite in data_dir (`sqlite:///<data_dir>/agentgw.db`).
     database_url: str = ""
+    # Pool and time limits of a server database (PostgreSQL): `database_url` and `audit.database_url`.
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     config_file: Path | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     upstream_timeout_s: float = 30.0
@@ -93,6 +97,8 @@ class Settings(BaseSettings):
     session_idle_s: float = Field(default=3600.0, gt=0)
     # Request bodies of the admin API (and the other routes behind FastAPI's stack); larger ones get 413.
     admin_max_body_bytes: int = Field(default=1024 * 1024, ge=1)
+    # Pool and time limits of each Redis client (budget counters, MCP sessions).
+    redis: RedisSettings = Field(default_factory=RedisSettings)
     log_level: str = "INFO"
     # Mount the built-in demo upstream at /_demo/mcp (used by `agentgw serve` with no config).
     demo: bool = False

@@ -1,4 +1,4 @@
-"""`python -m bench {load,upstream,floor,compare}`."""
+"""`python -m bench {load,upstream,floor,compare,stores}`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import compare, floor, load, upstream
+from bench import compare, floor, load, stores, upstream
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,6 +22,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bare.add_argument("--upstream", required=True, help="the upstream's base URL")
     cmp = sub.add_parser("compare", help="direct vs through the gateway, side by side")
     compare.add_arguments(cmp)
+    store = sub.add_parser("stores", help="the shared stores under load and under faults (no gateway)")
+    stores.add_arguments(store)
     args = parser.parse_args(argv)
     if args.command == "load":
         return load.main(args)
@@ -31,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "floor":
         floor.serve(args.port, args.upstream)
         return 0
+    if args.command == "stores":
+        return stores.main(args)
     return compare.main(args)
 
 

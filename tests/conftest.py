@@ -1,12 +1,20 @@
-"""Session-wide fixtures: upstream MCP servers started once per test session."""
+"""Session-wide fixtures: upstream MCP servers started once per test session; a PostgreSQL database
+of a test's own, and proxies in front of the machine's PostgreSQL and Redis for a test to break."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from conformance.fixtures.launch import start_upstream_sync
+from tests.storage.conftest import POSTGRES_ADMIN
+from tests.support.proxy import TcpProxy
+
+POSTGRES_PORT = 5432
+REDIS_PORT = 6379
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +36,32 @@ def sse_upstream() -> Iterator[str]:
     """Base URL of the 2024-11-05 HTTP+SSE fixture."""
     with start_upstream_sync("sse") as url:
         yield url
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[str]:
+    """The name of a fresh PostgreSQL database for this test alone (dropped afterwards)."""
+    name = f"agentgw_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield name
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def postgres_proxy() -> Iterator[TcpProxy]:
+    """A proxy in front of the machine's PostgreSQL, for this test to break."""
+    with TcpProxy(POSTGRES_PORT) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def redis_proxy() -> Iterator[TcpProxy]:
+    """A proxy in front of the machine's Redis, for this test to break."""
+    with TcpProxy(REDIS_PORT) as proxy:
+        yield proxy

@@ -84,6 +84,7 @@ from agentgw.storage.audit_checkpoints import (
     parse_checkpoint,
     read_sink,
 )
+from agentgw.storage.db import STATEMENT_TIMEOUT_S
 
 __all__ = [
     "GENESIS",
@@ -361,6 +362,7 @@ class SqlAuditLog:
         clock: Any = time.time,
         checkpointer: Checkpointer | None = None,
         trust: CheckpointTrust | None = None,
+        timeout_s: float = STATEMENT_TIMEOUT_S,
     ) -> None:
         """A log appending to a new chain of `engine`'s tables.
 
@@ -368,9 +370,11 @@ class SqlAuditLog:
             checkpointer: signs this chain's head now and then, and anchors when pruning
                 (decision 0215); without it nothing is signed.
             trust: what `verify` holds the chains to.
+            timeout_s: how long `write` waits for its record to be stored.
         """
         settings = settings or AuditSettings()
         self.engine = engine
+        self._timeout_s = timeout_s
         self.node = settings.node_id or socket.gethostname()
         self.chain = f"{self.node}:{uuid.uuid4().hex[:12]}"
         self._batch_max = settings.batch_max
@@ -389,6 +393,8 @@ class SqlAuditLog:
         self._head = (0, GENESIS)
         self._chain_written = False
         self._conn: Connection | None = None
+        self._head_unsure = False  # a commit failed: it may have happened all the same
+        self._committing_since: float | None = None  # when the writer thread began its current commit
         self._pruned_at = 0.0
         self._closed = False
         # Transactions committed so far (group commit makes this far fewer than the records).
@@ -446,11 +452,22 @@ class SqlAuditLog:
         """Queue `record` and return once it is durable (in the journal, or committed).
 
         Raises:
-            Unavailable: the record could not be stored, or the log is closed.
+            Unavailable: the record could not be stored, or not within `timeout_s` (a hung database: the
+                writer commits it later if it can, and the call it records is refused now; while the
+                writer's commit has hung longer than that, records are refused at once), or the log is
+                closed.
         """
+        since = self._committing_since
+        if since is not None and time.monotonic() - since > self._timeout_s:
+            # A hung database: refused at once, and not queued behind the commit that hangs.
+            raise _unavailable(f"the database has not answered for {self._timeout_s:g}s; {_CANNOT_RECORD}")
         future = asyncio.get_running_loop().create_future()
         self._put(_Pending(record, future.get_loop(), future))
-        await future
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await future
+        except TimeoutError as exc:
+            raise _unavailable(f"no answer within {self._timeout_s:g}s; {_CANNOT_RECORD}", exc) from exc
 
     def submit(self, record: AuditRecord) -> None:
         """Queue `record` and return at once; if it cannot be stored, it is logged.
@@ -835,7 +852,9 @@ class SqlAuditLog:
             for start in range(0, len(batch), self._batch_max):
                 part = batch[start : start + self._batch_max]
                 records = [p.record for p in part if p.record is not None]
+                self._committing_since = time.monotonic()
                 error = self._commit(records) if records else None
+                self._committing_since = None
                 _settle(part, error)
                 self._checkpoint_committed()
                 if error is None and self._retention_days is not None:
@@ -877,19 +896,39 @@ class SqlAuditLog:
             self._conn = None
 
     def _commit(self, records: Sequence[AuditRecord]) -> Unavailable | None:
-        rows, _, seq, head = self._chained(records)
         try:
+            if self._head_unsure:
+                self._reread_head()
+            rows, _, seq, head = self._chained(records)
             if not self._chain_written:
                 create_audit_tables(self.engine)
             self._write(rows, seq, head)
         except Exception as exc:  # whatever it was, the writer thread must live on and answer
-            log.error("audit log: %d records not written: %s", len(rows), exc)
+            log.error("audit log: %d records not written: %s", len(records), exc)
             self._drop_connection()
+            # The connection may have broken after the server committed: the next batch goes after
+            # the head the database holds, not the one this process last heard of.
+            self._head_unsure = True
             return _unavailable(_CANNOT_RECORD, exc)
         self._head = (seq, head)
         self._chain_written = True
         self.commits += 1
         return None
+
+    def _reread_head(self) -> None:
+        conn = self._connection()
+        try:
+            row = conn.execute(
+                select(audit_chain.c.head_seq, audit_chain.c.head_hash).where(
+                    audit_chain.c.chain == self.chain
+                )
+            ).first()
+        finally:
+            conn.rollback()
+        if row is not None:
+            self._head = (int(row.head_seq), str(row.head_hash))
+            self._chain_written = True
+        self._head_unsure = False
 
     def _chain_row(self) -> dict[str, Any]:
         return {

@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio.to_thread
 from sqlalchemy import BigInteger, Connection, Engine, Float, Integer, String, delete, insert, select, update
@@ -52,6 +52,8 @@ from agentgw.filters.budget import (
     targets,
 )
 from agentgw.settings import ConfigError
+from agentgw.storage.db import STATEMENT_TIMEOUT_S, DatabaseSettings
+from agentgw.storage.redis_client import RedisSettings, redis_client
 
 __all__ = [
     "BudgetCounter",
@@ -97,16 +99,23 @@ LEDGER = "budget_counter"
 
 
 MAX_ENSURED = 100_000
+_R = TypeVar("_R")
 
 
 class SqlBudgetStore:
-    """Counters in the gateway's SQL database (the embedded default)."""
+    """Counters in the gateway's SQL database (the embedded default).
 
-    def __init__(self, engine: Engine) -> None:
+    Each operation runs in a worker thread and is refused once it has taken `timeout_s`: the thread
+    is then abandoned, not awaited (a hung server holds it until it answers or the connection breaks),
+    and what it still commits counts against the budget, never for it.
+    """
+
+    def __init__(self, engine: Engine, *, timeout_s: float = STATEMENT_TIMEOUT_S) -> None:
         dialect = engine.dialect.name
         if dialect not in ("sqlite", "postgresql"):
             raise ValueError(f"budget counters need SQLite or PostgreSQL, not {dialect}")
         self._engine = engine
+        self._timeout_s = timeout_s
         self._insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
         # SQLite has one writer per database anyway; queueing in-process avoids busy-waiting on it.
         self._lock: threading.Lock | None = threading.Lock() if dialect == "sqlite" else None
@@ -127,7 +136,7 @@ class SqlBudgetStore:
             )
         )
 
-    def _run(self, work: Any) -> Any:
+    def _run(self, work: Callable[[], _R]) -> _R:
         try:
             if self._lock is None:
                 return work()
@@ -135,6 +144,15 @@ class SqlBudgetStore:
                 return work()
         except SQLAlchemyError as exc:
             raise Unavailable("budget store unavailable: the call was not forwarded") from exc
+
+    async def _in_thread(self, work: Callable[[], _R]) -> _R:
+        try:
+            with anyio.fail_after(self._timeout_s):
+                return await anyio.to_thread.run_sync(lambda: self._run(work), abandon_on_cancel=True)
+        except TimeoutError as exc:
+            raise Unavailable(
+                f"budget store unavailable: no answer within {self._timeout_s:g}s; the call was not forwarded"
+            ) from exc
 
     def _reserve(self, charges: Sequence[Charge], now: float) -> Shortfall | None:
         ensured: dict[str, float] = {}
@@ -178,10 +196,7 @@ class SqlBudgetStore:
         Raises:
             Unavailable: the database cannot be reached or written.
         """
-        result: Shortfall | None = await anyio.to_thread.run_sync(
-            lambda: self._run(lambda: self._reserve(charges, now))
-        )
-        return result
+        return await self._in_thread(lambda: self._reserve(charges, now))
 
     def _adjust(self, deltas: Sequence[tuple[str, int]]) -> None:
         with self._engine.connect() as conn:
@@ -195,7 +210,7 @@ class SqlBudgetStore:
         Raises:
             Unavailable: the database cannot be reached or written.
         """
-        await anyio.to_thread.run_sync(lambda: self._run(lambda: self._adjust(deltas)))
+        await self._in_thread(lambda: self._adjust(deltas))
 
     def _started(self, key: str, now: float, expires_at: float) -> float:
         with self._engine.connect() as conn:
@@ -210,10 +225,7 @@ class SqlBudgetStore:
         Raises:
             Unavailable: the database cannot be reached or written.
         """
-        result: float = await anyio.to_thread.run_sync(
-            lambda: self._run(lambda: self._started(key, now, expires_at))
-        )
-        return result
+        return await self._in_thread(lambda: self._started(key, now, expires_at))
 
     def _used(self, keys: Sequence[str], now: float) -> dict[str, int]:
         with self._engine.connect() as conn:
@@ -229,10 +241,7 @@ class SqlBudgetStore:
             Unavailable: the database cannot be reached.
         """
         at = time.time() if now is None else now
-        result: dict[str, int] = await anyio.to_thread.run_sync(
-            lambda: self._run(lambda: self._used(keys, at))
-        )
-        return result
+        return await self._in_thread(lambda: self._used(keys, at))
 
     async def aclose(self) -> None:
         return None
@@ -713,10 +722,8 @@ return redis.call('GET', KEYS[1])
 class RedisBudgetStore:
     """Counters in Redis, shared by every gateway node; each operation is one Lua script."""
 
-    def __init__(self, url: str, prefix: str) -> None:
-        import redis.asyncio
-
-        self._redis = redis.asyncio.Redis.from_url(url)
+    def __init__(self, url: str, prefix: str, settings: RedisSettings | None = None) -> None:
+        self._redis = redis_client(url, settings)
         self._prefix = prefix
         self._reserve = self._redis.register_script(_RESERVE)
         self._adjust = self._redis.register_script(_ADJUST)
@@ -788,9 +795,16 @@ class RedisBudgetStore:
 
 
 def budget_store(
-    settings: BudgetSettings, engine: Engine, shared_redis_url: str | None = None
+    settings: BudgetSettings,
+    engine: Engine,
+    shared_redis_url: str | None = None,
+    *,
+    database: DatabaseSettings | None = None,
+    redis: RedisSettings | None = None,
 ) -> BudgetStore:
     """The store `settings.store` names; Redis at `budgets.redis_url`, else the gateway's `redis_url`.
+
+    `database` and `redis` give the time limit of a SQL store's calls and the Redis client's limits.
 
     Raises:
         ConfigError: the Redis store is chosen but no Redis URL is set; or the local store is chosen
@@ -800,10 +814,10 @@ def budget_store(
         url = settings.redis_url or shared_redis_url
         if not url:
             raise ConfigError("budgets.store is redis: set budgets.redis_url or redis_url")
-        return RedisBudgetStore(url, settings.redis_prefix)
+        return RedisBudgetStore(url, settings.redis_prefix, redis)
     if settings.store == "local":
         return LocalBudgetStore(engine, flush_s=settings.flush_s)
-    return SqlBudgetStore(engine)
+    return SqlBudgetStore(engine, timeout_s=(database or DatabaseSettings()).statement_timeout_s)
 
 
 def budget_reader(

@@ -33,7 +33,7 @@ async def readyz_until(url: str, ready: Callable[[httpx.Response], bool]) -> htt
 
 async def test_readyz_follows_the_budget_store_while_healthz_stays_live(tmp_path: Path) -> None:
     down = unused_url()
-    with TcpProxy("127.0.0.1", 6379) as redis:
+    with TcpProxy(6379) as redis:
         config: dict[str, Any] = {
             "allow_anonymous": True,
             "servers": [{"name": "down", "url": f"{down}/mcp", "timeout_s": 2}],
@@ -61,7 +61,7 @@ async def test_readyz_follows_the_budget_store_while_healthz_stays_live(tmp_path
             async with httpx.AsyncClient(timeout=10) as http:
                 failed = await http.post(gw.mcp("down"), json=body, headers=modern_headers("tools/call", "t"))
             assert "unreachable" in failed.json()["error"]["message"]
-            redis.cut()
+            redis.refuse()  # every connection reset, new ones refused
             refused = await readyz_until(gw.url, lambda r: r.status_code == 503)
             assert refused.json()["status"] == "not_ready"
             assert refused.json()["stores"]["budget_store"]["ok"] is False
@@ -69,5 +69,5 @@ async def test_readyz_follows_the_budget_store_while_healthz_stays_live(tmp_path
             assert refused.json()["upstreams"]["upstream 'down'"]["ok"] is False, "known from the failed call"
             assert refused.json()["upstreams"]["upstream 'down'"]["reason"] == "unreachable"
             assert httpx.get(f"{gw.url}/healthz").status_code == 200, "liveness asks no store"
-            redis.restore()
+            redis.resume()
             await readyz_until(gw.url, lambda r: r.status_code == 200)

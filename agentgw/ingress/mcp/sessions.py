@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from agentgw.errors import GatewayError, SessionNotFound, SessionsExhausted, TooManySessions, Unavailable
+from agentgw.storage.redis_client import RedisSettings, redis_client
 
 __all__ = ["MemorySessionStore", "RedisSessionStore", "SessionLimits", "SessionStore"]
 
@@ -192,9 +192,14 @@ class RedisSessionStore:
     """Bindings in Redis with a sliding TTL; an unreachable Redis refuses the call (fail closed)."""
 
     def __init__(
-        self, url: str, *, prefix: str = "agentgw:mcp-session:", limits: SessionLimits | None = None
+        self,
+        url: str,
+        *,
+        prefix: str = "agentgw:mcp-session:",
+        limits: SessionLimits | None = None,
+        settings: RedisSettings | None = None,
     ) -> None:
-        self._redis = aioredis.from_url(url)
+        self._redis = redis_client(url, settings)
         self._prefix = prefix
         # Apart from the bindings' keys: no session id a client sends can name one of these.
         base = prefix.rstrip(":")
