@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pytest
 
 from agentgw.errors import Unavailable
-from agentgw.ingress.mcp.sessions import RedisSessionStore
+from agentgw.ingress.mcp.sessions import RedisSessionStore, SessionLimits
 from agentgw.storage.budget_counters import RedisBudgetStore
 from agentgw.storage.redis_client import RedisSettings
 from tests.storage.test_budget_counters import NOW, REDIS, charge
@@ -54,7 +54,9 @@ async def open_stores(url: str) -> AsyncIterator[Stores]:
     keys = prefix()
     built = Stores(
         RedisBudgetStore(url, keys + "budget:"),
-        RedisSessionStore(url, prefix=keys + "session:", ttl_s=60),
+        RedisSessionStore(
+            url, prefix=keys + "session:", limits=SessionLimits(per_principal=10_000, idle_s=60)
+        ),
         f"k-{uuid.uuid4().hex}",
     )
     yield built
