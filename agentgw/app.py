@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from agentgw import __version__
 from agentgw.admin.audit import audit_router
 from agentgw.admin.budgets import budgets_router
+from agentgw.admin.contract import ADMIN_DEPENDENCIES, GUARDED, method_not_allowed
 from agentgw.admin.policies import policy_router
 from agentgw.call import Principal
 from agentgw.demo.upstream import demo_server
@@ -383,6 +384,8 @@ def create_app(settings: Settings) -> GatewayApp:
     async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, status_code=exc.http_status, headers=exc.headers)
 
+    app.add_exception_handler(405, method_not_allowed)
+
     # The data plane is plain ASGI routes: no FastAPI validation on the hot path.
     mcp = McpIngress(gateway.registry, gateway.passthrough, gateway.bridge, gateway.authenticate)
     app.mcp_front = RememberedHostCheck(mcp, hosts)
@@ -407,7 +410,9 @@ def create_app(settings: Settings) -> GatewayApp:
             # Running a command on the host is more than editing the registry: a grant of its own.
             exec_guard=_admin_guard(gateway, "exec", "write"),
             admission=settings.admission(),
-        )
+        ),
+        dependencies=ADMIN_DEPENDENCIES,
+        responses=GUARDED,
     )
     app.include_router(
         budgets_router(
@@ -415,21 +420,27 @@ def create_app(settings: Settings) -> GatewayApp:
             gateway.budget_store,
             read_guard=_admin_guard(gateway, "budgets", "read"),
             write_guard=_admin_guard(gateway, "budgets", "write"),
-        )
+        ),
+        dependencies=ADMIN_DEPENDENCIES,
+        responses=GUARDED,
     )
     app.include_router(
         audit_router(
             gateway.audit_log.engine,
             read_guard=_admin_guard(gateway, "audit", "read"),
             flush=gateway.audit_log.flush,
-        )
+        ),
+        dependencies=ADMIN_DEPENDENCIES,
+        responses=GUARDED,
     )
     app.include_router(
         policy_router(
             gateway.authorizer,
             read_guard=_admin_guard(gateway, "policies", "read"),
             write_guard=_admin_guard(gateway, "policies", "write"),
-        )
+        ),
+        dependencies=ADMIN_DEPENDENCIES,
+        responses=GUARDED,
     )
     app.include_router(
         api_key_router(
@@ -437,7 +448,9 @@ def create_app(settings: Settings) -> GatewayApp:
             gateway.identity.api_key_verifier,
             read_guard=_admin_guard(gateway, "keys", "read"),
             write_guard=_admin_guard(gateway, "keys", "write"),
-        )
+        ),
+        dependencies=ADMIN_DEPENDENCIES,
+        responses=GUARDED,
     )
     # Public OAuth documents: RFC 9728 metadata for every endpoint, the built-in authorization server.
     app.include_router(
