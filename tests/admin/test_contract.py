@@ -18,38 +18,33 @@ BASE = "http://127.0.0.1:8080"
 
 
 @pytest.fixture
-async def http(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+def app(tmp_path: Path) -> FastAPI:
     settings = load_settings(
         None, data_dir=tmp_path, policy={"rules": ["p, role:security, admin:*, *, allow"]}
     )
-    app = create_app(settings)
-    token, _ = mint_token(
-        app.state.gateway.identity.keys, BASE, subject="someone", audience=f"{BASE}/admin", roles=["security"]
-    )
+    return create_app(settings)
+
+
+@pytest.fixture
+async def http(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    keys = app.state.gateway.identity.keys
+    token, _ = mint_token(keys, BASE, subject="someone", audience=f"{BASE}/admin", roles=["security"])
     headers = {"authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app), base_url=BASE, headers=headers
     ) as client:
-        client.app = app  # type: ignore[attr-defined]  # the document, for the test that reads it
         yield client
 
 
-def document(http: httpx.AsyncClient) -> dict[str, dict[str, dict[str, object]]]:
-    app: FastAPI = http.app  # type: ignore[attr-defined]
-    return app.openapi()["paths"]
-
-
-async def test_every_admin_operation_documents_the_bearer_scheme_401_and_403(http: httpx.AsyncClient) -> None:
+def test_every_admin_operation_documents_the_bearer_scheme_401_and_403(app: FastAPI) -> None:
+    paths = app.openapi()["paths"]
     operations = [
-        (path, op)
-        for path, item in document(http).items()
-        if path.startswith("/admin")
-        for op in item.values()
+        (path, op) for path, item in paths.items() if path.startswith("/admin") for op in item.values()
     ]
     assert len(operations) >= 20
     for path, op in operations:
-        assert {"401", "403"} <= set(op["responses"]), path  # type: ignore[call-overload]
-        assert op["security"] == [{"HTTPBearer": []}], path  # type: ignore[index]
+        assert {"401", "403"} <= set(op["responses"]), path
+        assert op["security"] == [{"HTTPBearer": []}], path
 
 
 async def test_a_405_names_every_method_of_the_path(http: httpx.AsyncClient) -> None:
