@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from agentgw import __version__
 from agentgw.admin.audit import audit_router
 from agentgw.admin.budgets import budgets_router
-from agentgw.admin.contract import ADMIN_DEPENDENCIES, GUARDED, method_not_allowed
+from agentgw.admin.contract import ADMIN_DEPENDENCIES, GUARDED, method_not_allowed, query_without_null
 from agentgw.admin.policies import policy_router
 from agentgw.call import Principal
 from agentgw.demo.upstream import demo_server
@@ -304,6 +304,11 @@ class GatewayApp(FastAPI):
 
     mcp_front: ASGIApp | None = None
     direct_front: ASGIApp | None = None
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            self.openapi_schema = query_without_null(super().openapi())
+        return self.openapi_schema
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.mcp_front is not None:

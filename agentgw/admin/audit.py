@@ -42,7 +42,6 @@ TIME: dict[str, Any] = {
         {"type": "string", "format": "date-time"},
         {"type": "string", "maxLength": 0},
         {"type": "string", "pattern": r"^\d+(?:\.\d+)?[smhd]$"},
-        {"type": "null"},
     ]
 }
 

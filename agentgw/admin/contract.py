@@ -7,6 +7,7 @@ pieces that keep the answers to it (checked by tests/admin/test_openapi_conforma
 - `errors(...)`: the `{"detail": "..."}` answers a route gives itself (404, 409, ...).
 - `invalid(...)`: a 422 in FastAPI's own validation shape, for a check a request model cannot make.
 - `method_not_allowed`: a 405 whose `Allow` header names every method of the path.
+- `query_without_null`: the document's optional query parameters as a query string can carry them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "errors",
     "invalid",
     "method_not_allowed",
+    "query_without_null",
     "single_values",
 ]
 
@@ -130,3 +132,23 @@ async def method_not_allowed(request: Request, exc: Exception) -> JSONResponse:
     }
     detail = exc.detail if isinstance(exc, HTTPException) else "Method Not Allowed"
     return JSONResponse({"detail": detail}, status_code=405, headers={"Allow": ", ".join(sorted(allowed))})
+
+
+def query_without_null(document: dict[str, Any]) -> dict[str, Any]:
+    """Drop `null` from the document's query parameters, in place: a query string cannot carry one.
+
+    FastAPI documents `x: str | None = None` as `anyOf: [string, null]`, default null; clients (and
+    schemathesis) read that as a value to send, and `?x=null` or `?x=false` arrive as strings. An
+    optional parameter is one that may be left out (`required: false`), as FastAPI also says.
+    """
+    for item in document.get("paths", {}).values():
+        for operation in item.values():
+            for parameter in operation.get("parameters", []):
+                schema = parameter.get("schema", {}) if parameter.get("in") == "query" else {}
+                options = [option for option in schema.get("anyOf", []) if option != {"type": "null"}]
+                if len(options) < len(schema.get("anyOf", [])):
+                    del schema["anyOf"]
+                    schema.update(options[0] if len(options) == 1 else {"anyOf": options})
+                if "default" in schema and schema["default"] is None:
+                    del schema["default"]
+    return document
