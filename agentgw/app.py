@@ -26,6 +26,7 @@ from agentgw import __version__
 from agentgw.admin.audit import audit_router
 from agentgw.admin.budgets import budgets_router
 from agentgw.admin.clients import clients_router
+from agentgw.admin.contract import ADMIN_DEPENDENCIES, GUARDED, method_not_allowed, query_without_null
 from agentgw.admin.policies import policy_router
 from agentgw.call import Principal
 from agentgw.demo.upstream import demo_server
@@ -471,6 +472,11 @@ class GatewayApp(FastAPI):
     mcp_front: ASGIApp | None = None
     direct_front: ASGIApp | None = None
 
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            self.openapi_schema = query_without_null(super().openapi())
+        return self.openapi_schema
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self.mcp_front is not None:
             path: str = scope["path"]
@@ -547,6 +553,8 @@ def create_app(settings: Settings) -> GatewayApp:
     async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, status_code=exc.http_status, headers=exc.headers)
 
+    app.add_exception_handler(405, method_not_allowed)
+
     # The data plane is plain ASGI routes: no FastAPI validation on the hot path.
     mcp = McpIngress(
         gateway.registry, gateway.passthrough, gateway.bridge, gateway.authenticate, gateway.pipeline
@@ -580,7 +588,9 @@ def create_app(settings: Settings) -> GatewayApp:
             # Running a command on the host is more than editing the registry: a grant of its own.
             exec_guard=_admin_guard(gateway, "exec", "write"),
             admission=settings.admission(),
-        )
+        ),
+        dependencies=ADMIN_DEPENDENCIES,
+        responses=GUARDED,
     )
     app.include_router(
         budgets_router(
@@ -588,7 +598,9 @@ def create_app(settings: Settings) -> GatewayApp:
             gateway.budget_store,
             read_guard=_admin_guard(gateway, "budgets", "read"),
             write_guard=_admin_guard(gateway, "budgets", "write"),
-        )
+        ),
+        dependencies=ADMIN_DEPENDENCIES,
+        responses=GUARDED,
     )
     app.include_router(
         audit_router(
@@ -596,14 +608,18 @@ def create_app(settings: Settings) -> GatewayApp:
             read_guard=_admin_guard(gateway, "audit", "read"),
             flush=gateway.audit_log.flush,
             check=gateway.audit_log.verify,
-        )
+        ),
+        dependencies=ADMIN_DEPENDENCIES,
+        responses=GUARDED,
     )
     app.include_router(
         policy_router(
             gateway.authorizer,
             read_guard=_admin_guard(gateway, "policies", "read"),
             write_guard=_admin_guard(gateway, "policies", "write"),
-        )
+        ),
+        dependencies=ADMIN_DEPENDENCIES,
+        responses=GUARDED,
     )
     app.include_router(
         api_key_router(
@@ -611,7 +627,9 @@ def create_app(settings: Settings) -> GatewayApp:
             gateway.identity.api_key_verifier,
             read_guard=_admin_guard(gateway, "keys", "read"),
             write_guard=_admin_guard(gateway, "keys", "write"),
-        )
+        ),
+        dependencies=ADMIN_DEPENDENCIES,
+        responses=GUARDED,
     )
     app.include_router(
         clients_router(
@@ -619,7 +637,9 @@ def create_app(settings: Settings) -> GatewayApp:
             gateway.identity.revoke_client,
             read_guard=_admin_guard(gateway, "keys", "read"),
             write_guard=_admin_guard(gateway, "keys", "write"),
-        )
+        ),
+        dependencies=ADMIN_DEPENDENCIES,
+        responses=GUARDED,
     )
     # Public OAuth documents: RFC 9728 metadata for every endpoint, the built-in authorization server.
     app.include_router(

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Request, status
 from pydantic import BaseModel
 
+from agentgw.admin.contract import errors, invalid
 from registry.admission import Admission
-from registry.models import McpServerSpec, VirtualServerSpec, validate_name
+from registry.models import NAME_REGEX, McpServerSpec, VirtualServerSpec
 from registry.secrets import Secrets
 from registry.store import RegistryConflict, RegistryStore
 
 __all__ = ["ServerStatus", "registry_router"]
 
 Guard = Callable[..., Awaitable[Any]]
+# A registry name in the path, checked (and documented) by FastAPI: 422 in its own shape.
+PathName = Annotated[
+    str,
+    Path(pattern=NAME_REGEX, max_length=63, description="a registry name; in a PUT, the `name` of the body"),
+]
 
 
 class ServerStatus(BaseModel):
@@ -45,12 +51,6 @@ def registry_router(
     read = Depends(read_guard)
     write = Depends(write_guard)
 
-    def _name(name: str) -> str:
-        try:
-            return validate_name(name)
-        except ValueError as exc:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
-
     async def _admit(spec: McpServerSpec, request: Request) -> None:
         # Checked before anything is stored: a row the gateway cannot run is refused now, not at the
         # next start.
@@ -60,7 +60,7 @@ def registry_router(
             await exec_guard(request)
         problem = rules.problem(spec, from_config=False)
         if problem is not None:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, problem)
+            raise invalid("body", "credential" if spec.transport != "stdio" else "command", problem)
 
     @router.get("/status", response_model=list[ServerStatus])
     async def server_status(_: Any = read) -> list[ServerStatus]:
@@ -79,14 +79,19 @@ def registry_router(
     async def list_servers(_: Any = read) -> list[McpServerSpec]:
         return store.all_servers()
 
-    @router.get("/servers/{name}", response_model=McpServerSpec)
-    async def show_server(name: str, _: Any = read) -> McpServerSpec:
+    @router.get("/servers/{name}", response_model=McpServerSpec, responses=errors(404))
+    async def show_server(name: PathName, _: Any = read) -> McpServerSpec:
         for spec in store.all_servers():
-            if spec.name == _name(name):
+            if spec.name == name:
                 return spec
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no server named {name!r}")
 
-    @router.post("/servers", response_model=McpServerSpec, status_code=status.HTTP_201_CREATED)
+    @router.post(
+        "/servers",
+        response_model=McpServerSpec,
+        status_code=status.HTTP_201_CREATED,
+        responses=errors(400, 409),
+    )
     async def add_server(spec: McpServerSpec, request: Request, _: Any = write) -> McpServerSpec:
         await _admit(spec, request)
         try:
@@ -95,12 +100,12 @@ def registry_router(
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
         return spec
 
-    @router.put("/servers/{name}", response_model=McpServerSpec)
+    @router.put("/servers/{name}", response_model=McpServerSpec, responses=errors(400, 409))
     async def replace_server(
-        name: str, spec: McpServerSpec, request: Request, _: Any = write
+        name: PathName, spec: McpServerSpec, request: Request, _: Any = write
     ) -> McpServerSpec:
-        if _name(name) != spec.name:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "the name in the path and body differ")
+        if name != spec.name:
+            raise invalid("body", "name", "the name in the path and body differ", spec.name)
         await _admit(spec, request)
         try:
             store.put_server(spec, replace=True)
@@ -108,10 +113,10 @@ def registry_router(
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
         return spec
 
-    @router.delete("/servers/{name}", status_code=status.HTTP_204_NO_CONTENT)
-    async def remove_server(name: str, _: Any = write) -> None:
+    @router.delete("/servers/{name}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(404, 409))
+    async def remove_server(name: PathName, _: Any = write) -> None:
         try:
-            removed = store.remove_server(_name(name))
+            removed = store.remove_server(name)
         except RegistryConflict as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
         if not removed:
@@ -121,7 +126,12 @@ def registry_router(
     async def list_virtual(_: Any = read) -> list[VirtualServerSpec]:
         return store.virtual_servers()
 
-    @router.post("/virtual-servers", response_model=VirtualServerSpec, status_code=status.HTTP_201_CREATED)
+    @router.post(
+        "/virtual-servers",
+        response_model=VirtualServerSpec,
+        status_code=status.HTTP_201_CREATED,
+        responses=errors(400, 409),
+    )
     async def add_virtual(spec: VirtualServerSpec, _: Any = write) -> VirtualServerSpec:
         try:
             store.put_virtual(spec)
@@ -129,10 +139,12 @@ def registry_router(
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
         return spec
 
-    @router.delete("/virtual-servers/{name}", status_code=status.HTTP_204_NO_CONTENT)
-    async def remove_virtual(name: str, _: Any = write) -> None:
+    @router.delete(
+        "/virtual-servers/{name}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(404, 409)
+    )
+    async def remove_virtual(name: PathName, _: Any = write) -> None:
         try:
-            removed = store.remove_virtual(_name(name))
+            removed = store.remove_virtual(name)
         except RegistryConflict as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
         if not removed:

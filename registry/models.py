@@ -11,7 +11,8 @@ import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic.config import JsonDict
 from sqlalchemy import JSON, Column
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
@@ -19,6 +20,8 @@ from sqlmodel import SQLModel
 __all__ = [
     "LOCATION_REFUSED",
     "NAME_PATTERN",
+    "NAME_REGEX",
+    "NAME_SCHEMA",
     "PER_CALLER_MODES",
     "ClientAuth",
     "McpServerRow",
@@ -39,6 +42,9 @@ __all__ = [
 ]
 
 NAME_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+# The same names, `--` excluded, as one pattern (no look-ahead) for the OpenAPI document and FastAPI.
+NAME_REGEX = r"^[a-z0-9](?:-?[a-z0-9])*$"
+NAME_SCHEMA: JsonDict = {"type": "string", "pattern": NAME_REGEX, "maxLength": 63}
 Transport = Literal["streamable-http", "sse", "stdio"]
 
 
@@ -66,8 +72,11 @@ def _validate_url(url: str) -> str:
     return url
 
 
-Name = Annotated[str, AfterValidator(validate_name)]
-Url = Annotated[str, AfterValidator(_validate_url)]
+Name = Annotated[str, AfterValidator(validate_name), WithJsonSchema(NAME_SCHEMA)]
+# What `_validate_url` takes, as far as a client needs to know: an absolute http(s) URL, no user or
+# fragment (the host kept to ASCII: `urlsplit` refuses some other host characters).
+URL_SCHEMA = {"type": "string", "pattern": r"^https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:[/?][^#\s]*)?$"}
+Url = Annotated[str, AfterValidator(_validate_url), WithJsonSchema(URL_SCHEMA)]
 
 # --- upstream credentials (docs/decisions/0600, 0700) ---------------------------------------------
 # A spec names a secret declared in the config file (`secrets:`, registry/secrets.py), never the secret
@@ -95,7 +104,7 @@ LOCATION_REFUSED = (
 class NamedSecret(BaseModel):
     """`secret`: the name of a secret declared in the config file."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     secret: Name
 
@@ -124,7 +133,7 @@ class ClientAuth(NamedSecret):
 class UpstreamNone(BaseModel):
     """No Authorization header upstream."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     mode: Literal["none"] = "none"
 
@@ -136,7 +145,7 @@ class UpstreamStatic(NamedSecret):
 
 
 class _TokenRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     # RFC 8707 resource the token is for; default: the upstream's URL.
     resource: Url | None = None
@@ -215,6 +224,40 @@ def credential_secrets(credential: UpstreamCredential, url: str | None) -> list[
 # Modes whose token stands for the caller: one per caller, so never on a session shared by callers.
 PER_CALLER_MODES = frozenset({"token_exchange", "id_jag"})
 
+_NO_COMMAND: JsonDict = {"command": {"type": ["string", "null"], "maxLength": 0}, "args": {"maxItems": 0}}
+# What `McpServerSpec._transport_fields` checks, for the OpenAPI document: clients see which fields go
+# with which transport instead of finding out from a 422.
+TRANSPORT_FIELDS: JsonDict = {
+    "anyOf": [
+        {
+            "properties": {
+                "transport": {"const": "stdio"},
+                "command": {"type": "string", "minLength": 1},
+                "url": {"type": "null"},
+                "credential": {"properties": {"mode": {"const": "none"}}},
+            },
+            "required": ["transport", "command"],
+        },
+        {
+            "properties": {
+                "transport": {"const": "sse"},
+                "url": {"type": "string"},
+                **_NO_COMMAND,
+                "credential": {"properties": {"mode": {"not": {"enum": [*sorted(PER_CALLER_MODES)]}}}},
+            },
+            "required": ["transport", "url"],
+        },
+        {
+            "properties": {
+                "transport": {"const": "streamable-http"},
+                "url": {"type": "string"},
+                **_NO_COMMAND,
+            },
+            "required": ["url"],
+        },
+    ]
+}
+
 
 class UpstreamLimits(BaseModel):
     """How much of the gateway one upstream may hold. A field left unset takes the gateway-wide value
@@ -236,7 +279,7 @@ class UpstreamLimits(BaseModel):
 class McpServerSpec(BaseModel):
     """An upstream MCP server as declared in the config file or through the admin API."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=TRANSPORT_FIELDS)
 
     name: Name
     transport: Transport = "streamable-http"
@@ -279,6 +322,12 @@ class McpServerSpec(BaseModel):
         return self
 
 
+# `<server>/<name>` or `<server>/*`, as `VirtualServerSpec._selectors` checks it, for the document.
+Selector = Annotated[
+    str, WithJsonSchema({"type": "string", "pattern": r"^[a-z0-9](?:-?[a-z0-9]){0,62}/[\s\S]"})
+]
+
+
 class VirtualServerSpec(BaseModel):
     """A named selection of tools, prompts and resources from several upstreams, served at its own URL.
 
@@ -287,12 +336,12 @@ class VirtualServerSpec(BaseModel):
     then refuses selections whose names collide.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: Name
-    tools: list[str] = Field(default_factory=list)
-    prompts: list[str] = Field(default_factory=list)
-    resources: list[str] = Field(default_factory=list)
+    tools: list[Selector] = Field(default_factory=list)
+    prompts: list[Selector] = Field(default_factory=list)
+    resources: list[Selector] = Field(default_factory=list)
     prefix: bool = True
 
     def servers(self) -> set[str]:

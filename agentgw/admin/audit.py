@@ -27,11 +27,12 @@ from typing import Annotated, Any, Literal
 
 import anyio.to_thread
 import orjson
-from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from agentgw.admin.contract import invalid
 from agentgw.errors import Unavailable
 from agentgw.filters.audit import printable
 from agentgw.storage.audit_log import AuditQuery, VerifyReport, otel_record, parse_time, query, verify
@@ -40,11 +41,23 @@ __all__ = ["audit_router"]
 
 Guard = Callable[..., Awaitable[Any]]
 PAGE = 1000
+# What `parse_time` takes, for the OpenAPI document; empty is no filter.
+TIME: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "format": "date-time"},
+        {"type": "string", "maxLength": 0},
+        {"type": "string", "pattern": r"^\d+(?:\.\d+)?[smhd]$"},
+    ]
+}
+
+
+class NdjsonResponse(StreamingResponse):
+    media_type = "application/x-ndjson"
 
 
 def _filters(
-    since: str | None = None,
-    until: str | None = None,
+    since: Annotated[str | None, Query(json_schema_extra=TIME)] = None,
+    until: Annotated[str | None, Query(json_schema_extra=TIME)] = None,
     subject: str | None = None,
     actor: str | None = None,
     client: str | None = None,
@@ -55,22 +68,26 @@ def _filters(
     request_id: str | None = None,
     event: str | None = None,
 ) -> AuditQuery:
+    return AuditQuery(
+        since=_time("since", since),
+        until=_time("until", until),
+        subject=subject,
+        actor=actor,
+        client=client,
+        protocol=protocol,
+        resource=resource,
+        decision=decision,
+        run_id=run_id,
+        request_id=request_id,
+        event=event,
+    )
+
+
+def _time(name: str, text: str | None) -> str | None:
     try:
-        return AuditQuery(
-            since=parse_time(since) if since else None,
-            until=parse_time(until) if until else None,
-            subject=subject,
-            actor=actor,
-            client=client,
-            protocol=protocol,
-            resource=resource,
-            decision=decision,
-            run_id=run_id,
-            request_id=request_id,
-            event=event,
-        )
+        return parse_time(text) if text else None
     except ValueError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+        raise invalid("query", name, str(exc), text) from exc
 
 
 def _json(value: Any) -> bytes:
@@ -126,12 +143,12 @@ def audit_router(
         body = {"records": rows, "next": rows[-1]["id"] if len(rows) == limit else None}
         return Response(_json(body), media_type="application/json")
 
-    @router.get("/export")
+    @router.get("/export", response_class=NdjsonResponse)
     async def export(
         _: Any = read,
         filters: AuditQuery = chosen,
         fmt: Annotated[Literal["jsonl", "otel"], Query(alias="format")] = "jsonl",
-    ) -> StreamingResponse:
+    ) -> NdjsonResponse:
         await flushed()
 
         async def lines() -> AsyncIterator[bytes]:
@@ -144,7 +161,7 @@ def audit_router(
                     return
                 after = rows[-1]["id"]
 
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+        return NdjsonResponse(lines())
 
     @router.get("/verify")
     async def verify_log(_: Any = read) -> dict[str, Any]:

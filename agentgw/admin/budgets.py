@@ -15,11 +15,12 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
 from pydantic import BaseModel
 
+from agentgw.admin.contract import errors, invalid
 from agentgw.call import Principal
-from agentgw.filters.budget import BudgetRule, BudgetStore, effective_budgets
+from agentgw.filters.budget import BUDGET_NAME, BudgetRule, BudgetStore, effective_budgets
 from agentgw.storage.budget_rules import BudgetRuleBook, BudgetRuleConflict
 
 __all__ = ["BudgetView", "budgets_router"]
@@ -49,15 +50,15 @@ def budgets_router(
     @router.get("/effective")
     async def effective(
         subject: str,
+        role: Annotated[list[str], Query(default_factory=list)],
         _: Any = read,
-        role: Annotated[list[str] | None, Query()] = None,
         client: str | None = None,
         run: str | None = None,
     ) -> list[dict[str, object]]:
-        principal = Principal(subject=subject, client_id=client, roles=tuple(role or ()))
+        principal = Principal(subject=subject, client_id=client, roles=tuple(role))
         return await effective_budgets(await book.current(), store, principal, run, time.time())
 
-    @router.get("/{name}", response_model=BudgetView)
+    @router.get("/{name}", response_model=BudgetView, responses=errors(404))
     async def show_budget(name: str, _: Any = read) -> BudgetView:
         await anyio.to_thread.run_sync(book.refresh)
         found = book.rule(name)
@@ -65,17 +66,21 @@ def budgets_router(
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no budget named {name!r}")
         return BudgetView(rule=found[0], source=found[1])
 
-    @router.put("/{name}", response_model=BudgetView)
-    async def put_budget(name: str, rule: BudgetRule, _: Any = write) -> BudgetView:
+    @router.put("/{name}", response_model=BudgetView, responses=errors(400, 409))
+    async def put_budget(
+        name: Annotated[str, Path(pattern=BUDGET_NAME, description="the same as `name` in the body")],
+        rule: BudgetRule,
+        _: Any = write,
+    ) -> BudgetView:
         if name != rule.name:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "the name in the path and body differ")
+            raise invalid("body", "name", "the name in the path and body differ", rule.name)
         try:
             await anyio.to_thread.run_sync(book.put, rule)
         except BudgetRuleConflict as exc:
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
         return BudgetView(rule=rule, source="api")
 
-    @router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT)
+    @router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(404, 409))
     async def remove_budget(name: str, _: Any = write) -> None:
         try:
             removed = await anyio.to_thread.run_sync(book.remove, name)

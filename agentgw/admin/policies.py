@@ -9,6 +9,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, HTTPException, status
 from pydantic import BaseModel, Field
 
+from agentgw.admin.contract import errors
 from agentgw.filters.authorize import CasbinAuthorizer, PolicyError
 
 __all__ = ["policy_router"]
@@ -57,7 +58,9 @@ def policy_router(authorizer: CasbinAuthorizer, read_guard: Guard, write_guard: 
         rules = [RuleOut(rule=r.text, source=r.source) for r in authorizer.rules]
         return PolicyOut(rules=rules, database=authorizer.database_enabled, last_error=authorizer.last_error)
 
-    @router.post("/rules", response_model=RuleOut, status_code=status.HTTP_201_CREATED)
+    @router.post(
+        "/rules", response_model=RuleOut, status_code=status.HTTP_201_CREATED, responses=errors(400, 409)
+    )
     async def add_rule(body: RuleIn, _: Any = write) -> RuleOut:
         try:
             rule = await anyio.to_thread.run_sync(authorizer.add_rule, body.rule)
@@ -65,7 +68,7 @@ def policy_router(authorizer: CasbinAuthorizer, read_guard: Guard, write_guard: 
             raise HTTPException(status.HTTP_409_CONFLICT, exc.message) from exc
         return RuleOut(rule=rule.text, source=rule.source)
 
-    @router.post("/rules/delete", status_code=status.HTTP_204_NO_CONTENT)
+    @router.post("/rules/delete", status_code=status.HTTP_204_NO_CONTENT, responses=errors(400, 404, 409))
     async def remove_rule(body: RuleIn, _: Any = write) -> None:
         try:
             removed = await anyio.to_thread.run_sync(authorizer.remove_rule, body.rule)
@@ -74,7 +77,7 @@ def policy_router(authorizer: CasbinAuthorizer, read_guard: Guard, write_guard: 
         if not removed:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "the database holds no such rule")
 
-    @router.post("/check", response_model=CheckOut)
+    @router.post("/check", response_model=CheckOut, responses=errors(400))
     async def check(body: CheckIn, _: Any = read) -> CheckOut:
         decision = authorizer.explain(body.subject, body.roles, body.actors, body.object, body.action)
         return CheckOut(allowed=decision.allowed, rule=decision.rule)

@@ -25,11 +25,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal, Protocol, Self
+from typing import Annotated, Literal, Protocol, Self
 from urllib.parse import quote
 
 import anyio
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic.config import JsonDict
 
 from agentgw.call import Call, Principal, Reply, Usage
 from agentgw.errors import BudgetExceeded, GatewayError
@@ -37,6 +38,7 @@ from agentgw.filters.authorize import object_match
 from agentgw.pipeline import CallNext
 
 __all__ = [
+    "BUDGET_NAME",
     "COST_SCALE",
     "SPENDING_ACTIONS",
     "Budget",
@@ -70,6 +72,39 @@ COST_SCALE = 1_000_000
 _FIXED_WINDOWS: dict[str, int] = {"minute": 60, "hour": 3600, "day": 86400}
 
 
+BUDGET_NAME = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+
+def _whole(value: object) -> object:
+    # JSON Schema counts 5.0 as an integer; strict validation alone would refuse it.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Count = Annotated[int, Field(ge=0), BeforeValidator(_whole)]
+# What `BudgetRule._consistent` checks, for the OpenAPI document: clients see the rules of a budget
+# instead of finding them out from a 422.
+CONSISTENT: JsonDict = {
+    "allOf": [
+        {"properties": {"name": {"not": {"const": "effective"}}}},
+        {
+            "anyOf": [
+                {"properties": {metric: {"not": {"type": "null"}}}, "required": [metric]}
+                for metric in ("calls", "tokens", "cost", "duration_s")
+            ]
+        },
+        {
+            "anyOf": [
+                {"properties": {"per": {"const": "run"}}},
+                {
+                    "properties": {"window": {"type": "string"}, "duration_s": {"type": "null"}},
+                    "required": ["window"],
+                },
+            ]
+        },
+    ]
+}
+
+
 class BudgetRule(BaseModel):
     """One budget: limits on calls, tokens and cost, per run or per principal, per window.
 
@@ -89,17 +124,17 @@ class BudgetRule(BaseModel):
         duration_s: for runs only: no call is admitted this long after the run's first call.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=CONSISTENT)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    name: str = Field(pattern=BUDGET_NAME)
     per: Per = "run"
     match: str = "*"
     window: Window | None = None
     shared_run: bool = False
     resource: str = "*"
     per_resource: bool = False
-    calls: int | None = Field(default=None, ge=0)
-    tokens: int | None = Field(default=None, ge=0)
+    calls: Count | None = None
+    tokens: Count | None = None
     cost: float | None = Field(default=None, ge=0)
     duration_s: float | None = Field(default=None, gt=0)
 

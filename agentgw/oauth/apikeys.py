@@ -24,6 +24,7 @@ from sqlalchemy import JSON, Column, Engine
 from sqlmodel import Field as SQLField
 from sqlmodel import Session, SQLModel, col, select
 
+from agentgw.admin.contract import errors
 from agentgw.call import Principal
 from agentgw.errors import Unauthenticated
 
@@ -41,6 +42,8 @@ KEY_PREFIX = "agk_"
 _KEY = re.compile(r"^agk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 SUBJECT = re.compile(r"^(client|user):[A-Za-z0-9._@-]{1,200}$")
 ROLE = re.compile(r"^[A-Za-z0-9._@:/-]{1,200}$")
+# `ROLE`, with or without `role:`, for the OpenAPI document.
+ROLE_ITEM = r"^(?:role:)?[A-Za-z0-9._@:/-]{1,200}$"
 
 
 def role_names(roles: Sequence[str]) -> tuple[str, ...]:
@@ -74,9 +77,15 @@ class ApiKeyRow(SQLModel, table=True):
 class NewApiKey(BaseModel):
     """What an API key maps to."""
 
-    subject: str = Field(description="client:<name> or user:<name>")
-    roles: list[str] = Field(default_factory=list)
-    scopes: list[str] = Field(default_factory=list)
+    subject: str = Field(
+        description="client:<name> or user:<name>", json_schema_extra={"pattern": SUBJECT.pattern}
+    )
+    roles: list[str] = Field(
+        default_factory=list, json_schema_extra={"items": {"type": "string", "pattern": ROLE_ITEM}}
+    )
+    scopes: list[str] = Field(
+        default_factory=list, json_schema_extra={"items": {"type": "string", "pattern": r'^[^ "]+$'}}
+    )
     note: str = Field(default="", max_length=500)
 
     @field_validator("subject")
@@ -246,11 +255,11 @@ def api_key_router(
     async def list_keys(_: Any = read) -> list[ApiKeyInfo]:
         return await anyio.to_thread.run_sync(store.list)
 
-    @router.post("", response_model=CreatedApiKey, status_code=status.HTTP_201_CREATED)
+    @router.post("", response_model=CreatedApiKey, status_code=status.HTTP_201_CREATED, responses=errors(400))
     async def create_key(new: NewApiKey, _: Any = write) -> CreatedApiKey:
         return await anyio.to_thread.run_sync(store.create, new)
 
-    @router.delete("/{key_id}", status_code=status.HTTP_204_NO_CONTENT)
+    @router.delete("/{key_id}", status_code=status.HTTP_204_NO_CONTENT, responses=errors(404))
     async def revoke_key(key_id: str, _: Any = write) -> None:
         if not await anyio.to_thread.run_sync(store.revoke, key_id):
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no API key {key_id!r}")

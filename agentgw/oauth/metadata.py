@@ -23,6 +23,7 @@ from collections.abc import Callable
 from fastapi import APIRouter
 from starlette.responses import JSONResponse
 
+from agentgw.admin.contract import errors
 from registry.models import NAME_PATTERN
 from registry.store import RegistryStore
 
@@ -80,7 +81,7 @@ def protected_resource_router(
     async def gateway_metadata() -> JSONResponse:
         return document("")
 
-    @router.get("/.well-known/oauth-protected-resource/{path:path}")
+    @router.get("/.well-known/oauth-protected-resource/{path:path}", responses=errors(404))
     async def endpoint_metadata(path: str) -> JSONResponse:
         return document("/" + path.rstrip("/"))
 

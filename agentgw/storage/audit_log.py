@@ -1257,6 +1257,7 @@ def prune(engine: Engine, before: str, checkpointer: Checkpointer | None = None)
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_EARLIEST = 0.0  # no record is older than the Unix epoch
 
 
 def parse_time(text: str, now: float | None = None) -> str:
@@ -1265,19 +1266,21 @@ def parse_time(text: str, now: float | None = None) -> str:
     Raises:
         ValueError: neither form.
     """
-    match = _RELATIVE.match(text.strip())
-    if match:
-        seconds = float(match.group(1)) * _UNITS[match.group(2)]
-        return timestamp((time.time() if now is None else now) - seconds)
     try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError as exc:
+        match = _RELATIVE.match(text.strip())
+        if match:
+            seconds = float(match.group(1)) * _UNITS[match.group(2)]
+            # An age beyond the oldest possible record means "from the start".
+            return timestamp(max((time.time() if now is None else now) - seconds, _EARLIEST))
+        # RFC 3339 allows a lower-case `t` and `z`; `fromisoformat` takes only upper case.
+        moment = datetime.fromisoformat(text.strip().upper())
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return timestamp(moment.timestamp())
+    except (ValueError, OverflowError, OSError) as exc:  # OSError: beyond the platform's time_t
         raise ValueError(
             f"invalid time {text!r}: use ISO 8601 (2026-05-01T10:00:00Z) or an age (15m, 2h, 7d)"
         ) from exc
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return timestamp(moment.timestamp())
 
 
 @dataclass(slots=True)
