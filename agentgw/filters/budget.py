@@ -101,6 +101,13 @@ CONSISTENT: JsonDict = {
                 },
             ]
         },
+        # shared_run only on a run budget.
+        {
+            "anyOf": [
+                {"properties": {"per": {"const": "run"}}},
+                {"properties": {"shared_run": {"const": False}}},
+            ]
+        },
     ]
 }
 
