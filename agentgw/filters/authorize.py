@@ -212,6 +212,11 @@ class CasbinAuthorizer:
         self._pair = self._load()
 
     @property
+    def model(self) -> Path:
+        """The Casbin model file the policy is decided with."""
+        return self._model
+
+    @property
     def database_enabled(self) -> bool:
         return self._adapter is not None
 

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 from agentgw.cli import main
+from agentgw.cli.policy import who_can
+from agentgw.filters.authorize import CasbinAuthorizer, read_rules
+from agentgw.settings import PACKAGE_POLICIES
 
 REPO = Path(__file__).resolve().parents[2]
 POLICIES = REPO / "policies"
@@ -142,3 +145,170 @@ def test_lint_is_clean_on_the_demo_and_flags_every_kind_of_dead_rule(
     ]
     for line in expected:
         assert line in out, line
+
+
+# --- who-can, what-can, explain ---
+
+DEMO = str(POLICIES / "demo.csv")
+EXAMPLES = POLICIES / "examples"
+
+
+def lines(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[str], str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out.splitlines(), captured.err
+
+
+def test_who_can_names_principals_through_roles_with_the_granting_rule(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = lines(capsys, "policy", "who-can", "mcp:demo/get_weather", "call", "--policy", DEMO)
+    assert code == 0
+    assert [line.split("  [")[0].split() for line in out] == [
+        ["allow", "role:developer", "*", "mcp:demo/*"],
+        ["allow", "user:alice", "(via", "role:developer)", "*", "mcp:demo/*"],
+        ["allow", "role:reader", "*", "mcp:demo/get_weather"],
+        ["allow", "user:bob", "(via", "role:reader)", "*", "mcp:demo/get_weather"],
+    ]
+    assert out[1].endswith(f"[p, role:developer, mcp:demo/*, *, allow at {DEMO}:19]")
+    assert "allowed call on mcp:demo/get_weather: role:developer, role:reader, user:alice, user:bob" in err
+
+
+def test_who_can_shows_a_break_glass_deny_as_such_and_the_allows_it_overrides(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = lines(capsys, "policy", "who-can", "mcp:demo/delete_repo", "call", "--policy", DEMO)
+    assert code == 0
+    assert out[0].startswith("deny   * (everyone)") and "p, *, mcp:demo/delete_repo, *, deny at" in out[0]
+    assert [line.split()[1] for line in out[1:]] == ["role:developer", "user:alice"]
+    assert all("overridden by: p, *, mcp:demo/delete_repo, *, deny" in line for line in out[1:])
+    assert "allowed call on mcp:demo/delete_repo: nobody" in err
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (POLICIES / "examples").glob("*.csv")))
+def test_who_can_agrees_with_the_enforcer_on_every_example(
+    capsys: pytest.CaptureFixture[str], example: str
+) -> None:
+    rules = read_rules(EXAMPLES / example)
+    enforcer = CasbinAuthorizer(PACKAGE_POLICIES / "model.conf", None, rules)
+    objects = {r.fields[1].replace("*", "anything") for r in rules if r.kind == "p" and r.fields[1] != "*"}
+    assert objects
+    for obj in sorted(objects):
+        for action in ("list", "call", "read"):
+            grants = who_can(rules, obj, action)
+            said = {g.subject for g in grants if g.effect == "allow" and g.denied_by is None}
+            subjects = {g.subject for g in grants} - {"*"}
+            for subject in subjects:
+                decided = enforcer.explain(subject, (), (), obj, action).allowed
+                assert decided == (subject in said), (subject, obj, action)
+
+
+def test_what_can_follows_nested_roles_and_token_roles_and_marks_denies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = tmp_path / "p.csv"
+    policy.write_text(
+        "p, role:base, mcp:docs/*, list\n"
+        "p, role:lead, mcp:github/*, *\n"
+        "p, role:lead, mcp:github/merge_*, call, deny\n"
+        "p, role:oncall, mcp:k8s/get_pods, call\n"
+        "p, user:zoe, llm:gpt, call\n"
+        "p, user:other, llm:secret, call\n"
+        "g, user:zoe, role:lead\n"
+        "g, role:lead, role:base\n"
+    )
+    code, out, err = lines(
+        capsys, "policy", "what-can", "user:zoe", "--role", "oncall", "--policy", str(policy)
+    )
+    assert code == 0
+    assert [line.split("  [")[0].split() for line in out] == [
+        ["deny", "role:lead", "call", "mcp:github/merge_*"],
+        ["allow", "role:base", "(via", "role:lead)", "list", "mcp:docs/*"],
+        ["allow", "role:lead", "*", "mcp:github/*"],
+        ["allow", "role:oncall", "call", "mcp:k8s/get_pods"],
+        ["allow", "user:zoe", "call", "llm:gpt"],
+    ]
+    assert out[2].endswith("except: p, role:lead, mcp:github/merge_*, call, deny")
+    assert "user:zoe: 4 allowing rule(s), 1 denying or overridden" in err
+
+
+def test_explain_gives_the_decision_the_rules_that_apply_and_the_matcher_in_words(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = lines(
+        capsys, "policy", "explain", "user:alice", "mcp:demo/delete_repo", "call", "--policy", DEMO
+    )
+    assert code == 1
+    assert out[:2] == ["deny", "  decided by: p, *, mcp:demo/delete_repo, *, deny"]
+    assert out[2].startswith('  matcher: (p.sub == "*" || g(r.sub, p.sub)) && objectMatch(r.obj, p.obj)')
+    assert "a deny beats every allow" in out[4] and "default deny" in out[4]
+    assert out[5:] == [
+        "  rules that apply:",
+        f"    deny   * (everyone)  [p, *, mcp:demo/delete_repo, *, deny at {DEMO}:29]",
+        f"    allow  role:developer  [p, role:developer, mcp:demo/*, *, allow at {DEMO}:19]",
+    ]
+    code, out, _ = lines(
+        capsys, "policy", "explain", "user:nobody", "mcp:demo/get_weather", "call", "--policy", DEMO
+    )
+    assert code == 1 and out[1] == "  decided by: default deny (no rule matched)"
+    assert out[-1] == "  rules that apply:"
+
+
+def test_explain_says_when_the_model_is_not_agentgws(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tmp_path / "model.conf"
+    model.write_text((PACKAGE_POLICIES / "model.conf").read_text().replace('p.act == "*" || ', ""))
+    code, out, _ = lines(
+        capsys,
+        "policy",
+        "explain",
+        "user:alice",
+        "mcp:demo/x",
+        "call",
+        "--policy",
+        DEMO,
+        "--model",
+        str(model),
+    )
+    # That model reads a rule's `*` action literally: alice's `*` grant no longer covers `call`.
+    assert code == 1 and "  in words: a custom model: read its matcher and effect above" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["what-can", "alice"], "unknown subject 'alice'"),
+        (["what-can", "user:"], "unknown subject 'user:'"),
+        (["what-can", "group:x"], "unknown subject 'group:x'"),
+        (["who-can", "github/x"], "unknown object 'github/x'"),
+        (["who-can", "mcp:"], "unknown object 'mcp:'"),
+        (["who-can", "mcp:x/y", "delete"], "unknown action 'delete'"),
+        (["explain", "user:a", "mcp:x/*", "call"], "is a pattern"),
+        (["explain", "user:a", "ftp:x", "call"], "unknown object 'ftp:x'"),
+        (["what-can", "\x1b[2Jalice"], "unknown subject '\\u001b[2Jalice'"),
+    ],
+)
+def test_questions_of_unknown_shapes_are_errors(
+    capsys: pytest.CaptureFixture[str], argv: list[str], complaint: str
+) -> None:
+    code, out, err = lines(capsys, "policy", *argv, "--policy", DEMO)
+    assert code == 2 and out == []
+    assert complaint in err and "\x1b" not in err
+
+
+def test_odd_characters_in_names_are_shown_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = tmp_path / "p.csv"
+    policy.write_text("p, user:eve\u202e, mcp:x/\x1by, call\n")
+    code, out, err = lines(capsys, "policy", "who-can", "mcp:x/\x1by", "--policy", str(policy))
+    assert code == 0 and out[0].startswith("allow  user:eve\\u202e ")
+    assert "mcp:x/\\u001by" in out[0] and "\x1b" not in out[0] + err and "\u202e" not in out[0] + err
+    code, out, err = lines(
+        capsys, "policy", "explain", "user:eve\u202e", "mcp:x/\x1by", "call", "--policy", str(policy)
+    )
+    assert code == 0 and out[-1].startswith(
+        "    allow  user:eve\\u202e  [p, user:eve\\u202e, mcp:x/\\u001by, call"
+    )
+    assert "\x1b" not in "".join(out) + err and "\u202e" not in "".join(out) + err
