@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
+from agentgw.call import Call, Principal, Reply
 from agentgw.cli import main
 from agentgw.cli.policy import who_can
-from agentgw.filters.authorize import CasbinAuthorizer, read_rules
+from agentgw.errors import BudgetExceeded, GatewayError
+from agentgw.filters.audit import Audit, AuditSettings
+from agentgw.filters.authorize import Authorize, CasbinAuthorizer, read_rules
+from agentgw.pipeline import CallNext, Pipeline
 from agentgw.settings import PACKAGE_POLICIES
+from agentgw.storage import make_engine
+from agentgw.storage.audit_log import SqlAuditLog
 
 REPO = Path(__file__).resolve().parents[2]
 POLICIES = REPO / "policies"
@@ -312,3 +321,223 @@ def test_odd_characters_in_names_are_shown_escaped(
         "    allow  user:eve\\u202e  [p, user:eve\\u202e, mcp:x/\\u001by, call"
     )
     assert "\x1b" not in "".join(out) + err and "\u202e" not in "".join(out) + err
+
+
+# --- replay ---
+
+ALICE = Principal("user:alice", roles=("role:developer",))
+DAN = Principal("user:dan")
+CAROL = Principal("user:carol", roles=("role:reader",))
+
+
+async def _over_budget(call: Call, call_next: CallNext) -> Reply:
+    if call.resource == "mcp:demo/search_docs":
+        raise BudgetExceeded("budget exhausted")
+    return await call_next(call)
+
+
+def record_calls(path: Path, calls: list[Call]) -> None:
+    """Run `calls` through the gateway's audit, policy (demo policy) and a budget stage that refuses
+    search_docs, into the audit log at `path`: the records a gateway run writes."""
+    engine = make_engine(f"sqlite:///{path}")
+    log = SqlAuditLog(engine, AuditSettings(node_id="node"))
+    audit = Audit(log)
+    policy = CasbinAuthorizer(PACKAGE_POLICIES / "model.conf", POLICIES / "demo.csv", [])
+    pipeline = Pipeline([audit, Authorize(policy), _over_budget], audit.admitted)
+
+    async def answer(_: Call) -> Reply:
+        return Reply()
+
+    async def run_all() -> None:
+        for call in calls:
+            with contextlib.suppress(GatewayError):
+                await pipeline.run(call, answer)
+        await log.flush()
+
+    asyncio.run(run_all())
+    log.close()
+    engine.dispose()
+
+
+def mcp(action: str, obj: str, principal: Principal | None) -> Call:
+    method = {"call": "tools/call", "read": "resources/read", "list": "tools/list"}[action]
+    return Call("mcp", action, obj, "demo", method, principal=principal)  # type: ignore[arg-type]  # action is a literal the test knows
+
+
+@pytest.fixture
+def recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("AGENTGW_CONFIG", raising=False)
+    path = tmp_path / "audit.db"
+    record_calls(
+        path,
+        [
+            mcp("call", "mcp:demo/get_weather", ALICE),  # allowed by the developer rule
+            mcp("call", "mcp:demo/delete_repo", ALICE),  # denied by the break-glass rule
+            mcp("call", "mcp:demo/get_weather", CAROL),  # allowed by the reader rule
+            mcp("call", "mcp:demo/get_weather", CAROL),
+            mcp("call", "mcp:demo/get_weather", DAN),  # dan holds no role: default deny
+            mcp("call", "mcp:demo/search_docs", ALICE),  # allowed, then refused by the budget
+            mcp("list", "mcp:demo", ALICE),  # a listing: not a decision of one object
+            mcp("call", "mcp:demo/get_weather", None),  # no principal: refused before any rule
+        ],
+    )
+    return path
+
+
+def candidate(tmp_path: Path, policy: str) -> Path:
+    directory = tmp_path / "candidate"
+    directory.mkdir()
+    shutil.copy(PACKAGE_POLICIES / "model.conf", directory / "model.conf")
+    (directory / "policy.csv").write_text(policy)
+    return directory
+
+
+# The demo policy, but the break-glass deny is gone, readers lose the weather and dan is a developer.
+CANDIDATE = (POLICIES / "demo.csv").read_text().replace("p, *, mcp:demo/delete_repo, *, deny", "").replace(
+    "p, role:reader, mcp:demo/get_weather, *, allow", ""
+) + "g, user:dan, role:developer\n"
+
+
+def test_the_recorded_log_holds_what_the_gateway_decided_and_default_deny(
+    recorded: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["audit", "query", "--database-url", f"sqlite:///{recorded}", "--format", "jsonl"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    decisions = [
+        (r["subject"], r["resource"], r["decision"], r["rule"]) for r in rows if r["event"] == "decision"
+    ]
+    assert ("user:dan", "mcp:demo/get_weather", "denied", "default deny") in decisions
+    assert (
+        "user:alice",
+        "mcp:demo/delete_repo",
+        "denied",
+        "p, *, mcp:demo/delete_repo, *, deny",
+    ) in decisions
+
+
+def test_replay_lists_exactly_the_decisions_that_would_change(
+    recorded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["policy", "replay", "--policy", str(candidate(tmp_path, CANDIDATE))]
+    code, out, err = lines(capsys, *argv, "--database-url", f"sqlite:///{recorded}")
+    assert code == 1 and "the candidate allows 2 call(s) that were denied" in err
+    changes = [line.split("  ") for line in out if line.startswith(("allowed ->", "denied ->"))]
+    assert [(c[0], c[2], c[3], c[4], c[5], c[6]) for c in changes] == [
+        (
+            "denied -> allowed",
+            "user:alice",
+            "call",
+            "mcp:demo/delete_repo",
+            "was: p, *, mcp:demo/delete_repo, *, deny",
+            "now: p, role:developer, mcp:demo/*, *, allow",
+        ),
+        (
+            "allowed -> denied",
+            "user:carol",
+            "call",
+            "mcp:demo/get_weather",
+            "was: p, role:reader, mcp:demo/get_weather, *, allow",
+            "now: default deny",
+        ),
+        (
+            "allowed -> denied",
+            "user:carol",
+            "call",
+            "mcp:demo/get_weather",
+            "was: p, role:reader, mcp:demo/get_weather, *, allow",
+            "now: default deny",
+        ),
+        (
+            "denied -> allowed",
+            "user:dan",
+            "call",
+            "mcp:demo/get_weather",
+            "was: default deny",
+            "now: p, role:developer, mcp:demo/*, *, allow",
+        ),
+    ]
+    summary = out[len(changes) :]
+    assert summary[0].startswith("6 recorded decision(s) since ")
+    assert summary[0].endswith("4 would change (allowed -> denied: 2, denied -> allowed: 2)")
+    assert summary[1:] == [
+        "by subject:",
+        "  user:alice  denied -> allowed: 1",
+        "  user:carol  allowed -> denied: 2",
+        "  user:dan  denied -> allowed: 1",
+        "by object:",
+        "  mcp:demo/delete_repo  denied -> allowed: 1",
+        "  mcp:demo/get_weather  allowed -> denied: 2",
+        "  mcp:demo/get_weather  denied -> allowed: 1",
+    ]
+    code, out, _ = lines(capsys, *argv, "--database-url", f"sqlite:///{recorded}", "--allow-widening")
+    assert code == 0 and len([line for line in out if line.startswith(("denied ->", "allowed ->"))]) == 4
+
+
+def test_replay_of_the_policy_in_force_changes_nothing_and_a_narrowing_passes(
+    recorded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{recorded}"
+    code, out, _ = lines(capsys, "policy", "replay", "--policy", DEMO, "--database-url", url)
+    assert (
+        code == 0
+        and out == [out[0]]
+        and out[0].endswith("0 would change (allowed -> denied: 0, denied -> allowed: 0)")
+    )
+    # Without the developer rule, alice loses what it allowed: the weather, and search_docs (which
+    # the budget refused after the policy allowed it); her denied delete_repo stays denied.
+    narrower = (POLICIES / "demo.csv").read_text().replace("p, role:developer, mcp:demo/*, *, allow", "")
+    code, out, _ = lines(
+        capsys, "policy", "replay", "--policy", str(candidate(tmp_path, narrower)), "--database-url", url
+    )
+    changed = [line.split("  ")[2:5] for line in out if line.startswith(("allowed ->", "denied ->"))]
+    assert code == 0 and changed == [
+        ["user:alice", "call", "mcp:demo/get_weather"],
+        ["user:alice", "call", "mcp:demo/search_docs"],
+    ]
+    assert all(line.startswith("allowed -> denied") for line in out[:2])
+
+
+def test_replay_with_a_since_after_every_record_and_on_an_empty_log_replays_nothing(
+    recorded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy = str(candidate(tmp_path, CANDIDATE))
+    code, out, err = lines(
+        capsys,
+        "policy",
+        "replay",
+        "--policy",
+        policy,
+        "--since",
+        "2999-01-01T00:00:00Z",
+        "--database-url",
+        f"sqlite:///{recorded}",
+    )
+    assert code == 0 and out[0].startswith("0 recorded decision(s)") and "nothing was replayed" in err
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    code, out, err = lines(capsys, "policy", "replay", "--policy", policy, "--database-url", empty)
+    assert code == 0 and out[0].startswith("0 recorded decision(s)") and "nothing was replayed" in err
+
+
+def test_replay_refuses_a_candidate_it_cannot_read(
+    recorded: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{recorded}"
+    no_model = tmp_path / "no-model"
+    no_model.mkdir()
+    (no_model / "policy.csv").write_text("p, user:a, mcp:x/y, call\n")
+    no_policy = tmp_path / "no-policy"
+    no_policy.mkdir()
+    shutil.copy(PACKAGE_POLICIES / "model.conf", no_policy / "model.conf")
+    broken = candidate(tmp_path, "p, user:a, mcp:x/y, fly\n")
+    for path, complaint in (
+        (no_model, "has no model.conf"),
+        (no_policy, "has no policy.csv"),
+        (tmp_path / "absent.csv", "no candidate policy at"),
+        (broken, "bad action"),
+    ):
+        code, out, err = lines(capsys, "policy", "replay", "--policy", str(path), "--database-url", url)
+        assert code == 2 and out == [] and complaint in err, (path, err)
+    code, _, err = lines(
+        capsys, "policy", "replay", "--policy", DEMO, "--since", "yesterday", "--database-url", url
+    )
+    assert code == 2 and "invalid time" in err
