@@ -541,3 +541,130 @@ def test_replay_refuses_a_candidate_it_cannot_read(
         capsys, "policy", "replay", "--policy", DEMO, "--since", "yesterday", "--database-url", url
     )
     assert code == 2 and "invalid time" in err
+
+
+# --- add and remove ---
+
+POLICY_TEXT = "# the team's policy\np, role:dev, mcp:github/*, *\n\ng, user:ann, role:dev\n"
+
+
+@pytest.fixture
+def policy_file(tmp_path: Path) -> Path:
+    path = tmp_path / "policy.csv"
+    path.write_text(POLICY_TEXT)
+    path.chmod(0o640)
+    return path
+
+
+def test_add_appends_the_rules_and_keeps_the_rest_of_the_file(
+    policy_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = lines(
+        capsys,
+        "policy",
+        "add",
+        "p, role:dev, mcp:k8s/get_pods, call",
+        "p, *, mcp:github/delete_repo, *, deny",
+        "--policy",
+        str(policy_file),
+    )
+    assert code == 0 and out == [
+        f"p, role:dev, mcp:k8s/get_pods, call, allow: added to {policy_file}",
+        f"p, *, mcp:github/delete_repo, *, deny: added to {policy_file}",
+    ]
+    assert policy_file.read_text() == POLICY_TEXT + (
+        "p, role:dev, mcp:k8s/get_pods, call, allow\np, *, mcp:github/delete_repo, *, deny\n"
+    )
+    assert policy_file.stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in policy_file.parent.iterdir()] == ["policy.csv"]  # no temporary file left
+    code, checked = run(
+        capsys, "policy", "check", "user:ann", "mcp:github/delete_repo", "call", "--policy", str(policy_file)
+    )
+    assert code == 1 and "p, *, mcp:github/delete_repo, *, deny" in checked
+
+
+def test_remove_drops_the_rule_however_it_was_written(
+    policy_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = lines(
+        capsys, "policy", "remove", "p,role:dev,mcp:github/*,*,allow", "--policy", str(policy_file)
+    )
+    assert code == 2 and out == [] and "the policy is empty" in err  # it was the only p rule
+    assert policy_file.read_text() == POLICY_TEXT
+    policy_file.write_text(POLICY_TEXT + "p, role:dev, mcp:docs/*, list\n")
+    code, out, _ = lines(
+        capsys, "policy", "remove", "p,role:dev,mcp:github/*,*,allow", "--policy", str(policy_file)
+    )
+    assert code == 0 and out == [f"p, role:dev, mcp:github/*, *, allow: removed from {policy_file}"]
+    assert (
+        policy_file.read_text()
+        == "# the team's policy\n\ng, user:ann, role:dev\np, role:dev, mcp:docs/*, list\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("rule", "complaint"),
+    [
+        ("p, role:dev, mcp:x/y", "bad policy rule"),
+        ("p, role:dev, mcp:x/y, fly", "bad action"),
+        ("q, role:dev, mcp:x/y, call", "must start with p or g"),
+        ("p, role:dev, mcp:x/a b, call", "bad field"),
+        ("p, role:dev, mcp:x/\x1b, call", "not printable"),
+        ("p, alice, mcp:x/y, call", "the subject has no user:, client: or role: prefix"),
+        ("p, role:dev, mcp:x*y, call", "a `*` before the end"),
+        ("p, role:dev, mcp:github/*, *", "duplicate rule"),
+        ("p, role:dev, admin:audit, call", "never happens on admin: objects"),
+    ],
+)
+def test_add_refuses_a_bad_rule_and_leaves_the_file_as_it_was(
+    policy_file: Path, capsys: pytest.CaptureFixture[str], rule: str, complaint: str
+) -> None:
+    code, out, err = lines(
+        capsys, "policy", "add", "p, role:dev, mcp:ok/*, list", rule, "--policy", str(policy_file)
+    )
+    assert code == 2 and out == [] and complaint in err and "\x1b" not in err
+    assert policy_file.read_text() == POLICY_TEXT
+
+
+def test_remove_refuses_a_rule_the_policy_does_not_hold(
+    policy_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = lines(capsys, "policy", "remove", "g, user:ann, role:ops", "--policy", str(policy_file))
+    assert code == 2 and "no such rule to remove: g, user:ann, role:ops" in err
+    assert policy_file.read_text() == POLICY_TEXT
+
+
+def test_add_and_remove_edit_the_configured_file_or_the_database(
+    tmp_path: Path, policy_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("AGENTGW_CONFIG", raising=False)
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"policy:\n  file: {policy_file}\n")
+    assert main(["policy", "add", "p, role:dev, mcp:k8s/*, list", "--config", str(config)]) == 0
+    assert policy_file.read_text().endswith("p, role:dev, mcp:k8s/*, list, allow\n")
+    url = f"sqlite:///{tmp_path / 'gw.db'}"
+    config.write_text(f"database_url: {url}\npolicy:\n  file: {policy_file}\n  database: true\n")
+    before = policy_file.read_text()
+    assert main(["policy", "add", "p, user:ann, llm:gpt, call", "--config", str(config)]) == 0
+    assert policy_file.read_text() == before
+    engine = make_engine(url)
+    in_force = CasbinAuthorizer(PACKAGE_POLICIES / "model.conf", None, [], allow_empty=True, database=engine)
+    assert [r.text for r in in_force.rules] == ["p, user:ann, llm:gpt, call, allow"]
+    capsys.readouterr()
+    # Only the database's rules are removed here: the file's stay the file's.
+    assert main(["policy", "remove", "p, role:dev, mcp:k8s/*, list", "--config", str(config)]) == 2
+    assert "no such rule to remove" in capsys.readouterr().err
+    assert main(["policy", "remove", "p, user:ann, llm:gpt, call", "--config", str(config)]) == 0
+    in_force.reload()
+    assert in_force.rules == []
+    engine.dispose()
+
+
+def test_add_without_a_policy_file_or_database_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("AGENTGW_CONFIG", raising=False)
+    config = tmp_path / "gateway.yaml"
+    config.write_text("policy:\n  rules: ['p, user:bob, mcp:x/*, call']\n")
+    code, _, err = lines(capsys, "policy", "add", "p, user:bob, mcp:y/*, call", "--config", str(config))
+    assert code == 2 and "names no policy file" in err
