@@ -474,8 +474,8 @@ def _denials(
         d_sub, d_obj, d_act, _ = deny.fields
         if d_sub not in held or not _overlaps(d_obj, space) or (action != "*" and d_act not in ("*", action)):
             continue
-        if whole is None and _spans(d_obj, space) and d_act in ("*", action):
-            whole = deny
+        if _spans(d_obj, space) and d_act in ("*", action):
+            whole = whole or deny
         else:
             parts.append(deny)
     return whole, tuple(parts)
@@ -606,12 +606,17 @@ def _explain(args: argparse.Namespace) -> int:
     else:
         print("  in words: a custom model: read its matcher and effect above")
     print("  rules that apply:")
+    shown: set[Rule] = set()
     for who in (subject, *args.actor[:1]):
         for grant in what_can(authorizer.rules, who, roles if who == subject else ()):
             _, rule_obj, act, eft = grant.rule.fields
-            if object_match(obj, rule_obj) and act in ("*", action):
-                label = "* (everyone)" if grant.subject == "*" else grant.subject + _via(grant)
-                print(printable(f"    {eft:<5}  {label}  [{grant.rule.text} at {grant.rule.source}]"))
+            if grant.rule in shown or not (object_match(obj, rule_obj) and act in ("*", action)):
+                continue
+            shown.add(grant.rule)
+            label = "* (everyone)" if grant.subject == "*" else grant.subject + _via(grant)
+            if who != subject and grant.subject != "*":
+                label += f", for the actor {who}"
+            print(printable(f"    {eft:<5}  {label}  [{grant.rule.text} at {grant.rule.source}]"))
     return 0 if decision.allowed else 1
 
 

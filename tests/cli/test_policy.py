@@ -668,3 +668,15 @@ def test_add_without_a_policy_file_or_database_is_an_error(
     config.write_text("policy:\n  rules: ['p, user:bob, mcp:x/*, call']\n")
     code, _, err = lines(capsys, "policy", "add", "p, user:bob, mcp:y/*, call", "--config", str(config))
     assert code == 2 and "names no policy file" in err
+
+
+def test_explain_names_the_rules_that_reach_the_current_actor(capsys: pytest.CaptureFixture[str]) -> None:
+    policy = str(EXAMPLES / "delegation.csv")
+    argv = ["policy", "explain", "user:eve", "mcp:github/merge_pull_request", "call", "--policy", policy]
+    code, out, _ = lines(capsys, *argv, "--actor", "client:triage-agent")
+    assert code == 1 and out[1] == "  decided by: p, role:agent, mcp:github/merge_pull_request, *, deny"
+    assert out[-2:] == [
+        f"    allow  role:engineer  [p, role:engineer, mcp:github/*, *, allow at {policy}:4]",
+        "    deny   role:agent, for the actor client:triage-agent  "
+        f"[p, role:agent, mcp:github/merge_pull_request, *, deny at {policy}:9]",
+    ]

@@ -229,7 +229,9 @@ async def test_a_denial_reads_the_same_whether_or_not_the_object_exists_and_esca
         await stage(Call("mcp", "read", odd, "elsewhere", "resources/read", principal=ALICE), upstream)
     message = caught.value.message
     assert message.isprintable() and len(message) < 300
-    assert message.startswith("denied by policy: user:alice may not read mcp:elsewhere/resource/\\x1b[31mred\\n\\u202e")
+    assert message.startswith(
+        "denied by policy: user:alice may not read mcp:elsewhere/resource/\\x1b[31mred\\n\\u202e"
+    )
     assert message.endswith("...[842 more]")
 
 
