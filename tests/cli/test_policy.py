@@ -1,4 +1,4 @@
-"""`agentgw policy check|test|lint` on the repository's policies and on small ones written here."""
+"""`agentgw policy ...` on the repository's policies, small ones written here and a recorded audit log."""
 
 from __future__ import annotations
 
