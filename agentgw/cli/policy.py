@@ -743,9 +743,16 @@ _ADVISORY = ("is granted by no g rule", "grants nothing")
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """Replace `path` with `text` at once: the gateway reads either the old file or the new one."""
-    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """Replace `path` with `text` at once: the gateway reads either the old file or the new one.
+
+    Raises:
+        PolicyError: the file could not be written (it is left as it was).
+    """
+    try:
+        mode = path.stat().st_mode & 0o7777
+        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise PolicyError(f"cannot write {path}: {exc}") from exc
     try:
         with os.fdopen(fd, "w") as out:
             out.write(text)
@@ -753,8 +760,10 @@ def _write_atomically(path: Path, text: str) -> None:
             os.fsync(out.fileno())
         os.chmod(temp, mode)
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as exc:
         os.unlink(temp)
+        if isinstance(exc, OSError):
+            raise PolicyError(f"cannot write {path}: {exc}") from exc
         raise
 
 

@@ -680,3 +680,18 @@ def test_explain_names_the_rules_that_reach_the_current_actor(capsys: pytest.Cap
         "    deny   role:agent, for the actor client:triage-agent  "
         f"[p, role:agent, mcp:github/merge_pull_request, *, deny at {policy}:9]",
     ]
+
+
+def test_an_edit_that_cannot_be_written_leaves_the_file_and_no_temporary_behind(
+    policy_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def full_disk(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("agentgw.cli.policy.os.replace", full_disk)
+    code, out, err = lines(
+        capsys, "policy", "add", "p, role:dev, mcp:k8s/get_pods, call", "--policy", str(policy_file)
+    )
+    assert code == 2 and out == [] and f"cannot write {policy_file}: [Errno 28] No space left" in err
+    assert policy_file.read_text() == POLICY_TEXT
+    assert [p.name for p in policy_file.parent.iterdir()] == ["policy.csv"]
