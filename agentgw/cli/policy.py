@@ -1,10 +1,18 @@
-"""`agentgw policy check|test|lint`: policy tooling for security teams, no Python needed.
+"""`agentgw policy ...`: policy tooling for security teams, no Python needed.
 
     agentgw policy check user:alice mcp:github/create_issue call --role dev   # decision + deciding rule
+    agentgw policy explain user:alice mcp:github/create_issue call            # ... and why, in words
+    agentgw policy who-can mcp:github/delete_repo call                        # principals and roles
+    agentgw policy what-can user:alice                                        # objects and actions
+    agentgw policy replay --policy candidate/ --since 7d                      # what a change would do
+    agentgw policy add "p, role:dev, mcp:github/*, call"                      # edit the policy source
+    agentgw policy remove "p, role:dev, mcp:github/*, call"
     agentgw policy test policies/tests/                                       # YAML cases; 1 on a mismatch
     agentgw policy lint --policy policies/demo.csv                            # rules that can never match
 
 Without `--policy` the commands use the policy of the config (`--config`, `$AGENTGW_CONFIG`).
+`who-can` and `what-can` read the rules the way agentgw's model decides them (policies/model.conf,
+decision 0002): roles through `g` rules, objects through a trailing `*`, and a deny beats any allow.
 A test file names its policy files relative to itself:
 
     policy: ../demo.csv            # or a list of files
@@ -17,19 +25,33 @@ A test file names its policy files relative to itself:
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from agentgw.cli.settings import add_common_options, settings_from_args
-from agentgw.filters.authorize import ACTIONS, CasbinAuthorizer, PolicyError, Rule, object_match, read_rules
+from agentgw.filters.audit import printable
+from agentgw.filters.authorize import (
+    ACTIONS,
+    DEFAULT_DENY,
+    CasbinAuthorizer,
+    PolicyError,
+    Rule,
+    object_match,
+    parse_rule,
+    read_rules,
+)
 from agentgw.settings import PACKAGE_POLICIES
 
-__all__ = ["Finding", "lint", "register", "run_tests"]
+__all__ = ["Change", "Finding", "Grant", "lint", "register", "replay", "run_tests", "what_can", "who_can"]
 
 ADMIN_AREAS = ("registry", "policies", "keys", "budgets", "audit")
 OBJECT_ACTIONS = {
@@ -61,6 +83,54 @@ def register(sub: Any) -> None:
 
     lint_cmd = policy_sub.add_parser("lint", help="flag rules that can never match and roles never granted")
     _policy_options(lint_cmd)
+
+    explain = policy_sub.add_parser(
+        "explain", help="the decision for one request, the rules that apply and the model's matcher in words"
+    )
+    _policy_options(explain)
+    explain.add_argument("subject", help="user:alice, client:ci-bot, role:dev, anonymous")
+    explain.add_argument("object", help="mcp:<server>/<tool>, a2a:<agent>/<skill>, llm:<model>, admin:<area>")
+    explain.add_argument("action", help="list, call, read, send, write")
+    explain.add_argument("--role", action="append", default=[], help="a role the token carries (repeat)")
+    explain.add_argument("--actor", action="append", default=[], help="a delegation actor, current first")
+
+    who = policy_sub.add_parser("who-can", help="the principals and roles a rule lets reach an object")
+    _policy_options(who)
+    who.add_argument("object", help="an object, or a pattern ending in * (mcp:github/*)")
+    who.add_argument("action", nargs="?", help="list, call, read, send, write (default: any)")
+
+    what = policy_sub.add_parser("what-can", help="the objects and actions a subject's rules reach")
+    _policy_options(what)
+    what.add_argument("subject", help="user:alice, client:ci-bot, role:dev, anonymous")
+    what.add_argument("--role", action="append", default=[], help="a role the token carries (repeat)")
+
+    replay_cmd = policy_sub.add_parser(
+        "replay",
+        help="decide the audit log's recorded calls with a candidate policy; list what would change",
+    )
+    add_common_options(replay_cmd)
+    replay_cmd.add_argument(
+        "--policy",
+        type=Path,
+        required=True,
+        help="a directory with model.conf and policy.csv, or a policy CSV file (with the config's model)",
+    )
+    replay_cmd.add_argument("--model", type=Path, help="the model for a CSV file (default: the config's)")
+    replay_cmd.add_argument("--since", default="7d", help="ISO 8601 time or age (15m, 2h, 7d; default 7d)")
+    replay_cmd.add_argument(
+        "--allow-widening", action="store_true", help="exit 0 even if a denied call would be allowed"
+    )
+
+    for name, verb in (("add", "append rules to"), ("remove", "remove rules from")):
+        edit = policy_sub.add_parser(
+            name, help=f"{verb} the policy source (the policy file, or the database with policy.database)"
+        )
+        add_common_options(edit)
+        edit.add_argument("rules", nargs="+", metavar="RULE", help='a policy line: "p, sub, obj, act[, eft]"')
+        edit.add_argument("--policy", type=Path, help="edit this policy CSV file (default: the config's)")
+        edit.add_argument(
+            "--model", type=Path, help="the Casbin model to validate with (default: the config's)"
+        )
     policy.set_defaults(func=_policy)
 
 
@@ -96,15 +166,24 @@ def _configured(args: argparse.Namespace) -> CasbinAuthorizer:
 
 
 def _policy(args: argparse.Namespace) -> int:
+    commands = {
+        "check": _check,
+        "explain": _explain,
+        "who-can": _who_can,
+        "what-can": _what_can,
+        "replay": _replay,
+        "add": _edit,
+        "remove": _edit,
+    }
     try:
-        if args.policy_command == "check":
-            return _check(args)
+        if args.policy_command in commands:
+            return commands[args.policy_command](args)
         if args.policy_command == "test":
             failures = run_tests(args.paths)
             return 1 if failures else 0
         findings = lint(_configured(args).rules)
     except PolicyError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        print(f"error: {printable(exc.message)}", file=sys.stderr)
         return 2
     for finding in findings:
         print(finding)
@@ -286,3 +365,470 @@ def lint(rules: Sequence[Rule]) -> list[Finding]:
         if role not in used and role not in members:
             findings.append(Finding(rule.text, rule.source, f"{role} grants nothing: no p rule names it"))
     return findings
+
+
+# --- the shapes of what is asked ---
+
+SUBJECT_SHAPES = "user:<name>, client:<id>, role:<name> or anonymous"
+REQUEST_ACTIONS = tuple(a for a in ACTIONS if a != "*")
+
+
+def _subject(text: str) -> str:
+    if text != "anonymous" and not (text.startswith(SUBJECT_PREFIXES) and text.split(":", 1)[1]):
+        raise PolicyError(f"unknown subject '{text}': use {SUBJECT_SHAPES}")
+    return text
+
+
+def _object(text: str, *, pattern: bool = False) -> str:
+    kind = next((k for k in OBJECT_ACTIONS if text.startswith(k)), None)
+    if kind is None or text == kind:
+        raise PolicyError(f"unknown object '{text}': use mcp:, a2a:, llm: or admin: and a name")
+    if not pattern and text.endswith("*"):
+        raise PolicyError(f"'{text}' is a pattern: ask about one object")
+    return text
+
+
+def _action(text: str) -> str:
+    if text not in REQUEST_ACTIONS:
+        raise PolicyError(f"unknown action '{text}': use one of {', '.join(REQUEST_ACTIONS)}")
+    return text
+
+
+def _roles(values: Sequence[str]) -> list[str]:
+    return [r if r.startswith("role:") else f"role:{r}" for r in values]
+
+
+# --- who-can and what-can: the rules read the way the model decides them ---
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A rule that reaches `subject`, held through the roles in `via` (empty: it names `subject`)."""
+
+    subject: str
+    via: tuple[str, ...]
+    rule: Rule
+    denied_by: Rule | None = None  # an allow that a deny for the same subject overrides
+    except_for: tuple[Rule, ...] = ()  # denies that override a part of the allow
+
+    @property
+    def effect(self) -> str:
+        return self.rule.fields[3]
+
+
+def _reach(rules: Sequence[Rule], start: str, *, upwards: bool) -> dict[str, tuple[str, ...]]:
+    """Who `start` reaches through `g` rules, each with the roles in between (`start` excluded).
+
+    Upwards: the roles `start` holds, each with the roles it is held through, `start`'s side first.
+    Downwards: the members of the role `start`, each with the roles from it up to `start`.
+    """
+    links: dict[str, list[str]] = {}
+    for rule in rules:
+        if rule.kind == "g":
+            member, role = rule.fields
+            links.setdefault(member if upwards else role, []).append(role if upwards else member)
+    found: dict[str, tuple[str, ...]] = {start: ()}
+    frontier = [start]
+    while frontier:
+        name = frontier.pop(0)
+        for nxt in links.get(name, ()):
+            if nxt not in found:
+                if upwards:
+                    found[nxt] = () if name == start else (*found[name], name)
+                else:
+                    found[nxt] = (name, *found[name])
+                frontier.append(nxt)
+    del found[start]
+    return found
+
+
+def _narrower(a: str, b: str) -> str:
+    """The smaller of two overlapping objects or patterns (they overlap, so one contains the other)."""
+    return a if len(a.rstrip("*")) >= len(b.rstrip("*")) else b
+
+
+def _overlaps(a: str, b: str) -> bool:
+    """Whether some object matches both `a` and `b` (objects or patterns ending in `*`)."""
+    if a.endswith("*") and b.endswith("*"):
+        return a[:-1].startswith(b[:-1]) or b[:-1].startswith(a[:-1])
+    if a.endswith("*"):
+        return object_match(b, a)
+    return object_match(a, b)
+
+
+def _spans(pattern: str, space: str) -> bool:
+    """Whether `pattern` matches every object of `space` (an object or a pattern)."""
+    if space.endswith("*"):
+        return pattern.endswith("*") and space[:-1].startswith(pattern[:-1])
+    return object_match(space, pattern)
+
+
+def _denials(
+    allow: Rule, space: str, action: str, identities: Iterable[str], denies: Sequence[Rule]
+) -> tuple[Rule | None, tuple[Rule, ...]]:
+    """The deny that overrides `allow` on all of `space` for `action`, and those overriding a part."""
+    held = {"*", *identities}
+    whole: Rule | None = None
+    parts: list[Rule] = []
+    for deny in denies:
+        d_sub, d_obj, d_act, _ = deny.fields
+        if d_sub not in held or not _overlaps(d_obj, space) or (action != "*" and d_act not in ("*", action)):
+            continue
+        if _spans(d_obj, space) and d_act in ("*", action):
+            whole = whole or deny
+        else:
+            parts.append(deny)
+    return whole, tuple(parts)
+
+
+def who_can(rules: Sequence[Rule], obj: str, action: str | None = None) -> list[Grant]:
+    """Every subject that a rule on `obj` (an object, or a pattern ending in `*`) reaches for
+    `action` (any when None), directly or as a member of a role, deny rules first."""
+    p_rules = [r for r in rules if r.kind == "p" and _overlaps(obj, r.fields[1])]
+    p_rules = [r for r in p_rules if action is None or r.fields[2] in ("*", action)]
+    denies = [r for r in p_rules if r.fields[3] == "deny"]
+    grants: list[Grant] = []
+    for rule in sorted(p_rules, key=lambda r: r.fields[3] != "deny"):
+        sub, rule_obj, act, eft = rule.fields
+        reached = {sub: ()} | ({} if sub == "*" else _reach(rules, sub, upwards=False))
+        for subject, via in reached.items():
+            if eft == "deny":
+                grants.append(Grant(subject, via, rule))
+                continue
+            identities = [subject, *_reach(rules, subject, upwards=True)]
+            space = _narrower(obj, rule_obj)
+            whole, parts = _denials(rule, space, action or act, identities, denies)
+            grants.append(Grant(subject, via, rule, whole, parts))
+    return grants
+
+
+def what_can(rules: Sequence[Rule], subject: str, roles: Sequence[str] = ()) -> list[Grant]:
+    """Every rule that reaches `subject` (holding the token `roles` too): through its own name, the
+    roles it holds through `g` rules, or `*`; each allow with the denies that override it."""
+    held: dict[str, tuple[str, ...]] = {subject: ()}
+    for start in (subject, *roles):
+        if start != subject:
+            held.setdefault(start, ())
+        for role, via in _reach(rules, start, upwards=True).items():
+            held.setdefault(role, via if start == subject else (start, *via))
+    held.setdefault("*", ())
+    p_rules = [r for r in rules if r.kind == "p" and r.fields[0] in held]
+    denies = [r for r in p_rules if r.fields[3] == "deny"]
+    grants: list[Grant] = []
+    for rule in sorted(p_rules, key=lambda r: r.fields[3] != "deny"):
+        sub, obj, act, eft = rule.fields
+        if eft == "deny":
+            grants.append(Grant(sub, held[sub], rule))
+            continue
+        whole, parts = _denials(rule, obj, act, held, denies)
+        grants.append(Grant(sub, held[sub], rule, whole, parts))
+    return grants
+
+
+def _via(grant: Grant) -> str:
+    return f" (via {' > '.join(grant.via)})" if grant.via else ""
+
+
+def _grant_line(grant: Grant, who: str) -> str:
+    _, obj, act, eft = grant.rule.fields
+    line = f"{eft:<5}  {who:<32}  {act:<5}  {obj}  [{grant.rule.text} at {grant.rule.source}]"
+    if grant.denied_by is not None:
+        line += f"  overridden by: {grant.denied_by.text} at {grant.denied_by.source}"
+    for deny in grant.except_for:
+        line += f"  except: {deny.text}"
+    return printable(line)
+
+
+def _who_can(args: argparse.Namespace) -> int:
+    obj = _object(args.object, pattern=True)
+    action = None if args.action is None else _action(args.action)
+    grants = who_can(_configured(args).rules, obj, action)
+    for grant in grants:
+        who = "* (everyone)" if grant.subject == "*" else grant.subject + _via(grant)
+        print(_grant_line(grant, who))
+    allowed = sorted({g.subject for g in grants if g.effect == "allow" and g.denied_by is None})
+    asked = f"{action or 'any action'} on {obj}"
+    print(printable(f"allowed {asked}: {', '.join(allowed) or 'nobody'}"), file=sys.stderr)
+    return 0
+
+
+def _what_can(args: argparse.Namespace) -> int:
+    subject = _subject(args.subject)
+    grants = what_can(_configured(args).rules, subject, _roles(args.role))
+    for grant in grants:
+        who = "* (everyone)" if grant.subject == "*" else grant.subject + _via(grant)
+        print(_grant_line(grant, who))
+    count = sum(g.effect == "allow" and g.denied_by is None for g in grants)
+    print(
+        printable(f"{subject}: {count} allowing rule(s), {len(grants) - count} denying or overridden"),
+        file=sys.stderr,
+    )
+    return 0
+
+
+# --- explain ---
+
+_MATCHER_WORDS = (
+    "a rule applies when its subject is * or the subject or a role the subject holds (through g rules, "
+    "or carried by its token), its object is the object or a pattern ending in * that the object starts "
+    "with, and its action is * or the action"
+)
+_EFFECT_WORDS = (
+    "allowed when some rule that applies allows and none denies: a deny beats every allow, and nothing "
+    "is allowed that no rule allows (default deny)"
+)
+_DELEGATION_WORDS = (
+    "a delegated call is decided for the subject and for the current actor: both must be allowed"
+)
+
+
+def _model_lines(model: Path) -> dict[str, str]:
+    try:
+        text = model.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError(f"cannot read the model {model}: {exc}") from exc
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"(?m)^\s*([em])\s*=(.*)$", text)}
+
+
+def _explain(args: argparse.Namespace) -> int:
+    subject, obj, action = _subject(args.subject), _object(args.object), _action(args.action)
+    authorizer = _configured(args)
+    roles = _roles(args.role)
+    decision = authorizer.explain(subject, roles, args.actor, obj, action)
+    print("allow" if decision.allowed else "deny")
+    print(printable(f"  decided by: {decision.rule or DEFAULT_DENY + ' (no rule matched)'}"))
+    lines = _model_lines(authorizer.model)
+    ours = _model_lines(PACKAGE_POLICIES / "model.conf")
+    print(printable(f"  matcher: {lines.get('m', '?')}"))
+    print(printable(f"  effect:  {lines.get('e', '?')}"))
+    if lines == ours:
+        print(f"  in words: {_MATCHER_WORDS}; {_EFFECT_WORDS}; {_DELEGATION_WORDS}.")
+    else:
+        print("  in words: a custom model: read its matcher and effect above")
+    print("  rules that apply:")
+    shown: set[Rule] = set()
+    for who in (subject, *args.actor[:1]):
+        for grant in what_can(authorizer.rules, who, roles if who == subject else ()):
+            _, rule_obj, act, eft = grant.rule.fields
+            if grant.rule in shown or not (object_match(obj, rule_obj) and act in ("*", action)):
+                continue
+            shown.add(grant.rule)
+            label = "* (everyone)" if grant.subject == "*" else grant.subject + _via(grant)
+            if who != subject and grant.subject != "*":
+                label += f", for the actor {who}"
+            print(printable(f"    {eft:<5}  {label}  [{grant.rule.text} at {grant.rule.source}]"))
+    return 0 if decision.allowed else 1
+
+
+# --- replay ---
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A recorded decision the candidate policy decides the other way."""
+
+    record: Mapping[str, Any]
+    was: str  # allowed, denied
+    now: str
+    now_rule: str
+
+    @property
+    def widening(self) -> bool:
+        return self.now == "allowed"
+
+
+def _recorded(record: Mapping[str, Any]) -> str | None:
+    """What the policy decided for a recorded call: allowed, denied, or None when the policy did not
+    decide it (an outcome, a listing, a session message, a refusal before the policy stage)."""
+    if record["event"] != "decision" or record["action"] not in REQUEST_ACTIONS or record["action"] == "list":
+        return None
+    if not record["subject"]:
+        return None
+    if record["reason"] == "denied_by_policy":
+        return "denied"
+    # A rule is recorded only once the policy stage decided; a later stage may still have refused.
+    return "allowed" if record["rule"] and record["rule"].endswith(", allow") else None
+
+
+def replay(records: Iterable[Mapping[str, Any]], candidate: CasbinAuthorizer) -> tuple[int, list[Change]]:
+    """Decide every recorded policy decision with `candidate`; return how many were decided and the
+    ones that come out the other way."""
+    replayed = 0
+    changes: list[Change] = []
+    for record in records:
+        was = _recorded(record)
+        if was is None:
+            continue
+        replayed += 1
+        decision = candidate.explain(
+            record["subject"], record["roles"], record["actors"][:1], record["resource"], record["action"]
+        )
+        now = "allowed" if decision.allowed else "denied"
+        if now != was:
+            changes.append(Change(record, was, now, decision.rule or DEFAULT_DENY))
+    return replayed, changes
+
+
+def _candidate(path: Path, model: Path) -> CasbinAuthorizer:
+    if path.is_dir():
+        model, path = path / "model.conf", path / "policy.csv"
+        for needed in (model, path):
+            if not needed.is_file():
+                raise PolicyError(
+                    f"the candidate directory has no {needed.name}: it needs model.conf and policy.csv"
+                )
+    elif not path.is_file():
+        raise PolicyError(f"no candidate policy at {path}")
+    return CasbinAuthorizer(model, path, [], allow_empty=True)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from agentgw.storage import make_engine
+    from agentgw.storage.audit_log import AuditQuery, create_audit_tables, iter_records, parse_time
+
+    settings = settings_from_args(args)
+    candidate = _candidate(args.policy, args.model or settings.policy.model)
+    try:
+        since = parse_time(args.since)
+    except ValueError as exc:
+        raise PolicyError(str(exc)) from exc
+    engine = make_engine(settings.audit.database_url or settings.database_url)
+    try:
+        create_audit_tables(engine)
+        replayed, changes = replay(iter_records(engine, AuditQuery(since=since, event="decision")), candidate)
+    except SQLAlchemyError as exc:
+        raise PolicyError(f"the audit log cannot be read: {exc}") from exc
+    finally:
+        engine.dispose()
+    for change in changes:
+        r = change.record
+        print(
+            printable(
+                f"{change.was} -> {change.now}  {r['time']}  {r['subject']}  {r['action']}  {r['resource']}"
+                f"  was: {r['rule'] or DEFAULT_DENY}  now: {change.now_rule}  (request {r['request_id']})"
+            )
+        )
+    widening = sum(c.widening for c in changes)
+    print(
+        f"{replayed} recorded decision(s) since {since} replayed: {len(changes)} would change "
+        f"(allowed -> denied: {len(changes) - widening}, denied -> allowed: {widening})"
+    )
+    for title, key in (("by subject", "subject"), ("by object", "resource")):
+        counts = Counter((c.record[key], c.was, c.now) for c in changes)
+        if counts:
+            print(f"{title}:")
+        for (name, was, now), count in sorted(counts.items()):
+            print(printable(f"  {name}  {was} -> {now}: {count}"))
+    if not replayed:
+        print(
+            f"note: the audit log holds no policy decision since {since}: nothing was replayed",
+            file=sys.stderr,
+        )
+    if widening and not args.allow_widening:
+        print(
+            f"error: the candidate allows {widening} call(s) that were denied"
+            " (pass --allow-widening to accept)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+# --- add and remove ---
+
+# Lint findings that do not make a rule dead: a role may come from tokens, a g rule may come first.
+_ADVISORY = ("is granted by no g rule", "grants nothing")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text` at once: the gateway reads either the old file or the new one.
+
+    Raises:
+        PolicyError: the file could not be written (it is left as it was).
+    """
+    try:
+        mode = path.stat().st_mode & 0o7777
+        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise PolicyError(f"cannot write {path}: {exc}") from exc
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temp, mode)
+        os.replace(temp, path)
+    except BaseException as exc:
+        os.unlink(temp)
+        if isinstance(exc, OSError):
+            raise PolicyError(f"cannot write {path}: {exc}") from exc
+        raise
+
+
+def _edit(args: argparse.Namespace) -> int:
+    adding = args.policy_command == "add"
+    given = [parse_rule(text, f"argument {n}") for n, text in enumerate(args.rules, 1)]
+    for rule in given:
+        if not all(field.isprintable() for field in rule.fields):
+            raise PolicyError(f"{rule.source}: a field holds characters that are not printable")
+    settings = None if args.policy else settings_from_args(args)
+    model = args.model or (settings.policy.model if settings else PACKAGE_POLICIES / "model.conf")
+    database = settings is not None and settings.policy.database
+    path = args.policy or (None if settings is None else settings.policy.file)
+    if database:
+        authorizer = _configured(args)
+        current = authorizer.rules
+    elif path is None:
+        raise PolicyError("the config names no policy file (policy.file) and policy.database is off")
+    else:
+        current = read_rules(path)
+    same = {(r.kind, r.fields) for r in given}
+    if adding:
+        result = [*current, *given]
+    else:
+        # With the database on, only its rules can be removed here; the file's are edited in the file.
+        editable = [r for r in current if r.source.startswith("database")] if database else current
+        held = {(r.kind, r.fields) for r in editable}
+        missing = [r.text for r in given if (r.kind, r.fields) not in held]
+        if missing:
+            raise PolicyError(f"no such rule to remove: {'; '.join(missing)}")
+        result = [r for r in current if (r.kind, r.fields) not in same]
+    # The checks of `policy lint`: a new rule that can never take effect is refused, the advice
+    # (a role no g rule grants may come from tokens) is shown; the result must load.
+    findings = [f for f in lint(result) if f.source.startswith("argument ")] if adding else []
+    blocking = [f for f in findings if not any(a in f.problem for a in _ADVISORY)]
+    if blocking:
+        raise PolicyError("; ".join(str(f) for f in blocking))
+    for finding in findings:
+        print(printable(f"note: {finding}"), file=sys.stderr)
+    allow_empty = settings.policy.allow_empty if settings else False
+    CasbinAuthorizer(model, None, result, allow_empty=allow_empty)
+    if database:
+        for rule in given:
+            if adding:
+                authorizer.add_rule(rule.text)
+            else:
+                authorizer.remove_rule(rule.text)
+        where = "the database"
+    else:
+        assert path is not None
+        lines = path.read_text().splitlines()
+        if adding:
+            lines += [r.text for r in given]
+        else:
+            lines = [line for line in lines if not _is_one_of(line, same)]
+        _write_atomically(path, "\n".join(lines) + "\n")
+        where = str(path)
+    verb = "added to" if adding else "removed from"
+    for rule in given:
+        print(printable(f"{rule.text}: {verb} {where}"))
+    return 0
+
+
+def _is_one_of(line: str, rules: set[tuple[Literal["p", "g"], tuple[str, ...]]]) -> bool:
+    if not line.strip() or line.lstrip().startswith("#"):
+        return False
+    rule = parse_rule(line)
+    return (rule.kind, rule.fields) in rules

@@ -39,6 +39,7 @@ from agentgw.pipeline import CallNext
 
 __all__ = [
     "ACTIONS",
+    "DEFAULT_DENY",
     "Authorize",
     "Authorizer",
     "CasbinAuthorizer",
@@ -56,6 +57,10 @@ ACTIONS = ("list", "call", "read", "send", "write", "*")
 MAX_CACHED_DECISIONS = 50_000
 DB_POLL_S = 2.0
 _FIELD = re.compile(r"^[^\s,\[\]()\"]+$")
+# What the audit record names as the deciding rule when no rule matched.
+DEFAULT_DENY = "default deny"
+# A denial quotes the object the caller asked for, at most this long, so that an error stays small.
+MAX_SHOWN_OBJECT = 200
 
 
 class PolicyError(GatewayError):
@@ -205,6 +210,11 @@ class CasbinAuthorizer:
         self.generation = 0
         # (enforcer, explainer), swapped as one object so a decision never mixes two policies.
         self._pair = self._load()
+
+    @property
+    def model(self) -> Path:
+        """The Casbin model file the policy is decided with."""
+        return self._model
 
     @property
     def database_enabled(self) -> bool:
@@ -443,11 +453,28 @@ class Authorize:
                 decide = self._authorizer.decide
                 reply.listing = [o for o in reply.listing if decide(principal, o, "list").allowed]
             return reply
-        decision = self._authorizer.decide(principal, call.resource, call.action)
-        call.decided_by = decision.rule
-        if not decision.allowed or not all(
-            self._authorizer.decide(principal, obj, call.action).allowed for obj in call.objects
-        ):
-            # The same words whether or not the object exists: a denial must not reveal a tool.
-            raise Forbidden(f"denied by policy: {principal.subject} may not {call.action} this object")
+        refused = call.resource
+        decision = self._authorizer.decide(principal, refused, call.action)
+        if decision.allowed:
+            for obj in call.objects:
+                decision_of_obj = self._authorizer.decide(principal, obj, call.action)
+                if not decision_of_obj.allowed:
+                    refused, decision = obj, decision_of_obj
+                    break
+        call.decided_by = decision.rule if decision.rule or decision.allowed else DEFAULT_DENY
+        if not decision.allowed:
+            # It names what the caller asked for, in the same words whether or not that exists, so
+            # a denial says what was refused without revealing what is there.
+            raise Forbidden(
+                f"denied by policy: {_shown(principal.subject)} may not {call.action} {_shown(refused)}"
+            )
         return await call_next(call)
+
+
+def _shown(name: str) -> str:
+    """`name` fit for an error message: characters that are not printable escaped, then capped."""
+    if not name.isprintable():
+        name = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in name)
+    if len(name) > MAX_SHOWN_OBJECT:
+        return f"{name[:MAX_SHOWN_OBJECT]}...[{len(name) - MAX_SHOWN_OBJECT} more]"
+    return name

@@ -46,7 +46,7 @@ def test_the_readme_tour_shows_two_users_a_denial_a_budget_stop_and_the_audit_tr
         assert tour.stdout.splitlines() == [
             "alice sees ['demo__get_weather', 'demo__search_docs']",
             "bob sees ['demo__get_weather']",
-            "delete_repo: denied by policy: user:alice may not call this object",
+            "delete_repo: denied by policy: user:alice may not call mcp:demo/delete_repo",
             "call 11: budget 'demo-run-calls' exhausted for run run-42: calls 10 of 10; it does not reset: "
             "start a new run",
         ]

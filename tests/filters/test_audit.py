@@ -328,7 +328,7 @@ async def test_an_allowed_call_is_recorded_before_it_is_forwarded_then_its_outco
 @pytest.mark.parametrize(
     ("refusal", "reason"),
     [
-        (Forbidden("denied by policy: user:alice may not call this object"), "denied_by_policy"),
+        (Forbidden("denied by policy: user:alice may not call mcp:demo/delete_repo"), "denied_by_policy"),
         (BudgetExceeded("budget 'run' exhausted for run run-7: calls 10 of 10"), "budget_exceeded"),
     ],
 )

@@ -194,7 +194,7 @@ def test_rules_cannot_be_edited_without_the_database_source_or_emptied_away(tmp_
 # --- the stage ---
 
 
-async def test_a_denied_call_never_reaches_the_next_stage_and_says_so_without_naming_the_tool() -> None:
+async def test_a_denied_call_never_reaches_the_next_stage_and_names_what_was_refused() -> None:
     reached: list[Call] = []
 
     async def upstream(c: Call) -> Reply:
@@ -205,11 +205,68 @@ async def test_a_denied_call_never_reaches_the_next_stage_and_says_so_without_na
     call = Call("mcp", "call", "mcp:github/secret_tool", "github", "tools/call", principal=ALICE)
     with pytest.raises(Forbidden) as caught:
         await stage(call, upstream)
-    assert "secret_tool" not in caught.value.message and "denied by policy" in caught.value.message
+    assert caught.value.message == "denied by policy: user:alice may not call mcp:github/secret_tool"
     assert reached == []
     with pytest.raises(Forbidden):
         await stage(Call("mcp", "call", "mcp:github/list_issues", "github", "tools/call"), upstream)
     assert reached == []
+
+
+async def test_a_denial_reads_the_same_whether_or_not_the_object_exists_and_escapes_the_name() -> None:
+    async def upstream(_: Call) -> Reply:
+        return Reply()
+
+    stage = Authorize(authorizer("p, role:dev, mcp:github/*, *", "p, *, mcp:github/delete_*, *, deny"))
+    words = []
+    for name in ("delete_repo", "delete_nothing_of_that_name"):
+        call = Call("mcp", "call", f"mcp:github/{name}", "github", "tools/call", principal=ALICE)
+        with pytest.raises(Forbidden) as caught:
+            await stage(call, upstream)
+        words.append(caught.value.message.replace(name, "NAME"))
+    assert words[0] == words[1] == "denied by policy: user:alice may not call mcp:github/NAME"
+    odd = "mcp:elsewhere/resource/\x1b[31mred\n\u202e" + "x" * 1000
+    with pytest.raises(Forbidden) as caught:
+        await stage(Call("mcp", "read", odd, "elsewhere", "resources/read", principal=ALICE), upstream)
+    message = caught.value.message
+    assert message.isprintable() and len(message) < 300
+    assert message.startswith(
+        "denied by policy: user:alice may not read mcp:elsewhere/resource/\\x1b[31mred\\n\\u202e"
+    )
+    assert message.endswith("...[842 more]")
+
+
+async def test_the_call_keeps_the_deciding_rule_or_default_deny_for_the_audit_record() -> None:
+    async def upstream(_: Call) -> Reply:
+        return Reply()
+
+    stage = Authorize(authorizer("p, role:dev, mcp:github/*, *", "p, *, mcp:github/delete_*, *, deny"))
+    allowed = Call("mcp", "call", "mcp:github/list_issues", "github", "tools/call", principal=ALICE)
+    await stage(allowed, upstream)
+    assert allowed.decided_by == "p, role:dev, mcp:github/*, *, allow"
+    calls = {
+        "p, *, mcp:github/delete_*, *, deny": Call(
+            "mcp", "call", "mcp:github/delete_repo", "github", "tools/call", principal=ALICE
+        ),
+        "default deny": Call("mcp", "call", "mcp:k8s/get_pods", "k8s", "tools/call", principal=ALICE),
+    }
+    for rule, call in calls.items():
+        with pytest.raises(Forbidden):
+            await stage(call, upstream)
+        assert call.decided_by == rule
+    # A request naming several objects is refused for the first one refused, and says which.
+    several = Call(
+        "mcp",
+        "read",
+        "mcp:github/resource/a",
+        "github",
+        "resources/read",
+        principal=ALICE,
+        objects=("mcp:github/resource/b", "mcp:k8s/resource/c", "mcp:k8s/resource/d"),
+    )
+    with pytest.raises(Forbidden) as caught:
+        await stage(several, upstream)
+    assert caught.value.message.endswith("may not read mcp:k8s/resource/c")
+    assert several.decided_by == "default deny"
 
 
 async def test_a_listing_keeps_exactly_what_the_caller_may_list() -> None:
