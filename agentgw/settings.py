@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 from agentgw.fetch_guard import parse_allow
 from agentgw.filters.audit import AuditSettings
 from agentgw.filters.budget import BudgetSettings
+from agentgw.metrics import MetricsSettings
 from agentgw.oauth.config import AuthSettings
 from registry.a2a import A2aAgentSpec, A2aCredential
 from registry.admission import Admission
@@ -94,6 +95,8 @@ class Settings(BaseSettings):
     # Request bodies of the admin API (and the other routes behind FastAPI's stack); larger ones get 413.
     admin_max_body_bytes: int = Field(default=1024 * 1024, ge=1)
     log_level: str = "INFO"
+    # Prometheus metrics at /metrics (agentgw/metrics.py).
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     # Mount the built-in demo upstream at /_demo/mcp (used by `agentgw serve` with no config).
     demo: bool = False
     policy: PolicySettings = Field(default_factory=PolicySettings)

@@ -87,6 +87,14 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers > 1 and not getattr(settings, "redis_url", None):
         print("error: --workers > 1 needs redis_url (MCP sessions shared between workers)", file=sys.stderr)
         return 2
+    # Each worker counts its own calls; a separate metrics port could be bound by one of them only.
+    if args.workers > 1 and settings.metrics.enabled and settings.metrics.port is not None:
+        print(
+            "error: --workers > 1 cannot serve metrics.port: each worker counts its own calls and only "
+            "one could bind the port; run one process per port (or leave metrics.port unset)",
+            file=sys.stderr,
+        )
+        return 2
     # A local budget ledger is one process's memory: each worker would count on its own.
     if args.workers > 1 and settings.budgets.store == "local":
         print(
