@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     # Request bodies of the admin API (and the other routes behind FastAPI's stack); larger ones get 413.
     admin_max_body_bytes: int = Field(default=1024 * 1024, ge=1)
     log_level: str = "INFO"
+    # `json`: one JSON object per log line (agentgw/log_format.py); `text`: one plain line.
+    log_format: Literal["text", "json"] = "text"
     # Prometheus metrics at /metrics (agentgw/metrics.py).
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     # Mount the built-in demo upstream at /_demo/mcp (used by `agentgw serve` with no config).

@@ -41,7 +41,9 @@ def register(sub: Any) -> None:
 
 
 def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from agentgw.log_format import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
     # Decisions go to the audit log; casbin's and httpx's per-request lines would only repeat them.
     logging.getLogger("casbin").setLevel(logging.ERROR)
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -137,6 +139,8 @@ def _uvicorn_options(args: argparse.Namespace, settings: Settings) -> dict[str, 
         "http": client_timeouts.PROTOCOLS[args.http],
         "timeout_keep_alive": settings.client_idle_timeout_s,
         "log_level": "warning",
+        # uvicorn's own lines go through the gateway's handler (`log_format`), not a format of its own.
+        "log_config": None,
         # Every call is in the audit log; an access log line per request would only repeat it.
         "access_log": False,
         # Nothing reads the peer address or scheme (URLs come from `base_url`), so X-Forwarded-*
