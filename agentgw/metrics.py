@@ -131,6 +131,15 @@ def _reason(exc: BaseException) -> str:
     return "cancelled"  # CancelledError and the like: the caller went away
 
 
+@dataclass(slots=True)
+class _Upstream:
+    """What a call to one upstream updates beyond the stage rows: found once per (protocol, name)."""
+
+    protocol: str
+    label: str
+    row: list[float]
+
+
 class Metrics:
     """Counts calls as the pipeline reports them (`finished`) and exposes them with `collect`."""
 
@@ -148,12 +157,12 @@ class Metrics:
         self._principals = principal_labels
         self._stage_rows = [_row() for _ in self.stages]
         self._calls: dict[tuple[str, ...], int] = {}
-        self._call_rows: dict[str, list[float]] = {}
         self._upstream_rows: dict[tuple[str, str], list[float]] = {}
         self._refusals: dict[tuple[str, str], int] = {}
         self._tokens: dict[tuple[str, str], int] = {}
         self._cost: dict[tuple[str, str], float] = {}
-        self._upstream_labels: dict[tuple[str, str], str] = {}
+        # By (protocol, the call's upstream name), for names the gateway defines only.
+        self._upstreams: dict[tuple[str, str], _Upstream] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         # The client's default collectors (process CPU, memory, open files; Python version; GC).
         ProcessCollector(registry=self.registry)
@@ -164,46 +173,38 @@ class Metrics:
     # --- the call path (the pipeline's `Observer`) ---
     def finished(self, call: Call, spent: Sequence[float], outcome: Reply | BaseException) -> None:
         """Count `call`; `spent[i]`: seconds inside stage `i` and every stage after it (0: not reached)."""
+        # Every call pays for this: plain list and dict updates, no locks (the event loop is the only
+        # writer), no label lookups beyond one dict get.
         rows = self._stage_rows
         last = len(rows) - 1
-        forwarded = spent[last] > 0.0
+        buckets = BUCKETS
         for index in range(last):
             inclusive = spent[index]
-            if inclusive == 0.0:
+            if not inclusive:
                 break
-            row = rows[index]
             own = inclusive - spent[index + 1]
-            row[bisect_left(BUCKETS, own)] += 1
+            row = rows[index]
+            row[bisect_left(buckets, own)] += 1
             row[-1] += own
-        protocol = call.protocol
-        key = (protocol, call.upstream)
-        upstream = self._upstream_labels.get(key)
-        if upstream is None:
-            upstream = self._upstream_label(protocol, call.upstream)
-        if forwarded:
-            took = spent[last]
+        upstream = self._upstreams.get((call.protocol, call.upstream)) or self._upstream(call)
+        took = spent[last]
+        if took:
+            slot = bisect_left(buckets, took)
             row = rows[last]
-            slot = bisect_left(BUCKETS, took)
             row[slot] += 1
             row[-1] += took
-            row = self._upstream_rows.get((protocol, upstream)) or self._upstream_rows.setdefault(
-                (protocol, upstream), _row()
-            )
+            row = upstream.row
             row[slot] += 1
             row[-1] += took
-        total = spent[0]
-        row = self._call_rows.get(protocol) or self._call_rows.setdefault(protocol, _row())
-        row[bisect_left(BUCKETS, total)] += 1
-        row[-1] += total
         if isinstance(outcome, Reply):
             decision, reason = "allowed", outcome.status
             if outcome.streaming:
-                outcome.on_settle(self._settled(protocol, upstream))
+                outcome.on_settle(self._settled(upstream))
             elif outcome.usage is not None:
-                self._used(protocol, upstream, outcome.usage)
+                self._used(upstream, outcome.usage)
         else:
             reason = _reason(outcome)
-            if forwarded:
+            if took:
                 decision = "allowed"  # refused or failed upstream, after the policy let it through
             elif isinstance(outcome, GatewayError) and outcome.http_status in _DENIED_STATUSES:
                 decision = "denied"
@@ -212,30 +213,35 @@ class Metrics:
                     self._refusals[budget] = self._refusals.get(budget, 0) + 1
             else:
                 decision = "error"
+        counted: tuple[str, ...] = (upstream.protocol, call.action, upstream.label, decision, reason)
         if self._principals:
-            subject = call.principal.subject if call.principal is not None else ""
-            counted: tuple[str, ...] = (protocol, call.action, upstream, decision, reason, subject)
-        else:
-            counted = (protocol, call.action, upstream, decision, reason)
-        self._calls[counted] = self._calls.get(counted, 0) + 1
+            counted += (call.principal.subject if call.principal is not None else "",)
+        calls = self._calls
+        calls[counted] = calls.get(counted, 0) + 1
 
-    def _upstream_label(self, protocol: str, name: str) -> str:
-        if not self._known(protocol, name):
-            return UNKNOWN
-        if len(self._upstream_labels) < MAX_KNOWN_UPSTREAMS:
-            self._upstream_labels[(protocol, name)] = name
-        return name
+    def _upstream(self, call: Call) -> _Upstream:
+        protocol, name = call.protocol, call.upstream
+        label = name if self._known(protocol, name) else UNKNOWN
+        row = self._upstream_rows.get((protocol, label))
+        if row is None:
+            row = self._upstream_rows[(protocol, label)] = _row()
+        found = _Upstream(protocol, label, row)
+        # A name the caller made up is looked up again next time rather than remembered: callers
+        # must not grow this.
+        if label != UNKNOWN and len(self._upstreams) < MAX_KNOWN_UPSTREAMS:
+            self._upstreams[(protocol, name)] = found
+        return found
 
-    def _used(self, protocol: str, upstream: str, usage: Usage) -> None:
-        key = (protocol, upstream)
+    def _used(self, upstream: _Upstream, usage: Usage) -> None:
+        key = (upstream.protocol, upstream.label)
         if usage.tokens:
             self._tokens[key] = self._tokens.get(key, 0) + usage.tokens
         if usage.cost:
             self._cost[key] = self._cost.get(key, 0.0) + usage.cost
 
-    def _settled(self, protocol: str, upstream: str) -> Callable[[Usage], Awaitable[None]]:
+    def _settled(self, upstream: _Upstream) -> Callable[[Usage], Awaitable[None]]:
         async def settle(usage: Usage) -> None:
-            self._used(protocol, upstream, usage)
+            self._used(upstream, usage)
 
         return settle
 
@@ -266,12 +272,6 @@ class Metrics:
             "Time from forwarding a call to its upstream's answer (a stream's first bytes).",
             ["protocol", "upstream"],
             list(self._upstream_rows.items()),
-        )
-        yield _histogram(
-            "agentgw_call_duration_seconds",
-            "Time of a call through the whole pipeline, refusals included.",
-            ["protocol"],
-            [((protocol,), row) for protocol, row in list(self._call_rows.items())],
         )
         refusals = CounterMetricFamily(
             "agentgw_budget_refusals",

@@ -70,35 +70,30 @@ class Pipeline:
         admitted = self.admitted
         observer = self.observer
         named = current_call.set(call)
-        try:
-            if observer is None:
+        if observer is None:
 
-                async def step(index: int, current: Call) -> Reply:
-                    if index == last:
-                        if admitted is not None:
-                            await admitted(current)
-                        return await terminal(current)
-                    return await filters[index](current, lambda c: step(index + 1, c))
+            async def step(index: int, current: Call) -> Reply:
+                if index == last:
+                    if admitted is not None:
+                        await admitted(current)
+                    return await terminal(current)
+                return await filters[index](current, lambda c: step(index + 1, c))
 
+            try:
                 return await step(0, call)
-            return await self._timed(call, terminal, observer)
-        finally:
-            current_call.reset(named)
+            finally:
+                current_call.reset(named)
 
-    async def _timed(self, call: Call, terminal: CallNext, observer: Observer) -> Reply:
-        filters = self.filters
-        last = len(filters)
-        admitted = self.admitted
         clock = time.perf_counter
         spent = [0.0] * (last + 2)
 
         # Each step adds the time inside it, inner steps included: a stage that calls the next twice
         # (a retry) is counted once for each, and nothing is counted twice by subtracting.
-        async def step(index: int, current: Call) -> Reply:
+        async def timed(index: int, current: Call) -> Reply:
             started = clock()
             try:
                 if index < last:
-                    return await filters[index](current, lambda c: step(index + 1, c))
+                    return await filters[index](current, lambda c: timed(index + 1, c))
                 if admitted is not None:
                     await admitted(current)
                 forwarded = clock()
@@ -109,21 +104,21 @@ class Pipeline:
             finally:
                 spent[index] += clock() - started
 
+        outcome: Reply | BaseException
         try:
-            reply = await step(0, call)
+            outcome = await timed(0, call)
         except BaseException as exc:
-            _tell(observer, call, spent, exc)
+            outcome = exc
             raise
-        _tell(observer, call, spent, reply)
-        return reply
-
-
-def _tell(observer: Observer, call: Call, spent: Sequence[float], outcome: Reply | BaseException) -> None:
-    # Counting is not a control: a broken observer must not turn an answered call into an error.
-    try:
-        observer.finished(call, spent, outcome)
-    except Exception:
-        log.exception("pipeline observer failed for request %s", call.request_id)
+        else:
+            return outcome
+        finally:
+            current_call.reset(named)
+            # Counting is not a control: a broken observer must not turn an answered call into an error.
+            try:
+                observer.finished(call, spent, outcome)
+            except Exception:
+                log.exception("pipeline observer failed for request %s", call.request_id)
 
 
 def ordered(
