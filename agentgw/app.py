@@ -542,13 +542,13 @@ def create_app(settings: Settings) -> GatewayApp:
             gateway.sessions.sync(gateway.registry.servers())
             poller = asyncio.create_task(_poll_registry(gateway.registry))
             policy_watch = asyncio.create_task(gateway.authorizer.watch())
-            # What start-up built (about 200,000 objects: libraries, settings, stages) lives as long as
-            # the process: keep it out of the cyclic GC, whose full passes over it stalled every call
-            # in flight for about 180 ms (bench/RESULTS.md).
             if gateway.metrics is not None and settings.metrics.port is not None:
                 await stack.enter_async_context(
                     serve_metrics(gateway.metrics, settings.metrics.host, settings.metrics.port)
                 )
+            # What start-up built (about 200,000 objects: libraries, settings, stages) lives as long as
+            # the process: keep it out of the cyclic GC, whose full passes over it stalled every call
+            # in flight for about 180 ms (bench/RESULTS.md).
             gc.collect()
             gc.freeze()
             try:
