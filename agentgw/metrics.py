@@ -1,10 +1,10 @@
 """Prometheus metrics: what the pipeline saw of every call, and the state of what it depends on.
 
 `Metrics` is the pipeline's `Observer`: told of each finished call with what every stage took, it
-counts the call by protocol, action, upstream, decision and reason, and files the stage times, the upstream's
-time and the whole call's time into histograms. Those counts are plain numbers kept on the event loop
-(the pipeline's only thread) and read by `collect` at scrape time: `prometheus_client`'s own counters
-and histograms take a lock per update and cost several microseconds a call more (decision 0513). The
+counts the call by protocol, action, upstream, decision and reason, and files each stage's own time
+and the upstream's into histograms. Those counts are plain numbers kept on the event loop (the
+pipeline's only thread) and read by `collect` at scrape time: `prometheus_client`'s own counters and
+histograms take a lock per update and cost several microseconds a call more (decision 0513). The
 library still does what it is good at: the registry, the exposition format and the process, platform
 and GC collectors.
 
@@ -44,7 +44,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from agentgw.call import Call, Reply, Usage
 from agentgw.errors import BudgetExceeded, GatewayError
 
-__all__ = ["BUCKETS", "UNKNOWN", "Metrics", "MetricsSettings", "State", "metrics_router", "serve_metrics"]
+__all__ = [
+    "BUCKETS",
+    "UNKNOWN",
+    "Known",
+    "Metrics",
+    "MetricsSettings",
+    "State",
+    "metrics_router",
+    "serve_metrics",
+]
 
 log = logging.getLogger(__name__)
 
