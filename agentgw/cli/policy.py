@@ -31,7 +31,7 @@ from agentgw.settings import PACKAGE_POLICIES
 
 __all__ = ["Finding", "lint", "register", "run_tests"]
 
-ADMIN_AREAS = ("registry", "policies", "keys", "budgets", "audit")
+ADMIN_AREAS = ("registry", "policies", "keys", "budgets", "audit", "metrics")
 OBJECT_ACTIONS = {
     "mcp:": {"list", "call", "read"},
     "a2a:": {"list", "send", "call"},
