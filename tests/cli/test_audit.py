@@ -20,6 +20,9 @@ from tests.storage.test_audit_log import record
 def database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An audit log of six records: r0..r5, r3 denied and by user:bob."""
     monkeypatch.delenv("AGENTGW_CONFIG", raising=False)
+    # The CLI's default data directory (its checkpoint key and sink) is relative: keep it in tmp_path,
+    # or `prune` leaves a checkpoint of this chain in the checkout for the next run's `verify` to find.
+    monkeypatch.chdir(tmp_path)
     path = tmp_path / "agentgw.db"
     engine = make_engine(f"sqlite:///{path}")
     log = SqlAuditLog(engine, AuditSettings(node_id="node"))
