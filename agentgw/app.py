@@ -35,7 +35,7 @@ from agentgw.filters.audit import Audit, timestamp
 from agentgw.filters.authenticate import Authenticate
 from agentgw.filters.authorize import Authorize, CasbinAuthorizer
 from agentgw.filters.budget import Budget, BudgetStore
-from agentgw.filters.credentials import Credentials, TokenService
+from agentgw.filters.credentials import Credentials, MemoryTokenCache, TokenService
 from agentgw.health import Readiness
 from agentgw.ingress.a2a import A2aIngress
 from agentgw.ingress.a2a_signatures import card_signer
@@ -45,6 +45,7 @@ from agentgw.ingress.mcp.passthrough import PassThrough
 from agentgw.ingress.mcp.routes import McpIngress
 from agentgw.ingress.mcp.routes import path_params as mcp_path_params
 from agentgw.ingress.mcp.sessions import MemorySessionStore, RedisSessionStore, SessionLimits, SessionStore
+from agentgw.metrics import Known, Metrics, State, metrics_router, serve_metrics
 from agentgw.oauth.apikeys import api_key_router
 from agentgw.oauth.identity import Identity, build_identity, signing_key_path
 from agentgw.oauth.metadata import protected_resource_router
@@ -92,6 +93,7 @@ class Gateway:
     a2a: A2aIngress
     credentials: Credentials | None = None
     readiness: Readiness | None = None
+    metrics: Metrics | None = None
 
 
 def build_gateway(settings: Settings) -> Gateway:
@@ -212,6 +214,22 @@ def build_gateway(settings: Settings) -> Gateway:
         audit_log=audit_log,
         upstreams=lambda: _upstream_states(upstream, sessions, llm, a2a),
     )
+    metrics = None
+    if settings.metrics.enabled:
+        cache = credentials.cache
+        metrics = Metrics(
+            pipeline.stages,
+            known=_known_upstream(settings, registry),
+            state=State(
+                upstreams=lambda: _upstream_states(upstream, sessions, llm, a2a),
+                token_cache=(lambda: cache.lookups) if isinstance(cache, MemoryTokenCache) else None,
+                audit_backlog=audit_log.backlog,
+                audit_problem=audit_log.problem,
+                audit_commits=lambda: audit_log.commits,
+            ),
+            principal_labels=settings.metrics.principal_labels,
+        )
+        pipeline.observer = metrics
     return Gateway(
         settings,
         registry,
@@ -230,6 +248,7 @@ def build_gateway(settings: Settings) -> Gateway:
         a2a=a2a,
         credentials=credentials,
         readiness=readiness,
+        metrics=metrics,
     )
 
 
@@ -268,6 +287,23 @@ def _readiness(
 
     stores = {"policy": probe_policy, "budget_store": probe_budgets, "audit_log": probe_audit}
     return Readiness(stores, upstreams)
+
+
+def _known_upstream(settings: Settings, registry: RegistryStore) -> Known:
+    """Whether a call's upstream name is one the gateway defines (metrics label no other)."""
+    models = {route.name for route in settings.llm_routes}
+    agents = {agent.name for agent in settings.a2a_agents}
+
+    def known(protocol: str, name: str) -> bool:
+        if protocol == "mcp":  # `*`: the merged endpoint, /mcp
+            return (
+                name == "*" or registry.server(name) is not None or registry.virtual_server(name) is not None
+            )
+        if protocol == "llm":  # "": the model listing
+            return name == "" or name in models
+        return name in agents
+
+    return known
 
 
 def _upstream_states(
@@ -515,6 +551,10 @@ def create_app(settings: Settings) -> GatewayApp:
             gateway.sessions.sync(gateway.registry.servers())
             poller = asyncio.create_task(_poll_registry(gateway.registry))
             policy_watch = asyncio.create_task(gateway.authorizer.watch())
+            if gateway.metrics is not None and settings.metrics.port is not None:
+                await stack.enter_async_context(
+                    serve_metrics(gateway.metrics, settings.metrics.host, settings.metrics.port)
+                )
             # What start-up built (about 200,000 objects: libraries, settings, stages) lives as long as
             # the process: keep it out of the cyclic GC, whose full passes over it stalled every call
             # in flight for about 180 ms (bench/RESULTS.md).
@@ -621,6 +661,8 @@ def create_app(settings: Settings) -> GatewayApp:
         dependencies=ADMIN_DEPENDENCIES,
         responses=GUARDED,
     )
+    if gateway.metrics is not None:
+        app.include_router(metrics_router(gateway.metrics, _admin_guard(gateway, "metrics", "read")))
     app.include_router(
         api_key_router(
             gateway.identity.api_keys,

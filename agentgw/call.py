@@ -11,6 +11,7 @@ import itertools
 import re
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ __all__ = [
     "Settle",
     "Usage",
     "checked_run_id",
+    "current_call",
 ]
 
 Protocol = Literal["mcp", "a2a", "llm"]
@@ -151,6 +153,8 @@ class Call:
     estimate: Usage = field(default_factory=Usage)
     # The policy rule that decided, for audit (`None` when no rule was consulted).
     decided_by: str | None = None
+    # The W3C trace the call belongs to, for logs, once tracing sets it.
+    trace_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -210,3 +214,7 @@ class Reply:
 
 # Called with the final usage of a streamed answer; see `Reply.settle`.
 Settle = Callable[[Usage], Awaitable[None]]
+
+# The call the pipeline is running in this task, so that a log line written meanwhile names it
+# (`agentgw.log_format`); None outside a call.
+current_call: ContextVar[Call | None] = ContextVar("current_call", default=None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 from agentgw.fetch_guard import parse_allow
 from agentgw.filters.audit import AuditSettings
 from agentgw.filters.budget import BudgetSettings
+from agentgw.metrics import MetricsSettings
 from agentgw.oauth.config import AuthSettings
 from agentgw.storage.db import DatabaseSettings
 from agentgw.storage.redis_client import RedisSettings
@@ -100,6 +101,10 @@ class Settings(BaseSettings):
     # Pool and time limits of each Redis client (budget counters, MCP sessions).
     redis: RedisSettings = Field(default_factory=RedisSettings)
     log_level: str = "INFO"
+    # `json`: one JSON object per log line (agentgw/log_format.py); `text`: one plain line.
+    log_format: Literal["text", "json"] = "text"
+    # Prometheus metrics at /metrics (agentgw/metrics.py).
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     # Mount the built-in demo upstream at /_demo/mcp (used by `agentgw serve` with no config).
     demo: bool = False
     policy: PolicySettings = Field(default_factory=PolicySettings)

@@ -131,6 +131,7 @@ def gateway_setup(
     redis_url: str | None = None,
     kind: Kind = "mcp",
     flush_s: float | None = None,
+    metrics: bool = True,
 ) -> Setup:
     """A config with every stage this checkout has, switched on; and the names of those stages.
 
@@ -190,6 +191,11 @@ def gateway_setup(
             prefix = f"agentgw-bench:{port}:"
             config["budgets"] |= {"store": "redis", "redis_url": redis_url, "redis_prefix": prefix}
     stages.append("audit")
+    if "metrics" in fields:
+        # On by default in the gateway; `--no-metrics` prices the counting.
+        config["metrics"] = {"enabled": metrics}
+        if metrics:
+            stages.append("metrics")
     if redis_url:
         # Shared state for several workers (`--serve-args "--workers 2"`).
         config["redis_url"] = redis_url
@@ -457,6 +463,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--anonymous", action="store_true", help="no JWT: anonymous callers (identity light)")
     parser.add_argument("--no-budget", dest="budget", action="store_false", help="no budget rule")
     parser.add_argument(
+        "--no-metrics",
+        dest="metrics",
+        action="store_false",
+        help="metrics.enabled false (no counting per call)",
+    )
+    parser.add_argument(
         "--redis-url", help="shared state in Redis (sessions, budgets): needed for workers > 1"
     )
     parser.add_argument(
@@ -515,6 +527,7 @@ def main(args: argparse.Namespace) -> int:
             redis_url=args.redis_url,
             kind=args.kind,
             flush_s=args.flush_s,
+            metrics=args.metrics,
         )
     except RuntimeError as exc:
         raise SystemExit(f"error: {exc}") from None

@@ -139,6 +139,9 @@ async def processes(checkout: Path, hold_s: float, answer_mb: int) -> AsyncItera
         cwd=ROOT,
     )
     config = {
+        # The gateway's keys and checkpoint sink in the scratch directory, not the checkout's `.agentgw`
+        # (where `agentgw audit verify` run from the checkout would take them for its own).
+        "data_dir": str(work / "state"),
         "allow_anonymous": True,
         "servers": [{"name": "bench", "url": f"http://127.0.0.1:{up_port}/mcp", "timeout_s": 60}],
         "policy": {"rules": ["p, anonymous, mcp:*, *, allow"]},

@@ -53,7 +53,7 @@ from agentgw.settings import PACKAGE_POLICIES
 
 __all__ = ["Change", "Finding", "Grant", "lint", "register", "replay", "run_tests", "what_can", "who_can"]
 
-ADMIN_AREAS = ("registry", "policies", "keys", "budgets", "audit")
+ADMIN_AREAS = ("registry", "policies", "keys", "budgets", "audit", "metrics")
 OBJECT_ACTIONS = {
     "mcp:": {"list", "call", "read"},
     "a2a:": {"list", "send", "call"},

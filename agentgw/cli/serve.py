@@ -42,7 +42,9 @@ def register(sub: Any) -> None:
 
 
 def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from agentgw.log_format import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
     # Decisions go to the audit log; casbin's and httpx's per-request lines would only repeat them.
     logging.getLogger("casbin").setLevel(logging.ERROR)
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -87,6 +89,14 @@ def _serve(args: argparse.Namespace) -> int:
     # several workers a legacy client's next request may reach another worker and lose its session.
     if args.workers > 1 and not getattr(settings, "redis_url", None):
         print("error: --workers > 1 needs redis_url (MCP sessions shared between workers)", file=sys.stderr)
+        return 2
+    # Each worker counts its own calls; a separate metrics port could be bound by one of them only.
+    if args.workers > 1 and settings.metrics.enabled and settings.metrics.port is not None:
+        print(
+            "error: --workers > 1 cannot serve metrics.port: each worker counts its own calls and only "
+            "one could bind the port; run one process per port (or leave metrics.port unset)",
+            file=sys.stderr,
+        )
         return 2
     # A local budget ledger is one process's memory: each worker would count on its own.
     if args.workers > 1 and settings.budgets.store == "local":
@@ -136,6 +146,8 @@ def _uvicorn_options(args: argparse.Namespace, settings: Settings) -> dict[str, 
         "http": client_timeouts.PROTOCOLS[args.http],
         "timeout_keep_alive": settings.client_idle_timeout_s,
         "log_level": "warning",
+        # uvicorn's own lines go through the gateway's handler (`log_format`), not a format of its own.
+        "log_config": None,
         # Every call is in the audit log; an access log line per request would only repeat it.
         "access_log": False,
         # Nothing reads the peer address or scheme (URLs come from `base_url`), so X-Forwarded-*

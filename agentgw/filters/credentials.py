@@ -197,6 +197,8 @@ class MemoryTokenCache:
         self._max = max_entries
         self._entries: dict[CacheKey, IssuedCredential] = {}
         self._inflight: dict[CacheKey, asyncio.Task[IssuedCredential]] = {}
+        # Lookups by (upstream, "hit" or "miss"), for metrics; upstreams are the registry's names.
+        self.lookups: dict[tuple[str, str], int] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -207,7 +209,9 @@ class MemoryTokenCache:
     async def get(self, key: CacheKey, fetch: Fetch) -> IssuedCredential:
         issued = self._entries.get(key)
         if issued is not None and self._fresh(issued):
+            self._count(key, "hit")
             return issued
+        self._count(key, "miss")
         task = self._inflight.get(key)
         if task is None:
             # Its own task: a caller that goes away must not cancel the fetch the others wait for.
@@ -215,6 +219,10 @@ class MemoryTokenCache:
             self._inflight[key] = task
             task.add_done_callback(lambda done: self._settled(key, done))
         return await asyncio.shield(task)
+
+    def _count(self, key: CacheKey, result: str) -> None:
+        counted = (key.upstream, result)
+        self.lookups[counted] = self.lookups.get(counted, 0) + 1
 
     def _settled(self, key: CacheKey, task: asyncio.Task[IssuedCredential]) -> None:
         if self._inflight.get(key) is task:

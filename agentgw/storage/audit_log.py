@@ -673,6 +673,14 @@ class SqlAuditLog:
         refusal = self._refusal()
         return refusal.message if refusal is not None else None
 
+    def backlog(self) -> int | None:
+        """Records in the journal not yet committed to SQL (the ingest's lag), or None without a journal
+        (then a record is committed before its writer hears back)."""
+        if self._journal_path is None:
+            return None
+        with self._lock:
+            return self._journaled - self._ingested
+
     def _refusal(self) -> Unavailable | None:
         if self._journal is None:
             return _unavailable(f"{_CANNOT_RECORD} (the journal could not be opened)")

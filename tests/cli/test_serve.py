@@ -37,6 +37,23 @@ def test_several_workers_with_the_local_budget_store_refuse_to_start(
     assert not (tmp_path / "gw.db").exists()  # refused before anything was started
 
 
+def test_several_workers_with_a_metrics_port_refuse_to_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("AGENTGW_CONFIG", raising=False)
+    config = tmp_path / "gateway.yaml"
+    settings = {
+        "database_url": f"sqlite:///{tmp_path / 'gw.db'}",
+        "redis_url": "redis://127.0.0.1:6379/0",
+        "budgets": {"store": "redis"},
+        "metrics": {"port": free_port()},
+    }
+    config.write_text(yaml.safe_dump(settings))
+    assert main(["serve", "--config", str(config), "--workers", "2"]) == 2
+    assert "--workers > 1 cannot serve metrics.port" in capsys.readouterr().err
+    assert not (tmp_path / "gw.db").exists()  # refused before anything was started
+
+
 def test_serve_trusts_no_forwarding_headers_and_names_no_server_software() -> None:
     # uvicorn's default trusts X-Forwarded-For/-Proto from 127.0.0.1; nothing here needs them.
     args = _parser().parse_args(["serve"])
