@@ -23,7 +23,10 @@ from tests.support.gateway import RunningGateway, run_gateway
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = int(os.environ.get("AGENTGW_SCHEMATHESIS_EXAMPLES", "25"))
-SEED = os.environ.get("AGENTGW_SCHEMATHESIS_SEED")
+# CI runs one fixed seed, so that a red run is the code's doing and can be replayed; set the variable
+# to another seed (or `random`) to explore. A random run has once found a 500 on GET
+# /admin/audit/records after a stateful sequence that has not been reproduced yet (see the CHANGELOG).
+SEED = os.environ.get("AGENTGW_SCHEMATHESIS_SEED", "155315404966862673856149708782169448062")
 # Every admin area but `admin:exec`: a stdio server added by the run would run its command here. Adding
 # one is then a 403, which the document declares.
 AREAS = ("registry", "budgets", "audit", "policies", "keys")
@@ -80,7 +83,7 @@ def test_every_operation_conforms_to_the_openapi_document(gateway: RunningGatewa
         "--no-color",
         "--report=junit",
         f"--report-junit-path={junit}",
-        *([f"--seed={SEED}"] if SEED else []),
+        *([f"--seed={SEED}"] if SEED != "random" else []),
     ]
     # The hooks module is imported by name; the run's own files (its cache) stay in tmp_path.
     env = os.environ | {"PYTHONPATH": str(REPO)}

@@ -25,6 +25,15 @@ REPO = Path(__file__).resolve().parents[2]
 POLICIES = REPO / "policies"
 
 
+DEV = "p, role:developer, mcp:demo/*, *, allow"
+DENY = "p, *, mcp:demo/delete_repo, *, deny"
+
+
+def demo_line(rule: str) -> int:
+    """Where `rule` stands in the demo policy (1-based), so the tests follow edits of the file."""
+    return Path(DEMO).read_text().splitlines().index(rule) + 1
+
+
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     code = main(list(argv))
     return code, capsys.readouterr().out
@@ -179,7 +188,7 @@ def test_who_can_names_principals_through_roles_with_the_granting_rule(
         ["allow", "role:reader", "*", "mcp:demo/get_weather"],
         ["allow", "user:bob", "(via", "role:reader)", "*", "mcp:demo/get_weather"],
     ]
-    assert out[1].endswith(f"[p, role:developer, mcp:demo/*, *, allow at {DEMO}:19]")
+    assert out[1].endswith(f"[{DEV} at {DEMO}:{demo_line(DEV)}]")
     assert "allowed call on mcp:demo/get_weather: role:developer, role:reader, user:alice, user:bob" in err
 
 
@@ -253,8 +262,8 @@ def test_explain_gives_the_decision_the_rules_that_apply_and_the_matcher_in_word
     assert "a deny beats every allow" in out[4] and "default deny" in out[4]
     assert out[5:] == [
         "  rules that apply:",
-        f"    deny   * (everyone)  [p, *, mcp:demo/delete_repo, *, deny at {DEMO}:29]",
-        f"    allow  role:developer  [p, role:developer, mcp:demo/*, *, allow at {DEMO}:19]",
+        f"    deny   * (everyone)  [p, *, mcp:demo/delete_repo, *, deny at {DEMO}:{demo_line(DENY)}]",
+        f"    allow  role:developer  [p, role:developer, mcp:demo/*, *, allow at {DEMO}:{demo_line(DEV)}]",
     ]
     code, out, _ = lines(
         capsys, "policy", "explain", "user:nobody", "mcp:demo/get_weather", "call", "--policy", DEMO
