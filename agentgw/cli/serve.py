@@ -187,7 +187,6 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
     previous_wakeup = signal.set_wakeup_fd(wake_write.fileno())
     stop_signals = (signal.SIGTERM, signal.SIGINT)
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in stop_signals}
-    status = 0
     try:
         for slot in range(args.workers):
             start(slot)
@@ -197,9 +196,8 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
             waiting: list[Connection | socket.socket | int] = [wake_read]
             waiting += [process.sentinel for process, _ in workers.values()]
             waiting += [workers[slot][1] for slot in unready]
-            woken = wait(waiting)
-            if wake_read in woken:
-                break
+            if wake_read in wait(waiting):
+                return 0
             for slot, (process, ready) in list(workers.items()):
                 if slot in unready and ready.poll():
                     try:
@@ -208,13 +206,12 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
                         process.join()
                     else:
                         unready.discard(slot)
-                    if not unready and not announced:
-                        announced = True
-                        print(
-                            f"agentgw {__version__} listening on {settings.base_url} "
-                            f"with {args.workers} workers",
-                            flush=True,
-                        )
+                if not unready and not announced:
+                    announced = True
+                    print(
+                        f"agentgw {__version__} listening on {settings.base_url} with {args.workers} workers",
+                        flush=True,
+                    )
                 if process.is_alive():
                     continue
                 ready.close()
@@ -224,15 +221,12 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
                         f"error: worker {process.pid} could not start (exit {process.exitcode})",
                         file=sys.stderr,
                     )
-                    status = 1
-                    break
+                    return 1
                 logging.getLogger(__name__).warning(
                     "worker %s exited (code %s); starting another", process.pid, process.exitcode
                 )
                 start(slot)
                 unready.add(slot)
-            if status:
-                break
     finally:
         _stop_workers([process for process, _ in workers.values()])
         signal.set_wakeup_fd(previous_wakeup)
@@ -240,7 +234,6 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
             signal.signal(sig, handler)
         wake_read.close()
         wake_write.close()
-    return status
 
 
 # Workers finish their requests and close their stores on SIGTERM; one that takes longer is killed.

@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -292,3 +293,21 @@ def test_workers_refuse_a_port_something_already_listens_on(
         ]
         assert main(argv) == 1
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_workers_that_cannot_start_stop_the_group_with_an_error(tmp_path: Path) -> None:
+    # An empty policy makes every worker's app refuse to start: restarting them would loop forever.
+    config = {
+        "redis_url": "redis://127.0.0.1:6379/0",
+        "budgets": {"store": "redis", "redis_prefix": f"test-serve-workers-{uuid.uuid4().hex}:"},
+    }
+    port = free_port()
+    args = [
+        *gateway_args(write_config(tmp_path, config), port, f"sqlite:///{tmp_path / 'gw.db'}"),
+        "--workers",
+        "2",
+    ]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "could not start" in done.stderr
+    assert "listening on" not in done.stdout
