@@ -185,7 +185,8 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
     wake_read, wake_write = socket.socketpair()
     wake_write.setblocking(False)
     previous_wakeup = signal.set_wakeup_fd(wake_write.fileno())
-    stop_signals = (signal.SIGTERM, signal.SIGINT)
+    # SIGHUP too: its default would end the parent alone and leave the workers serving, unsupervised.
+    stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in stop_signals}
     try:
         for slot in range(args.workers):

@@ -11,7 +11,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -21,7 +23,13 @@ from agentgw import __version__
 from agentgw.cli import _parser, main
 from agentgw.cli.serve import _uvicorn_options
 from agentgw.settings import Settings
-from conformance.fixtures.launch import free_port, start_process, start_upstream_sync, stdio_command
+from conformance.fixtures.launch import (
+    FixtureProcess,
+    free_port,
+    start_process,
+    start_upstream_sync,
+    stdio_command,
+)
 from tests.support.gateway import gateway_args, run_gateway, write_config
 
 
@@ -207,17 +215,17 @@ def _sockets_of(pid: int) -> set[int]:
     return inodes
 
 
-@pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreading and /proc are Linux's"
-)
-def test_workers_listen_on_a_socket_each_so_a_burst_of_connections_reaches_all_of_them(
-    tmp_path: Path,
-) -> None:
-    config = {
+def _workers_config() -> dict[str, Any]:
+    return {
         "policy": {"allow_empty": True},
         "redis_url": "redis://127.0.0.1:6379/0",
         "budgets": {"store": "redis", "redis_prefix": f"test-serve-workers-{uuid.uuid4().hex}:"},
     }
+
+
+@contextlib.contextmanager
+def _serving_workers(tmp_path: Path, config: dict[str, Any]) -> Iterator[FixtureProcess]:
+    """`agentgw serve --workers 2`, once every worker serves (its banner says so)."""
     port = free_port()
     args = [
         *gateway_args(write_config(tmp_path, config), port, f"sqlite:///{tmp_path / 'gw.db'}"),
@@ -226,10 +234,36 @@ def test_workers_listen_on_a_socket_each_so_a_burst_of_connections_reaches_all_o
     ]
     with start_process(args, port) as gateway:
         deadline = time.monotonic() + 60
-        while "with 2 workers" not in gateway.output():  # every worker is serving
+        while "with 2 workers" not in gateway.output():
             assert time.monotonic() < deadline, gateway.output()
             assert gateway.process.poll() is None, gateway.output()
             time.sleep(0.05)
+        yield gateway
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGHUP])
+def test_workers_stop_with_their_parent_on_sigint_and_sighup(tmp_path: Path, stop: signal.Signals) -> None:
+    with _serving_workers(tmp_path, _workers_config()) as gateway:
+        descendants = _children(gateway.process.pid)
+        started = time.monotonic()
+        gateway.process.send_signal(stop)
+        gateway.process.wait(10)
+        assert time.monotonic() - started < 2.0
+        assert gateway.process.returncode == 0, gateway.output()
+        while any(_running(pid) for pid in descendants):
+            assert time.monotonic() - started < 5, [pid for pid in descendants if _running(pid)]
+            time.sleep(0.05)
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreading and /proc are Linux's"
+)
+def test_workers_listen_on_a_socket_each_so_a_burst_of_connections_reaches_all_of_them(
+    tmp_path: Path,
+) -> None:
+    with _serving_workers(tmp_path, _workers_config()) as gateway:
+        deadline = time.monotonic() + 60
         parent = gateway.process.pid
         answered = []
         for _ in range(40):  # each on a new connection, as a burst of new clients would come
@@ -241,7 +275,7 @@ def test_workers_listen_on_a_socket_each_so_a_burst_of_connections_reaches_all_o
         workers = set(answered)
         assert len(workers) == 2 and workers <= descendants, (answered, descendants)
         # The mechanism: not one socket shared by all, but one listening socket in each worker.
-        listening = _listening_sockets(port)
+        listening = _listening_sockets(gateway.port)
         assert len(listening) == 2
         assert [len(_sockets_of(pid) & listening) for pid in sorted(workers)] == [1, 1]
         assert not _sockets_of(parent) & listening
@@ -297,10 +331,7 @@ def test_workers_refuse_a_port_something_already_listens_on(
 
 def test_workers_that_cannot_start_stop_the_group_with_an_error(tmp_path: Path) -> None:
     # An empty policy makes every worker's app refuse to start: restarting them would loop forever.
-    config = {
-        "redis_url": "redis://127.0.0.1:6379/0",
-        "budgets": {"store": "redis", "redis_prefix": f"test-serve-workers-{uuid.uuid4().hex}:"},
-    }
+    config = {k: v for k, v in _workers_config().items() if k != "policy"}
     port = free_port()
     args = [
         *gateway_args(write_config(tmp_path, config), port, f"sqlite:///{tmp_path / 'gw.db'}"),
