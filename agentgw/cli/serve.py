@@ -38,8 +38,8 @@ def register(sub: Any) -> None:
         "--workers",
         type=int,
         default=1,
-        help="worker processes sharing the port (more than 1 needs redis_url for shared MCP sessions "
-        "and budgets.store sql or redis)",
+        help="worker processes, each listening on the port with SO_REUSEPORT (Linux; more than 1 needs "
+        "redis_url for shared MCP sessions and budgets.store sql or redis)",
     )
     serve.set_defaults(func=_serve)
 
