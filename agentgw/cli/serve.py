@@ -189,9 +189,10 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
     stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in stop_signals}
     try:
-        for slot in range(args.workers):
-            start(slot)
-        unready = set(workers)
+        # The first worker creates what the stores need (schema, first rows) alone: workers
+        # starting together on a fresh database would race to create the same rows.
+        start(0)
+        unready = {0}
         announced = False
         while True:
             waiting: list[Connection | socket.socket | int] = [wake_read]
@@ -207,12 +208,6 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
                         process.join()
                     else:
                         unready.discard(slot)
-                if not unready and not announced:
-                    announced = True
-                    print(
-                        f"agentgw {__version__} listening on {settings.base_url} with {args.workers} workers",
-                        flush=True,
-                    )
                 if process.is_alive():
                     continue
                 ready.close()
@@ -228,6 +223,16 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
                 )
                 start(slot)
                 unready.add(slot)
+            if not unready and len(workers) < args.workers:
+                for slot in range(len(workers), args.workers):
+                    start(slot)
+                    unready.add(slot)
+            elif not unready and not announced:
+                announced = True
+                print(
+                    f"agentgw {__version__} listening on {settings.base_url} with {args.workers} workers",
+                    flush=True,
+                )
     finally:
         _stop_workers([process for process, _ in workers.values()])
         signal.set_wakeup_fd(previous_wakeup)
