@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -612,7 +613,13 @@ def create_app(settings: Settings) -> GatewayApp:
     # Liveness: the process answers (nothing slow, no store). Readiness: it can serve calls now.
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "version": __version__, "servers": len(gateway.registry.servers())}
+        # The pid tells `serve --workers` processes apart (which one answered).
+        return {
+            "status": "ok",
+            "version": __version__,
+            "servers": len(gateway.registry.servers()),
+            "pid": os.getpid(),
+        }
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz() -> JSONResponse:

@@ -3,7 +3,8 @@
     python -m bench compare [--calls N] [--concurrency 1,10,50] [--kind mcp|a2a|llm]
                             [--era modern|legacy] [--upstream fast|sdk] [--memory-run N]
                             [--json FILE] [--no-bridge] [--anonymous] [--no-budget]
-                            [--redis-url URL] [--serve-args "..."] [--floor] [--flush-s S]
+                            [--redis-url URL] [--workers N] [--serve-args "..."] [--floor]
+                            [--flush-s S]
 
 Starts the fixture upstream (`fast`: bench/upstream.py; `sdk`: the `mcp`-SDK fixture the tests use)
 and the gateway (`python -m agentgw serve`, from the current directory, on free 127.0.0.1 ports, with
@@ -17,6 +18,7 @@ With `--kind a2a` (`llm`) the rows are the fixture's /a2a (/v1/chat/completions)
 /a2a/bench (/v1/chat/completions, model `bench`).
 For the other rows it reports the ratio of throughput to direct, the added p50/p99 latency, and the
 proxy's CPU time per call (utime+stime of the gateway's or the floor's process tree, from /proc).
+`--workers N` serves with N worker processes (Redis at 127.0.0.1:6379/0 unless `--redis-url` says).
 `--memory-run N` ends with N calls through the pass-through path and reports the gateway's RSS before
 and after.
 """
@@ -33,6 +35,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +45,7 @@ import orjson
 import yaml
 
 from bench.load import ERAS, Era, Kind, Result, http_client, install_uvloop, run, workload
-from conformance.fixtures.launch import free_port, start_process
+from conformance.fixtures.launch import FixtureProcess, free_port, start_process
 
 __all__ = ["Row", "Setup", "add_arguments", "compare", "main"]
 
@@ -276,6 +279,7 @@ class Report:
     kind: str = "mcp"
     era: str = "modern"
     upstream: str = "fast"
+    workers: int = 1
     memory: dict[str, float] | None = None
 
     def to_json(self) -> bytes:
@@ -284,6 +288,7 @@ class Report:
                 "kind": self.kind,
                 "era": self.era,
                 "upstream": self.upstream,
+                "workers": self.workers,
                 "stages": self.stages,
                 "rows": [r.summary() for r in self.rows],
                 "memory": self.memory,
@@ -415,6 +420,7 @@ def heading(report: Report) -> str:
     """The lines above the table's rows."""
     title = (
         f"{report.kind}, era {report.era}, upstream {report.upstream}, stages on: {', '.join(report.stages)}"
+        f", gateway workers: {report.workers}"
     )
     return "\n".join([title, HEAD, "-" * len(HEAD)])
 
@@ -478,6 +484,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--memory-run", type=int, default=0, metavar="N", help="N calls, RSS before/after")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="`agentgw serve --workers N` (more than 1: Redis for shared state)",
+    )
+    parser.add_argument(
         "--serve-args", default="", help='more `agentgw serve` options, e.g. "--loop asyncio --http h11"'
     )
     parser.add_argument(
@@ -506,12 +518,27 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _wait_for_workers(gateway: FixtureProcess, workers: int, within_s: float = 60.0) -> None:
+    """Until every worker serves: the first to listen makes the port accept, the others follow."""
+    deadline = time.monotonic() + within_s
+    while f"with {workers} workers" not in gateway.output():
+        if gateway.process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"error: the gateway's workers did not start:\n{gateway.output()[-4000:]}")
+        time.sleep(0.05)
+
+
 def main(args: argparse.Namespace) -> int:
     """`python -m bench compare`: start upstream and gateway, measure, print the table as it fills."""
     concurrencies = _concurrencies(args.concurrency)
     if args.calls < 1:
         raise SystemExit("--calls must be at least 1")
     serve_args = shlex.split(args.serve_args)
+    if args.workers < 1:
+        raise SystemExit("--workers must be at least 1")
+    if args.workers > 1:
+        serve_args += ["--workers", str(args.workers)]
+        # Several workers need shared sessions and budgets (`agentgw serve` refuses otherwise).
+        args.redis_url = args.redis_url or "redis://127.0.0.1:6379/0"
     _stop_on_sigterm()
     install_uvloop()
     upstream_port, gateway_port = free_port(), free_port()
@@ -531,7 +558,9 @@ def main(args: argparse.Namespace) -> int:
         )
     except RuntimeError as exc:
         raise SystemExit(f"error: {exc}") from None
-    report = Report(stages=setup.stages, kind=args.kind, era=args.era, upstream=args.upstream)
+    report = Report(
+        stages=setup.stages, kind=args.kind, era=args.era, upstream=args.upstream, workers=args.workers
+    )
     print(heading(report), flush=True)
     with tempfile.TemporaryDirectory(prefix="agentgw-bench-") as tmp:
         config_path = Path(tmp) / "gateway.yaml"
@@ -552,6 +581,8 @@ def main(args: argparse.Namespace) -> int:
             gw = stack.enter_context(
                 start_process(gateway_args(config_path, gateway_port, database_url, serve_args), gateway_port)
             )
+            if args.workers > 1:
+                _wait_for_workers(gw, args.workers)
             floor = None
             if args.floor:
                 floor_port = free_port()

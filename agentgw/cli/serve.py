@@ -13,6 +13,10 @@ from agentgw.cli.settings import add_common_options, settings_from_args
 from agentgw.oauth.identity import record_base_url
 
 if TYPE_CHECKING:
+    import socket
+    from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
+
     from fastapi import FastAPI
 
     from agentgw.settings import Settings
@@ -35,8 +39,8 @@ def register(sub: Any) -> None:
         "--workers",
         type=int,
         default=1,
-        help="worker processes sharing the port (more than 1 needs redis_url for shared MCP sessions "
-        "and budgets.store sql or redis)",
+        help="worker processes, each listening on the port with SO_REUSEPORT (Linux; more than 1 needs "
+        "redis_url for shared MCP sessions and budgets.store sql or redis)",
     )
     serve.set_defaults(func=_serve)
 
@@ -161,12 +165,157 @@ def _uvicorn_options(args: argparse.Namespace, settings: Settings) -> dict[str, 
 
 
 def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
+    """Run `args.workers` worker processes, each listening on its own SO_REUSEPORT socket.
 
+    One shared listening socket lets whichever worker wakes first accept a whole burst; a socket per
+    worker lets the kernel spread new connections over them. The parent only supervises: it restarts
+    a worker that dies once serving, and stops them all on SIGTERM or SIGINT, or when one cannot start.
+    """
+    import multiprocessing
+    import signal
+    import socket
+    from multiprocessing.connection import wait
+
+    if not hasattr(socket, "SO_REUSEPORT"):
+        print("error: --workers > 1 needs SO_REUSEPORT (Linux)", file=sys.stderr)
+        return 2
+    # Refuse a port something already listens on: with SO_REUSEPORT another gateway of this user
+    # would otherwise silently share the port (and its traffic) with ours.
+    try:
+        _bound_socket(settings.host, settings.port, reuse_port=False).close()
+    except OSError as exc:
+        print(f"error: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        return 1
     os.environ[WORKER_SETTINGS_ENV] = settings.model_dump_json()
     record_base_url(settings)
-    print(f"agentgw {__version__} listening on {settings.base_url} with {args.workers} workers", flush=True)
-    uvicorn.run(
-        "agentgw.cli.serve:worker_app", factory=True, workers=args.workers, **_uvicorn_options(args, settings)
-    )
-    return 0
+    options = _uvicorn_options(args, settings)
+    spawn = multiprocessing.get_context("spawn")
+    workers: dict[int, tuple[BaseProcess, Connection]] = {}
+
+    def start(slot: int) -> None:
+        ready, ready_in_child = spawn.Pipe(duplex=False)
+        process = spawn.Process(
+            target=_run_worker, args=(options, ready_in_child), name=f"agentgw-worker-{slot}"
+        )
+        process.start()
+        ready_in_child.close()
+        workers[slot] = (process, ready)
+
+    # Signals wake the wait below through this socket; the handler itself only records them.
+    wake_read, wake_write = socket.socketpair()
+    wake_write.setblocking(False)
+    previous_wakeup = signal.set_wakeup_fd(wake_write.fileno())
+    # SIGHUP too: its default would end the parent alone and leave the workers serving, unsupervised.
+    stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in stop_signals}
+    try:
+        # The first worker creates what the stores need (schema, first rows) alone: workers
+        # starting together on a fresh database would race to create the same rows.
+        start(0)
+        unready = {0}
+        announced = False
+        while True:
+            waiting: list[Connection | socket.socket | int] = [wake_read]
+            waiting += [process.sentinel for process, _ in workers.values()]
+            waiting += [workers[slot][1] for slot in unready]
+            if wake_read in wait(waiting):
+                return 0
+            for slot, (process, ready) in list(workers.items()):
+                if slot in unready and ready.poll():
+                    try:
+                        ready.recv()
+                    except EOFError:  # it exited before it was ready
+                        process.join()
+                    else:
+                        unready.discard(slot)
+                if process.is_alive():
+                    continue
+                ready.close()
+                if slot in unready:
+                    # Its app, settings or socket is broken: every restart would fail the same way.
+                    print(
+                        f"error: worker {process.pid} could not start (exit {process.exitcode})",
+                        file=sys.stderr,
+                    )
+                    return 1
+                logging.getLogger(__name__).warning(
+                    "worker %s exited (code %s); starting another", process.pid, process.exitcode
+                )
+                start(slot)
+                unready.add(slot)
+            if not unready and len(workers) < args.workers:
+                for slot in range(len(workers), args.workers):
+                    start(slot)
+                    unready.add(slot)
+            elif not unready and not announced:
+                announced = True
+                print(
+                    f"agentgw {__version__} listening on {settings.base_url} with {args.workers} workers",
+                    flush=True,
+                )
+    finally:
+        _stop_workers([process for process, _ in workers.values()])
+        signal.set_wakeup_fd(previous_wakeup)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        wake_read.close()
+        wake_write.close()
+
+
+# Workers finish their requests and close their stores on SIGTERM; one that takes longer is killed.
+_WORKER_STOP_GRACE_S = 0.8
+
+
+def _stop_workers(processes: list[BaseProcess]) -> None:
+    import time
+
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + _WORKER_STOP_GRACE_S
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def _run_worker(options: dict[str, Any], ready: Connection) -> None:
+    """One worker process: uvicorn serving `worker_app` on a listening socket of its own."""
+    import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+
+    class _Worker(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            ready.send(True)
+
+    config = uvicorn.Config("agentgw.cli.serve:worker_app", factory=True, **options)
+    try:
+        # Bound here, listening once the app has started (uvicorn's `listen`): until then the
+        # kernel gives new connections to the other workers.
+        sock = _bound_socket(config.host, config.port, reuse_port=True)
+    except OSError as exc:
+        print(f"error: worker cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
+        sys.exit(STARTUP_FAILURE)
+    _Worker(config).run(sockets=[sock])
+
+
+def _bound_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    """A TCP socket bound to `host`:`port`, not yet listening.
+
+    With `reuse_port`, the kernel spreads new connections over all such sockets on one address.
+    """
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock

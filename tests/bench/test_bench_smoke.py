@@ -91,3 +91,11 @@ def test_bench_compare_refuses_a_bad_concurrency_list(tmp_path: Path) -> None:
     done = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "--concurrency" in done.stderr
+
+
+def test_bench_compare_serves_the_gateway_with_two_workers(tmp_path: Path) -> None:
+    done, report = _compare(tmp_path, "--workers", "2", "--no-bridge", "--concurrency", "10")
+    assert report["workers"] == 2
+    assert "gateway workers: 2" in done.stdout
+    assert [r["path"] for r in report["rows"]] == ["direct", "gateway"]
+    assert all(r["errors"] == 0 for r in report["rows"]), report["rows"]

@@ -4,10 +4,16 @@ counts in one process only)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
+import subprocess
+import sys
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,7 +23,13 @@ from agentgw import __version__
 from agentgw.cli import _parser, main
 from agentgw.cli.serve import _uvicorn_options
 from agentgw.settings import Settings
-from conformance.fixtures.launch import free_port, start_process, start_upstream_sync, stdio_command
+from conformance.fixtures.launch import (
+    FixtureProcess,
+    free_port,
+    start_process,
+    start_upstream_sync,
+    stdio_command,
+)
 from tests.support.gateway import gateway_args, run_gateway, write_config
 
 
@@ -177,3 +189,173 @@ def test_connections_that_send_nothing_or_send_slowly_are_closed(tmp_path: Path,
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
             assert [client.get("/healthz").status_code for _ in range(3)] == [200, 200, 200]
         assert "Traceback" not in gateway.output()
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    children = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                # Fields after the ")" that ends the command name: state, then the parent's pid.
+                if int((entry / "stat").read_text().rpartition(")")[2].split()[1]) == pid:
+                    children.add(int(entry.name))
+    return children
+
+
+def _running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _listening_sockets(port: int) -> set[int]:
+    """Inodes of the TCP sockets listening on `port` (state 0A in /proc/net/tcp)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rpartition(":")[2], 16) == port and fields[3] == "0A":
+                    inodes.add(int(fields[9]))
+    return inodes
+
+
+def _sockets_of(pid: int) -> set[int]:
+    inodes = set()
+    for fd in (Path("/proc") / str(pid) / "fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(int(target[len("socket:[") : -1]))
+    return inodes
+
+
+def _workers_config() -> dict[str, Any]:
+    return {
+        "policy": {"allow_empty": True},
+        "redis_url": "redis://127.0.0.1:6379/0",
+        "budgets": {"store": "redis", "redis_prefix": f"test-serve-workers-{uuid.uuid4().hex}:"},
+    }
+
+
+@contextlib.contextmanager
+def _serving_workers(tmp_path: Path, config: dict[str, Any]) -> Iterator[FixtureProcess]:
+    """`agentgw serve --workers 2`, once every worker serves (its banner says so)."""
+    port = free_port()
+    args = [
+        *gateway_args(write_config(tmp_path, config), port, f"sqlite:///{tmp_path / 'gw.db'}"),
+        "--workers",
+        "2",
+    ]
+    with start_process(args, port) as gateway:
+        deadline = time.monotonic() + 60
+        while "with 2 workers" not in gateway.output():
+            assert time.monotonic() < deadline, gateway.output()
+            assert gateway.process.poll() is None, gateway.output()
+            time.sleep(0.05)
+        yield gateway
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGHUP])
+def test_workers_stop_with_their_parent_on_sigint_and_sighup(tmp_path: Path, stop: signal.Signals) -> None:
+    with _serving_workers(tmp_path, _workers_config()) as gateway:
+        descendants = _children(gateway.process.pid)
+        started = time.monotonic()
+        gateway.process.send_signal(stop)
+        gateway.process.wait(10)
+        assert time.monotonic() - started < 2.0
+        assert gateway.process.returncode == 0, gateway.output()
+        while any(_running(pid) for pid in descendants):
+            assert time.monotonic() - started < 5, [pid for pid in descendants if _running(pid)]
+            time.sleep(0.05)
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreading and /proc are Linux's"
+)
+def test_workers_listen_on_a_socket_each_so_a_burst_of_connections_reaches_all_of_them(
+    tmp_path: Path,
+) -> None:
+    with _serving_workers(tmp_path, _workers_config()) as gateway:
+        deadline = time.monotonic() + 60
+        parent = gateway.process.pid
+        answered = []
+        for _ in range(40):  # each on a new connection, as a burst of new clients would come
+            with httpx.Client(base_url=gateway.url) as client:
+                response = client.get("/healthz", headers={"connection": "close"})
+            assert response.status_code == 200
+            answered.append(response.json()["pid"])
+        descendants = _children(parent)
+        workers = set(answered)
+        assert len(workers) == 2 and workers <= descendants, (answered, descendants)
+        # The mechanism: not one socket shared by all, but one listening socket in each worker.
+        listening = _listening_sockets(gateway.port)
+        assert len(listening) == 2
+        assert [len(_sockets_of(pid) & listening) for pid in sorted(workers)] == [1, 1]
+        assert not _sockets_of(parent) & listening
+
+        # A worker that dies is replaced, and its replacement takes its share of new connections.
+        killed = min(workers)
+        os.kill(killed, signal.SIGKILL)
+        replaced = set()
+        while not replaced:
+            assert time.monotonic() < deadline, gateway.output()
+            with httpx.Client(base_url=gateway.url) as client:
+                pid = client.get("/healthz", headers={"connection": "close"}).json()["pid"]
+            replaced = {pid} - workers
+        assert replaced <= _children(parent)
+        assert f"worker {killed} exited" in gateway.output()
+        workers = workers - {killed} | replaced
+        descendants |= replaced
+
+        started = time.monotonic()
+        gateway.process.send_signal(signal.SIGTERM)
+        gateway.process.wait(10)
+        took = time.monotonic() - started
+        assert gateway.process.returncode == 0, gateway.output()
+        assert took < 2.0, f"the group took {took:.2f} s to stop"
+        assert not {pid for pid in workers if _running(pid)}, "workers outlived the parent"
+        # multiprocessing's helper processes, if any, leave with their parent too.
+        while any(_running(pid) for pid in descendants):
+            assert time.monotonic() - started < 5, [pid for pid in descendants if _running(pid)]
+            time.sleep(0.05)
+        assert "Traceback" not in gateway.output()
+
+
+def test_workers_refuse_a_port_something_already_listens_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # With SO_REUSEPORT a second gateway would otherwise silently share the first one's port.
+    monkeypatch.delenv("AGENTGW_CONFIG", raising=False)
+    config = {"redis_url": "redis://127.0.0.1:6379/0", "budgets": {"store": "redis"}}
+    with socket.create_server(("127.0.0.1", 0), reuse_port=True) as taken:
+        port = taken.getsockname()[1]
+        argv = [
+            "serve",
+            "--config",
+            str(write_config(tmp_path, config)),
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+        ]
+        assert main(argv) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_workers_that_cannot_start_stop_the_group_with_an_error(tmp_path: Path) -> None:
+    # An empty policy makes every worker's app refuse to start: restarting them would loop forever.
+    config = {k: v for k, v in _workers_config().items() if k != "policy"}
+    port = free_port()
+    args = [
+        *gateway_args(write_config(tmp_path, config), port, f"sqlite:///{tmp_path / 'gw.db'}"),
+        "--workers",
+        "2",
+    ]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "could not start" in done.stderr
+    assert "listening on" not in done.stdout
