@@ -192,9 +192,16 @@ class UpstreamResponse:
                     raise AnswerTooLarge(too_large)
             self._free()
             return bytes(buffer)
+        # An answer that could not be read whole is of no use to anyone: it is closed here, so that a
+        # caller that lets the error pass leaks neither its connection nor its lane place.
+        except AnswerTooLarge:
+            await self.aclose()
+            raise
         except TimeoutError as exc:  # aiohttp.ServerTimeoutError included (also a ClientError)
+            await self.aclose()
             raise UpstreamTimeout(f"{self._who} stalled its answer") from exc
         except aiohttp.ClientError as exc:
+            await self.aclose()
             raise UpstreamError(f"{self._who} broke off its answer") from exc
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:

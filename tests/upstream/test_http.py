@@ -246,3 +246,18 @@ async def test_the_last_state_of_each_upstream_is_kept_without_probing(upstream:
         assert http.states()[WHO].ok
     finally:
         await http.aclose()
+
+
+async def test_an_answer_that_breaks_off_while_read_gives_its_place_back(upstream: Upstream) -> None:
+    # The caller lets the error pass without closing the answer: the next call still finds a place.
+    http = limited(max_connections=1, connect_wait_s=0.2)
+    try:
+        upstream.answer(Answer(end="drop"))
+        response = await http.send("POST", upstream.url, {}, b"x", timeout_s=5, who=WHO)
+        with pytest.raises(UpstreamError):
+            await response.aread()
+        upstream.answer(Answer(200, [b"ok"]))
+        again = await http.send("GET", upstream.url, {}, None, timeout_s=5, who=WHO)
+        assert await again.aread() == b"ok"
+    finally:
+        await http.aclose()
