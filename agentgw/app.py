@@ -27,8 +27,8 @@ from agentgw import __version__
 from agentgw.admin.audit import audit_router
 from agentgw.admin.budgets import budgets_router
 from agentgw.admin.clients import clients_router
-from agentgw.admin.contract import ADMIN_DEPENDENCIES, GUARDED, method_not_allowed, query_without_null
 from agentgw.admin.policies import policy_router
+from agentgw.api_contract import ADMIN_DEPENDENCIES, GUARDED, method_not_allowed, query_without_null
 from agentgw.call import Principal
 from agentgw.demo.upstream import demo_server
 from agentgw.errors import Forbidden, GatewayError, Unavailable
@@ -38,6 +38,7 @@ from agentgw.filters.authorize import Authorize, CasbinAuthorizer
 from agentgw.filters.budget import Budget, BudgetStore
 from agentgw.filters.credentials import Credentials, MemoryTokenCache, TokenService
 from agentgw.health import Readiness
+from agentgw.identity import Identity, build_identity, signing_key_path
 from agentgw.ingress.a2a import A2aIngress
 from agentgw.ingress.a2a_signatures import card_signer
 from agentgw.ingress.llm import LlmIngress
@@ -48,10 +49,11 @@ from agentgw.ingress.mcp.routes import path_params as mcp_path_params
 from agentgw.ingress.mcp.sessions import MemorySessionStore, RedisSessionStore, SessionLimits, SessionStore
 from agentgw.metrics import Known, Metrics, State, metrics_router, serve_metrics
 from agentgw.oauth.apikeys import api_key_router
-from agentgw.oauth.identity import Identity, build_identity, signing_key_path
 from agentgw.oauth.metadata import protected_resource_router
 from agentgw.oauth.server import oauth_router
 from agentgw.pipeline import Pipeline, ordered
+from agentgw.registry.api import registry_router
+from agentgw.registry.store import RegistryStore
 from agentgw.settings import Settings
 from agentgw.storage import create_db, ensure_private_dir, make_engine
 from agentgw.storage.audit_checkpoints import checkpointer, trust
@@ -61,8 +63,6 @@ from agentgw.storage.budget_rules import BudgetRuleBook
 from agentgw.upstream.http import DEFAULT_LIMITS
 from agentgw.upstream.mcp import McpHttpUpstream
 from agentgw.upstream.mcp_sessions import UpstreamSessions
-from registry.api import registry_router
-from registry.store import RegistryStore
 
 __all__ = ["DirectRoutes", "Gateway", "GatewayApp", "create_app"]
 

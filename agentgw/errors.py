@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 __all__ = [
     "BadRequest",
     "BudgetExceeded",
+    "ConfigError",
     "CredentialError",
     "Forbidden",
     "GatewayError",
@@ -205,3 +206,11 @@ class Unavailable(GatewayError):
 
 class SessionsExhausted(Unavailable):
     reason = "sessions_exhausted"
+
+
+class ConfigError(ValueError):
+    """The config file or environment cannot be turned into settings.
+
+    Not a call error (no status, no JSON-RPC code): it stops the gateway from starting, and lives
+    here so that every room can raise it without importing `settings`, which imports them all.
+    """

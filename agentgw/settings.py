@@ -18,27 +18,24 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
+from agentgw.errors import ConfigError
 from agentgw.fetch_guard import parse_allow
 from agentgw.filters.audit import AuditSettings
 from agentgw.filters.budget import BudgetSettings
 from agentgw.metrics import MetricsSettings
 from agentgw.oauth.config import AuthSettings
+from agentgw.registry.a2a import A2aAgentSpec, A2aCredential
+from agentgw.registry.admission import Admission
+from agentgw.registry.llm import LlmRouteList, route_secrets
+from agentgw.registry.models import McpServerSpec, UpstreamLimits, VirtualServerSpec, credential_secrets
+from agentgw.registry.secrets import SecretRefused, Secrets, SecretSource
 from agentgw.storage.db import DatabaseSettings
 from agentgw.storage.redis_client import RedisSettings
-from registry.a2a import A2aAgentSpec, A2aCredential
-from registry.admission import Admission
-from registry.llm import LlmRouteList, route_secrets
-from registry.models import McpServerSpec, UpstreamLimits, VirtualServerSpec, credential_secrets
-from registry.secrets import SecretRefused, Secrets, SecretSource
 
-__all__ = ["ConfigError", "PolicySettings", "Settings", "load_settings"]
+__all__ = ["PolicySettings", "Settings", "load_settings"]
 
 _ENV_REF = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)\}")
 PACKAGE_POLICIES = Path(__file__).parent / "policies"
-
-
-class ConfigError(ValueError):
-    """The config file or environment cannot be turned into settings."""
 
 
 class PolicySettings(BaseModel):
@@ -120,9 +117,9 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     servers: list[McpServerSpec] = Field(default_factory=list)
     virtual_servers: list[VirtualServerSpec] = Field(default_factory=list)
-    # Virtual models served at /v1 (see registry/llm.py); secrets are named, never inline.
+    # Virtual models served at /v1 (see agentgw/registry/llm.py); secrets are named, never inline.
     llm_routes: LlmRouteList = Field(default_factory=list)
-    # A2A agents served at /a2a/<name> (see registry/a2a.py); secrets are named, never inline.
+    # A2A agents served at /a2a/<name> (see agentgw/registry/a2a.py); secrets are named, never inline.
     a2a_agents: list[A2aAgentSpec] = Field(default_factory=list)
     # Named secrets for upstream credentials (registry/secrets.py): specs name them, never locate them.
     secrets: dict[str, SecretSource] = Field(default_factory=dict)

@@ -6,8 +6,9 @@ import ipaddress
 
 import pytest
 
+from agentgw.errors import ConfigError
 from agentgw.fetch_guard import address_allowed, parse_allow
-from agentgw.settings import ConfigError, load_settings
+from agentgw.settings import load_settings
 
 REFUSED = [
     "127.0.0.1",

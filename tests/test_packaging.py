@@ -14,7 +14,7 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-SHIPPED = [p for p in ("agentgw", "registry") if (ROOT / p / "__init__.py").exists()]
+SHIPPED = ["agentgw"]
 
 
 def imported_top_level_modules(package_dir: Path) -> dict[str, str]:

@@ -32,7 +32,7 @@ from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from agentgw.admin.contract import invalid
+from agentgw.api_contract import invalid
 from agentgw.errors import Unavailable
 from agentgw.filters.audit import printable
 from agentgw.storage.audit_log import AuditQuery, VerifyReport, otel_record, parse_time, query, verify

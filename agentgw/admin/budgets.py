@@ -18,7 +18,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
 from pydantic import BaseModel
 
-from agentgw.admin.contract import errors, invalid
+from agentgw.api_contract import errors, invalid
 from agentgw.call import Principal
 from agentgw.filters.budget import BUDGET_NAME, BudgetRule, BudgetStore, effective_budgets
 from agentgw.storage.budget_rules import BudgetRuleBook, BudgetRuleConflict

@@ -9,7 +9,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, HTTPException, status
 from pydantic import BaseModel, Field
 
-from agentgw.admin.contract import errors
+from agentgw.api_contract import errors
 from agentgw.filters.authorize import CasbinAuthorizer, PolicyError
 
 __all__ = ["policy_router"]

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from agentgw import __version__
 from agentgw.cli import audit, budget, clients, keys, policy, registry, serve, token
-from agentgw.settings import ConfigError
+from agentgw.errors import ConfigError
 
 __all__ = ["main"]
 

@@ -152,7 +152,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, engine: Any, settings: Any) -> int:
-    from agentgw.oauth.identity import signing_key_path
+    from agentgw.identity import signing_key_path
     from agentgw.storage.audit_checkpoints import checkpointer, public_text, trust
     from agentgw.storage.audit_log import iter_records, otel_record, parse_time, prune, query, verify
 

@@ -26,7 +26,7 @@ def register(sub: Any) -> None:
 
 
 def _clients(args: argparse.Namespace) -> int:
-    from agentgw.oauth.identity import client_stores, revoke_registered_client
+    from agentgw.identity import client_stores, revoke_registered_client
     from agentgw.storage import make_engine
 
     settings = settings_from_args(args)

@@ -58,7 +58,7 @@ def _keys(args: argparse.Namespace) -> int:
         return 0
     settings = settings_from_args(args)
     if args.keys_command == "rotate-signing":
-        from agentgw.oauth.identity import signing_keys
+        from agentgw.identity import signing_keys
 
         keys = signing_keys(settings)
         print(f"new signing key {keys.rotate()} in {keys.path}")

@@ -38,9 +38,9 @@ def register(sub: Any) -> None:
 
 
 def _registry(args: argparse.Namespace) -> int:
+    from agentgw.registry.models import McpServerSpec
+    from agentgw.registry.store import RegistryConflict, RegistryStore
     from agentgw.storage import create_db, make_engine
-    from registry.models import McpServerSpec
-    from registry.store import RegistryConflict, RegistryStore
 
     settings = settings_from_args(args, demo=False)
     engine = make_engine(settings.database_url)

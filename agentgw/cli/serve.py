@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from agentgw import __version__
 from agentgw.cli.settings import add_common_options, settings_from_args
-from agentgw.oauth.identity import record_base_url
+from agentgw.identity import record_base_url
 
 if TYPE_CHECKING:
     import socket

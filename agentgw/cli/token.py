@@ -45,7 +45,7 @@ def register(sub: Any) -> None:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from agentgw.oauth.identity import issuer_url, signing_keys
+    from agentgw.identity import issuer_url, signing_keys
     from agentgw.oauth.server import mint_token
 
     settings = settings_from_args(args)

@@ -5,7 +5,7 @@ Each MCP upstream names a credential mode in the registry (`McpServerSpec.creden
 (`A2aAgentSpec.token_upstream()`, named `a2a:<agent>` here so it never meets an MCP server's name):
 
     none                no Authorization header
-    static              a named secret (declared in the config file, registry/secrets.py), read once
+    static              a named secret (declared in the config file, agentgw/registry/secrets.py), read once
     client_credentials  the gateway's own token (RFC 6749 4.4) from a token endpoint
     token_exchange      RFC 8693: the caller's token exchanged for one meant for the upstream, with
                         the gateway's own token as the actor token, so the upstream sees `act`
@@ -37,7 +37,7 @@ import httpx
 import jwt
 
 from agentgw.call import Call, Principal, Reply
-from agentgw.errors import CredentialError, UpstreamUnauthorized
+from agentgw.errors import ConfigError, CredentialError, UpstreamUnauthorized
 from agentgw.oauth.apikeys import KEY_PREFIX
 from agentgw.oauth.exchange import (
     ACCESS_TOKEN_TYPE,
@@ -51,8 +51,7 @@ from agentgw.oauth.exchange import (
     unverified_claims,
 )
 from agentgw.pipeline import CallNext
-from agentgw.settings import ConfigError
-from registry.models import (
+from agentgw.registry.models import (
     ClientAuth,
     McpServerSpec,
     UpstreamClientCredentials,
@@ -61,7 +60,7 @@ from registry.models import (
     UpstreamStatic,
     UpstreamTokenExchange,
 )
-from registry.secrets import Secret, SecretRefused, Secrets, SecretUnavailable
+from agentgw.registry.secrets import Secret, SecretRefused, Secrets, SecretUnavailable
 
 __all__ = [
     "CacheKey",

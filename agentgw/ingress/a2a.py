@@ -62,6 +62,7 @@ from starlette.types import Receive, Scope, Send
 from agentgw.call import Action, Call, Reply, Usage, checked_run_id
 from agentgw.errors import (
     BadRequest,
+    ConfigError,
     Forbidden,
     GatewayError,
     InsufficientScope,
@@ -79,17 +80,7 @@ from agentgw.errors import (
 from agentgw.ingress.a2a_signatures import CardSigner, UpstreamCardVerifier
 from agentgw.ingress.body import read_body
 from agentgw.pipeline import Pipeline
-from agentgw.settings import ConfigError
-from agentgw.upstream.a2a import A2aHttpUpstream, forwarded_headers
-from agentgw.upstream.http import (
-    DEFAULT_LIMITS,
-    AnswerTooLarge,
-    HttpClient,
-    Limits,
-    UpstreamResponse,
-    UpstreamState,
-)
-from registry.a2a import (
+from agentgw.registry.a2a import (
     A2aAgentSpec,
     A2aConfigError,
     A2aRegistry,
@@ -99,7 +90,16 @@ from registry.a2a import (
     card_skill_ids,
     version_of,
 )
-from registry.secrets import Secrets
+from agentgw.registry.secrets import Secrets
+from agentgw.upstream.a2a import A2aHttpUpstream, forwarded_headers
+from agentgw.upstream.http import (
+    DEFAULT_LIMITS,
+    AnswerTooLarge,
+    HttpClient,
+    Limits,
+    UpstreamResponse,
+    UpstreamState,
+)
 
 __all__ = [
     "RUN_ID_HEADER",

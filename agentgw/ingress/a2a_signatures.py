@@ -27,9 +27,9 @@ from cryptography.hazmat.primitives import serialization
 from jwt import PyJWK, PyJWKSet
 from jwt.exceptions import PyJWKError, PyJWKSetError, PyJWTError
 
+from agentgw.errors import ConfigError
 from agentgw.oauth.keys import ALGORITHM, SigningKeys
-from agentgw.settings import ConfigError
-from registry.a2a import A2aAgentSpec, CardFetcher, CardSignatureInvalid
+from agentgw.registry.a2a import A2aAgentSpec, CardFetcher, CardSignatureInvalid
 
 __all__ = ["CardSigner", "UpstreamCardVerifier", "card_signer", "read_card"]
 

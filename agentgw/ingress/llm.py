@@ -37,6 +37,7 @@ from starlette.types import Receive, Scope, Send
 from agentgw.call import Call, Reply, Usage, checked_run_id
 from agentgw.errors import (
     BadRequest,
+    ConfigError,
     GatewayError,
     NotFound,
     ParseError,
@@ -44,11 +45,10 @@ from agentgw.errors import (
 )
 from agentgw.ingress.body import read_body
 from agentgw.pipeline import Pipeline
-from agentgw.settings import ConfigError
+from agentgw.registry.llm import MODEL_NAME_PATTERN, LlmRoute, LlmRouteError, LlmRoutes, LlmRouteSpec
+from agentgw.registry.secrets import Secrets
 from agentgw.upstream.http import DEFAULT_LIMITS, HttpClient, Limits, UpstreamState
 from agentgw.upstream.llm import LlmAnswer, LlmProvider, OpenAICompatible, Operation
-from registry.llm import MODEL_NAME_PATTERN, LlmRoute, LlmRouteError, LlmRoutes, LlmRouteSpec
-from registry.secrets import Secrets
 
 __all__ = [
     "ENDPOINT",

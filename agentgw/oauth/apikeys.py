@@ -24,7 +24,7 @@ from sqlalchemy import JSON, Column, Engine
 from sqlmodel import Field as SQLField
 from sqlmodel import Session, SQLModel, col, select
 
-from agentgw.admin.contract import errors
+from agentgw.api_contract import errors
 from agentgw.call import Principal
 from agentgw.errors import Unauthenticated
 

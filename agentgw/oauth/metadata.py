@@ -23,9 +23,9 @@ from collections.abc import Callable
 from fastapi import APIRouter
 from starlette.responses import JSONResponse
 
-from agentgw.admin.contract import errors
-from registry.models import NAME_PATTERN
-from registry.store import RegistryStore
+from agentgw.api_contract import errors
+from agentgw.registry.models import NAME_PATTERN
+from agentgw.registry.store import RegistryStore
 
 __all__ = ["endpoint_scopes", "protected_resource_router"]
 

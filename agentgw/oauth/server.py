@@ -59,7 +59,6 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from agentgw.call import Principal
 from agentgw.errors import GatewayError
 from agentgw.fetch_guard import FetchGuard, FetchRefused
-from agentgw.filters.authenticate import JwtVerifier, audience_covers, canonical_uri
 from agentgw.oauth.config import BuiltinAuthServer, BuiltinClient, BuiltinUser
 from agentgw.oauth.exchange import TOKEN_TYPES, actor_allowed, delegation, narrowed_scopes
 from agentgw.oauth.keys import SigningKeys
@@ -71,6 +70,7 @@ from agentgw.oauth.registration import (
     RegistrationLimiter,
     parse_registration,
 )
+from agentgw.oauth.verify import JwtVerifier, audience_covers, canonical_uri
 
 __all__ = [
     "TOKEN_EXCHANGE",

@@ -34,8 +34,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from agentgw.errors import ConfigError
 from agentgw.filters.audit import CheckpointSettings, timestamp
-from agentgw.settings import ConfigError
 
 __all__ = [
     "KEY_FILE",

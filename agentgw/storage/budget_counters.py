@@ -36,7 +36,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Field, SQLModel
 
 from agentgw.call import Call, Principal
-from agentgw.errors import Unavailable
+from agentgw.errors import ConfigError, Unavailable
 from agentgw.filters.budget import (
     COST_SCALE,
     SPENDING_ACTIONS,
@@ -51,7 +51,6 @@ from agentgw.filters.budget import (
     run_key,
     targets,
 )
-from agentgw.settings import ConfigError
 from agentgw.storage.db import STATEMENT_TIMEOUT_S, DatabaseSettings
 from agentgw.storage.redis_client import RedisSettings, redis_client
 

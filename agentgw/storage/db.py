@@ -113,10 +113,13 @@ def _discard_unwritable(context: ExceptionContext) -> None:
 
 
 def create_db(engine: Engine) -> None:
-    """Create every table the imported models declare (idempotent)."""
+    """Create every table the imported models declare (idempotent).
+
+    Storage's own tables are imported here; rooms above storage (the registry) import theirs before
+    calling, since storage may not import them.
+    """
     # Imported for their side effect: each registers its tables on SQLModel's metadata.
     import agentgw.storage.budget_counters
     import agentgw.storage.budget_rules  # noqa: F401
-    import registry.models  # noqa: F401
 
     SQLModel.metadata.create_all(engine)

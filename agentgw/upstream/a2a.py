@@ -12,8 +12,8 @@ from collections.abc import Mapping
 import orjson
 
 from agentgw.errors import UpstreamError
+from agentgw.registry.models import UpstreamLimits
 from agentgw.upstream.http import HttpClient, UpstreamResponse, UpstreamState
-from registry.models import UpstreamLimits
 
 __all__ = ["FORWARDED_REQUEST_HEADERS", "MAX_CARD_BYTES", "A2aHttpUpstream", "forwarded_headers"]
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from agentgw.errors import UpstreamBusy, UpstreamError, UpstreamTimeout, UpstreamUnreachable
-from registry.models import UpstreamLimits
+from agentgw.registry.models import UpstreamLimits
 
 __all__ = [
     "CONNECT_TIMEOUT_S",

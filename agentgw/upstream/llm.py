@@ -23,8 +23,8 @@ import anyio
 import orjson
 
 from agentgw.errors import CredentialError, UpstreamError
+from agentgw.registry.llm import ClientCredentials, LlmRoute, StaticCredential
 from agentgw.upstream.http import HttpClient, UpstreamResponse, UpstreamState
-from registry.llm import ClientCredentials, LlmRoute, StaticCredential
 
 __all__ = ["LlmAnswer", "LlmProvider", "OpenAICompatible", "Operation"]
 

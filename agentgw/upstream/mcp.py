@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from agentgw.registry.models import UpstreamLimits
 from agentgw.upstream.http import DEFAULT_LIMITS, HttpClient, Limits, UpstreamResponse, UpstreamState
-from registry.models import UpstreamLimits
 
 __all__ = ["FORWARDED_REQUEST_HEADERS", "McpHttpUpstream", "UpstreamResponse", "forwarded_headers"]
 

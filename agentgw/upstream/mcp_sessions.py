@@ -62,8 +62,8 @@ from agentgw.errors import (
     UpstreamUnreachable,
 )
 from agentgw.filters.credentials import GatewayCredential
+from agentgw.registry.models import McpServerSpec
 from agentgw.upstream.http import HttpClient, UpstreamResponse
-from registry.models import McpServerSpec
 
 __all__ = ["ProgressFn", "Relay", "SessionCredentials", "UpstreamSessions"]
 

@@ -8,7 +8,7 @@ import jwt
 import pytest
 
 from agentgw.cli import main
-from agentgw.oauth.identity import record_base_url
+from agentgw.identity import record_base_url
 from agentgw.settings import load_settings
 
 

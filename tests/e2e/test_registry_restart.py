@@ -11,9 +11,9 @@ import pytest
 from sqlmodel import Session
 
 from agentgw.cli import main
+from agentgw.registry.models import McpServerRow
+from agentgw.registry.store import RegistryVersion
 from agentgw.storage import create_db, make_engine
-from registry.models import McpServerRow
-from registry.store import RegistryVersion
 from tests.support.gateway import run_gateway
 from tests.support.mcp import META, answer_of, modern_headers
 

@@ -18,19 +18,19 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from agentgw.call import ANONYMOUS, Call, Principal, Reply
 from agentgw.errors import InsufficientScope, Unauthenticated, Unavailable
-from agentgw.filters.authenticate import (
+from agentgw.filters.authenticate import Authenticate
+from agentgw.oauth.apikeys import ApiKeyStore, ApiKeyVerifier, NewApiKey
+from agentgw.oauth.jwks import LocalKeySet, RemoteKeySet
+from agentgw.oauth.keys import SigningKeys
+from agentgw.oauth.server import mint_token
+from agentgw.oauth.verify import (
     MAX_ACCEPTED_RESOURCES,
-    Authenticate,
     BearerVerifier,
     JwtVerifier,
     TrustedIssuer,
     audience_covers,
     principal_from_claims,
 )
-from agentgw.oauth.apikeys import ApiKeyStore, ApiKeyVerifier, NewApiKey
-from agentgw.oauth.jwks import LocalKeySet, RemoteKeySet
-from agentgw.oauth.keys import SigningKeys
-from agentgw.oauth.server import mint_token
 from agentgw.storage import make_engine
 
 ISSUER = "http://gw.test"

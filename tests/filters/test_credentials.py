@@ -35,9 +35,9 @@ from agentgw.filters.credentials import (
     scopes_for,
 )
 from agentgw.oauth.exchange import ACCESS_TOKEN_TYPE, ID_JAG_TOKEN_TYPE, JWT_BEARER, TOKEN_EXCHANGE
+from agentgw.registry.models import McpServerSpec
+from agentgw.registry.secrets import Secrets, SecretSource
 from conformance.fixtures.sts import build_app as sts_app
-from registry.models import McpServerSpec
-from registry.secrets import Secrets, SecretSource
 
 UPSTREAM = "http://up.test/mcp"
 TOKEN_URL = "http://sts.test/token"

@@ -71,11 +71,11 @@ from agentgw.ingress.a2a import (
     task_object,
 )
 from agentgw.pipeline import CallNext, ordered
+from agentgw.registry.a2a import A2aAgentSpec, A2aRegistry
+from agentgw.registry.secrets import Secrets, SecretSource
 from agentgw.settings import PACKAGE_POLICIES
 from agentgw.upstream.a2a import A2aHttpUpstream
 from conformance.fixtures.a2a_agents import Recorder, build_server
-from registry.a2a import A2aAgentSpec, A2aRegistry
-from registry.secrets import Secrets, SecretSource
 from tests.support.servers import Answer, LocalServer, Received, Scripted, unused_url
 
 GW = "http://gw.test"

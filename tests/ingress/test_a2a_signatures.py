@@ -12,13 +12,13 @@ from a2a.utils.signing import create_signature_verifier
 from jwt import PyJWK
 
 from agentgw.call import Call, Reply
+from agentgw.errors import ConfigError
 from agentgw.filters.credentials import Credentials, TokenService
 from agentgw.ingress.a2a_signatures import CardSigner, UpstreamCardVerifier, card_signer, read_card
 from agentgw.oauth.keys import SigningKeys
-from agentgw.settings import ConfigError
+from agentgw.registry.a2a import A2aAgentSpec, A2aRegistry, CardSignatureInvalid, CardUnavailable
+from agentgw.registry.secrets import Secrets, SecretSource
 from conformance.fixtures.a2a_agents import CardKeys, agent_card
-from registry.a2a import A2aAgentSpec, A2aRegistry, CardSignatureInvalid, CardUnavailable
-from registry.secrets import Secrets, SecretSource
 
 CARD_URL = "http://agent.test/echo/.well-known/agent-card.json"
 

@@ -24,20 +24,20 @@ from starlette.applications import Starlette
 from starlette.types import Message
 
 from agentgw.call import Call, Principal, Reply, Usage
-from agentgw.errors import GatewayError, Unauthenticated, Unavailable
+from agentgw.errors import ConfigError, GatewayError, Unauthenticated, Unavailable
 from agentgw.filters.authenticate import Authenticate
 from agentgw.filters.authorize import Authorize, CasbinAuthorizer
 from agentgw.filters.budget import Budget, BudgetRule, StaticRules, targets
 from agentgw.filters.credentials import Credentials
 from agentgw.ingress.llm import LlmIngress, estimate_tokens
 from agentgw.pipeline import CallNext, Filter, ordered
-from agentgw.settings import PACKAGE_POLICIES, ConfigError
+from agentgw.registry.llm import LlmRouteSpec
+from agentgw.registry.secrets import Secrets, SecretSource
+from agentgw.settings import PACKAGE_POLICIES
 from agentgw.storage import make_engine
 from agentgw.storage.budget_counters import SqlBudgetStore
 from conformance.fixtures.launch import free_port
 from conformance.fixtures.openai_upstream import start_openai_upstream_sync
-from registry.llm import LlmRouteSpec
-from registry.secrets import Secrets, SecretSource
 
 ROUTE_SECRET = "route-secret-7f3a"
 POLICY = [

@@ -18,7 +18,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
 
 from agentgw.errors import CredentialError
-from agentgw.filters.authenticate import JwtVerifier, TrustedIssuer
 from agentgw.oauth.config import BuiltinAuthServer, BuiltinClient, ExchangePermission
 from agentgw.oauth.exchange import (
     ACCESS_TOKEN_TYPE,
@@ -37,8 +36,9 @@ from agentgw.oauth.exchange import (
 from agentgw.oauth.jwks import LocalKeySet
 from agentgw.oauth.keys import SigningKeys
 from agentgw.oauth.server import AuthorizationServer, hash_secret, mint_token, oauth_router
-from registry.llm import Secret
-from registry.models import ClientAuth
+from agentgw.oauth.verify import JwtVerifier, TrustedIssuer
+from agentgw.registry.llm import Secret
+from agentgw.registry.models import ClientAuth
 
 BASE = "http://127.0.0.1:8080"
 UPSTREAM = "https://payments.example/mcp"

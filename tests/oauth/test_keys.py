@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agentgw.oauth.identity import signing_keys
+from agentgw.identity import signing_keys
 from agentgw.oauth.keys import KEEP, SigningKeys
 from agentgw.settings import load_settings
 

@@ -9,9 +9,9 @@ import pytest
 from fastapi import FastAPI
 
 from agentgw.oauth.metadata import endpoint_scopes, protected_resource_router
+from agentgw.registry.models import McpServerSpec, VirtualServerSpec
+from agentgw.registry.store import RegistryStore
 from agentgw.storage import create_db, make_engine
-from registry.models import McpServerSpec, VirtualServerSpec
-from registry.store import RegistryStore
 
 BASE = "https://gw.example"
 

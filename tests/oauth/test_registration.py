@@ -13,13 +13,13 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from agentgw.filters.authenticate import JwtVerifier, TrustedIssuer
 from agentgw.oauth.config import BuiltinAuthServer, RegistrationSettings
 from agentgw.oauth.jwks import LocalKeySet
 from agentgw.oauth.keys import SigningKeys
 from agentgw.oauth.refresh import RefreshRefused, RefreshTokenStore
 from agentgw.oauth.registration import ClientStore, RegistrationLimiter
 from agentgw.oauth.server import AuthorizationServer, hash_secret, oauth_router
+from agentgw.oauth.verify import JwtVerifier, TrustedIssuer
 from agentgw.storage import make_engine
 
 BASE = "http://127.0.0.1:8080"

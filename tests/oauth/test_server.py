@@ -19,7 +19,6 @@ import pytest
 from fastapi import FastAPI
 
 from agentgw.fetch_guard import FetchGuard
-from agentgw.filters.authenticate import JwtVerifier, TrustedIssuer
 from agentgw.oauth.config import BuiltinAuthServer, BuiltinClient, BuiltinUser
 from agentgw.oauth.jwks import LocalKeySet
 from agentgw.oauth.keys import SigningKeys
@@ -32,6 +31,7 @@ from agentgw.oauth.server import (
     mint_token,
     oauth_router,
 )
+from agentgw.oauth.verify import JwtVerifier, TrustedIssuer
 from tests.support.servers import Answer, LocalServer, Received, Scripted, tls_ca
 
 BASE = "http://127.0.0.1:8080"

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from registry.a2a import (
+from agentgw.registry.a2a import (
     A2aAgentSpec,
     A2aConfigError,
     A2aRegistry,
@@ -18,7 +18,7 @@ from registry.a2a import (
     card_interfaces,
     version_of,
 )
-from registry.secrets import Secrets, SecretSource
+from agentgw.registry.secrets import Secrets, SecretSource
 
 CARD: dict[str, Any] = {
     "name": "a",

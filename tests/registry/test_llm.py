@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from agentgw.settings import ConfigError, load_settings
-from registry.llm import LlmRoute, LlmRouteError, LlmRoutes, LlmRouteSpec, check_routes
-from registry.secrets import Secrets, SecretSource
+from agentgw.errors import ConfigError
+from agentgw.registry.llm import LlmRoute, LlmRouteError, LlmRoutes, LlmRouteSpec, check_routes
+from agentgw.registry.secrets import Secrets, SecretSource
+from agentgw.settings import load_settings
 
 BASE = {"base_url": "https://llm.example/v1", "model": "gpt-4o-mini"}
 

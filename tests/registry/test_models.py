@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from registry.models import McpServerSpec, VirtualServerSpec, validate_name
+from agentgw.registry.models import McpServerSpec, VirtualServerSpec, validate_name
 
 
 @pytest.mark.parametrize("name", ["github", "a", "team-tools", "x1", "a" * 63])

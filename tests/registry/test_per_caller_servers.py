@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from agentgw.registry.models import McpServerSpec, VirtualServerSpec
+from agentgw.registry.store import RegistryConflict, RegistryStore
 from agentgw.storage import create_db, make_engine
-from registry.models import McpServerSpec, VirtualServerSpec
-from registry.store import RegistryConflict, RegistryStore
 
 EXCHANGE = {"mode": "token_exchange", "client": {"client_id": "gw", "secret": "gw-secret"}}
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from registry.admission import Admission
-from registry.models import McpServerSpec
-from registry.secrets import SecretRefused, Secrets, SecretSource, SecretUnavailable, url_within
+from agentgw.registry.admission import Admission
+from agentgw.registry.models import McpServerSpec
+from agentgw.registry.secrets import SecretRefused, Secrets, SecretSource, SecretUnavailable, url_within
 
 
 @pytest.mark.parametrize(

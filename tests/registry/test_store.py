@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from agentgw.registry.models import McpServerSpec, VirtualServerSpec
+from agentgw.registry.store import RegistryConflict, RegistryStore
 from agentgw.storage import create_db, make_engine
-from registry.models import McpServerSpec, VirtualServerSpec
-from registry.store import RegistryConflict, RegistryStore
 
 
 def store(tmp_path: Path) -> RegistryStore:

@@ -22,8 +22,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from agentgw.filters.authenticate import JwtVerifier, TrustedIssuer
 from agentgw.oauth.jwks import RemoteKeySet
+from agentgw.oauth.verify import JwtVerifier, TrustedIssuer
 from tests.support.servers import LocalServer
 
 BURST = 30

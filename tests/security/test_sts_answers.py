@@ -20,9 +20,9 @@ from agentgw.call import Call, Principal, Reply
 from agentgw.errors import CredentialError
 from agentgw.filters.credentials import Credentials
 from agentgw.oauth.exchange import TOKEN_EXCHANGE
+from agentgw.registry.models import McpServerSpec
+from agentgw.registry.secrets import Secrets, SecretSource
 from conformance.fixtures.sts import build_app
-from registry.models import McpServerSpec
-from registry.secrets import Secrets, SecretSource
 from tests.support.servers import LocalServer, unused_url
 
 SECRET = "sts-client-secret-4b1e"

@@ -15,10 +15,11 @@ import pytest
 
 from agentgw.app import GatewayApp, create_app
 from agentgw.cli import main
-from agentgw.oauth.identity import signing_keys
+from agentgw.errors import ConfigError
+from agentgw.identity import signing_keys
 from agentgw.oauth.server import mint_token
-from agentgw.settings import ConfigError, load_settings
-from registry.secrets import SecretRefused, Secrets, SecretSource
+from agentgw.registry.secrets import SecretRefused, Secrets, SecretSource
+from agentgw.settings import load_settings
 from tests.support.mcp import modern_headers
 from tests.support.servers import Answer, LocalServer, Scripted
 

@@ -15,8 +15,8 @@ import orjson
 import pytest
 from sqlalchemy import Engine, delete, insert, select, update
 
+from agentgw.errors import ConfigError
 from agentgw.filters.audit import AuditSettings, CheckpointSettings
-from agentgw.settings import ConfigError
 from agentgw.storage import make_engine
 from agentgw.storage.audit_checkpoints import (
     Checkpointer,

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from agentgw.errors import UpstreamBusy, UpstreamError, UpstreamTimeout, UpstreamUnreachable
+from agentgw.registry.models import UpstreamLimits
 from agentgw.upstream.http import DEFAULT_LIMITS, AnswerTooLarge, HttpClient
-from registry.models import UpstreamLimits
 from tests.support.servers import Answer, LocalServer, Received, Scripted, unused_url
 
 WHO = "upstream 'u'"

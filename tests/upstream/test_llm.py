@@ -10,9 +10,9 @@ import orjson
 import pytest
 
 from agentgw.errors import CredentialError, UpstreamBusy, UpstreamError, UpstreamTimeout
+from agentgw.registry.llm import LlmRoute, LlmRouteSpec, Secret
 from agentgw.upstream import llm as llm_module
 from agentgw.upstream.llm import LlmAnswer, OpenAICompatible
-from registry.llm import LlmRoute, LlmRouteSpec, Secret
 from tests.support.servers import Answer, LocalServer, Received, Scripted, unused_url
 
 Handler = Callable[[Received], Answer]

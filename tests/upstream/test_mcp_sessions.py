@@ -9,10 +9,10 @@ import logging
 import httpx
 import pytest
 
+from agentgw.registry.models import McpServerSpec
 from agentgw.upstream import mcp_sessions
 from agentgw.upstream.mcp_sessions import UpstreamSessions
 from conformance.fixtures.launch import start_upstream
-from registry.models import McpServerSpec
 
 
 async def _probes(url: str) -> list[str | None]:

@@ -59,8 +59,8 @@ from agentgw.ingress.mcp.messages import LIST_KEYS, item_object
 from agentgw.ingress.mcp.rendering import jsonrpc_error_response, run_id_of
 from agentgw.ingress.mcp.sessions import SessionLimits, SessionStore
 from agentgw.pipeline import Pipeline
+from agentgw.registry.models import McpServerSpec, VirtualServerSpec
 from agentgw.upstream.mcp_sessions import Relay, UpstreamSessions
-from registry.models import McpServerSpec, VirtualServerSpec
 
 __all__ = ["Bridge", "Endpoint"]
 

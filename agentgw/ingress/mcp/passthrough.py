@@ -42,9 +42,9 @@ from agentgw.ingress.mcp.messages import (
 from agentgw.ingress.mcp.rendering import jsonrpc_error_response, run_id_of
 from agentgw.ingress.mcp.sessions import SessionStore
 from agentgw.pipeline import Pipeline
+from agentgw.registry.models import McpServerSpec
 from agentgw.upstream.http import AnswerTooLarge
 from agentgw.upstream.mcp import McpHttpUpstream, UpstreamResponse, forwarded_headers
-from registry.models import McpServerSpec
 
 __all__ = ["PassThrough", "header_map"]
 

@@ -28,8 +28,8 @@ from agentgw.ingress.mcp.messages import MODERN_VERSION
 from agentgw.ingress.mcp.passthrough import PassThrough, header_map
 from agentgw.ingress.mcp.rendering import jsonrpc_error_response
 from agentgw.pipeline import Pipeline
-from registry.models import NAME_PATTERN
-from registry.store import RegistryStore
+from agentgw.registry.models import NAME_PATTERN
+from agentgw.registry.store import RegistryStore
 
 __all__ = ["McpIngress", "path_params"]
 

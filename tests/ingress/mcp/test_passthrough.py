@@ -16,9 +16,9 @@ from agentgw.errors import Forbidden
 from agentgw.ingress.mcp.passthrough import PassThrough, header_map
 from agentgw.ingress.mcp.sessions import MemorySessionStore
 from agentgw.pipeline import CallNext, Pipeline
+from agentgw.registry.models import McpServerSpec, UpstreamLimits
 from agentgw.upstream.http import DEFAULT_LIMITS
 from agentgw.upstream.mcp import McpHttpUpstream
-from registry.models import McpServerSpec, UpstreamLimits
 from tests.support.mcp import META, modern_headers
 from tests.support.servers import Answer, LocalServer, Received, Scripted
 

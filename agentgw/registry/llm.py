@@ -12,7 +12,7 @@ Declared in the config file under `llm_routes`:
         timeout_s: 60                       # wait for the first byte, and at most between stream chunks
         fallbacks: [fast-backup]            # other routes tried, in order, on 5xx, timeout or unreachable
 
-Secrets never live in a spec: a spec names a secret declared in the config file (registry/secrets.py),
+Secrets never live in a spec: a spec names a secret declared in the config file (agentgw/registry/secrets.py),
 and `LlmRoutes` reads it once at start-up into memory (`Secret`, whose repr hides it). So specs may be
 stored, logged and returned by an admin API without leaking anything.
 
@@ -29,8 +29,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from registry.models import NamedSecret, UpstreamLimits, Url
-from registry.secrets import Secret, SecretRefused, Secrets, SecretUnavailable
+from agentgw.registry.models import NamedSecret, UpstreamLimits, Url
+from agentgw.registry.secrets import Secret, SecretRefused, Secrets, SecretUnavailable
 
 __all__ = [
     "MODEL_NAME_PATTERN",

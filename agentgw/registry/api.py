@@ -8,11 +8,11 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Path, Request, status
 from pydantic import BaseModel
 
-from agentgw.admin.contract import errors, invalid
-from registry.admission import Admission
-from registry.models import NAME_REGEX, McpServerSpec, VirtualServerSpec
-from registry.secrets import Secrets
-from registry.store import RegistryConflict, RegistryStore
+from agentgw.api_contract import errors, invalid
+from agentgw.registry.admission import Admission
+from agentgw.registry.models import NAME_REGEX, McpServerSpec, VirtualServerSpec
+from agentgw.registry.secrets import Secrets
+from agentgw.registry.store import RegistryConflict, RegistryStore
 
 __all__ = ["ServerStatus", "registry_router"]
 

@@ -14,8 +14,8 @@ from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlmodel import Field, Session, SQLModel, select
 
+from agentgw.registry.models import McpServerRow, McpServerSpec, VirtualServerRow, VirtualServerSpec
 from agentgw.storage.owned_rows import put_owned, remove_owned, sync_owned
-from registry.models import McpServerRow, McpServerSpec, VirtualServerRow, VirtualServerSpec
 
 __all__ = ["RegistryConflict", "RegistryStore", "RegistryVersion"]
 
@@ -51,7 +51,7 @@ class RegistryVersion(SQLModel, table=True):
 
 
 # Why a stored server may not run under the rules of today's config (None: it may); the flag says
-# whether the config file owns it. See registry/admission.py.
+# whether the config file owns it. See agentgw/registry/admission.py.
 Admit = Callable[[McpServerSpec, bool], str | None]
 
 

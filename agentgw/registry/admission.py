@@ -4,7 +4,7 @@ another writer, is judged by the rules of today's config file.
 
 Two rules (docs/decisions/0700):
 
-- Credentials name declared secrets only, each declared for that use (registry/secrets.py): the
+- Credentials name declared secrets only, each declared for that use (agentgw/registry/secrets.py): the
   admin API names only secrets with `send_to`, and only for destinations under it.
 - A stdio server runs a command as the gateway's user: it comes from the config file, or its command
   line starts with an entry of `stdio_allowed_commands` and it sets no environment (`PATH`,
@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from registry.models import McpServerSpec, credential_secrets
-from registry.secrets import SecretRefused, Secrets, SecretUnavailable
+from agentgw.registry.models import McpServerSpec, credential_secrets
+from agentgw.registry.secrets import SecretRefused, Secrets, SecretUnavailable
 
 __all__ = ["Admission"]
 

@@ -3,9 +3,9 @@
 An agent is a name (part of the policy objects `a2a:<agent>/<skill>` and of its URL `/a2a/<agent>`),
 its upstream card (fetched from `card_url` and refreshed every `card_refresh_s`, or given inline as
 `card`), an optional default skill for messages that name none, and how the gateway authenticates to
-it (`credential`: `none`; `static`, a secret declared in the config file (registry/secrets.py), read
+it (`credential`: `none`; `static`, a secret declared in the config file (agentgw/registry/secrets.py), read
 once at start-up, the way LLM routes read theirs; or `client_credentials`, `token_exchange`, `id_jag`, the MCP
-upstream modes of registry/models.py, served by the credentials stage), and the keys its card's
+upstream modes of agentgw/registry/models.py, served by the credentials stage), and the keys its card's
 signatures are verified with (`card_keys`, docs/decisions/0403). Declared in the config file:
 
     a2a_agents:
@@ -33,7 +33,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from registry.models import (
+from agentgw.registry.models import (
     LOCATION_REFUSED,
     Name,
     UpstreamClientCredentials,
@@ -42,7 +42,7 @@ from registry.models import (
     UpstreamTokenExchange,
     Url,
 )
-from registry.secrets import SecretRefused, Secrets, SecretUnavailable
+from agentgw.registry.secrets import SecretRefused, Secrets, SecretUnavailable
 
 __all__ = [
     "BINDINGS",

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from registry.models import Url, validate_name
+from agentgw.registry.models import Url, validate_name
 
 __all__ = [
     "PROTECTED_ENV_PREFIXES",

@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 
 from agentgw.call import Call
 from agentgw.fetch_guard import FetchGuard
-from agentgw.filters.authenticate import Authenticate, BearerVerifier, JwtVerifier, TrustedIssuer
+from agentgw.filters.authenticate import Authenticate
 from agentgw.oauth.apikeys import ApiKeyStore, ApiKeyVerifier
 from agentgw.oauth.jwks import LocalKeySet, RemoteKeySet
 from agentgw.oauth.keys import ALGORITHM, SigningKeys
@@ -21,9 +21,10 @@ from agentgw.oauth.metadata import endpoint_scopes
 from agentgw.oauth.refresh import RefreshTokenStore
 from agentgw.oauth.registration import ClientInfo, ClientStore
 from agentgw.oauth.server import AuthorizationServer
+from agentgw.oauth.verify import BearerVerifier, JwtVerifier, TrustedIssuer
+from agentgw.registry.store import RegistryStore
 from agentgw.settings import Settings
 from agentgw.storage import ensure_private_dir
-from registry.store import RegistryStore
 
 __all__ = [
     "Identity",
