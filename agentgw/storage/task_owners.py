@@ -50,7 +50,7 @@ class RedisTaskOwners:
             if await self._redis.set(key, subject, nx=True, ex=self._ttl):
                 return True
             current = await self._redis.get(key)
-            if current is not None and current.decode() == subject:
+            if current is not None and _text(current) == subject:
                 await self._redis.expire(key, self._ttl)
                 return True
         except RedisError as exc:
@@ -67,7 +67,11 @@ class RedisTaskOwners:
             current = await self._redis.get(self._key(agent, task_id))
         except RedisError as exc:
             raise Unavailable("the task store is unreachable") from exc
-        return None if current is None else current.decode()
+        return None if current is None else _text(current)
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+
+
+def _text(value: bytes | str) -> str:
+    return value if isinstance(value, str) else value.decode()

@@ -11,7 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.cluster.conftest import Cluster, Node
+from bench.cluster import Cluster, Node
+from tests.cluster.conftest import bearer
 from tests.support.mcp import META, modern_headers
 
 BUDGET = 12
@@ -93,7 +94,7 @@ def test_a_legacy_session_continues_on_whichever_node_takes_each_request(cluster
 
 
 def test_a_policy_edit_on_one_node_is_enforced_by_every_node(cluster: Cluster) -> None:
-    admin = cluster.bearer("ops", "/admin")
+    admin = bearer(cluster, "ops", "/admin")
     rule = {"rule": "p, anonymous, mcp:up/echo, *, deny"}
     edited = httpx.post(f"{cluster.nodes[0].url}/admin/policies/rules", json=rule, headers=admin, timeout=10)
     assert edited.status_code in (200, 201), edited.text
@@ -164,7 +165,7 @@ async def test_a_node_killed_under_load_loses_only_its_calls_in_flight(cluster: 
     # Every call the upstream received was decided and recorded first, the dead node's included.
     received = httpx.get(f"{cluster.upstream}/_fixture/received", timeout=10).json()
     forwarded = len([r for r in received if r["method"] == "tools/call"])
-    auditor = cluster.bearer("ops", "/admin")
+    auditor = bearer(cluster, "ops", "/admin")
     records = httpx.get(
         f"{cluster.nodes[0].url}/admin/audit/records",
         params={"run_id": run, "decision": "allowed", "event": "decision", "limit": 1000},
