@@ -4,6 +4,7 @@ server, API keys, and the `Authenticate` stage that uses them."""
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -189,7 +190,7 @@ def build_identity(settings: Settings, engine: Engine, registry: RegistryStore) 
             keys,
             verifier=jwt_verifier,
             known_scopes=known_scopes,
-            fetch=FetchGuard(settings.fetch_allow),
+            fetch=FetchGuard(settings.fetch_allow, ssl_context=_fetch_trust(settings.fetch_ca_file)),
             clients=clients,
             refresh=refresh,
             login=login,
@@ -243,3 +244,19 @@ def _federation(
         jwks_max_age_s=settings.auth.jwks_max_age_s,
     )
     return login, FederatedUsers(engine, issuer=idp.issuer, session_max_s=idp.session_max_s)
+
+
+def _fetch_trust(ca_file: Path | None) -> ssl.SSLContext | None:
+    """The TLS trust of caller-chosen fetches: the system's, plus `fetch_ca_file` when set.
+
+    Raises:
+        ConfigError: the file cannot be read as PEM certificates.
+    """
+    if ca_file is None:
+        return None
+    context = ssl.create_default_context()
+    try:
+        context.load_verify_locations(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"fetch_ca_file {ca_file}: cannot load certificates ({exc})") from exc
+    return context

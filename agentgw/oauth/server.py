@@ -546,6 +546,11 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         if not client_id or client_id in self._clients or not self.config.client_id_metadata_documents:
             return
         parts = urlsplit(client_id)
+        if parts.scheme == "http" and parts.hostname:
+            # A client that means a metadata document by this id is told why it is not one.
+            raise InvalidClientError(
+                description="client metadata document refused: a client id URL must be https"
+            )
         if parts.scheme != "https" or not parts.hostname or parts.path in ("", "/") or parts.fragment:
             return
         cached = self._cimd.get(client_id)
