@@ -62,7 +62,7 @@ def provider_settings(issuer: str, **overrides: Any) -> dict[str, Any]:
 def oidc_provider_install() -> tuple[str, str]:
     """The pinned Node and oidc-provider install (once per lock file, in the shared cache)."""
     lines = subprocess.run(
-        [str(OIDC / "install")], check=True, capture_output=True, text=True, timeout=600
+        [str(OIDC.parent / "npm-install"), "oidc"], check=True, capture_output=True, text=True, timeout=600
     ).stdout.split()
     return lines[0], lines[1]
 
