@@ -29,9 +29,10 @@ from urllib.parse import urlencode
 
 import httpx
 import jwt
-from sqlalchemy import JSON, Column, Engine
+from sqlalchemy import JSON, Column, Engine, update
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field as SQLField
-from sqlmodel import Session, SQLModel
+from sqlmodel import Session, SQLModel, col
 
 from agentgw.oauth.apikeys import ROLE
 from agentgw.oauth.config import IdentityProviderSettings
@@ -53,6 +54,7 @@ MAX_PENDING = 10_000
 FETCH_TIMEOUT_S = 5.0
 METADATA_TTL_S = 3600
 MAX_GROUPS = 200
+MAX_CODE = 4096  # the provider's authorization code, passed back to it: bounded before it is sent
 # Names become policy subjects (`user:<name>`) and audit fields: no spaces, commas or controls.
 NAME = re.compile(r"^[A-Za-z0-9._@+|:_-]{1,200}$")
 
@@ -107,17 +109,27 @@ class FederatedUsers:
         SQLModel.metadata.create_all(engine, tables=[FederatedUserRow.__table__])  # type: ignore[attr-defined]  # SQLModel tables are declared dynamically
 
     def signed_in(self, user: FederatedUser) -> None:
+        """Record a sign-in (its roles, its time); the latest one counts."""
+        now = datetime.now(UTC)
+        values: dict[str, Any] = {"issuer": self._issuer, "roles": list(user.roles), "signed_in": now}
         with Session(self._engine) as session:
-            row = session.get(FederatedUserRow, user.name)
-            now = datetime.now(UTC)
-            if row is None:
-                session.add(
-                    FederatedUserRow(name=user.name, issuer=self._issuer, roles=user.roles, signed_in=now)
+            changed = session.exec(
+                update(FederatedUserRow).where(col(FederatedUserRow.name) == user.name).values(**values)
+            )
+            if changed.rowcount == 1:
+                session.commit()
+                return
+            session.add(
+                FederatedUserRow(name=user.name, issuer=self._issuer, roles=list(user.roles), signed_in=now)
+            )
+            try:
+                session.commit()
+            except IntegrityError:  # another node recorded this user's first sign-in meanwhile
+                session.rollback()
+                session.exec(
+                    update(FederatedUserRow).where(col(FederatedUserRow.name) == user.name).values(**values)
                 )
-            else:
-                row.issuer, row.roles, row.signed_in = self._issuer, list(user.roles), now
-                session.add(row)
-            session.commit()
+                session.commit()
 
     def current(self, name: str) -> FederatedUser | None:
         """The user's roles from their latest sign-in, if that was at this provider and recent enough."""
@@ -250,6 +262,10 @@ class OidcLogin:
             FederationError: the provider refused or failed (502), the ID token is invalid (502), or
                 the user may not use the gateway (403).
         """
+        if not 0 < len(code) <= MAX_CODE:
+            raise FederationError(
+                f"{self.config.display_name} did not complete the sign-in; start again", 502
+            )
         metadata = await self._discover()
         form = {
             "grant_type": "authorization_code",
