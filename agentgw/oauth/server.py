@@ -834,11 +834,11 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
             return self._bad_request(error)
         if query.get("iss") not in (None, self.login.config.issuer):
             # RFC 9207: an answer from another issuer (a mix-up) is not this provider's.
-            log.warning("identity provider answer from another issuer iss=%s", str(query.get("iss"))[:200])
+            log.warning("identity provider answer from another issuer iss=%r", str(query.get("iss"))[:200])
             failed = TemporarilyUnavailableError("the sign-in answer came from another issuer")
             return self._refuse_to_client(oauth_request, grant, failed)
         if query.get("error") or not query.get("code"):
-            log.info("identity provider sign-in not completed error=%s", str(query.get("error"))[:100])
+            log.info("identity provider sign-in not completed error=%r", str(query.get("error"))[:100])
             return self._refuse_to_client(oauth_request, grant, AccessDeniedError("the user did not sign in"))
         try:
             user = await self.login.finish(pending, str(query["code"]))
