@@ -4,6 +4,7 @@ server, API keys, and the `Authenticate` stage that uses them."""
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -12,9 +13,11 @@ import httpx
 from sqlalchemy import Engine
 
 from agentgw.call import Call
+from agentgw.errors import ConfigError
 from agentgw.fetch_guard import FetchGuard
 from agentgw.filters.authenticate import Authenticate
 from agentgw.oauth.apikeys import ApiKeyStore, ApiKeyVerifier
+from agentgw.oauth.federation import FederatedUsers, OidcLogin
 from agentgw.oauth.jwks import LocalKeySet, RemoteKeySet
 from agentgw.oauth.keys import ALGORITHM, SigningKeys
 from agentgw.oauth.metadata import endpoint_scopes
@@ -22,6 +25,7 @@ from agentgw.oauth.refresh import RefreshTokenStore
 from agentgw.oauth.registration import ClientInfo, ClientStore
 from agentgw.oauth.server import AuthorizationServer
 from agentgw.oauth.verify import BearerVerifier, JwtVerifier, TrustedIssuer
+from agentgw.registry.secrets import SecretRefused
 from agentgw.registry.store import RegistryStore
 from agentgw.settings import Settings
 from agentgw.storage import ensure_private_dir
@@ -174,6 +178,7 @@ def build_identity(settings: Settings, engine: Engine, registry: RegistryStore) 
     clients, refresh = client_stores(settings, engine)
     server = None
     if keys is not None:
+        login, federated = _federation(settings, engine, http)
 
         def known_scopes() -> set[str]:
             scopes = {s for spec in registry.servers() for s in spec.scopes}
@@ -185,9 +190,11 @@ def build_identity(settings: Settings, engine: Engine, registry: RegistryStore) 
             keys,
             verifier=jwt_verifier,
             known_scopes=known_scopes,
-            fetch=FetchGuard(settings.fetch_allow),
+            fetch=FetchGuard(settings.fetch_allow, ssl_context=_fetch_trust(settings.fetch_ca_file)),
             clients=clients,
             refresh=refresh,
+            login=login,
+            federated=federated,
         )
     return Identity(
         authenticate,
@@ -202,3 +209,54 @@ def build_identity(settings: Settings, engine: Engine, registry: RegistryStore) 
         clients,
         refresh,
     )
+
+
+def _federation(
+    settings: Settings, engine: Engine, http: httpx.AsyncClient
+) -> tuple[OidcLogin | None, FederatedUsers | None]:
+    """The login at the organisation's OpenID provider, if configured (`auth.builtin.identity_provider`).
+
+    Raises:
+        ConfigError: its client secret is not a declared secret that may go to the provider.
+    """
+    idp = settings.auth.builtin.identity_provider
+    if idp is None:
+        return None, None
+    read_secret = None
+    if idp.client_secret is not None:
+        secrets = settings.admission().secrets
+        name = idp.client_secret
+        try:
+            secrets.check(name, [idp.issuer], from_config=True)
+        except SecretRefused as exc:
+            raise ConfigError(f"auth.builtin.identity_provider.client_secret: {exc}") from exc
+
+        def read_secret() -> str:
+            return secrets.read(name).reveal()
+
+    login = OidcLogin(
+        idp,
+        redirect_uri=f"{settings.base_url}/oauth/callback",
+        http=http,
+        client_secret=read_secret,
+        leeway_s=settings.auth.leeway_s,
+        jwks_min_refresh_s=settings.auth.jwks_min_refresh_s,
+        jwks_max_age_s=settings.auth.jwks_max_age_s,
+    )
+    return login, FederatedUsers(engine, issuer=idp.issuer, session_max_s=idp.session_max_s)
+
+
+def _fetch_trust(ca_file: Path | None) -> ssl.SSLContext | None:
+    """The TLS trust of caller-chosen fetches: the system's, plus `fetch_ca_file` when set.
+
+    Raises:
+        ConfigError: the file cannot be read as PEM certificates.
+    """
+    if ca_file is None:
+        return None
+    context = ssl.create_default_context()
+    try:
+        context.load_verify_locations(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"fetch_ca_file {ca_file}: cannot load certificates ({exc})") from exc
+    return context

@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     # public address: IPs, CIDRs (`10.20.0.0/16`) or host names. Empty: public addresses only
     # (agentgw/fetch_guard.py).
     fetch_allow: list[str] = Field(default_factory=list)
+    # PEM file of certificate authorities trusted for those fetches besides the system's (an
+    # internal CA that signs the hosts of client metadata documents).
+    fetch_ca_file: Path | None = None
     # Trusted token issuers, the built-in authorization server, API keys; see agentgw/oauth/config.py.
     auth: AuthSettings = Field(default_factory=AuthSettings)
     # Run and principal budgets (rate limits included); see agentgw/filters/budget.py.

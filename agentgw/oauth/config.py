@@ -21,6 +21,7 @@ __all__ = [
     "BuiltinClient",
     "BuiltinUser",
     "ExchangePermission",
+    "IdentityProviderSettings",
     "IssuerSettings",
     "RegistrationSettings",
 ]
@@ -139,6 +140,54 @@ class RegistrationSettings(BaseModel):
         return value
 
 
+class IdentityProviderSettings(BaseModel):
+    """An OpenID Connect provider the built-in server sends users to for their login (authorization
+    code + PKCE); its verified ID token's claims become the gateway user (docs/decisions/0110)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    issuer: str
+    client_id: str = Field(min_length=1, max_length=200)
+    # A named secret (`secrets:`) with the client secret; none = a public client (PKCE only).
+    client_secret: str | None = None
+    # What the login page's button says: "Sign in with <display_name>".
+    display_name: str = Field(default="your organisation", min_length=1, max_length=100)
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email"])
+    # The ID token claim that names the user (`user:<value>` in the policy); `sub` is stable, `email`
+    # or `preferred_username` read better in policies and the audit log.
+    name_claim: str = "sub"
+    # The ID token claim holding the user's groups (dotted for nested claims, `realm_access.roles`).
+    groups_claim: str = "groups"
+    # Group -> roles. Empty: each group is a role of the same name.
+    role_map: dict[str, list[str]] = Field(default_factory=dict)
+    # mapped: only users with at least one role from their groups may log in; any: every user the
+    # provider signs in (the policy then decides what they see).
+    allow: Literal["mapped", "any"] = "mapped"
+    # A login through the provider refreshes for at most this long; then the user signs in there again.
+    session_max_s: int = Field(default=12 * 3600, gt=0)
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "PS256", "ES256", "EdDSA"])
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, value: str) -> str:
+        return _check_url(value)
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, value: list[str]) -> list[str]:
+        if "openid" not in value:
+            raise ValueError("scopes must include openid")
+        return value
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithms(cls, value: list[str]) -> list[str]:
+        bad = sorted(set(value) - ALLOWED_ALGORITHMS)
+        if bad or not value:
+            raise ValueError(f"algorithms {bad or value} are not allowed: use {sorted(ALLOWED_ALGORITHMS)}")
+        return value
+
+
 class BuiltinAuthServer(BaseModel):
     """The embedded authorization server; its issuer is the gateway's base URL."""
 
@@ -159,6 +208,8 @@ class BuiltinAuthServer(BaseModel):
     # Accept https client ids that point at a Client ID Metadata Document.
     client_id_metadata_documents: bool = True
     registration: RegistrationSettings = Field(default_factory=RegistrationSettings)
+    # Users log in at this OpenID Connect provider, beside `users` (or instead, when there are none).
+    identity_provider: IdentityProviderSettings | None = None
 
 
 class ApiKeySettings(BaseModel):

@@ -8,6 +8,8 @@
                                                    client_credentials, and the RFC 8693 token-exchange grant
     POST /oauth/register                           RFC 7591 dynamic registration of public clients
     POST /oauth/revoke                             RFC 7009: revoking a refresh token ends its login
+    GET  /oauth/callback                           back from the organisation's OpenID provider, when
+                                                   users sign in there (agentgw/oauth/federation.py)
 
 Clients are pre-registered in the config, registered dynamically (stored in the database,
 agentgw/oauth/registration.py), or are Client ID Metadata Documents: an https client id
@@ -43,6 +45,7 @@ import orjson
 from authlib.oauth2 import rfc6749
 from authlib.oauth2.rfc6749 import grants
 from authlib.oauth2.rfc6749.errors import (
+    AccessDeniedError,
     InvalidClientError,
     InvalidGrantError,
     InvalidRequestError,
@@ -61,6 +64,7 @@ from agentgw.errors import GatewayError
 from agentgw.fetch_guard import FetchGuard, FetchRefused
 from agentgw.oauth.config import BuiltinAuthServer, BuiltinClient, BuiltinUser
 from agentgw.oauth.exchange import TOKEN_TYPES, actor_allowed, delegation, narrowed_scopes
+from agentgw.oauth.federation import FederatedUsers, FederationError, OidcLogin
 from agentgw.oauth.keys import SigningKeys
 from agentgw.oauth.refresh import Login, RefreshRefused, RefreshTokenStore
 from agentgw.oauth.registration import (
@@ -288,6 +292,12 @@ class InvalidTargetError(OAuth2Error):  # type: ignore[misc]  # authlib is untyp
     error = "invalid_target"
 
 
+class TemporarilyUnavailableError(OAuth2Error):  # type: ignore[misc]  # authlib is untyped
+    """RFC 6749 section 4.1.2.1: the identity provider the user signs in at cannot be used now."""
+
+    error = "temporarily_unavailable"
+
+
 class _PkceS256(CodeChallenge):  # type: ignore[misc]  # authlib is untyped
     """PKCE is required of every client, with S256 only (OAuth 2.1)."""
 
@@ -319,6 +329,8 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         fetch: FetchGuard | None = None,
         clients: ClientStore | None = None,
         refresh: RefreshTokenStore | None = None,
+        login: OidcLogin | None = None,
+        federated: FederatedUsers | None = None,
     ) -> None:
         super().__init__()
         self.issuer = issuer.rstrip("/")
@@ -335,6 +347,9 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         self.client_store = clients
         self._registered: dict[str, tuple[float, _Client]] = {}
         self.refresh_store = refresh
+        # Users may sign in at the organisation's OpenID provider instead of with a local password.
+        self.login = login
+        self._federated = federated
         self._limiter = RegistrationLimiter(config.registration.per_address_per_minute)
         server = self
 
@@ -389,8 +404,13 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
 
             def authenticate_user(self, login: Login) -> BuiltinUser:
                 user = server._users.get(login.subject)
+                if user is None and server._federated is not None:
+                    # Signed in at the provider: the roles it gave, until the sign-in is too old.
+                    federated = server._federated.current(login.subject)
+                    if federated is not None:
+                        user = _federated_user(federated.name, federated.roles)
                 if user is None:
-                    raise InvalidGrantError("the user of this login is no longer known")
+                    raise InvalidGrantError("the user of this login is no longer known or must sign in again")
                 return user
 
             def revoke_old_credential(self, login: Login) -> None:
@@ -526,6 +546,11 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         if not client_id or client_id in self._clients or not self.config.client_id_metadata_documents:
             return
         parts = urlsplit(client_id)
+        if parts.scheme == "http" and parts.hostname:
+            # A client that means a metadata document by this id is told why it is not one.
+            raise InvalidClientError(
+                description="client metadata document refused: a client id URL must be https"
+            )
         if parts.scheme != "https" or not parts.hostname or parts.path in ("", "/") or parts.fragment:
             return
         cached = self._cimd.get(client_id)
@@ -712,13 +737,26 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         returns = urlsplit(oauth_request.payload.redirect_uri or "").hostname
         back = f"<p>You then return to {html.escape(returns)}.</p>" if returns else ""
         problem = f"<p role='alert'>{html.escape(error)}</p>" if error else ""
+        action = f"{self.issuer}/oauth/authorize"
+        federated = ""
+        if self.login is not None:
+            provider = html.escape(self.login.config.display_name)
+            federated = (
+                f'<form method="post" action="{action}">{fields}'
+                '<input type="hidden" name="login" value="idp">'
+                f"<button>Sign in with {provider}</button></form>"
+            )
+        local = ""
+        if self._users or self.login is None:
+            local = (
+                f'<form method="post" action="{action}">{fields}'
+                '<label>User <input name="username" autocomplete="username"></label>'
+                '<label>Password <input name="password" type="password" '
+                'autocomplete="current-password"></label><button>Sign in</button></form>'
+            )
         page = (
             "<!doctype html><title>agentgw sign-in</title>"
-            f"<h1>Sign in</h1><p>{client} asks to act for you.</p>{back}{problem}"
-            f'<form method="post" action="{self.issuer}/oauth/authorize">{fields}'
-            '<label>User <input name="username" autocomplete="username"></label>'
-            '<label>Password <input name="password" type="password" autocomplete="current-password"></label>'
-            "<button>Sign in</button></form>"
+            f"<h1>Sign in</h1><p>{client} asks to act for you.</p>{back}{problem}{federated}{local}"
         )
         return HTMLResponse(page, status_code=status, headers={"Cache-Control": "no-store"})
 
@@ -737,6 +775,11 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
             if getattr(error, "redirect_uri", None):
                 return self.handle_error_response(oauth_request, error)  # type: ignore[no-any-return]  # authlib is untyped
             return self._bad_request(error)
+        if self.login is not None and (
+            (request.method == "GET" and not self._users)
+            or (request.method == "POST" and oauth_request.form.get("login") == "idp")
+        ):
+            return await self._federate(oauth_request, grant)
         if request.method == "GET":
             return self._login_page(oauth_request)
         form = oauth_request.form
@@ -744,6 +787,78 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         if user is None or not check_password(str(form.get("password") or ""), user.password_hash):
             return self._login_page(oauth_request, "Unknown user or wrong password.", 401)
         return self.create_authorization_response(oauth_request, grant_user=user, grant=grant)  # type: ignore[no-any-return]  # authlib is untyped
+
+    async def _federate(self, oauth_request: _Request, grant: Any) -> Response:
+        """Send the browser to the identity provider; the client's request waits for its answer."""
+        assert self.login is not None
+        params = {
+            k: list(v)
+            for k, v in oauth_request.payload.datalist.items()
+            if k not in ("username", "password", "login")
+        }
+        try:
+            url = await self.login.begin(params)
+        except FederationError as exc:
+            return self._refuse_to_client(oauth_request, grant, TemporarilyUnavailableError(exc.message))
+        return RedirectResponse(url, status_code=302, headers={"Cache-Control": "no-store"})
+
+    def _refuse_to_client(self, oauth_request: _Request, grant: Any, error: OAuth2Error) -> Response:
+        """An error sent back to the client's (verified) redirect URI, with the request's state."""
+        error.redirect_uri, error.state = grant.redirect_uri, oauth_request.payload.state
+        return self.handle_error_response(oauth_request, error)  # type: ignore[no-any-return]  # authlib is untyped
+
+    @staticmethod
+    def _problem_page(message: str, status: int) -> HTMLResponse:
+        page = (
+            "<!doctype html><title>agentgw sign-in</title><h1>Sign-in failed</h1>"
+            f"<p role='alert'>{html.escape(message)}</p>"
+        )
+        return HTMLResponse(page, status_code=status, headers={"Cache-Control": "no-store"})
+
+    async def callback(self, request: Request) -> Response:
+        """Back from the identity provider: verify who signed in, then answer the client's request."""
+        if self.login is None:
+            return JSONResponse({"detail": "Not Found"}, status_code=404)
+        query = request.query_params
+        try:
+            pending = self.login.take(str(query.get("state") or ""))
+        except FederationError as exc:
+            return self._problem_page(exc.message, exc.status)
+        # The client's own request, as it first arrived: checked again (a client may be revoked meanwhile).
+        original = QueryParams([(k, v) for k, values in pending.params.items() for v in values])
+        oauth_request = _Request("GET", f"{self.issuer}/oauth/authorize", {}, original, QueryParams(""))
+        try:
+            await self._prefetch_client(oauth_request.payload.client_id)
+            grant = self.get_consent_grant(oauth_request)
+        except OAuth2Error as error:
+            return self._bad_request(error)
+        if query.get("iss") not in (None, self.login.config.issuer):
+            # RFC 9207: an answer from another issuer (a mix-up) is not this provider's.
+            log.warning("identity provider answer from another issuer iss=%r", str(query.get("iss"))[:200])
+            failed = TemporarilyUnavailableError("the sign-in answer came from another issuer")
+            return self._refuse_to_client(oauth_request, grant, failed)
+        if query.get("error") or not query.get("code"):
+            log.info("identity provider sign-in not completed error=%r", str(query.get("error"))[:100])
+            return self._refuse_to_client(oauth_request, grant, AccessDeniedError("the user did not sign in"))
+        try:
+            user = await self.login.finish(pending, str(query["code"]))
+            if user.name in self._users:
+                log.warning("identity provider user refused: the name is a local user's user=%s", user.name)
+                raise FederationError(f"{user.name} is a local user's name: sign in with the password", 403)
+        except FederationError as exc:
+            refusal: OAuth2Error = (
+                AccessDeniedError(exc.message)
+                if exc.status == 403
+                else TemporarilyUnavailableError(exc.message)
+            )
+            return self._refuse_to_client(oauth_request, grant, refusal)
+        if self._federated is not None:
+            federated = self._federated
+            await anyio.to_thread.run_sync(lambda: federated.signed_in(user))
+        log.info("identity provider sign-in user=%s roles=%s", user.name, ",".join(user.roles))
+        return self.create_authorization_response(  # type: ignore[no-any-return]  # authlib is untyped
+            oauth_request, grant_user=_federated_user(user.name, user.roles), grant=grant
+        )
 
     async def token(self, request: Request) -> Response:
         """The token endpoint."""
@@ -832,6 +947,12 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         if requested not in (None, ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE):
             raise InvalidRequestError("only access tokens can be issued")
         return _Exchange(subject, actor)
+
+
+def _federated_user(name: str, roles: Sequence[str]) -> BuiltinUser:
+    """A user the identity provider signed in, in the shape local users have (no password; the name
+    was checked by the federation's own, wider, pattern)."""
+    return BuiltinUser.model_construct(name=name, password_hash="!", roles=list(roles))  # noqa: S106  (no password: matches no scrypt hash)
 
 
 def _json(raw: bytes) -> Any:
@@ -944,6 +1065,12 @@ def oauth_router(server: AuthorizationServer) -> APIRouter:
     @router.post("/oauth/revoke", include_in_schema=False)
     async def revoke(request: Request) -> Response:
         return await server.revoke(request)
+
+    if server.login is not None:
+
+        @router.get("/oauth/callback", include_in_schema=False)
+        async def callback(request: Request) -> Response:
+            return await server.callback(request)
 
     if server.registration_open:
 

@@ -321,7 +321,8 @@ async def test_a_client_id_metadata_document_registers_a_public_client(
     [
         ("{base}/liar.json", "client metadata document refused: the document's client_id is not its own URL"),
         ("{base}/missing.json", "client metadata document refused: HTTP 404"),
-        ("http://client.example/x", "The client does not exist on this server."),  # no CIMD client id
+        ("http://client.example/x", "client metadata document refused: a client id URL must be https"),
+        ("not-a-url", "The client does not exist on this server."),  # neither registered nor a document
     ],
 )
 async def test_a_metadata_document_that_is_missing_or_not_its_own_is_refused_saying_why(
