@@ -41,7 +41,7 @@ except those the transport must see (401, 403 for scope, 404 unknown agent, 413,
 HTTP+JSON, they are the HTTP status with a `google.rpc.Status` body. A stream that the agent breaks
 off, or ends before the task reaches a final or interrupted state, ends with an `error` event.
 
-The package, one concept per module (imports point down this list):
+The package, one concept per module, each importing only those above it:
     errors      A2A's errors, and the gateway's errors in A2A's shapes
     messages    reading a request: operation, task ids, skill, policy objects
     tasks       what answers say about tasks, and who owns each task
