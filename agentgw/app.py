@@ -40,7 +40,7 @@ from agentgw.filters.credentials import Credentials, MemoryTokenCache, TokenServ
 from agentgw.health import Readiness
 from agentgw.identity import Identity, build_identity, signing_key_path
 from agentgw.ingress.a2a import A2aIngress
-from agentgw.ingress.a2a_signatures import card_signer
+from agentgw.ingress.a2a.signatures import card_signer
 from agentgw.ingress.llm import LlmIngress
 from agentgw.ingress.mcp.bridge import Bridge
 from agentgw.ingress.mcp.passthrough import PassThrough
@@ -124,8 +124,8 @@ def build_gateway(settings: Settings) -> Gateway:
     )
     identity = build_identity(settings, engine, registry)
     authenticate = identity.authenticate
-    # A2A agents with a token credential mode are served by the same stage as MCP upstreams.
-    a2a_tokens = {a.name: u for a in settings.a2a_agents if a.enabled and (u := a.token_upstream())}
+    # A2A agents' credentials are served by the same stage as MCP upstreams'.
+    a2a_tokens = {a.name: a.credentialed() for a in settings.a2a_agents if a.enabled}
     credentials = Credentials(
         registry.server,
         agents=a2a_tokens.get,
@@ -207,7 +207,6 @@ def build_gateway(settings: Settings) -> Gateway:
         allow_anonymous=settings.allow_anonymous,
         max_body_bytes=settings.max_body_bytes,
         signer=card_signer(settings.a2a_sign_cards, identity.keys, settings.base_url),
-        secrets=admission.secrets,
         limits=limits,
     )
     readiness = _readiness(

@@ -121,6 +121,8 @@ class Call:
         principal: set by the identity stage, or by an ingress that has verified `credentials` at
             `endpoint` already (the stage then only checks its scopes).
         upstream_authorization: set by the credentials stage; the only credential sent upstream.
+        upstream_authorization_header: set by the credentials stage: the header that carries
+            `upstream_authorization` (an upstream may take its key as `X-Api-Key`, say).
         credential_mode: set by the credentials stage, for audit: how `upstream_authorization` was
             obtained (`none`, `static`, `client_credentials`, `token_exchange`, `id_jag`).
         upstream_actors: set by the credentials stage, for audit: the delegation chain the upstream's
@@ -141,6 +143,7 @@ class Call:
     request_id: str = field(default_factory=_request_id)
     principal: Principal | None = None
     upstream_authorization: str | None = field(default=None, repr=False)
+    upstream_authorization_header: str = "authorization"
     # False when the ingress answers from the gateway's own copy (an A2A agent's public card):
     # nothing reaches the upstream, so the credentials stage obtains nothing for it.
     reaches_upstream: bool = True

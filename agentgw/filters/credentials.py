@@ -1,11 +1,12 @@
 """Credentials stage: the upstream gets a credential meant for it, never the caller's token.
 
 Each MCP upstream names a credential mode in the registry (`McpServerSpec.credential`), served by one
-`CredentialSource` per upstream; an A2A agent with a token mode is served the same way
-(`A2aAgentSpec.token_upstream()`, named `a2a:<agent>` here so it never meets an MCP server's name):
+`CredentialSource` per upstream; an A2A agent is served the same way (`A2aAgentSpec.credentialed()`,
+named `a2a:<agent>` here so it never meets an MCP server's name):
 
     none                no Authorization header
-    static              a named secret (declared in the config file, agentgw/registry/secrets.py), read once
+    static              a named secret (declared in the config file, agentgw/registry/secrets.py), read once;
+                        an A2A agent may take it in another header, or without the `Bearer` scheme
     client_credentials  the gateway's own token (RFC 6749 4.4) from a token endpoint
     token_exchange      RFC 8693: the caller's token exchanged for one meant for the upstream, with
                         the gateway's own token as the actor token, so the upstream sees `act`
@@ -51,6 +52,7 @@ from agentgw.oauth.exchange import (
     unverified_claims,
 )
 from agentgw.pipeline import CallNext
+from agentgw.registry.a2a import A2aCredential
 from agentgw.registry.models import (
     ClientAuth,
     McpServerSpec,
@@ -156,11 +158,13 @@ class IssuedCredential:
         authorization: the Authorization header value (never log it).
         refresh_at: monotonic time after which it must not be used; `None` for a static secret.
         actors: the delegation chain the upstream will see, current first (for audit).
+        header: the header that carries `authorization` upstream.
     """
 
     authorization: str = field(repr=False)
     refresh_at: float | None = None
     actors: tuple[str, ...] = ()
+    header: str = "authorization"
 
 
 Fetch = Callable[[], Awaitable[IssuedCredential]]
@@ -330,14 +334,17 @@ class _Static:
     per_caller = False
     refreshable = False
 
-    def __init__(self, secret: Secret) -> None:
+    def __init__(self, secret: Secret, header: str = "authorization", scheme: str = "Bearer") -> None:
         self._secret = secret
+        self._header = header
+        self._scheme = scheme
 
     def scopes(self, resource: str) -> tuple[str, ...]:
         return ()
 
     async def obtain(self, principal: Principal | None, scopes: tuple[str, ...]) -> IssuedCredential:
-        return IssuedCredential(f"Bearer {self._secret.reveal()}")
+        secret = self._secret.reveal()
+        return IssuedCredential(f"{self._scheme} {secret}" if self._scheme else secret, header=self._header)
 
 
 class _ClientCredentials:
@@ -506,7 +513,7 @@ class _IdJag:
 
 
 class CredentialedUpstream(Protocol):
-    """What a source is built from: an MCP server's spec, or an A2A agent's (`A2aTokenUpstream`)."""
+    """What a source is built from: an MCP server's spec, or an A2A agent's (`CredentialedAgent`)."""
 
     @property
     def name(self) -> str: ...
@@ -515,7 +522,7 @@ class CredentialedUpstream(Protocol):
     def url(self) -> str | None: ...
 
     @property
-    def credential(self) -> UpstreamCredential: ...
+    def credential(self) -> UpstreamCredential | A2aCredential: ...
 
 
 Lookup: TypeAlias = Callable[[str], CredentialedUpstream | None]
@@ -554,9 +561,8 @@ class Credentials:
     """The credentials stage: sets `call.upstream_authorization` for MCP upstreams and A2A agents, from
     their mode.
 
-    `servers` finds an MCP upstream's spec by name (the registry), `agents` an A2A agent's whose
-    credential is a token mode (its `none`/`static` modes are the A2A registry's own); without them no
-    upstream gets a credential. LLM routes hold their own credentials; for them, and for calls whose
+    `servers` finds an MCP upstream's spec by name (the registry), `agents` an A2A agent's; without
+    them no upstream gets a credential. LLM routes hold their own credentials; for them, and for calls whose
     upstream has none here, this stage only makes sure nothing of the caller's travels.
     """
 
@@ -578,7 +584,9 @@ class Credentials:
         self._http = http  # made on first use: most upstreams need no token service
         self._clock = clock
         self.cache: TokenCache = cache or MemoryTokenCache(clock=clock)
-        self._sources: dict[str, tuple[tuple[UpstreamCredential, str | None], CredentialSource | None]] = {}
+        self._sources: dict[
+            str, tuple[tuple[UpstreamCredential | A2aCredential, str | None], CredentialSource | None]
+        ] = {}
 
     async def aclose(self) -> None:
         if self._http is not None:
@@ -650,6 +658,10 @@ class Credentials:
             return None
         if isinstance(credential, UpstreamStatic):
             return _Static(_read_secret(self._secrets, credential.secret, label))
+        if isinstance(credential, A2aCredential):
+            assert credential.secret is not None  # a static credential names its secret
+            secret = _read_secret(self._secrets, credential.secret, label)
+            return _Static(secret, credential.header.lower(), credential.scheme)
         resource = credential.resource or spec.url or ""
         if isinstance(credential, UpstreamClientCredentials):
             endpoint = self._endpoint(credential.token_url, credential.client, credential.timeout_s, label)
@@ -668,12 +680,14 @@ class Credentials:
         principal = call.principal if source.per_caller else None
         issued = await self.cache.get(key, lambda: source.obtain(principal, key.scopes))
         call.upstream_authorization = issued.authorization
+        call.upstream_authorization_header = issued.header
         call.upstream_actors = issued.actors
         return issued
 
     async def __call__(self, call: Call, call_next: CallNext) -> Reply:
         # Defence in depth: whatever an earlier stage did, the caller's credentials never go upstream.
         call.upstream_authorization = None
+        call.upstream_authorization_header = "authorization"
         lookup = {"mcp": self._servers, "a2a": self._agents}.get(call.protocol)
         # A reply from the gateway's own copy needs no upstream credential (so anonymous callers may
         # read an agent's public card even when the agent's mode is per caller).

@@ -3,9 +3,9 @@
 An agent is a name (part of the policy objects `a2a:<agent>/<skill>` and of its URL `/a2a/<agent>`),
 its upstream card (fetched from `card_url` and refreshed every `card_refresh_s`, or given inline as
 `card`), an optional default skill for messages that name none, and how the gateway authenticates to
-it (`credential`: `none`; `static`, a secret declared in the config file (agentgw/registry/secrets.py), read
-once at start-up, the way LLM routes read theirs; or `client_credentials`, `token_exchange`, `id_jag`, the MCP
-upstream modes of agentgw/registry/models.py, served by the credentials stage), and the keys its card's
+it (`credential`: `none`; `static`, a secret declared in the config file (agentgw/registry/secrets.py); or
+`client_credentials`, `token_exchange`, `id_jag`, the MCP upstream modes of agentgw/registry/models.py;
+every mode is served by the credentials stage, as for MCP upstreams), and the keys its card's
 signatures are verified with (`card_keys`, docs/decisions/0403). Declared in the config file:
 
     a2a_agents:
@@ -42,21 +42,19 @@ from agentgw.registry.models import (
     UpstreamTokenExchange,
     Url,
 )
-from agentgw.registry.secrets import SecretRefused, Secrets, SecretUnavailable
 
 __all__ = [
     "BINDINGS",
     "A2aAgentSpec",
-    "A2aConfigError",
     "A2aCredential",
     "A2aRegistry",
-    "A2aTokenUpstream",
     "AgentInterface",
     "CardFetcher",
     "CardKeys",
     "CardSignatureInvalid",
     "CardUnavailable",
     "CardVerifier",
+    "CredentialedAgent",
     "UpstreamCard",
     "card_interfaces",
     "card_skill_ids",
@@ -112,22 +110,6 @@ class A2aCredential(BaseModel):
             raise ValueError("credential mode none takes no secret")
         return self
 
-    def header_pair(self, agent: str, secrets: Secrets) -> tuple[str, str] | None:
-        """The `(header, value)` to send upstream; None in mode `none`.
-
-        Raises:
-            A2aConfigError: the secret is undeclared, or its variable or file is missing or empty.
-        """
-        if self.secret is None:
-            return None
-        try:
-            secret = secrets.read(self.secret).reveal()
-        except SecretUnavailable as exc:
-            raise A2aConfigError(f"A2A agent {agent!r}: {exc} ({exc.detail})") from exc
-        except SecretRefused as exc:
-            raise A2aConfigError(f"A2A agent {agent!r}: {exc}") from exc
-        return self.header.lower(), f"{self.scheme} {secret}" if self.scheme else secret
-
 
 class CardKeys(BaseModel):
     """The keys an agent's card signatures are verified with: a JWKS by URL (`jwks_uri`, fetched with
@@ -152,18 +134,18 @@ class CardKeys(BaseModel):
         return self
 
 
-# The credential modes served by the credentials stage, as for MCP upstreams (tokens from a token service).
+# The credential modes that get a token from a token service, as for MCP upstreams.
 A2aTokenCredential = UpstreamClientCredentials | UpstreamTokenExchange | UpstreamIdJag
 
 
 @dataclass(frozen=True, slots=True)
-class A2aTokenUpstream:
+class CredentialedAgent:
     """An agent as the credentials stage sees it: a name that cannot meet an MCP server's (`a2a:<agent>`),
     the URL tokens are asked for (RFC 8707 resource, unless the credential names one), the credential."""
 
     name: str
     url: str | None
-    credential: A2aTokenCredential
+    credential: A2aCredential | A2aTokenCredential
 
 
 class A2aAgentSpec(BaseModel):
@@ -180,7 +162,7 @@ class A2aAgentSpec(BaseModel):
     card_refresh_s: float = Field(default=300.0, gt=0, le=86400)
     timeout_s: float = Field(default=30.0, gt=0, le=3600)
     enabled: bool = True
-    # `none`/`static` are read here; token modes are served by the credentials stage, as for MCP.
+    # Served by the credentials stage, whatever the mode, as for MCP upstreams.
     credential: A2aCredential | A2aTokenCredential = Field(default_factory=A2aCredential)
     # Keys the upstream card's signatures must verify with; unset: signatures are not checked.
     card_keys: CardKeys | None = None
@@ -197,11 +179,9 @@ class A2aAgentSpec(BaseModel):
         assert self.card is not None
         return UpstreamCard.from_document(self.card).interfaces[0].url
 
-    def token_upstream(self) -> A2aTokenUpstream | None:
-        """What the credentials stage needs when the agent's credential comes from a token service."""
-        if isinstance(self.credential, A2aCredential):
-            return None
-        return A2aTokenUpstream(f"a2a:{self.name}", self.resource_url(), self.credential)
+    def credentialed(self) -> CredentialedAgent:
+        """What the credentials stage needs to serve the agent's credential."""
+        return CredentialedAgent(f"a2a:{self.name}", self.resource_url(), self.credential)
 
     @model_validator(mode="after")
     def _one_card_source(self) -> A2aAgentSpec:
@@ -291,10 +271,6 @@ def card_skill_ids(card: Mapping[str, Any]) -> list[str]:
     return [s["id"] for s in skills if isinstance(s, Mapping) and isinstance(s.get("id"), str) and s["id"]]
 
 
-class A2aConfigError(ValueError):
-    """An agent's declaration cannot be served (its credential's secret is missing)."""
-
-
 class CardUnavailable(Exception):
     """The agent's card could not be fetched, or it declares no interface the gateway can use."""
 
@@ -365,16 +341,8 @@ class A2aRegistry:
         fetch: CardFetcher,
         clock: Callable[[], float] = time.monotonic,
         verify: CardVerifier | None = None,
-        secrets: Secrets | None = None,
     ) -> None:
         self._agents = {a.name: a for a in agents}
-        # Secrets are read once, at start-up: a missing one stops the gateway instead of a later call.
-        book = secrets or Secrets({})
-        self._credentials = {
-            a.name: a.credential.header_pair(a.name, book)
-            for a in self._agents.values()
-            if isinstance(a.credential, A2aCredential)
-        }
         self._fetch = fetch
         self._verify = verify
         self._clock = clock
@@ -387,11 +355,6 @@ class A2aRegistry:
 
     def agents(self) -> Sequence[A2aAgentSpec]:
         return [a for a in self._agents.values() if a.enabled]
-
-    def credential(self, name: str) -> tuple[str, str] | None:
-        """The `(header, value)` the gateway sends to agent `name`, if it has a static credential (token
-        modes are set per call by the credentials stage)."""
-        return self._credentials.get(name)
 
     async def card(self, spec: A2aAgentSpec) -> UpstreamCard:
         """The agent's card: the static one, the cached one while fresh, else a new fetch.

@@ -1,4 +1,8 @@
-"""HTTP client for A2A agents: one pooled keep-alive client; messages travel as data, never rebuilt.
+"""A2A agents on the wire: the request to the agent, its SSE answer read event by event, its card.
+
+One pooled keep-alive client (`agentgw.upstream.http`, shared with MCP and LLM upstreams); messages
+travel as data, never rebuilt. This module decides nothing: which agent, which URL, which credential
+and whether the caller may ask are the ingress's and the pipeline's; here they become headers.
 
 Streams (`SendStreamingMessage`, `SubscribeToTask`) get no read timeout: a task may stay silent for a
 long time, and the stream ends when the agent ends it or the caller goes away (the ingress then
@@ -7,19 +11,30 @@ closes the upstream response).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass, field
 
 import orjson
 
 from agentgw.errors import UpstreamError
 from agentgw.registry.models import UpstreamLimits
-from agentgw.upstream.http import HttpClient, UpstreamResponse, UpstreamState
+from agentgw.upstream.http import AnswerTooLarge, HttpClient, UpstreamResponse, UpstreamState
 
-__all__ = ["FORWARDED_REQUEST_HEADERS", "MAX_CARD_BYTES", "A2aHttpUpstream", "forwarded_headers"]
+__all__ = [
+    "FORWARDED_REQUEST_HEADERS",
+    "MAX_CARD_BYTES",
+    "MAX_EVENT_BYTES",
+    "A2aHttpUpstream",
+    "AgentEvent",
+    "EventTooLarge",
+    "forwarded_headers",
+    "read_agent_events",
+]
 
 # A2A service parameters a caller may send to the agent through the gateway (`X-A2A-Extensions` is
-# the 0.3 spelling). Authorization is never among them: the agent gets the gateway's own credential.
-# `Agent-Run-Id` travels on so that an agent calling others can keep them in the same run.
+# the 0.3 spelling). Authorization is never among them: the agent gets the credential the credentials
+# stage obtained. `Agent-Run-Id` travels on so that an agent calling others can keep them in the same run.
 FORWARDED_REQUEST_HEADERS = (
     "a2a-version",
     "a2a-extensions",
@@ -28,12 +43,77 @@ FORWARDED_REQUEST_HEADERS = (
     "agent-run-id",
 )
 MAX_CARD_BYTES = 1024 * 1024
+# One event is buffered whole before it is relayed: an agent must not make the gateway hold more.
+MAX_EVENT_BYTES = 8 * 1024 * 1024
 _CARD_HEADERS = {"accept": "application/json"}
+_STREAM_ACCEPT = "text/event-stream, application/json"
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
 def forwarded_headers(incoming: Mapping[str, str]) -> dict[str, str]:
     """The caller's A2A headers that travel upstream."""
     return {name: incoming[name] for name in FORWARDED_REQUEST_HEADERS if name in incoming}
+
+
+class EventTooLarge(AnswerTooLarge):
+    """One event of an agent's stream is larger than the gateway buffers."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentEvent:
+    """One server-sent event of an agent's answer.
+
+    Attributes:
+        raw: the event block as the agent sent it, without the blank line that ended it; relayed as is.
+        name: its `event` field (`message` when it has none).
+        data: its `data` lines joined by newlines; None when it has none.
+    """
+
+    raw: bytes = field(repr=False)
+    name: str = "message"
+    data: bytes | None = field(default=None, repr=False)
+
+
+async def read_agent_events(
+    response: UpstreamResponse, max_event_bytes: int = MAX_EVENT_BYTES
+) -> AsyncGenerator[AgentEvent, None]:
+    """The events of an agent's SSE answer, each as soon as it is complete.
+
+    Events end at a blank line (`\\n`, `\\r\\n` or `\\r` line ends); an unterminated last event is
+    dropped, and so are blocks with nothing in them.
+
+    Raises:
+        EventTooLarge: one event is larger than `max_event_bytes`.
+        UpstreamError: the connection broke (`UpstreamTimeout`: the agent went silent past its read
+            timeout).
+    """
+    chunks = response.aiter_raw()
+    buffer = b""
+    while True:
+        match = _EVENT_END.search(buffer)
+        if match is None:
+            chunk = await anext(chunks, None)
+            if chunk is None:
+                return
+            buffer += chunk
+            if len(buffer) > max_event_bytes:
+                raise EventTooLarge("the agent sent a stream event larger than the gateway accepts")
+            continue
+        block, buffer = buffer[: match.start()], buffer[match.end() :]
+        if not block.strip():
+            continue
+        name = "message"
+        data: list[bytes] = []
+        for line in block.splitlines():
+            if line.startswith(b":"):
+                continue
+            key, _, value = line.partition(b":")
+            value = value[1:] if value.startswith(b" ") else value
+            if key == b"event":
+                name = value.decode(errors="replace")
+            elif key == b"data":
+                data.append(value)
+        yield AgentEvent(block, name, b"\n".join(data) if data else None)
 
 
 class A2aHttpUpstream:
@@ -53,21 +133,29 @@ class A2aHttpUpstream:
         self,
         method: str,
         url: str,
-        headers: Mapping[str, str],
+        incoming: Mapping[str, str],
         body: bytes | None,
         *,
+        credential: tuple[str, str] | None,
         timeout_s: float,
         stream: bool,
         agent: str,
         limits: UpstreamLimits | None = None,
     ) -> UpstreamResponse:
-        """Send one request; the response comes back unread (read or stream it, then close it).
+        """Send one request: the caller's A2A headers (`incoming`), `credential` as a `(header, value)`
+        pair, the body as it came; the response comes back unread (read or stream it, then close it).
 
         Raises:
             UpstreamBusy: no connection to the agent free within its short wait; nothing was sent.
             UpstreamTimeout: no answer within `timeout_s`.
             UpstreamError: the agent cannot be reached.
         """
+        headers = forwarded_headers(incoming)
+        headers["accept"] = _STREAM_ACCEPT if stream else "application/json"
+        if body is not None:
+            headers["content-type"] = "application/json"
+        if credential is not None:
+            headers[credential[0]] = credential[1]
         return await self._http.send(
             method,
             url,

@@ -18,7 +18,7 @@ from a2a.client import A2ACardResolver
 from a2a.utils.signing import InvalidSignaturesError, create_signature_verifier
 from jwt import PyJWK
 
-from agentgw.ingress.a2a_signatures import read_card
+from agentgw.ingress.a2a.signatures import read_card
 from agentgw.oauth.exchange import TOKEN_EXCHANGE
 from agentgw.oauth.keys import SigningKeys
 from agentgw.oauth.server import hash_secret, mint_token

@@ -48,7 +48,7 @@ from agentgw.errors import (
 )
 from agentgw.filters.authenticate import Authenticate
 from agentgw.filters.authorize import Authorize, CasbinAuthorizer
-from agentgw.filters.credentials import Credentials
+from agentgw.filters.credentials import Credentials, MemoryTokenCache
 from agentgw.ingress.a2a import (
     SKILL_KEY,
     A2aIngress,
@@ -84,6 +84,7 @@ POLICY = [
     "p, user:alice, a2a:plain/*, *",
     "p, user:alice, a2a:scripted/*, *",
     "p, user:alice, a2a:keyed/*, *",
+    "p, user:alice, a2a:apikey/*, *",
     "p, user:alice, a2a:broken/*, *",
     "p, user:alice, a2a:garbage/*, *",
     "p, user:alice, a2a:down/*, *",
@@ -539,6 +540,7 @@ class Gateway:
     settles: Settles
     scripts: list[Answer]
     scripted_requests: list[Received]
+    credentials: Credentials
 
     def http(self, user: str | None = "alice") -> httpx.AsyncClient:
         headers = {"authorization": f"Bearer {user}"} if user else {}
@@ -575,13 +577,19 @@ async def gateway(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Gateway]:
         A2aAgentSpec(name="echo", card_url=card),
         A2aAgentSpec(name="plain", card_url=card, default_skill="shout"),
         A2aAgentSpec(name="keyed", card_url=card, credential={"mode": "static", "secret": "a2a-secret"}),
+        A2aAgentSpec(
+            name="apikey",
+            card=scripted_card(scripted_server.url),
+            credential={"mode": "static", "secret": "a2a-secret", "header": "X-Api-Key", "scheme": ""},
+        ),
         A2aAgentSpec(name="scripted", card=scripted_card(scripted_server.url), timeout_s=5),
         A2aAgentSpec(name="broken", card_url=f"{echo_server.url}/_fixture/card-500"),
         A2aAgentSpec(name="garbage", card_url=f"{echo_server.url}/_fixture/card-garbage"),
         A2aAgentSpec(name="down", card_url=f"{unused_url()}/.well-known/agent-card.json"),
     ]
     secrets = Secrets({"a2a-secret": SecretSource(env="A2A_TEST_SECRET")})
-    registry = A2aRegistry(agents, upstream.fetch_card, secrets=secrets)
+    registry = A2aRegistry(agents, upstream.fetch_card)
+    credentials = Credentials(agents={a.name: a.credentialed() for a in agents}.get, secrets=secrets)
     calls, settles = Calls(), Settles()
     authorizer = CasbinAuthorizer(PACKAGE_POLICIES / "model.conf", None, POLICY)
     pipeline = ordered(
@@ -589,7 +597,7 @@ async def gateway(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Gateway]:
         authenticate=Authenticate(Names(), allow_anonymous=True, base_url=GW),
         authorize=Authorize(authorizer),
         budget=settles,
-        credentials=Credentials(),
+        credentials=credentials,
     )
     ingress = A2aIngress(
         registry,
@@ -603,7 +611,14 @@ async def gateway(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Gateway]:
     async with echo_server.serve(echo), scripted_server.serve(scripted):
         try:
             yield Gateway(
-                Starlette(routes=ingress.routes()), ingress, echo, calls, settles, scripts, scripted.received
+                Starlette(routes=ingress.routes()),
+                ingress,
+                echo,
+                calls,
+                settles,
+                scripts,
+                scripted.received,
+                credentials,
             )
         finally:
             await ingress.aclose()
@@ -893,10 +908,28 @@ async def test_the_agent_gets_the_gateways_credential_and_never_the_callers(gate
         "method": "SendMessage",
         "params": {**MESSAGE, "metadata": {SKILL_KEY: "echo"}},
     }
-    for agent in ("keyed", "echo"):
+    for agent in ("keyed", "echo", "keyed"):
         await gateway.http("alice").post(f"/a2a/{agent}", json=body, headers={"a2a-version": "1.0"})
     authorizations = [r["authorization"] for r in gateway.upstream_requests()]
-    assert authorizations == ["Bearer s3cret", None]
+    assert authorizations == ["Bearer s3cret", None, "Bearer s3cret"]
+    assert isinstance(gateway.credentials.cache, MemoryTokenCache)
+    lookups = gateway.credentials.cache.lookups
+    assert (lookups[("a2a:keyed", "miss")], lookups[("a2a:keyed", "hit")]) == (1, 1), (
+        "the secret came from the credentials stage, read once"
+    )
+    assert [c.credential_mode for c, _ in gateway.calls.seen] == ["static", "none", "static"]
+
+
+async def test_a_static_credential_can_travel_in_the_header_the_agent_names(gateway: Gateway) -> None:
+    answer = orjson.dumps({"jsonrpc": "2.0", "id": 1, "result": {"message": {"messageId": "m", "parts": []}}})
+    gateway.scripts.append(Answer(chunks=[answer], headers={"content-type": "application/json"}))
+    body = {"jsonrpc": "2.0", "id": 1, "method": "SendMessage", "params": {**MESSAGE}}
+    body["params"]["metadata"] = {SKILL_KEY: "s"}
+    sent = await gateway.http("alice").post("/a2a/apikey", json=body, headers={"a2a-version": "1.0"})
+    assert sent.status_code == 200 and "result" in sent.json(), sent.text
+    headers = gateway.scripted_requests[0].headers
+    assert headers["x-api-key"] == "s3cret", "the bare secret, as the agent's declaration says"
+    assert "authorization" not in headers, "never the caller's token"
 
 
 def events(*payloads: Any, name: str | None = None) -> list[bytes]:

@@ -14,7 +14,7 @@ from jwt import PyJWK
 from agentgw.call import Call, Reply
 from agentgw.errors import ConfigError
 from agentgw.filters.credentials import Credentials, TokenService
-from agentgw.ingress.a2a_signatures import CardSigner, UpstreamCardVerifier, card_signer, read_card
+from agentgw.ingress.a2a.signatures import CardSigner, UpstreamCardVerifier, card_signer, read_card
 from agentgw.oauth.keys import SigningKeys
 from agentgw.registry.a2a import A2aAgentSpec, A2aRegistry, CardSignatureInvalid, CardUnavailable
 from agentgw.registry.secrets import Secrets, SecretSource
@@ -155,13 +155,13 @@ def test_card_signing_is_on_with_the_builtin_server_and_refused_without_it(tmp_p
         card_signer(True, None, "http://gw.test")
 
 
-def test_a2a_agents_with_token_modes_are_named_apart_from_mcp_servers() -> None:
+def test_a2a_agents_are_named_apart_from_mcp_servers() -> None:
     client = {"client_id": "gw", "secret": "not-read-here"}
     agent = spec(credential={"mode": "client_credentials", "client": client})
-    upstream = agent.token_upstream()
-    assert upstream is not None and upstream.name == "a2a:echo"
+    upstream = agent.credentialed()
+    assert upstream.name == "a2a:echo"
     assert upstream.url == "http://agent.test/echo", "the card URL without its well-known path"
-    assert spec(credential={"mode": "static", "secret": "x"}).token_upstream() is None
+    assert spec(credential={"mode": "static", "secret": "x"}).credentialed().name == "a2a:echo"
     with pytest.raises(ConfigError):
         Credentials().prepare([upstream])  # its client secret is not set: start-up stops
 
@@ -180,8 +180,7 @@ async def test_the_credentials_stage_serves_an_agents_token_mode_but_not_its_pub
 
     http = httpx.AsyncClient(transport=httpx.MockTransport(token_endpoint))
     client = {"client_id": "gw", "secret": "a2a-secret"}
-    upstream = spec(credential={"mode": "client_credentials", "client": client}).token_upstream()
-    assert upstream is not None
+    upstream = spec(credential={"mode": "client_credentials", "client": client}).credentialed()
     stage = Credentials(
         agents={"echo": upstream}.get,
         builtin=TokenService("http://gw.test/oauth/token", http),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,7 +9,6 @@ from pydantic import ValidationError
 
 from agentgw.registry.a2a import (
     A2aAgentSpec,
-    A2aConfigError,
     A2aRegistry,
     AgentInterface,
     CardUnavailable,
@@ -18,7 +16,6 @@ from agentgw.registry.a2a import (
     card_interfaces,
     version_of,
 )
-from agentgw.registry.secrets import Secrets, SecretSource
 
 CARD: dict[str, Any] = {
     "name": "a",
@@ -117,56 +114,6 @@ def test_a_card_without_a_usable_interface_is_unavailable(document: object) -> N
 def test_bad_agent_declarations_are_refused(fields: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         A2aAgentSpec.model_validate({"name": "a", **fields})
-
-
-def test_a_static_credential_is_read_once_from_its_named_secret(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    secret = tmp_path / "key"
-    secret.write_text("from-file\n")
-    monkeypatch.setenv("A2A_KEY", "from-env")
-    secrets = Secrets({"by-env": SecretSource(env="A2A_KEY"), "by-file": SecretSource(file=secret)})
-    agents = [
-        A2aAgentSpec(name="env", card=CARD, credential={"mode": "static", "secret": "by-env"}),
-        A2aAgentSpec(
-            name="file",
-            card=CARD,
-            credential={"mode": "static", "secret": "by-file", "header": "X-Api-Key", "scheme": ""},
-        ),
-        A2aAgentSpec(name="none", card=CARD),
-    ]
-    registry = A2aRegistry(agents, fetch=_never, secrets=secrets)
-    assert registry.credential("env") == ("authorization", "Bearer from-env")
-    assert registry.credential("file") == ("x-api-key", "from-file")
-    assert registry.credential("none") is None
-    assert "from-env" not in repr(agents[0]), "specs name secrets, never hold them"
-
-
-def test_a_missing_secret_stops_the_registry_at_start(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.delenv("A2A_NOPE", raising=False)
-    secrets = Secrets(
-        {"unset": SecretSource(env="A2A_NOPE"), "absent": SecretSource(file=tmp_path / "missing")}
-    )
-    with pytest.raises(A2aConfigError, match="A2A_NOPE"):
-        A2aRegistry(
-            [A2aAgentSpec(name="a", card=CARD, credential={"mode": "static", "secret": "unset"})],
-            _never,
-            secrets=secrets,
-        )
-    with pytest.raises(A2aConfigError, match="cannot read"):
-        A2aRegistry(
-            [A2aAgentSpec(name="a", card=CARD, credential={"mode": "static", "secret": "absent"})],
-            _never,
-            secrets=secrets,
-        )
-    with pytest.raises(A2aConfigError, match="unknown secret 'undeclared'"):
-        A2aRegistry(
-            [A2aAgentSpec(name="a", card=CARD, credential={"mode": "static", "secret": "undeclared"})],
-            _never,
-            secrets=secrets,
-        )
 
 
 async def _never(url: str, timeout_s: float) -> object:
