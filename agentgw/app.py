@@ -60,6 +60,7 @@ from agentgw.storage.audit_checkpoints import checkpointer, trust
 from agentgw.storage.audit_log import AuditQuery, SqlAuditLog, iter_records
 from agentgw.storage.budget_counters import LocalBudgetStore, budget_store
 from agentgw.storage.budget_rules import BudgetRuleBook
+from agentgw.storage.task_owners import RedisTaskOwners
 from agentgw.upstream.http import DEFAULT_LIMITS
 from agentgw.upstream.mcp import McpHttpUpstream
 from agentgw.upstream.mcp_sessions import UpstreamSessions
@@ -208,6 +209,8 @@ def build_gateway(settings: Settings) -> Gateway:
         max_body_bytes=settings.max_body_bytes,
         signer=card_signer(settings.a2a_sign_cards, identity.keys, settings.base_url),
         limits=limits,
+        # With Redis, a task created through one node is followed up through any other.
+        owners=RedisTaskOwners(settings.redis_url, settings=settings.redis) if settings.redis_url else None,
     )
     readiness = _readiness(
         policy=engine if settings.policy.database else None,

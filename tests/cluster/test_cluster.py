@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from bench.cluster import Cluster, Node
+from conformance.fixtures.a2a_agents import agents_args
+from conformance.fixtures.launch import free_port, start_process
 from tests.cluster.conftest import bearer
 from tests.support.mcp import META, modern_headers
 
@@ -21,12 +24,30 @@ HEADERS = {"accept": "application/json, text/event-stream", "mcp-protocol-versio
 
 
 @pytest.fixture(scope="module")
-def cluster_extra() -> dict[str, Any]:
+def agents() -> Iterator[str]:
+    port = free_port()
+    with start_process(agents_args(("echo",), port), port) as process:
+        yield process.url
+
+
+@pytest.fixture(scope="module")
+def cluster_extra(agents: str) -> dict[str, Any]:
     return {
+        "a2a_agents": [{"name": "echo", "card_url": f"{agents}/echo/.well-known/agent-card.json"}],
+        "policy": {
+            "database": True,
+            "rules": [
+                "p, anonymous, mcp:up/*, *, allow",
+                "p, user:ops, admin:policies, *, allow",
+                "p, user:ops, admin:audit, *, allow",
+                "p, user:alice, a2a:echo/*, *, allow",
+                "p, user:bob, a2a:echo/*, *, allow",
+            ],
+        },
         "budgets": {
             # Only the budget test's runs: the other tests make more calls than that in one run.
             "rules": [{"name": "cluster-run", "per": "run", "match": "budget-*", "calls": BUDGET}],
-        }
+        },
     }
 
 
@@ -189,3 +210,26 @@ async def test_a_node_killed_under_load_loses_only_its_calls_in_flight(cluster: 
             for _ in range(6)
         }
     assert f"127.0.0.1:{victim.port}" in nodes
+
+
+def a2a(url: str, method: str, params: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
+    body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+    answer = httpx.post(url, json=body, headers=headers | {"a2a-version": "1.0"}, timeout=30)
+    result: dict[str, Any] = answer.json()
+    return result
+
+
+def test_an_a2a_task_belongs_to_its_creator_on_every_node(cluster: Cluster) -> None:
+    alice = bearer(cluster, "alice", "/a2a/echo")
+    bob = bearer(cluster, "bob", "/a2a/echo")
+    message = {"role": "ROLE_USER", "messageId": uuid.uuid4().hex, "parts": [{"text": "hi"}]}
+    sent = a2a(
+        f"{cluster.url}/a2a/echo", "SendMessage", {"message": message, "metadata": {"skill": "shout"}}, alice
+    )
+    task = sent["result"]["task"]["id"]
+    for node in cluster.nodes:
+        own = a2a(f"{node.url}/a2a/echo", "GetTask", {"id": task}, alice)
+        assert own.get("result", {}).get("id") == task, (node.name, own)
+        # Another principal gets what it would get for a task that does not exist, on every node.
+        foreign = a2a(f"{node.url}/a2a/echo", "GetTask", {"id": task}, bob)
+        assert foreign["error"]["code"] == -32001, (node.name, foreign)

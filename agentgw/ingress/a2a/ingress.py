@@ -122,11 +122,12 @@ class A2aIngress:
         max_body_bytes: int,
         signer: CardSigner | None = None,
         limits: Limits = DEFAULT_LIMITS,
+        owners: TaskOwners | None = None,
     ) -> A2aIngress:
         """The ingress for the configured agents, with its own pooled client (`limits`, under each
-        agent's own) and in-memory task owners; upstream card signatures are checked against each
-        agent's `card_keys`, served cards signed by `signer` when given. The agents' credentials are
-        the credentials stage's (in `pipeline`).
+        agent's own) and `owners` (default: in memory, this process only); upstream card signatures
+        are checked against each agent's `card_keys`, served cards signed by `signer` when given. The
+        agents' credentials are the credentials stage's (in `pipeline`).
         """
         upstream = A2aHttpUpstream(HttpClient(limits=limits))
         verify = UpstreamCardVerifier(upstream.fetch_card)
@@ -135,7 +136,7 @@ class A2aIngress:
             registry,
             pipeline,
             upstream,
-            MemoryTaskOwners(),
+            owners or MemoryTaskOwners(),
             base_url=base_url,
             security=CardSecurity.bearer(required=not allow_anonymous),
             max_body_bytes=max_body_bytes,
