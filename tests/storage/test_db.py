@@ -24,8 +24,8 @@ from agentgw.storage import make_engine
 from agentgw.storage.audit_log import SqlAuditLog, verify
 from agentgw.storage.budget_counters import SqlBudgetStore
 from agentgw.storage.db import STATEMENT_TIMEOUT_S, DatabaseSettings
-from tests.storage.conftest import POSTGRES_ADMIN
 from tests.storage.test_budget_counters import NOW, charge
+from tests.support.postgres import POSTGRES_ADMIN
 from tests.support.proxy import TcpProxy
 
 RECORD = AuditRecord(
