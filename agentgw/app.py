@@ -58,8 +58,8 @@ from agentgw.settings import Settings
 from agentgw.storage import create_db, ensure_private_dir, make_engine
 from agentgw.storage.audit_checkpoints import checkpointer, trust
 from agentgw.storage.audit_log import AuditQuery, SqlAuditLog, iter_records
-from agentgw.storage.budget_counters import LocalBudgetStore, budget_store
-from agentgw.storage.budget_rules import BudgetRuleBook
+from agentgw.storage.budget import LocalBudgetStore, budget_store
+from agentgw.storage.budget.rules import BudgetRuleBook
 from agentgw.storage.task_owners import RedisTaskOwners
 from agentgw.upstream.http import DEFAULT_LIMITS
 from agentgw.upstream.mcp import McpHttpUpstream

@@ -4,7 +4,7 @@
 counts the call by protocol, action, upstream, decision and reason, and files each stage's own time
 and the upstream's into histograms. Those counts are plain numbers kept on the event loop (the
 pipeline's only thread) and read by `collect` at scrape time: `prometheus_client`'s own counters and
-histograms take a lock per update and cost several microseconds a call more (decision 0513). The
+histograms take a lock per update, which every call would pay for (measured in decision 0513). The
 library still does what it is good at: the registry, the exposition format and the process, platform
 and GC collectors.
 
@@ -57,8 +57,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Upper bounds (seconds) of every latency histogram: stages take tens of microseconds, upstreams
-# seconds. One set for all keeps the series comparable.
+# Upper bounds (seconds) of every latency histogram, from the gateway's own stages (far below a
+# millisecond) to upstreams (seconds). One set for all keeps the series comparable.
 BUCKETS = (
     0.00005,
     0.0001,

@@ -21,9 +21,9 @@ from sqlalchemy.engine import make_url
 from agentgw.errors import ConfigError
 from agentgw.fetch_guard import parse_allow
 from agentgw.filters.audit import AuditSettings
-from agentgw.filters.budget import BudgetSettings
 from agentgw.metrics import MetricsSettings
 from agentgw.oauth.config import AuthSettings
+from agentgw.records.budget import BudgetSettings
 from agentgw.registry.a2a import A2aAgentSpec, A2aCredential
 from agentgw.registry.admission import Admission
 from agentgw.registry.llm import LlmRouteList, route_secrets
@@ -114,7 +114,7 @@ class Settings(BaseSettings):
     fetch_ca_file: Path | None = None
     # Trusted token issuers, the built-in authorization server, API keys; see agentgw/oauth/config.py.
     auth: AuthSettings = Field(default_factory=AuthSettings)
-    # Run and principal budgets (rate limits included); see agentgw/filters/budget.py.
+    # Run and principal budgets (rate limits included); see agentgw/records/budget.py.
     budgets: BudgetSettings = Field(default_factory=BudgetSettings)
     # The hash-chained audit log: redaction, retention, its own database; see agentgw/filters/audit.py.
     audit: AuditSettings = Field(default_factory=AuditSettings)

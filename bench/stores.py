@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,10 +34,11 @@ from sqlalchemy import create_engine, make_url, text
 from agentgw.call import Principal
 from agentgw.errors import Unavailable
 from agentgw.filters.audit import AuditRecord
-from agentgw.filters.budget import BudgetRule, Charge, targets
+from agentgw.records.budget import BudgetRule, Charge, targets
 from agentgw.storage import make_engine
 from agentgw.storage.audit_log import SqlAuditLog
-from agentgw.storage.budget_counters import RedisBudgetStore, SqlBudgetStore
+from agentgw.storage.budget import RedisBudgetStore, SqlBudgetStore
+from tests.support.postgres import fresh_database
 from tests.support.proxy import TcpProxy
 
 __all__ = ["add_arguments", "main"]
@@ -73,20 +74,6 @@ def engine_of(url: str) -> Any:
     except ImportError:
         return make_engine(url)
     return make_engine(url, DatabaseSettings())
-
-
-@contextlib.contextmanager
-def fresh_database(admin_url: str) -> Iterator[str]:
-    name = f"agentgw_bench_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield name
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def admin_sql(admin_url: str, sql: str) -> None:
@@ -263,7 +250,7 @@ async def fault_run(store: str, fault: str, args: argparse.Namespace) -> FaultRo
     redis = store == "redis-budget"
     target = (urlsplit(args.redis).port or 6379) if redis else (make_url(args.postgres).port or 5432)
     with contextlib.ExitStack() as stack:
-        database = "" if redis else stack.enter_context(fresh_database(args.postgres))
+        database = "" if redis else stack.enter_context(fresh_database(args.postgres, "agentgw_bench"))
         proxy = stack.enter_context(TcpProxy(target))
         call: Call
         close: Callable[[], Awaitable[None]]
@@ -338,7 +325,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def _main(args: argparse.Namespace) -> None:
     if args.only != "faults":
         print(LOAD_HEADER, flush=True)
-        with fresh_database(args.postgres) as database:
+        with fresh_database(args.postgres, "agentgw_bench") as database:
             for kind in args.stores.split(","):
                 for concurrency in (int(c) for c in args.concurrency.split(",")):
                     async with load_store(kind.split("-")[0], args, database) as store:

@@ -3,14 +3,12 @@ of a test's own, and proxies in front of the machine's PostgreSQL and Redis for 
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from conformance.fixtures.launch import start_upstream_sync
-from tests.storage.conftest import POSTGRES_ADMIN
+from tests.support.postgres import fresh_database
 from tests.support.proxy import TcpProxy
 
 POSTGRES_PORT = 5432
@@ -41,16 +39,8 @@ def sse_upstream() -> Iterator[str]:
 @pytest.fixture
 def own_postgres() -> Iterator[str]:
     """The name of a fresh PostgreSQL database for this test alone (dropped afterwards)."""
-    name = f"agentgw_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
+    with fresh_database() as name:
         yield name
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture

@@ -20,8 +20,9 @@ from pydantic import BaseModel
 
 from agentgw.api_contract import errors, invalid
 from agentgw.call import Principal
-from agentgw.filters.budget import BUDGET_NAME, BudgetRule, BudgetStore, effective_budgets
-from agentgw.storage.budget_rules import BudgetRuleBook, BudgetRuleConflict
+from agentgw.filters.budget import BudgetStore, effective_budgets
+from agentgw.records.budget import BUDGET_NAME, BudgetRule
+from agentgw.storage.budget.rules import BudgetRuleBook, BudgetRuleConflict
 
 __all__ = ["BudgetView", "budgets_router"]
 

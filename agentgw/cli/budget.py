@@ -34,10 +34,11 @@ def register(sub: Any) -> None:
 def _budget(args: argparse.Namespace) -> int:
     from agentgw.call import Principal
     from agentgw.errors import Unavailable
-    from agentgw.filters.budget import BudgetRule, effective_budgets
+    from agentgw.filters.budget import effective_budgets
+    from agentgw.records.budget import BudgetRule
     from agentgw.storage import make_engine
-    from agentgw.storage.budget_counters import budget_reader
-    from agentgw.storage.budget_rules import BudgetRuleBook, BudgetRuleConflict
+    from agentgw.storage.budget import budget_reader
+    from agentgw.storage.budget.rules import BudgetRuleBook, BudgetRuleConflict
 
     settings = settings_from_args(args)
     engine = make_engine(settings.database_url)

@@ -46,8 +46,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from agentgw.call import Call, Principal, Reply, Usage
 from agentgw.errors import GatewayError, Unavailable
-from agentgw.filters.authorize import object_match
 from agentgw.pipeline import CallNext
+from agentgw.records.policy import object_match
 
 __all__ = [
     "BUILTIN_PATTERNS",

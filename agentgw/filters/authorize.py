@@ -36,6 +36,7 @@ from sqlmodel import SQLModel
 from agentgw.call import Call, Principal, Reply
 from agentgw.errors import Forbidden, GatewayError
 from agentgw.pipeline import CallNext
+from agentgw.records.policy import object_match
 
 __all__ = [
     "ACTIONS",
@@ -94,13 +95,6 @@ class Authorizer(Protocol):
     def refresh(self) -> None:
         """Pick up policy changes; cheap when nothing changed (called once per call)."""
         ...
-
-
-def object_match(request_obj: str, pattern: str) -> bool:
-    """Exact match, or prefix match when the pattern ends in `*` (the only special character)."""
-    if pattern.endswith("*"):
-        return request_obj.startswith(pattern[:-1])
-    return request_obj == pattern
 
 
 def parse_rule(line: str, source: str = "config") -> Rule:

@@ -27,6 +27,7 @@ from sqlmodel import Session, SQLModel, col, select
 from agentgw.api_contract import errors
 from agentgw.call import Principal
 from agentgw.errors import Unauthenticated
+from agentgw.oauth.revocation import revoke_row
 
 __all__ = [
     "KEY_PREFIX",
@@ -164,15 +165,7 @@ class ApiKeyStore:
 
     def revoke(self, key_id: str) -> bool:
         """Revoke a key; False if there is no such key (revoking twice is fine)."""
-        with Session(self._engine) as session:
-            row = session.get(ApiKeyRow, key_id)
-            if row is None:
-                return False
-            if row.revoked is None:
-                row.revoked = datetime.now(UTC)
-                session.add(row)
-                session.commit()
-            return True
+        return revoke_row(self._engine, ApiKeyRow, key_id)
 
     def check(self, key: str) -> ApiKeyInfo | None:
         """The live key that `key` is, or None (malformed, unknown, wrong secret, or revoked)."""

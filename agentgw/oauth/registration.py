@@ -21,6 +21,8 @@ from sqlalchemy import JSON, Column, Engine, func
 from sqlmodel import Field as SQLField
 from sqlmodel import Session, SQLModel, col, select
 
+from agentgw.oauth.revocation import revoke_row
+
 __all__ = [
     "MAX_METADATA_BYTES",
     "ClientInfo",
@@ -219,15 +221,7 @@ class ClientStore:
 
     def revoke(self, client_id: str) -> bool:
         """Revoke a client; False if there is no such client (revoking twice is fine)."""
-        with Session(self._engine) as session:
-            row = session.get(RegisteredClientRow, client_id)
-            if row is None:
-                return False
-            if row.revoked is None:
-                row.revoked = datetime.now(UTC)
-                session.add(row)
-                session.commit()
-            return True
+        return revoke_row(self._engine, RegisteredClientRow, client_id)
 
 
 class RegistrationLimiter:

@@ -119,7 +119,8 @@ def create_db(engine: Engine) -> None:
     calling, since storage may not import them.
     """
     # Imported for their side effect: each registers its tables on SQLModel's metadata.
-    import agentgw.storage.budget_counters
-    import agentgw.storage.budget_rules  # noqa: F401
+    import agentgw.storage.budget.local
+    import agentgw.storage.budget.rules
+    import agentgw.storage.budget.table  # noqa: F401
 
     SQLModel.metadata.create_all(engine)

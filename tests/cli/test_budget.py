@@ -11,10 +11,11 @@ import yaml
 
 from agentgw.call import Call, Principal, Reply
 from agentgw.cli import main
-from agentgw.filters.budget import Budget, BudgetRule, StaticRules
+from agentgw.filters.budget import Budget, StaticRules
+from agentgw.records.budget import BudgetRule
 from agentgw.storage import make_engine
-from agentgw.storage.budget_counters import LocalBudgetStore, SqlBudgetStore
-from agentgw.storage.budget_rules import BudgetRuleBook
+from agentgw.storage.budget import LocalBudgetStore, SqlBudgetStore
+from agentgw.storage.budget.rules import BudgetRuleBook
 
 RULES = [
     {"name": "alice-daily", "per": "subject", "match": "user:alice", "window": "day", "calls": 100},

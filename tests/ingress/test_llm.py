@@ -27,15 +27,16 @@ from agentgw.call import Call, Principal, Reply, Usage
 from agentgw.errors import ConfigError, GatewayError, Unauthenticated, Unavailable
 from agentgw.filters.authenticate import Authenticate
 from agentgw.filters.authorize import Authorize, CasbinAuthorizer
-from agentgw.filters.budget import Budget, BudgetRule, StaticRules, targets
+from agentgw.filters.budget import Budget, StaticRules
 from agentgw.filters.credentials import Credentials
 from agentgw.ingress.llm import LlmIngress, estimate_tokens
 from agentgw.pipeline import CallNext, Filter, ordered
+from agentgw.records.budget import BudgetRule, targets
 from agentgw.registry.llm import LlmRouteSpec
 from agentgw.registry.secrets import Secrets, SecretSource
 from agentgw.settings import PACKAGE_POLICIES
 from agentgw.storage import make_engine
-from agentgw.storage.budget_counters import SqlBudgetStore
+from agentgw.storage.budget import SqlBudgetStore
 from conformance.fixtures.launch import free_port
 from conformance.fixtures.openai_upstream import start_openai_upstream_sync
 

@@ -19,13 +19,13 @@ from sqlalchemy.exc import OperationalError
 
 from agentgw.errors import Unavailable
 from agentgw.filters.audit import AuditRecord
-from agentgw.filters.budget import Charge, Shortfall
+from agentgw.records.budget import Charge, Shortfall
 from agentgw.storage import make_engine
 from agentgw.storage.audit_log import SqlAuditLog, verify
-from agentgw.storage.budget_counters import SqlBudgetStore
+from agentgw.storage.budget.sql import SqlBudgetStore
 from agentgw.storage.db import STATEMENT_TIMEOUT_S, DatabaseSettings
-from tests.storage.conftest import POSTGRES_ADMIN
-from tests.storage.test_budget_counters import NOW, charge
+from tests.storage.budget.test_stores import NOW, charge
+from tests.support.postgres import POSTGRES_ADMIN
 from tests.support.proxy import TcpProxy
 
 RECORD = AuditRecord(

@@ -17,9 +17,9 @@ import pytest
 
 from agentgw.errors import Unavailable
 from agentgw.ingress.mcp.sessions import RedisSessionStore, SessionLimits
-from agentgw.storage.budget_counters import RedisBudgetStore
+from agentgw.storage.budget.redis import RedisBudgetStore
 from agentgw.storage.redis_client import RedisSettings
-from tests.storage.test_budget_counters import NOW, REDIS, charge
+from tests.storage.budget.test_stores import NOW, REDIS, charge
 from tests.support.proxy import TcpProxy
 
 # The default socket timeout, and how long past it a refusal may take on a slow, shared machine.

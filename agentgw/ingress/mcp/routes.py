@@ -126,8 +126,8 @@ class McpIngress:
     ) -> None:
         """Have the pipeline refuse (and so audit) the credentials ingress has just refused.
 
-        Every MCP request used to reach the pipeline's identity stage, which writes the refusal's audit
-        record; refusing at ingress must not lose it. The answer stays ingress's own.
+        A refusal by the pipeline's identity stage is audited like any other outcome; a refusal at
+        ingress must leave the same record. The answer stays ingress's own.
         """
         call = Call(
             protocol="mcp",

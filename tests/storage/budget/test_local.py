@@ -21,23 +21,19 @@ from sqlalchemy import Engine, delete, event, insert, select, update
 from agentgw.call import Principal
 from agentgw.errors import ConfigError, Unavailable
 from agentgw.filters.audit import timestamp
-from agentgw.filters.budget import BudgetRule, BudgetSettings, Shortfall, targets
+from agentgw.records.budget import BudgetRule, BudgetSettings, Shortfall, targets
 from agentgw.storage import make_engine
-from agentgw.storage.budget_counters import (
+from agentgw.storage.budget import LocalBudgetStore, SqlBudgetStore, budget_reader, budget_store
+from agentgw.storage.budget.local import (
     FAIL_AFTER_FLUSHES,
     HUNG_AFTER_S,
     LEDGER,
-    PRUNE_EVERY_S,
     STALE_AFTER_FLUSHES,
-    BudgetCounter,
     BudgetLedgerLease,
-    LocalBudgetStore,
-    SqlBudgetStore,
     _this_host,
-    budget_reader,
-    budget_store,
 )
-from tests.storage.test_budget_counters import charge
+from agentgw.storage.budget.table import PRUNE_EVERY_S, BudgetCounter
+from tests.storage.budget.test_stores import charge
 from tests.support.crash import kill_when_ready
 
 _T = BudgetCounter.__table__  # type: ignore[attr-defined]  # SQLModel declares __table__ untyped
@@ -226,7 +222,7 @@ async def test_a_ledger_that_cannot_save_refuses_calls_until_it_saves_again(
     k, later = key(), key()
     assert await store.reserve([charge(k, 10, expires_at=now + 60)], now) is None
     _T.drop(database)  # the database loses the table: nothing can be saved
-    with caplog.at_level(logging.WARNING, "agentgw.storage.budget_counters"):
+    with caplog.at_level(logging.WARNING, "agentgw.storage.budget.local"):
         assert not await asyncio.to_thread(store.flush)
     assert "saving counters failed" in caplog.text
     clock.now += FAIL_AFTER_FLUSHES * 3600 - 1
@@ -264,7 +260,7 @@ async def test_a_save_waiting_for_another_writers_lock_refuses_no_call_and_says_
     writer = sqlite3.connect(path, isolation_level=None)  # another writer (the audit ingest) holds the lock
     writer.execute("BEGIN IMMEDIATE")
     clock.now += FAIL_AFTER_FLUSHES * 3600 + 1
-    with caplog.at_level(logging.WARNING, "agentgw.storage.budget_counters"):
+    with caplog.at_level(logging.WARNING, "agentgw.storage.budget.local"):
         assert not await asyncio.to_thread(store.flush)
         assert "saving counters lags" in caplog.text and "failed" not in caplog.text
         assert await store.reserve([charge(k, 10, expires_at=now + 60)], now) is None
@@ -365,7 +361,7 @@ async def test_a_ledger_whose_lease_was_taken_refuses_calls_for_good(
     assert await store.reserve([charge(k, 10, expires_at=now + 60)], now) is None
     with database.begin() as conn:
         conn.execute(update(_L).values(owner="usurper"))
-    with caplog.at_level(logging.ERROR, "agentgw.storage.budget_counters"):
+    with caplog.at_level(logging.ERROR, "agentgw.storage.budget.local"):
         assert not await asyncio.to_thread(store.flush)
     assert "another gateway process took over" in caplog.text
     with pytest.raises(Unavailable):
@@ -408,8 +404,8 @@ async def test_a_key_too_long_to_save_is_refused_and_a_huge_count_is_saved_clamp
 CRASHING_OWNER = """
 import asyncio, sys, threading, time
 from agentgw.storage import make_engine
-from agentgw.storage.budget_counters import LocalBudgetStore
-from tests.storage.test_budget_counters import charge
+from agentgw.storage.budget.local import LocalBudgetStore
+from tests.storage.budget.test_stores import charge
 
 async def main() -> None:
     store = LocalBudgetStore(make_engine(sys.argv[1]), flush_s=0.05)

@@ -14,9 +14,10 @@ import pytest
 from sqlalchemy import Engine
 
 from agentgw.call import Principal
-from agentgw.filters.budget import BudgetRule, BudgetStore, Charge, Shortfall, targets
+from agentgw.filters.budget import BudgetStore
+from agentgw.records.budget import BudgetRule, Charge, Shortfall, targets
 from agentgw.storage import make_engine
-from agentgw.storage.budget_counters import LocalBudgetStore, RedisBudgetStore, SqlBudgetStore
+from agentgw.storage.budget import LocalBudgetStore, RedisBudgetStore, SqlBudgetStore
 
 NOW = 1_767_268_800.0
 REDIS = "redis://127.0.0.1:6379/0"
@@ -168,7 +169,7 @@ async def test_the_first_start_time_of_a_run_sticks(store: BudgetStore) -> None:
 
 WORKER = """
 import asyncio, sys
-from tests.storage.test_budget_counters import open_store, charge
+from tests.storage.budget.test_stores import open_store, charge
 
 async def main() -> None:
     store = open_store(sys.argv[1], sys.argv[2])
@@ -186,7 +187,7 @@ def test_two_processes_racing_for_a_limit_of_ten_take_exactly_ten(shared_backend
     if kind != "redis":
         open_store(kind, where)  # the table exists before the race starts
     k = key()
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     workers = [
         subprocess.Popen(
             [sys.executable, "-c", WORKER, kind, where, k, str(NOW)],

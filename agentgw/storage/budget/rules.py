@@ -16,7 +16,7 @@ import anyio.to_thread
 from sqlalchemy import JSON, Column, Engine
 from sqlmodel import Field, Session, SQLModel, select
 
-from agentgw.filters.budget import BudgetRule
+from agentgw.records.budget import BudgetRule
 from agentgw.storage.owned_rows import put_owned, remove_owned, sync_owned
 
 __all__ = ["BudgetRuleBook", "BudgetRuleConflict", "BudgetRuleRow", "BudgetRuleVersion"]

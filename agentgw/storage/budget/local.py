@@ -1,19 +1,11 @@
-"""Budget counters behind the `BudgetStore` protocol: local (in memory), SQL (SQLite or PostgreSQL), Redis.
+"""Budget counters in this process's memory, written behind to the gateway's SQL database.
 
-Each reserves all of a call's charges or none:
-- Local (the default): the counters live in this process's memory and are the truth; a
-  reservation is a few dict operations with no await between check and add, so it is atomic on the
-  event loop. A thread writes changed counters to the `budget_counter` table every `flush_s` and
-  at close, and they are loaded from it at start; what a crash lost since the last save is recounted
-  from the audit log's decision records (`recount`). One process owns the ledger of a database (a
-  lease row); a ledger whose saving fails refuses calls (waiting for a busy write lock is not failing).
-- SQL: atomic across processes; one transaction of conditional
-  `UPDATE ... SET used = used + n WHERE used + n <= limit` statements, taken in key order so that
-  two transactions never wait on each other in a cycle.
-  PostgreSQL re-checks the condition on the row a concurrent winner left; SQLite has one writer.
-- Redis: one Lua script checks every counter, then adds to every counter.
-A counter expires with its window (or, for runs, `run_ttl_s` after the run's first call); an
-expired counter starts again from zero.
+The default store. The counters in memory are the truth; a reservation is a few dict operations
+with no await between check and add, so it is atomic on the event loop. A thread writes changed
+counters to the `budget_counter` table every `flush_s` and at close, and they are loaded from it at
+start; what a crash lost since the last save is recounted from the audit log's decision records
+(`recount`). One process owns the ledger of a database (a lease row); a ledger whose saving fails
+refuses calls (waiting for a busy write lock is not failing).
 """
 
 from __future__ import annotations
@@ -27,22 +19,20 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio.to_thread
-from sqlalchemy import BigInteger, Connection, Engine, Float, Integer, String, delete, insert, select, update
+from sqlalchemy import Engine, Float, Integer, String, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Field, SQLModel
 
 from agentgw.call import Call, Principal
 from agentgw.errors import ConfigError, Unavailable
-from agentgw.filters.budget import (
+from agentgw.records.budget import (
     COST_SCALE,
     SPENDING_ACTIONS,
     BudgetRule,
-    BudgetSettings,
-    BudgetStore,
     Charge,
     Metric,
     Shortfall,
@@ -51,34 +41,12 @@ from agentgw.filters.budget import (
     run_key,
     targets,
 )
-from agentgw.storage.db import STATEMENT_TIMEOUT_S, DatabaseSettings
-from agentgw.storage.redis_client import RedisSettings, redis_client
+from agentgw.storage.budget.table import KEY_MAX, PRUNE_EVERY_S
+from agentgw.storage.budget.table import counter_table as _T
 
-__all__ = [
-    "BudgetCounter",
-    "BudgetLedgerLease",
-    "LocalBudgetStore",
-    "RedisBudgetStore",
-    "SqlBudgetStore",
-    "budget_reader",
-    "budget_store",
-]
+__all__ = ["BudgetLedgerLease", "LocalBudgetStore"]
 
 log = logging.getLogger(__name__)
-
-# Expired counters are deleted at most this often, by whichever reservation comes along.
-PRUNE_EVERY_S = 300.0
-
-
-class BudgetCounter(SQLModel, table=True):
-    __tablename__ = "budget_counter"
-
-    key: str = Field(primary_key=True, sa_type=String(512))
-    used: int = Field(default=0, sa_type=BigInteger)
-    expires_at: float = Field(index=True, sa_type=Float)
-
-
-_T = BudgetCounter.__table__  # type: ignore[attr-defined]  # SQLModel declares __table__ untyped
 
 
 class BudgetLedgerLease(SQLModel, table=True):
@@ -97,155 +65,6 @@ _L = BudgetLedgerLease.__table__  # type: ignore[attr-defined]  # SQLModel decla
 LEDGER = "budget_counter"
 
 
-MAX_ENSURED = 100_000
-_R = TypeVar("_R")
-
-
-class SqlBudgetStore:
-    """Counters in the gateway's SQL database (the embedded default).
-
-    Each operation runs in a worker thread and is refused once it has taken `timeout_s`: the thread
-    is then abandoned, not awaited (a hung server holds it until it answers or the connection breaks),
-    and what it still commits counts against the budget, never for it.
-    """
-
-    def __init__(self, engine: Engine, *, timeout_s: float = STATEMENT_TIMEOUT_S) -> None:
-        dialect = engine.dialect.name
-        if dialect not in ("sqlite", "postgresql"):
-            raise ValueError(f"budget counters need SQLite or PostgreSQL, not {dialect}")
-        self._engine = engine
-        self._timeout_s = timeout_s
-        self._insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
-        # SQLite has one writer per database anyway; queueing in-process avoids busy-waiting on it.
-        self._lock: threading.Lock | None = threading.Lock() if dialect == "sqlite" else None
-        self._pruned_at = 0.0
-        # Counters this process has ensured, with their expiry as stored: a live one needs no upsert
-        # per call. Only a shortcut: a counter that vanished since is re-created on the spot.
-        self._ensured: dict[str, float] = {}
-        SQLModel.metadata.create_all(engine, tables=[_T])
-
-    def _ensure(self, conn: Connection, key: str, initial: int, expires_at: float, now: float) -> None:
-        # Create the counter, or start an expired one afresh; a live one is left alone.
-        stmt = self._insert(_T).values(key=key, used=initial, expires_at=expires_at)
-        conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[_T.c.key],
-                set_={"used": stmt.excluded.used, "expires_at": stmt.excluded.expires_at},
-                where=_T.c.expires_at <= now,
-            )
-        )
-
-    def _run(self, work: Callable[[], _R]) -> _R:
-        try:
-            if self._lock is None:
-                return work()
-            with self._lock:
-                return work()
-        except SQLAlchemyError as exc:
-            raise Unavailable("budget store unavailable: the call was not forwarded") from exc
-
-    async def _in_thread(self, work: Callable[[], _R]) -> _R:
-        try:
-            with anyio.fail_after(self._timeout_s):
-                return await anyio.to_thread.run_sync(lambda: self._run(work), abandon_on_cancel=True)
-        except TimeoutError as exc:
-            raise Unavailable(
-                f"budget store unavailable: no answer within {self._timeout_s:g}s; the call was not forwarded"
-            ) from exc
-
-    def _reserve(self, charges: Sequence[Charge], now: float) -> Shortfall | None:
-        ensured: dict[str, float] = {}
-        with self._engine.connect() as conn:
-            for index in sorted(range(len(charges)), key=lambda i: charges[i].key):
-                charge = charges[index]
-                if self._ensured.get(charge.key, 0.0) <= now:
-                    self._ensure(conn, charge.key, 0, charge.expires_at, now)
-                    stored = conn.execute(select(_T.c.expires_at).where(_T.c.key == charge.key)).scalar_one()
-                    ensured[charge.key] = float(stored)
-                result = conn.execute(
-                    update(_T)
-                    .where(
-                        _T.c.key == charge.key,
-                        _T.c.used + charge.amount <= charge.limit,
-                        _T.c.used < charge.limit,
-                    )
-                    .values(used=_T.c.used + charge.amount)
-                )
-                if result.rowcount == 0:
-                    used = conn.execute(select(_T.c.used).where(_T.c.key == charge.key)).scalar_one_or_none()
-                    conn.rollback()
-                    if used is None:  # pruned by another process since this one ensured it: again, afresh
-                        self._ensured.clear()
-                        return self._reserve(charges, now)
-                    return Shortfall(index, int(used))
-            if now - self._pruned_at > PRUNE_EVERY_S:
-                self._pruned_at = now
-                conn.execute(delete(_T).where(_T.c.expires_at < now))
-                self._ensured = {k: e for k, e in self._ensured.items() if e > now}
-            conn.commit()
-        # Only once committed: before that, another connection may not see the row yet.
-        if len(self._ensured) > MAX_ENSURED:
-            self._ensured.clear()
-        self._ensured.update(ensured)
-        return None
-
-    async def reserve(self, charges: Sequence[Charge], now: float) -> Shortfall | None:
-        """Take every charge, or none.
-
-        Raises:
-            Unavailable: the database cannot be reached or written.
-        """
-        return await self._in_thread(lambda: self._reserve(charges, now))
-
-    def _adjust(self, deltas: Sequence[tuple[str, int]]) -> None:
-        with self._engine.connect() as conn:
-            for key, delta in sorted(deltas):
-                conn.execute(update(_T).where(_T.c.key == key).values(used=_T.c.used + delta))
-            conn.commit()
-
-    async def adjust(self, deltas: Sequence[tuple[str, int]]) -> None:
-        """Add `delta` to each counter that still exists.
-
-        Raises:
-            Unavailable: the database cannot be reached or written.
-        """
-        await self._in_thread(lambda: self._adjust(deltas))
-
-    def _started(self, key: str, now: float, expires_at: float) -> float:
-        with self._engine.connect() as conn:
-            self._ensure(conn, key, int(now * 1000), expires_at, now)
-            value = conn.execute(select(_T.c.used).where(_T.c.key == key)).scalar_one()
-            conn.commit()
-        return int(value) / 1000
-
-    async def started(self, key: str, now: float, expires_at: float) -> float:
-        """The first `now` recorded under `key` (millisecond precision).
-
-        Raises:
-            Unavailable: the database cannot be reached or written.
-        """
-        return await self._in_thread(lambda: self._started(key, now, expires_at))
-
-    def _used(self, keys: Sequence[str], now: float) -> dict[str, int]:
-        with self._engine.connect() as conn:
-            rows = conn.execute(
-                select(_T.c.key, _T.c.used).where(_T.c.key.in_(list(keys)), _T.c.expires_at > now)
-            ).all()
-        return {str(k): int(v) for k, v in rows}
-
-    async def used(self, keys: Sequence[str], now: float | None = None) -> dict[str, int]:
-        """Current values of the live counters among `keys` (absent: nothing used yet).
-
-        Raises:
-            Unavailable: the database cannot be reached.
-        """
-        at = time.time() if now is None else now
-        return await self._in_thread(lambda: self._used(keys, at))
-
-    async def aclose(self) -> None:
-        return None
-
-
 # A local ledger whose saving has failed for this many flush intervals refuses calls; its lease
 # counts as abandoned after twice as long, so an owner that cannot write is already refusing calls
 # when another process takes over (with room for clock skew between hosts). Waiting for the
@@ -255,7 +74,6 @@ STALE_AFTER_FLUSHES = 10
 # One save that has run this much longer than the fail-closed bound hangs (SQLite's own lock waits
 # end after its busy timeout, 5 s, and count as lag).
 HUNG_AFTER_S = 10.0
-KEY_MAX = 512  # the `key` column's size
 _BIGINT = (-(2**63), 2**63 - 1)  # the `used` column's range
 
 
@@ -307,7 +125,7 @@ def _dead(owner: str, host: str, pid: int) -> bool:
 
 
 class LocalBudgetStore:
-    """Counters in this process's memory, written behind to the gateway's SQL database (the default).
+    """Counters in this process's memory, written behind to the gateway's SQL database.
 
     `reserve`, `adjust`, `started` and `used` never wait on I/O: each is a few dict operations under
     a lock that only the flush thread's snapshot contends for. One process owns the ledger of a
@@ -680,156 +498,3 @@ def _held_message(host: str, pid: int, age: float, flush_s: float) -> str:
         f"or choose budgets.store sql or redis for several processes; a crashed owner's lease is "
         f"taken over after {STALE_AFTER_FLUSHES * flush_s:g}s."
     )
-
-
-# KEYS: the counters; ARGV: amount, limit, ttl in ms for each. Returns {index, used} of the first
-# charge that does not fit (0-based), or {-1, 0} once every counter has been added to.
-_RESERVE = """
-local n = #KEYS
-for i = 1, n do
-  local used = tonumber(redis.call('GET', KEYS[i]) or '0')
-  local amount = tonumber(ARGV[3 * i - 2])
-  local limit = tonumber(ARGV[3 * i - 1])
-  if used + amount > limit or used >= limit then
-    return {i - 1, used}
-  end
-end
-for i = 1, n do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    redis.call('INCRBY', KEYS[i], ARGV[3 * i - 2])
-  else
-    redis.call('SET', KEYS[i], ARGV[3 * i - 2], 'PX', ARGV[3 * i])
-  end
-end
-return {-1, 0}
-"""
-# A counter that has expired stays gone: a late settle must not resurrect it without a TTL.
-_ADJUST = """
-for i = 1, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    redis.call('INCRBY', KEYS[i], ARGV[i])
-  end
-end
-return 0
-"""
-_STARTED = """
-redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
-return redis.call('GET', KEYS[1])
-"""
-
-
-class RedisBudgetStore:
-    """Counters in Redis, shared by every gateway node; each operation is one Lua script."""
-
-    def __init__(self, url: str, prefix: str, settings: RedisSettings | None = None) -> None:
-        self._redis = redis_client(url, settings)
-        self._prefix = prefix
-        self._reserve = self._redis.register_script(_RESERVE)
-        self._adjust = self._redis.register_script(_ADJUST)
-        self._started = self._redis.register_script(_STARTED)
-
-    def _keys(self, keys: Sequence[str]) -> list[str]:
-        return [self._prefix + k for k in keys]
-
-    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        from redis.exceptions import RedisError
-
-        try:
-            return await script(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
-            raise Unavailable("budget store unavailable: the call was not forwarded") from exc
-
-    async def reserve(self, charges: Sequence[Charge], now: float) -> Shortfall | None:
-        """Take every charge, or none.
-
-        Raises:
-            Unavailable: Redis cannot be reached.
-        """
-        args: list[Any] = []
-        for charge in charges:
-            ttl_ms = max(1, int((charge.expires_at - now) * 1000))
-            args.extend((charge.amount, charge.limit, ttl_ms))
-        index, used = await self._call(self._reserve, self._keys([c.key for c in charges]), args)
-        if int(index) < 0:
-            return None
-        return Shortfall(int(index), int(used))
-
-    async def adjust(self, deltas: Sequence[tuple[str, int]]) -> None:
-        """Add `delta` to each counter that still exists.
-
-        Raises:
-            Unavailable: Redis cannot be reached.
-        """
-        if deltas:
-            await self._call(self._adjust, self._keys([k for k, _ in deltas]), [d for _, d in deltas])
-
-    async def started(self, key: str, now: float, expires_at: float) -> float:
-        """The first `now` recorded under `key` (millisecond precision).
-
-        Raises:
-            Unavailable: Redis cannot be reached.
-        """
-        ttl_ms = max(1, int((expires_at - now) * 1000))
-        value = await self._call(self._started, self._keys([key]), [int(now * 1000), ttl_ms])
-        return int(value) / 1000
-
-    async def used(self, keys: Sequence[str], now: float | None = None) -> dict[str, int]:
-        """Current values of the live counters among `keys`.
-
-        Raises:
-            Unavailable: Redis cannot be reached.
-        """
-        from redis.exceptions import RedisError
-
-        if not keys:
-            return {}
-        try:
-            values = await self._redis.mget(self._keys(keys))
-        except (RedisError, OSError) as exc:
-            raise Unavailable("budget store unavailable") from exc
-        return {k: int(v) for k, v in zip(keys, values, strict=True) if v is not None}
-
-    async def aclose(self) -> None:
-        await self._redis.aclose()
-
-
-def budget_store(
-    settings: BudgetSettings,
-    engine: Engine,
-    shared_redis_url: str | None = None,
-    *,
-    database: DatabaseSettings | None = None,
-    redis: RedisSettings | None = None,
-) -> BudgetStore:
-    """The store `settings.store` names; Redis at `budgets.redis_url`, else the gateway's `redis_url`.
-
-    `database` and `redis` give the time limit of a SQL store's calls and the Redis client's limits.
-
-    Raises:
-        ConfigError: the Redis store is chosen but no Redis URL is set; or the local store is chosen
-            and another live process owns this database's ledger.
-    """
-    if settings.store == "redis":
-        url = settings.redis_url or shared_redis_url
-        if not url:
-            raise ConfigError("budgets.store is redis: set budgets.redis_url or redis_url")
-        return RedisBudgetStore(url, settings.redis_prefix, redis)
-    if settings.store == "local":
-        return LocalBudgetStore(engine, flush_s=settings.flush_s)
-    return SqlBudgetStore(engine, timeout_s=(database or DatabaseSettings()).statement_timeout_s)
-
-
-def budget_reader(
-    settings: BudgetSettings, engine: Engine, shared_redis_url: str | None = None
-) -> BudgetStore:
-    """A store for reading counters from another process (`agentgw budget show`).
-
-    A local ledger belongs to the gateway process; its counters are read from the table it writes
-    to (at most `flush_s` behind), without taking its lease.
-
-    Raises:
-        ConfigError: as for `budget_store`.
-    """
-    if settings.store == "local":
-        return SqlBudgetStore(engine)
-    return budget_store(settings, engine, shared_redis_url)
