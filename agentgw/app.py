@@ -44,8 +44,8 @@ from agentgw.ingress.a2a_signatures import card_signer
 from agentgw.ingress.llm import LlmIngress
 from agentgw.ingress.mcp.bridge import Bridge
 from agentgw.ingress.mcp.passthrough import PassThrough
-from agentgw.ingress.mcp.routes import McpIngress
-from agentgw.ingress.mcp.routes import path_params as mcp_path_params
+from agentgw.ingress.mcp.routes import METHODS as MCP_METHODS
+from agentgw.ingress.mcp.routes import McpIngress, McpRoute
 from agentgw.ingress.mcp.sessions import MemorySessionStore, RedisSessionStore, SessionLimits, SessionStore
 from agentgw.metrics import Known, Metrics, State, metrics_router, serve_metrics
 from agentgw.oauth.apikeys import api_key_router
@@ -64,7 +64,7 @@ from agentgw.upstream.http import DEFAULT_LIMITS
 from agentgw.upstream.mcp import McpHttpUpstream
 from agentgw.upstream.mcp_sessions import UpstreamSessions
 
-__all__ = ["DirectRoutes", "Gateway", "GatewayApp", "create_app"]
+__all__ = ["Gateway", "GatewayApp", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,7 @@ def _admin_guard(gateway: Gateway, area: str, act: str) -> Callable[[Request], A
     return guard
 
 
-MCP_METHODS = frozenset({"GET", "POST", "DELETE"})
+DATA_PLANE_PREFIXES = ("/mcp", "/a2a/", "/v1/")
 MAX_REMEMBERED_HOSTS = 64
 
 
@@ -414,12 +414,13 @@ class BodyLimit:
     read here, at most `limit` bytes of it, and handed on as it came.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, exempt: Callable[[Scope], bool]) -> None:
         self.app = app
         self._limit = limit
+        self._exempt = exempt
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or self._exempt(scope):
             await self.app(scope, receive, send)
             return
         declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
@@ -450,84 +451,15 @@ class BodyLimit:
         await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
 
 
-class DirectRoutes:
-    """Routes served ahead of FastAPI's middleware stack, with what of it they need.
-
-    A request that one of `routes` fully matches is handed to it with the exception handlers that
-    FastAPI's `ExceptionMiddleware` would have given it (`GatewayError`, `HTTPException`; the route
-    applies them, as under the stack); anything else (no route, a wrong method) goes to `fallback`,
-    the whole stack, which answers as before. An exception no handler takes reaches the server, which
-    answers 500 as the stack's `ServerErrorMiddleware` did.
-    """
-
-    def __init__(self, app: GatewayApp, routes: list[BaseRoute], fallback: ASGIApp) -> None:
-        self._app = app
-        self._routes = routes
-        self._fallback = fallback
-        self._handlers: tuple[dict[Any, Any], dict[int, Any]] | None = None
-
-    def _exception_handlers(self) -> tuple[dict[Any, Any], dict[int, Any]]:
-        # Read once the app is complete (handlers are added after construction), as the stack is built.
-        if self._handlers is None:
-            by_class: dict[Any, Any] = {}
-            by_status: dict[int, Any] = {}
-            for key, handler in self._app.exception_handlers.items():
-                if isinstance(key, int):
-                    if key != 500:  # the server error handler is ServerErrorMiddleware's, never a route's
-                        by_status[key] = handler
-                elif key is not Exception:
-                    by_class[key] = handler
-            self._handlers = (by_class, by_status)
-        return self._handlers
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        for route in self._routes:
-            match, child = route.matches(scope)
-            if match is Match.FULL:
-                scope.update(child)
-                scope["app"] = self._app
-                scope["router"] = self._app.router
-                scope["starlette.exception_handlers"] = self._exception_handlers()
-                await route.handle(scope, receive, send)
-                return
-        await self._fallback(scope, receive, send)
-
-
-# The data-plane prefixes whose routes `DirectRoutes` serves (A2A agents, the OpenAI-compatible API).
-DIRECT_PREFIXES = ("/a2a/", "/v1/")
-
-
 class GatewayApp(FastAPI):
-    """The admin API and documents on FastAPI; the data plane in front of its middleware stack.
-
-    FastAPI's stack (error, telemetry, body-limit, exception and exit-stack middleware, then routing)
-    cost about 0.2 ms of CPU per call on the pass-through path (bench/RESULTS.md); the MCP routes need
-    none of it: they render their own errors. The A2A and LLM routes go through `DirectRoutes`, which
-    keeps the exception handlers they rely on. Both keep the Host check (DNS rebinding).
-    """
-
-    mcp_front: ASGIApp | None = None
-    direct_front: ASGIApp | None = None
+    """The gateway's one ASGI application: every request, data plane and control plane, enters through
+    FastAPI's middleware stack (server errors, the Host check, the body limit, exception handlers)
+    and its router."""
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:
             self.openapi_schema = query_without_null(super().openapi())
         return self.openapi_schema
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.mcp_front is not None:
-            path: str = scope["path"]
-            if scope["method"] in MCP_METHODS and path.startswith("/mcp"):
-                params = mcp_path_params(path)
-                if params is not None:
-                    scope["path_params"] = params
-                    scope["app"] = self
-                    await self.mcp_front(scope, receive, send)
-                    return
-            elif self.direct_front is not None and path.startswith(DIRECT_PREFIXES):
-                await self.direct_front(scope, receive, send)
-                return
-        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings) -> GatewayApp:
@@ -581,10 +513,28 @@ def create_app(settings: Settings) -> GatewayApp:
                 await anyio.to_thread.run_sync(gateway.audit_log.close)
 
     app = GatewayApp(title="agentgw", version=__version__, lifespan=lifespan)
+    # The data plane is plain ASGI routes: no FastAPI validation on the hot path.
+    mcp = McpIngress(
+        gateway.registry, gateway.passthrough, gateway.bridge, gateway.authenticate, gateway.pipeline
+    )
+    # /v1: OpenAI-compatible chat, embeddings, models; /a2a/<agent>: cards, JSON-RPC, HTTP+JSON.
+    data_plane: list[BaseRoute] = [McpRoute(mcp), *gateway.llm.routes(), *gateway.a2a.routes()]
+    app.router.routes.extend(data_plane)
+    # What the MCP route does not take (another method) is answered 405 by these, as for any path.
+    app.router.routes.append(Route("/mcp", mcp, methods=sorted(MCP_METHODS)))
+    app.router.routes.append(Route("/mcp/{server}", mcp, methods=sorted(MCP_METHODS)))
+
+    def data_plane_route(scope: Scope) -> bool:
+        # The data plane bounds its own bodies (`max_body_bytes`, read as they stream).
+        path: str = scope["path"]
+        return path.startswith(DATA_PLANE_PREFIXES) and any(
+            route.matches(scope)[0] is Match.FULL for route in data_plane
+        )
+
     hosts = settings.trusted_hosts()
     if hosts == ["*"]:
         log.warning("no allowed_hosts or public_url: answering any Host header (DNS rebinding unchecked)")
-    app.add_middleware(BodyLimit, limit=settings.admin_max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.admin_max_body_bytes, exempt=data_plane_route)
     app.add_middleware(RememberedHostCheck, allowed_hosts=hosts)  # outermost: added last
     if demo is not None:
         app.router.routes.append(Mount("/_demo", app=demo.streamable_http_app(host=settings.host)))
@@ -595,20 +545,6 @@ def create_app(settings: Settings) -> GatewayApp:
         return JSONResponse({"detail": exc.message}, status_code=exc.http_status, headers=exc.headers)
 
     app.add_exception_handler(405, method_not_allowed)
-
-    # The data plane is plain ASGI routes: no FastAPI validation on the hot path.
-    mcp = McpIngress(
-        gateway.registry, gateway.passthrough, gateway.bridge, gateway.authenticate, gateway.pipeline
-    )
-    app.mcp_front = RememberedHostCheck(mcp, hosts)
-    # Still routed, for other methods (405) and for anything that walks the routes.
-    app.router.routes.append(Route("/mcp", mcp, methods=sorted(MCP_METHODS)))
-    app.router.routes.append(Route("/mcp/{server}", mcp, methods=sorted(MCP_METHODS)))
-    direct = [*gateway.llm.routes(), *gateway.a2a.routes()]
-    # /v1: OpenAI-compatible chat, embeddings, models; /a2a/<agent>: cards, JSON-RPC, HTTP+JSON.
-    # Served ahead of the stack; still routed, for anything that walks the routes.
-    app.direct_front = RememberedHostCheck(DirectRoutes(app, direct, super(GatewayApp, app).__call__), hosts)
-    app.router.routes.extend(direct)
 
     # Liveness: the process answers (nothing slow, no store). Readiness: it can serve calls now.
     @app.get("/healthz", include_in_schema=False)
