@@ -1,6 +1,6 @@
-"""The front door: every request, MCP, A2A, LLM and the control plane alike, enters through FastAPI's
-middleware stack and router, so the Host check, the exception handlers and 404/405 answers are the
-same for all; the body limit of the control plane leaves the data plane's routes alone."""
+"""The front door: every request passes the Host check; MCP, A2A and LLM requests are then served by
+their routes ahead of FastAPI's middleware stack, with the app's exception handlers; everything else,
+and whatever those routes do not serve, goes through FastAPI."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import pytest
 from fastapi import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.testclient import TestClient
 from starlette.types import Message, Receive, Scope, Send
 
-from agentgw.app import MAX_REMEMBERED_HOSTS, GatewayApp, RememberedHostCheck, create_app
+from agentgw.app import MAX_REMEMBERED_HOSTS, DataPlane, GatewayApp, RememberedHostCheck, create_app
 from agentgw.errors import Forbidden
 from agentgw.settings import load_settings
 
@@ -45,22 +45,17 @@ async def http(tmp_path: Path) -> AsyncIterator[tuple[GatewayApp, httpx.AsyncCli
         yield app, client
 
 
-def _host_check(app: GatewayApp) -> RememberedHostCheck:
-    layer: object = app.middleware_stack
-    while not isinstance(layer, RememberedHostCheck):
-        assert layer is not None, "no Host check in the middleware stack"
-        layer = getattr(layer, "app", None)
-    return layer
-
-
-async def test_mcp_requests_are_served_by_the_mcp_ingress(
+async def test_mcp_requests_skip_fastapis_middleware_stack(
     http: tuple[GatewayApp, httpx.AsyncClient],
 ) -> None:
-    _, client = http
+    app, client = http
     response = await client.post("/mcp/nosuch", content=PING, headers=JSON)
     assert response.status_code == 404 and response.json()["error"]["message"].startswith(
         "unknown MCP server"
     )
+    assert app.middleware_stack is None, "FastAPI built its middleware stack for an MCP request"
+    assert (await client.get("/healthz")).status_code == 200
+    assert app.middleware_stack is not None
 
 
 async def test_the_host_check_holds_on_the_mcp_front_door(http: tuple[GatewayApp, httpx.AsyncClient]) -> None:
@@ -94,7 +89,8 @@ async def test_the_remembered_hosts_stay_bounded_and_the_check_still_holds(
             "/mcp/nosuch", content=PING, headers=JSON | {"host": f"127.0.0.1:{port}"}
         )
         assert response.status_code == 404
-    assert len(_host_check(app)._passed_hosts) == MAX_REMEMBERED_HOSTS
+    front = app.front
+    assert isinstance(front, RememberedHostCheck) and len(front._passed_hosts) == MAX_REMEMBERED_HOSTS
     response = await client.post("/mcp/nosuch", content=PING, headers=JSON | {"host": "evil.example.com"})
     assert response.status_code == 400
 
@@ -118,7 +114,7 @@ async def _no_body() -> Message:
     return {"type": "http.request", "body": b""}
 
 
-async def test_what_the_mcp_routes_do_not_serve_is_answered_404_or_405(
+async def test_what_the_mcp_routes_do_not_serve_falls_through_to_fastapi(
     http: tuple[GatewayApp, httpx.AsyncClient],
 ) -> None:
     _, client = http
@@ -136,7 +132,7 @@ def test_start_up_objects_are_frozen_out_of_the_gc_while_the_gateway_runs(tmp_pa
     assert gc.get_freeze_count() == 0
 
 
-# --- the A2A and LLM routes, with the exception handlers they rely on ---
+# --- the A2A and LLM routes: ahead of the stack too, with the exception handlers they rely on ---
 
 DIRECT_REQUESTS = [
     ("GET", "/v1/models", None),
@@ -150,14 +146,34 @@ DIRECT_REQUESTS = [
 ]
 
 
-async def test_a2a_and_llm_requests_are_answered_by_their_ingress(
+async def test_a2a_and_llm_requests_skip_fastapis_middleware_stack(
     http: tuple[GatewayApp, httpx.AsyncClient],
 ) -> None:
-    _, client = http
+    app, client = http
     for method, path, body in DIRECT_REQUESTS:
         response = await client.request(method, path, content=body, headers=JSON)
         assert response.status_code < 500, (path, response.text)
-        assert response.json() != {"detail": "Not Found"}, f"{path} reached no data-plane route"
+    assert app.middleware_stack is None, "FastAPI built its middleware stack for an A2A or LLM request"
+
+
+async def test_a2a_and_llm_answers_are_the_same_as_through_the_stack(
+    http: tuple[GatewayApp, httpx.AsyncClient],
+) -> None:
+    app, client = http
+
+    async def through_the_stack(scope: Scope, receive: Receive, send: Send) -> None:
+        await app.stack(scope, receive, send)
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(through_the_stack), base_url=BASE) as stacked:
+        for method, path, body in DIRECT_REQUESTS:
+            direct = await client.request(method, path, content=body, headers=JSON)
+            expected = await stacked.request(method, path, content=body, headers=JSON)
+            assert (direct.status_code, direct.content) == (expected.status_code, expected.content), path
+            unique = ("x-request-id",)  # one per call
+            assert direct.headers.keys() == expected.headers.keys(), path
+            assert [(k, v) for k, v in direct.headers.items() if k not in unique] == [
+                (k, v) for k, v in expected.headers.items() if k not in unique
+            ], path
 
 
 async def test_the_host_check_holds_on_the_a2a_and_llm_front_door(
@@ -171,14 +187,15 @@ async def test_the_host_check_holds_on_the_a2a_and_llm_front_door(
         assert response.status_code == 400 and response.text == "Invalid host header", path
 
 
-async def test_what_the_a2a_and_llm_routes_do_not_serve_is_answered_404_or_405(
+async def test_what_the_a2a_and_llm_routes_do_not_serve_falls_through_to_fastapi(
     http: tuple[GatewayApp, httpx.AsyncClient],
 ) -> None:
-    _, client = http
+    app, client = http
     assert (await client.put("/v1/models", headers=JSON)).status_code == 405
     assert (await client.delete("/a2a/nosuch", headers=JSON)).status_code == 405
     response = await client.get("/v1/nosuch", headers=JSON)
     assert response.status_code == 404 and response.json() == {"detail": "Not Found"}
+    assert app.middleware_stack is not None
 
 
 async def test_a_data_plane_route_that_raises_is_answered_by_the_apps_exception_handlers(
@@ -195,25 +212,22 @@ async def test_a_data_plane_route_that_raises_is_answered_by_the_apps_exception_
     async def crashes(request: Request) -> Response:
         raise RuntimeError("boom")
 
-    app.router.routes[:0] = [
+    routes: list[BaseRoute] = [
         Route("/v1/refuses", refuses),
         Route("/v1/teapot", not_here),
         Route("/v1/crash", crashes),
     ]
-    transport = httpx.ASGITransport(app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url=BASE) as client:
+    front = DataPlane(app, routes, app.router)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(front), base_url=BASE) as client:
         response = await client.get("/v1/refuses")
         assert response.status_code == 403 and response.json() == {"detail": "denied by policy: test"}
         response = await client.get("/v1/teapot")
         assert response.status_code == 418 and response.json() == {"detail": "short and stout"}
-        response = await client.get("/v1/crash")
-        assert response.status_code == 500 and response.text == "Internal Server Error"
+        with pytest.raises(RuntimeError, match="boom"):  # the server answers 500, as it did under the stack
+            await client.get("/v1/crash")
 
 
-# --- the control plane's body limit ---
-
-
-async def test_the_admin_body_limit_refuses_a_large_body_but_not_on_the_data_plane(tmp_path: Path) -> None:
+async def test_the_control_planes_body_limit_leaves_the_data_plane_alone(tmp_path: Path) -> None:
     settings = load_settings(
         None,
         data_dir=tmp_path,

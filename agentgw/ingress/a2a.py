@@ -59,7 +59,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from agentgw.call import Action, Call, Reply, Usage, checked_run_id
+from agentgw.call import RUN_ID_HEADER, Action, Call, Reply, Usage, checked_run_id
 from agentgw.errors import (
     BadRequest,
     ConfigError,
@@ -102,7 +102,6 @@ from agentgw.upstream.http import (
 )
 
 __all__ = [
-    "RUN_ID_HEADER",
     "SKILL_KEY",
     "A2aIngress",
     "A2aRequest",
@@ -129,7 +128,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SKILL_KEY = "skill"
-RUN_ID_HEADER = "agent-run-id"
 JSON_TYPES = ("application/json", "application/a2a+json")
 MAX_EVENT_BYTES = 8 * 1024 * 1024
 ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import orjson
 
+from agentgw.call import RUN_ID_HEADER
 from agentgw.errors import UpstreamError
 from agentgw.registry.models import UpstreamLimits
 from agentgw.upstream.http import HttpClient, UpstreamResponse, UpstreamState
@@ -25,7 +26,7 @@ FORWARDED_REQUEST_HEADERS = (
     "a2a-extensions",
     "x-a2a-extensions",
     "last-event-id",
-    "agent-run-id",
+    RUN_ID_HEADER,
 )
 MAX_CARD_BYTES = 1024 * 1024
 _CARD_HEADERS = {"accept": "application/json"}
