@@ -22,7 +22,8 @@ __all__ = ["REGISTRY_POLL_S", "lifespan"]
 
 log = logging.getLogger(__name__)
 
-REGISTRY_POLL_S = 2.0
+# As for the policy (filters/authorize.py DB_POLL_S): one version row read per look.
+REGISTRY_POLL_S = 0.5
 
 
 def lifespan(gateway: Gateway, demo: MCPServer | None) -> Callable[[Any], AbstractAsyncContextManager[None]]:
