@@ -65,6 +65,21 @@ async def test_the_host_check_holds_on_the_mcp_front_door(http: tuple[GatewayApp
         assert response.status_code == 400 and response.text == "Invalid host header"
 
 
+async def test_the_host_check_holds_on_the_control_plane_and_on_what_falls_through(
+    http: tuple[GatewayApp, httpx.AsyncClient],
+) -> None:
+    _, client = http
+    for method, path in (
+        ("GET", "/healthz"),
+        ("GET", "/admin/budgets"),
+        ("GET", "/v1/nosuch"),
+        ("PUT", "/mcp"),
+    ):
+        response = await client.request(method, path, headers=JSON | {"host": "evil.example.com"})
+        assert response.status_code == 400 and response.text == "Invalid host header", path
+    assert (await client.get("/healthz")).status_code == 200
+
+
 async def test_a_host_that_passed_the_check_does_not_let_another_one_through(
     http: tuple[GatewayApp, httpx.AsyncClient],
 ) -> None:

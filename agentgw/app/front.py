@@ -1,11 +1,16 @@
-"""The front door: the one ASGI application every request enters, and the middleware in front of
-its router.
+"""The front door: the one ASGI application every request enters, and what it passes on the way in.
 
     GatewayApp            the ASGI application; every request enters through its `front`:
     RememberedHostCheck   the Host header against the allowed hosts (DNS rebinding), then
     DataPlane             each protocol's ingress routes, ahead of FastAPI's stack, or else
     FastAPI's stack       the control plane: its middleware (`BodyLimit` among it), exception
                           handlers and router
+
+The data plane is served ahead of FastAPI's middleware stack because the stack costs every call CPU
+that shows on the pass-through path's CPU per call, in alternating runs (decision 0905), while the
+ingress adapters need none of it: they render their own errors in their protocol's shape and bound
+their own bodies. The one thing of the stack they rely on, the app's exception handlers, `DataPlane`
+applies with Starlette's own `ExceptionMiddleware`.
 """
 
 from __future__ import annotations
@@ -159,12 +164,8 @@ class GatewayApp(FastAPI):
     the control plane (admin API, OAuth, health, documents), and whatever no data-plane route fully
     matches, continue into FastAPI's middleware stack and router.
 
-    Why the data plane does not enter FastAPI's stack: the stack (server-error, telemetry, body-limit,
-    exception and exit-stack middleware, then routing through every route) costs each call CPU that
-    measurably shows on the pass-through path's CPU per call (decision 0905), and the data plane needs
-    none of it: the ingress adapters render their own errors in their protocol's shape and bound their
-    own bodies. What they do rely on, the app's exception handlers, `DataPlane` applies with
-    Starlette's own middleware.
+    The stack (server-error, telemetry, body-limit, exception and exit-stack middleware) is what the
+    data plane skips, and why is said at the top of this module.
     """
 
     front: ASGIApp | None = None
