@@ -26,7 +26,7 @@ PING = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
 JSON = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
 
 
-def app_for(tmp_path: Path) -> GatewayApp:
+def app_for(tmp_path: Path, **more: object) -> GatewayApp:
     settings = load_settings(
         None,
         data_dir=tmp_path,
@@ -34,6 +34,7 @@ def app_for(tmp_path: Path) -> GatewayApp:
         allowed_hosts=["127.0.0.1"],
         allow_anonymous=True,
         policy={"rules": ["p, anonymous, mcp:*, *, allow"]},
+        **more,
     )
     return create_app(settings)
 
@@ -243,16 +244,7 @@ async def test_a_data_plane_route_that_raises_is_answered_by_the_apps_exception_
 
 
 async def test_the_control_planes_body_limit_leaves_the_data_plane_alone(tmp_path: Path) -> None:
-    settings = load_settings(
-        None,
-        data_dir=tmp_path,
-        database_url=f"sqlite:///{tmp_path / 'gw.db'}",
-        allowed_hosts=["127.0.0.1"],
-        allow_anonymous=True,
-        admin_max_body_bytes=1000,
-        policy={"rules": ["p, anonymous, mcp:*, *, allow"]},
-    )
-    app = create_app(settings)
+    app = app_for(tmp_path, admin_max_body_bytes=1000)
     large = b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"pad":"' + b"x" * 2000 + b'"}}'
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url=BASE) as client:
         response = await client.put("/admin/budgets/b1", content=large, headers=JSON)
