@@ -1,6 +1,7 @@
 """What the admin API's OpenAPI document promises beyond each route's own declarations, and the
 pieces that keep the answers to it (checked by tests/admin/test_openapi_conformance.py).
 
+- `Guard`: the dependency every admin router takes for each grant (`read_guard`, `write_guard`).
 - `GUARDED` and `ADMIN_DEPENDENCIES`: mounted with every admin router, they document the guard's
   answers (401 without a valid token for `/admin`, 403 without the grant) and the bearer scheme,
   and refuse a scalar query parameter given more than once.
@@ -12,7 +13,7 @@ pieces that keep the answers to it (checked by tests/admin/test_openapi_conforma
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from types import UnionType
 from typing import Any, Union, get_args, get_origin
 
@@ -30,12 +31,18 @@ __all__ = [
     "ADMIN_DEPENDENCIES",
     "GUARDED",
     "ErrorOut",
+    "Guard",
     "errors",
     "invalid",
     "method_not_allowed",
     "query_without_null",
     "single_values",
 ]
+
+
+# A FastAPI dependency that returns the admitted caller, or raises: 401 without valid credentials, 403
+# without the grant. The routers take it as a parameter so that they know nothing of how it decides.
+Guard = Callable[..., Awaitable[Any]]
 
 
 class ErrorOut(BaseModel):

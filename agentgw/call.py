@@ -19,6 +19,7 @@ from agentgw.errors import InvalidRunId
 
 __all__ = [
     "ANONYMOUS",
+    "RUN_ID_HEADER",
     "RUN_ID_PATTERN",
     "Action",
     "Call",
@@ -61,7 +62,7 @@ class Principal:
 ANONYMOUS = Principal(subject="anonymous")
 
 # Request ids: a random prefix per process and a counter, 32 hex digits like a UUID. Unique, not
-# secret (they name calls in the audit log); uuid4 asked the kernel for randomness on every call.
+# secret (they name calls in the audit log), so no call needs to ask the kernel for randomness.
 _ID_PREFIX = secrets.token_hex(8)
 _ID_COUNTER = itertools.count()
 
@@ -70,6 +71,8 @@ def _request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
+# The HTTP header in which a caller names its run, the same for every protocol.
+RUN_ID_HEADER = "agent-run-id"
 # A run id is chosen by the caller and keys budgets and audit records, which people read: ASCII
 # letters, digits and the punctuation of UUIDs, ULIDs, URNs, e-mail-like and base64 ids, nothing that
 # could split or restyle a line where it is shown.

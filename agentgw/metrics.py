@@ -4,7 +4,7 @@
 counts the call by protocol, action, upstream, decision and reason, and files each stage's own time
 and the upstream's into histograms. Those counts are plain numbers kept on the event loop (the
 pipeline's only thread) and read by `collect` at scrape time: `prometheus_client`'s own counters and
-histograms take a lock per update, which every call would pay for (measured in decision 0513). The
+histograms take a lock on every update, a cost every call would pay (measured in decision 0513). The
 library still does what it is good at: the registry, the exposition format and the process, platform
 and GC collectors.
 
@@ -24,7 +24,7 @@ import logging
 from bisect import bisect_left
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
@@ -41,6 +41,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field
 
+from agentgw.api_contract import Guard
 from agentgw.call import Call, Reply, Usage
 from agentgw.errors import BudgetExceeded, GatewayError
 
@@ -264,12 +265,7 @@ class Metrics:
         calls_labels = ["protocol", "action", "upstream", "decision", "reason"]
         if self._principals:
             calls_labels.append("principal")
-        calls = CounterMetricFamily(
-            "agentgw_calls", "Calls through the pipeline, by outcome.", labels=calls_labels
-        )
-        for labels, count in list(self._calls.items()):
-            calls.add_metric(list(labels), count)
-        yield calls
+        yield _counter("agentgw_calls", "Calls through the pipeline, by outcome.", calls_labels, self._calls)
         yield _histogram(
             "agentgw_stage_duration_seconds",
             "Time spent in each pipeline stage itself (the stages after it excluded).",
@@ -282,30 +278,24 @@ class Metrics:
             ["protocol", "upstream"],
             list(self._upstream_rows.items()),
         )
-        refusals = CounterMetricFamily(
+        yield _counter(
             "agentgw_budget_refusals",
             "Calls refused by a budget, by budget and metric.",
-            labels=["budget", "metric"],
+            ["budget", "metric"],
+            self._refusals,
         )
-        for labels, count in list(self._refusals.items()):
-            refusals.add_metric(list(labels), count)
-        yield refusals
-        tokens = CounterMetricFamily(
+        yield _counter(
             "agentgw_usage_tokens",
             "Tokens the upstreams reported for allowed calls.",
-            labels=["protocol", "upstream"],
+            ["protocol", "upstream"],
+            self._tokens,
         )
-        for labels, count in list(self._tokens.items()):
-            tokens.add_metric(list(labels), count)
-        yield tokens
-        cost = CounterMetricFamily(
+        yield _counter(
             "agentgw_usage_cost",
             "Cost of allowed calls, as their routes price them.",
-            labels=["protocol", "upstream"],
+            ["protocol", "upstream"],
+            self._cost,
         )
-        for labels, value in list(self._cost.items()):
-            cost.add_metric(list(labels), value)
-        yield cost
         yield from self._state()
 
     def _state(self) -> Iterator[Metric]:
@@ -320,14 +310,12 @@ class Metrics:
                 up.add_metric([target], 1.0 if entry.get("ok") else 0.0)
             yield up
         if state.token_cache is not None:
-            lookups = CounterMetricFamily(
+            yield _counter(
                 "agentgw_token_cache_lookups",
                 "Upstream credential cache lookups, by upstream and result (hit, miss).",
-                labels=["upstream", "result"],
+                ["upstream", "result"],
+                state.token_cache(),
             )
-            for (upstream, result), count in list(state.token_cache().items()):
-                lookups.add_metric([upstream, result], count)
-            yield lookups
         if state.audit_backlog is not None and (backlog := state.audit_backlog()) is not None:
             yield GaugeMetricFamily(
                 "agentgw_audit_journal_backlog",
@@ -354,6 +342,18 @@ class _Collector(Collector):
         return self._metrics.collect()
 
 
+_Labels = TypeVar("_Labels", bound=tuple[str, ...])
+
+
+def _counter(
+    name: str, documentation: str, labels: list[str], counts: Mapping[_Labels, float]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for values, count in list(counts.items()):
+        family.add_metric(list(values), count)
+    return family
+
+
 def _histogram(
     name: str, documentation: str, labels: list[str], rows: Iterable[tuple[tuple[str, ...], list[float]]]
 ) -> HistogramMetricFamily:
@@ -369,7 +369,7 @@ def _histogram(
     return family
 
 
-def metrics_router(metrics: Metrics, read_guard: Callable[..., Awaitable[Any]]) -> APIRouter:
+def metrics_router(metrics: Metrics, read_guard: Guard) -> APIRouter:
     """`GET /metrics` on the gateway's port, for callers with the `admin:metrics` read grant."""
     router = APIRouter()
     read = Depends(read_guard)

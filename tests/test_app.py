@@ -1,5 +1,6 @@
-"""The front door: MCP, A2A and LLM requests are dispatched ahead of FastAPI's middleware stack (with
-the Host check kept); everything else, and whatever those routes do not serve, goes through FastAPI."""
+"""The front door: every request passes the Host check; MCP, A2A and LLM requests are then served by
+their routes ahead of FastAPI's middleware stack, with the app's exception handlers; everything else,
+and whatever those routes do not serve, goes through FastAPI."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi import FastAPI, HTTPException
+from fastapi import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.testclient import TestClient
 from starlette.types import Message, Receive, Scope, Send
 
-from agentgw.app import MAX_REMEMBERED_HOSTS, DirectRoutes, GatewayApp, RememberedHostCheck, create_app
+from agentgw.app import MAX_REMEMBERED_HOSTS, DataPlane, GatewayApp, RememberedHostCheck, create_app
 from agentgw.errors import Forbidden
 from agentgw.settings import load_settings
 
@@ -25,7 +26,7 @@ PING = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
 JSON = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
 
 
-def app_for(tmp_path: Path) -> GatewayApp:
+def app_for(tmp_path: Path, **more: object) -> GatewayApp:
     settings = load_settings(
         None,
         data_dir=tmp_path,
@@ -33,6 +34,7 @@ def app_for(tmp_path: Path) -> GatewayApp:
         allowed_hosts=["127.0.0.1"],
         allow_anonymous=True,
         policy={"rules": ["p, anonymous, mcp:*, *, allow"]},
+        **more,
     )
     return create_app(settings)
 
@@ -64,6 +66,21 @@ async def test_the_host_check_holds_on_the_mcp_front_door(http: tuple[GatewayApp
         assert response.status_code == 400 and response.text == "Invalid host header"
 
 
+async def test_the_host_check_holds_on_the_control_plane_and_on_what_falls_through(
+    http: tuple[GatewayApp, httpx.AsyncClient],
+) -> None:
+    _, client = http
+    for method, path in (
+        ("GET", "/healthz"),
+        ("GET", "/admin/budgets"),
+        ("GET", "/v1/nosuch"),
+        ("PUT", "/mcp"),
+    ):
+        response = await client.request(method, path, headers=JSON | {"host": "evil.example.com"})
+        assert response.status_code == 400 and response.text == "Invalid host header", path
+    assert (await client.get("/healthz")).status_code == 200
+
+
 async def test_a_host_that_passed_the_check_does_not_let_another_one_through(
     http: tuple[GatewayApp, httpx.AsyncClient],
 ) -> None:
@@ -88,7 +105,7 @@ async def test_the_remembered_hosts_stay_bounded_and_the_check_still_holds(
             "/mcp/nosuch", content=PING, headers=JSON | {"host": f"127.0.0.1:{port}"}
         )
         assert response.status_code == 404
-    front = app.mcp_front
+    front = app.front
     assert isinstance(front, RememberedHostCheck) and len(front._passed_hosts) == MAX_REMEMBERED_HOSTS
     response = await client.post("/mcp/nosuch", content=PING, headers=JSON | {"host": "evil.example.com"})
     assert response.status_code == 400
@@ -161,7 +178,7 @@ async def test_a2a_and_llm_answers_are_the_same_as_through_the_stack(
     app, client = http
 
     async def through_the_stack(scope: Scope, receive: Receive, send: Send) -> None:
-        await FastAPI.__call__(app, scope, receive, send)
+        await app.stack(scope, receive, send)
 
     async with httpx.AsyncClient(transport=httpx.ASGITransport(through_the_stack), base_url=BASE) as stacked:
         for method, path, body in DIRECT_REQUESTS:
@@ -197,7 +214,9 @@ async def test_what_the_a2a_and_llm_routes_do_not_serve_falls_through_to_fastapi
     assert app.middleware_stack is not None
 
 
-async def test_a_direct_route_that_raises_is_answered_by_the_apps_exception_handlers(tmp_path: Path) -> None:
+async def test_a_data_plane_route_that_raises_is_answered_by_the_apps_exception_handlers(
+    tmp_path: Path,
+) -> None:
     app = app_for(tmp_path)
 
     async def refuses(request: Request) -> Response:
@@ -214,7 +233,7 @@ async def test_a_direct_route_that_raises_is_answered_by_the_apps_exception_hand
         Route("/v1/teapot", not_here),
         Route("/v1/crash", crashes),
     ]
-    front = DirectRoutes(app, routes, app.router)
+    front = DataPlane(app, routes, app.router)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(front), base_url=BASE) as client:
         response = await client.get("/v1/refuses")
         assert response.status_code == 403 and response.json() == {"detail": "denied by policy: test"}
@@ -222,3 +241,18 @@ async def test_a_direct_route_that_raises_is_answered_by_the_apps_exception_hand
         assert response.status_code == 418 and response.json() == {"detail": "short and stout"}
         with pytest.raises(RuntimeError, match="boom"):  # the server answers 500, as it did under the stack
             await client.get("/v1/crash")
+
+
+async def test_the_control_planes_body_limit_leaves_the_data_plane_alone(tmp_path: Path) -> None:
+    app = app_for(tmp_path, admin_max_body_bytes=1000)
+    large = b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"pad":"' + b"x" * 2000 + b'"}}'
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url=BASE) as client:
+        response = await client.put("/admin/budgets/b1", content=large, headers=JSON)
+        assert response.status_code == 413
+        response = await client.post("/mcp/nosuch", content=large, headers=JSON)
+        assert response.status_code == 404 and "unknown MCP server" in response.json()["error"]["message"]
+        response = await client.post("/v1/chat/completions", content=large, headers=JSON)
+        assert response.status_code != 413 and "model" in response.text
+        # A path no data-plane route serves is the control plane's: the limit holds there.
+        response = await client.post("/v1/nosuch", content=large, headers=JSON)
+        assert response.status_code == 413

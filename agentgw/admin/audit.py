@@ -25,21 +25,20 @@ from dataclasses import asdict
 from functools import partial
 from typing import Annotated, Any, Literal
 
-import anyio.to_thread
 import orjson
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from agentgw.api_contract import invalid
+from agentgw.api_contract import Guard, invalid
 from agentgw.errors import Unavailable
 from agentgw.filters.audit import printable
+from agentgw.storage import in_thread
 from agentgw.storage.audit_log import AuditQuery, VerifyReport, otel_record, parse_time, query, verify
 
 __all__ = ["audit_router"]
 
-Guard = Callable[..., Awaitable[Any]]
 PAGE = 1000
 # What `parse_time` takes, for the OpenAPI document; empty is no filter.
 TIME: dict[str, Any] = {
@@ -96,7 +95,7 @@ def _json(value: Any) -> bytes:
 
 async def _read(work: Callable[[], Any]) -> Any:
     try:
-        return await anyio.to_thread.run_sync(work)
+        return await in_thread(work)
     except SQLAlchemyError as exc:
         raise Unavailable("audit log unavailable") from exc
 

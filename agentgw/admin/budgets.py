@@ -11,22 +11,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
 from pydantic import BaseModel
 
-from agentgw.api_contract import errors, invalid
+from agentgw.api_contract import Guard, errors, invalid
 from agentgw.call import Principal
 from agentgw.filters.budget import BudgetStore, effective_budgets
 from agentgw.records.budget import BUDGET_NAME, BudgetRule
 from agentgw.storage.budget.rules import BudgetRuleBook, BudgetRuleConflict
 
 __all__ = ["BudgetView", "budgets_router"]
-
-Guard = Callable[..., Awaitable[Any]]
 
 
 class BudgetView(BaseModel):

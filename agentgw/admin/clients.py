@@ -7,18 +7,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, HTTPException, Response, status
 from pydantic import BaseModel
 
+from agentgw.api_contract import Guard
 from agentgw.oauth.registration import ClientInfo
 
 __all__ = ["clients_router"]
-
-Guard = Callable[..., Awaitable[Any]]
 
 
 class _Problem(BaseModel):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, HTTPException, status
 from pydantic import BaseModel, Field
 
-from agentgw.api_contract import errors
+from agentgw.api_contract import Guard, errors
 from agentgw.filters.authorize import CasbinAuthorizer, PolicyError
 
 __all__ = ["policy_router"]
@@ -41,9 +40,6 @@ class CheckIn(BaseModel):
 class CheckOut(BaseModel):
     allowed: bool
     rule: str | None
-
-
-Guard = Callable[..., Awaitable[Any]]
 
 
 def policy_router(authorizer: CasbinAuthorizer, read_guard: Guard, write_guard: Guard) -> APIRouter:

@@ -8,14 +8,15 @@
     agentgw policy add "p, role:dev, mcp:github/*, call"                      # edit the policy source
     agentgw policy remove "p, role:dev, mcp:github/*, call"
     agentgw policy test policies/tests/                                       # YAML cases; 1 on a mismatch
-    agentgw policy lint --policy policies/demo.csv                            # rules that can never match
+    agentgw policy lint --policy agentgw/demo/policy.csv                      # rules that can never match
 
 Without `--policy` the commands use the policy of the config (`--config`, `$AGENTGW_CONFIG`).
-`who-can` and `what-can` read the rules the way agentgw's model decides them (policies/model.conf,
-decision 0002): roles through `g` rules, objects through a trailing `*`, and a deny beats any allow.
+`who-can` and `what-can` read the rules the way agentgw's model decides them
+(agentgw/policies/model.conf, decision 0002): roles through `g` rules, objects through a trailing
+`*`, and a deny beats any allow.
 A test file names its policy files relative to itself:
 
-    policy: ../demo.csv            # or a list of files
+    policy: ../prod.csv            # or a list of files
     cases:
       - {subject: user:alice, roles: [security], object: admin:policies, action: write, expect: allow}
       - {subject: user:bob, object: mcp:github/delete_repo, action: call, expect: deny,

@@ -34,7 +34,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from agentgw.call import Call, Reply, Usage, checked_run_id
+from agentgw.call import RUN_ID_HEADER, Call, Reply, Usage, checked_run_id
 from agentgw.errors import (
     BadRequest,
     ConfigError,
@@ -61,7 +61,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ENDPOINT: Final = "/v1"
-RUN_ID_HEADER: Final = "agent-run-id"
 # The prompt estimate (a reservation, and the count when a provider reports no usage): ~4 bytes of
 # text per token, plus a few tokens of framing per message, as OpenAI's own rule of thumb says.
 BYTES_PER_TOKEN: Final = 4

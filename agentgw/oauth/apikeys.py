@@ -12,7 +12,7 @@ import hmac
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -24,7 +24,7 @@ from sqlalchemy import JSON, Column, Engine
 from sqlmodel import Field as SQLField
 from sqlmodel import Session, SQLModel, col, select
 
-from agentgw.api_contract import errors
+from agentgw.api_contract import Guard, errors
 from agentgw.call import Principal
 from agentgw.errors import Unauthenticated
 from agentgw.oauth.revocation import revoke_row
@@ -230,9 +230,6 @@ class ApiKeyVerifier:
                 self._cache.clear()
             self._cache[credential] = _Cached(principal, now + self._cache_s)
         return principal
-
-
-Guard = Callable[..., Awaitable[Any]]
 
 
 def api_key_router(

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Request, status
 from pydantic import BaseModel
 
-from agentgw.api_contract import errors, invalid
+from agentgw.api_contract import Guard, errors, invalid
 from agentgw.registry.admission import Admission
 from agentgw.registry.models import NAME_REGEX, McpServerSpec, VirtualServerSpec
 from agentgw.registry.secrets import Secrets
@@ -16,7 +15,6 @@ from agentgw.registry.store import RegistryConflict, RegistryStore
 
 __all__ = ["ServerStatus", "registry_router"]
 
-Guard = Callable[..., Awaitable[Any]]
 # A registry name in the path, checked (and documented) by FastAPI: 422 in its own shape.
 PathName = Annotated[
     str,

@@ -12,15 +12,25 @@ from __future__ import annotations
 
 import logging
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio.to_thread
 from pydantic import BaseModel, Field
 from sqlalchemy import Engine, event, make_url
 from sqlalchemy.engine import ExceptionContext
 from sqlmodel import SQLModel, create_engine
 
-__all__ = ["STATEMENT_TIMEOUT_S", "DatabaseSettings", "create_db", "ensure_private_dir", "make_engine"]
+__all__ = [
+    "STATEMENT_TIMEOUT_S",
+    "DatabaseSettings",
+    "create_db",
+    "ensure_private_dir",
+    "in_thread",
+    "make_engine",
+    "select_one",
+]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +120,24 @@ def _discard_unwritable(context: ExceptionContext) -> None:
     error = context.original_exception
     if (getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)) in _DISCARD_SQLSTATES:
         context.is_disconnect = True
+
+
+T = TypeVar("T")
+
+
+async def in_thread(work: Callable[[], T]) -> T:
+    """`work` (blocking database calls) run in a worker thread, off the event loop.
+
+    A cancelled caller (a timeout around it, a client gone) is not held until the driver answers: the
+    thread is left to finish on its own and its result dropped.
+    """
+    return await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+
+
+def select_one(engine: Engine) -> None:
+    """Reach the database with the cheapest statement: raises where a call's first statement would."""
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
 
 
 def create_db(engine: Engine) -> None:

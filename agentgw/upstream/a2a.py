@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from agentgw.call import RUN_ID_HEADER
 from agentgw.errors import UpstreamError
 from agentgw.registry.models import UpstreamLimits
 from agentgw.upstream.http import AnswerTooLarge, HttpClient, UpstreamResponse, UpstreamState
@@ -40,7 +41,7 @@ FORWARDED_REQUEST_HEADERS = (
     "a2a-extensions",
     "x-a2a-extensions",
     "last-event-id",
-    "agent-run-id",
+    RUN_ID_HEADER,
 )
 MAX_CARD_BYTES = 1024 * 1024
 # One event is buffered whole before it is relayed: an agent must not make the gateway hold more.

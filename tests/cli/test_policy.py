@@ -13,6 +13,7 @@ import pytest
 from agentgw.call import Call, Principal, Reply
 from agentgw.cli import main
 from agentgw.cli.policy import who_can
+from agentgw.cli.settings import DEMO_POLICY
 from agentgw.errors import BudgetExceeded, GatewayError
 from agentgw.filters.audit import Audit, AuditSettings
 from agentgw.filters.authorize import Authorize, CasbinAuthorizer, read_rules
@@ -50,6 +51,8 @@ def test_changing_one_expected_decision_makes_the_suite_fail(
 ) -> None:
     copy = tmp_path / "policies"
     shutil.copytree(POLICIES, copy)
+    # The demo cases name the packaged demo policy by its place beside policies/ in the repository.
+    shutil.copytree(DEMO_POLICY.parent, tmp_path / "agentgw" / "demo")
     cases = copy / "tests" / "demo.yaml"
     text = cases.read_text()
     changed = text.replace(
@@ -101,7 +104,7 @@ def test_an_empty_test_directory_is_an_error(tmp_path: Path, capsys: pytest.Capt
 def test_check_prints_the_decision_and_the_rule_or_that_none_matched(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    demo = str(POLICIES / "demo.csv")
+    demo = str(DEMO_POLICY)
     code, out = run(capsys, "policy", "check", "user:alice", "mcp:demo/delete_repo", "call", "--policy", demo)
     assert code == 1 and out.splitlines() == ["deny", "  decided by: p, *, mcp:demo/delete_repo, *, deny"]
     code, out = run(
@@ -127,7 +130,7 @@ def test_check_reads_the_configured_policy_without_policy_options(
 def test_lint_is_clean_on_the_demo_and_flags_every_kind_of_dead_rule(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert run(capsys, "policy", "lint", "--policy", str(POLICIES / "demo.csv"))[0] == 0
+    assert run(capsys, "policy", "lint", "--policy", str(DEMO_POLICY))[0] == 0
     (tmp_path / "p.csv").write_text(
         "\n".join(
             [
@@ -167,7 +170,7 @@ def test_lint_is_clean_on_the_demo_and_flags_every_kind_of_dead_rule(
 
 # --- who-can, what-can, explain ---
 
-DEMO = str(POLICIES / "demo.csv")
+DEMO = str(DEMO_POLICY)
 EXAMPLES = POLICIES / "examples"
 
 
@@ -351,7 +354,7 @@ def record_calls(path: Path, calls: list[Call]) -> None:
     engine = make_engine(f"sqlite:///{path}")
     log = SqlAuditLog(engine, AuditSettings(node_id="node"))
     audit = Audit(log)
-    policy = CasbinAuthorizer(PACKAGE_POLICIES / "model.conf", POLICIES / "demo.csv", [])
+    policy = CasbinAuthorizer(PACKAGE_POLICIES / "model.conf", DEMO_POLICY, [])
     pipeline = Pipeline([audit, Authorize(policy), _over_budget], audit.admitted)
 
     async def answer(_: Call) -> Reply:
@@ -402,7 +405,7 @@ def candidate(tmp_path: Path, policy: str) -> Path:
 
 
 # The demo policy, but the break-glass deny is gone, readers lose the weather and dan is a developer.
-CANDIDATE = (POLICIES / "demo.csv").read_text().replace("p, *, mcp:demo/delete_repo, *, deny", "").replace(
+CANDIDATE = (DEMO_POLICY).read_text().replace("p, *, mcp:demo/delete_repo, *, deny", "").replace(
     "p, role:reader, mcp:demo/get_weather, *, allow", ""
 ) + "g, user:dan, role:developer\n"
 
@@ -494,7 +497,7 @@ def test_replay_of_the_policy_in_force_changes_nothing_and_a_narrowing_passes(
     )
     # Without the developer rule, alice loses what it allowed: the weather, and search_docs (which
     # the budget refused after the policy allowed it); her denied delete_repo stays denied.
-    narrower = (POLICIES / "demo.csv").read_text().replace("p, role:developer, mcp:demo/*, *, allow", "")
+    narrower = (DEMO_POLICY).read_text().replace("p, role:developer, mcp:demo/*, *, allow", "")
     code, out, _ = lines(
         capsys, "policy", "replay", "--policy", str(candidate(tmp_path, narrower)), "--database-url", url
     )

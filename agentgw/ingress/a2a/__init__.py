@@ -64,7 +64,7 @@ from agentgw.ingress.a2a.errors import (
     jsonrpc_error,
     rest_error,
 )
-from agentgw.ingress.a2a.ingress import RUN_ID_HEADER, A2aIngress
+from agentgw.ingress.a2a.ingress import A2aIngress
 from agentgw.ingress.a2a.messages import (
     SKILL_KEY,
     A2aRequest,
@@ -77,7 +77,6 @@ from agentgw.ingress.a2a.messages import (
 from agentgw.ingress.a2a.tasks import MemoryTaskOwners, TaskOwners, answer_task_ids, is_final
 
 __all__ = [
-    "RUN_ID_HEADER",
     "SKILL_KEY",
     "A2aIngress",
     "A2aRequest",

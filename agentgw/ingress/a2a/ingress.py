@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from agentgw.call import Action, Call, Reply, checked_run_id
+from agentgw.call import RUN_ID_HEADER, Action, Call, Reply, checked_run_id
 from agentgw.errors import GatewayError, InvalidRunId, UpstreamFailed, UpstreamUnreachable
 from agentgw.ingress.a2a.cards import CardSecurity, rewrite_card
 from agentgw.ingress.a2a.errors import (
@@ -64,11 +64,10 @@ from agentgw.upstream.http import (
     UpstreamState,
 )
 
-__all__ = ["JSON_TYPES", "RUN_ID_HEADER", "A2aIngress"]
+__all__ = ["JSON_TYPES", "A2aIngress"]
 
 log = logging.getLogger(__name__)
 
-RUN_ID_HEADER = "agent-run-id"
 JSON_TYPES = ("application/json", "application/a2a+json")
 
 

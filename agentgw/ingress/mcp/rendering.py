@@ -8,7 +8,7 @@ from typing import Any
 
 from starlette.responses import Response
 
-from agentgw.call import checked_run_id
+from agentgw.call import RUN_ID_HEADER, checked_run_id
 from agentgw.errors import (
     GatewayError,
     InsufficientScope,
@@ -21,11 +21,10 @@ from agentgw.errors import (
 )
 from agentgw.ingress.mcp.messages import error_body
 
-__all__ = ["RUN_ID_HEADER", "RUN_ID_META", "jsonrpc_error_response", "run_id_of"]
+__all__ = ["RUN_ID_META", "jsonrpc_error_response", "run_id_of"]
 
 log = logging.getLogger(__name__)
 
-RUN_ID_HEADER = "agent-run-id"
 RUN_ID_META = "io.agentgw/runId"
 # Refusals of the caller's credentials are HTTP-level (clients start OAuth from them), and so are a
 # lost session (the transport must signal it), a session the caps refuse (429, 503: back off), an

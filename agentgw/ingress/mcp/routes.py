@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from typing import Any
 
+from starlette.datastructures import URLPath
+from starlette.routing import BaseRoute, Match, NoMatchFound
 from starlette.types import Receive, Scope, Send
 
 from agentgw.call import Call, Reply
@@ -31,7 +34,9 @@ from agentgw.pipeline import Pipeline
 from agentgw.registry.models import NAME_PATTERN
 from agentgw.registry.store import RegistryStore
 
-__all__ = ["McpIngress", "path_params"]
+__all__ = ["METHODS", "McpIngress", "McpRoute", "path_params"]
+
+METHODS = frozenset({"GET", "POST", "DELETE"})
 
 
 def _modern(headers: Mapping[str, str]) -> bool:
@@ -53,6 +58,31 @@ def path_params(path: str) -> dict[str, str] | None:
         merged = MERGED_LEGS.get(name)
         return {"server": name} if merged is None else {"leg": merged}
     return {"server": name, "leg": leg} if leg in LEGS else None
+
+
+class McpRoute(BaseRoute):
+    """The route of every MCP URL, matched by `path_params`: a path pattern cannot tell a server's
+    name from the merged endpoint's legs (`/mcp/_sse`), nor refuse an unknown leg.
+
+    Only a full match is taken (a method of `METHODS`); anything else is left to the routes after it,
+    which answer 404 or 405 as for any path.
+    """
+
+    def __init__(self, app: McpIngress) -> None:
+        self.app = app
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        if scope["type"] == "http" and scope["method"] in METHODS:
+            params = path_params(scope["path"])
+            if params is not None:
+                return Match.FULL, {"path_params": params}
+        return Match.NONE, {}
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+    def url_path_for(self, name: str, /, **path_params: Any) -> URLPath:
+        raise NoMatchFound(name, path_params)  # no named URL: nothing builds links to it
 
 
 class McpIngress:
