@@ -51,6 +51,7 @@ from agentgw.oauth.exchange import (
     unverified_claims,
 )
 from agentgw.pipeline import CallNext
+from agentgw.records.credentials import GatewayCredential
 from agentgw.registry.models import (
     ClientAuth,
     McpServerSpec,
@@ -519,18 +520,6 @@ class CredentialedUpstream(Protocol):
 
 
 Lookup: TypeAlias = Callable[[str], CredentialedUpstream | None]
-
-
-class GatewayCredential(Protocol):
-    """The gateway's own credential for one upstream, for an HTTP client shared by every caller."""
-
-    async def authorization(self, *, refresh: bool = False) -> str:
-        """The Authorization header value; `refresh` after the upstream refused the last one.
-
-        Raises:
-            CredentialError: it cannot be obtained.
-        """
-        ...
 
 
 class _SharedCredential:

@@ -25,6 +25,7 @@ import orjson
 from agentgw.errors import CredentialError, UpstreamError
 from agentgw.registry.llm import ClientCredentials, LlmRoute, StaticCredential
 from agentgw.upstream.http import HttpClient, UpstreamResponse, UpstreamState
+from agentgw.upstream.sse import read_events
 
 __all__ = ["LlmAnswer", "LlmProvider", "OpenAICompatible", "Operation"]
 
@@ -37,8 +38,8 @@ RELAYED_HEADERS = ("retry-after", "x-ratelimit-remaining-requests", "x-ratelimit
 GATEWAY_SIDE_REFUSALS = frozenset({401, 403, 404})
 # A token endpoint's answer is a small JSON object; anything larger is not one.
 MAX_TOKEN_ANSWER_BYTES = 64 * 1024
-# One SSE line larger than this is not a chat chunk: the stream is refused rather than buffered on.
-MAX_LINE_BYTES = 8 * 1024 * 1024
+# One SSE event larger than this is not a chat chunk: the stream is refused rather than buffered on.
+MAX_EVENT_BYTES = 8 * 1024 * 1024
 _JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
 _STREAM_HEADERS = {"content-type": "application/json", "accept": "text/event-stream"}
 
@@ -244,56 +245,29 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-async def _lines(response: UpstreamResponse, model: str) -> AsyncGenerator[bytes, None]:
-    """The body's lines as they arrive, without their ends (`\\n`, `\\r\\n` or `\\r`, as SSE allows).
-
-    Raises:
-        UpstreamTimeout: the provider went silent for longer than the route's timeout.
-        UpstreamError: the connection broke, or one line is larger than `MAX_LINE_BYTES`.
-    """
-    pending = bytearray()  # grown in place: a long line in many small chunks is not copied each time
-    async for chunk in response.aiter_raw():
-        pending += chunk
-        if b"\n" not in chunk and b"\r" not in chunk:
-            if len(pending) > MAX_LINE_BYTES:
-                raise UpstreamError(
-                    f"model {model!r}: the provider streamed a line larger than the gateway accepts"
-                )
-            continue
-        lines = bytes(pending).splitlines(keepends=True)  # bytes split on \n, \r\n and \r only
-        # The last piece waits for more: it is unfinished, or a `\r` whose `\n` is in the next chunk.
-        pending = bytearray(lines.pop() if not lines[-1].endswith(b"\n") else b"")
-        for line in lines:
-            yield line.rstrip(b"\r\n")
-    if pending:
-        yield bytes(pending).rstrip(b"\r\n")
-
-
 async def _events(response: UpstreamResponse, model: str) -> AsyncGenerator[dict[str, Any], None]:
     """The SSE `data:` payloads of `response` as JSON objects, up to `[DONE]`.
 
     Raises:
         UpstreamTimeout: the provider went silent for longer than the route's timeout.
-        UpstreamError: the connection broke, the stream ended without `[DONE]`, or a payload is not JSON.
+        UpstreamError: the connection broke, the stream ended without `[DONE]`, an event is larger
+            than `MAX_EVENT_BYTES`, or a payload is not JSON.
     """
-    data: list[bytes] = []
-    lines = _lines(response, model)
+
+    def too_large() -> UpstreamError:
+        return UpstreamError(
+            f"model {model!r}: the provider streamed an event larger than the gateway accepts"
+        )
+
+    events = read_events(response.aiter_raw(), max_event_bytes=MAX_EVENT_BYTES, too_large=too_large)
     try:
-        async for line in lines:
-            if line.startswith(b"data:"):
-                data.append(line[5:].removeprefix(b" "))
-                continue
-            if line or not data:
-                continue  # comments, `event:`/`id:` fields, keep-alives
-            text, data = b"\n".join(data), []
-            if text.strip() == b"[DONE]":
+        async for event in events:
+            if event.data.strip() == b"[DONE]":
                 return
-            event = _json_object(text)
-            if event is None:
+            chunk = _json_object(event.data)
+            if chunk is None:
                 raise UpstreamError(f"model {model!r}: the provider streamed something that is not JSON")
-            yield event
+            yield chunk
     finally:
-        await lines.aclose()
-    if b"\n".join(data).strip() == b"[DONE]":  # a last event without its closing blank line
-        return
+        await events.aclose()
     raise UpstreamError(f"model {model!r}: the provider ended the stream early")

@@ -147,13 +147,13 @@ async def test_an_abandoned_stream_is_closed_on_the_providers_side(provider: Pro
         await script.closed.wait()
 
 
-async def test_a_stream_line_beyond_the_cap_is_refused_rather_than_buffered(
+async def test_a_stream_event_beyond_the_cap_is_refused_rather_than_buffered(
     provider: Provider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(llm_module, "MAX_LINE_BYTES", 16)
+    monkeypatch.setattr(llm_module, "MAX_EVENT_BYTES", 16)
     llm = provider.script(lambda _: sse(b'data: {"a": "', b"x" * 10, b"x" * 10, end="hang"))
     answer = await llm.send(provider.route(), "chat/completions", {}, stream=True)
-    with pytest.raises(UpstreamError, match="a line larger than the gateway accepts"):
+    with pytest.raises(UpstreamError, match="an event larger than the gateway accepts"):
         await collect(answer)
 
 

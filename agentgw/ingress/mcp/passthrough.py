@@ -10,8 +10,7 @@ so one caller can never ride another caller's session.
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -45,6 +44,7 @@ from agentgw.pipeline import Pipeline
 from agentgw.registry.models import McpServerSpec
 from agentgw.upstream.http import AnswerTooLarge
 from agentgw.upstream.mcp import McpHttpUpstream, UpstreamResponse, forwarded_headers
+from agentgw.upstream.sse import EventTooLarge, SseSplitter, encode_event, parse_events
 
 __all__ = ["PassThrough", "header_map"]
 
@@ -61,9 +61,6 @@ def header_map(scope: Scope) -> dict[str, str]:
     for name, value in scope["headers"]:
         out.setdefault(name.decode("latin-1"), value.decode("latin-1"))
     return out
-
-
-_SSE_EVENT_SPLIT = re.compile(rb"\r?\n\r?\n")
 
 
 def _narrow(result: Any, kind: str, allowed: set[str], server: str, modern: bool) -> Any:
@@ -340,15 +337,11 @@ async def _refused(response: UpstreamResponse, server: str) -> NoReturn:
 def _messages(body: bytes, content_type: str) -> list[Any]:
     if content_type.startswith("text/event-stream"):
         out = []
-        for event in _SSE_EVENT_SPLIT.split(body):
-            data = b"\n".join(
-                line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")
-            )
-            if data:
-                try:
-                    out.append(orjson.loads(data))
-                except orjson.JSONDecodeError:
-                    continue
+        for event in parse_events(body):
+            try:
+                out.append(orjson.loads(event.data))
+            except orjson.JSONDecodeError:
+                continue
         return out
     try:
         return [orjson.loads(body)]
@@ -363,21 +356,30 @@ def _rewrite(listing: _Listing, allowed: set[str], server: str) -> bytes:
         message = orjson.loads(listing.body)
         message["result"] = _narrow(message["result"], listing.kind, allowed, server, listing.modern)
         return orjson.dumps(message)
+    splitter = SseSplitter(max(len(listing.body), 1))  # read whole already, so already bounded
+    raws = splitter.feed(listing.body)
+    last = splitter.end()
+    if last is not None:
+        raws.append(last + b"\n\n")
     events = []
-    for event in _SSE_EVENT_SPLIT.split(listing.body):
-        lines = event.splitlines()
-        data = b"\n".join(line[5:].lstrip(b" ") for line in lines if line.startswith(b"data:"))
+    for raw in raws:
+        event = splitter.parse(raw)
         try:
-            message = orjson.loads(data) if data else None
+            message = orjson.loads(event.data) if event is not None else None
         except orjson.JSONDecodeError:
             message = None
-        if isinstance(message, dict) and "result" in message:
-            message["result"] = _narrow(message["result"], listing.kind, allowed, server, listing.modern)
-            lines = [line for line in lines if not line.startswith(b"data:")]
-            lines.append(b"data: " + orjson.dumps(message))
-        if lines:
-            events.append(b"\n".join(lines))
-    return b"\n\n".join(events) + b"\n\n"
+        if not (isinstance(message, dict) and "result" in message):
+            events.append(raw)  # passed on as the upstream wrote it
+            continue
+        message["result"] = _narrow(message["result"], listing.kind, allowed, server, listing.modern)
+        # The event's other fields (id, event) stay, in their order; its data is the narrowed listing.
+        kept = [line + b"\n" for line in raw.splitlines() if line and not _is_data(line)]
+        events.append(b"".join(kept) + encode_event(orjson.dumps(message)))
+    return b"".join(events)
+
+
+def _is_data(line: bytes) -> bool:
+    return line.startswith(b"data:") or line == b"data"
 
 
 async def _send_whole(send: Send, listing: _Listing) -> None:
@@ -423,10 +425,6 @@ class _Relayed(StreamingResponse):
                 await self._upstream.aclose()
 
 
-# Where an SSE event ends (a blank line; SSE allows `\n`, `\r\n` and `\r` line ends).
-_SSE_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-
-
 class _SseAnswer:
     """An SSE answer to one request, relayed whole events at a time as they arrive.
 
@@ -448,30 +446,28 @@ class _SseAnswer:
         self._resumable = False
         self._outcome: tuple[str, str | None] | None = None
         self._finished = False
+        self._splitter = SseSplitter(response.max_answer_bytes)
         self.body = self._events()
 
-    def _watch(self, events: bytes) -> None:
-        for event in _SSE_EVENT_END.split(events):
-            data = []
-            for line in event.splitlines():
-                if line.startswith(b"data:"):
-                    data.append(line[5:].removeprefix(b" "))
-                elif line.startswith(b"id:") and line[3:].strip():
-                    self._resumable = True
-            joined = b"\n".join(data)
-            if b'"result"' not in joined and b'"error"' not in joined:
-                continue  # notifications and requests of the upstream's own
-            try:
-                message = orjson.loads(joined)
-            except orjson.JSONDecodeError:
-                continue
-            if (
-                isinstance(message, dict)
-                and message.get("id") == self._request_id
-                and ("result" in message or "error" in message)
-            ):
-                self._answered = True
-                return
+    def _watch(self, event: bytes) -> None:
+        parsed = self._splitter.parse(event)
+        if self._splitter.last_event_id:
+            self._resumable = True
+        if parsed is None:
+            return
+        data = parsed.data
+        if b'"result"' not in data and b'"error"' not in data:
+            return  # notifications and requests of the upstream's own
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if (
+            isinstance(message, dict)
+            and message.get("id") == self._request_id
+            and ("result" in message or "error" in message)
+        ):
+            self._answered = True
 
     def _cut(self, exc: UpstreamError) -> bytes | None:
         """The outcome of a stream that ended at `exc`, and the error event to end it with, if any."""
@@ -484,45 +480,43 @@ class _SseAnswer:
             return None
         self._outcome = (exc.reason, exc.message)
         log.warning("%s", exc.message)
-        return b"data: " + error_body(self._request_id, exc.jsonrpc_code, exc.message) + b"\n\n"
+        return encode_event(error_body(self._request_id, exc.jsonrpc_code, exc.message))
 
     async def _events(self) -> AsyncGenerator[bytes, None]:
         response = self.response
-        cap = response.max_answer_bytes
-        too_large = (
-            f"upstream {self._server!r} sent an event of more than {cap} bytes, more than the gateway relays"
-        )
-        pending = bytearray()
+        splitter = self._splitter
         try:
-            async for chunk in response.aiter_raw():
-                # Only the new bytes (and the 3 before them, a split blank line) are searched: an event
-                # arriving in many chunks is not scanned again from its start each time.
-                since = max(len(pending) - 3, 0)
-                pending += chunk
-                end = 0
-                for match in _SSE_EVENT_END.finditer(pending, since):
-                    end = match.end()
-                if end:
-                    events = bytes(pending[:end])
-                    del pending[:end]
-                    # Rarely more than the cap at once: then one by one, up to one that is too large.
-                    for block in (events,) if len(events) <= cap else _one_by_one(events, cap, too_large):
-                        if not self._answered:
-                            self._watch(block)
-                        yield block
-                if len(pending) > cap:
-                    raise AnswerTooLarge(too_large)
-            if pending.strip():
+            try:
+                async for chunk in response.aiter_raw():
+                    events = splitter.feed(chunk)
+                    if not events:
+                        continue
+                    if not self._answered:
+                        for event in events:
+                            self._watch(event)
+                    # Relayed as the upstream wrote them, all that this chunk completed in one write.
+                    yield events[0] if len(events) == 1 else b"".join(events)
+                last = splitter.end()
+            except EventTooLarge:
+                cap = response.max_answer_bytes
+                raise AnswerTooLarge(
+                    f"upstream {self._server!r} sent an event of more than {cap} bytes, "
+                    "more than the gateway relays"
+                ) from None
+            if last is not None:
                 # A last event without its blank line: the stream ended, so it is complete; ended here
                 # so that nothing the gateway adds joins it.
-                self._watch(bytes(pending))
-                yield bytes(pending) + b"\n\n"
+                if not self._answered:
+                    self._watch(last)
+                yield last + b"\n\n"
         except UpstreamError as exc:
-            last = self._cut(exc)
+            last_event = self._cut(exc)
         else:
-            last = self._cut(UpstreamError(f"upstream {self._server!r} ended its stream before answering"))
-        if last is not None:
-            yield last
+            last_event = self._cut(
+                UpstreamError(f"upstream {self._server!r} ended its stream before answering")
+            )
+        if last_event is not None:
+            yield last_event
 
     async def finish(self) -> None:
         """Close the upstream's answer and settle the reply once; never raises."""
@@ -540,13 +534,6 @@ class _SseAnswer:
                 await self._reply.settle(self._call.estimate, status, detail)
             except Exception:
                 log.exception("settling an MCP stream failed")
-
-
-def _one_by_one(events: bytes, cap: int, too_large: str) -> Iterator[bytes]:
-    for event in _SSE_EVENT_END.split(events)[:-1]:
-        if len(event) > cap:
-            raise AnswerTooLarge(too_large)
-        yield event + b"\n\n"
 
 
 class _SseAnswerResponse(StreamingResponse):
