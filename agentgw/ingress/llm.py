@@ -46,9 +46,9 @@ from agentgw.errors import (
 from agentgw.ingress.body import read_body
 from agentgw.pipeline import Pipeline
 from agentgw.registry.llm import MODEL_NAME_PATTERN, LlmRoute, LlmRouteError, LlmRoutes, LlmRouteSpec
-from agentgw.registry.secrets import Secrets
 from agentgw.upstream.http import DEFAULT_LIMITS, HttpClient, Limits, UpstreamState
 from agentgw.upstream.llm import LlmAnswer, LlmProvider, OpenAICompatible, Operation
+from agentgw.upstream.sse import encode_event
 
 __all__ = [
     "ENDPOINT",
@@ -293,16 +293,16 @@ class _Relay:
             async for chunk in self.answer.events:
                 out = self._rewrite(chunk)
                 if out is not None:
-                    yield b"data: " + orjson.dumps(out) + b"\n\n"
+                    yield encode_event(orjson.dumps(out))
         except GatewayError as exc:
             self.failure = exc.reason
             log.warning("LLM stream from route %s ended badly: %s", self.route.name, exc.message)
-            yield b"data: " + orjson.dumps(error_body(exc)) + b"\n\n"
+            yield encode_event(orjson.dumps(error_body(exc)))
             return
         if self.client_wants_usage and self.reported is None:
-            yield b"data: " + orjson.dumps(self._usage_chunk()) + b"\n\n"
+            yield encode_event(orjson.dumps(self._usage_chunk()))
         self.completed = self.failure is None
-        yield b"data: [DONE]\n\n"
+        yield encode_event(b"[DONE]")
 
     async def finish(self) -> None:
         """Release the provider's connection and settle the reply; idempotent, never raises."""
@@ -366,17 +366,16 @@ class LlmIngress:
         pipeline: Pipeline,
         *,
         max_body_bytes: int,
-        secrets: Secrets | None = None,
         limits: Limits = DEFAULT_LIMITS,
     ) -> LlmIngress:
         """The ingress for `specs`, with one pooled client per provider kind (`limits`, under each
-        route's own).
+        route's own). The routes' credentials are the credentials stage's (`token_upstreams`).
 
         Raises:
-            ConfigError: a route's secret is missing or unreadable.
+            ConfigError: the routes contradict each other.
         """
         try:
-            routes = LlmRoutes.load(specs, secrets or Secrets({}))
+            routes = LlmRoutes.load(specs)
         except LlmRouteError as exc:
             raise ConfigError(str(exc)) from exc
         provider = OpenAICompatible(HttpClient(limits=limits))
@@ -538,17 +537,25 @@ class LlmIngress:
         failure: UpstreamError | None = None
         sent = False
         for route in chain:
+            if route.name != call.upstream:
+                # A fallback: the credentials stage moves the call to it, with its own credential.
+                if call.switch_upstream is None:
+                    call.upstream, call.upstream_authorization = route.name, None
+                else:
+                    await call.switch_upstream(route.name)
             provider = self._providers[route.spec.provider]
             try:
-                answer = await provider.send(route, operation, body, stream=stream)
+                answer = await provider.send(
+                    route, operation, body, stream=stream, authorization=call.upstream_authorization
+                )
             except UpstreamError as exc:
                 log.warning("LLM route %s failed (%s): %s", route.name, exc.reason, exc.message)
                 failure = exc
                 sent = sent or exc.maybe_sent
                 continue
-            call.upstream = route.name
             return self._reply(answer, route, model, operation, prompt_estimate, wants_usage)
         assert failure is not None
+        call.upstream = model  # a call no route served is recorded under the model it asked for
         if len(chain) > 1:
             failure = type(failure)(f"{failure.message} (and every fallback failed)", headers=failure.headers)
         # A fallback that could not connect does not make an earlier provider's attempt unsent.
