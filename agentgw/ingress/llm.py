@@ -27,12 +27,10 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequen
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-import anyio
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import Receive, Scope, Send
 
 from agentgw.call import Call, Reply, Usage, checked_run_id
 from agentgw.errors import (
@@ -44,6 +42,7 @@ from agentgw.errors import (
     UpstreamError,
 )
 from agentgw.ingress.body import read_body
+from agentgw.ingress.relay import RelayResponse
 from agentgw.pipeline import Pipeline
 from agentgw.registry.llm import MODEL_NAME_PATTERN, LlmRoute, LlmRouteError, LlmRoutes, LlmRouteSpec
 from agentgw.upstream.http import DEFAULT_LIMITS, HttpClient, Limits, UpstreamState
@@ -322,21 +321,6 @@ class _Relay:
                 log.exception("settling an LLM stream's usage failed")
 
 
-class _RelayResponse(StreamingResponse):
-    """A streamed answer whose relay is finished however the response ends (done, broken, abandoned)."""
-
-    def __init__(self, relay: _Relay, headers: Mapping[str, str]) -> None:
-        super().__init__(relay.body, media_type="text/event-stream", headers=headers)
-        self._relay = relay
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._relay.finish()
-
-
 # --- the ingress ----------------------------------------------------------------------------------------
 
 
@@ -598,7 +582,12 @@ class LlmIngress:
         headers = {"x-request-id": call.request_id}
         payload = reply.payload
         if isinstance(payload, _Relay):
-            return _RelayResponse(payload, headers | payload.answer.headers | {"cache-control": "no-cache"})
+            return RelayResponse(
+                payload.body,
+                payload.finish,
+                headers=headers | payload.answer.headers | {"cache-control": "no-cache"},
+                media_type="text/event-stream",
+            )
         if isinstance(payload, _Json):
             return Response(
                 orjson.dumps(payload.body),

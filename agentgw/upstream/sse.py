@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncGenerator, AsyncIterable, Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = [
     "EventTooLarge",
@@ -39,9 +39,9 @@ __all__ = [
     "read_events",
 ]
 
-# Two line ends in a row: the end of an event. The first end is atomic, so the CR of a CRLF is
-# never taken as a line end of its own (which would make `a\r\nb` look like a blank line).
-_EVENT_END = re.compile(rb"(?>\r\n|\r|\n)(?:\r\n|\r|\n)")
+# Two line ends in a row: the end of an event. A CR counts as a line end of its own only when no LF
+# follows it, so that the CR of a CRLF never makes `a\r\nb` look like a blank line.
+_EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r)")
 # A search resumed after more bytes arrived starts this far back: a blank line split across chunks
 # (`\r\n` | `\r\n`) is at most 3 bytes before the new ones.
 _OVERLAP = 3
@@ -53,9 +53,8 @@ class EventTooLarge(ValueError):
     """One event is larger than the reader's cap (the caller maps it to its protocol's error)."""
 
 
-@dataclass(frozen=True, slots=True)
-class SseEvent:
-    """One dispatched event.
+class SseEvent(NamedTuple):
+    """One dispatched event (a tuple: made for every event of every stream, so made cheaply).
 
     Attributes:
         data: the `data` lines joined with LF (bytes: it is JSON for every consumer).
@@ -79,11 +78,12 @@ class SseSplitter:
             without bound.
     """
 
-    __slots__ = ("_first", "_max", "_pending", "last_event_id")
+    __slots__ = ("_cr", "_first", "_max", "_pending", "last_event_id")
 
     def __init__(self, max_event_bytes: int) -> None:
         self._max = max_event_bytes
         self._pending = bytearray()  # grown in place: an event in many small chunks is not copied each time
+        self._cr = False  # a CR seen: from then on, line ends need the regular expression
         self._first = True  # the BOM rule applies to the stream's first line only
         self.last_event_id = ""
 
@@ -95,17 +95,36 @@ class SseSplitter:
             EventTooLarge: an event, finished or not, is larger than `max_event_bytes`.
         """
         pending = self._pending
-        since = max(len(pending) - _OVERLAP, 0)
-        pending += chunk
+        buffer: bytes | bytearray
+        if pending:
+            since = max(len(pending) - _OVERLAP, 0)
+            pending += chunk
+            buffer = pending
+        else:
+            # Nothing unfinished (the usual case): the chunk is searched and cut as it is, uncopied.
+            since, buffer = 0, chunk
+        if not self._cr and b"\r" in chunk:
+            self._cr = True
         events: list[bytes] = []
         start = 0
-        for match in _EVENT_END.finditer(pending, since):
-            end = match.end()
+        if self._cr:
+            ends = [match.end() for match in _EVENT_END.finditer(buffer, since)]
+        else:
+            # LF only so far (most streams): a blank line is `\n\n`, found without the regex engine.
+            ends = []
+            at = buffer.find(b"\n\n", since)
+            while at >= 0:
+                ends.append(at + 2)
+                at = buffer.find(b"\n\n", at + 2)
+        for end in ends:
             if end - start > self._max:
                 break  # refused below, once the events before it are out
-            events.append(bytes(pending[start:end]))
+            events.append(bytes(buffer[start:end]))
             start = end
-        if start:
+        if buffer is chunk:
+            if start < len(chunk):
+                pending += chunk[start:]
+        elif start:
             del pending[:start]
         if len(pending) > self._max and not events:
             # With events to return first, the next `feed` or `end` refuses: the stream goes no further.

@@ -144,3 +144,9 @@ def test_events_before_an_oversize_one_come_out_first() -> None:
         splitter.feed(b"data: b\n\n")
     with pytest.raises(EventTooLarge):
         splitter.end()
+
+
+async def test_a_stream_that_turns_to_cr_midway_is_still_cut_right() -> None:
+    stream = b"data: a\n\ndata: b\n\ndata: c\r\rdata: d\n\r\ndata: e\r\n\n"
+    for parts in _every_split(stream):
+        assert [e.data for e in await _read(*parts)] == [b"a", b"b", b"c", b"d", b"e"], parts

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import anyio
 import orjson
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from agentgw.call import Call, Principal, Reply
@@ -40,6 +40,7 @@ from agentgw.ingress.mcp.messages import (
 )
 from agentgw.ingress.mcp.rendering import jsonrpc_error_response, run_id_of
 from agentgw.ingress.mcp.sessions import SessionStore
+from agentgw.ingress.relay import RelayResponse
 from agentgw.pipeline import Pipeline
 from agentgw.registry.models import McpServerSpec
 from agentgw.upstream.http import AnswerTooLarge
@@ -251,7 +252,7 @@ class PassThrough:
                 payload.body = _rewrite(payload, set(reply.listing or ()), spec.name)
             return payload
         if isinstance(payload, _SseAnswer):
-            return _SseAnswerResponse(payload)
+            return RelayResponse(payload.body, payload.finish, headers=_response_headers(payload.response))
         assert isinstance(payload, UpstreamResponse)
         return _stream(payload)
 
@@ -406,23 +407,9 @@ def _stream(response: UpstreamResponse) -> Response:
         except UpstreamError:
             log.warning("upstream stream broke off", extra={"url": response.url})
 
-    return _Relayed(body(), response)
-
-
-class _Relayed(StreamingResponse):
-    """An upstream answer relayed as it is, closed however the response ends (a failed send to a
-    departed client included, where a background task would not run)."""
-
-    def __init__(self, content: AsyncIterator[bytes], response: UpstreamResponse) -> None:
-        super().__init__(content, status_code=response.status_code, headers=_response_headers(response))
-        self._upstream = response
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._upstream.aclose()
+    return RelayResponse(
+        body(), response.aclose, status_code=response.status_code, headers=_response_headers(response)
+    )
 
 
 class _SseAnswer:
@@ -534,17 +521,3 @@ class _SseAnswer:
                 await self._reply.settle(self._call.estimate, status, detail)
             except Exception:
                 log.exception("settling an MCP stream failed")
-
-
-class _SseAnswerResponse(StreamingResponse):
-    """A relayed SSE answer that is finished (closed, settled) however the response ends."""
-
-    def __init__(self, answer: _SseAnswer) -> None:
-        super().__init__(answer.body, headers=_response_headers(answer.response))
-        self._answer = answer
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._answer.finish()
