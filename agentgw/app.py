@@ -69,7 +69,8 @@ __all__ = ["DirectRoutes", "Gateway", "GatewayApp", "create_app"]
 
 log = logging.getLogger(__name__)
 
-REGISTRY_POLL_S = 2.0
+# As for the policy (filters/authorize.py DB_POLL_S): one version row read per look.
+REGISTRY_POLL_S = 0.5
 # A budget counter key no rule makes: reading it reaches the store and finds nothing.
 READY_PROBE_KEY = "agentgw:readyz"
 

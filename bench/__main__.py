@@ -1,4 +1,4 @@
-"""`python -m bench {load,upstream,floor,compare,stores}`."""
+"""`python -m bench {load,upstream,floor,compare,stores,cluster}`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import compare, floor, load, stores, upstream
+from bench import cluster, compare, floor, load, stores, upstream
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,6 +24,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     compare.add_arguments(cmp)
     store = sub.add_parser("stores", help="the shared stores under load and under faults (no gateway)")
     stores.add_arguments(store)
+    nodes = sub.add_parser("cluster", help="direct, one node, three nodes behind nginx (PostgreSQL, Redis)")
+    cluster.add_arguments(nodes)
     args = parser.parse_args(argv)
     if args.command == "load":
         return load.main(args)
@@ -35,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "stores":
         return stores.main(args)
+    if args.command == "cluster":
+        return cluster.main(args)
     return compare.main(args)
 
 

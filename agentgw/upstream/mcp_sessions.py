@@ -222,7 +222,12 @@ class _ModernPost:
         """
         params = dict(params) if params else {}
         meta = params.get("_meta")
-        params["_meta"] = _strip_era_meta(meta) | self._envelope if isinstance(meta, dict) else self._envelope
+        envelope = self._envelope
+        if isinstance(meta, dict) and isinstance(meta.get(CLIENT_CAPABILITIES_META_KEY), dict):
+            # A 2026-07-28 client answers input requests itself: the upstream may ask only for what that
+            # client declared, not for what the gateway could relay to a handshake-era client.
+            envelope = envelope | {CLIENT_CAPABILITIES_META_KEY: meta[CLIENT_CAPABILITIES_META_KEY]}
+        params["_meta"] = _strip_era_meta(meta) | envelope if isinstance(meta, dict) else envelope
         headers = self._headers | {"mcp-method": method}
         name_key = NAME_BEARING_METHODS.get(method)
         name = params.get(name_key) if name_key is not None else None
@@ -348,7 +353,7 @@ class _ModernPost:
             text, code = error.get("message"), error.get("code")
             raise UpstreamError(
                 text if isinstance(text, str) else f"{self._who} failed",
-                data={"code": code} if isinstance(code, int) else None,
+                data=_error_data(code, error.get("data")),
             )
         result = message.get("result")
         if not isinstance(result, dict):
@@ -724,11 +729,19 @@ class UpstreamSessions:
                 # have run upstream before the connection closed.
                 conn.mark_dead()
                 raise UpstreamError(f"upstream {server!r} closed the connection") from exc
-            raise UpstreamError(exc.error.message, data={"code": exc.error.code}) from exc
+            raise UpstreamError(exc.error.message, data=_error_data(exc.error.code, exc.error.data)) from exc
         except GatewayError:
             raise
         except Exception as exc:
             raise UpstreamError(f"upstream {server!r} failed: {type(exc).__name__}") from exc
+
+
+def _error_data(code: Any, data: Any) -> dict[str, Any] | None:
+    """An upstream's JSON-RPC error as `UpstreamError.data`: its code, and its data for the bridge to
+    relay (a `resources/read` error names the URI it did not find, say)."""
+    if not isinstance(code, int):
+        return None
+    return {"code": code} if data is None else {"code": code, "data": data}
 
 
 def _strip_era(params: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -562,7 +562,14 @@ class Bridge:
                 params["ref"] = target
             return Reply(payload=await self._forward(ctx, request, server, method, params))
 
-        reply = await self._run(call, terminal)
+        try:
+            reply = await self._run(call, terminal)
+        except MCPError as exc:
+            data = exc.error.data
+            if kind == "resources" and isinstance(data, dict) and "uri" in data and isinstance(exposed, str):
+                # The client asked for the URI it was shown, not the upstream's (they differ under a prefix).
+                exc.error.data = {**data, "uri": exposed}
+            raise
         payload: dict[str, Any] = reply.payload
         if method == "resources/read" and route is not None and endpoint.prefix:
             payload = self._expose_contents(server, payload)
@@ -707,9 +714,11 @@ class Bridge:
         try:
             return await self._pipeline.run(call, terminal)
         except UpstreamError as exc:
+            # The upstream's own error, code and data, as the client would have had it directly.
             code = exc.data.get("code") if isinstance(exc.data, dict) else None
+            data = exc.data.get("data") if isinstance(exc.data, dict) else None
             raise MCPError(
-                code=code if isinstance(code, int) else exc.jsonrpc_code, message=exc.message
+                code=code if isinstance(code, int) else exc.jsonrpc_code, message=exc.message, data=data
             ) from exc
         except GatewayError as exc:
             raise MCPError(code=exc.jsonrpc_code, message=exc.message, data=exc.data) from exc

@@ -1,0 +1,191 @@
+"""Scenarios on three nodes behind nginx: budgets exact across nodes, legacy sessions that hop nodes,
+policy edits seen by every node, and a node killed under load."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from bench.cluster import Cluster, Node
+from tests.cluster.conftest import bearer
+from tests.support.mcp import META, modern_headers
+
+BUDGET = 12
+LEGACY = "2025-11-25"
+HEADERS = {"accept": "application/json, text/event-stream", "mcp-protocol-version": LEGACY}
+
+
+@pytest.fixture(scope="module")
+def cluster_extra() -> dict[str, Any]:
+    return {
+        "budgets": {
+            # Only the budget test's runs: the other tests make more calls than that in one run.
+            "rules": [{"name": "cluster-run", "per": "run", "match": "budget-*", "calls": BUDGET}],
+        }
+    }
+
+
+def tool_call(name: str, arguments: dict[str, Any], call_id: int = 1) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "id": call_id,
+        "method": "tools/call",
+        "params": {"name": name, "arguments": arguments, "_meta": META},
+    }
+
+
+async def test_a_run_budget_admits_exactly_its_calls_over_every_node(cluster: Cluster) -> None:
+    run = f"budget-{uuid.uuid4().hex}"
+    headers = modern_headers("tools/call", "echo") | {"agent-run-id": run}
+    httpx.post(f"{cluster.upstream}/_fixture/reset", timeout=10).raise_for_status()
+    # No keep-alive towards nginx: each call is a new connection, spread round robin.
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+
+        async def one(i: int) -> httpx.Response:
+            body = tool_call("echo", {"text": f"{run}-{i}"}, i)
+            return await client.post(cluster.mcp("up"), json=body, headers=headers)
+
+        answers = await asyncio.gather(*(one(i) for i in range(3 * BUDGET)))
+    admitted = [a for a in answers if a.status_code == 200 and "result" in a.json()]
+    refused = [a for a in answers if a not in admitted]
+    assert len(admitted) == BUDGET, [a.text for a in refused][:3]
+    assert all(a.json()["error"]["code"] == -32029 for a in refused), refused[0].text
+    assert len({a.headers["x-node"] for a in answers}) == len(cluster.nodes)
+    received = httpx.get(f"{cluster.upstream}/_fixture/received", timeout=10).json()
+    assert len([r for r in received if r["method"] == "tools/call"]) == BUDGET
+
+
+def test_a_legacy_session_continues_on_whichever_node_takes_each_request(cluster: Cluster) -> None:
+    nodes: set[str] = set()
+    with httpx.Client(timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        init = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": LEGACY,
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "1"},
+            },
+        }
+        started = client.post(cluster.mcp("up"), json=init, headers=HEADERS)
+        assert started.status_code == 200, started.text
+        nodes.add(started.headers["x-node"])
+        headers = HEADERS | {"mcp-session-id": started.headers["mcp-session-id"]}
+        note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+        assert client.post(cluster.mcp("up"), json=note, headers=headers).status_code == 202
+        for i in range(2, 8):
+            body = {
+                "jsonrpc": "2.0",
+                "id": i,
+                "method": "tools/call",
+                "params": {"name": "echo", "arguments": {"text": f"hop{i}"}},
+            }
+            answer = client.post(cluster.mcp("up"), json=body, headers=headers)
+            assert answer.status_code == 200 and f"hop{i}" in answer.text, answer.text
+            nodes.add(answer.headers["x-node"])
+    assert len(nodes) == len(cluster.nodes)
+
+
+def test_a_policy_edit_on_one_node_is_enforced_by_every_node(cluster: Cluster) -> None:
+    admin = bearer(cluster, "ops", "/admin")
+    rule = {"rule": "p, anonymous, mcp:up/echo, *, deny"}
+    edited = httpx.post(f"{cluster.nodes[0].url}/admin/policies/rules", json=rule, headers=admin, timeout=10)
+    assert edited.status_code in (200, 201), edited.text
+    started = time.monotonic()
+    pending = {node.name for node in cluster.nodes}
+
+    def denied(node: Node) -> bool:
+        body = tool_call("echo", {"text": "x"})
+        answer = httpx.post(
+            f"{node.url}/mcp/up", json=body, headers=modern_headers("tools/call", "echo"), timeout=10
+        )
+        return bool(answer.json().get("error", {}).get("code") == -32003)
+
+    seen: dict[str, float] = {}
+    try:
+        while pending and time.monotonic() - started < 10:
+            for node in cluster.nodes:
+                if node.name not in pending:
+                    continue
+                if denied(node):
+                    pending.discard(node.name)
+                    seen[node.name] = time.monotonic() - started
+            time.sleep(0.05)
+        print("policy edit enforced after (s):", {k: round(v, 2) for k, v in seen.items()})
+        assert not pending, f"nodes still allowing after 10 s: {pending}"
+        # Each node reads the policy version twice a second, so about a second covers every node; the
+        # bound leaves room for a loaded CI machine, the printed times show the real spread.
+        assert max(seen.values()) < 3.0, seen
+    finally:
+        httpx.post(
+            f"{cluster.nodes[0].url}/admin/policies/rules/delete", json=rule, headers=admin, timeout=10
+        )
+
+
+async def test_a_node_killed_under_load_loses_only_its_calls_in_flight(cluster: Cluster) -> None:
+    httpx.post(f"{cluster.upstream}/_fixture/reset", timeout=10).raise_for_status()
+    run = uuid.uuid4().hex
+    victim = cluster.nodes[1]
+    headers = modern_headers("tools/call", "echo") | {"agent-run-id": run}
+    calls, concurrency = 120, 8
+    answers: list[httpx.Response | Exception] = []
+    done = asyncio.Event()
+
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def worker(first: int) -> None:
+            for i in range(first, calls, concurrency):
+                try:
+                    body = tool_call("echo", {"text": f"{run}-{i}"}, i)
+                    answers.append(await client.post(cluster.mcp("up"), json=body, headers=headers))
+                except httpx.TransportError as exc:
+                    answers.append(exc)
+                if len(answers) >= calls // 4:
+                    done.set()
+
+        load = asyncio.gather(*(worker(k) for k in range(concurrency)))
+        await done.wait()
+        cluster.kill(victim)
+        await load
+
+    failed = [
+        a for a in answers if isinstance(a, Exception) or a.status_code != 200 or "result" not in a.json()
+    ]
+    # Only calls in flight on the dead node may fail: at most one per client connection.
+    assert len(failed) <= concurrency, [a if isinstance(a, Exception) else a.text for a in failed][:3]
+    assert len(answers) - len(failed) >= calls - concurrency
+
+    # Every call the upstream received was decided and recorded first, the dead node's included.
+    received = httpx.get(f"{cluster.upstream}/_fixture/received", timeout=10).json()
+    forwarded = len([r for r in received if r["method"] == "tools/call"])
+    auditor = bearer(cluster, "ops", "/admin")
+    records = httpx.get(
+        f"{cluster.nodes[0].url}/admin/audit/records",
+        params={"run_id": run, "decision": "allowed", "event": "decision", "limit": 1000},
+        headers=auditor,
+        timeout=30,
+    )
+    assert records.status_code == 200, records.text
+    assert len(records.json()["records"]) >= forwarded > 0
+
+    # The chains of all nodes, the dead one's included, verify.
+    verified = httpx.get(f"{cluster.nodes[0].url}/admin/audit/verify", headers=auditor, timeout=60)
+    assert verified.status_code == 200 and verified.json()["ok"] is True, verified.text
+
+    # Restarted, the node takes its share again.
+    cluster.start(victim)
+    with httpx.Client(timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        nodes = {
+            client.post(cluster.mcp("up"), json=tool_call("echo", {"text": "back"}), headers=headers).headers[
+                "x-node"
+            ]
+            for _ in range(6)
+        }
+    assert f"127.0.0.1:{victim.port}" in nodes
