@@ -156,6 +156,10 @@ class Call:
     public: bool = False
     credential_mode: str | None = None
     upstream_actors: tuple[str, ...] = ()
+    # Set by the credentials stage for an ingress that may try other upstreams in turn (an LLM
+    # route's fallbacks): moves the call to the named upstream, with a credential obtained for it the
+    # same way as for the first, so that no ingress or upstream client obtains one itself.
+    switch_upstream: Callable[[str], Awaitable[None]] | None = field(default=None, repr=False, compare=False)
     estimate: Usage = field(default_factory=Usage)
     # The policy rule that decided, for audit (`None` when no rule was consulted).
     decided_by: str | None = None

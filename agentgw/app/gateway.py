@@ -31,6 +31,7 @@ from agentgw.ingress.mcp.sessions import MemorySessionStore, RedisSessionStore, 
 from agentgw.metrics import Known, Metrics, State
 from agentgw.oauth.server import oauth_router
 from agentgw.pipeline import Pipeline, ordered
+from agentgw.registry.llm import token_upstreams as llm_token_upstreams
 from agentgw.registry.store import RegistryStore
 from agentgw.settings import Settings
 from agentgw.storage import create_db, ensure_private_dir, in_thread, make_engine, select_one
@@ -103,16 +104,18 @@ def build_gateway(settings: Settings) -> Gateway:
     authenticate = identity.authenticate
     # A2A agents' credentials are served by the same stage as MCP upstreams'.
     a2a_tokens = {a.name: a.credentialed() for a in settings.a2a_agents if a.enabled}
+    llm_tokens = llm_token_upstreams(settings.llm_routes)  # and so are LLM routes' credentials
     credentials = Credentials(
         registry.server,
         agents=a2a_tokens.get,
+        models=llm_tokens.get,
         builtin=_builtin_token_service(settings, identity),
         secrets=admission.secrets,
     )
     # A missing secret of the config file's upstreams stops start-up: the file is wrong. One of a server
     # added through the admin API fails that server's calls only (and says so in the log and status).
     owned = [s for s in registry.servers() if registry.owner(s.name) == "config"]
-    credentials.prepare([*owned, *a2a_tokens.values()])
+    credentials.prepare([*owned, *a2a_tokens.values(), *llm_tokens.values()])
     for spec in registry.servers():
         if registry.owner(spec.name) != "config" and (problem := admission.problem(spec, from_config=False)):
             log.error("registry: server %s is failing: %s", spec.name, problem)
@@ -174,7 +177,6 @@ def build_gateway(settings: Settings) -> Gateway:
         settings.llm_routes,
         pipeline,
         max_body_bytes=settings.max_body_bytes,
-        secrets=admission.secrets,
         limits=limits,
     )
     a2a = A2aIngress.build(

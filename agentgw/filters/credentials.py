@@ -1,8 +1,9 @@
 """Credentials stage: the upstream gets a credential meant for it, never the caller's token.
 
 Each MCP upstream names a credential mode in the registry (`McpServerSpec.credential`), served by one
-`CredentialSource` per upstream; an A2A agent is served the same way (`A2aAgentSpec.credentialed()`,
-named `a2a:<agent>` here so it never meets an MCP server's name):
+`CredentialSource` per upstream; an A2A agent and an LLM route with a credential are served the same
+way (`A2aAgentSpec.credentialed()`, `LlmRouteSpec.token_upstream()`, named `a2a:<agent>` and
+`llm:<route>` here so they never meet an MCP server's name):
 
     none                no Authorization header
     static              a named secret (declared in the config file, agentgw/registry/secrets.py), read once;
@@ -18,6 +19,9 @@ with `CredentialError` (the audit stage records it). Tokens are cached per (call
 upstream, scopes) until shortly before they expire; concurrent first calls for one key share one
 request (single flight). When the upstream answers 401, the terminal raises `UpstreamUnauthorized`:
 this stage drops the token it sent and retries once with a fresh one.
+
+An LLM call may be tried on several routes in turn (fallbacks): `Call.switch_upstream`, set here,
+moves it to the next one with that route's credential, obtained by the same sources and cache.
 
 Bridged upstreams (one SDK session shared by every caller) can only carry the gateway's own identity:
 `session_credential` gives their HTTP client a header source; per-caller modes are served by the
@@ -52,6 +56,7 @@ from agentgw.oauth.exchange import (
     unverified_claims,
 )
 from agentgw.pipeline import CallNext
+from agentgw.records.credentials import GatewayCredential
 from agentgw.registry.a2a import A2aCredential
 from agentgw.registry.models import (
     ClientAuth,
@@ -357,7 +362,7 @@ class _ClientCredentials:
         name: str,
         spec: UpstreamClientCredentials,
         endpoint: TokenEndpoint,
-        resource: str,
+        resource: str | None,
         clock: Callable[[], float],
     ) -> None:
         self._spec = spec
@@ -392,7 +397,7 @@ class _TokenExchange:
         name: str,
         spec: UpstreamTokenExchange,
         endpoint: TokenEndpoint,
-        resource: str,
+        resource: str | None,
         cache: TokenCache,
         clock: Callable[[], float],
     ) -> None:
@@ -464,7 +469,7 @@ class _IdJag:
         spec: UpstreamIdJag,
         idp: TokenEndpoint,
         authorization_server: TokenEndpoint,
-        resource: str,
+        resource: str | None,
         clock: Callable[[], float],
     ) -> None:
         self._name = name
@@ -528,18 +533,6 @@ class CredentialedUpstream(Protocol):
 Lookup: TypeAlias = Callable[[str], CredentialedUpstream | None]
 
 
-class GatewayCredential(Protocol):
-    """The gateway's own credential for one upstream, for an HTTP client shared by every caller."""
-
-    async def authorization(self, *, refresh: bool = False) -> str:
-        """The Authorization header value; `refresh` after the upstream refused the last one.
-
-        Raises:
-            CredentialError: it cannot be obtained.
-        """
-        ...
-
-
 class _SharedCredential:
     def __init__(self, stage: Credentials, spec: McpServerSpec) -> None:
         self._stage = stage
@@ -558,11 +551,11 @@ class _SharedCredential:
 
 
 class Credentials:
-    """The credentials stage: sets `call.upstream_authorization` for MCP upstreams and A2A agents, from
-    their mode.
+    """The credentials stage: sets `call.upstream_authorization` for MCP upstreams, A2A agents and LLM
+    routes, from their mode.
 
-    `servers` finds an MCP upstream's spec by name (the registry), `agents` an A2A agent's; without
-    them no upstream gets a credential. LLM routes hold their own credentials; for them, and for calls whose
+    `servers` finds an MCP upstream's spec by name (the registry), `agents` an A2A agent's, `models` an
+    LLM route's that sends a credential; without them no upstream gets a credential. For calls whose
     upstream has none here, this stage only makes sure nothing of the caller's travels.
     """
 
@@ -571,6 +564,7 @@ class Credentials:
         servers: Lookup = lambda _name: None,
         *,
         agents: Lookup = lambda _name: None,
+        models: Lookup = lambda _name: None,
         builtin: TokenService | None = None,
         http: httpx.AsyncClient | None = None,
         cache: TokenCache | None = None,
@@ -580,6 +574,7 @@ class Credentials:
         self._servers = servers
         self._secrets = secrets or Secrets({})
         self._agents = agents
+        self._models = models
         self._builtin = builtin
         self._http = http  # made on first use: most upstreams need no token service
         self._clock = clock
@@ -662,7 +657,7 @@ class Credentials:
             assert credential.secret is not None  # a static credential names its secret
             secret = _read_secret(self._secrets, credential.secret, label)
             return _Static(secret, credential.header.lower(), credential.scheme)
-        resource = credential.resource or spec.url or ""
+        resource = credential.resource or spec.url  # None: the token request names no resource
         if isinstance(credential, UpstreamClientCredentials):
             endpoint = self._endpoint(credential.token_url, credential.client, credential.timeout_s, label)
             return _ClientCredentials(spec.name, credential, endpoint, resource, self._clock)
@@ -684,18 +679,10 @@ class Credentials:
         call.upstream_actors = issued.actors
         return issued
 
-    async def __call__(self, call: Call, call_next: CallNext) -> Reply:
-        # Defence in depth: whatever an earlier stage did, the caller's credentials never go upstream.
-        call.upstream_authorization = None
-        call.upstream_authorization_header = "authorization"
-        lookup = {"mcp": self._servers, "a2a": self._agents}.get(call.protocol)
-        # A reply from the gateway's own copy needs no upstream credential (so anonymous callers may
-        # read an agent's public card even when the agent's mode is per caller).
-        if not call.reaches_upstream:
-            lookup = None
-        spec = lookup(call.upstream) if lookup is not None else None
-        if spec is None:
-            return await call_next(call)
+    async def _credential(
+        self, call: Call, spec: CredentialedUpstream
+    ) -> tuple[CredentialSource, CacheKey, IssuedCredential] | None:
+        """Set `call`'s credential for `spec`; the source, key and credential, or None for mode none."""
         try:
             source = self.source(spec)
         except CredentialConfigError as exc:
@@ -705,19 +692,49 @@ class Credentials:
             ) from exc
         call.credential_mode = spec.credential.mode
         if source is None:
-            return await call_next(call)
+            return None
         caller = ""
         if source.per_caller:
             caller = caller_key(_subject_token(call.principal, f"upstream {spec.name!r}"))
         key = CacheKey(caller, spec.name, source.scopes(call.resource))
-        issued = await self._issue(call, source, key)
+        return source, key, await self._issue(call, source, key)
+
+    async def __call__(self, call: Call, call_next: CallNext) -> Reply:
+        # Defence in depth: whatever an earlier stage did, the caller's credentials never go upstream.
+        call.upstream_authorization = None
+        call.upstream_authorization_header = "authorization"
+        lookup = {"mcp": self._servers, "a2a": self._agents, "llm": self._models}.get(call.protocol)
+        # A reply from the gateway's own copy needs no upstream credential (so anonymous callers may
+        # read an agent's public card even when the agent's mode is per caller).
+        if not call.reaches_upstream:
+            lookup = None
+        if lookup is None:
+            return await call_next(call)
+        first = call.upstream
+
+        async def switch(upstream: str) -> None:
+            call.upstream = upstream
+            call.upstream_authorization = None
+            call.upstream_authorization_header = "authorization"
+            call.credential_mode = None
+            call.upstream_actors = ()
+            spec = lookup(upstream)
+            if spec is not None:
+                await self._credential(call, spec)
+
+        call.switch_upstream = switch
+        spec = lookup(first)
+        issued = await self._credential(call, spec) if spec is not None else None
+        if issued is None:
+            return await call_next(call)
+        source, key, credential = issued
         try:
             return await call_next(call)
         except UpstreamUnauthorized:
-            if not source.refreshable:
+            if not source.refreshable or call.upstream != first:
                 raise
             # The upstream refused the token (revoked, rotated keys, expired early): one fresh try.
-            log.info("upstream %s refused its credential (401); obtaining a new one", spec.name)
-            self.cache.drop(key, issued)
+            log.info("upstream %s refused its credential (401); obtaining a new one", key.upstream)
+            self.cache.drop(key, credential)
             await self._issue(call, source, key)
             return await call_next(call)

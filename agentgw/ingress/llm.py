@@ -27,12 +27,10 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequen
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-import anyio
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import Receive, Scope, Send
 
 from agentgw.call import RUN_ID_HEADER, Call, Reply, Usage, checked_run_id
 from agentgw.errors import (
@@ -44,11 +42,12 @@ from agentgw.errors import (
     UpstreamError,
 )
 from agentgw.ingress.body import read_body
+from agentgw.ingress.relay import RelayResponse
 from agentgw.pipeline import Pipeline
 from agentgw.registry.llm import MODEL_NAME_PATTERN, LlmRoute, LlmRouteError, LlmRoutes, LlmRouteSpec
-from agentgw.registry.secrets import Secrets
 from agentgw.upstream.http import DEFAULT_LIMITS, HttpClient, Limits, UpstreamState
 from agentgw.upstream.llm import LlmAnswer, LlmProvider, OpenAICompatible, Operation
+from agentgw.upstream.sse import encode_event
 
 __all__ = [
     "ENDPOINT",
@@ -292,16 +291,16 @@ class _Relay:
             async for chunk in self.answer.events:
                 out = self._rewrite(chunk)
                 if out is not None:
-                    yield b"data: " + orjson.dumps(out) + b"\n\n"
+                    yield encode_event(orjson.dumps(out))
         except GatewayError as exc:
             self.failure = exc.reason
             log.warning("LLM stream from route %s ended badly: %s", self.route.name, exc.message)
-            yield b"data: " + orjson.dumps(error_body(exc)) + b"\n\n"
+            yield encode_event(orjson.dumps(error_body(exc)))
             return
         if self.client_wants_usage and self.reported is None:
-            yield b"data: " + orjson.dumps(self._usage_chunk()) + b"\n\n"
+            yield encode_event(orjson.dumps(self._usage_chunk()))
         self.completed = self.failure is None
-        yield b"data: [DONE]\n\n"
+        yield encode_event(b"[DONE]")
 
     async def finish(self) -> None:
         """Release the provider's connection and settle the reply; idempotent, never raises."""
@@ -319,21 +318,6 @@ class _Relay:
                 await self.reply.settle(self.usage(), status)
             except Exception:
                 log.exception("settling an LLM stream's usage failed")
-
-
-class _RelayResponse(StreamingResponse):
-    """A streamed answer whose relay is finished however the response ends (done, broken, abandoned)."""
-
-    def __init__(self, relay: _Relay, headers: Mapping[str, str]) -> None:
-        super().__init__(relay.body, media_type="text/event-stream", headers=headers)
-        self._relay = relay
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._relay.finish()
 
 
 # --- the ingress ----------------------------------------------------------------------------------------
@@ -365,17 +349,16 @@ class LlmIngress:
         pipeline: Pipeline,
         *,
         max_body_bytes: int,
-        secrets: Secrets | None = None,
         limits: Limits = DEFAULT_LIMITS,
     ) -> LlmIngress:
         """The ingress for `specs`, with one pooled client per provider kind (`limits`, under each
-        route's own).
+        route's own). The routes' credentials are the credentials stage's (`token_upstreams`).
 
         Raises:
-            ConfigError: a route's secret is missing or unreadable.
+            ConfigError: the routes contradict each other.
         """
         try:
-            routes = LlmRoutes.load(specs, secrets or Secrets({}))
+            routes = LlmRoutes.load(specs)
         except LlmRouteError as exc:
             raise ConfigError(str(exc)) from exc
         provider = OpenAICompatible(HttpClient(limits=limits))
@@ -537,17 +520,25 @@ class LlmIngress:
         failure: UpstreamError | None = None
         sent = False
         for route in chain:
+            if route.name != call.upstream:
+                # A fallback: the credentials stage moves the call to it, with its own credential.
+                if call.switch_upstream is None:
+                    call.upstream, call.upstream_authorization = route.name, None
+                else:
+                    await call.switch_upstream(route.name)
             provider = self._providers[route.spec.provider]
             try:
-                answer = await provider.send(route, operation, body, stream=stream)
+                answer = await provider.send(
+                    route, operation, body, stream=stream, authorization=call.upstream_authorization
+                )
             except UpstreamError as exc:
                 log.warning("LLM route %s failed (%s): %s", route.name, exc.reason, exc.message)
                 failure = exc
                 sent = sent or exc.maybe_sent
                 continue
-            call.upstream = route.name
             return self._reply(answer, route, model, operation, prompt_estimate, wants_usage)
         assert failure is not None
+        call.upstream = model  # a call no route served is recorded under the model it asked for
         if len(chain) > 1:
             failure = type(failure)(f"{failure.message} (and every fallback failed)", headers=failure.headers)
         # A fallback that could not connect does not make an earlier provider's attempt unsent.
@@ -590,7 +581,12 @@ class LlmIngress:
         headers = {"x-request-id": call.request_id}
         payload = reply.payload
         if isinstance(payload, _Relay):
-            return _RelayResponse(payload, headers | payload.answer.headers | {"cache-control": "no-cache"})
+            return RelayResponse(
+                payload.body,
+                payload.finish,
+                headers=headers | payload.answer.headers | {"cache-control": "no-cache"},
+                media_type="text/event-stream",
+            )
         if isinstance(payload, _Json):
             return Response(
                 orjson.dumps(payload.body),

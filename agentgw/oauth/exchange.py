@@ -32,8 +32,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from agentgw.errors import CredentialError
-from agentgw.registry.llm import Secret
 from agentgw.registry.models import ClientAuth
+from agentgw.registry.secrets import Secret
 
 __all__ = [
     "ACCESS_TOKEN_TYPE",

@@ -7,14 +7,16 @@ Declared in the config file under `llm_routes`:
         base_url: https://api.openai.com/v1 # OpenAI-compatible; requests go to <base_url>/chat/completions
         model: gpt-4o-mini                  # the provider's model id
         credential: {mode: static, secret: openai-key}   # a secret declared under `secrets:`
+                                            # or client_credentials, token_exchange (as for MCP upstreams)
         input_price: 0.15                   # per MILLION input (prompt) tokens
         output_price: 0.60                  # per MILLION output (completion) tokens
         timeout_s: 60                       # wait for the first byte, and at most between stream chunks
         fallbacks: [fast-backup]            # other routes tried, in order, on 5xx, timeout or unreachable
 
-Secrets never live in a spec: a spec names a secret declared in the config file (agentgw/registry/secrets.py),
-and `LlmRoutes` reads it once at start-up into memory (`Secret`, whose repr hides it). So specs may be
-stored, logged and returned by an admin API without leaking anything.
+Secrets never live in a spec: a spec names a secret declared in the config file (agentgw/registry/secrets.py).
+The credentials stage reads it once at start-up and obtains, caches and renews the route's credential
+as it does an MCP upstream's (`LlmRouteSpec.token_upstream`), so specs may be stored, logged and
+returned by an admin API without leaking anything, and every protocol's credentials follow one rule.
 
 Prices are per million tokens, in whatever currency the operator uses throughout (the unit providers
 publish); `LlmRoute.cost` turns token counts into that currency.
@@ -29,8 +31,16 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from agentgw.registry.models import NamedSecret, UpstreamLimits, Url
-from agentgw.registry.secrets import Secret, SecretRefused, Secrets, SecretUnavailable
+from agentgw.registry.models import (
+    ClientAuth,
+    NamedSecret,
+    UpstreamClientCredentials,
+    UpstreamLimits,
+    UpstreamStatic,
+    UpstreamTokenExchange,
+    Url,
+    credential_secrets,
+)
 
 __all__ = [
     "MODEL_NAME_PATTERN",
@@ -40,11 +50,12 @@ __all__ = [
     "LlmRouteList",
     "LlmRouteSpec",
     "LlmRoutes",
+    "LlmTokenUpstream",
     "NoCredential",
-    "Secret",
     "StaticCredential",
     "check_routes",
     "route_secrets",
+    "token_upstreams",
     "validate_model_name",
 ]
 
@@ -56,7 +67,7 @@ PER_MILLION = 1_000_000
 
 
 class LlmRouteError(ValueError):
-    """A route cannot be used: its secret is missing or unreadable (raised at start-up)."""
+    """The routes contradict each other (raised at start-up)."""
 
 
 def validate_model_name(name: str) -> str:
@@ -104,7 +115,20 @@ class ClientCredentials(NamedSecret):
     scope: str | None = None
 
 
-Credential = Annotated[NoCredential | StaticCredential | ClientCredentials, Field(discriminator="mode")]
+Credential = Annotated[
+    NoCredential | StaticCredential | ClientCredentials | UpstreamTokenExchange, Field(discriminator="mode")
+]
+
+
+@dataclass(frozen=True, slots=True)
+class LlmTokenUpstream:
+    """A route as the credentials stage sees it: a name that cannot meet an MCP server's or an A2A
+    agent's (`llm:<route>`), the URL tokens are asked for (RFC 8707 resource, unless the credential
+    names one; None: no resource is sent), the credential in the stage's terms."""
+
+    name: str
+    url: str | None
+    credential: UpstreamStatic | UpstreamClientCredentials | UpstreamTokenExchange
 
 
 class LlmRouteSpec(BaseModel):
@@ -128,6 +152,28 @@ class LlmRouteSpec(BaseModel):
     fallbacks: list[ModelName] = Field(default_factory=list)
     enabled: bool = True
     limits: UpstreamLimits = Field(default_factory=UpstreamLimits)
+
+    def token_upstream(self) -> LlmTokenUpstream | None:
+        """What the credentials stage serves this route from; None when it sends no credential."""
+        credential = self.credential
+        name = f"llm:{self.name}"
+        if isinstance(credential, NoCredential):
+            return None
+        if isinstance(credential, StaticCredential):
+            return LlmTokenUpstream(
+                name, self.base_url, UpstreamStatic(mode="static", secret=credential.secret)
+            )
+        if isinstance(credential, ClientCredentials):
+            # The route's own shape of the grant: the client's secret in HTTP Basic, the scope as
+            # given, and no `resource` (token services such as Entra ID v2 refuse one).
+            cc = UpstreamClientCredentials(
+                mode="client_credentials",
+                token_url=credential.token_url,
+                client=ClientAuth(secret=credential.secret, client_id=credential.client_id),
+                scopes=credential.scope.split() if credential.scope else [],
+            )
+            return LlmTokenUpstream(name, None, cc)
+        return LlmTokenUpstream(name, self.base_url, credential)
 
     @model_validator(mode="after")
     def _fallbacks(self) -> LlmRouteSpec:
@@ -157,13 +203,15 @@ def check_routes(specs: list[LlmRouteSpec]) -> list[LlmRouteSpec]:
 
 
 def route_secrets(spec: LlmRouteSpec) -> list[tuple[str, str | None]]:
-    """The secret a route names, with where it is sent (the provider, or the token endpoint)."""
-    credential = spec.credential
-    if isinstance(credential, StaticCredential):
-        return [(credential.secret, spec.base_url)]
-    if isinstance(credential, ClientCredentials):
-        return [(credential.secret, credential.token_url)]
-    return []
+    """The secrets a route names, each with where it is sent (the provider, or a token endpoint; None
+    for the built-in authorization server)."""
+    upstream = spec.token_upstream()
+    return credential_secrets(upstream.credential, spec.base_url) if upstream is not None else []
+
+
+def token_upstreams(specs: Iterable[LlmRouteSpec]) -> dict[str, LlmTokenUpstream]:
+    """The enabled routes that send a credential, by route name: the credentials stage's lookup."""
+    return {s.name: u for s in specs if s.enabled and (u := s.token_upstream()) is not None}
 
 
 # The settings field type: each spec validated, then the list as a whole.
@@ -172,10 +220,9 @@ LlmRouteList = Annotated[list[LlmRouteSpec], AfterValidator(check_routes)]
 
 @dataclass(frozen=True, slots=True)
 class LlmRoute:
-    """A route ready to serve: its spec and, for static or client-credentials modes, the secret."""
+    """A route ready to serve (its credential comes from the credentials stage)."""
 
     spec: LlmRouteSpec
-    secret: Secret | None = None
 
     @property
     def name(self) -> str:
@@ -185,23 +232,6 @@ class LlmRoute:
         """What `input_tokens` in and `output_tokens` out cost at this route's prices."""
         return (input_tokens * self.spec.input_price + output_tokens * self.spec.output_price) / PER_MILLION
 
-    @classmethod
-    def load(cls, spec: LlmRouteSpec, secrets: Secrets) -> LlmRoute:
-        """Read the route's secret (once, at start-up).
-
-        Raises:
-            LlmRouteError: the secret is undeclared, or its variable or file is missing or empty.
-        """
-        credential = spec.credential
-        if isinstance(credential, NoCredential):
-            return cls(spec)
-        try:
-            return cls(spec, secrets.read(credential.secret))
-        except SecretUnavailable as exc:
-            raise LlmRouteError(f"llm route {spec.name!r}: {exc} ({exc.detail})") from exc
-        except SecretRefused as exc:
-            raise LlmRouteError(f"llm route {spec.name!r}: {exc}") from exc
-
 
 class LlmRoutes:
     """The routes by virtual model name; disabled routes are invisible (as if undeclared)."""
@@ -210,17 +240,17 @@ class LlmRoutes:
         self._routes = {r.name: r for r in routes}
 
     @classmethod
-    def load(cls, specs: Sequence[LlmRouteSpec], secrets: Secrets) -> LlmRoutes:
-        """Validate `specs` together and read every enabled route's secret.
+    def load(cls, specs: Sequence[LlmRouteSpec]) -> LlmRoutes:
+        """Validate `specs` together and keep the enabled ones.
 
         Raises:
-            LlmRouteError: a secret is missing, or the routes contradict each other.
+            LlmRouteError: the routes contradict each other.
         """
         try:
             check_routes(list(specs))
         except ValueError as exc:
             raise LlmRouteError(str(exc)) from exc
-        return cls(LlmRoute.load(spec, secrets) for spec in specs if spec.enabled)
+        return cls(LlmRoute(spec) for spec in specs if spec.enabled)
 
     def get(self, name: str) -> LlmRoute | None:
         return self._routes.get(name)

@@ -6,39 +6,36 @@ same protocol, and `LlmRouteSpec.provider` names which one serves a route.
 
 What goes upstream is the client's request with two changes only: `model` becomes the route's
 provider model id, and a streamed request asks for usage (`stream_options.include_usage`) so that
-budgets settle from the provider's own count. The caller's Authorization never goes upstream; the
-route's credential does.
+budgets settle from the provider's own count. The caller's Authorization never goes upstream: the
+provider gets the header the credentials stage set on the call (`Call.upstream_authorization`), the
+route's credential, obtained and renewed there as every upstream's is.
+
+The HTTP seam is the MCP pass-through's: `HttpClient.send` for the request and its lanes,
+`UpstreamResponse` for the answer, `read_events` (agentgw/upstream/sse.py) for a streamed one.
 """
 
 from __future__ import annotations
 
-import base64
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
-from urllib.parse import urlencode
 
-import anyio
 import orjson
 
-from agentgw.errors import CredentialError, UpstreamError
-from agentgw.registry.llm import ClientCredentials, LlmRoute, StaticCredential
+from agentgw.errors import UpstreamError
+from agentgw.registry.llm import LlmRoute
 from agentgw.upstream.http import HttpClient, UpstreamResponse, UpstreamState
+from agentgw.upstream.sse import read_events
 
 __all__ = ["LlmAnswer", "LlmProvider", "OpenAICompatible", "Operation"]
 
 Operation = Literal["chat/completions", "embeddings"]
-# A client-credentials token is renewed this long before it expires, so no request carries a dying one.
-TOKEN_EARLY_RENEWAL_S = 30.0
 # Upstream headers a client may see (rate-limit hints help it back off).
 RELAYED_HEADERS = ("retry-after", "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens")
 # Provider statuses that say the route is misconfigured rather than the request bad.
 GATEWAY_SIDE_REFUSALS = frozenset({401, 403, 404})
-# A token endpoint's answer is a small JSON object; anything larger is not one.
-MAX_TOKEN_ANSWER_BYTES = 64 * 1024
-# One SSE line larger than this is not a chat chunk: the stream is refused rather than buffered on.
-MAX_LINE_BYTES = 8 * 1024 * 1024
+# One SSE event larger than this is not a chat chunk: the stream is refused rather than buffered on.
+MAX_EVENT_BYTES = 8 * 1024 * 1024
 _JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
 _STREAM_HEADERS = {"content-type": "application/json", "accept": "text/event-stream"}
 
@@ -77,8 +74,16 @@ class LlmProvider(Protocol):
     """
 
     async def send(
-        self, route: LlmRoute, operation: Operation, body: Mapping[str, Any], *, stream: bool
-    ) -> LlmAnswer: ...
+        self,
+        route: LlmRoute,
+        operation: Operation,
+        body: Mapping[str, Any],
+        *,
+        stream: bool,
+        authorization: str | None = None,
+    ) -> LlmAnswer:
+        """`authorization`: the header value the credentials stage set for the route, if any."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -87,38 +92,36 @@ class LlmProvider(Protocol):
         ...
 
 
-@dataclass(slots=True)
-class _Token:
-    value: str
-    expires_at: float
-
-
 class OpenAICompatible:
     """An OpenAI-compatible HTTP API (OpenAI, Azure OpenAI's v1 API, vLLM, Ollama, LiteLLM, ...)."""
 
     def __init__(self, http: HttpClient | None = None) -> None:
         self._http = http or HttpClient()
-        self._tokens: dict[str, _Token] = {}
-        self._token_locks: dict[str, anyio.Lock] = {}
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
     def states(self) -> dict[str, UpstreamState]:
-        """What the last request to each provider (and token endpoint) found."""
+        """What the last request to each provider found."""
         return self._http.states()
 
     async def send(
-        self, route: LlmRoute, operation: Operation, body: Mapping[str, Any], *, stream: bool
+        self,
+        route: LlmRoute,
+        operation: Operation,
+        body: Mapping[str, Any],
+        *,
+        stream: bool,
+        authorization: str | None = None,
     ) -> LlmAnswer:
-        """Send `body` to the route's `<base_url>/<operation>`.
+        """Send `body` to the route's `<base_url>/<operation>`, with `authorization` (the credentials
+        stage's header for the route) if there is one.
 
         Raises:
             UpstreamBusy: no connection to the provider free within the route's short wait.
             UpstreamTimeout: no answer within the route's timeout.
             UpstreamError: unreachable, a 5xx, an answer larger than the route's `max_answer_bytes`,
                 or one that is not what the API promises.
-            CredentialError: the route's client-credentials token could not be obtained.
         """
         spec = route.spec
         payload = {**body, "model": spec.model}
@@ -129,7 +132,6 @@ class OpenAICompatible:
                 "include_usage": True,
             }
         headers = _STREAM_HEADERS if stream else _JSON_HEADERS
-        authorization = await self._authorization(route)
         if authorization is not None:
             headers = {**headers, "authorization": authorization}
         url = f"{spec.base_url.rstrip('/')}/{operation}"
@@ -174,67 +176,6 @@ class OpenAICompatible:
             parsed = {"error": {"message": f"the provider refused the request (HTTP {status})"}}
         return LlmAnswer(status, body=parsed, headers=relayed)
 
-    async def _authorization(self, route: LlmRoute) -> str | None:
-        credential = route.spec.credential
-        if isinstance(credential, StaticCredential):
-            assert route.secret is not None
-            return f"Bearer {route.secret.reveal()}"
-        if isinstance(credential, ClientCredentials):
-            return f"Bearer {await self._client_token(route, credential)}"
-        return None
-
-    async def _client_token(self, route: LlmRoute, credential: ClientCredentials) -> str:
-        token = self._tokens.get(route.name)
-        if token is not None and token.expires_at > time.monotonic():
-            return token.value
-        # One fetch per route at a time: a burst of calls must not stampede the token endpoint.
-        lock = self._token_locks.setdefault(route.name, anyio.Lock())
-        async with lock:
-            token = self._tokens.get(route.name)
-            if token is not None and token.expires_at > time.monotonic():
-                return token.value
-            token = await self._fetch_token(route, credential)
-            self._tokens[route.name] = token
-            return token.value
-
-    async def _fetch_token(self, route: LlmRoute, credential: ClientCredentials) -> _Token:
-        assert route.secret is not None
-        form = {"grant_type": "client_credentials"}
-        if credential.scope:
-            form["scope"] = credential.scope
-        # HTTP Basic with the client id and secret as they are (as httpx's `auth=(id, secret)` sent them).
-        basic = base64.b64encode(f"{credential.client_id}:{route.secret.reveal()}".encode()).decode()
-        headers = {
-            "content-type": "application/x-www-form-urlencoded",
-            "accept": "application/json",
-            "authorization": f"Basic {basic}",
-        }
-        try:
-            response = await self._http.send(
-                "POST",
-                credential.token_url,
-                headers,
-                urlencode(form).encode(),
-                timeout_s=route.spec.timeout_s,
-                connect_s=route.spec.connect_timeout_s,
-                who=f"model {route.name!r}: the token endpoint",
-            )
-            try:
-                raw = await response.aread(MAX_TOKEN_ANSWER_BYTES) if response.status_code == 200 else b""
-            finally:
-                await response.aclose()
-        except UpstreamError as exc:
-            raise CredentialError(f"model {route.name!r}: the token endpoint is unreachable") from exc
-        answer = _json_object(raw) if response.status_code == 200 else None
-        value = answer.get("access_token") if answer else None
-        if not isinstance(value, str) or not value:
-            raise CredentialError(
-                f"model {route.name!r}: the token endpoint refused the client (HTTP {response.status_code})"
-            )
-        expires_in = answer.get("expires_in") if answer else None
-        lifetime = float(expires_in) if isinstance(expires_in, int | float) else 300.0
-        return _Token(value, time.monotonic() + max(lifetime - TOKEN_EARLY_RENEWAL_S, 0.0))
-
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:
     try:
@@ -244,56 +185,29 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-async def _lines(response: UpstreamResponse, model: str) -> AsyncGenerator[bytes, None]:
-    """The body's lines as they arrive, without their ends (`\\n`, `\\r\\n` or `\\r`, as SSE allows).
-
-    Raises:
-        UpstreamTimeout: the provider went silent for longer than the route's timeout.
-        UpstreamError: the connection broke, or one line is larger than `MAX_LINE_BYTES`.
-    """
-    pending = bytearray()  # grown in place: a long line in many small chunks is not copied each time
-    async for chunk in response.aiter_raw():
-        pending += chunk
-        if b"\n" not in chunk and b"\r" not in chunk:
-            if len(pending) > MAX_LINE_BYTES:
-                raise UpstreamError(
-                    f"model {model!r}: the provider streamed a line larger than the gateway accepts"
-                )
-            continue
-        lines = bytes(pending).splitlines(keepends=True)  # bytes split on \n, \r\n and \r only
-        # The last piece waits for more: it is unfinished, or a `\r` whose `\n` is in the next chunk.
-        pending = bytearray(lines.pop() if not lines[-1].endswith(b"\n") else b"")
-        for line in lines:
-            yield line.rstrip(b"\r\n")
-    if pending:
-        yield bytes(pending).rstrip(b"\r\n")
-
-
 async def _events(response: UpstreamResponse, model: str) -> AsyncGenerator[dict[str, Any], None]:
     """The SSE `data:` payloads of `response` as JSON objects, up to `[DONE]`.
 
     Raises:
         UpstreamTimeout: the provider went silent for longer than the route's timeout.
-        UpstreamError: the connection broke, the stream ended without `[DONE]`, or a payload is not JSON.
+        UpstreamError: the connection broke, the stream ended without `[DONE]`, an event is larger
+            than `MAX_EVENT_BYTES`, or a payload is not JSON.
     """
-    data: list[bytes] = []
-    lines = _lines(response, model)
+
+    def too_large() -> UpstreamError:
+        return UpstreamError(
+            f"model {model!r}: the provider streamed an event larger than the gateway accepts"
+        )
+
+    events = read_events(response.aiter_raw(), max_event_bytes=MAX_EVENT_BYTES, too_large=too_large)
     try:
-        async for line in lines:
-            if line.startswith(b"data:"):
-                data.append(line[5:].removeprefix(b" "))
-                continue
-            if line or not data:
-                continue  # comments, `event:`/`id:` fields, keep-alives
-            text, data = b"\n".join(data), []
-            if text.strip() == b"[DONE]":
+        async for event in events:
+            if event.data.strip() == b"[DONE]":
                 return
-            event = _json_object(text)
-            if event is None:
+            chunk = _json_object(event.data)
+            if chunk is None:
                 raise UpstreamError(f"model {model!r}: the provider streamed something that is not JSON")
-            yield event
+            yield chunk
     finally:
-        await lines.aclose()
-    if b"\n".join(data).strip() == b"[DONE]":  # a last event without its closing blank line
-        return
+        await events.aclose()
     raise UpstreamError(f"model {model!r}: the provider ended the stream early")

@@ -28,7 +28,6 @@ import contextlib
 import itertools
 import logging
 import os
-import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -61,9 +60,10 @@ from agentgw.errors import (
     UpstreamUnauthorized,
     UpstreamUnreachable,
 )
-from agentgw.filters.credentials import GatewayCredential
+from agentgw.records.credentials import GatewayCredential
 from agentgw.registry.models import McpServerSpec
 from agentgw.upstream.http import HttpClient, UpstreamResponse
+from agentgw.upstream.sse import read_events
 
 __all__ = ["ProgressFn", "Relay", "SessionCredentials", "UpstreamSessions"]
 
@@ -108,7 +108,6 @@ _CAPABILITIES = types.ClientCapabilities(
     ),
     roots=types.RootsCapability(list_changed=True),
 ).model_dump(by_alias=True, mode="json", exclude_none=True)
-_SSE_EVENT_END = re.compile(rb"\r?\n\r?\n")
 
 
 class _PeerRelay:
@@ -366,24 +365,22 @@ async def _sse_messages(response: UpstreamResponse, who: str) -> AsyncIterator[d
     """The JSON-RPC messages of an SSE body, as they arrive (events without data are skipped).
 
     Raises:
-        UpstreamError: an event's data is not JSON, or the stream broke off.
+        UpstreamError: an event's data is not JSON or larger than the upstream's answer cap, or the
+            stream broke off.
     """
-    buffer = b""
-    async for chunk in response.aiter_raw():
-        buffer += chunk
-        *events, buffer = _SSE_EVENT_END.split(buffer)
-        for event in events:
-            data = b"\n".join(
-                line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:")
-            )
-            if not data:
-                continue
-            try:
-                message = orjson.loads(data)
-            except orjson.JSONDecodeError as exc:
-                raise UpstreamError(f"{who} sent an event that is not JSON") from exc
-            if isinstance(message, dict):
-                yield message
+
+    def too_large() -> UpstreamError:
+        return UpstreamError(f"{who} sent an event larger than the gateway reads")
+
+    async for event in read_events(
+        response.aiter_raw(), max_event_bytes=response.max_answer_bytes, too_large=too_large
+    ):
+        try:
+            message = orjson.loads(event.data)
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamError(f"{who} sent an event that is not JSON") from exc
+        if isinstance(message, dict):
+            yield message
 
 
 async def _report(progress: ProgressFn, params: Any) -> None:

@@ -32,7 +32,7 @@ from agentgw.filters.credentials import Credentials
 from agentgw.ingress.llm import LlmIngress, estimate_tokens
 from agentgw.pipeline import CallNext, Filter, ordered
 from agentgw.records.budget import BudgetRule, targets
-from agentgw.registry.llm import LlmRouteSpec
+from agentgw.registry.llm import LlmRouteSpec, token_upstreams
 from agentgw.registry.secrets import Secrets, SecretSource
 from agentgw.settings import PACKAGE_POLICIES
 from agentgw.storage import make_engine
@@ -200,14 +200,36 @@ class Gateway:
         )
 
 
-def pipeline_with(budget: Filter, outcomes: Outcomes) -> Any:
+_stages: list[Credentials] = []
+
+
+@pytest.fixture(autouse=True)
+async def close_stages() -> AsyncIterator[None]:
+    # A stage that fetched a token holds an HTTP client: closed after each test.
+    yield
+    while _stages:
+        await _stages.pop().aclose()
+
+
+def credentials_for(specs: Sequence[LlmRouteSpec], secrets: Secrets | None) -> Credentials:
+    """The credentials stage serving `specs` (as the app builds it): secrets read now."""
+    served = token_upstreams(specs)
+    stage = Credentials(models=served.get, secrets=secrets)
+    stage.prepare(served.values())
+    _stages.append(stage)
+    return stage
+
+
+def pipeline_with(
+    budget: Filter, outcomes: Outcomes, specs: Sequence[LlmRouteSpec] = (), secrets: Secrets | None = None
+) -> Any:
     authorizer = CasbinAuthorizer(PACKAGE_POLICIES / "model.conf", None, POLICY)
     return ordered(
         audit=outcomes,
         authenticate=Authenticate(Tokens(), allow_anonymous=False, base_url="http://gw"),
         authorize=Authorize(authorizer),
         budget=budget,
-        credentials=Credentials(),
+        credentials=credentials_for(specs, secrets),
     )
 
 
@@ -221,11 +243,9 @@ def secret_file(tmp_path: Path) -> Path:
 @pytest.fixture
 async def gateway(upstream: str, secret_file: Path) -> AsyncIterator[Gateway]:
     ledger, outcomes = Ledger(), Outcomes()
+    specs = routes(upstream, secret_file)
     ingress = LlmIngress.build(
-        routes(upstream, secret_file),
-        pipeline_with(ledger, outcomes),
-        max_body_bytes=64 * 1024,
-        secrets=book(secret_file),
+        specs, pipeline_with(ledger, outcomes, specs, book(secret_file)), max_body_bytes=64 * 1024
     )
     app = Starlette(routes=ingress.routes())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
@@ -662,11 +682,9 @@ async def test_a_stream_refused_on_its_way_back_is_closed_and_settled_before_the
         authenticate=Authenticate(Tokens(), allow_anonymous=False, base_url="http://gw"),
         authorize=Authorize(authorizer),
         budget=ledger,
-        credentials=Credentials(),
+        credentials=credentials_for(routes(upstream, secret_file), book(secret_file)),
     )
-    ingress = LlmIngress.build(
-        routes(upstream, secret_file), pipeline, max_body_bytes=1024, secrets=book(secret_file)
-    )
+    ingress = LlmIngress.build(routes(upstream, secret_file), pipeline, max_body_bytes=1024)
     app = Starlette(routes=ingress.routes())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
         response = await http.post(
@@ -686,8 +704,8 @@ async def test_a_route_whose_secret_is_missing_stops_start_up(tmp_path: Path) ->
         credential={"mode": "static", "secret": "unset"},
     )
     secrets = Secrets({"unset": SecretSource(env="LLM_TEST_UNSET_KEY")})
-    with pytest.raises(ConfigError, match="LLM_TEST_UNSET_KEY is not set"):
-        LlmIngress.build([spec], pipeline_with(Ledger(), Outcomes()), max_body_bytes=1024, secrets=secrets)
+    with pytest.raises(ConfigError, match=r"upstream 'llm:chat'.*secret 'unset'"):
+        pipeline_with(Ledger(), Outcomes(), [spec], secrets)
 
 
 async def test_a_routes_secret_is_read_once_at_start_up_not_per_call(
@@ -702,7 +720,7 @@ async def test_a_routes_secret_is_read_once_at_start_up_not_per_call(
     )
     secrets = Secrets({"route": SecretSource(env="LLM_TEST_ROUTE_KEY")})
     ingress = LlmIngress.build(
-        [spec], pipeline_with(Ledger(), Outcomes()), max_body_bytes=64 * 1024, secrets=secrets
+        [spec], pipeline_with(Ledger(), Outcomes(), [spec], secrets), max_body_bytes=64 * 1024
     )
     monkeypatch.setenv("LLM_TEST_ROUTE_KEY", "sk-changed-later")
     app = Starlette(routes=ingress.routes())
@@ -724,11 +742,9 @@ async def budget_gateway(
 ) -> tuple[LlmIngress, httpx.AsyncClient, SqlBudgetStore]:
     store = SqlBudgetStore(make_engine(f"sqlite:///{tmp_path / 'budget.db'}"))
     budget = Budget(store, StaticRules([rule]))
+    specs = routes(upstream, secret_file)
     ingress = LlmIngress.build(
-        routes(upstream, secret_file),
-        pipeline_with(budget, Outcomes()),
-        max_body_bytes=64 * 1024,
-        secrets=book(secret_file),
+        specs, pipeline_with(budget, Outcomes(), specs, book(secret_file)), max_body_bytes=64 * 1024
     )
     app = Starlette(routes=ingress.routes())
     return ingress, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw"), store

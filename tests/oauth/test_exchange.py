@@ -37,8 +37,8 @@ from agentgw.oauth.jwks import LocalKeySet
 from agentgw.oauth.keys import SigningKeys
 from agentgw.oauth.server import AuthorizationServer, hash_secret, mint_token, oauth_router
 from agentgw.oauth.verify import JwtVerifier, TrustedIssuer
-from agentgw.registry.llm import Secret
 from agentgw.registry.models import ClientAuth
+from agentgw.registry.secrets import Secret
 
 BASE = "http://127.0.0.1:8080"
 UPSTREAM = "https://payments.example/mcp"

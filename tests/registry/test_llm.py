@@ -1,4 +1,4 @@
-"""LLM route specs: validation, secrets read once and never shown, fallback chains."""
+"""LLM route specs: validation, credentials in the credentials stage's terms, fallback chains."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from agentgw.errors import ConfigError
-from agentgw.registry.llm import LlmRoute, LlmRouteError, LlmRoutes, LlmRouteSpec, check_routes
-from agentgw.registry.secrets import Secrets, SecretSource
+from agentgw.registry.llm import LlmRoute, LlmRoutes, LlmRouteSpec, check_routes, token_upstreams
+from agentgw.registry.models import UpstreamClientCredentials, UpstreamStatic, UpstreamTokenExchange
 from agentgw.settings import load_settings
 
 BASE = {"base_url": "https://llm.example/v1", "model": "gpt-4o-mini"}
@@ -66,55 +66,48 @@ def test_routes_must_have_unique_names_and_declared_fallbacks() -> None:
         check_routes([spec("a", fallbacks=["ghost"])])
 
 
-def test_a_static_secret_is_read_from_the_environment_once_and_never_shown(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("LLM_TEST_KEY", "sk-very-secret")
-    secrets = Secrets({"llm-key": SecretSource(env="LLM_TEST_KEY")})
-    route = LlmRoute.load(spec("a", credential={"mode": "static", "secret": "llm-key"}), secrets)
-    monkeypatch.setenv("LLM_TEST_KEY", "changed")
-    assert route.secret is not None and route.secret.reveal() == "sk-very-secret"
-    assert "sk-very-secret" not in repr(route) + str(route.secret)
-    assert "sk-very-secret" not in route.spec.model_dump_json()
+def test_each_credential_mode_becomes_the_credentials_stages_own() -> None:
+    assert spec("a").token_upstream() is None
+    static = spec("a", credential={"mode": "static", "secret": "llm-key"}).token_upstream()
+    assert static is not None and static.name == "llm:a" and static.url == BASE["base_url"]
+    assert static.credential == UpstreamStatic(mode="static", secret="llm-key")
+    granted = spec(
+        "a",
+        credential={
+            "mode": "client_credentials",
+            "token_url": "https://idp.example/token",
+            "client_id": "gw",
+            "secret": "cc",
+            "scope": "llm.read llm.write",
+        },
+    ).token_upstream()
+    assert granted is not None and granted.url is None  # the route's grant names no resource
+    assert isinstance(granted.credential, UpstreamClientCredentials)
+    assert granted.credential.token_url == "https://idp.example/token"
+    assert (granted.credential.client.client_id, granted.credential.client.secret) == ("gw", "cc")
+    assert granted.credential.client.method == "client_secret_basic"
+    assert granted.credential.scopes == ["llm.read", "llm.write"]
+    exchange = {"mode": "token_exchange", "client": {"client_id": "gw", "secret": "cc"}, "scopes": ["x"]}
+    exchanged = spec("a", credential=exchange).token_upstream()
+    assert exchanged is not None and exchanged.url == BASE["base_url"]
+    assert isinstance(exchanged.credential, UpstreamTokenExchange) and exchanged.credential.scopes == ["x"]
 
 
-def test_a_secret_file_is_read_and_stripped_and_a_missing_or_empty_one_names_the_problem(
-    tmp_path: Path,
-) -> None:
-    key = tmp_path / "key"
-    key.write_text("sk-from-file\n")
-    (tmp_path / "empty").write_text("\n")
-    secrets = Secrets(
-        {
-            "key": SecretSource(file=key),
-            "absent": SecretSource(file=tmp_path / "absent"),
-            "empty": SecretSource(file=tmp_path / "empty"),
-        }
+def test_only_enabled_routes_with_a_credential_are_the_stages_to_serve() -> None:
+    # A disabled route's secret is never read: an unset one must not stop start-up.
+    static = {"mode": "static", "secret": "unset"}
+    served = token_upstreams(
+        [spec("a", credential=static), spec("b"), spec("off", enabled=False, credential=static)]
     )
-    route = LlmRoute.load(spec("a", credential={"mode": "static", "secret": "key"}), secrets)
-    assert route.secret is not None and route.secret.reveal() == "sk-from-file"
-    with pytest.raises(LlmRouteError, match=r"secret 'absent' cannot be read \(cannot read file"):
-        LlmRoute.load(spec("a", credential={"mode": "static", "secret": "absent"}), secrets)
-    with pytest.raises(LlmRouteError, match="is empty"):
-        LlmRoute.load(spec("a", credential={"mode": "static", "secret": "empty"}), secrets)
-    with pytest.raises(LlmRouteError, match="unknown secret 'nope'"):
-        LlmRoute.load(spec("a", credential={"mode": "static", "secret": "nope"}), secrets)
+    assert list(served) == ["a"] and served["a"].name == "llm:a"
 
 
 def test_a_disabled_route_is_unknown_and_skipped_as_a_fallback() -> None:
-    routes = LlmRoutes.load(
-        [spec("a", fallbacks=["off", "b"]), spec("b"), spec("off", enabled=False, credential=_unset_env())],
-        Secrets({"unset": SecretSource(env="LLM_TEST_SURELY_UNSET")}),
-    )
+    routes = LlmRoutes.load([spec("a", fallbacks=["off", "b"]), spec("b"), spec("off", enabled=False)])
     assert routes.names() == ["a", "b"]
     assert routes.get("off") is None and routes.chain("off") == []
     assert [r.name for r in routes.chain("a")] == ["a", "b"]
     assert routes.chain("nope") == []
-
-
-def _unset_env() -> dict[str, str]:
-    # A disabled route's secret is not read: an unset variable must not stop start-up.
-    return {"mode": "static", "secret": "unset"}
 
 
 def test_cost_is_per_million_tokens_at_the_input_and_output_prices() -> None:

@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 import pytest
 
-from agentgw.errors import CredentialError, UpstreamBusy, UpstreamError, UpstreamTimeout
-from agentgw.registry.llm import LlmRoute, LlmRouteSpec, Secret
+from agentgw.errors import UpstreamBusy, UpstreamError, UpstreamTimeout
+from agentgw.registry.llm import LlmRoute, LlmRouteSpec
 from agentgw.upstream import llm as llm_module
 from agentgw.upstream.llm import LlmAnswer, OpenAICompatible
 from tests.support.servers import Answer, LocalServer, Received, Scripted, unused_url
@@ -36,7 +36,7 @@ class Provider:
         spec = LlmRouteSpec.model_validate(
             {"name": "fast", "base_url": f"{self.url}/v1", "model": "m-1", "timeout_s": 1} | extra
         )
-        return LlmRoute(spec, Secret("sk-route") if "credential" in extra else None)
+        return LlmRoute(spec)
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ async def test_the_request_names_the_provider_model_asks_for_stream_usage_and_ca
     llm = provider.script(lambda _: sse(b'data: {"choices": []}\n\n', b"data: [DONE]\n\n"))
     body = {"model": "fast", "messages": [], "stream": True, "stream_options": {"x": 1}}
     route = provider.route(credential={"mode": "static", "secret": "k"})
-    answer = await llm.send(route, "chat/completions", body, stream=True)
+    answer = await llm.send(route, "chat/completions", body, stream=True, authorization="Bearer sk-route")
     assert await collect(answer) == [{"choices": []}]
     [request] = provider.upstream.received
     assert (request.method, request.path) == ("POST", "/v1/chat/completions")
@@ -147,13 +147,13 @@ async def test_an_abandoned_stream_is_closed_on_the_providers_side(provider: Pro
         await script.closed.wait()
 
 
-async def test_a_stream_line_beyond_the_cap_is_refused_rather_than_buffered(
+async def test_a_stream_event_beyond_the_cap_is_refused_rather_than_buffered(
     provider: Provider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(llm_module, "MAX_LINE_BYTES", 16)
+    monkeypatch.setattr(llm_module, "MAX_EVENT_BYTES", 16)
     llm = provider.script(lambda _: sse(b'data: {"a": "', b"x" * 10, b"x" * 10, end="hang"))
     answer = await llm.send(provider.route(), "chat/completions", {}, stream=True)
-    with pytest.raises(UpstreamError, match="a line larger than the gateway accepts"):
+    with pytest.raises(UpstreamError, match="an event larger than the gateway accepts"):
         await collect(answer)
 
 
@@ -198,52 +198,25 @@ async def test_an_answer_broken_off_midway_is_an_upstream_error(provider: Provid
         await llm.send(provider.route(), "embeddings", {}, stream=False)
 
 
-async def test_a_client_credentials_token_is_fetched_once_and_a_refused_client_is_a_credential_error(
-    provider: Provider,
+@pytest.mark.parametrize("authorization", ["Bearer from-the-stage", None])
+async def test_the_provider_sends_the_header_it_is_given_and_fetches_no_token_of_its_own(
+    provider: Provider, authorization: str | None
 ) -> None:
-    refuse = False
-
-    def handler(request: Received) -> Answer:
-        if request.path == "/token":
-            if refuse:
-                return Answer(401, [b'{"error": "invalid_client"}'], JSON)
-            return Answer(200, [b'{"access_token": "cc-1", "expires_in": 3600}'], JSON)
-        assert request.headers["authorization"] == "Bearer cc-1"
-        return Answer(200, [b'{"ok": true}'], JSON)
-
+    # A route with a client-credentials grant: its token is the credentials stage's to obtain.
     credential = {
         "mode": "client_credentials",
         "token_url": f"{provider.url}/token",
         "client_id": "gw",
         "secret": "k",
     }
-    llm = provider.script(handler)
-    for _ in range(3):
-        answer = await llm.send(provider.route(credential=credential), "embeddings", {}, stream=False)
+    llm = provider.script(lambda _: Answer(200, [b'{"ok": true}'], JSON))
+    for _ in range(2):
+        answer = await llm.send(
+            provider.route(credential=credential), "embeddings", {}, stream=False, authorization=authorization
+        )
         assert answer.body == {"ok": True}
-    tokens = [r for r in provider.upstream.received if r.path == "/token"]
-    assert len(tokens) == 1
-    assert tokens[0].headers["authorization"] == "Basic Z3c6c2stcm91dGU="  # gw:sk-route
-    assert tokens[0].headers["content-type"] == "application/x-www-form-urlencoded"
-    assert tokens[0].content == b"grant_type=client_credentials"
-    refuse = True
-    fresh = OpenAICompatible()  # no token cached yet
-    try:
-        with pytest.raises(CredentialError, match="refused the client"):
-            await fresh.send(provider.route(credential=credential), "embeddings", {}, stream=False)
-    finally:
-        await fresh.aclose()
-
-
-async def test_an_unreachable_token_endpoint_is_a_credential_error(provider: Provider) -> None:
-    credential = {
-        "mode": "client_credentials",
-        "token_url": f"{unused_url()}/token",
-        "client_id": "gw",
-        "secret": "k",
-    }
-    with pytest.raises(CredentialError, match="token endpoint is unreachable"):
-        await provider.llm.send(provider.route(credential=credential), "embeddings", {}, stream=False)
+    assert [r.path for r in provider.upstream.received] == ["/v1/embeddings", "/v1/embeddings"]
+    assert [r.headers.get("authorization") for r in provider.upstream.received] == [authorization] * 2
 
 
 async def test_an_answer_over_the_routes_cap_is_an_upstream_error_and_streams_leave_calls_a_connection(

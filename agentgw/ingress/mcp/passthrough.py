@@ -10,14 +10,13 @@ so one caller can never ride another caller's session.
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import anyio
 import orjson
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from agentgw.call import Call, Principal, Reply
@@ -41,10 +40,12 @@ from agentgw.ingress.mcp.messages import (
 )
 from agentgw.ingress.mcp.rendering import jsonrpc_error_response, run_id_of
 from agentgw.ingress.mcp.sessions import SessionStore
+from agentgw.ingress.relay import RelayResponse
 from agentgw.pipeline import Pipeline
 from agentgw.registry.models import McpServerSpec
 from agentgw.upstream.http import AnswerTooLarge
 from agentgw.upstream.mcp import McpHttpUpstream, UpstreamResponse, forwarded_headers
+from agentgw.upstream.sse import EventTooLarge, SseSplitter, encode_event, parse_events
 
 __all__ = ["PassThrough", "header_map"]
 
@@ -61,9 +62,6 @@ def header_map(scope: Scope) -> dict[str, str]:
     for name, value in scope["headers"]:
         out.setdefault(name.decode("latin-1"), value.decode("latin-1"))
     return out
-
-
-_SSE_EVENT_SPLIT = re.compile(rb"\r?\n\r?\n")
 
 
 def _narrow(result: Any, kind: str, allowed: set[str], server: str, modern: bool) -> Any:
@@ -254,7 +252,7 @@ class PassThrough:
                 payload.body = _rewrite(payload, set(reply.listing or ()), spec.name)
             return payload
         if isinstance(payload, _SseAnswer):
-            return _SseAnswerResponse(payload)
+            return RelayResponse(payload.body, payload.finish, headers=_response_headers(payload.response))
         assert isinstance(payload, UpstreamResponse)
         return _stream(payload)
 
@@ -340,15 +338,11 @@ async def _refused(response: UpstreamResponse, server: str) -> NoReturn:
 def _messages(body: bytes, content_type: str) -> list[Any]:
     if content_type.startswith("text/event-stream"):
         out = []
-        for event in _SSE_EVENT_SPLIT.split(body):
-            data = b"\n".join(
-                line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")
-            )
-            if data:
-                try:
-                    out.append(orjson.loads(data))
-                except orjson.JSONDecodeError:
-                    continue
+        for event in parse_events(body):
+            try:
+                out.append(orjson.loads(event.data))
+            except orjson.JSONDecodeError:
+                continue
         return out
     try:
         return [orjson.loads(body)]
@@ -363,21 +357,30 @@ def _rewrite(listing: _Listing, allowed: set[str], server: str) -> bytes:
         message = orjson.loads(listing.body)
         message["result"] = _narrow(message["result"], listing.kind, allowed, server, listing.modern)
         return orjson.dumps(message)
+    splitter = SseSplitter(max(len(listing.body), 1))  # read whole already, so already bounded
+    raws = splitter.feed(listing.body)
+    last = splitter.end()
+    if last is not None:
+        raws.append(last + b"\n\n")
     events = []
-    for event in _SSE_EVENT_SPLIT.split(listing.body):
-        lines = event.splitlines()
-        data = b"\n".join(line[5:].lstrip(b" ") for line in lines if line.startswith(b"data:"))
+    for raw in raws:
+        event = splitter.parse(raw)
         try:
-            message = orjson.loads(data) if data else None
+            message = orjson.loads(event.data) if event is not None else None
         except orjson.JSONDecodeError:
             message = None
-        if isinstance(message, dict) and "result" in message:
-            message["result"] = _narrow(message["result"], listing.kind, allowed, server, listing.modern)
-            lines = [line for line in lines if not line.startswith(b"data:")]
-            lines.append(b"data: " + orjson.dumps(message))
-        if lines:
-            events.append(b"\n".join(lines))
-    return b"\n\n".join(events) + b"\n\n"
+        if not (isinstance(message, dict) and "result" in message):
+            events.append(raw)  # passed on as the upstream wrote it
+            continue
+        message["result"] = _narrow(message["result"], listing.kind, allowed, server, listing.modern)
+        # The event's other fields (id, event) stay, in their order; its data is the narrowed listing.
+        kept = [line + b"\n" for line in raw.splitlines() if line and not _is_data(line)]
+        events.append(b"".join(kept) + encode_event(orjson.dumps(message)))
+    return b"".join(events)
+
+
+def _is_data(line: bytes) -> bool:
+    return line.startswith(b"data:") or line == b"data"
 
 
 async def _send_whole(send: Send, listing: _Listing) -> None:
@@ -404,27 +407,9 @@ def _stream(response: UpstreamResponse) -> Response:
         except UpstreamError:
             log.warning("upstream stream broke off", extra={"url": response.url})
 
-    return _Relayed(body(), response)
-
-
-class _Relayed(StreamingResponse):
-    """An upstream answer relayed as it is, closed however the response ends (a failed send to a
-    departed client included, where a background task would not run)."""
-
-    def __init__(self, content: AsyncIterator[bytes], response: UpstreamResponse) -> None:
-        super().__init__(content, status_code=response.status_code, headers=_response_headers(response))
-        self._upstream = response
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._upstream.aclose()
-
-
-# Where an SSE event ends (a blank line; SSE allows `\n`, `\r\n` and `\r` line ends).
-_SSE_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+    return RelayResponse(
+        body(), response.aclose, status_code=response.status_code, headers=_response_headers(response)
+    )
 
 
 class _SseAnswer:
@@ -448,30 +433,28 @@ class _SseAnswer:
         self._resumable = False
         self._outcome: tuple[str, str | None] | None = None
         self._finished = False
+        self._splitter = SseSplitter(response.max_answer_bytes)
         self.body = self._events()
 
-    def _watch(self, events: bytes) -> None:
-        for event in _SSE_EVENT_END.split(events):
-            data = []
-            for line in event.splitlines():
-                if line.startswith(b"data:"):
-                    data.append(line[5:].removeprefix(b" "))
-                elif line.startswith(b"id:") and line[3:].strip():
-                    self._resumable = True
-            joined = b"\n".join(data)
-            if b'"result"' not in joined and b'"error"' not in joined:
-                continue  # notifications and requests of the upstream's own
-            try:
-                message = orjson.loads(joined)
-            except orjson.JSONDecodeError:
-                continue
-            if (
-                isinstance(message, dict)
-                and message.get("id") == self._request_id
-                and ("result" in message or "error" in message)
-            ):
-                self._answered = True
-                return
+    def _watch(self, event: bytes) -> None:
+        parsed = self._splitter.parse(event)
+        if self._splitter.last_event_id:
+            self._resumable = True
+        if parsed is None:
+            return
+        data = parsed.data
+        if b'"result"' not in data and b'"error"' not in data:
+            return  # notifications and requests of the upstream's own
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if (
+            isinstance(message, dict)
+            and message.get("id") == self._request_id
+            and ("result" in message or "error" in message)
+        ):
+            self._answered = True
 
     def _cut(self, exc: UpstreamError) -> bytes | None:
         """The outcome of a stream that ended at `exc`, and the error event to end it with, if any."""
@@ -484,45 +467,43 @@ class _SseAnswer:
             return None
         self._outcome = (exc.reason, exc.message)
         log.warning("%s", exc.message)
-        return b"data: " + error_body(self._request_id, exc.jsonrpc_code, exc.message) + b"\n\n"
+        return encode_event(error_body(self._request_id, exc.jsonrpc_code, exc.message))
 
     async def _events(self) -> AsyncGenerator[bytes, None]:
         response = self.response
-        cap = response.max_answer_bytes
-        too_large = (
-            f"upstream {self._server!r} sent an event of more than {cap} bytes, more than the gateway relays"
-        )
-        pending = bytearray()
+        splitter = self._splitter
         try:
-            async for chunk in response.aiter_raw():
-                # Only the new bytes (and the 3 before them, a split blank line) are searched: an event
-                # arriving in many chunks is not scanned again from its start each time.
-                since = max(len(pending) - 3, 0)
-                pending += chunk
-                end = 0
-                for match in _SSE_EVENT_END.finditer(pending, since):
-                    end = match.end()
-                if end:
-                    events = bytes(pending[:end])
-                    del pending[:end]
-                    # Rarely more than the cap at once: then one by one, up to one that is too large.
-                    for block in (events,) if len(events) <= cap else _one_by_one(events, cap, too_large):
-                        if not self._answered:
-                            self._watch(block)
-                        yield block
-                if len(pending) > cap:
-                    raise AnswerTooLarge(too_large)
-            if pending.strip():
+            try:
+                async for chunk in response.aiter_raw():
+                    events = splitter.feed(chunk)
+                    if not events:
+                        continue
+                    if not self._answered:
+                        for event in events:
+                            self._watch(event)
+                    # Relayed as the upstream wrote them, all that this chunk completed in one write.
+                    yield events[0] if len(events) == 1 else b"".join(events)
+                last = splitter.end()
+            except EventTooLarge:
+                cap = response.max_answer_bytes
+                raise AnswerTooLarge(
+                    f"upstream {self._server!r} sent an event of more than {cap} bytes, "
+                    "more than the gateway relays"
+                ) from None
+            if last is not None:
                 # A last event without its blank line: the stream ended, so it is complete; ended here
                 # so that nothing the gateway adds joins it.
-                self._watch(bytes(pending))
-                yield bytes(pending) + b"\n\n"
+                if not self._answered:
+                    self._watch(last)
+                yield last + b"\n\n"
         except UpstreamError as exc:
-            last = self._cut(exc)
+            last_event = self._cut(exc)
         else:
-            last = self._cut(UpstreamError(f"upstream {self._server!r} ended its stream before answering"))
-        if last is not None:
-            yield last
+            last_event = self._cut(
+                UpstreamError(f"upstream {self._server!r} ended its stream before answering")
+            )
+        if last_event is not None:
+            yield last_event
 
     async def finish(self) -> None:
         """Close the upstream's answer and settle the reply once; never raises."""
@@ -540,24 +521,3 @@ class _SseAnswer:
                 await self._reply.settle(self._call.estimate, status, detail)
             except Exception:
                 log.exception("settling an MCP stream failed")
-
-
-def _one_by_one(events: bytes, cap: int, too_large: str) -> Iterator[bytes]:
-    for event in _SSE_EVENT_END.split(events)[:-1]:
-        if len(event) > cap:
-            raise AnswerTooLarge(too_large)
-        yield event + b"\n\n"
-
-
-class _SseAnswerResponse(StreamingResponse):
-    """A relayed SSE answer that is finished (closed, settled) however the response ends."""
-
-    def __init__(self, answer: _SseAnswer) -> None:
-        super().__init__(answer.body, headers=_response_headers(answer.response))
-        self._answer = answer
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._answer.finish()
