@@ -32,7 +32,7 @@ from agentgw.api_contract import ADMIN_DEPENDENCIES, GUARDED, method_not_allowed
 from agentgw.call import Principal
 from agentgw.demo.upstream import demo_server
 from agentgw.errors import Forbidden, GatewayError, Unavailable
-from agentgw.filters.audit import Audit, timestamp
+from agentgw.filters.audit import Audit
 from agentgw.filters.authenticate import Authenticate
 from agentgw.filters.authorize import Authorize, CasbinAuthorizer
 from agentgw.filters.budget import Budget, BudgetStore
@@ -52,12 +52,12 @@ from agentgw.oauth.apikeys import api_key_router
 from agentgw.oauth.metadata import protected_resource_router
 from agentgw.oauth.server import oauth_router
 from agentgw.pipeline import Pipeline, ordered
+from agentgw.records.audit import timestamp
 from agentgw.registry.api import registry_router
 from agentgw.registry.store import RegistryStore
 from agentgw.settings import Settings
 from agentgw.storage import create_db, ensure_private_dir, make_engine
-from agentgw.storage.audit_checkpoints import checkpointer, trust
-from agentgw.storage.audit_log import AuditQuery, SqlAuditLog, iter_records
+from agentgw.storage.audit import AuditQuery, SqlAuditLog, checkpointer, iter_records, trust
 from agentgw.storage.budget_counters import LocalBudgetStore, budget_store
 from agentgw.storage.budget_rules import BudgetRuleBook
 from agentgw.upstream.http import DEFAULT_LIMITS

@@ -34,8 +34,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from agentgw.api_contract import invalid
 from agentgw.errors import Unavailable
-from agentgw.filters.audit import printable
-from agentgw.storage.audit_log import AuditQuery, VerifyReport, otel_record, parse_time, query, verify
+from agentgw.records.audit import printable
+from agentgw.storage.audit import AuditQuery, VerifyReport, otel_record, parse_time, query, verify
 
 __all__ = ["audit_router"]
 

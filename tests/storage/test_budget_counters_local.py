@@ -20,8 +20,8 @@ from sqlalchemy import Engine, delete, event, insert, select, update
 
 from agentgw.call import Principal
 from agentgw.errors import ConfigError, Unavailable
-from agentgw.filters.audit import timestamp
 from agentgw.filters.budget import BudgetRule, BudgetSettings, Shortfall, targets
+from agentgw.records.audit import timestamp
 from agentgw.storage import make_engine
 from agentgw.storage.budget_counters import (
     FAIL_AFTER_FLUSHES,
