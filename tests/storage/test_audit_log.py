@@ -94,6 +94,14 @@ async def test_concurrent_records_are_committed_in_groups_and_verify(engine: Eng
     assert report.records == 200 and report.chains == 1
 
 
+def test_a_log_that_commits_while_its_writers_wait_reports_no_problem(engine: Engine) -> None:
+    # No journal to open, to fall behind or to fail ingesting: readiness and the problem gauge see none.
+    log = SqlAuditLog(engine, AuditSettings(node_id="node", durability="power"))
+    assert log.problem() is None
+    assert log.backlog() is None
+    log.close()
+
+
 async def test_two_writers_keep_two_chains_in_one_table(engine: Engine) -> None:
     first = SqlAuditLog(engine, AuditSettings(node_id="node-a"))
     second = SqlAuditLog(engine, AuditSettings(node_id="node-b"))

@@ -52,10 +52,6 @@ class CommitLog(SqlAuditLog):
     def _store(self, batch: list[Pending]) -> None:
         self._queue.put(batch)
 
-    def problem(self) -> str | None:
-        """Why the log refuses records now, or None."""
-        return unavailable(f"{CANNOT_RECORD} (the journal could not be opened)").message
-
     def close(self, timeout: float = 10.0) -> None:
         """Commit what is queued, then stop the thread."""
         with self._lock:

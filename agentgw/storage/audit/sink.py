@@ -210,8 +210,9 @@ class SqlAuditLog:
         raise NotImplementedError
 
     def problem(self) -> str | None:
-        """Why the log refuses records now, or None."""
-        raise NotImplementedError
+        """Why the log refuses records now, or None. A writer that commits while its waiters wait has
+        nothing to report ahead of a write: a write that fails says why itself."""
+        return None
 
     def backlog(self) -> int | None:
         """Records stored but not yet committed to SQL, or None when a record is committed before its
