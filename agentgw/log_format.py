@@ -21,7 +21,7 @@ from typing import Any, Literal
 import orjson
 
 from agentgw.call import current_call
-from agentgw.filters.audit import BUILTIN_PATTERNS, MAX_RESOURCE, builtin_replacement, capped, printable
+from agentgw.records.audit import BUILTIN_PATTERNS, MAX_RESOURCE, builtin_replacement, capped, printable
 
 __all__ = ["LogFormat", "LogFormatter", "configure_logging", "scrubbed"]
 

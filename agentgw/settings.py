@@ -20,9 +20,9 @@ from sqlalchemy.engine import make_url
 
 from agentgw.errors import ConfigError
 from agentgw.fetch_guard import parse_allow
-from agentgw.filters.audit import AuditSettings
 from agentgw.metrics import MetricsSettings
 from agentgw.oauth.config import AuthSettings
+from agentgw.records.audit import AuditSettings
 from agentgw.records.budget import BudgetSettings
 from agentgw.registry.a2a import A2aAgentSpec, A2aCredential
 from agentgw.registry.admission import Admission
@@ -116,7 +116,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     # Run and principal budgets (rate limits included); see agentgw/records/budget.py.
     budgets: BudgetSettings = Field(default_factory=BudgetSettings)
-    # The hash-chained audit log: redaction, retention, its own database; see agentgw/filters/audit.py.
+    # The hash-chained audit log: redaction, retention, its own database; see agentgw/records/audit.py.
     audit: AuditSettings = Field(default_factory=AuditSettings)
     servers: list[McpServerSpec] = Field(default_factory=list)
     virtual_servers: list[VirtualServerSpec] = Field(default_factory=list)

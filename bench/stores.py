@@ -33,10 +33,10 @@ from sqlalchemy import create_engine, make_url, text
 
 from agentgw.call import Principal
 from agentgw.errors import Unavailable
-from agentgw.filters.audit import AuditRecord
+from agentgw.records.audit import AuditRecord
 from agentgw.records.budget import BudgetRule, Charge, targets
 from agentgw.storage import make_engine
-from agentgw.storage.audit_log import SqlAuditLog
+from agentgw.storage.audit import SqlAuditLog
 from agentgw.storage.budget import RedisBudgetStore, SqlBudgetStore
 from tests.support.postgres import fresh_database
 from tests.support.proxy import TcpProxy

@@ -33,9 +33,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from agentgw.api_contract import Guard, invalid
 from agentgw.errors import Unavailable
-from agentgw.filters.audit import printable
+from agentgw.records.audit import printable
 from agentgw.storage import in_thread
-from agentgw.storage.audit_log import AuditQuery, VerifyReport, otel_record, parse_time, query, verify
+from agentgw.storage.audit import AuditQuery, VerifyReport, otel_record, parse_time, query, verify
 
 __all__ = ["audit_router"]
 

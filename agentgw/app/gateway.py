@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from sqlalchemy import Engine
 
 from agentgw.errors import Unavailable
-from agentgw.filters.audit import Audit, timestamp
+from agentgw.filters.audit import Audit
 from agentgw.filters.authenticate import Authenticate
 from agentgw.filters.authorize import Authorize, CasbinAuthorizer
 from agentgw.filters.budget import Budget, BudgetStore
@@ -31,12 +31,12 @@ from agentgw.ingress.mcp.sessions import MemorySessionStore, RedisSessionStore, 
 from agentgw.metrics import Known, Metrics, State
 from agentgw.oauth.server import oauth_router
 from agentgw.pipeline import Pipeline, ordered
+from agentgw.records.audit import timestamp
 from agentgw.registry.llm import token_upstreams as llm_token_upstreams
 from agentgw.registry.store import RegistryStore
 from agentgw.settings import Settings
 from agentgw.storage import create_db, ensure_private_dir, in_thread, make_engine, select_one
-from agentgw.storage.audit_checkpoints import checkpointer, trust
-from agentgw.storage.audit_log import AuditQuery, SqlAuditLog, iter_records
+from agentgw.storage.audit import AuditQuery, SqlAuditLog, checkpointer, iter_records, trust
 from agentgw.storage.budget import LocalBudgetStore, budget_store
 from agentgw.storage.budget.rules import BudgetRuleBook
 from agentgw.storage.task_owners import RedisTaskOwners

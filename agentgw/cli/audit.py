@@ -23,7 +23,7 @@ from typing import Any, TextIO
 import orjson
 
 from agentgw.cli.settings import add_common_options, settings_from_args
-from agentgw.filters.audit import printable
+from agentgw.records.audit import printable
 
 __all__ = ["register"]
 
@@ -90,7 +90,7 @@ def register(sub: Any) -> None:
 
 
 def _filters(args: argparse.Namespace) -> Any:
-    from agentgw.storage.audit_log import AuditQuery, parse_time
+    from agentgw.storage.audit import AuditQuery, parse_time
 
     return AuditQuery(
         since=parse_time(args.since) if args.since else None,
@@ -134,7 +134,7 @@ def _audit(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     from agentgw.storage import make_engine
-    from agentgw.storage.audit_log import create_audit_tables
+    from agentgw.storage.audit import create_audit_tables
 
     settings = settings_from_args(args)
     engine = make_engine(settings.audit.database_url or settings.database_url)
@@ -153,8 +153,17 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, engine: Any, settings: Any) -> int:
     from agentgw.identity import signing_key_path
-    from agentgw.storage.audit_checkpoints import checkpointer, public_text, trust
-    from agentgw.storage.audit_log import iter_records, otel_record, parse_time, prune, query, verify
+    from agentgw.storage.audit import (
+        checkpointer,
+        iter_records,
+        otel_record,
+        parse_time,
+        prune,
+        public_text,
+        query,
+        trust,
+        verify,
+    )
 
     command = args.audit_command
     key_dir = signing_key_path(settings).parent  # the checkpoint key's default place, as the gateway's
@@ -212,7 +221,7 @@ def _run(args: argparse.Namespace, engine: Any, settings: Any) -> int:
 
 
 def _newest_id(engine: Any) -> int:
-    from agentgw.storage.audit_log import AuditQuery, query
+    from agentgw.storage.audit import AuditQuery, query
 
     newest = query(engine, AuditQuery(), limit=1, newest_first=True)
     return int(newest[0]["id"]) if newest else 0

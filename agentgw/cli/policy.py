@@ -39,7 +39,6 @@ from typing import Any, Literal
 import yaml
 
 from agentgw.cli.settings import add_common_options, settings_from_args
-from agentgw.filters.audit import printable
 from agentgw.filters.authorize import (
     ACTIONS,
     DEFAULT_DENY,
@@ -50,6 +49,7 @@ from agentgw.filters.authorize import (
     parse_rule,
     read_rules,
 )
+from agentgw.records.audit import printable
 from agentgw.settings import PACKAGE_POLICIES
 
 __all__ = ["Change", "Finding", "Grant", "lint", "register", "replay", "run_tests", "what_can", "who_can"]
@@ -687,7 +687,7 @@ def _replay(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     from agentgw.storage import make_engine
-    from agentgw.storage.audit_log import AuditQuery, create_audit_tables, iter_records, parse_time
+    from agentgw.storage.audit import AuditQuery, create_audit_tables, iter_records, parse_time
 
     settings = settings_from_args(args)
     candidate = _candidate(args.policy, args.model or settings.policy.model)

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from agentgw.admin.audit import audit_router
 from agentgw.storage import make_engine
-from agentgw.storage.audit_log import SqlAuditLog
+from agentgw.storage.audit import SqlAuditLog
 from tests.storage.test_audit_log import record
 
 

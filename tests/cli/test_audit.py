@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from agentgw.cli import main
-from agentgw.filters.audit import AuditSettings
+from agentgw.records.audit import AuditSettings
 from agentgw.storage import make_engine
-from agentgw.storage.audit_log import SqlAuditLog
+from agentgw.storage.audit import SqlAuditLog
 from tests.storage.test_audit_log import record
 
 

@@ -15,12 +15,13 @@ from agentgw.cli import main
 from agentgw.cli.policy import who_can
 from agentgw.cli.settings import DEMO_POLICY
 from agentgw.errors import BudgetExceeded, GatewayError
-from agentgw.filters.audit import Audit, AuditSettings
+from agentgw.filters.audit import Audit
 from agentgw.filters.authorize import Authorize, CasbinAuthorizer, read_rules
 from agentgw.pipeline import CallNext, Pipeline
+from agentgw.records.audit import AuditSettings
 from agentgw.settings import PACKAGE_POLICIES
 from agentgw.storage import make_engine
-from agentgw.storage.audit_log import SqlAuditLog
+from agentgw.storage.audit import SqlAuditLog
 
 REPO = Path(__file__).resolve().parents[2]
 POLICIES = REPO / "policies"

@@ -22,7 +22,7 @@ from a2a.types.a2a_pb2 import Message, Part, Role, SendMessageRequest, Task, Tas
 from sqlalchemy import Engine
 
 from agentgw.storage import make_engine
-from agentgw.storage.audit_log import AuditQuery
+from agentgw.storage.audit import AuditQuery
 from conformance.fixtures.a2a_agents import agents_args
 from conformance.fixtures.launch import FixtureProcess, free_port, start_process
 from tests.support.audit import records_until

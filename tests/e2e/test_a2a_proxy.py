@@ -39,7 +39,7 @@ from sqlalchemy import Engine
 
 from agentgw.oauth.apikeys import ApiKeyStore, NewApiKey
 from agentgw.storage import make_engine
-from agentgw.storage.audit_log import AuditQuery
+from agentgw.storage.audit import AuditQuery
 from conformance.fixtures.a2a_agents import agents_args
 from conformance.fixtures.launch import free_port, start_process
 from tests.support.audit import keys, records_until

@@ -13,7 +13,7 @@ from sqlalchemy import delete, select, update
 
 from agentgw.cli import main
 from agentgw.storage import make_engine
-from agentgw.storage.audit_log import audit_chain, audit_checkpoint, audit_log, record_hash
+from agentgw.storage.audit import audit_chain, audit_checkpoint, audit_log, record_hash
 from tests.support.gateway import data_dir_of, run_gateway
 
 MODERN = "2026-07-28"

@@ -11,7 +11,7 @@ from mcp import Client
 from mcp.shared.exceptions import MCPError
 
 from agentgw.storage import make_engine
-from agentgw.storage.audit_log import create_audit_tables
+from agentgw.storage.audit import create_audit_tables
 from tests.e2e.test_audit_crash import config, read, upstream_uris
 from tests.support.gateway import run_gateway
 from tests.support.mcp import MODERN

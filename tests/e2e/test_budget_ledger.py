@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from agentgw.storage import make_engine
-from agentgw.storage.audit_log import AuditQuery, query
+from agentgw.storage.audit import AuditQuery, query
 from bench.compare import upstream_args
 from bench.load import run, workload
 from conformance.fixtures.launch import free_port, start_process

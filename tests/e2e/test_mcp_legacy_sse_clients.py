@@ -20,7 +20,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CreateMessageResult, TextContent
 
 from agentgw.storage import make_engine
-from agentgw.storage.audit_log import AuditQuery
+from agentgw.storage.audit import AuditQuery
 from conformance.fixtures.launch import stdio_command
 from tests.support.audit import records_until
 from tests.support.gateway import RunningGateway, run_gateway

@@ -15,7 +15,7 @@ from mcp.shared.exceptions import MCPError
 from sqlalchemy import Engine
 
 from agentgw.storage import make_engine
-from agentgw.storage.audit_log import AuditQuery
+from agentgw.storage.audit import AuditQuery
 from tests.support.audit import records_until
 from tests.support.gateway import RunningGateway, run_gateway
 from tests.support.mcp import META, MODERN, modern_headers

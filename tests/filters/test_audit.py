@@ -21,24 +21,26 @@ from agentgw.call import Call, Principal, Reply, Usage
 from agentgw.errors import BudgetExceeded, Forbidden, Unavailable, UpstreamError
 from agentgw.filters.audit import (
     _NEEDLES,  # private: how redaction skips strings
-    BUILTIN_PATTERNS,
-    DEFAULT_SECRET_ARGUMENTS,
     MAX_KNOWN_NAMES,
-    MAX_STRING,
     Audit,
-    AuditRecord,
-    RedactionSettings,
     _Redactor,  # private: its memory of argument names
     arguments_digest,
+    redact,
+)
+from agentgw.pipeline import CallNext, Pipeline, ordered
+from agentgw.records.audit import (
+    BUILTIN_PATTERNS,
+    DEFAULT_SECRET_ARGUMENTS,
+    MAX_STRING,
+    AuditRecord,
+    RedactionSettings,
     builtin_replacement,
     capped,
     printable,
-    redact,
     timestamp,
 )
-from agentgw.pipeline import CallNext, Pipeline, ordered
 from agentgw.storage import make_engine
-from agentgw.storage.audit_log import AuditQuery, SqlAuditLog, query
+from agentgw.storage.audit import AuditQuery, SqlAuditLog, query
 
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXNpZ25hdHVyZQ"
 ALICE = Principal(subject="user:alice", client_id="ci-bot", roles=("role:dev",), actors=("client:planner",))

@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 
 from agentgw.call import Call, Principal, Reply
-from agentgw.filters.audit import Audit, AuditSettings
+from agentgw.filters.audit import Audit
 from agentgw.pipeline import CallNext, ordered
+from agentgw.records.audit import AuditSettings
 from agentgw.storage import make_engine
-from agentgw.storage.audit_log import AuditQuery, SqlAuditLog, query
+from agentgw.storage.audit import AuditQuery, SqlAuditLog, query
 
 CORPUS: list[dict[str, Any]] = json.loads(
     (Path(__file__).parent / "data" / "secret_arguments.json").read_text()

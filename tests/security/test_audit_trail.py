@@ -27,10 +27,11 @@ from agentgw.call import Call, Principal, Reply
 from agentgw.cli import main
 from agentgw.cli.audit import TABLE_COLUMNS
 from agentgw.errors import Forbidden
-from agentgw.filters.audit import RECORD_MAX_BYTES, Audit, AuditSettings
+from agentgw.filters.audit import Audit
 from agentgw.pipeline import CallNext, ordered
+from agentgw.records.audit import RECORD_MAX_BYTES, AuditSettings
 from agentgw.storage import make_engine
-from agentgw.storage.audit_log import AuditQuery, SqlAuditLog, query, verify
+from agentgw.storage.audit import AuditQuery, SqlAuditLog, query, verify
 from conformance.fixtures.a2a_agents import agents_args
 from conformance.fixtures.launch import free_port, start_process
 from conformance.fixtures.openai_upstream import start_openai_upstream_sync

@@ -16,26 +16,24 @@ import pytest
 from sqlalchemy import Engine, delete, insert, select, update
 
 from agentgw.errors import ConfigError
-from agentgw.filters.audit import AuditSettings, CheckpointSettings
+from agentgw.records.audit import AuditSettings, CheckpointSettings
 from agentgw.storage import make_engine
-from agentgw.storage.audit_checkpoints import (
+from agentgw.storage.audit import (
+    GENESIS,
     Checkpointer,
     CheckpointKey,
     CheckpointTrust,
-    checkpointer,
-    parse_checkpoint,
-    public_text,
-    trust,
-)
-from agentgw.storage.audit_log import (
-    GENESIS,
     SqlAuditLog,
     audit_chain,
     audit_checkpoint,
     audit_log,
+    checkpointer,
     create_audit_tables,
+    parse_checkpoint,
     prune,
+    public_text,
     record_hash,
+    trust,
     verify,
 )
 from tests.storage.test_audit_log import journal_dir, journal_files, record, stored_ids

@@ -15,10 +15,9 @@ import pytest
 from sqlalchemy import Engine, delete, insert, select, update
 
 from agentgw.errors import Unavailable
-from agentgw.filters.audit import AuditRecord, AuditSettings
-from agentgw.storage import audit_log as audit_log_module
+from agentgw.records.audit import AuditRecord, AuditSettings
 from agentgw.storage import make_engine
-from agentgw.storage.audit_log import (
+from agentgw.storage.audit import (
     GENESIS,
     HASHED,
     LINGER_S,
@@ -34,7 +33,9 @@ from agentgw.storage.audit_log import (
     record_hash,
     verify,
 )
-from agentgw.storage.audit_log import _stored as stored_row  # the exact bytes a record is hashed from
+from agentgw.storage.audit import ingest as ingest_module
+from agentgw.storage.audit import journal as journal_module
+from agentgw.storage.audit.chain import stored_row  # the exact bytes a record is hashed from
 from tests.support.crash import kill_when_ready
 
 BASE = AuditRecord(
@@ -91,6 +92,14 @@ async def test_concurrent_records_are_committed_in_groups_and_verify(engine: Eng
     report = verify(engine)
     assert report.ok, report.problem
     assert report.records == 200 and report.chains == 1
+
+
+def test_a_log_that_commits_while_its_writers_wait_reports_no_problem(engine: Engine) -> None:
+    # No journal to open, to fall behind or to fail ingesting: readiness and the problem gauge see none.
+    log = SqlAuditLog(engine, AuditSettings(node_id="node", durability="power"))
+    assert log.problem() is None
+    assert log.backlog() is None
+    log.close()
 
 
 async def test_two_writers_keep_two_chains_in_one_table(engine: Engine) -> None:
@@ -404,7 +413,7 @@ def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
 @pytest.fixture
 def no_timely_ingest(monkeypatch: pytest.MonkeyPatch) -> None:
     """The ingest thread runs only when woken (a flush, close or a large backlog), never on its own."""
-    monkeypatch.setattr(audit_log_module, "INGEST_EVERY_S", 3600.0)
+    monkeypatch.setattr(ingest_module, "INGEST_EVERY_S", 3600.0)
 
 
 def journal_dir(engine: Engine) -> Path:
@@ -470,13 +479,13 @@ async def test_an_outcome_nobody_waits_for_shares_the_next_decisions_journal_wri
     log = SqlAuditLog(sqlite_engine, AuditSettings(node_id="node"))
     await log.write(record(1))
     writes: list[bytes] = []
-    write = audit_log_module.os.write
+    write = journal_module.os.write
 
     def counted(fd: int, data: bytes) -> int:
         writes.append(bytes(data))
         return write(fd, data)
 
-    monkeypatch.setattr(audit_log_module.os, "write", counted)  # counts, writes as ever
+    monkeypatch.setattr(journal_module.os, "write", counted)  # counts, writes as ever
     log.submit(record(2, event="outcome"))
     await asyncio.sleep(0)  # a turn of the loop: the outcome alone is not written
     await log.write(record(3))
@@ -503,7 +512,7 @@ async def test_close_ingests_everything_and_leaves_no_journal_behind(
 async def test_segments_rotate_and_are_deleted_once_ingested(
     sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch, no_timely_ingest: None
 ) -> None:
-    monkeypatch.setattr(audit_log_module, "SEGMENT_BYTES", 1)  # every write starts a new segment
+    monkeypatch.setattr(journal_module, "SEGMENT_BYTES", 1)  # every write starts a new segment
     log = SqlAuditLog(sqlite_engine, AuditSettings(node_id="node"))
     for n in range(4):
         await log.write(record(n))
@@ -580,14 +589,14 @@ async def test_a_failed_journal_write_refuses_its_batch_and_the_next_write_start
     as a full disk makes (half the bytes land)."""
     log = SqlAuditLog(sqlite_engine, AuditSettings(node_id="node"))
     await log.write(record(1))
-    write = audit_log_module.os.write
+    write = journal_module.os.write
 
     def short(fd: int, data: bytes) -> int:
         if b'"request_id":"doomed' in data:
             return write(fd, data[: len(data) // 2])
         return write(fd, data)
 
-    monkeypatch.setattr(audit_log_module.os, "write", short)
+    monkeypatch.setattr(journal_module.os, "write", short)
     with pytest.raises(Unavailable, match="audit log unavailable"):
         await log.write(replace(BASE, request_id="doomed"))
     monkeypatch.undo()
@@ -603,15 +612,15 @@ async def test_a_failed_journal_write_refuses_its_batch_and_the_next_write_start
 
 CRASHING_WRITER = """
 import asyncio, sys
-from agentgw.filters.audit import AuditSettings
+from agentgw.records.audit import AuditSettings
 from agentgw.storage import make_engine
-from agentgw.storage import audit_log
+from agentgw.storage.audit import SqlAuditLog, ingest
 from tests.storage.test_audit_log import record
 
-audit_log.INGEST_EVERY_S = 3600.0  # only a flush ingests
+ingest.INGEST_EVERY_S = 3600.0  # only a flush ingests
 
 async def main() -> None:
-    log = audit_log.SqlAuditLog(make_engine(sys.argv[1]), AuditSettings(node_id="crashing"))
+    log = SqlAuditLog(make_engine(sys.argv[1]), AuditSettings(node_id="crashing"))
     for n in range(5):
         await log.write(record(n))
     await log.flush()  # these five are in SQL; the next five only in the journal

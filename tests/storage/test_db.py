@@ -18,10 +18,10 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import OperationalError
 
 from agentgw.errors import Unavailable
-from agentgw.filters.audit import AuditRecord
+from agentgw.records.audit import AuditRecord
 from agentgw.records.budget import Charge, Shortfall
 from agentgw.storage import make_engine
-from agentgw.storage.audit_log import SqlAuditLog, verify
+from agentgw.storage.audit import SqlAuditLog, verify
 from agentgw.storage.budget.sql import SqlBudgetStore
 from agentgw.storage.db import STATEMENT_TIMEOUT_S, DatabaseSettings
 from tests.storage.budget.test_stores import NOW, charge

@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 from sqlalchemy import Engine
 
-from agentgw.storage.audit_log import AuditQuery, query
+from agentgw.storage.audit import AuditQuery, query
 
 __all__ = ["keys", "records_until"]
 

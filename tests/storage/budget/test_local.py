@@ -20,7 +20,7 @@ from sqlalchemy import Engine, delete, event, insert, select, update
 
 from agentgw.call import Principal
 from agentgw.errors import ConfigError, Unavailable
-from agentgw.filters.audit import timestamp
+from agentgw.records.audit import timestamp
 from agentgw.records.budget import BudgetRule, BudgetSettings, Shortfall, targets
 from agentgw.storage import make_engine
 from agentgw.storage.budget import LocalBudgetStore, SqlBudgetStore, budget_reader, budget_store

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agentgw.errors import ConfigError
-from agentgw.filters.audit import CheckpointSettings, timestamp
+from agentgw.records.audit import CheckpointSettings, timestamp
 
 __all__ = [
     "KEY_FILE",
