@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -53,6 +53,11 @@ from agentgw.oauth.metadata import protected_resource_router
 from agentgw.oauth.server import oauth_router
 from agentgw.pipeline import Pipeline, ordered
 from agentgw.registry.api import registry_router
+from agentgw.registry.catalog import Catalog, default_namespace
+from agentgw.registry.folder import RegistryFolder
+from agentgw.registry.folder import watch as watch_folder
+from agentgw.registry.models import McpServerSpec
+from agentgw.registry.read_api import registry_read_router
 from agentgw.registry.store import RegistryStore
 from agentgw.settings import Settings
 from agentgw.storage import create_db, ensure_private_dir, make_engine
@@ -95,6 +100,8 @@ class Gateway:
     credentials: Credentials | None = None
     readiness: Readiness | None = None
     metrics: Metrics | None = None
+    catalog: Catalog | None = None
+    folder: RegistryFolder | None = None
 
 
 def build_gateway(settings: Settings) -> Gateway:
@@ -113,7 +120,8 @@ def build_gateway(settings: Settings) -> Gateway:
     registry = RegistryStore(
         engine, lambda spec, from_config: admission.refusal(spec, from_config=from_config)
     )
-    registry.sync_config(settings.servers, settings.virtual_servers)
+    folder = RegistryFolder(settings.registry.folder) if settings.registry.folder is not None else None
+    registry.sync_config([*settings.servers, *(folder.load() if folder else [])], settings.virtual_servers)
     authorizer = CasbinAuthorizer(
         settings.policy.model,
         settings.policy.file,
@@ -250,6 +258,7 @@ def build_gateway(settings: Settings) -> Gateway:
         credentials=credentials,
         readiness=readiness,
         metrics=metrics,
+        folder=folder,
     )
 
 
@@ -358,6 +367,31 @@ def _admin_guard(gateway: Gateway, area: str, act: str) -> Callable[[Request], A
         return principal
 
     return guard
+
+
+def _registry_read(gateway: Gateway) -> APIRouter:
+    """The MCP Registry read API (/v0.1): what a caller may discover, decided as tools/list is."""
+    settings = gateway.settings
+    if gateway.catalog is None:  # published from the registry's snapshot, kept in step with it
+        catalog = gateway.catalog = Catalog(gateway.registry.engine)
+        catalog.sync(gateway.registry.servers())
+        gateway.registry.on_change(lambda: catalog.sync(gateway.registry.servers()))
+
+    async def principal_of(request: Request) -> Principal:
+        # The registry describes the /mcp endpoints: a token for /mcp (or the gateway) reads it.
+        principal = await gateway.authenticate.principal(
+            request.headers.get("authorization"), endpoint="/mcp"
+        )
+        gateway.authorizer.refresh()
+        return principal
+
+    return registry_read_router(
+        gateway.catalog,
+        principal_of,
+        gateway.authorizer.decide,
+        base_url=settings.base_url,
+        namespace=settings.registry.namespace or default_namespace(settings.base_url),
+    )
 
 
 MCP_METHODS = frozenset({"GET", "POST", "DELETE"})
@@ -552,6 +586,13 @@ def create_app(settings: Settings) -> GatewayApp:
             gateway.sessions.sync(gateway.registry.servers())
             poller = asyncio.create_task(_poll_registry(gateway.registry))
             policy_watch = asyncio.create_task(gateway.authorizer.watch())
+            watches = [poller, policy_watch]
+            if gateway.folder is not None:
+
+                def apply(servers: list[McpServerSpec]) -> None:
+                    gateway.registry.sync_config([*settings.servers, *servers], settings.virtual_servers)
+
+                watches.append(asyncio.create_task(watch_folder(gateway.folder, apply, REGISTRY_POLL_S)))
             if gateway.metrics is not None and settings.metrics.port is not None:
                 await stack.enter_async_context(
                     serve_metrics(gateway.metrics, settings.metrics.host, settings.metrics.port)
@@ -565,7 +606,7 @@ def create_app(settings: Settings) -> GatewayApp:
                 yield
             finally:
                 gc.unfreeze()
-                for task in (poller, policy_watch):
+                for task in watches:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
@@ -639,6 +680,7 @@ def create_app(settings: Settings) -> GatewayApp:
         dependencies=ADMIN_DEPENDENCIES,
         responses=GUARDED,
     )
+    app.include_router(_registry_read(gateway))
     app.include_router(
         budgets_router(
             gateway.budget_rules,
