@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -34,10 +35,23 @@ def register(sub: Any) -> None:
     remove = reg_sub.add_parser("remove", help="remove a server")
     add_common_options(remove)
     remove.add_argument("name")
+    imp = reg_sub.add_parser(
+        "import", help="add servers from server.json files or another registry's API (/v0.1/servers)"
+    )
+    add_common_options(imp)
+    imp.add_argument("source", help="a server.json file, a folder of them, or a registry's base URL")
+    imp.add_argument("--to-folder", type=Path, help="write server.json files here instead of the database")
+    imp.add_argument("--replace", action="store_true", help="replace servers (or files) of the same name")
+    imp.add_argument(
+        "--allow-http",
+        action="store_true",
+        help="fetch a registry over plain http (address rules still apply)",
+    )
     reg.set_defaults(func=_registry)
 
 
 def _registry(args: argparse.Namespace) -> int:
+    from agentgw.registry.folder import RegistryFolder
     from agentgw.registry.models import McpServerSpec
     from agentgw.registry.store import RegistryConflict, RegistryStore
     from agentgw.storage import create_db, make_engine
@@ -50,10 +64,14 @@ def _registry(args: argparse.Namespace) -> int:
     store = RegistryStore(engine, lambda spec, from_config: admission.refusal(spec, from_config=from_config))
     if settings.config_file is not None:
         # The config file owns its declarations: the registry shows them as the gateway would.
-        store.sync_config(settings.servers, settings.virtual_servers)
+        folder = settings.registry.folder
+        in_folder = RegistryFolder(folder).load() if folder is not None else []
+        store.sync_config([*settings.servers, *in_folder], settings.virtual_servers)
     else:
         # Without a file nothing is declared; rows a file owns stay as the gateway last wrote them.
         store.refresh(force=True)
+    if args.registry_command == "import":
+        return _import(args, store, settings)
     if args.registry_command == "list":
         rows = [(name, "?", "?", f"failing: {why}") for name, why in store.failing_servers().items()]
         for spec in store.all_servers():
@@ -105,3 +123,50 @@ def _registry(args: argparse.Namespace) -> int:
         return 1
     print(f"removed {args.name}")
     return 0
+
+
+def _import(args: argparse.Namespace, store: Any, settings: Any) -> int:
+    import asyncio
+
+    from agentgw.fetch_guard import FetchGuard
+    from agentgw.registry.folder import to_server_json
+    from agentgw.registry.importer import from_path, from_registry
+    from agentgw.registry.store import RegistryConflict
+
+    source: str = args.source
+    try:
+        if source.startswith(("http://", "https://")):
+            schemes = ("https", "http") if args.allow_http else ("https",)
+            found = asyncio.run(from_registry(source, FetchGuard(settings.fetch_allow), schemes=schemes))
+        else:
+            found = from_path(Path(source))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    admission = settings.admission()
+    failed = 0
+    for item in found:
+        spec = item.spec
+        problem = item.problem
+        if spec is not None and problem is None:
+            problem = admission.refusal(spec, from_config=args.to_folder is not None)
+        if spec is None or problem is not None:
+            print(f"skipped {item.source}: {problem}", file=sys.stderr)
+            failed += 1
+            continue
+        try:
+            if args.to_folder is not None:
+                target = args.to_folder / f"{spec.name}.json"
+                if target.exists() and not args.replace:
+                    raise RegistryConflict(f"{target} exists (--replace to overwrite it)")
+                args.to_folder.mkdir(parents=True, exist_ok=True)
+                target.write_text(json.dumps(to_server_json(spec, item.source), indent=2) + "\n")
+            else:
+                store.put_server(spec, replace=args.replace)
+        except RegistryConflict as exc:
+            print(f"skipped {item.source}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"imported {item.source} as {spec.name}")
+    print(f"{len(found) - failed} imported, {failed} skipped", file=sys.stderr)
+    return 1 if failed else 0
