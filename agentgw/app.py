@@ -57,6 +57,8 @@ from agentgw.registry.catalog import Catalog, default_namespace
 from agentgw.registry.folder import RegistryFolder
 from agentgw.registry.folder import watch as watch_folder
 from agentgw.registry.models import McpServerSpec
+from agentgw.registry.pins import PinGate, PinningMode, Pins
+from agentgw.registry.pins_api import pins_router
 from agentgw.registry.read_api import registry_read_router
 from agentgw.registry.store import RegistryStore
 from agentgw.settings import Settings
@@ -102,6 +104,7 @@ class Gateway:
     metrics: Metrics | None = None
     catalog: Catalog | None = None
     folder: RegistryFolder | None = None
+    pins: Pins | None = None
 
 
 def build_gateway(settings: Settings) -> Gateway:
@@ -188,6 +191,13 @@ def build_gateway(settings: Settings) -> Gateway:
         else MemorySessionStore(session_limits)
     )
     passthrough = PassThrough(pipeline, upstream, mcp_sessions, settings.max_body_bytes)
+    pins = Pins(engine)
+
+    def pinning_of(server: str) -> PinningMode:
+        spec = registry.server(server)
+        return (spec.pinning if spec is not None else None) or settings.registry.pinning
+
+    passthrough.pins = PinGate(pins, pinning_of)
     sessions = UpstreamSessions(credentials.session_credential)
     bridge = Bridge(
         pipeline,
@@ -199,6 +209,7 @@ def build_gateway(settings: Settings) -> Gateway:
         bindings=mcp_sessions,
         session_limits=session_limits,
     )
+    bridge.pins = passthrough.pins
     sessions.on_list_changed(bridge.on_list_changed)
     llm = LlmIngress.build(
         settings.llm_routes,
@@ -259,6 +270,7 @@ def build_gateway(settings: Settings) -> Gateway:
         readiness=readiness,
         metrics=metrics,
         folder=folder,
+        pins=pins,
     )
 
 
@@ -584,7 +596,7 @@ def create_app(settings: Settings) -> GatewayApp:
 
             gateway.registry.on_change(resync)
             gateway.sessions.sync(gateway.registry.servers())
-            poller = asyncio.create_task(_poll_registry(gateway.registry))
+            poller = asyncio.create_task(_poll_registry(gateway.registry, gateway.pins))
             policy_watch = asyncio.create_task(gateway.authorizer.watch())
             watches = [poller, policy_watch]
             if gateway.folder is not None:
@@ -681,6 +693,16 @@ def create_app(settings: Settings) -> GatewayApp:
         responses=GUARDED,
     )
     app.include_router(_registry_read(gateway))
+    if gateway.pins is not None:
+        app.include_router(
+            pins_router(
+                gateway.pins,
+                read_guard=_admin_guard(gateway, "registry", "read"),
+                write_guard=_admin_guard(gateway, "registry", "write"),
+            ),
+            dependencies=ADMIN_DEPENDENCIES,
+            responses=GUARDED,
+        )
     app.include_router(
         budgets_router(
             gateway.budget_rules,
@@ -741,11 +763,13 @@ def create_app(settings: Settings) -> GatewayApp:
     return app
 
 
-async def _poll_registry(registry: RegistryStore) -> None:
+async def _poll_registry(registry: RegistryStore, pins: Pins | None = None) -> None:
     # Writes from other processes (the CLI, other nodes) bump a version row; pick them up.
     while True:
         await anyio.sleep(REGISTRY_POLL_S)
         try:
             await anyio.to_thread.run_sync(registry.refresh)
+            if pins is not None:  # approvals made elsewhere
+                await anyio.to_thread.run_sync(pins.refresh)
         except Exception:
             log.exception("registry refresh failed; serving the last snapshot")

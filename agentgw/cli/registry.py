@@ -47,6 +47,15 @@ def register(sub: Any) -> None:
         action="store_true",
         help="fetch a registry over plain http (address rules still apply)",
     )
+    diff = reg_sub.add_parser("diff", help="what changed in a server's quarantined or waiting tools")
+    add_common_options(diff)
+    diff.add_argument("name")
+    approve = reg_sub.add_parser(
+        "approve", help="approve a server's tools as last seen (all waiting if none named)"
+    )
+    add_common_options(approve)
+    approve.add_argument("name")
+    approve.add_argument("tools", nargs="*", help="tool names (default: every quarantined or waiting tool)")
     reg.set_defaults(func=_registry)
 
 
@@ -57,6 +66,8 @@ def _registry(args: argparse.Namespace) -> int:
     from agentgw.storage import create_db, make_engine
 
     settings = settings_from_args(args, demo=False)
+    import agentgw.registry.pins  # noqa: F401  (registers its tables before create_db)
+
     engine = make_engine(settings.database_url)
     create_db(engine)
     admission = settings.admission()
@@ -70,6 +81,8 @@ def _registry(args: argparse.Namespace) -> int:
     else:
         # Without a file nothing is declared; rows a file owns stay as the gateway last wrote them.
         store.refresh(force=True)
+    if args.registry_command in ("diff", "approve"):
+        return _review(args, engine)
     if args.registry_command == "import":
         return _import(args, store, settings)
     if args.registry_command == "list":
@@ -170,3 +183,31 @@ def _import(args: argparse.Namespace, store: Any, settings: Any) -> int:
         print(f"imported {item.source} as {spec.name}")
     print(f"{len(found) - failed} imported, {failed} skipped", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _review(args: argparse.Namespace, engine: Any) -> int:
+    import difflib
+    import getpass
+
+    from agentgw.registry.pins import Pins
+
+    pins = Pins(engine)
+    if args.registry_command == "approve":
+        try:
+            approved = pins.approve(args.name, args.tools, by=f"cli:{getpass.getuser()}")
+        except KeyError as exc:
+            print(f"error: {exc.args[0]}", file=sys.stderr)
+            return 1
+        print(f"approved {', '.join(approved)}" if approved else "nothing to approve")
+        return 0
+    waiting = [p for p in pins.pins(args.name) if p.state != "approved"]
+    for pin in waiting:
+        print(f"{pin.state}: {pin.name!r} ({', '.join(pin.changes())})")
+        # JSON with ASCII escapes: upstream text (a description) cannot drive the terminal.
+        before = json.dumps(pin.approved, indent=2, sort_keys=True).splitlines() if pin.approved else []
+        after = json.dumps(pin.seen, indent=2, sort_keys=True).splitlines()
+        for line in difflib.unified_diff(before, after, "approved", "seen now", lineterm=""):
+            print(line)
+    if not waiting:
+        print(f"nothing waiting on {args.name}")
+    return 0

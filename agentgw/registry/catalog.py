@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -65,6 +66,8 @@ class RegistrySettings(BaseModel):
     # A folder of server.json documents (agentgw/registry/folder.py), owned like the config file's
     # servers; relative to the config file. Unset: no folder.
     folder: Path | None = None
+    # Tool pinning for servers that do not choose (agentgw/registry/pins.py): off, first-sight, approve.
+    pinning: Literal["off", "first-sight", "approve"] = "off"
 
     @field_validator("namespace")
     @classmethod

@@ -298,6 +298,8 @@ class McpServerSpec(BaseModel):
     title: str | None = Field(default=None, min_length=1, max_length=100)
     description: str | None = Field(default=None, min_length=1, max_length=100)
     version: str | None = Field(default=None, min_length=1, max_length=255, pattern=r"^[^\s^~<>=*/]+$")
+    # Tool pinning against rug pulls (agentgw/registry/pins.py); unset: the gateway's `registry.pinning`.
+    pinning: Literal["off", "first-sight", "approve"] | None = None
 
     @property
     def per_caller_credential(self) -> bool:
