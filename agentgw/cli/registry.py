@@ -5,6 +5,7 @@ A running gateway picks up the change within seconds (it polls the registry's ve
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from pathlib import Path
@@ -20,7 +21,9 @@ __all__ = ["register"]
 def register(sub: Any) -> None:
     reg = sub.add_parser("registry", help="upstream MCP servers")
     reg_sub = reg.add_subparsers(dest="registry_command", required=True)
-    add_common_options(reg_sub.add_parser("list", help="list servers"))
+    listing = reg_sub.add_parser("list", help="list servers, each with what a check of its upstream found")
+    add_common_options(listing)
+    listing.add_argument("--no-check", action="store_true", help="do not connect to the upstreams")
     show = reg_sub.add_parser("show", help="show one server")
     add_common_options(show)
     show.add_argument("name")
@@ -32,6 +35,7 @@ def register(sub: Any) -> None:
     add.add_argument("--command")
     add.add_argument("--arg", action="append", help="an argument of the stdio command (repeat)")
     add.add_argument("--timeout", type=float, default=30.0)
+    add.add_argument("--no-verify", action="store_true", help="store it without checking that it answers MCP")
     remove = reg_sub.add_parser("remove", help="remove a server")
     add_common_options(remove)
     remove.add_argument("name")
@@ -63,6 +67,7 @@ def _registry(args: argparse.Namespace) -> int:
     from agentgw.registry.folder import RegistryFolder
     from agentgw.registry.models import McpServerSpec
     from agentgw.registry.store import RegistryConflict, RegistryStore
+    from agentgw.registry.verify import CHECK_TIMEOUT_S, check, check_all
     from agentgw.storage import create_db, make_engine
 
     settings = settings_from_args(args, demo=False)
@@ -86,12 +91,22 @@ def _registry(args: argparse.Namespace) -> int:
     if args.registry_command == "import":
         return _import(args, store, settings)
     if args.registry_command == "list":
-        rows = [(name, "?", "?", f"failing: {why}") for name, why in store.failing_servers().items()]
+        rows: list[tuple[str, ...]] = [
+            (name, "?", "?", f"failing: {why}") for name, why in store.failing_servers().items()
+        ]
+        served = store.servers()
+        health = {} if args.no_check else asyncio.run(check_all(served))
+        quarantined = _quarantined(engine)
         for spec in store.all_servers():
             where = spec.url or " ".join([spec.command or "", *spec.args])
             problem = admission.problem(spec, from_config=store.owner(spec.name) == "config")
             state = "disabled" if not spec.enabled else f"failing: {problem}" if problem else "enabled"
-            rows.append((spec.name, spec.transport, where, state))
+            row: tuple[str, ...] = (spec.name, spec.transport, where, state)
+            if spec.name in health:
+                row += (f"upstream {health[spec.name].text()}",)
+            if waiting := quarantined.get(spec.name):
+                row += (f"tools waiting for approval: {', '.join(map(repr, waiting))}",)
+            rows.append(row)
         for row in sorted(rows):
             print("\t".join(row))
         return 0
@@ -115,6 +130,16 @@ def _registry(args: argparse.Namespace) -> int:
             if refused := admission.refusal(spec, from_config=False):
                 print(f"error: {refused}", file=sys.stderr)
                 return 2
+            if not args.no_verify:
+                # Checked before anything is stored: a dead URL is refused now, not found at the first call.
+                verified = asyncio.run(check(spec, min(spec.timeout_s, CHECK_TIMEOUT_S)))
+                if verified.ok is False:
+                    print(
+                        f"error: upstream {spec.name} {verified.text()} (--no-verify to add it anyway)",
+                        file=sys.stderr,
+                    )
+                    return 1
+                print(f"checked {spec.name}: {verified.text()}", file=sys.stderr)
             store.put_server(spec)
         except ValidationError as exc:
             for error in exc.errors():
@@ -139,8 +164,6 @@ def _registry(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace, store: Any, settings: Any) -> int:
-    import asyncio
-
     from agentgw.fetch_guard import FetchGuard
     from agentgw.registry.folder import to_server_json
     from agentgw.registry.importer import from_path, from_registry
@@ -211,3 +234,12 @@ def _review(args: argparse.Namespace, engine: Any) -> int:
     if not waiting:
         print(f"nothing waiting on {args.name}")
     return 0
+
+
+def _quarantined(engine: Any) -> dict[str, list[str]]:
+    from agentgw.registry.pins import Pins
+
+    out: dict[str, list[str]] = {}
+    for pin in Pins(engine).waiting():
+        out.setdefault(pin.server, []).append(pin.name)
+    return out

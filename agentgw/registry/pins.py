@@ -149,6 +149,12 @@ class Pins:
     def pins(self, server: str) -> list[Pin]:
         return sorted((p for (s, _), p in self._pins.items() if s == server), key=lambda p: p.name)
 
+    def waiting(self) -> list[Pin]:
+        """Every quarantined or pending tool, of every server."""
+        return sorted(
+            (p for p in self._pins.values() if p.state != "approved"), key=lambda p: (p.server, p.name)
+        )
+
     def refusal(self, server: str, tool: str) -> str | None:
         """Why a call of `tool` on `server` is refused (quarantined or waiting), None if it is not."""
         pin = self._pins.get((server, tool))
