@@ -66,7 +66,7 @@ def pins_router(pins: Pins, read_guard: Guard, write_guard: Guard) -> APIRouter:
         pins.refresh()
         return [_out(p) for p in pins.pins(name)]
 
-    @router.post("/servers/{name}/tools/approve", response_model=ApprovedOut, responses=errors(404))
+    @router.post("/servers/{name}/tools/approve", response_model=ApprovedOut, responses=errors(400, 404))
     async def approve(name: PathName, body: ApproveIn, principal: Principal = write) -> ApprovedOut:
         try:
             approved = pins.approve(name, body.tools, by=principal.subject)

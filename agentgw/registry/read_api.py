@@ -161,7 +161,8 @@ def registry_read_router(
                 continue
             if needle is not None and needle not in full_name.lower():
                 continue
-            if since is not None and entry.updated_at <= since:
+            # Compared as published (RFC 3339, microseconds): a reader passes back an `updatedAt` it saw.
+            if since is not None and rfc3339(entry.updated_at) <= rfc3339(since):
                 continue
             if version not in (None, "latest") and entry.version != version:
                 continue
