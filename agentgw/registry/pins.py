@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import JSON, Column, Engine
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, select
 
 __all__ = [
@@ -269,13 +270,22 @@ class Pins:
 
     # --- storage ---
     def _write(self, rows: list[PinRow]) -> None:
-        with self._lock, Session(self._engine) as session:
-            for row in rows:
-                session.merge(row)
-            version = session.get(PinVersion, 1) or PinVersion()
-            version.version += 1
-            session.add(version)
-            session.commit()
+        with self._lock:
+            for attempt in range(2):
+                try:
+                    with Session(self._engine) as session:
+                        for row in rows:
+                            session.merge(row)
+                        version = session.get(PinVersion, 1) or PinVersion()
+                        version.version += 1
+                        session.add(version)
+                        session.commit()
+                    break
+                except IntegrityError:
+                    # Another process inserted the same pin (or the version row) first: go again,
+                    # now as an update of its row.
+                    if attempt:
+                        raise
         self.refresh(force=True)
 
     def refresh(self, *, force: bool = False) -> bool:
