@@ -13,7 +13,8 @@ ingress adapters render it in their protocol's own shape.
     ├── TooManySessions (429, -32600)     the caller holds as many legacy MCP sessions as it may
     ├── Unauthenticated (401, -32001)     no or bad credentials; carries the OAuth challenge
     ├── Forbidden (403, -32003)           denied by policy (same text whether or not the thing exists)
-    │   └── InsufficientScope (403, -32003)
+    │   ├── InsufficientScope (403, -32003)
+    │   └── ToolQuarantined (403, -32003) a pinned tool changed (or waits) until an admin approves it
     ├── BudgetExceeded (429, -32029)      names the budget and when it resets
     ├── UpstreamError (502, -32603)       the upstream failed after the call may have reached it
     │   ├── UpstreamTimeout (504, -32603)
@@ -46,6 +47,7 @@ __all__ = [
     "SessionNotFound",
     "SessionsExhausted",
     "TooManySessions",
+    "ToolQuarantined",
     "Unauthenticated",
     "Unavailable",
     "UnsupportedMediaType",
@@ -140,6 +142,10 @@ class Forbidden(GatewayError):
 
 class InsufficientScope(Forbidden):
     reason = "insufficient_scope"
+
+
+class ToolQuarantined(Forbidden):
+    reason = "tool_quarantined"
 
 
 class BudgetExceeded(GatewayError):

@@ -26,6 +26,7 @@ from agentgw.records.audit import AuditSettings
 from agentgw.records.budget import BudgetSettings
 from agentgw.registry.a2a import A2aAgentSpec, A2aCredential
 from agentgw.registry.admission import Admission
+from agentgw.registry.catalog import RegistrySettings
 from agentgw.registry.llm import LlmRouteList, route_secrets
 from agentgw.registry.models import McpServerSpec, UpstreamLimits, VirtualServerSpec, credential_secrets
 from agentgw.registry.secrets import SecretRefused, Secrets, SecretSource
@@ -120,6 +121,8 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     servers: list[McpServerSpec] = Field(default_factory=list)
     virtual_servers: list[VirtualServerSpec] = Field(default_factory=list)
+    # How the registry is published (the MCP Registry API at /v0.1); see agentgw/registry/catalog.py.
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
     # Virtual models served at /v1 (see agentgw/registry/llm.py); secrets are named, never inline.
     llm_routes: LlmRouteList = Field(default_factory=list)
     # A2A agents served at /a2a/<name> (see agentgw/registry/a2a.py); secrets are named, never inline.
@@ -262,6 +265,9 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         for key in ("model", "file"):
             if isinstance(policy.get(key), str):
                 policy[key] = str((config_file.parent / policy[key]).resolve())
+        registry = data.get("registry") or {}
+        if isinstance(registry, dict) and isinstance(registry.get("folder"), str):
+            registry["folder"] = str((config_file.parent / registry["folder"]).resolve())
         data["config_file"] = config_file
     try:
         settings = Settings(**data)

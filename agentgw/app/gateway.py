@@ -32,7 +32,10 @@ from agentgw.metrics import Known, Metrics, State
 from agentgw.oauth.server import oauth_router
 from agentgw.pipeline import Pipeline, ordered
 from agentgw.records.audit import timestamp
+from agentgw.registry.catalog import Catalog
+from agentgw.registry.folder import RegistryFolder
 from agentgw.registry.llm import token_upstreams as llm_token_upstreams
+from agentgw.registry.pins import PinGate, PinningMode, Pins
 from agentgw.registry.store import RegistryStore
 from agentgw.settings import Settings
 from agentgw.storage import create_db, ensure_private_dir, in_thread, make_engine, select_one
@@ -74,6 +77,9 @@ class Gateway:
     credentials: Credentials | None = None
     readiness: Readiness | None = None
     metrics: Metrics | None = None
+    catalog: Catalog | None = None
+    folder: RegistryFolder | None = None
+    pins: Pins | None = None
 
 
 def build_gateway(settings: Settings) -> Gateway:
@@ -92,7 +98,8 @@ def build_gateway(settings: Settings) -> Gateway:
     registry = RegistryStore(
         engine, lambda spec, from_config: admission.refusal(spec, from_config=from_config)
     )
-    registry.sync_config(settings.servers, settings.virtual_servers)
+    folder = RegistryFolder(settings.registry.folder) if settings.registry.folder is not None else None
+    registry.sync_config([*settings.servers, *(folder.load() if folder else [])], settings.virtual_servers)
     authorizer = CasbinAuthorizer(
         settings.policy.model,
         settings.policy.file,
@@ -161,6 +168,13 @@ def build_gateway(settings: Settings) -> Gateway:
         else MemorySessionStore(session_limits)
     )
     passthrough = PassThrough(pipeline, upstream, mcp_sessions, settings.max_body_bytes)
+    pins = Pins(engine)
+
+    def pinning_of(server: str) -> PinningMode:
+        spec = registry.server(server)
+        return (spec.pinning if spec is not None else None) or settings.registry.pinning
+
+    passthrough.pins = PinGate(pins, pinning_of)
     sessions = UpstreamSessions(credentials.session_credential)
     bridge = Bridge(
         pipeline,
@@ -172,6 +186,7 @@ def build_gateway(settings: Settings) -> Gateway:
         bindings=mcp_sessions,
         session_limits=session_limits,
     )
+    bridge.pins = passthrough.pins
     sessions.on_list_changed(bridge.on_list_changed)
     llm = LlmIngress.build(
         settings.llm_routes,
@@ -231,6 +246,8 @@ def build_gateway(settings: Settings) -> Gateway:
         credentials=credentials,
         readiness=readiness,
         metrics=metrics,
+        folder=folder,
+        pins=pins,
     )
 
 

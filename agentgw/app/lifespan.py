@@ -16,6 +16,9 @@ from mcp.server.mcpserver import MCPServer
 
 from agentgw.app.gateway import Gateway
 from agentgw.metrics import serve_metrics
+from agentgw.registry.folder import watch as watch_folder
+from agentgw.registry.models import McpServerSpec
+from agentgw.registry.pins import Pins
 from agentgw.registry.store import RegistryStore
 
 __all__ = ["REGISTRY_POLL_S", "lifespan"]
@@ -44,8 +47,15 @@ def lifespan(gateway: Gateway, demo: MCPServer | None) -> Callable[[Any], Abstra
 
             gateway.registry.on_change(resync)
             gateway.sessions.sync(gateway.registry.servers())
-            poller = asyncio.create_task(_poll_registry(gateway.registry))
+            poller = asyncio.create_task(_poll_registry(gateway.registry, gateway.pins))
             policy_watch = asyncio.create_task(gateway.authorizer.watch())
+            watches = [poller, policy_watch]
+            if gateway.folder is not None:
+
+                def apply(servers: list[McpServerSpec]) -> None:
+                    gateway.registry.sync_config([*settings.servers, *servers], settings.virtual_servers)
+
+                watches.append(asyncio.create_task(watch_folder(gateway.folder, apply, REGISTRY_POLL_S)))
             if gateway.metrics is not None and settings.metrics.port is not None:
                 await stack.enter_async_context(
                     serve_metrics(gateway.metrics, settings.metrics.host, settings.metrics.port)
@@ -58,7 +68,7 @@ def lifespan(gateway: Gateway, demo: MCPServer | None) -> Callable[[Any], Abstra
                 yield
             finally:
                 gc.unfreeze()
-                for task in (poller, policy_watch):
+                for task in watches:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
@@ -76,11 +86,13 @@ def lifespan(gateway: Gateway, demo: MCPServer | None) -> Callable[[Any], Abstra
     return run
 
 
-async def _poll_registry(registry: RegistryStore) -> None:
+async def _poll_registry(registry: RegistryStore, pins: Pins | None = None) -> None:
     # Writes from other processes (the CLI, other nodes) bump a version row; pick them up.
     while True:
         await anyio.sleep(REGISTRY_POLL_S)
         try:
             await anyio.to_thread.run_sync(registry.refresh)
+            if pins is not None:  # approvals made elsewhere
+                await anyio.to_thread.run_sync(pins.refresh)
         except Exception:
             log.exception("registry refresh failed; serving the last snapshot")

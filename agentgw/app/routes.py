@@ -27,6 +27,9 @@ from agentgw.oauth.apikeys import api_key_router
 from agentgw.oauth.metadata import protected_resource_router
 from agentgw.oauth.server import oauth_router
 from agentgw.registry.api import registry_router
+from agentgw.registry.catalog import Catalog, default_namespace
+from agentgw.registry.pins_api import pins_router
+from agentgw.registry.read_api import registry_read_router
 
 __all__ = ["admin_guard", "mount_control_plane", "mount_data_plane"]
 
@@ -107,8 +110,15 @@ def mount_control_plane(app: GatewayApp, gateway: Gateway) -> None:
             write_guard=grant("keys", "write"),
         ),
     ]
+    if gateway.pins is not None:
+        admin.append(
+            pins_router(
+                gateway.pins, read_guard=grant("registry", "read"), write_guard=grant("registry", "write")
+            )
+        )
     for router in admin:
         app.include_router(router, dependencies=ADMIN_DEPENDENCIES, responses=GUARDED)
+    app.include_router(_registry_read(gateway))
     if gateway.metrics is not None:
         app.include_router(metrics_router(gateway.metrics, grant("metrics", "read")))
     # Public OAuth documents: RFC 9728 metadata for every endpoint, the built-in authorization server.
@@ -119,6 +129,31 @@ def mount_control_plane(app: GatewayApp, gateway: Gateway) -> None:
     )
     if gateway.identity.server is not None:
         app.include_router(oauth_router(gateway.identity.server))
+
+
+def _registry_read(gateway: Gateway) -> APIRouter:
+    """The MCP Registry read API (/v0.1): what a caller may discover, decided as tools/list is."""
+    settings = gateway.settings
+    if gateway.catalog is None:  # published from the registry's snapshot, kept in step with it
+        catalog = gateway.catalog = Catalog(gateway.registry.engine)
+        catalog.sync(gateway.registry.servers())
+        gateway.registry.on_change(lambda: catalog.sync(gateway.registry.servers()))
+
+    async def principal_of(request: Request) -> Principal:
+        # The registry describes the /mcp endpoints: a token for /mcp (or the gateway) reads it.
+        principal = await gateway.authenticate.principal(
+            request.headers.get("authorization"), endpoint="/mcp"
+        )
+        gateway.authorizer.refresh()
+        return principal
+
+    return registry_read_router(
+        gateway.catalog,
+        principal_of,
+        gateway.authorizer.decide,
+        base_url=settings.base_url,
+        namespace=settings.registry.namespace or default_namespace(settings.base_url),
+    )
 
 
 def _health_router(gateway: Gateway) -> APIRouter:

@@ -95,7 +95,9 @@ def register(sub: Any) -> None:
     explain.add_argument("--role", action="append", default=[], help="a role the token carries (repeat)")
     explain.add_argument("--actor", action="append", default=[], help="a delegation actor, current first")
 
-    who = policy_sub.add_parser("who-can", help="the principals and roles a rule lets reach an object")
+    who = policy_sub.add_parser(
+        "who-can", aliases=["who"], help="the principals and roles a rule lets reach an object"
+    )
     _policy_options(who)
     who.add_argument("object", help="an object, or a pattern ending in * (mcp:github/*)")
     who.add_argument("action", nargs="?", help="list, call, read, send, write (default: any)")
@@ -171,6 +173,7 @@ def _policy(args: argparse.Namespace) -> int:
         "check": _check,
         "explain": _explain,
         "who-can": _who_can,
+        "who": _who_can,
         "what-can": _what_can,
         "replay": _replay,
         "add": _edit,

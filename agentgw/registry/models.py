@@ -294,6 +294,12 @@ class McpServerSpec(BaseModel):
     # What the gateway sends upstream as Authorization; never the caller's token (docs/decisions/0600).
     credential: UpstreamCredential = Field(default_factory=UpstreamNone)
     limits: UpstreamLimits = Field(default_factory=UpstreamLimits)
+    # What the registry API publishes about the server (server.json `title`, `description`, `version`).
+    title: str | None = Field(default=None, min_length=1, max_length=100)
+    description: str | None = Field(default=None, min_length=1, max_length=100)
+    version: str | None = Field(default=None, min_length=1, max_length=255, pattern=r"^[^\s^~<>=*/]+$")
+    # Tool pinning against rug pulls (agentgw/registry/pins.py); unset: the gateway's `registry.pinning`.
+    pinning: Literal["off", "first-sight", "approve"] | None = None
 
     @property
     def per_caller_credential(self) -> bool:
@@ -302,6 +308,8 @@ class McpServerSpec(BaseModel):
 
     @model_validator(mode="after")
     def _transport_fields(self) -> McpServerSpec:
+        if self.version == "latest":
+            raise ValueError("version: `latest` names the newest version in the registry API; use a real one")
         if self.transport == "stdio" and self.credential.mode != "none":
             raise ValueError("a stdio server has no Authorization header: its credential mode must be none")
         if self.transport != "streamable-http" and self.per_caller_credential:

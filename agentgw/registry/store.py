@@ -67,6 +67,10 @@ class RegistryStore:
         self._version = -1
         self._listeners: list[Callable[[], None]] = []
 
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
     # --- reads (hot path: memory only) ---
     def server(self, name: str) -> McpServerSpec | None:
         spec = self._servers.get(name)

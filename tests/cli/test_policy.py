@@ -194,6 +194,7 @@ def test_who_can_names_principals_through_roles_with_the_granting_rule(
     ]
     assert out[1].endswith(f"[{DEV} at {DEMO}:{demo_line(DEV)}]")
     assert "allowed call on mcp:demo/get_weather: role:developer, role:reader, user:alice, user:bob" in err
+    assert lines(capsys, "policy", "who", "mcp:demo/get_weather", "call", "--policy", DEMO)[1] == out
 
 
 def test_who_can_shows_a_break_glass_deny_as_such_and_the_allows_it_overrides(

@@ -53,13 +53,21 @@ from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
 from agentgw.call import Call, Principal, Reply
-from agentgw.errors import BadRequest, GatewayError, HeaderMismatch, NotFound, UpstreamError
+from agentgw.errors import (
+    BadRequest,
+    GatewayError,
+    HeaderMismatch,
+    NotFound,
+    ToolQuarantined,
+    UpstreamError,
+)
 from agentgw.ingress.mcp.legacy_sse import SESSION_KEY, LegacySse
 from agentgw.ingress.mcp.messages import LIST_KEYS, item_object
 from agentgw.ingress.mcp.rendering import jsonrpc_error_response, run_id_of
 from agentgw.ingress.mcp.sessions import SessionLimits, SessionStore
 from agentgw.pipeline import Pipeline
 from agentgw.registry.models import McpServerSpec, VirtualServerSpec
+from agentgw.registry.pins import PinGate
 from agentgw.upstream.mcp_sessions import Relay, UpstreamSessions
 
 __all__ = ["Bridge", "Endpoint"]
@@ -216,6 +224,9 @@ def _item_name(kind: str, item: Mapping[str, Any]) -> str:
 
 class Bridge:
     """The gateway's own MCP server for bridged endpoints (one SDK server, routed per request)."""
+
+    # Tool pinning (agentgw/registry/pins.py): quarantined tools are hidden and refused.
+    pins: PinGate | None = None
 
     def __init__(
         self,
@@ -479,7 +490,11 @@ class Bridge:
         async def one(server: str) -> list[tuple[str, dict[str, Any]]]:
             try:
                 async with asyncio.timeout(self._list_timeout):
-                    return [(server, item) for item in await self._fetch(server, method, kind)]
+                    items = await self._fetch(server, method, kind)
+                    hidden = (
+                        self.pins.hidden(server, items) if self.pins is not None and kind == "tools" else ()
+                    )
+                    return [(server, item) for item in items if item.get("name") not in hidden]
             except (TimeoutError, GatewayError) as exc:
                 log.warning("upstream %s left out of %s: %s", server, method, exc)
                 return []
@@ -555,6 +570,10 @@ class Bridge:
         async def terminal(_call: Call) -> Reply:
             if route is None:
                 raise NotFound(f"unknown {kind[:-1]} {exposed!r}")
+            if method == "tools/call" and self.pins is not None:
+                refused = self.pins.refusal(server, name)
+                if refused is not None:
+                    raise ToolQuarantined(refused)
             if method == "tools/call" and ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
                 await self._check_param_headers(server, name, params.get("arguments"), request.headers)
             target[key] = name

@@ -23,6 +23,7 @@ from agentgw.call import Call, Principal, Reply
 from agentgw.errors import (
     BadRequest,
     GatewayError,
+    ToolQuarantined,
     UpstreamError,
     UpstreamFailed,
     UpstreamTimeout,
@@ -43,6 +44,7 @@ from agentgw.ingress.mcp.sessions import SessionStore
 from agentgw.ingress.relay import RelayResponse
 from agentgw.pipeline import Pipeline
 from agentgw.registry.models import McpServerSpec
+from agentgw.registry.pins import PinGate
 from agentgw.upstream.http import AnswerTooLarge
 from agentgw.upstream.mcp import McpHttpUpstream, UpstreamResponse, forwarded_headers
 from agentgw.upstream.sse import EventTooLarge, SseSplitter, encode_event, parse_events
@@ -88,6 +90,9 @@ class _Listing:
 
 class PassThrough:
     """Serves `/mcp/{server}` for streamable-HTTP upstreams."""
+
+    # Tool pinning (agentgw/registry/pins.py): quarantined tools are hidden and refused.
+    pins: PinGate | None = None
 
     def __init__(
         self, pipeline: Pipeline, upstream: McpHttpUpstream, sessions: SessionStore, max_body_bytes: int
@@ -179,6 +184,10 @@ class PassThrough:
         self, call: Call, incoming: Mapping[str, str], spec: McpServerSpec, message: Message
     ) -> Reply:
         assert spec.url is not None and call.principal is not None
+        if self.pins is not None and message.method == "tools/call":
+            refused = self.pins.refusal(spec.name, message.params.get("name"))
+            if refused is not None:
+                raise ToolQuarantined(refused)
         headers = await self._upstream_headers(call, incoming, spec)
         response = await self._upstream.send(
             "POST", spec.url, headers, message.raw, spec.timeout_s, spec.name, limits=spec.limits
@@ -233,7 +242,12 @@ class PassThrough:
         items = answer["result"].get(kind) if isinstance(answer["result"], dict) else None
         if not isinstance(items, list):
             raise UpstreamError(f"upstream {spec.name!r} answered a list request with a malformed result")
-        listing = [item_object(spec.name, kind, i) for i in items if isinstance(i, dict)]
+        hidden = self.pins.hidden(spec.name, items) if self.pins is not None and kind == "tools" else ()
+        listing = [
+            item_object(spec.name, kind, i)
+            for i in items
+            if isinstance(i, dict) and i.get("name") not in hidden
+        ]
         return Reply(payload=_Listing(response, body, kind, message.is_modern), listing=listing)
 
     async def _end_upstream_session(self, spec: McpServerSpec, headers: dict[str, str], session: str) -> None:

@@ -1,0 +1,77 @@
+"""Admin API of tool pinning: review what changed, approve the new definitions."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Path, status
+from pydantic import BaseModel, Field
+
+from agentgw.api_contract import errors
+from agentgw.call import Principal
+from agentgw.registry.models import NAME_REGEX
+from agentgw.registry.pins import Pin, Pins
+
+__all__ = ["PinOut", "pins_router"]
+
+Guard = Callable[..., Awaitable[Any]]
+PathName = Annotated[str, Path(pattern=NAME_REGEX, max_length=63, description="a registry server name")]
+
+
+class PinOut(BaseModel):
+    """One tool of a server as pinning sees it: approved, quarantined (changed) or pending (new)."""
+
+    name: str
+    state: str
+    changed: list[str]
+    approved: dict[str, Any] | None
+    seen: dict[str, Any]
+    changed_at: float
+    approved_by: str | None
+
+
+class ApproveIn(BaseModel):
+    """The tools to approve as last seen; empty: every quarantined or pending tool of the server."""
+
+    tools: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list, max_length=1000
+    )
+
+
+class ApprovedOut(BaseModel):
+    approved: list[str]
+
+
+def _out(pin: Pin) -> PinOut:
+    return PinOut(
+        name=pin.name,
+        state=pin.state,
+        changed=pin.changes() if pin.state != "approved" else [],
+        approved=pin.approved,
+        seen=pin.seen,
+        changed_at=pin.changed_at,
+        approved_by=pin.approved_by,
+    )
+
+
+def pins_router(pins: Pins, read_guard: Guard, write_guard: Guard) -> APIRouter:
+    """Routes under /admin/registry/servers/{name}/tools, guarded by the grant on `admin:registry`."""
+    router = APIRouter(prefix="/admin/registry", tags=["registry"])
+    read = Depends(read_guard)
+    write = Depends(write_guard)
+
+    @router.get("/servers/{name}/tools", response_model=list[PinOut])
+    async def list_pins(name: PathName, _: Any = read) -> list[PinOut]:
+        pins.refresh()
+        return [_out(p) for p in pins.pins(name)]
+
+    @router.post("/servers/{name}/tools/approve", response_model=ApprovedOut, responses=errors(400, 404))
+    async def approve(name: PathName, body: ApproveIn, principal: Principal = write) -> ApprovedOut:
+        try:
+            approved = pins.approve(name, body.tools, by=principal.subject)
+        except KeyError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc.args[0])) from exc
+        return ApprovedOut(approved=approved)
+
+    return router
