@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from agentgw.storage.audit_log import AuditQuery
+from agentgw.storage.audit import AuditQuery
 from mcp import Client
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
