@@ -17,6 +17,7 @@ import anyio
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from opentelemetry.sdk.trace.export import SpanExporter
 from sqlalchemy import Engine
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.responses import PlainTextResponse
@@ -60,6 +61,7 @@ from agentgw.storage.audit_checkpoints import checkpointer, trust
 from agentgw.storage.audit_log import AuditQuery, SqlAuditLog, iter_records
 from agentgw.storage.budget_counters import LocalBudgetStore, budget_store
 from agentgw.storage.budget_rules import BudgetRuleBook
+from agentgw.tracing import TraceContext, Tracing
 from agentgw.upstream.http import DEFAULT_LIMITS
 from agentgw.upstream.mcp import McpHttpUpstream
 from agentgw.upstream.mcp_sessions import UpstreamSessions
@@ -95,10 +97,11 @@ class Gateway:
     credentials: Credentials | None = None
     readiness: Readiness | None = None
     metrics: Metrics | None = None
+    tracing: Tracing | None = None
 
 
-def build_gateway(settings: Settings) -> Gateway:
-    """Build the stores and the pipeline.
+def build_gateway(settings: Settings, span_exporter: SpanExporter | None = None) -> Gateway:
+    """Build the stores and the pipeline (`span_exporter`: see `Tracing`).
 
     Raises:
         PolicyError: the policy is unreadable, malformed, or empty when that is not allowed.
@@ -166,6 +169,8 @@ def build_gateway(settings: Settings) -> Gateway:
         credentials=credentials,
         admitted=audit.admitted,
     )
+    tracing = Tracing(settings.tracing, span_exporter)
+    pipeline = tracing.pipeline(pipeline)
     limits = DEFAULT_LIMITS.over(settings.upstream_limits)
     upstream = McpHttpUpstream(limits=limits)
     # Sessions in Redis let any node continue a session another node started.
@@ -250,6 +255,7 @@ def build_gateway(settings: Settings) -> Gateway:
         credentials=credentials,
         readiness=readiness,
         metrics=metrics,
+        tracing=tracing,
     )
 
 
@@ -530,9 +536,12 @@ class GatewayApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def create_app(settings: Settings) -> GatewayApp:
-    """The ASGI application for `settings`; stages are built when the app starts."""
-    gateway = build_gateway(settings)
+def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None) -> GatewayApp:
+    """The ASGI application for `settings`; stages are built when the app starts.
+
+    `span_exporter` receives every span, whatever `settings.tracing` says (tests, embedders).
+    """
+    gateway = build_gateway(settings, span_exporter)
 
     demo = demo_server() if settings.demo else None
 
@@ -579,6 +588,8 @@ def create_app(settings: Settings) -> GatewayApp:
                 await gateway.budget_store.aclose()
                 # Commit what the audit writer still holds before the process goes.
                 await anyio.to_thread.run_sync(gateway.audit_log.close)
+                if gateway.tracing is not None:
+                    await anyio.to_thread.run_sync(gateway.tracing.shutdown)
 
     app = GatewayApp(title="agentgw", version=__version__, lifespan=lifespan)
     hosts = settings.trusted_hosts()
@@ -600,14 +611,16 @@ def create_app(settings: Settings) -> GatewayApp:
     mcp = McpIngress(
         gateway.registry, gateway.passthrough, gateway.bridge, gateway.authenticate, gateway.pipeline
     )
-    app.mcp_front = RememberedHostCheck(mcp, hosts)
+    app.mcp_front = TraceContext(RememberedHostCheck(mcp, hosts))
     # Still routed, for other methods (405) and for anything that walks the routes.
     app.router.routes.append(Route("/mcp", mcp, methods=sorted(MCP_METHODS)))
     app.router.routes.append(Route("/mcp/{server}", mcp, methods=sorted(MCP_METHODS)))
     direct = [*gateway.llm.routes(), *gateway.a2a.routes()]
     # /v1: OpenAI-compatible chat, embeddings, models; /a2a/<agent>: cards, JSON-RPC, HTTP+JSON.
     # Served ahead of the stack; still routed, for anything that walks the routes.
-    app.direct_front = RememberedHostCheck(DirectRoutes(app, direct, super(GatewayApp, app).__call__), hosts)
+    app.direct_front = TraceContext(
+        RememberedHostCheck(DirectRoutes(app, direct, super(GatewayApp, app).__call__), hosts)
+    )
     app.router.routes.extend(direct)
 
     # Liveness: the process answers (nothing slow, no store). Readiness: it can serve calls now.

@@ -31,6 +31,7 @@ from agentgw.registry.models import McpServerSpec, UpstreamLimits, VirtualServer
 from agentgw.registry.secrets import SecretRefused, Secrets, SecretSource
 from agentgw.storage.db import DatabaseSettings
 from agentgw.storage.redis_client import RedisSettings
+from agentgw.tracing import TracingSettings
 
 __all__ = ["PolicySettings", "Settings", "load_settings"]
 
@@ -102,6 +103,8 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     # Prometheus metrics at /metrics (agentgw/metrics.py).
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    # OpenTelemetry traces (agentgw/tracing.py): none exported unless an exporter is set.
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     # Mount the built-in demo upstream at /_demo/mcp (used by `agentgw serve` with no config).
     demo: bool = False
     policy: PolicySettings = Field(default_factory=PolicySettings)
