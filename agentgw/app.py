@@ -31,6 +31,7 @@ from agentgw.admin.clients import clients_router
 from agentgw.admin.policies import policy_router
 from agentgw.api_contract import ADMIN_DEPENDENCIES, GUARDED, method_not_allowed, query_without_null
 from agentgw.call import Principal
+from agentgw.console import CONSOLE_CLIENT_ID, Console, console_router, console_static
 from agentgw.demo.upstream import demo_server
 from agentgw.errors import Forbidden, GatewayError, Unavailable
 from agentgw.filters.audit import Audit, timestamp
@@ -50,6 +51,7 @@ from agentgw.ingress.mcp.routes import path_params as mcp_path_params
 from agentgw.ingress.mcp.sessions import MemorySessionStore, RedisSessionStore, SessionLimits, SessionStore
 from agentgw.metrics import Known, Metrics, State, metrics_router, serve_metrics
 from agentgw.oauth.apikeys import api_key_router
+from agentgw.oauth.config import BuiltinClient
 from agentgw.oauth.metadata import protected_resource_router
 from agentgw.oauth.server import oauth_router
 from agentgw.pipeline import Pipeline, ordered
@@ -611,15 +613,15 @@ def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None)
     mcp = McpIngress(
         gateway.registry, gateway.passthrough, gateway.bridge, gateway.authenticate, gateway.pipeline
     )
-    app.mcp_front = TraceContext(RememberedHostCheck(mcp, hosts))
+    app.mcp_front = RememberedHostCheck(TraceContext(mcp), hosts)
     # Still routed, for other methods (405) and for anything that walks the routes.
     app.router.routes.append(Route("/mcp", mcp, methods=sorted(MCP_METHODS)))
     app.router.routes.append(Route("/mcp/{server}", mcp, methods=sorted(MCP_METHODS)))
     direct = [*gateway.llm.routes(), *gateway.a2a.routes()]
     # /v1: OpenAI-compatible chat, embeddings, models; /a2a/<agent>: cards, JSON-RPC, HTTP+JSON.
     # Served ahead of the stack; still routed, for anything that walks the routes.
-    app.direct_front = TraceContext(
-        RememberedHostCheck(DirectRoutes(app, direct, super(GatewayApp, app).__call__), hosts)
+    app.direct_front = RememberedHostCheck(
+        TraceContext(DirectRoutes(app, direct, super(GatewayApp, app).__call__)), hosts
     )
     app.router.routes.extend(direct)
 
@@ -709,7 +711,42 @@ def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None)
     )
     if gateway.identity.server is not None:
         app.include_router(oauth_router(gateway.identity.server))
+        if settings.console.enabled:
+            _add_console(app, gateway)
     return app
+
+
+def _add_console(app: FastAPI, gateway: Gateway) -> None:
+    """The web console at /console, logged into at the built-in authorization server as its own client."""
+    server, settings = gateway.identity.server, gateway.settings
+    assert server is not None
+    server.add_client(
+        BuiltinClient(
+            client_id=CONSOLE_CLIENT_ID,
+            redirect_uris=[f"{settings.base_url}/console/callback"],
+            client_name="agentgw console",
+        )
+    )
+    oauth = FastAPI()
+    oauth.include_router(oauth_router(server))
+    upstreams = (gateway.mcp_upstream, gateway.sessions, gateway.llm, gateway.a2a)
+    console = Console(
+        base_url=settings.base_url,
+        authenticate=gateway.authenticate,
+        authorizer=gateway.authorizer,
+        oauth=oauth,
+        audit_engine=gateway.audit_log.engine,
+        audit_flush=gateway.audit_log.flush,
+        audit_verify=gateway.audit_log.verify,
+        registry=gateway.registry,
+        budget_rules=gateway.budget_rules,
+        budget_store=gateway.budget_store,
+        health=lambda: _upstream_states(*upstreams),
+        models=[route.name for route in settings.llm_routes],
+        agents=[agent.name for agent in settings.a2a_agents],
+    )
+    app.include_router(console_router(console))
+    app.mount("/console/static", console_static(), name="console-static")
 
 
 async def _poll_registry(registry: RegistryStore) -> None:
