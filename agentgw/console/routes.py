@@ -117,6 +117,8 @@ def _shown(value: object) -> str:
     """A value as shown on a page: printable (autoescape then makes it inert HTML)."""
     if value is None:
         return ""
+    if isinstance(value, dict):
+        return _json(value)
     if isinstance(value, list | tuple):
         return ", ".join(printable(str(v)) for v in value)
     return printable(str(value))
