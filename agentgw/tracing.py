@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -56,6 +57,7 @@ __all__ = [
     "Tracing",
     "TracingSettings",
     "inbound",
+    "meta_context",
     "outbound_headers",
 ]
 
@@ -156,6 +158,23 @@ class TraceContext:
             await self.app(scope, receive, send)
         finally:
             _inbound.reset(token)
+
+
+@contextmanager
+def meta_context(params: Mapping[str, Any]) -> Iterator[None]:
+    """An MCP request's trace context in `params._meta` (`traceparent`, `tracestate`: the MCP
+    convention, SEP-414) taken as the caller's while the block runs, when its HTTP headers had none."""
+    meta = params.get("_meta")
+    parent = meta.get("traceparent") if isinstance(meta, dict) else None
+    if _inbound.get() is not None or not isinstance(parent, str):
+        yield
+        return
+    state = meta.get("tracestate") if isinstance(meta, dict) else None
+    token = _inbound.set(parse_traceparent(parent, state if isinstance(state, str) else None))
+    try:
+        yield
+    finally:
+        _inbound.reset(token)
 
 
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -288,7 +307,11 @@ class TracedPipeline(Pipeline):
                 reply = await super().run(call, upstream)
             except GatewayError as exc:
                 _failed(span, exc)
-                span.set_attribute("agentgw.decision", "denied" if exc.http_status in (401, 403) else "error")
+                span.set_attribute(
+                    "agentgw.decision", "denied" if exc.http_status in (401, 403, 429) else "error"
+                )
+                if call.decided_by is not None:
+                    span.set_attribute("agentgw.rule", call.decided_by)
                 span.end()
                 raise
             except BaseException:

@@ -28,6 +28,7 @@ from agentgw.app import GatewayApp, create_app
 from agentgw.demo.upstream import demo_server
 from agentgw.settings import load_settings
 from agentgw.storage.audit_log import AuditQuery, query
+from tests.support.mcp import META, modern_headers
 from tests.support.servers import Answer, LocalServer, Received, Scripted
 
 CALLER_TRACE = secrets.token_hex(16)
@@ -240,3 +241,28 @@ async def test_a_malformed_traceparent_is_ignored_and_not_passed_on(tmp_path: Pa
     (request,) = gw.llm_seen.received
     assert "traceparent" not in request.headers
     assert records and {r["trace_id"] for r in records} == {None}
+
+
+async def test_trace_context_in_an_mcp_requests_meta_is_the_callers_when_no_header_carries_one(
+    tmp_path: Path,
+) -> None:
+    exporter = InMemorySpanExporter()
+    params = {
+        "name": "get_weather",
+        "arguments": {"city": "Oslo"},
+        "_meta": {**META, "traceparent": TRACEPARENT},
+    }
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": params}
+    async with gateway(tmp_path, exporter) as gw:
+        async with httpx.AsyncClient() as http:
+            await http.post(
+                f"{gw.url}/mcp/demo", json=body, headers=modern_headers("tools/call", "get_weather")
+            )
+        await gw.app.state.gateway.audit_log.flush()
+        records = query(gw.app.state.gateway.audit_log.engine, AuditQuery(resource="mcp:demo/*"), limit=10)
+    call = next(s for s in exporter.get_finished_spans() if s.name == "mcp tools/call")
+    assert format(call.context.trace_id, "032x") == CALLER_TRACE and parent_of(call) == int(CALLER_SPAN, 16)
+    assert records and {r["trace_id"] for r in records} == {CALLER_TRACE}
+    # The message itself, _meta included, reaches the upstream as the caller sent it.
+    sent = [h["traceparent"] for h in gw.mcp_seen.headers if "traceparent" in h]
+    assert sent and all(value.startswith(f"00-{CALLER_TRACE}-") for value in sent)

@@ -43,6 +43,7 @@ from agentgw.ingress.mcp.rendering import jsonrpc_error_response, run_id_of
 from agentgw.ingress.mcp.sessions import SessionStore
 from agentgw.pipeline import Pipeline
 from agentgw.registry.models import McpServerSpec
+from agentgw.tracing import meta_context
 from agentgw.upstream.http import AnswerTooLarge
 from agentgw.upstream.mcp import McpHttpUpstream, UpstreamResponse, forwarded_headers
 
@@ -156,7 +157,8 @@ class PassThrough:
             return reply
 
         try:
-            reply = await self._pipeline.run(call, terminal)
+            with meta_context(message.params):
+                reply = await self._pipeline.run(call, terminal)
         except Exception as exc:
             await _close(opened)
             return jsonrpc_error_response(message.id, exc, in_pipeline=True)
