@@ -202,11 +202,17 @@ class _Stage:
         self.__name__ = name
 
     async def __call__(self, call: Call, call_next: CallNext) -> Reply:
-        with self._tracer.start_as_current_span(self._span_name, record_exception=False) as span:
+        # Exceptions are not recorded as they are: their messages may name what a span must not carry.
+        with self._tracer.start_as_current_span(
+            self._span_name, record_exception=False, set_status_on_exception=False
+        ) as span:
             try:
                 return await self._inner(call, call_next)
             except GatewayError as exc:
                 _failed(span, exc)
+                raise
+            except BaseException:
+                span.set_status(Status(StatusCode.ERROR, "internal_error"))
                 raise
 
 
@@ -219,14 +225,22 @@ def _failed(span: Span, exc: GatewayError) -> None:
 _GEN_AI_OPERATIONS = {"chat.completions": "chat", "embeddings": "embeddings"}
 
 
+# Caller-chosen strings (a tool name, a method) are cut to this in span attributes, as in audit records.
+MAX_ATTRIBUTE = 256
+
+
+def _capped(text: str) -> str:
+    return text if len(text) <= MAX_ATTRIBUTE else text[:MAX_ATTRIBUTE] + "..."
+
+
 def _call_attributes(call: Call) -> dict[str, Any]:
     attributes: dict[str, Any] = {
         "agentgw.request_id": call.request_id,
         "agentgw.protocol": call.protocol,
         "agentgw.action": call.action,
-        "agentgw.resource": call.resource,
-        "agentgw.upstream": call.upstream,
-        "agentgw.method": call.method,
+        "agentgw.resource": _capped(call.resource),
+        "agentgw.upstream": _capped(call.upstream),
+        "agentgw.method": _capped(call.method),
     }
     if call.run_id is not None:
         attributes["agentgw.run_id"] = call.run_id
@@ -236,7 +250,7 @@ def _call_attributes(call: Call) -> dict[str, Any]:
 def _usage_attributes(call: Call, usage: Usage | None) -> dict[str, Any]:
     if call.protocol != "llm":
         return {}
-    attributes: dict[str, Any] = {"gen_ai.request.model": call.resource.removeprefix("llm:")}
+    attributes: dict[str, Any] = {"gen_ai.request.model": _capped(call.resource.removeprefix("llm:"))}
     operation = _GEN_AI_OPERATIONS.get(call.method)
     if operation is not None:
         attributes["gen_ai.operation.name"] = operation
@@ -279,15 +293,15 @@ class TracedPipeline(Pipeline):
         parent: Context | None = _PROPAGATOR.extract(found.headers()) if found is not None else None
         tracer = self._tracer
         span = tracer.start_span(
-            f"{call.protocol} {call.method}", parent, SpanKind.SERVER, _call_attributes(call)
+            f"{call.protocol} {_capped(call.method)}", parent, SpanKind.SERVER, _call_attributes(call)
         )
         call.trace_id = format(span.get_span_context().trace_id, "032x")
 
         async def upstream(current: Call) -> Reply:
             child = tracer.start_span(
-                f"agentgw.upstream {current.upstream}",
+                f"agentgw.upstream {_capped(current.upstream)}",
                 kind=SpanKind.CLIENT,
-                attributes={"agentgw.upstream": current.upstream},
+                attributes={"agentgw.upstream": _capped(current.upstream)},
             )
             with trace.use_span(child, end_on_exit=False, record_exception=False):
                 try:
