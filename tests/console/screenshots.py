@@ -47,7 +47,9 @@ def main(out: Path) -> None:
         with run_gateway(Path(tmp), config) as gw:
             anyio.run(_traffic, gw.url)
             with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+                browser = playwright.chromium.launch(
+                    executable_path="/usr/bin/chromium", args=["--no-sandbox"]
+                )
                 page = browser.new_page(viewport={"width": 1400, "height": 800})
                 page.goto(f"{gw.url}/console")
                 page.fill("input[name=username]", "admin")
