@@ -214,3 +214,12 @@ async def test_the_audit_export_is_the_filtered_records_as_json_lines(gw: Runnin
     lines = [orjson.loads(line) for line in export.text.splitlines()]
     assert lines and {line["run_id"] for line in lines} == {"run-42"}
     assert verify.status_code == 200 and "Intact" in verify.text
+
+
+async def test_an_operator_sees_the_registry_and_a_runs_budget_use(gw: Running) -> None:
+    async with login(gw, "operator") as http:
+        registry = await http.get("/console/registry")
+        budgets = await http.get("/console/budgets", params={"subject": "user:alice", "run": "r-1"})
+        assert (await http.get("/console/audit")).status_code == 403
+    assert registry.status_code == 200 and 'id="servers"' in registry.text and 'id="health"' in registry.text
+    assert budgets.status_code == 200 and "per-run" in budgets.text and 'id="use"' in budgets.text

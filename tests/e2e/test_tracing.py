@@ -51,7 +51,9 @@ class Recorder:
         await self.app(scope, receive, send)
 
 
-def completion(_: Received) -> Answer:
+def completion(request: Received) -> Answer:
+    if orjson.loads(request.content).get("stream"):
+        return streamed()
     body = {
         "id": "c1",
         "object": "chat.completion",
@@ -65,6 +67,25 @@ def completion(_: Received) -> Answer:
         },
     }
     return Answer(200, [orjson.dumps(body)], {"content-type": "application/json"})
+
+
+def streamed() -> Answer:
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "provider-model"}
+    events = [
+        {**chunk, "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]},
+        {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {
+            **chunk,
+            "choices": [],
+            "usage": {
+                "prompt_tokens": PROMPT_TOKENS,
+                "completion_tokens": COMPLETION_TOKENS,
+                "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS,
+            },
+        },
+    ]
+    body = [b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
+    return Answer(200, body, {"content-type": "text/event-stream"})
 
 
 @dataclass
@@ -214,6 +235,32 @@ async def test_llm_spans_carry_the_gen_ai_model_and_token_counts(tmp_path: Path)
     assert format(upstream.context.trace_id, "032x") == CALLER_TRACE
     (request,) = gw.llm_seen.received
     assert request.headers["traceparent"] == f"00-{CALLER_TRACE}-{upstream.context.span_id:016x}-01"
+
+
+async def test_a_streamed_answers_spans_end_with_it_and_carry_its_token_counts(tmp_path: Path) -> None:
+    exporter = InMemorySpanExporter()
+    async with (
+        gateway(tmp_path, exporter) as gw,
+        openai.AsyncOpenAI(
+            base_url=f"{gw.url}/v1",
+            api_key="unused",
+            max_retries=0,
+            http_client=httpx2.AsyncClient(event_hooks={"request": [anonymous]}),
+        ) as client,
+    ):
+        stream = await client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        pieces = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+    assert "".join(pieces) == "hi"
+    spans = exporter.get_finished_spans()
+    upstream = next(s for s in spans if s.name == "agentgw.upstream chat")
+    call = next(s for s in spans if s.name == "llm chat.completions")
+    assert upstream.attributes is not None
+    assert upstream.attributes["gen_ai.usage.input_tokens"] == PROMPT_TOKENS
+    assert upstream.attributes["gen_ai.usage.output_tokens"] == COMPLETION_TOKENS
+    # The call's span lasts until the stream has ended, not only until the upstream answered.
+    assert call.end_time is not None and upstream.end_time is not None and call.end_time >= upstream.end_time
 
 
 async def test_without_an_exporter_the_callers_context_is_recorded_and_passed_on_unchanged(
