@@ -101,6 +101,9 @@ class Usage:
     calls: int = 1
     tokens: int = 0
     cost: float = 0.0
+    # The split of `tokens` where a model reports it (trace attributes); 0 and 0 when unknown.
+    input_tokens: int = 0
+    output_tokens: int = 0
 
 
 @dataclass(slots=True)

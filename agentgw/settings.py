@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
+from agentgw.console import ConsoleSettings
 from agentgw.errors import ConfigError
 from agentgw.fetch_guard import parse_allow
 from agentgw.metrics import MetricsSettings
@@ -32,6 +33,7 @@ from agentgw.registry.models import McpServerSpec, UpstreamLimits, VirtualServer
 from agentgw.registry.secrets import SecretRefused, Secrets, SecretSource
 from agentgw.storage.db import DatabaseSettings
 from agentgw.storage.redis_client import RedisSettings
+from agentgw.tracing import TracingSettings
 
 __all__ = ["PolicySettings", "Settings", "load_settings"]
 
@@ -103,6 +105,10 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     # Prometheus metrics at /metrics (agentgw/metrics.py).
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    # OpenTelemetry traces (agentgw/tracing.py): none exported unless an exporter is set.
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
+    # The web console at /console (agentgw/console/), logged into through the built-in authorization server.
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     # Mount the built-in demo upstream at /_demo/mcp (used by `agentgw serve` with no config).
     demo: bool = False
     policy: PolicySettings = Field(default_factory=PolicySettings)

@@ -55,3 +55,20 @@ def redis_proxy() -> Iterator[TcpProxy]:
     """A proxy in front of the machine's Redis, for this test to break."""
     with TcpProxy(REDIS_PORT) as proxy:
         yield proxy
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--browser-all",
+        action="store_true",
+        help="run every browser test of the console, not only the bounded set CI runs by default",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--browser-all"):
+        return
+    skip = pytest.mark.skip(reason="a browser test outside the bounded set: run with --browser-all")
+    for item in items:
+        if "browser_full" in item.keywords:
+            item.add_marker(skip)

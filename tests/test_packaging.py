@@ -44,7 +44,11 @@ def third_party_distributions() -> dict[str, str]:
                 continue
             dists = by_module.get(module)
             assert dists, f"{where} imports {module!r}, which no installed distribution provides"
-            needed[canonicalize_name(dists[0])] = where
+            names = sorted({canonicalize_name(d) for d in dists})
+            # A namespace package several distributions fill (`opentelemetry`): the ones declared
+            # are the ones it needs, so only a namespace none of them fills is reported.
+            runtime = declared(PYPROJECT["project"]["dependencies"])
+            needed[next((n for n in names if n in runtime), names[0])] = where
     return needed
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+from opentelemetry.sdk.trace.export import SpanExporter
 from starlette.routing import Mount
 
 from agentgw import __version__
@@ -30,6 +31,7 @@ from agentgw.app.routes import mount_control_plane, mount_data_plane
 from agentgw.demo.upstream import demo_server
 from agentgw.errors import GatewayError
 from agentgw.settings import Settings
+from agentgw.tracing import TraceContext
 
 __all__ = [
     "MAX_REMEMBERED_HOSTS",
@@ -44,15 +46,16 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings) -> GatewayApp:
+def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None) -> GatewayApp:
     """The ASGI application for `settings`: the gateway is built now, its background work starts
-    with the app's lifespan.
+    with the app's lifespan. `span_exporter` receives every span, whatever `settings.tracing` says
+    (tests, embedders).
 
     Raises:
         PolicyError: the policy is unreadable, malformed, or empty when that is not allowed.
         ConfigError: an LLM route's, A2A agent's or MCP upstream's secret is missing or unreadable.
     """
-    gateway = build_gateway(settings)
+    gateway = build_gateway(settings, span_exporter)
     demo = demo_server() if settings.demo else None
     app = GatewayApp(title="agentgw", version=__version__, lifespan=lifespan(gateway, demo))
     app.state.gateway = gateway
@@ -69,5 +72,6 @@ def create_app(settings: Settings) -> GatewayApp:
     hosts = settings.trusted_hosts()
     if hosts == ["*"]:
         log.warning("no allowed_hosts or public_url: answering any Host header (DNS rebinding unchecked)")
-    app.front = RememberedHostCheck(DataPlane(app, data_plane, fallback=app.stack), hosts)
+    # A caller's trace context is read before anything else, so every later log line names it.
+    app.front = RememberedHostCheck(TraceContext(DataPlane(app, data_plane, fallback=app.stack)), hosts)
     return app

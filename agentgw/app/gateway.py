@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from opentelemetry.sdk.trace.export import SpanExporter
 from sqlalchemy import Engine
 
 from agentgw.errors import Unavailable
@@ -43,11 +44,12 @@ from agentgw.storage.audit import AuditQuery, SqlAuditLog, checkpointer, iter_re
 from agentgw.storage.budget import LocalBudgetStore, budget_store
 from agentgw.storage.budget.rules import BudgetRuleBook
 from agentgw.storage.task_owners import RedisTaskOwners
+from agentgw.tracing import Tracing
 from agentgw.upstream.http import DEFAULT_LIMITS
 from agentgw.upstream.mcp import McpHttpUpstream
 from agentgw.upstream.mcp_sessions import UpstreamSessions
 
-__all__ = ["Gateway", "build_gateway"]
+__all__ = ["Gateway", "build_gateway", "upstream_states"]
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +79,14 @@ class Gateway:
     credentials: Credentials | None = None
     readiness: Readiness | None = None
     metrics: Metrics | None = None
+    tracing: Tracing | None = None
     catalog: Catalog | None = None
     folder: RegistryFolder | None = None
     pins: Pins | None = None
 
 
-def build_gateway(settings: Settings) -> Gateway:
-    """Build the stores and the pipeline.
+def build_gateway(settings: Settings, span_exporter: SpanExporter | None = None) -> Gateway:
+    """Build the stores and the pipeline (`span_exporter`: see `Tracing`).
 
     Raises:
         PolicyError: the policy is unreadable, malformed, or empty when that is not allowed.
@@ -154,6 +157,8 @@ def build_gateway(settings: Settings) -> Gateway:
         credentials=credentials,
         admitted=audit.admitted,
     )
+    tracing = Tracing(settings.tracing, span_exporter)
+    pipeline = tracing.pipeline(pipeline)
     limits = DEFAULT_LIMITS.over(settings.upstream_limits)
     upstream = McpHttpUpstream(limits=limits)
     # Sessions in Redis let any node continue a session another node started.
@@ -209,7 +214,7 @@ def build_gateway(settings: Settings) -> Gateway:
         policy=engine if settings.policy.database else None,
         budgets=budgets,
         audit_log=audit_log,
-        upstreams=lambda: _upstream_states(upstream, sessions, llm, a2a),
+        upstreams=lambda: upstream_states(upstream, sessions, llm, a2a),
     )
     metrics = None
     if settings.metrics.enabled:
@@ -218,7 +223,7 @@ def build_gateway(settings: Settings) -> Gateway:
             pipeline.stages,
             known=_known_upstream(settings, registry),
             state=State(
-                upstreams=lambda: _upstream_states(upstream, sessions, llm, a2a),
+                upstreams=lambda: upstream_states(upstream, sessions, llm, a2a),
                 token_cache=(lambda: cache.lookups) if isinstance(cache, MemoryTokenCache) else None,
                 audit_backlog=audit_log.backlog,
                 audit_problem=audit_log.problem,
@@ -246,6 +251,7 @@ def build_gateway(settings: Settings) -> Gateway:
         credentials=credentials,
         readiness=readiness,
         metrics=metrics,
+        tracing=tracing,
         folder=folder,
         pins=pins,
     )
@@ -297,7 +303,7 @@ def _known_upstream(settings: Settings, registry: RegistryStore) -> Known:
     return known
 
 
-def _upstream_states(
+def upstream_states(
     mcp: McpHttpUpstream, bridge: UpstreamSessions, llm: LlmIngress, a2a: A2aIngress
 ) -> dict[str, dict[str, Any]]:
     """Each upstream's last known state, from what calls found (nothing is probed here)."""

@@ -82,6 +82,8 @@ def lifespan(gateway: Gateway, demo: MCPServer | None) -> Callable[[Any], Abstra
                 await gateway.budget_store.aclose()
                 # Commit what the audit writer still holds before the process goes.
                 await anyio.to_thread.run_sync(gateway.audit_log.close)
+                if gateway.tracing is not None:
+                    await anyio.to_thread.run_sync(gateway.tracing.shutdown)
 
     return run
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
@@ -17,13 +17,15 @@ from agentgw.admin.clients import clients_router
 from agentgw.admin.policies import policy_router
 from agentgw.api_contract import ADMIN_DEPENDENCIES, GUARDED, Guard
 from agentgw.app.front import GatewayApp
-from agentgw.app.gateway import Gateway
+from agentgw.app.gateway import Gateway, upstream_states
 from agentgw.call import Principal
+from agentgw.console import CONSOLE_CLIENT_ID, Console, console_router, console_static
 from agentgw.errors import Forbidden
 from agentgw.ingress.mcp.routes import METHODS as MCP_METHODS
 from agentgw.ingress.mcp.routes import McpIngress, McpRoute
 from agentgw.metrics import metrics_router
 from agentgw.oauth.apikeys import api_key_router
+from agentgw.oauth.config import BuiltinClient
 from agentgw.oauth.metadata import protected_resource_router
 from agentgw.oauth.server import oauth_router
 from agentgw.registry.api import registry_router
@@ -129,6 +131,41 @@ def mount_control_plane(app: GatewayApp, gateway: Gateway) -> None:
     )
     if gateway.identity.server is not None:
         app.include_router(oauth_router(gateway.identity.server))
+        if gateway.settings.console.enabled:
+            _add_console(app, gateway)
+
+
+def _add_console(app: GatewayApp, gateway: Gateway) -> None:
+    """The web console at /console, logged into at the built-in authorization server as its own client."""
+    server, settings = gateway.identity.server, gateway.settings
+    assert server is not None
+    server.add_client(
+        BuiltinClient(
+            client_id=CONSOLE_CLIENT_ID,
+            redirect_uris=[f"{settings.base_url}/console/callback"],
+            client_name="agentgw console",
+        )
+    )
+    oauth = FastAPI()
+    oauth.include_router(oauth_router(server))
+    upstreams = (gateway.mcp_upstream, gateway.sessions, gateway.llm, gateway.a2a)
+    console = Console(
+        base_url=settings.base_url,
+        authenticate=gateway.authenticate,
+        authorizer=gateway.authorizer,
+        oauth=oauth,
+        audit_engine=gateway.audit_log.engine,
+        audit_flush=gateway.audit_log.flush,
+        audit_verify=gateway.audit_log.verify,
+        registry=gateway.registry,
+        budget_rules=gateway.budget_rules,
+        budget_store=gateway.budget_store,
+        health=lambda: upstream_states(*upstreams),
+        models=[route.name for route in settings.llm_routes],
+        agents=[agent.name for agent in settings.a2a_agents],
+    )
+    app.include_router(console_router(console))
+    app.mount("/console/static", console_static(), name="console-static")
 
 
 def _registry_read(gateway: Gateway) -> APIRouter:

@@ -350,6 +350,7 @@ class Audit:
             time=timestamp(self._clock()),
             event=event,
             request_id=call.request_id,
+            trace_id=call.trace_id,
             protocol=call.protocol,
             action=call.action,
             resource=resource if len(resource) <= MAX_RESOURCE else capped(resource, MAX_RESOURCE),

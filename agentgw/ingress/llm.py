@@ -206,7 +206,13 @@ def _generated_bytes(choices: Any, key: Literal["message", "delta"]) -> int:
 
 
 def _usage(route: LlmRoute, prompt: int, completion: int) -> Usage:
-    return Usage(calls=1, tokens=prompt + completion, cost=route.cost(prompt, completion))
+    return Usage(
+        calls=1,
+        tokens=prompt + completion,
+        cost=route.cost(prompt, completion),
+        input_tokens=prompt,
+        output_tokens=completion,
+    )
 
 
 # --- payloads the terminal hands to the renderer -----------------------------------------------------

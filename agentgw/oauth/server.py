@@ -493,6 +493,11 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
             raise InvalidScopeError(f"unknown scope: {' '.join(sorted(unknown))}")
 
     # clients
+    def add_client(self, spec: BuiltinClient) -> None:
+        """Pre-register `spec` as the gateway's own client (the console), unless the config file
+        defines a client of that id: the operator's definition wins."""
+        self._clients.setdefault(spec.client_id, self._client(spec))
+
     def _client(self, spec: BuiltinClient) -> _Client:
         return _Client(
             spec.client_id,

@@ -23,6 +23,7 @@ import aiohttp
 
 from agentgw.errors import UpstreamBusy, UpstreamError, UpstreamTimeout, UpstreamUnreachable
 from agentgw.registry.models import UpstreamLimits
+from agentgw.tracing import outbound_headers
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -330,6 +331,10 @@ class HttpClient:
         # without a Content-Encoding. Said outright (no header would leave the upstream free to
         # compress, RFC 9110 12.5.3), which also spares aiohttp its own default per request.
         headers = {**headers, "accept-encoding": "identity"}
+        # W3C trace context: the gateway's upstream span, or the caller's own headers passed on.
+        traced = outbound_headers()
+        if traced is not None:
+            headers.update(traced)
         try:
             response = await self._client().request(
                 method,

@@ -12,13 +12,13 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from agentgw.storage.audit import AuditQuery
 from mcp import Client
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
 
 from agentgw.cli import main
 from agentgw.storage import make_engine
+from agentgw.storage.audit import AuditQuery
 from tests.support.audit import records_until
 from tests.support.gateway import RunningGateway, run_gateway
 from tests.support.servers import LocalServer

@@ -45,6 +45,7 @@ from agentgw.ingress.relay import RelayResponse
 from agentgw.pipeline import Pipeline
 from agentgw.registry.models import McpServerSpec
 from agentgw.registry.pins import PinGate
+from agentgw.tracing import meta_context
 from agentgw.upstream.http import AnswerTooLarge
 from agentgw.upstream.mcp import McpHttpUpstream, UpstreamResponse, forwarded_headers
 from agentgw.upstream.sse import EventTooLarge, SseSplitter, encode_event, parse_events
@@ -159,7 +160,8 @@ class PassThrough:
             return reply
 
         try:
-            reply = await self._pipeline.run(call, terminal)
+            with meta_context(message.params):
+                reply = await self._pipeline.run(call, terminal)
         except Exception as exc:
             await _close(opened)
             return jsonrpc_error_response(message.id, exc, in_pipeline=True)
