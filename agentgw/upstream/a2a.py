@@ -11,7 +11,6 @@ closes the upstream response).
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 
@@ -21,6 +20,8 @@ from agentgw.call import RUN_ID_HEADER
 from agentgw.errors import UpstreamError
 from agentgw.registry.models import UpstreamLimits
 from agentgw.upstream.http import AnswerTooLarge, HttpClient, UpstreamResponse, UpstreamState
+from agentgw.upstream.sse import EventTooLarge as SseEventTooLarge
+from agentgw.upstream.sse import SseSplitter
 
 __all__ = [
     "FORWARDED_REQUEST_HEADERS",
@@ -48,7 +49,6 @@ MAX_CARD_BYTES = 1024 * 1024
 MAX_EVENT_BYTES = 8 * 1024 * 1024
 _CARD_HEADERS = {"accept": "application/json"}
 _STREAM_ACCEPT = "text/event-stream, application/json"
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
 def forwarded_headers(incoming: Mapping[str, str]) -> dict[str, str]:
@@ -78,43 +78,30 @@ class AgentEvent:
 async def read_agent_events(
     response: UpstreamResponse, max_event_bytes: int = MAX_EVENT_BYTES
 ) -> AsyncGenerator[AgentEvent, None]:
-    """The events of an agent's SSE answer, each as soon as it is complete.
+    """The events of an agent's SSE answer, each as soon as it is complete, read by the gateway's one
+    SSE reader (`upstream/sse.py`).
 
-    Events end at a blank line (`\\n`, `\\r\\n` or `\\r` line ends); an unterminated last event is
-    dropped, and so are blocks with nothing in them.
+    An event keeps its raw bytes without its blank line (the relay forwards them as they came, and
+    comment-only events such as keep-alives go through too); an unterminated last event is dropped,
+    and so are blocks with nothing in them.
 
     Raises:
         EventTooLarge: one event is larger than `max_event_bytes`.
         UpstreamError: the connection broke (`UpstreamTimeout`: the agent went silent past its read
             timeout).
     """
-    chunks = response.aiter_raw()
-    buffer = b""
-    while True:
-        match = _EVENT_END.search(buffer)
-        if match is None:
-            chunk = await anext(chunks, None)
-            if chunk is None:
-                return
-            buffer += chunk
-            if len(buffer) > max_event_bytes:
-                raise EventTooLarge("the agent sent a stream event larger than the gateway accepts")
-            continue
-        block, buffer = buffer[: match.start()], buffer[match.end() :]
-        if not block.strip():
-            continue
-        name = "message"
-        data: list[bytes] = []
-        for line in block.splitlines():
-            if line.startswith(b":"):
+    splitter = SseSplitter(max_event_bytes)
+    async for chunk in response.aiter_raw():
+        try:
+            raws = splitter.feed(chunk)
+        except SseEventTooLarge as exc:
+            raise EventTooLarge("the agent sent a stream event larger than the gateway accepts") from exc
+        for raw in raws:
+            block = raw.rstrip(b"\r\n")
+            if not block.strip():
                 continue
-            key, _, value = line.partition(b":")
-            value = value[1:] if value.startswith(b" ") else value
-            if key == b"event":
-                name = value.decode(errors="replace")
-            elif key == b"data":
-                data.append(value)
-        yield AgentEvent(block, name, b"\n".join(data) if data else None)
+            event = splitter.parse(raw)
+            yield AgentEvent(block, event.event, event.data) if event else AgentEvent(block)
 
 
 class A2aHttpUpstream:
