@@ -21,6 +21,8 @@ POLICY = [
     "g, user:admin, role:auditor",
     "g, user:admin, role:security",
     "g, user:admin, role:operator",
+    # Approving pinned tools changes what callers reach: a write grant the operator lacks.
+    "p, user:admin, admin:registry, write, allow",
     "p, anonymous, mcp:demo/*, *, allow",
     "p, anonymous, mcp:demo/delete_repo, call, deny",
 ]
