@@ -518,7 +518,8 @@ def console_router(console: Console) -> APIRouter:
             request,
             found,
             200 if problem is None else 400,
-            candidate=text,
+            # An oversized candidate is not sent back: the page stays as small as the cap.
+            candidate=text if len(text.encode()) <= MAX_CANDIDATE_BYTES else "",
             since=since,
             replayed=replayed,
             replay_problem=problem,

@@ -343,6 +343,7 @@ async def test_a_pasted_candidate_is_size_capped_validated_and_shown_inert(gw: R
         assert "&lt;" in page.text
     assert "\\u202e" in odd.text.split('id="findings"')[1]  # the finding quotes the rule printable
     assert too_big.status_code == 400 and "longer than 65536 bytes" in too_big.text
+    assert len(too_big.content) < 64 * 1024  # not echoed back
     assert empty.status_code == 400 and "the candidate has no rules" in empty.text
     assert bad_since.status_code == 400 and "since:" in bad_since.text
 
