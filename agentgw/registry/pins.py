@@ -413,6 +413,12 @@ class PinGate:
 
     def refusal(self, server: str, method: str | None, params: Mapping[str, Any]) -> str | None:
         """Why the request `method` with `params` is refused, None if pinning lets it through."""
+        if method == "completion/complete":
+            # Completing a quarantined prompt's arguments runs its new definition too.
+            ref = params.get("ref")
+            if not isinstance(ref, Mapping) or ref.get("type") != "ref/prompt":
+                return None
+            method, params = "prompts/get", ref
         if method not in ("tools/call", "prompts/get", "resources/read") or self._mode_of(server) == "off":
             return None
         if method == "resources/read":

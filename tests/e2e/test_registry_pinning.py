@@ -15,6 +15,7 @@ import pytest
 from mcp import Client
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
+from mcp.types import PromptReference
 
 from agentgw.cli import main
 from agentgw.storage import make_engine
@@ -279,6 +280,13 @@ async def test_a_prompt_and_a_resource_template_changed_after_approval_are_hidde
                 ("mcp:up/resource/weather://oslo", "allowed"),
             ]
             assert "prompt 'summary' quarantined, its description changed" in gw.output()
+            # Completing the prompt's arguments would run its new definition too.
+            for client_url, name in ((gw.mcp("up"), "summary"), (gw.mcp(), "up__summary")):
+                async with Client(client_url, mode="legacy") as client:
+                    with pytest.raises(MCPError, match="prompt 'summary' of server 'up' is quarantined"):
+                        await client.complete(
+                            PromptReference(type="ref/prompt", name=name), {"name": "text", "value": ""}
+                        )
 
             code, out = cli(capsys, gw, "diff", "up")
             assert code == 0

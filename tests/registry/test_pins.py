@@ -124,6 +124,8 @@ def test_a_changed_prompt_is_refused_at_prompts_get_and_a_tool_of_the_same_name_
     refused = gate.refusal("up", "prompts/get", {"name": "summary"})
     assert refused is not None and refused.startswith("prompt 'summary' of server 'up' is quarantined")
     assert gate.refusal("up", "tools/call", {"name": "summary"}) is None
+    completion = {"ref": {"type": "ref/prompt", "name": "summary"}, "argument": {"name": "text", "value": ""}}
+    assert gate.refusal("up", "completion/complete", completion) == refused
 
 
 def test_a_read_is_refused_when_only_a_changed_template_matches_its_uri(pins: Pins) -> None:

@@ -570,7 +570,8 @@ class Bridge:
             if route is None:
                 raise NotFound(f"unknown {kind[:-1]} {exposed!r}")
             if self.pins is not None:
-                refused = self.pins.refusal(server, method, {key: name})
+                routed = {**target, key: name}
+                refused = self.pins.refusal(server, method, routed if target is params else {"ref": routed})
                 if refused is not None:
                     raise ToolQuarantined(refused)
             if method == "tools/call" and ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
