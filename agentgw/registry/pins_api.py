@@ -3,20 +3,18 @@ definitions."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, status
 from pydantic import BaseModel, Field
 
-from agentgw.api_contract import errors
+from agentgw.api_contract import Guard, errors
 from agentgw.call import Principal
 from agentgw.registry.models import NAME_REGEX
 from agentgw.registry.pins import Pin, PinKind, Pins
 
 __all__ = ["PinOut", "pins_router"]
 
-Guard = Callable[..., Awaitable[Any]]
 PathName = Annotated[str, Path(pattern=NAME_REGEX, max_length=63, description="a registry server name")]
 
 

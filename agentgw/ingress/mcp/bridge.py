@@ -16,6 +16,9 @@ narrowed by policy, then paginated with gateway-minted opaque cursors.
 The `Mcp-Param-*` headers of a 2026-07-28 tools/call are checked here, after authorization, against the
 cached schema of the tool the call is routed to; the SDK's own check would list tools through the
 whole pipeline before every call (docs/decisions/0208).
+
+One module, though long: the bridge is one SDK server whose handlers share its catalog, routing and
+relay; the wire pieces that stand alone (messages, sessions, HTTP+SSE legs, rendering) are their own.
 """
 
 from __future__ import annotations
