@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from mcp import InvalidUriTemplate, UriTemplate
+from mcp.shared.uri_template import DEFAULT_MAX_URI_LENGTH
 from sqlalchemy import JSON, Column, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, select
@@ -82,7 +83,10 @@ def _kept(item: Mapping[str, Any], kind: PinKind) -> dict[str, Any]:
     return definition
 
 
-def _template(definition: Mapping[str, Any] | None, *, unsure: bool) -> Callable[[str], bool]:
+Matcher = Callable[[str], bool]
+
+
+def _template(definition: Mapping[str, Any] | None, *, unsure: bool) -> Matcher:
     """Whether a URI matches a template's uriTemplate. `unsure`: the answer when the template cannot be
     parsed (or was too large to keep): True for a template that must be refused, False for an approved
     one, so an unreadable template never opens a read and always closes one."""
@@ -96,11 +100,11 @@ def _template(definition: Mapping[str, Any] | None, *, unsure: bool) -> Callable
                 head = template.split("{", 1)[0]
                 return lambda uri: uri.startswith(head)
             return lambda uri: False
+        if unsure:
+            # The matcher gives up on a URI too long to scan: one that long is not let through.
+            return lambda uri: len(uri) > DEFAULT_MAX_URI_LENGTH or parsed.match(uri) is not None
         return lambda uri: parsed.match(uri) is not None
     return lambda uri: unsure
-
-
-Matcher = Callable[[str], bool]
 
 
 class PinRow(SQLModel, table=True):

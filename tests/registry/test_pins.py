@@ -139,12 +139,26 @@ def test_a_read_is_refused_when_only_a_changed_template_matches_its_uri(pins: Pi
     assert gate.refusal("up", "resources/read", {"uri": "file:///readme"}) is None  # another template
     assert gate.refusal("up", "resources/read", {"uri": "other://x"}) is None  # no template at all
     assert gate.refusal("other", "resources/read", {"uri": "weather://oslo"}) is None
+    # Too long for the matcher to scan: not let through on that account.
+    assert gate.refusal("up", "resources/read", {"uri": "weather://" + "o" * 70_000}) == refused
+    # A template the matcher cannot parse closes every URI under its literal head.
+    gate.visible(
+        "up",
+        "resourceTemplates",
+        [TEMPLATE | {"description": "x"}, files, {"uriTemplate": "db://{a}{b}", "name": "db"}],
+    )
+    gate.visible(
+        "up",
+        "resourceTemplates",
+        [TEMPLATE | {"description": "x"}, files, {"uriTemplate": "db://{a}{b}", "name": "db", "title": "T"}],
+    )
+    assert gate.refusal("up", "resources/read", {"uri": "db://anything"}) is not None
     # A URI that an approved template matches too is served: the approved template may answer it.
     gate.visible(
         "up", "resourceTemplates", [TEMPLATE | {"description": "x"}, files, {**TEMPLATE, "name": "w2"}]
     )
     assert gate.refusal("up", "resources/read", {"uri": "weather://oslo"}) is None
-    assert pins.approve("up", [], by="ops", kind="template") == ["forecast"]
+    assert pins.approve("up", [], by="ops", kind="template") == ["db", "forecast"]
     assert gate.refusal("up", "resources/read", {"uri": "weather://oslo"}) is None
     with pytest.raises(KeyError, match="no resource template named 'files2'"):
         pins.approve("up", ["files2"], by="ops", kind="template")
