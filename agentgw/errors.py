@@ -14,7 +14,7 @@ ingress adapters render it in their protocol's own shape.
     ├── Unauthenticated (401, -32001)     no or bad credentials; carries the OAuth challenge
     ├── Forbidden (403, -32003)           denied by policy (same text whether or not the thing exists)
     │   ├── InsufficientScope (403, -32003)
-    │   └── ToolQuarantined (403, -32003) a pinned tool changed (or waits) until an admin approves it
+    │   └── ToolQuarantined (403, -32003) a pinned tool, prompt or template changed (or waits): approve it
     ├── BudgetExceeded (429, -32029)      names the budget and when it resets
     ├── UpstreamError (502, -32603)       the upstream failed after the call may have reached it
     │   ├── UpstreamTimeout (504, -32603)

@@ -21,6 +21,9 @@ A test file names its policy files relative to itself:
       - {subject: user:alice, roles: [security], object: admin:policies, action: write, expect: allow}
       - {subject: user:bob, object: mcp:github/delete_repo, action: call, expect: deny,
          rule: "p, *, mcp:github/delete_*, *, deny"}   # optional: the rule that must decide
+
+One module, though long: `agentgw policy`'s subcommands are each small and share the loading,
+matching and printing helpers.
 """
 
 from __future__ import annotations

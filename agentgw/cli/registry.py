@@ -51,15 +51,22 @@ def register(sub: Any) -> None:
         action="store_true",
         help="fetch a registry over plain http (address rules still apply)",
     )
-    diff = reg_sub.add_parser("diff", help="what changed in a server's quarantined or waiting tools")
+    diff = reg_sub.add_parser(
+        "diff", help="what changed in a server's quarantined or waiting tools, prompts, resource templates"
+    )
     add_common_options(diff)
     diff.add_argument("name")
     approve = reg_sub.add_parser(
-        "approve", help="approve a server's tools as last seen (all waiting if none named)"
+        "approve",
+        help="approve a server's tools, prompts, resource templates as last seen (all waiting if none named)",
     )
     add_common_options(approve)
     approve.add_argument("name")
-    approve.add_argument("tools", nargs="*", help="tool names (default: every quarantined or waiting tool)")
+    approve.add_argument(
+        "tools",
+        nargs="*",
+        help="names of tools, prompts or resource templates (default: every quarantined or waiting one)",
+    )
     reg.set_defaults(func=_registry)
 
 
@@ -105,7 +112,7 @@ def _registry(args: argparse.Namespace) -> int:
             if spec.name in health:
                 row += (f"upstream {health[spec.name].text()}",)
             if waiting := quarantined.get(spec.name):
-                row += (f"tools waiting for approval: {', '.join(map(repr, waiting))}",)
+                row += (f"waiting for approval: {', '.join(waiting)}",)
             rows.append(row)
         for row in sorted(rows):
             print("\t".join(row))
@@ -225,7 +232,8 @@ def _review(args: argparse.Namespace, engine: Any) -> int:
         return 0
     waiting = [p for p in pins.pins(args.name) if p.state != "approved"]
     for pin in waiting:
-        print(f"{pin.state}: {pin.name!r} ({', '.join(pin.changes())})")
+        what = "" if pin.kind == "tool" else "prompt " if pin.kind == "prompt" else "resource template "
+        print(f"{pin.state}: {what}{pin.name!r} ({', '.join(pin.changes())})")
         # JSON with ASCII escapes: upstream text (a description) cannot drive the terminal.
         before = json.dumps(pin.approved, indent=2, sort_keys=True).splitlines() if pin.approved else []
         after = json.dumps(pin.seen, indent=2, sort_keys=True).splitlines()
@@ -241,5 +249,5 @@ def _quarantined(engine: Any) -> dict[str, list[str]]:
 
     out: dict[str, list[str]] = {}
     for pin in Pins(engine).waiting():
-        out.setdefault(pin.server, []).append(pin.name)
+        out.setdefault(pin.server, []).append(f"{pin.kind} {pin.name!r}")
     return out

@@ -26,6 +26,9 @@ moves it to the next one with that route's credential, obtained by the same sour
 Bridged upstreams (one SDK session shared by every caller) can only carry the gateway's own identity:
 `session_credential` gives their HTTP client a header source; per-caller modes are served by the
 pass-through only (docs/decisions/0602).
+
+One module, though long: the credential sources and the token cache are the stage's own, used by
+nothing else, and each source is small; apart they would only import one another.
 """
 
 from __future__ import annotations

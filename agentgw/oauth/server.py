@@ -24,6 +24,10 @@ authlib's server framework is synchronous and knows no Starlette: each handler r
 (and fetches anything remote, such as a metadata document or a JWKS, or a registered client) first,
 then hands authlib a fully-read request; the token and revocation endpoints, whose hooks use the
 database, run it in a worker thread.
+
+One module, though long: authlib's server is one class whose grants, hooks and endpoints share its
+client, code and key lookups. What stands alone has its own module (registration, refresh tokens,
+federation, keys, CIMD fetching).
 """
 
 from __future__ import annotations

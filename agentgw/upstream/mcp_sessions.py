@@ -19,6 +19,9 @@ Once the shared session to a streamable-HTTP upstream has negotiated a 2026-07-2
 requests no longer travel through it: each is one POST on the pooled aiohttp client (`_ModernPost`),
 about a tenth of the SDK client's CPU per request (docs/decisions/0208). The SDK session stays for
 what it does well: negotiating the version, noticing a dead upstream, the subscriptions/listen stream.
+
+One module, though long: each upstream's connection supervisor, its two eras (the SDK's session and
+the 2026-07-28 POSTs) and its keepalive share the connection's state.
 """
 
 from __future__ import annotations

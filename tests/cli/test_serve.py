@@ -303,8 +303,11 @@ def test_workers_listen_on_a_socket_each_so_a_burst_of_connections_reaches_all_o
         replaced = set()
         while not replaced:
             assert time.monotonic() < deadline, gateway.output()
-            with httpx.Client(base_url=gateway.url) as client:
-                pid = client.get("/healthz", headers={"connection": "close"}).json()["pid"]
+            try:
+                with httpx.Client(base_url=gateway.url) as client:
+                    pid = client.get("/healthz", headers={"connection": "close"}).json()["pid"]
+            except httpx.TransportError:
+                continue  # a connection queued at the dying worker is reset (docs/configuration.md)
             replaced = {pid} - workers
         assert replaced <= _children(parent)
         assert f"worker {killed} exited" in gateway.output()

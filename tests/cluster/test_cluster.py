@@ -145,11 +145,40 @@ def test_a_policy_edit_on_one_node_is_enforced_by_every_node(cluster: Cluster) -
         # bound leaves room for a loaded CI machine, the printed times show the real spread.
         assert max(seen.values()) < 3.0, seen
     finally:
-        httpx.post(
+        removed = httpx.post(
             f"{cluster.nodes[0].url}/admin/policies/rules/delete", json=rule, headers=admin, timeout=10
         )
+        assert removed.status_code == 204, removed.text
+        # The next tests need every node to allow again.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(denied(node) for node in cluster.nodes):
+            time.sleep(0.1)
 
 
+def a2a(url: str, method: str, params: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
+    body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
+    answer = httpx.post(url, json=body, headers=headers | {"a2a-version": "1.0"}, timeout=30)
+    result: dict[str, Any] = answer.json()
+    return result
+
+
+def test_an_a2a_task_belongs_to_its_creator_on_every_node(cluster: Cluster) -> None:
+    alice = bearer(cluster, "alice", "/a2a/echo")
+    bob = bearer(cluster, "bob", "/a2a/echo")
+    message = {"role": "ROLE_USER", "messageId": uuid.uuid4().hex, "parts": [{"text": "hi"}]}
+    sent = a2a(
+        f"{cluster.url}/a2a/echo", "SendMessage", {"message": message, "metadata": {"skill": "shout"}}, alice
+    )
+    task = sent["result"]["task"]["id"]
+    for node in cluster.nodes:
+        own = a2a(f"{node.url}/a2a/echo", "GetTask", {"id": task}, alice)
+        assert own.get("result", {}).get("id") == task, (node.name, own)
+        # Another principal gets what it would get for a task that does not exist, on every node.
+        foreign = a2a(f"{node.url}/a2a/echo", "GetTask", {"id": task}, bob)
+        assert foreign["error"]["code"] == -32001, (node.name, foreign)
+
+
+# Last: it kills and restarts a node.
 async def test_a_node_killed_under_load_loses_only_its_calls_in_flight(cluster: Cluster) -> None:
     httpx.post(f"{cluster.upstream}/_fixture/reset", timeout=10).raise_for_status()
     run = uuid.uuid4().hex
@@ -210,26 +239,3 @@ async def test_a_node_killed_under_load_loses_only_its_calls_in_flight(cluster: 
             for _ in range(6)
         }
     assert f"127.0.0.1:{victim.port}" in nodes
-
-
-def a2a(url: str, method: str, params: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
-    body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
-    answer = httpx.post(url, json=body, headers=headers | {"a2a-version": "1.0"}, timeout=30)
-    result: dict[str, Any] = answer.json()
-    return result
-
-
-def test_an_a2a_task_belongs_to_its_creator_on_every_node(cluster: Cluster) -> None:
-    alice = bearer(cluster, "alice", "/a2a/echo")
-    bob = bearer(cluster, "bob", "/a2a/echo")
-    message = {"role": "ROLE_USER", "messageId": uuid.uuid4().hex, "parts": [{"text": "hi"}]}
-    sent = a2a(
-        f"{cluster.url}/a2a/echo", "SendMessage", {"message": message, "metadata": {"skill": "shout"}}, alice
-    )
-    task = sent["result"]["task"]["id"]
-    for node in cluster.nodes:
-        own = a2a(f"{node.url}/a2a/echo", "GetTask", {"id": task}, alice)
-        assert own.get("result", {}).get("id") == task, (node.name, own)
-        # Another principal gets what it would get for a task that does not exist, on every node.
-        foreign = a2a(f"{node.url}/a2a/echo", "GetTask", {"id": task}, bob)
-        assert foreign["error"]["code"] == -32001, (node.name, foreign)

@@ -16,6 +16,9 @@ narrowed by policy, then paginated with gateway-minted opaque cursors.
 The `Mcp-Param-*` headers of a 2026-07-28 tools/call are checked here, after authorization, against the
 cached schema of the tool the call is routed to; the SDK's own check would list tools through the
 whole pipeline before every call (docs/decisions/0208).
+
+One module, though long: the bridge is one SDK server whose handlers share its catalog, routing and
+relay; the wire pieces that stand alone (messages, sessions, HTTP+SSE legs, rendering) are their own.
 """
 
 from __future__ import annotations
@@ -225,7 +228,7 @@ def _item_name(kind: str, item: Mapping[str, Any]) -> str:
 class Bridge:
     """The gateway's own MCP server for bridged endpoints (one SDK server, routed per request)."""
 
-    # Tool pinning (agentgw/registry/pins.py): quarantined tools are hidden and refused.
+    # Pinning (agentgw/registry/pins.py): quarantined tools, prompts, templates are hidden and refused.
     pins: PinGate | None = None
 
     def __init__(
@@ -491,10 +494,9 @@ class Bridge:
             try:
                 async with asyncio.timeout(self._list_timeout):
                     items = await self._fetch(server, method, kind)
-                    hidden = (
-                        self.pins.hidden(server, items) if self.pins is not None and kind == "tools" else ()
-                    )
-                    return [(server, item) for item in items if item.get("name") not in hidden]
+                    if self.pins is not None:
+                        items = self.pins.visible(server, kind, items)
+                    return [(server, item) for item in items]
             except (TimeoutError, GatewayError) as exc:
                 log.warning("upstream %s left out of %s: %s", server, method, exc)
                 return []
@@ -570,8 +572,9 @@ class Bridge:
         async def terminal(_call: Call) -> Reply:
             if route is None:
                 raise NotFound(f"unknown {kind[:-1]} {exposed!r}")
-            if method == "tools/call" and self.pins is not None:
-                refused = self.pins.refusal(server, name)
+            if self.pins is not None:
+                routed = {**target, key: name}
+                refused = self.pins.refusal(server, method, routed if target is params else {"ref": routed})
                 if refused is not None:
                     raise ToolQuarantined(refused)
             if method == "tools/call" and ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:

@@ -92,7 +92,7 @@ class _Listing:
 class PassThrough:
     """Serves `/mcp/{server}` for streamable-HTTP upstreams."""
 
-    # Tool pinning (agentgw/registry/pins.py): quarantined tools are hidden and refused.
+    # Pinning (agentgw/registry/pins.py): quarantined tools, prompts, templates are hidden and refused.
     pins: PinGate | None = None
 
     def __init__(
@@ -186,8 +186,8 @@ class PassThrough:
         self, call: Call, incoming: Mapping[str, str], spec: McpServerSpec, message: Message
     ) -> Reply:
         assert spec.url is not None and call.principal is not None
-        if self.pins is not None and message.method == "tools/call":
-            refused = self.pins.refusal(spec.name, message.params.get("name"))
+        if self.pins is not None:
+            refused = self.pins.refusal(spec.name, message.method, message.params)
             if refused is not None:
                 raise ToolQuarantined(refused)
         headers = await self._upstream_headers(call, incoming, spec)
@@ -244,12 +244,10 @@ class PassThrough:
         items = answer["result"].get(kind) if isinstance(answer["result"], dict) else None
         if not isinstance(items, list):
             raise UpstreamError(f"upstream {spec.name!r} answered a list request with a malformed result")
-        hidden = self.pins.hidden(spec.name, items) if self.pins is not None and kind == "tools" else ()
-        listing = [
-            item_object(spec.name, kind, i)
-            for i in items
-            if isinstance(i, dict) and i.get("name") not in hidden
-        ]
+        items = [i for i in items if isinstance(i, dict)]
+        if self.pins is not None:
+            items = self.pins.visible(spec.name, kind, items)
+        listing = [item_object(spec.name, kind, i) for i in items]
         return Reply(payload=_Listing(response, body, kind, message.is_modern), listing=listing)
 
     async def _end_upstream_session(self, spec: McpServerSpec, headers: dict[str, str], session: str) -> None:
