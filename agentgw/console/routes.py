@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast, get_args
 from urllib.parse import urlencode
 
 import anyio.to_thread
@@ -40,7 +40,7 @@ from agentgw.filters.budget import BudgetStore, effective_budgets
 from agentgw.filters.policy_review import lint, parse_rules, replay
 from agentgw.records.audit import printable
 from agentgw.registry.models import NAME_REGEX
-from agentgw.registry.pins import Pins
+from agentgw.registry.pins import PinKind, Pins
 from agentgw.registry.store import RegistryStore
 from agentgw.storage.audit import AuditQuery, VerifyReport, iter_records, otel_record, parse_time, query
 from agentgw.storage.budget.rules import BudgetRuleBook
@@ -549,7 +549,14 @@ def console_router(console: Console) -> APIRouter:
         if console.pins is not None:
             await anyio.to_thread.run_sync(console.pins.refresh)
             waiting = [
-                {"server": p.server, "name": p.name, "state": p.state, "changed": p.changes(), "seen": p.seen}
+                {
+                    "server": p.server,
+                    "kind": p.kind,
+                    "name": p.name,
+                    "state": p.state,
+                    "changed": p.changes(),
+                    "seen": p.seen,
+                }
                 for p in console.pins.waiting()
             ]
         return render(
@@ -575,12 +582,20 @@ def console_router(console: Console) -> APIRouter:
         if not checked(found, form):
             return render(request, "message.html", 403, title="Refused", text="The form was not ours.")
         server, tool = str(form.get("server") or ""), str(form.get("tool") or "")
-        if console.pins is None or not re.fullmatch(NAME_REGEX, server) or not 0 < len(tool) <= MAX_TOOL_NAME:
+        kind = form.get("kind")
+        if (
+            console.pins is None
+            or kind not in get_args(PinKind)
+            or not re.fullmatch(NAME_REGEX, server)
+            or not 0 < len(tool) <= MAX_TOOL_NAME
+        ):
             return render(request, "message.html", 400, title="Refused", text="No such server or tool.")
         try:
             # The same approval as `agentgw registry approve` and the admin API: the definition last seen.
             await anyio.to_thread.run_sync(
-                partial(console.pins.approve, server, [tool], by=found.principal.subject)
+                partial(
+                    console.pins.approve, server, [tool], by=found.principal.subject, kind=cast(PinKind, kind)
+                )
             )
         except KeyError as exc:
             return render(request, "message.html", 404, title="Not approved", text=str(exc.args[0]))

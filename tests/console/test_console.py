@@ -380,10 +380,10 @@ async def call_lookup(gw: Running) -> str:
 async def test_approving_a_waiting_tool_on_the_registry_page_makes_it_callable(pinned: Running) -> None:
     gw = pinned
     assert await call_lookup(gw) == "error: tool 'lookup' of server 'demo' is waiting for approval"
-    approve = {"server": "demo", "tool": "lookup"}
+    approve = {"server": "demo", "kind": "tool", "tool": "lookup"}
     async with login(gw, "operator") as http:  # reads the registry, may not approve
         page = await http.get("/console/registry")
-        assert re.search(r'<tr class="pending"><td>demo</td><td>lookup</td>', page.text)
+        assert re.search(r'<tr class="pending"><td>demo</td><td>tool</td><td>lookup</td>', page.text)
         assert "Approve</button>" not in page.text
         refused = await http.post("/console/registry/approve", data=approve | {"csrf": csrf_of(page.text)})
         assert refused.status_code == 403 and "write on admin:registry" in refused.text
@@ -394,9 +394,13 @@ async def test_approving_a_waiting_tool_on_the_registry_page_makes_it_callable(p
             assert (await http.post("/console/registry/approve", data=approve | sent)).status_code == 403
         assert await call_lookup(gw) == "error: tool 'lookup' of server 'demo' is waiting for approval"
         unknown = await http.post(
-            "/console/registry/approve", data={"server": "demo", "tool": "nope", "csrf": csrf_of(page.text)}
+            "/console/registry/approve", data=approve | {"tool": "nope", "csrf": csrf_of(page.text)}
         )
         assert unknown.status_code == 404
+        other_kind = approve | {"kind": "prompt", "csrf": csrf_of(page.text)}  # no prompt named lookup
+        assert (await http.post("/console/registry/approve", data=other_kind)).status_code == 404
+        bogus = approve | {"kind": "<b>", "csrf": csrf_of(page.text)}
+        assert (await http.post("/console/registry/approve", data=bogus)).status_code == 400
         done = await http.post("/console/registry/approve", data=approve | {"csrf": csrf_of(page.text)})
         assert done.status_code == 303 and done.headers["location"] == "/console/registry"
         after = await http.get("/console/registry")
