@@ -161,6 +161,7 @@ def _add_console(app: GatewayApp, gateway: Gateway) -> None:
         budget_rules=gateway.budget_rules,
         budget_store=gateway.budget_store,
         health=lambda: upstream_states(*upstreams),
+        pins=gateway.pins,
         models=[route.name for route in settings.llm_routes],
         agents=[agent.name for agent in settings.a2a_agents],
     )

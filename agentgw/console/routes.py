@@ -5,13 +5,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
+from itertools import islice
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast, get_args
 from urllib.parse import urlencode
 
 import anyio.to_thread
@@ -32,11 +35,14 @@ from starlette.types import ASGIApp
 from agentgw.call import Principal
 from agentgw.errors import GatewayError
 from agentgw.filters.authenticate import Authenticate
-from agentgw.filters.authorize import CasbinAuthorizer
+from agentgw.filters.authorize import DEFAULT_DENY, CasbinAuthorizer, PolicyError
 from agentgw.filters.budget import BudgetStore, effective_budgets
+from agentgw.filters.policy_review import lint, parse_rules, replay
 from agentgw.records.audit import printable
+from agentgw.registry.models import NAME_REGEX
+from agentgw.registry.pins import PinKind, Pins
 from agentgw.registry.store import RegistryStore
-from agentgw.storage.audit import AuditQuery, VerifyReport, otel_record, parse_time, query
+from agentgw.storage.audit import AuditQuery, VerifyReport, iter_records, otel_record, parse_time, query
 from agentgw.storage.budget.rules import BudgetRuleBook
 
 __all__ = ["CONSOLE_CLIENT_ID", "Console", "ConsoleSettings", "console_router", "console_static"]
@@ -51,6 +57,12 @@ EXPORT_PAGE = 1000
 MAX_FILTER = 512
 MAX_CASES_BYTES = 64 * 1024
 MAX_CASES = 500
+# A pasted candidate policy: as large as a policy one reads on a page, no larger.
+MAX_CANDIDATE_BYTES = 64 * 1024
+# A replay reads at most this many recorded decisions (the page says when it stopped there).
+MAX_REPLAYED = 100_000
+MAX_SHOWN_CHANGES = 200
+MAX_TOOL_NAME = 256
 HERE = Path(__file__).parent
 
 # No script at all; styles, images and form targets from the gateway only; never framed.
@@ -94,6 +106,8 @@ class Console:
     budget_rules: BudgetRuleBook
     budget_store: BudgetStore
     health: Health
+    # Tool pinning; None: the gateway keeps no pins (the page then shows none waiting).
+    pins: Pins | None = None
     models: Sequence[str] = ()
     agents: Sequence[str] = ()
 
@@ -424,17 +438,29 @@ def console_router(console: Console) -> APIRouter:
             roles = [r.strip() for r in form["roles"].split(",") if r.strip()]
             decision = console.authorizer.explain(form["subject"], roles, (), form["object"], form["action"])
             result = {"allowed": decision.allowed, "rule": decision.rule}
+        return workbench(request, found, form=form, result=result)
+
+    def workbench(request: Request, found: Session, status: int = 200, **shown: Any) -> Response:
+        context: dict[str, Any] = {
+            "form": {"subject": "", "roles": "", "object": "", "action": ""},
+            "result": None,
+            "cases": "",
+            "outcomes": None,
+            "problem": None,
+            "candidate": "",
+            "since": "7d",
+            "replayed": None,
+            "replay_problem": None,
+        }
         return render(
             request,
             "policies.html",
+            status,
             session=found,
             pages=visible(found),
-            form=form,
-            result=result,
             rules=console.authorizer.rules,
-            cases="",
-            outcomes=None,
-            problem=None,
+            can_replay=allowed(found.principal, "admin:audit"),
+            **(context | shown),
         )
 
     @router.post("/policies/test")
@@ -454,18 +480,49 @@ def console_router(console: Console) -> APIRouter:
                 outcomes = _run_cases(console.authorizer, text)
             except ValueError as exc:
                 problem = str(exc)
-        return render(
+        return workbench(
+            request, found, 200 if problem is None else 400, cases=text, outcomes=outcomes, problem=problem
+        )
+
+    @router.post("/policies/replay")
+    async def policy_replay(request: Request) -> Response:
+        # It reads the recorded log as much as the policy: both grants, like the CLI's two inputs.
+        found = await gate(request, "admin:policies")
+        if isinstance(found, Response):
+            return found
+        if not allowed(found.principal, "admin:audit"):
+            return render(
+                request, "denied.html", 403, session=found, pages=visible(found), grant="read on admin:audit"
+            )
+        form = await request.form()
+        if not checked(found, form):
+            return render(request, "message.html", 403, title="Refused", text="The form was not ours.")
+        text, since = str(form.get("candidate") or ""), str(form.get("since") or "7d")[:MAX_FILTER]
+        replayed, problem = None, None
+        try:
+            if len(text.encode()) > MAX_CANDIDATE_BYTES:
+                raise PolicyError(f"the candidate is longer than {MAX_CANDIDATE_BYTES} bytes")
+            try:
+                start = parse_time(since)
+            except ValueError as exc:
+                raise PolicyError(f"since: {exc}") from exc
+            await console.audit_flush()
+            replayed = await anyio.to_thread.run_sync(
+                partial(_replay, console.audit_engine, console.authorizer.model, text, start)
+            )
+        except PolicyError as exc:
+            problem = exc.message
+        except SQLAlchemyError:
+            problem = "the audit log is unavailable"
+        return workbench(
             request,
-            "policies.html",
-            status=200 if problem is None else 400,
-            session=found,
-            pages=visible(found),
-            form={"subject": "", "roles": "", "object": "", "action": ""},
-            result=None,
-            rules=console.authorizer.rules,
-            cases=text,
-            outcomes=outcomes,
-            problem=problem,
+            found,
+            200 if problem is None else 400,
+            # An oversized candidate is not sent back: the page stays as small as the cap.
+            candidate=text if len(text.encode()) <= MAX_CANDIDATE_BYTES else "",
+            since=since,
+            replayed=replayed,
+            replay_problem=problem,
         )
 
     # --- registry and budgets ------------------------------------------------------------------
@@ -488,6 +545,20 @@ def console_router(console: Console) -> APIRouter:
         ]
         virtual = [v.name for v in console.registry.virtual_servers()]
         health = sorted((name, dict(state)) for name, state in console.health().items())
+        waiting = []
+        if console.pins is not None:
+            await anyio.to_thread.run_sync(console.pins.refresh)
+            waiting = [
+                {
+                    "server": p.server,
+                    "kind": p.kind,
+                    "name": p.name,
+                    "state": p.state,
+                    "changed": p.changes(),
+                    "seen": p.seen,
+                }
+                for p in console.pins.waiting()
+            ]
         return render(
             request,
             "registry.html",
@@ -498,7 +569,37 @@ def console_router(console: Console) -> APIRouter:
             models=list(console.models),
             agents=list(console.agents),
             health=health,
+            waiting=waiting,
+            can_approve=allowed(found.principal, "admin:registry", "write"),
         )
+
+    @router.post("/registry/approve")
+    async def approve(request: Request) -> Response:
+        found = await gate(request, "admin:registry", "write")
+        if isinstance(found, Response):
+            return found
+        form = await request.form()
+        if not checked(found, form):
+            return render(request, "message.html", 403, title="Refused", text="The form was not ours.")
+        server, tool = str(form.get("server") or ""), str(form.get("tool") or "")
+        kind = form.get("kind")
+        if (
+            console.pins is None
+            or kind not in get_args(PinKind)
+            or not re.fullmatch(NAME_REGEX, server)
+            or not 0 < len(tool) <= MAX_TOOL_NAME
+        ):
+            return render(request, "message.html", 400, title="Refused", text="No such server or tool.")
+        try:
+            # The same approval as `agentgw registry approve` and the admin API: the definition last seen.
+            await anyio.to_thread.run_sync(
+                partial(
+                    console.pins.approve, server, [tool], by=found.principal.subject, kind=cast(PinKind, kind)
+                )
+            )
+        except KeyError as exc:
+            return render(request, "message.html", 404, title="Not approved", text=str(exc.args[0]))
+        return redirect("/console/registry")
 
     @router.get("/budgets")
     async def budgets(request: Request, subject: str = "", roles: str = "", run: str = "") -> Response:
@@ -581,3 +682,54 @@ def _run_cases(authorizer: CasbinAuthorizer, text: str) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _replay(engine: Engine, model: Path, text: str, since: str) -> dict[str, Any]:
+    """A candidate policy (CSV text, decided with `model`) replayed against the recorded decisions
+    since `since`: what `agentgw policy replay` prints, as data for the page.
+
+    Raises:
+        PolicyError: the candidate is empty or a line of it is malformed.
+    """
+    rules = parse_rules(text)
+    if not rules:
+        raise PolicyError("the candidate has no rules")
+    candidate = CasbinAuthorizer(model, None, rules, allow_empty=True)
+    read = 0
+
+    def records() -> Iterator[dict[str, Any]]:
+        nonlocal read
+        for record in islice(iter_records(engine, AuditQuery(since=since, event="decision")), MAX_REPLAYED):
+            read += 1
+            yield record
+
+    replayed, changes = replay(records(), candidate)
+    counts = {
+        key: sorted(Counter((str(c.record[key]), c.was, c.now) for c in changes).items())
+        for key in ("subject", "resource")
+    }
+    return {
+        "since": since,
+        "replayed": replayed,
+        "stopped": read >= MAX_REPLAYED,
+        "findings": lint(rules),
+        "narrowing": sum(not c.widening for c in changes),
+        "widening": sum(c.widening for c in changes),
+        "changes": [
+            {
+                "time": c.record["time"],
+                "request_id": c.record["request_id"],
+                "subject": c.record["subject"],
+                "action": c.record["action"],
+                "resource": c.record["resource"],
+                "was": c.was,
+                "now": c.now,
+                "was_rule": c.record["rule"] or DEFAULT_DENY,
+                "now_rule": c.now_rule,
+            }
+            for c in changes[:MAX_SHOWN_CHANGES]
+        ],
+        "total": len(changes),
+        "by_subject": counts["subject"],
+        "by_object": counts["resource"],
+    }

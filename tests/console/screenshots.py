@@ -66,6 +66,13 @@ def main(out: Path) -> None:
                     page.goto(f"{gw.url}{path}")
                     page.screenshot(path=str(out / name), full_page=True)
                     print(out / name)
+                # A candidate that allows the denied call and narrows the rest: the replay's answer.
+                page.goto(f"{gw.url}/console/policies")
+                page.fill("textarea[name=candidate]", "p, anonymous, mcp:modern/add, call, allow")
+                page.get_by_role("button", name="Replay", exact=True).click()
+                page.locator("#replay").wait_for()
+                page.screenshot(path=str(out / "replay.png"), full_page=True)
+                print(out / "replay.png")
                 browser.close()
 
 

@@ -21,6 +21,8 @@ POLICY = [
     "g, user:admin, role:auditor",
     "g, user:admin, role:security",
     "g, user:admin, role:operator",
+    # Approving pinned tools changes what callers reach: a write grant the operator lacks.
+    "p, user:admin, admin:registry, write, allow",
     "p, anonymous, mcp:demo/*, *, allow",
     "p, anonymous, mcp:demo/delete_repo, call, deny",
 ]
@@ -31,7 +33,7 @@ HOSTILE = "<script>alert('x')</script>\u202e<img src=x onerror=alert(1)>\x1b[31m
 def console_config(**extra: Any) -> dict[str, Any]:
     return {
         "allow_anonymous": True,
-        "policy": {"rules": POLICY},
+        "policy": {"rules": list(POLICY)},  # a copy: callers add rules of their own
         "auth": {
             "builtin": {"users": [{"name": u, "password_hash": hash_password(PASSWORD)} for u in USERS]},
         },

@@ -131,6 +131,33 @@ def test_a_page_is_refused_without_its_grant(browser: Browser, gateway: RunningG
         expect(page.locator("#denied")).to_contain_text("needs read on admin:")
 
 
+def test_a_candidate_policy_replayed_shows_the_calls_it_would_change(
+    browser: Browser, gateway: RunningGateway
+) -> None:
+    page = sign_in(browser, gateway, "admin")
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    page.get_by_role("link", name="Policy workbench").first.click()
+    page.fill(
+        "textarea[name=candidate]",
+        "p, anonymous, mcp:modern/echo, call, allow\np, anonymous, mcp:modern/add, call, allow",
+    )
+    page.fill("input[name=since]", "1h")
+    page.get_by_role("button", name="Replay", exact=True).click()
+    expect(page.locator("#replay")).to_contain_text("denied → allowed: 1")
+    widening = page.locator("#changes tr.widening")
+    expect(widening).to_have_count(1)
+    expect(widening.first).to_contain_text("mcp:modern/add")
+    # The call named with markup (percent-encoded in its resource) was allowed by `mcp:modern/*`; the
+    # candidate no longer allows it.
+    narrowing = page.locator("#changes tr.narrowing")
+    expect(narrowing).to_have_count(1)
+    expect(narrowing.first).to_contain_text("mcp:modern/%3Cscript%3E")
+    expect(page.locator("#by-subject")).to_contain_text("anonymous")
+    assert page.title() != "pwned" and dialogs == []
+    assert page.locator("main script, main img").count() == 0
+
+
 @pytest.mark.browser_full
 def test_the_workbench_explains_a_decision_and_runs_cases(browser: Browser, gateway: RunningGateway) -> None:
     page = sign_in(browser, gateway, "security")
