@@ -198,7 +198,7 @@ def test_a_login_hops_nodes_at_every_step_and_finishes(cluster: Cluster) -> None
         "state": "st",
         "code_challenge": challenge,
         "code_challenge_method": "S256",
-        "resource": cluster.mcp(),
+        "resource": f"{cluster.url}/mcp",
     }
     # No keep-alive: nginx deals each request to the next node.
     with httpx.Client(
