@@ -9,7 +9,8 @@ A code or a `state` is a bearer secret: each is kept as its SHA-256 (both are ra
 256 bits, so no slow hash), and a database reader finds nothing to present. Each is taken by one
 `DELETE ... RETURNING`: of two requests racing with one code, on one node or on two, the database
 gives the row to one and none to the other. Expiry is checked against the wall clock the nodes
-share (a monotonic clock is each process's own); expired rows are swept as new ones are written.
+share (a monotonic clock is each process's own). Expired rows are swept, a batch at a time, as new
+ones are written, skipping rows another node's sweep holds (two sweeps never wait on each other).
 
 Anyone may start a sign-in at the provider (the login page's first request needs no account), so
 pending sign-ins are bounded, per client and in all; the counts are read in the transaction that
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import JSON, Column, Engine, Table, delete, func, insert, select
+from sqlalchemy import JSON, Column, Connection, Engine, Table, delete, func, insert, select
 from sqlmodel import Field as SQLField
 from sqlmodel import SQLModel
 
@@ -32,6 +33,7 @@ __all__ = ["IssuedCode", "Pending", "PendingLogins"]
 MAX_PENDING = 10_000
 MAX_PENDING_PER_CLIENT = 1_000
 MAX_SECRET = 200  # a code or state longer than any this server issues is nobody's
+SWEEP_BATCH = 100
 
 
 class CodeRow(SQLModel, table=True):
@@ -91,6 +93,14 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def _sweep(conn: Connection, table: Table, now: float) -> None:
+    key = table.primary_key.columns[0]
+    expired = (
+        select(key).where(table.c.expires_at <= now).limit(SWEEP_BATCH).with_for_update(skip_locked=True)
+    )
+    conn.execute(delete(table).where(key.in_(expired.scalar_subquery())))
+
+
 class PendingLogins:
     """Authorization codes and sign-ins at the provider, each used at most once, on any node.
 
@@ -116,7 +126,7 @@ class PendingLogins:
         """Keep `code` (as its digest) for `ttl_s` seconds."""
         now = self._clock()
         with self.engine.begin() as conn:
-            conn.execute(delete(CODES).where(CODES.c.expires_at <= now))
+            _sweep(conn, CODES, now)
             conn.execute(
                 insert(CODES).values(
                     code_sha256=_digest(code),
@@ -158,9 +168,11 @@ class PendingLogins:
         when as many are pending as the limits allow, for this client or in all."""
         now = self._clock()
         with self.engine.begin() as conn:
-            conn.execute(delete(SIGN_INS).where(SIGN_INS.c.expires_at <= now))
+            _sweep(conn, SIGN_INS, now)
             total, mine = conn.execute(
-                select(func.count(), func.count().filter(SIGN_INS.c.client_id == client_id))
+                select(func.count(), func.count().filter(SIGN_INS.c.client_id == client_id)).where(
+                    SIGN_INS.c.expires_at > now
+                )
             ).one()
             if total >= self._max_pending or mine >= self._max_per_client:
                 return False

@@ -272,3 +272,16 @@ async def test_an_oversized_authorization_request_is_refused(
         "error": "invalid_request",
         "error_description": "the authorization request is too large",
     }
+
+
+def test_a_sweep_deletes_a_batch_of_expired_rows_per_write(engines: Callable[[], Engine]) -> None:
+    clock = Clock()
+    store = PendingLogins(engines(), clock=clock)
+    for i in range(150):
+        store.save_code(f"stale-{i}", ISSUED, 300)
+    clock.now += 300
+    store.save_code("fresh-1", ISSUED, 300)
+    assert len(rows(store.engine, "oauth_code")) == 150 - 100 + 1
+    store.save_code("fresh-2", ISSUED, 300)
+    assert len(rows(store.engine, "oauth_code")) == 2
+    assert store.take_code("fresh-1") == ISSUED
