@@ -22,6 +22,9 @@ from agentgw.oauth.federation import (
     OidcLogin,
 )
 from agentgw.oauth.pending import PendingLogins
+from agentgw.storage import make_engine
+from agentgw.storage.db import DatabaseSettings
+from tests.support.proxy import TcpProxy
 
 ISSUER = "https://idp.example"
 
@@ -93,3 +96,23 @@ async def test_an_unknown_or_oversized_state_is_refused() -> None:
         await login().take("never-issued")
     with pytest.raises(FederationError, match="unknown or has expired"):
         await login().take("x" * 1000)
+
+
+async def test_a_callback_while_the_database_is_out_of_reach_is_a_503_not_an_unknown_sign_in(
+    own_postgres: str, postgres_proxy: TcpProxy
+) -> None:
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{postgres_proxy.port}/{own_postgres}"
+    engine = make_engine(url, DatabaseSettings(statement_timeout_s=1.0))
+    settings = IdentityProviderSettings(issuer=ISSUER, client_id="gw")
+    async with httpx.AsyncClient() as http:
+        login = OidcLogin(
+            settings,
+            redirect_uri="https://gw.example/oauth/callback",
+            http=http,
+            pending=PendingLogins(engine),
+        )
+        postgres_proxy.refuse()
+        with pytest.raises(FederationError, match="unavailable right now") as refused:
+            await login.take("a-state")
+    assert refused.value.status == 503
+    engine.dispose()
