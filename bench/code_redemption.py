@@ -5,6 +5,9 @@ PostgreSQL database, with the refresh-token store the gateway always gives it. E
 user in (untimed: the password check is a slow hash on purpose) and then times one code redemption
 (`POST /oauth/token`, grant `authorization_code`, PKCE), one at a time. Prints the median and the
 90th percentile in milliseconds.
+
+`--part store` times only what a code costs the database (this branch's `PendingLogins`: saving
+one at the authorization endpoint, taking it at the token endpoint), without HTTP or authlib.
 """
 
 from __future__ import annotations
@@ -115,11 +118,38 @@ async def measure(kind: str, rounds: int) -> tuple[float, float]:
     return statistics.median(times) * 1000, times[int(len(times) * 0.9)] * 1000
 
 
+def measure_store(kind: str, rounds: int) -> None:
+    """Print the median and p90 of saving and of taking one code, in milliseconds."""
+    from agentgw.oauth.pending import IssuedCode, PendingLogins
+
+    issued = IssuedCode("app", REDIRECT, "read", "alice", ["dev"], f"{BASE}/mcp", "c" * 43, "S256")
+    with tempfile.TemporaryDirectory() as tmp, _engine(kind, Path(tmp)) as engine:
+        store = PendingLogins(engine)
+        timed: dict[str, list[float]] = {"save_code": [], "take_code": []}
+        for i in range(rounds + 20):  # the first 20 warm the pool up
+            code = secrets.token_urlsafe(36)
+            started = time.perf_counter()
+            store.save_code(code, issued, 300)
+            saved = time.perf_counter()
+            assert store.take_code(code) == issued
+            if i >= 20:
+                timed["save_code"].append(saved - started)
+                timed["take_code"].append(time.perf_counter() - saved)
+    for name, times in timed.items():
+        times.sort()
+        median, p90 = statistics.median(times) * 1000, times[int(len(times) * 0.9)] * 1000
+        print(f"{kind}: {name} median {median:.2f} ms, p90 {p90:.2f} ms ({rounds} rounds)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.code_redemption", description=__doc__)
     parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--part", choices=("token", "store"), default="token")
     args = parser.parse_args()
+    if args.part == "store":
+        measure_store(args.database, args.rounds)
+        return
     median, p90 = asyncio.run(measure(args.database, args.rounds))
     print(f"{args.database}: code redemption median {median:.2f} ms, p90 {p90:.2f} ms ({args.rounds} rounds)")
 
