@@ -312,7 +312,8 @@ class Metrics:
         if state.token_cache is not None:
             yield _counter(
                 "agentgw_token_cache_lookups",
-                "Upstream credential cache lookups, by upstream and result (hit, miss).",
+                "Upstream credential cache lookups, by upstream and result "
+                "(hit, miss; shared: a miss the shared cache answered).",
                 ["upstream", "result"],
                 state.token_cache(),
             )
