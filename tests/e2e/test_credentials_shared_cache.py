@@ -80,8 +80,15 @@ class Nodes:
         records = httpx.get(f"{self.upstream}/_fixture/received").json()
         return [r["authorization"] for r in records]
 
+    def value(self, key: bytes) -> bytes | None:
+        found = self.redis.get(key)
+        assert found is None or isinstance(found, bytes)
+        return found
+
     def entries(self) -> set[bytes]:
-        return set(self.redis.scan_iter(match=f"{self.prefix}*"))
+        return {
+            k if isinstance(k, bytes) else k.encode() for k in self.redis.scan_iter(match=f"{self.prefix}*")
+        }
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +183,7 @@ def test_the_cache_holds_no_token_and_no_caller_in_clear(nodes: Nodes) -> None:
     nodes.subject_seen(nodes.a, token)
     [sent] = nodes.sent_upstream()
     assert nodes.entries() - before, "nothing was cached in Redis"
-    stored = b"".join(nodes.redis.get(key) or b"" for key in nodes.entries() - before)
+    stored = b"".join(nodes.value(key) or b"" for key in nodes.entries() - before)
     names = b"".join(nodes.entries())
     for secret in (sent.removeprefix("Bearer ").encode(), token.encode(), b"clear"):
         assert secret[:24] not in stored and secret[:24] not in names
