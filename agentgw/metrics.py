@@ -313,7 +313,8 @@ class Metrics:
             yield _counter(
                 "agentgw_token_cache_lookups",
                 "Upstream credential cache lookups, by upstream and result "
-                "(hit, miss; shared: a miss the shared cache answered).",
+                "(hit, miss; shared: a miss the shared cache answered; evicted: dropped after another "
+                "node's upstream refused it).",
                 ["upstream", "result"],
                 state.token_cache(),
             )

@@ -164,7 +164,8 @@ async def _cost(args: argparse.Namespace, kind: str) -> tuple[float, float]:
         started = time.perf_counter()
         await cache.get(key, fetch)
         samples.append((time.perf_counter() - started) * 1e6)
-    await store.aclose()
+    await filler.aclose()  # and the store they share
+    await cache.aclose()
     await _clean(args.redis, prefix)
     return statistics.fmean(samples), statistics.median(samples)
 

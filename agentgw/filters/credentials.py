@@ -36,6 +36,7 @@ nothing else, and each source is small; apart they would only import one another
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -62,7 +63,7 @@ from agentgw.oauth.exchange import (
     unverified_claims,
 )
 from agentgw.pipeline import CallNext
-from agentgw.records.credentials import GatewayCredential, SharedToken
+from agentgw.records.credentials import GatewayCredential, SharedToken, token_digest
 from agentgw.registry.a2a import A2aCredential
 from agentgw.registry.models import (
     ClientAuth,
@@ -235,7 +236,12 @@ class SharedTokens(Protocol):
         ...
 
     async def discard(self, name: str, authorization: str) -> None:
-        """Delete the entry under `name` if it holds `authorization`."""
+        """Delete the entry under `name` if it holds `authorization`, and tell every node."""
+        ...
+
+    async def watch(self, evicted: Callable[[str, str], None], lost: Callable[[], None]) -> None:
+        """Call `evicted(name, token_digest)` for each token any node discarded, until cancelled;
+        `lost()` when listening broke off (evictions may have been missed). Never raises."""
         ...
 
     async def aclose(self) -> None: ...
@@ -267,6 +273,10 @@ class MemoryTokenCache:
         # may still hold it if it could not be deleted there.
         self._refused: dict[CacheKey, str] = {}
         self._shared_down = False  # logged once per outage, not once per miss
+        # The entries that went through the shared store, by name: only these can be refused on
+        # another node, which then tells every node to drop them (`_evicted`).
+        self._names: dict[str, CacheKey] = {}
+        self._watching: asyncio.Task[None] | None = None
         # Lookups by (upstream, "hit", "shared" or "miss"), for metrics; upstreams are the registry's
         # names. "shared": a miss here that the shared store answered.
         self.lookups: dict[tuple[str, str], int] = {}
@@ -283,6 +293,10 @@ class MemoryTokenCache:
             self._count(key, "hit")
             return issued
         self._count(key, "miss")
+        if self._shared is not None and self._watching is None:
+            self._watching = asyncio.get_running_loop().create_task(
+                self._shared.watch(self._evicted, self._lost_evictions)
+            )
         task = self._inflight.get(key)
         if task is None:
             # Its own task: a caller that goes away must not cancel the fetch the others wait for.
@@ -324,6 +338,7 @@ class MemoryTokenCache:
         if token is None or token.authorization == self._refused.get(key):
             return None
         self._count(key, "shared")
+        self._remember(key)
         refresh = self._clock() + (token.expires_at - self._wall())
         return IssuedCredential(token.authorization, refresh, token.actors, token.header)
 
@@ -337,6 +352,26 @@ class MemoryTokenCache:
             await self._shared.put(shared_name(key), token)
         except Unavailable:
             self._lost_shared()
+            return
+        self._remember(key)
+
+    def _remember(self, key: CacheKey) -> None:
+        if len(self._names) >= 2 * self._max:  # forget the names of entries no longer here
+            self._names = {n: k for n, k in self._names.items() if k in self._entries}
+        self._names[shared_name(key)] = key
+
+    def _evicted(self, name: str, digest: str) -> None:
+        key = self._names.get(name)
+        issued = self._entries.get(key) if key is not None else None
+        if key is not None and issued is not None and token_digest(issued.authorization) == digest:
+            del self._entries[key]
+            self._count(key, "evicted")
+
+    def _lost_evictions(self) -> None:
+        # Another node may have seen one of these refused meanwhile: read them from Redis again.
+        for key in self._names.values():
+            self._entries.pop(key, None)
+        self._names.clear()
 
     def _lost_shared(self) -> None:
         if not self._shared_down:
@@ -373,6 +408,10 @@ class MemoryTokenCache:
             del self._entries[key]
 
     async def aclose(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watching
         if self._shared is not None:
             await self._shared.aclose()
 

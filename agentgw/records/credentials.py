@@ -8,10 +8,11 @@ stage's cache and the store that shares it between nodes (agentgw/storage/token_
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
-__all__ = ["GatewayCredential", "SharedToken"]
+__all__ = ["GatewayCredential", "SharedToken", "token_digest"]
 
 
 class GatewayCredential(Protocol):
@@ -41,3 +42,8 @@ class SharedToken:
     header: str
     actors: tuple[str, ...]
     expires_at: float
+
+
+def token_digest(authorization: str) -> str:
+    """Which token an eviction names, told to every node: its SHA-256, never the token."""
+    return hashlib.sha256(authorization.encode()).hexdigest()

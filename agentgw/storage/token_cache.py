@@ -15,10 +15,12 @@ Redis client's own limits, so a hung Redis costs a first call little.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -30,7 +32,7 @@ from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 
 from agentgw.errors import Unavailable
-from agentgw.records.credentials import SharedToken
+from agentgw.records.credentials import SharedToken, token_digest
 from agentgw.storage.redis_client import RedisSettings, redis_client
 
 __all__ = ["MIN_SECRET_CHARS", "RedisTokenStore", "TokenCacheSettings"]
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 # The secret is the only key material: an operator's random string, not a password to guess.
 MIN_SECRET_CHARS = 32
 _NONCE_BYTES = 12
+# How long `watch` waits before listening again after Redis went away.
+WATCH_RETRY_S = 1.0
 _INFO = b"agentgw upstream token cache v1"
 
 # Delete the entry only if it still holds the value that was read: a newer token another node put
@@ -76,6 +80,7 @@ class RedisTokenStore:
         self._aead = AESGCM(key)
         self._redis = redis_client(url, settings)
         self._prefix = prefix
+        self._channel = f"{prefix}evicted"
         self._timeout_s = timeout_s
 
     async def get(self, name: str) -> SharedToken | None:
@@ -117,11 +122,35 @@ class RedisTokenStore:
         """
         key = self._prefix + name
         sealed = await self._run(self._redis.get(key))
-        if sealed is None:
-            return
-        token = self._open(key, sealed)
-        if token is None or token.authorization == authorization:
-            await self._run(self._redis.eval(_DISCARD, 1, key, sealed))
+        if sealed is not None:
+            token = self._open(key, sealed)
+            if token is None or token.authorization == authorization:
+                await self._run(self._redis.eval(_DISCARD, 1, key, sealed))
+        # Every node drops it from memory, whatever Redis held.
+        await self._run(self._redis.publish(self._channel, f"{name} {token_digest(authorization)}"))
+
+    async def watch(self, evicted: Callable[[str, str], None], lost: Callable[[], None]) -> None:
+        """Call `evicted(name, token digest)` for every token any node discarded, until cancelled;
+        `lost()` once each time listening broke off, since evictions may then have been missed."""
+        listening = False
+        while True:
+            pubsub = self._redis.pubsub()
+            try:
+                await pubsub.subscribe(self._channel)
+                listening = True
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message is not None and isinstance(message.get("data"), bytes):
+                        name, _, digest = message["data"].decode(errors="replace").partition(" ")
+                        evicted(name, digest)
+            except (RedisError, OSError):
+                if listening:
+                    lost()
+                listening = False
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+            await asyncio.sleep(WATCH_RETRY_S)
 
     async def aclose(self) -> None:
         await self._redis.aclose()

@@ -10,6 +10,8 @@ Redis through a proxy the test breaks).
 from __future__ import annotations
 
 import json
+import re
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -42,6 +44,7 @@ class Nodes:
     upstream: str
     prefix: str
     redis: redis.Redis
+    metrics: dict[str, str]  # node url -> its /metrics
 
     def token(self, subject: str) -> str:
         answer = httpx.post(
@@ -85,6 +88,12 @@ class Nodes:
         assert found is None or isinstance(found, bytes)
         return found
 
+    def evicted(self, node: FixtureProcess) -> float:
+        """How many tokens `node` dropped from memory because another node saw them refused."""
+        text = httpx.get(self.metrics[node.url]).text
+        found = re.search(r'agentgw_token_cache_lookups_total\{result="evicted",upstream="pay"\} (\S+)', text)
+        return float(found.group(1)) if found else 0.0
+
     def entries(self) -> set[bytes]:
         return {
             k if isinstance(k, bytes) else k.encode() for k in self.redis.scan_iter(match=f"{self.prefix}*")
@@ -111,9 +120,10 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
     client = redis.Redis(port=REDIS_PORT)
     env = {"AGW_E2E_IDP_SECRET": IDP_SECRET, "AGW_E2E_TOKEN_CACHE": CACHE_SECRET}
 
-    def config(redis_port: int) -> dict[str, Any]:
+    def config(redis_port: int, metrics_port: int) -> dict[str, Any]:
         return {
             "public_url": PUBLIC_URL,
+            "metrics": {"port": metrics_port},
             "redis_url": f"redis://127.0.0.1:{redis_port}/0",
             "token_cache": {"secret": "token-cache", "redis_prefix": prefix, "timeout_s": 0.5},
             "auth": {"issuers": [{"issuer": idp}], "builtin": {"enabled": False}},
@@ -145,15 +155,17 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
             up_port, issuers=[idp], actors=["gateway"], scopes=["payments"]
         )
         stack.enter_context(start_process(protected, up_port))
-        started = []
+        started, metrics = [], {}
         for name, redis_port in (("a", REDIS_PORT), ("b", proxy.port)):
             (tmp / name).mkdir()
-            port = free_port()
-            args = gateway_args(
-                write_config(tmp / name, config(redis_port)), port, f"sqlite:///{tmp / name / 'agentgw.db'}"
-            )
+            port, metrics_port = free_port(), free_port()
+            written = write_config(tmp / name, config(redis_port, metrics_port))
+            args = gateway_args(written, port, f"sqlite:///{tmp / name / 'agentgw.db'}")
             started.append(stack.enter_context(start_process(args, port, env=env)))
-        yield Nodes(started[0], started[1], proxy, idp, upstream.removesuffix("/mcp"), prefix, client)
+            metrics[started[-1].url] = f"http://127.0.0.1:{metrics_port}/metrics"
+        yield Nodes(
+            started[0], started[1], proxy, idp, upstream.removesuffix("/mcp"), prefix, client, metrics
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -227,6 +239,27 @@ def test_a_token_the_upstream_refused_is_evicted_for_every_node(nodes: Nodes) ->
     assert nodes.subject_seen(nodes.b, token) == "dave"
     assert nodes.sent_upstream()[-1] != refused
     assert nodes.exchanges("dave") == 3
+
+
+def test_a_token_refused_on_one_node_leaves_the_memory_of_every_node(nodes: Nodes) -> None:
+    token = nodes.token("erin")
+    nodes.subject_seen(nodes.a, token)
+    nodes.subject_seen(nodes.b, token)  # b holds a's token in memory now
+    [refused, also_b] = nodes.sent_upstream()
+    assert refused == also_b
+    dropped = nodes.evicted(nodes.b)
+    httpx.post(f"{nodes.upstream}/_fixture/reject", json={"count": 1}).raise_for_status()
+    assert nodes.subject_seen(nodes.a, token) == "erin"  # refused, then a fresh token
+    deadline = time.monotonic() + 10
+    while nodes.evicted(nodes.b) == dropped:
+        assert time.monotonic() < deadline, "b was not told that the token was refused"
+        time.sleep(0.02)
+    assert nodes.subject_seen(nodes.b, token) == "erin"
+    received = httpx.get(f"{nodes.upstream}/_fixture/received").json()
+    assert [r["status"] for r in received] == [200, 200, 401, 200, 200]
+    replacement = received[3]["authorization"]
+    assert replacement != refused and received[4]["authorization"] == replacement
+    assert nodes.exchanges("erin") == 2  # b took a's replacement from Redis
 
 
 @pytest.mark.parametrize("fault", ["refuse", "pause"])

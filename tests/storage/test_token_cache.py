@@ -3,6 +3,8 @@ never longer-lived than they say, deleted only while they hold the refused token
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -11,9 +13,10 @@ from pathlib import Path
 import pytest
 import redis.asyncio
 
-from agentgw.records.credentials import SharedToken
+from agentgw.records.credentials import SharedToken, token_digest
 from agentgw.settings import load_settings
 from agentgw.storage.token_cache import RedisTokenStore
+from tests.support.proxy import TcpProxy
 
 REDIS = "redis://127.0.0.1:6379/0"
 SECRET = "s" * 32
@@ -78,6 +81,34 @@ async def test_discard_deletes_the_refused_token_but_keeps_a_newer_one(prefix: s
         assert await store.get("k") is None
     finally:
         await store.aclose()
+
+
+async def test_a_discard_reaches_every_watching_node_and_a_broken_watch_says_so(
+    prefix: str, redis_proxy: TcpProxy
+) -> None:
+    node = RedisTokenStore(REDIS, SECRET, prefix=prefix)
+    other = RedisTokenStore(f"redis://127.0.0.1:{redis_proxy.port}/0", SECRET, prefix=prefix)
+    heard: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+    lost = asyncio.Event()
+    watching = asyncio.create_task(
+        other.watch(lambda name, digest: heard.put_nowait((name, digest)), lost.set)
+    )
+    try:
+        got = None
+        for _ in range(100):  # until the watch has subscribed: what is published before is not heard
+            await node.discard("k", "Bearer refused")
+            with contextlib.suppress(TimeoutError):
+                got = await asyncio.wait_for(heard.get(), 0.05)
+                break
+        assert got == ("k", token_digest("Bearer refused"))
+        redis_proxy.cut()
+        await asyncio.wait_for(lost.wait(), 5)
+    finally:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+        await node.aclose()
+        await other.aclose()
 
 
 def test_a_short_secret_and_an_undeclared_one_are_refused(tmp_path: Path) -> None:
