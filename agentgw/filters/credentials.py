@@ -278,7 +278,8 @@ class MemoryTokenCache:
         self._names: dict[str, CacheKey] = {}
         self._watching: asyncio.Task[None] | None = None
         # Lookups by (upstream, "hit", "shared" or "miss"), for metrics; upstreams are the registry's
-        # names. "shared": a miss here that the shared store answered.
+        # names. "shared": a miss here that the shared store answered; "evicted" counts tokens dropped
+        # because another node's upstream refused them.
         self.lookups: dict[tuple[str, str], int] = {}
 
     def __len__(self) -> int:
