@@ -1,4 +1,4 @@
-"""`python -m bench {load,upstream,floor,compare,stores,cluster,tokens}`."""
+"""`python -m bench {load,upstream,floor,compare,stores,cluster,tokens,recovery}`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import cluster, compare, floor, load, stores, tokens, upstream
+from bench import cluster, compare, floor, load, recovery, stores, tokens, upstream
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,6 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cluster.add_arguments(nodes)
     cache = sub.add_parser("tokens", help="the exchanged-token cache: per node vs shared in Redis")
     tokens.add_arguments(cache)
+    heal = sub.add_parser("recovery", help="one node losing PostgreSQL or Redis: refusals and recovery")
+    recovery.add_arguments(heal)
     args = parser.parse_args(argv)
     if args.command == "load":
         return load.main(args)
@@ -43,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cluster.main(args)
     if args.command == "tokens":
         return tokens.main(args)
+    if args.command == "recovery":
+        return recovery.main(args)
     return compare.main(args)
 
 
