@@ -312,7 +312,9 @@ class Metrics:
         if state.token_cache is not None:
             yield _counter(
                 "agentgw_token_cache_lookups",
-                "Upstream credential cache lookups, by upstream and result (hit, miss).",
+                "Upstream credential cache lookups, by upstream and result "
+                "(hit, miss; shared: a miss the shared cache answered; evicted: dropped after another "
+                "node's upstream refused it).",
                 ["upstream", "result"],
                 state.token_cache(),
             )

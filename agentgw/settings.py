@@ -33,6 +33,7 @@ from agentgw.registry.models import McpServerSpec, UpstreamLimits, VirtualServer
 from agentgw.registry.secrets import SecretRefused, Secrets, SecretSource
 from agentgw.storage.db import DatabaseSettings
 from agentgw.storage.redis_client import RedisSettings
+from agentgw.storage.token_cache import TokenCacheSettings
 from agentgw.tracing import TracingSettings
 
 __all__ = ["PolicySettings", "Settings", "load_settings"]
@@ -100,6 +101,9 @@ class Settings(BaseSettings):
     admin_max_body_bytes: int = Field(default=1024 * 1024, ge=1)
     # Pool and time limits of each Redis client (budget counters, MCP sessions).
     redis: RedisSettings = Field(default_factory=RedisSettings)
+    # Exchanged upstream tokens in Redis for every node (with redis_url and a named secret that keys
+    # their encryption); see agentgw/storage/token_cache.py.
+    token_cache: TokenCacheSettings = Field(default_factory=TokenCacheSettings)
     log_level: str = "INFO"
     # `json`: one JSON object per log line (agentgw/log_format.py); `text`: one plain line.
     log_format: Literal["text", "json"] = "text"
@@ -154,6 +158,10 @@ class Settings(BaseSettings):
             # Derived, so not marked as set: settings rebuilt with another data_dir derive it again.
             object.__setattr__(self, "database_url", f"sqlite:///{self.data_dir / 'agentgw.db'}")
         admission = self.admission()  # its secrets refuse the gateway's own files
+        if self.token_cache.secret is not None and self.token_cache.secret not in self.secrets:
+            raise ValueError(
+                f"token_cache.secret: no secret {self.token_cache.secret!r} is declared under secrets"
+            )
         for spec in self.servers:
             if refused := admission.refusal(spec, from_config=True):
                 raise ValueError(f"server {spec.name!r}: {refused}")

@@ -1,4 +1,4 @@
-"""`python -m bench {load,upstream,floor,compare,stores,cluster}`."""
+"""`python -m bench {load,upstream,floor,compare,stores,cluster,tokens,recovery}`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import cluster, compare, floor, load, stores, upstream
+from bench import cluster, compare, floor, load, recovery, stores, tokens, upstream
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,6 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     stores.add_arguments(store)
     nodes = sub.add_parser("cluster", help="direct, one node, three nodes behind nginx (PostgreSQL, Redis)")
     cluster.add_arguments(nodes)
+    cache = sub.add_parser("tokens", help="the exchanged-token cache: per node vs shared in Redis")
+    tokens.add_arguments(cache)
+    heal = sub.add_parser("recovery", help="one node losing PostgreSQL or Redis: refusals and recovery")
+    recovery.add_arguments(heal)
     args = parser.parse_args(argv)
     if args.command == "load":
         return load.main(args)
@@ -39,6 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return stores.main(args)
     if args.command == "cluster":
         return cluster.main(args)
+    if args.command == "tokens":
+        return tokens.main(args)
+    if args.command == "recovery":
+        return recovery.main(args)
     return compare.main(args)
 
 

@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 
 from agentgw.app import build_gateway
 from agentgw.app.gateway import Gateway
+from agentgw.filters.credentials import MemoryTokenCache
 from agentgw.settings import Settings, load_settings
 from tests.support.postgres import fresh_database
 
@@ -43,6 +44,8 @@ def _stores(gateway: Gateway) -> dict[str, str]:
     sessions = type(gateway.passthrough._sessions).__name__
     owners = type(gateway.a2a._owners).__name__
     budget = type(gateway.budget_store).__name__
+    cache = gateway.credentials.cache if gateway.credentials is not None else None
+    shared = cache._shared if isinstance(cache, MemoryTokenCache) else None
     return {
         "registry": _kind(gateway.registry.engine),
         "audit log": _kind(gateway.audit_log.engine),
@@ -54,6 +57,7 @@ def _stores(gateway: Gateway) -> dict[str, str]:
         "legacy MCP sessions": "Redis" if sessions == "RedisSessionStore" else "memory",
         "A2A task ownership": "Redis" if owners == "RedisTaskOwners" else "memory",
         "authorization codes": _kind(gateway.identity.pending.engine),
+        "exchanged upstream tokens": "Redis" if shared is not None else "memory",
     }
 
 
@@ -72,11 +76,15 @@ async def _close(gateway: Gateway) -> None:
     await gateway.budget_store.aclose()
     await gateway.a2a.aclose()
     await gateway.identity.aclose()
+    if gateway.credentials is not None:
+        await gateway.credentials.aclose()
     gateway.audit_log.close()
 
 
 @pytest.fixture
 def gateways(tmp_path: Path) -> Iterator[tuple[Gateway, Gateway]]:
+    key_file = tmp_path / "token-cache-key"
+    key_file.write_text("k" * 32)
     with fresh_database() as name:
         database_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
         local = build_gateway(_settings(tmp_path / "embedded.yaml", f"data_dir: {tmp_path / 'embedded'}\n"))
@@ -86,7 +94,9 @@ def gateways(tmp_path: Path) -> Iterator[tuple[Gateway, Gateway]]:
                 f"data_dir: {tmp_path / 'scale'}\n"
                 f"database_url: {database_url}\n"
                 f"redis_url: {REDIS}\n"
-                f"budgets:\n  store: redis\n  redis_prefix: 'agentgw:test:{uuid.uuid4().hex}:'\n",
+                f"budgets:\n  store: redis\n  redis_prefix: 'agentgw:test:{uuid.uuid4().hex}:'\n"
+                "token_cache:\n  secret: token-cache\n"
+                f"secrets:\n  token-cache: {{file: {key_file}}}\n",
             )
         )
         try:

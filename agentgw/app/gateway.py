@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from opentelemetry.sdk.trace.export import SpanExporter
 from sqlalchemy import Engine
 
-from agentgw.errors import Unavailable
+from agentgw.errors import ConfigError, Unavailable
 from agentgw.filters.audit import Audit
 from agentgw.filters.authenticate import Authenticate
 from agentgw.filters.authorize import Authorize, CasbinAuthorizer
@@ -37,6 +37,7 @@ from agentgw.registry.catalog import Catalog
 from agentgw.registry.folder import RegistryFolder
 from agentgw.registry.llm import token_upstreams as llm_token_upstreams
 from agentgw.registry.pins import PinGate, PinningMode, Pins
+from agentgw.registry.secrets import SecretRefused, Secrets, SecretUnavailable
 from agentgw.registry.store import RegistryStore
 from agentgw.settings import Settings
 from agentgw.storage import create_db, ensure_private_dir, in_thread, make_engine, select_one
@@ -44,6 +45,7 @@ from agentgw.storage.audit import AuditQuery, SqlAuditLog, checkpointer, iter_re
 from agentgw.storage.budget import LocalBudgetStore, budget_store
 from agentgw.storage.budget.rules import BudgetRuleBook
 from agentgw.storage.task_owners import RedisTaskOwners
+from agentgw.storage.token_cache import RedisTokenStore
 from agentgw.tracing import Tracing
 from agentgw.upstream.http import DEFAULT_LIMITS
 from agentgw.upstream.mcp import McpHttpUpstream
@@ -120,6 +122,7 @@ def build_gateway(settings: Settings, span_exporter: SpanExporter | None = None)
         agents=a2a_tokens.get,
         models=llm_tokens.get,
         builtin=_builtin_token_service(settings, identity),
+        cache=MemoryTokenCache(shared=_shared_tokens(settings, admission.secrets)),
         secrets=admission.secrets,
     )
     # A missing secret of the config file's upstreams stops start-up: the file is wrong. One of a server
@@ -333,6 +336,36 @@ def _recount(ledger: LocalBudgetStore, rules: BudgetRuleBook, audit_engine: Engi
         calls,
         since,
     )
+
+
+def _shared_tokens(settings: Settings, secrets: Secrets) -> RedisTokenStore | None:
+    """The token cache every node shares: Redis, with tokens encrypted under the operator's secret.
+
+    Raises:
+        ConfigError: the named secret cannot be read or is too short.
+    """
+    name = settings.token_cache.secret
+    if settings.redis_url is None or name is None:
+        if settings.redis_url is not None:
+            log.info("token_cache.secret is not set: exchanged upstream tokens are cached per node")
+        return None
+    try:
+        secret = secrets.read(name)
+    except SecretUnavailable as exc:
+        log.error("token_cache: secret %r: %s", name, exc.detail)
+        raise ConfigError(f"token_cache: {exc}") from exc
+    except SecretRefused as exc:
+        raise ConfigError(f"token_cache: {exc}") from exc
+    try:
+        return RedisTokenStore(
+            settings.redis_url,
+            secret.reveal(),
+            prefix=settings.token_cache.redis_prefix,
+            timeout_s=settings.token_cache.timeout_s,
+            settings=settings.redis,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"token_cache: secret {name!r}: {exc}") from exc
 
 
 def _builtin_token_service(settings: Settings, identity: Identity) -> TokenService | None:

@@ -16,9 +16,11 @@ way (`A2aAgentSpec.credentialed()`, `LlmRouteSpec.token_upstream()`, named `a2a:
 
 There is no passthrough mode, and no fallback: a credential that cannot be obtained fails the call
 with `CredentialError` (the audit stage records it). Tokens are cached per (caller token hash,
-upstream, scopes) until shortly before they expire; concurrent first calls for one key share one
-request (single flight). When the upstream answers 401, the terminal raises `UpstreamUnauthorized`:
-this stage drops the token it sent and retries once with a fresh one.
+upstream, scopes, credential configuration) until shortly before they expire; concurrent first calls
+for one key share one request (single flight). With a shared store (Redis, behind each node's memory),
+a token one node obtained serves every node (docs/decisions/0605). When the upstream answers 401, the
+terminal raises `UpstreamUnauthorized`: this stage drops the token it sent, on every node, and retries
+once with a fresh one.
 
 An LLM call may be tried on several routes in turn (fallbacks): `Call.switch_upstream`, set here,
 moves it to the next one with that route's credential, obtained by the same sources and cache.
@@ -34,7 +36,9 @@ nothing else, and each source is small; apart they would only import one another
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -45,7 +49,7 @@ import httpx
 import jwt
 
 from agentgw.call import Call, Principal, Reply
-from agentgw.errors import ConfigError, CredentialError, UpstreamUnauthorized
+from agentgw.errors import ConfigError, CredentialError, Unavailable, UpstreamUnauthorized
 from agentgw.oauth.apikeys import KEY_PREFIX
 from agentgw.oauth.exchange import (
     ACCESS_TOKEN_TYPE,
@@ -59,7 +63,7 @@ from agentgw.oauth.exchange import (
     unverified_claims,
 )
 from agentgw.pipeline import CallNext
-from agentgw.records.credentials import GatewayCredential
+from agentgw.records.credentials import GatewayCredential, SharedToken, token_digest
 from agentgw.registry.a2a import A2aCredential
 from agentgw.registry.models import (
     ClientAuth,
@@ -81,12 +85,15 @@ __all__ = [
     "GatewayCredential",
     "IssuedCredential",
     "MemoryTokenCache",
+    "SharedTokens",
     "TokenCache",
     "TokenService",
     "caller_key",
     "chain_of",
+    "config_digest",
     "refresh_at",
     "scopes_for",
+    "shared_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -106,12 +113,26 @@ class CredentialConfigError(ConfigError):
 
 class CacheKey(NamedTuple):
     """What a cached token is for: the caller (token hash; "" for the gateway's own identity), the
-    upstream, the scopes, and what it is (the upstream's token, or the gateway's actor token)."""
+    upstream, the scopes, what it is (the upstream's token, or the gateway's actor token), and a digest
+    of the upstream's credential configuration (mode, token service, client, audience, resource)."""
 
     caller: str
     upstream: str
     scopes: tuple[str, ...]
     purpose: str = "upstream"
+    config: str = ""
+
+
+def shared_name(key: CacheKey) -> str:
+    """The name of `key`'s entry in the cache every node shares: a digest of every part of the key,
+    so no name holds a token, and two keys that differ in anything never share an entry."""
+    parts = [key.caller, key.upstream, list(key.scopes), key.purpose, key.config]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def config_digest(credential: UpstreamCredential | A2aCredential, url: str | None) -> str:
+    """A digest of what an upstream's tokens depend on besides the caller and scopes."""
+    return hashlib.sha256(json.dumps([credential.model_dump(mode="json"), url]).encode()).hexdigest()
 
 
 def caller_key(token: str) -> str:
@@ -189,7 +210,7 @@ class TokenCache(Protocol):
         """
         ...
 
-    def drop(self, key: CacheKey, stale: IssuedCredential) -> None:
+    async def drop(self, key: CacheKey, stale: IssuedCredential) -> None:
         """Forget `stale` for `key` (an upstream refused it), unless it was already replaced."""
         ...
 
@@ -197,18 +218,68 @@ class TokenCache(Protocol):
         """Forget every credential for `upstream` (its configuration changed)."""
         ...
 
+    async def aclose(self) -> None: ...
+
+
+class SharedTokens(Protocol):
+    """Tokens every gateway node reads (Redis, agentgw/storage/token_cache.py), by `shared_name`.
+
+    Each method raises `Unavailable` when the store does not answer in time.
+    """
+
+    async def get(self, name: str) -> SharedToken | None:
+        """The live token stored under `name`; None if there is none this node can read."""
+        ...
+
+    async def put(self, name: str, token: SharedToken) -> None:
+        """Store `token` under `name` until it expires."""
+        ...
+
+    async def discard(self, name: str, authorization: str) -> None:
+        """Delete the entry under `name` if it holds `authorization`, and tell every node."""
+        ...
+
+    async def watch(self, evicted: Callable[[str, str], None], lost: Callable[[], None]) -> None:
+        """Call `evicted(name, token_digest)` for each token any node discarded, until cancelled;
+        `lost()` when listening broke off (evictions may have been missed). Never raises."""
+        ...
+
+    async def aclose(self) -> None: ...
+
 
 class MemoryTokenCache:
-    """The embedded `TokenCache`: one process's memory, bounded."""
+    """The embedded `TokenCache`: one process's memory, bounded; with `shared`, a miss asks the store
+    every node shares before obtaining a token, and what it obtains goes there too.
+
+    The shared store is an optimisation: when it does not answer, tokens are obtained here as without
+    it, and what it holds is never taken on trust (an entry it cannot open is a miss).
+    """
 
     def __init__(
-        self, *, clock: Callable[[], float] = time.monotonic, max_entries: int = MAX_CACHED_TOKENS
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_entries: int = MAX_CACHED_TOKENS,
+        shared: SharedTokens | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self._clock = clock
+        self._wall = wall
         self._max = max_entries
+        self._shared = shared
         self._entries: dict[CacheKey, IssuedCredential] = {}
         self._inflight: dict[CacheKey, asyncio.Task[IssuedCredential]] = {}
-        # Lookups by (upstream, "hit" or "miss"), for metrics; upstreams are the registry's names.
+        # The token an upstream refused last, per key: not taken back from the shared store, which
+        # may still hold it if it could not be deleted there.
+        self._refused: dict[CacheKey, str] = {}
+        self._shared_down = False  # logged once per outage, not once per miss
+        # The entries that went through the shared store, by name: only these can be refused on
+        # another node, which then tells every node to drop them (`_evicted`).
+        self._names: dict[str, CacheKey] = {}
+        self._watching: asyncio.Task[None] | None = None
+        # Lookups by (upstream, "hit", "shared" or "miss"), for metrics; upstreams are the registry's
+        # names. "shared": a miss here that the shared store answered; "evicted" counts tokens dropped
+        # because another node's upstream refused them.
         self.lookups: dict[tuple[str, str], int] = {}
 
     def __len__(self) -> int:
@@ -223,6 +294,10 @@ class MemoryTokenCache:
             self._count(key, "hit")
             return issued
         self._count(key, "miss")
+        if self._shared is not None and self._watching is None:
+            self._watching = asyncio.get_running_loop().create_task(
+                self._shared.watch(self._evicted, self._lost_evictions)
+            )
         task = self._inflight.get(key)
         if task is None:
             # Its own task: a caller that goes away must not cancel the fetch the others wait for.
@@ -242,11 +317,72 @@ class MemoryTokenCache:
             task.exception()  # retrieved here, so a failure nobody awaited any more is not reported
 
     async def _fill(self, key: CacheKey, fetch: Fetch) -> IssuedCredential:
-        issued = await fetch()
+        issued = await self._from_shared(key)
+        if issued is None:
+            issued = await fetch()
+            await self._to_shared(key, issued)
+        self._refused.pop(key, None)
         if len(self._entries) >= self._max:
             self._evict()
         self._entries[key] = issued
         return issued
+
+    async def _from_shared(self, key: CacheKey) -> IssuedCredential | None:
+        if self._shared is None:
+            return None
+        try:
+            token = await self._shared.get(shared_name(key))
+        except Unavailable:
+            self._lost_shared()
+            return None
+        self._found_shared()
+        if token is None or token.authorization == self._refused.get(key):
+            return None
+        self._count(key, "shared")
+        self._remember(key)
+        refresh = self._clock() + (token.expires_at - self._wall())
+        return IssuedCredential(token.authorization, refresh, token.actors, token.header)
+
+    async def _to_shared(self, key: CacheKey, issued: IssuedCredential) -> None:
+        # A static secret is read from the node's own configuration: nothing to share.
+        if self._shared is None or issued.refresh_at is None:
+            return
+        expires_at = self._wall() + (issued.refresh_at - self._clock())
+        token = SharedToken(issued.authorization, issued.header, issued.actors, expires_at)
+        try:
+            await self._shared.put(shared_name(key), token)
+        except Unavailable:
+            self._lost_shared()
+            return
+        self._remember(key)
+
+    def _remember(self, key: CacheKey) -> None:
+        if len(self._names) >= 2 * self._max:  # forget the names of entries no longer here
+            self._names = {n: k for n, k in self._names.items() if k in self._entries}
+        self._names[shared_name(key)] = key
+
+    def _evicted(self, name: str, digest: str) -> None:
+        key = self._names.get(name)
+        issued = self._entries.get(key) if key is not None else None
+        if key is not None and issued is not None and token_digest(issued.authorization) == digest:
+            del self._entries[key]
+            self._count(key, "evicted")
+
+    def _lost_evictions(self) -> None:
+        # Another node may have seen one of these refused meanwhile: read them from Redis again.
+        for key in self._names.values():
+            self._entries.pop(key, None)
+        self._names.clear()
+
+    def _lost_shared(self) -> None:
+        if not self._shared_down:
+            self._shared_down = True
+            log.warning("token cache: the shared store is unreachable; obtaining tokens on this node")
+
+    def _found_shared(self) -> None:
+        if self._shared_down:
+            self._shared_down = False
+            log.info("token cache: the shared store answers again")
 
     def _evict(self) -> None:
         for key in [k for k, v in self._entries.items() if not self._fresh(v)]:
@@ -254,13 +390,31 @@ class MemoryTokenCache:
         while len(self._entries) >= self._max:  # still full of live tokens: drop the oldest
             del self._entries[next(iter(self._entries))]
 
-    def drop(self, key: CacheKey, stale: IssuedCredential) -> None:
+    async def drop(self, key: CacheKey, stale: IssuedCredential) -> None:
         if self._entries.get(key) is stale:
             del self._entries[key]
+        if self._shared is None or stale.refresh_at is None:
+            return
+        self._refused[key] = stale.authorization
+        if len(self._refused) > self._max:
+            del self._refused[next(iter(self._refused))]
+        try:
+            await self._shared.discard(shared_name(key), stale.authorization)
+        except Unavailable:
+            self._lost_shared()
 
     def drop_upstream(self, upstream: str) -> None:
+        # Shared entries need no deletion: their names hold the old configuration's digest.
         for key in [k for k in self._entries if k.upstream == upstream]:
             del self._entries[key]
+
+    async def aclose(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watching
+        if self._shared is not None:
+            await self._shared.aclose()
 
 
 # --- sources ---------------------------------------------------------------------------------------
@@ -403,8 +557,10 @@ class _TokenExchange:
         resource: str | None,
         cache: TokenCache,
         clock: Callable[[], float],
+        config: str = "",
     ) -> None:
         self._name = name
+        self._config = config
         self._spec = spec
         self._endpoint = endpoint
         self._resource = resource
@@ -423,7 +579,7 @@ class _TokenExchange:
             )
             return _bearer(answer, self._clock(), self._label)
 
-        issued = await self._cache.get(CacheKey("", self._name, (), "actor"), fetch)
+        issued = await self._cache.get(CacheKey("", self._name, (), "actor", self._config), fetch)
         return issued.authorization.removeprefix("Bearer ")
 
     async def obtain(self, principal: Principal | None, scopes: tuple[str, ...]) -> IssuedCredential:
@@ -546,9 +702,9 @@ class _SharedCredential:
         source = self._stage.source(self._spec)
         assert source is not None and not source.per_caller
         scopes = source.scopes(f"mcp:{self._spec.name}")
-        key = CacheKey("", self._spec.name, scopes)
+        key = CacheKey("", self._spec.name, scopes, config=self._stage.config_of(self._spec.name))
         if refresh and self._last is not None:
-            self._stage.cache.drop(key, self._last)
+            await self._stage.cache.drop(key, self._last)
         self._last = await self._stage.cache.get(key, lambda: source.obtain(None, scopes))
         return self._last.authorization
 
@@ -581,16 +737,18 @@ class Credentials:
         self._builtin = builtin
         self._http = http  # made on first use: most upstreams need no token service
         self._clock = clock
-        self.cache: TokenCache = cache or MemoryTokenCache(clock=clock)
+        self.cache: TokenCache = cache if cache is not None else MemoryTokenCache(clock=clock)
         self._sources: dict[
             str, tuple[tuple[UpstreamCredential | A2aCredential, str | None], CredentialSource | None]
         ] = {}
+        self._digests: dict[str, str] = {}  # upstream -> `config_digest` of its source's configuration
 
     async def aclose(self) -> None:
         if self._http is not None:
             await self._http.aclose()
         if self._builtin is not None:
             await self._builtin.http.aclose()
+        await self.cache.aclose()
 
     def prepare(self, specs: Iterable[CredentialedUpstream]) -> None:
         """Set up every upstream's source now, reading secrets: a missing secret stops start-up.
@@ -611,11 +769,17 @@ class Credentials:
         known = self._sources.get(spec.name)
         if known is not None and known[0] == config:
             return known[1]
-        source = self._build(spec)
+        digest = config_digest(*config)
+        source = self._build(spec, digest)
         if known is not None:
             self.cache.drop_upstream(spec.name)
         self._sources[spec.name] = (config, source)
+        self._digests[spec.name] = digest
         return source
+
+    def config_of(self, upstream: str) -> str:
+        """The digest of `upstream`'s credential configuration, part of its tokens' cache keys."""
+        return self._digests.get(upstream, "")
 
     def session_credential(self, spec: McpServerSpec) -> GatewayCredential | None:
         """For a session shared by every caller: the gateway's own credential, or None for mode none.
@@ -649,7 +813,7 @@ class Credentials:
                 f"{label}, client {client.client_id!r}: the private key is unusable: {exc}"
             ) from exc
 
-    def _build(self, spec: CredentialedUpstream) -> CredentialSource | None:
+    def _build(self, spec: CredentialedUpstream, digest: str) -> CredentialSource | None:
         credential = spec.credential
         label = f"upstream {spec.name!r}"
         if credential.mode == "none":
@@ -666,7 +830,7 @@ class Credentials:
             return _ClientCredentials(spec.name, credential, endpoint, resource, self._clock)
         if isinstance(credential, UpstreamTokenExchange):
             endpoint = self._endpoint(credential.token_url, credential.client, credential.timeout_s, label)
-            return _TokenExchange(spec.name, credential, endpoint, resource, self.cache, self._clock)
+            return _TokenExchange(spec.name, credential, endpoint, resource, self.cache, self._clock, digest)
         assert isinstance(credential, UpstreamIdJag)
         idp = self._endpoint(credential.idp_token_url, credential.idp_client, credential.timeout_s, label)
         authorization_server = self._endpoint(
@@ -699,7 +863,7 @@ class Credentials:
         caller = ""
         if source.per_caller:
             caller = caller_key(_subject_token(call.principal, f"upstream {spec.name!r}"))
-        key = CacheKey(caller, spec.name, source.scopes(call.resource))
+        key = CacheKey(caller, spec.name, source.scopes(call.resource), config=self._digests[spec.name])
         return source, key, await self._issue(call, source, key)
 
     async def __call__(self, call: Call, call_next: CallNext) -> Reply:
@@ -738,6 +902,6 @@ class Credentials:
                 raise
             # The upstream refused the token (revoked, rotated keys, expired early): one fresh try.
             log.info("upstream %s refused its credential (401); obtaining a new one", key.upstream)
-            self.cache.drop(key, credential)
+            await self.cache.drop(key, credential)
             await self._issue(call, source, key)
             return await call_next(call)

@@ -616,9 +616,9 @@ async def test_the_cache_is_bounded_and_drops_only_the_token_that_was_refused(cl
         await cache.get(key, fetch)
     assert len(cache) == 3
     current = await cache.get(keys[-1], fetch)
-    cache.drop(keys[-1], IssuedCredential("Bearer other"))  # already replaced: kept
+    await cache.drop(keys[-1], IssuedCredential("Bearer other"))  # already replaced: kept
     assert await cache.get(keys[-1], fetch) is current
-    cache.drop(keys[-1], current)
+    await cache.drop(keys[-1], current)
     assert (await cache.get(keys[-1], fetch)).authorization == f"Bearer t{made}" != current.authorization
 
 
