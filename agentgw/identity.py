@@ -21,6 +21,7 @@ from agentgw.oauth.federation import FederatedUsers, OidcLogin
 from agentgw.oauth.jwks import LocalKeySet, RemoteKeySet
 from agentgw.oauth.keys import ALGORITHM, SigningKeys
 from agentgw.oauth.metadata import endpoint_scopes
+from agentgw.oauth.pending import PendingLogins
 from agentgw.oauth.refresh import RefreshTokenStore
 from agentgw.oauth.registration import ClientInfo, ClientStore
 from agentgw.oauth.server import AuthorizationServer
@@ -56,6 +57,7 @@ class Identity:
     issuers: list[str]
     clients: ClientStore
     refresh: RefreshTokenStore
+    pending: PendingLogins
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -176,9 +178,10 @@ def build_identity(settings: Settings, engine: Engine, registry: RegistryStore) 
         required_scopes=required_scopes,
     )
     clients, refresh = client_stores(settings, engine)
+    pending = PendingLogins(engine)
     server = None
     if keys is not None:
-        login, federated = _federation(settings, engine, http)
+        login, federated = _federation(settings, engine, http, pending)
 
         def known_scopes() -> set[str]:
             scopes = {s for spec in registry.servers() for s in spec.scopes}
@@ -190,6 +193,7 @@ def build_identity(settings: Settings, engine: Engine, registry: RegistryStore) 
             keys,
             verifier=jwt_verifier,
             known_scopes=known_scopes,
+            pending=pending,
             fetch=FetchGuard(settings.fetch_allow, ssl_context=_fetch_trust(settings.fetch_ca_file)),
             clients=clients,
             refresh=refresh,
@@ -208,11 +212,12 @@ def build_identity(settings: Settings, engine: Engine, registry: RegistryStore) 
         + ([settings.base_url] if keys is not None else []),
         clients,
         refresh,
+        pending,
     )
 
 
 def _federation(
-    settings: Settings, engine: Engine, http: httpx.AsyncClient
+    settings: Settings, engine: Engine, http: httpx.AsyncClient, pending: PendingLogins
 ) -> tuple[OidcLogin | None, FederatedUsers | None]:
     """The login at the organisation's OpenID provider, if configured (`auth.builtin.identity_provider`).
 
@@ -238,6 +243,7 @@ def _federation(
         idp,
         redirect_uri=f"{settings.base_url}/oauth/callback",
         http=http,
+        pending=pending,
         client_secret=read_secret,
         leeway_s=settings.auth.leeway_s,
         jwks_min_refresh_s=settings.auth.jwks_min_refresh_s,

@@ -56,6 +56,7 @@ def _stores(gateway: Gateway) -> dict[str, str]:
         }[budget],
         "legacy MCP sessions": "Redis" if sessions == "RedisSessionStore" else "memory",
         "A2A task ownership": "Redis" if owners == "RedisTaskOwners" else "memory",
+        "authorization codes": _kind(gateway.identity.pending.engine),
         "exchanged upstream tokens": "Redis" if shared is not None else "memory",
     }
 

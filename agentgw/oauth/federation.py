@@ -7,10 +7,10 @@ a fresh `state` and sends the browser to the provider with its own PKCE verifier
 (signature by the provider's JWKS, issuer, audience, `azp`, expiry, nonce) and maps its claims to a
 gateway user. Only the ID token is read: the provider's access and refresh tokens are dropped.
 
-Pending logins live in this node's memory, as authorization codes do: a login started on one node
-finishes there. Who signed in through the provider, with which roles and when, is kept in the
-database (`FederatedUsers`), so a refresh on any node knows the user's roles and when the sign-in
-must be repeated (`session_max_s`).
+Pending sign-ins live in the database (agentgw/oauth/pending.py), as authorization codes do: a
+sign-in started on one node finishes on whichever node the browser comes back to. Who signed in
+through the provider, with which roles and when, is kept there too (`FederatedUsers`), so a refresh
+on any node knows the user's roles and when the sign-in must be repeated (`session_max_s`).
 """
 
 from __future__ import annotations
@@ -27,16 +27,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
+import anyio.to_thread
 import httpx
 import jwt
 from sqlalchemy import JSON, Column, Engine, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Field as SQLField
 from sqlmodel import Session, SQLModel, col
 
 from agentgw.oauth.apikeys import ROLE
 from agentgw.oauth.config import IdentityProviderSettings
 from agentgw.oauth.jwks import RemoteKeySet
+from agentgw.oauth.pending import Pending, PendingLogins
 from agentgw.oauth.verify import _key_fits
 
 __all__ = [
@@ -50,7 +52,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PENDING_TTL_S = 600
-MAX_PENDING = 10_000
 FETCH_TIMEOUT_S = 5.0
 METADATA_TTL_S = 3600
 MAX_GROUPS = 200
@@ -70,16 +71,6 @@ class FederationError(Exception):
         super().__init__(message)
         self.message = message
         self.status = status
-
-
-@dataclass(frozen=True, slots=True)
-class Pending:
-    """A client's authorization request, waiting for the user to come back from the provider."""
-
-    params: dict[str, list[str]]
-    nonce: str
-    verifier: str
-    expires_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +158,7 @@ class OidcLogin:
         *,
         redirect_uri: str,
         http: httpx.AsyncClient,
+        pending: PendingLogins,
         client_secret: Any = None,
         leeway_s: int = 30,
         jwks_min_refresh_s: float = 30.0,
@@ -183,7 +175,7 @@ class OidcLogin:
         )
         self._metadata: dict[str, Any] | None = None
         self._metadata_until = 0.0
-        self._pending: dict[str, Pending] = {}
+        self._pending = pending
 
     async def _discover(self) -> dict[str, Any]:
         """The provider's OpenID metadata (cached); its issuer must be the configured one.
@@ -221,16 +213,23 @@ class OidcLogin:
         """Remember the client's request; the provider's authorization URL to send the browser to.
 
         Raises:
-            FederationError: the provider cannot be reached (502), or too many logins are pending (503).
+            FederationError: the provider cannot be reached (502), too many sign-ins are pending, or
+                the database cannot keep this one (503).
         """
         metadata = await self._discover()
-        now = time.monotonic()
-        for stale in [s for s, p in self._pending.items() if p.expires_at < now]:
-            del self._pending[stale]
-        if len(self._pending) >= MAX_PENDING:
-            raise FederationError("too many sign-ins are in progress; try again shortly", 503)
         state, nonce, verifier = (secrets.token_urlsafe(32) for _ in range(3))
-        self._pending[state] = Pending(params, nonce, verifier, now + PENDING_TTL_S)
+        client_id = (params.get("client_id") or [""])[0]
+        store = self._pending
+        try:
+            kept = await anyio.to_thread.run_sync(
+                lambda: store.save_sign_in(state, client_id, Pending(params, nonce, verifier), PENDING_TTL_S)
+            )
+        except SQLAlchemyError as exc:
+            log.warning("pending sign-in not stored: database unavailable (%s)", type(exc).__name__)
+            raise FederationError("sign-in is unavailable right now; try again shortly", 503) from exc
+        if not kept:
+            log.warning("pending sign-in refused: too many in progress client_id=%s", client_id[:200])
+            raise FederationError("too many sign-ins are in progress; try again shortly", 503)
         query = {
             "response_type": "code",
             "client_id": self.config.client_id,
@@ -244,14 +243,19 @@ class OidcLogin:
         endpoint: str = metadata["authorization_endpoint"]
         return f"{endpoint}{'&' if '?' in endpoint else '?'}{urlencode(query)}"
 
-    def take(self, state: str) -> Pending:
-        """The pending request of `state`, once.
+    async def take(self, state: str) -> Pending:
+        """The pending request of `state`, once, whichever node began it.
 
         Raises:
-            FederationError: no such sign-in, or it expired (400).
+            FederationError: no such sign-in, or it expired (400); the database cannot be reached (503).
         """
-        pending = self._pending.pop(state, None) if 0 < len(state) <= 100 else None
-        if pending is None or pending.expires_at < time.monotonic():
+        store = self._pending
+        try:
+            pending = await anyio.to_thread.run_sync(store.take_sign_in, state)
+        except SQLAlchemyError as exc:
+            log.warning("pending sign-in not read: database unavailable (%s)", type(exc).__name__)
+            raise FederationError("sign-in is unavailable right now; try again shortly", 503) from exc
+        if pending is None:
             raise FederationError("this sign-in is unknown or has expired; start again from your application")
         return pending
 

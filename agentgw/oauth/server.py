@@ -15,6 +15,10 @@ Clients are pre-registered in the config, registered dynamically (stored in the 
 agentgw/oauth/registration.py), or are Client ID Metadata Documents: an https client id
 whose document the server fetches (through agentgw/fetch_guard.py: public addresses only, unless
 `fetch_allow` names others; a document that cannot be used is an `invalid_client` that says why).
+Authorization codes, like the sign-ins waiting at the organisation's provider, are kept in the
+database (agentgw/oauth/pending.py): a login started on one node finishes on any other. A database
+that cannot be reached refuses the step at hand with `temporarily_unavailable` (to the client's
+redirect URI at the authorization endpoint, as a 503 at the token endpoint), having written nothing.
 Access tokens are RFC 9068 JWTs whose audience is the RFC 8707 `resource` the client asked for
 (default: the gateway's `/mcp`), never wider than the gateway. A login (authorization code) also
 gets a refresh token, rotated on every use (agentgw/oauth/refresh.py); a token or refresh request may
@@ -22,8 +26,8 @@ name any resource the login's resource covers (docs/decisions/0109).
 
 authlib's server framework is synchronous and knows no Starlette: each handler reads the request
 (and fetches anything remote, such as a metadata document or a JWKS, or a registered client) first,
-then hands authlib a fully-read request; the token and revocation endpoints, whose hooks use the
-database, run it in a worker thread.
+then hands authlib a fully-read request; the endpoints whose hooks use the database (a code saved or
+taken, a refresh token) run it in a worker thread.
 
 One module, though long: authlib's server is one class whose grants, hooks and endpoints share its
 client, code and key lookups. What stands alone has its own module (registration, refresh tokens,
@@ -60,6 +64,7 @@ from authlib.oauth2.rfc6749.errors import (
 from authlib.oauth2.rfc7009 import RevocationEndpoint
 from authlib.oauth2.rfc7636 import CodeChallenge
 from fastapi import APIRouter, Request
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import QueryParams
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
@@ -70,6 +75,7 @@ from agentgw.oauth.config import BuiltinAuthServer, BuiltinClient, BuiltinUser
 from agentgw.oauth.exchange import TOKEN_TYPES, actor_allowed, delegation, narrowed_scopes
 from agentgw.oauth.federation import FederatedUsers, FederationError, OidcLogin
 from agentgw.oauth.keys import SigningKeys
+from agentgw.oauth.pending import IssuedCode, PendingLogins
 from agentgw.oauth.refresh import Login, RefreshRefused, RefreshTokenStore
 from agentgw.oauth.registration import (
     ClientInfo,
@@ -102,6 +108,21 @@ SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 REGISTERED_PREFIX = "agc_"
 REGISTERED_TTL_S = 30
 MAX_NAME = 100
+# An authorization request's parameters, all together: what a client sends, a sign-in at the
+# provider keeps in the database until the browser comes back.
+MAX_AUTHORIZE_REQUEST = 8 * 1024
+# What a sign-in at the provider keeps of the client's request (the rest is not the server's to keep).
+AUTHORIZE_PARAMS = (
+    "response_type",
+    "client_id",
+    "redirect_uri",
+    "scope",
+    "state",
+    "code_challenge",
+    "code_challenge_method",
+    "resource",
+)
+UNAVAILABLE = "the authorization server's database cannot be reached; try again shortly"
 
 
 # --- secrets ---
@@ -226,15 +247,14 @@ class _Client:
 class _Code:
     code: str
     client_id: str
-    redirect_uri: str
+    redirect_uri: str | None
     scope: str
     user: BuiltinUser
     resource: str  # what the user authorized: a token may be for it or anything inside it
     code_challenge: str
     code_challenge_method: str
-    expires_at: float
 
-    def get_redirect_uri(self) -> str:
+    def get_redirect_uri(self) -> str | None:
         return self.redirect_uri
 
     def get_scope(self) -> str:
@@ -330,6 +350,7 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         *,
         verifier: JwtVerifier,
         known_scopes: Callable[[], set[str]],
+        pending: PendingLogins,
         fetch: FetchGuard | None = None,
         clients: ClientStore | None = None,
         refresh: RefreshTokenStore | None = None,
@@ -345,7 +366,8 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         self._fetch = fetch or FetchGuard()
         self._clients = {c.client_id: self._client(c) for c in config.clients}
         self._users = {u.name: u for u in config.users}
-        self._codes: dict[str, _Code] = {}
+        # Codes (and the provider's pending sign-ins) in the database: any node finishes a login.
+        self.pending = pending
         self._cimd: dict[str, tuple[float, _Client]] = {}
         # Registered clients (database), read before each request; an unknown or revoked one is dropped.
         self.client_store = clients
@@ -364,10 +386,10 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
                 server._save_code(code, request)
 
             def query_authorization_code(self, code: str, client: _Client) -> _Code | None:
-                return server._take_code(code, client, self.request)
+                return server._take_code(code, client)
 
             def delete_authorization_code(self, authorization_code: _Code) -> None:
-                server._codes.pop(authorization_code.code, None)
+                """`_take_code` deleted it already."""
 
             def authenticate_user(self, authorization_code: _Code) -> BuiltinUser:
                 return authorization_code.user
@@ -522,7 +544,11 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         store = self.client_store
         if store is None or not client_id.startswith(REGISTERED_PREFIX) or len(client_id) > MAX_NAME:
             return
-        info = await anyio.to_thread.run_sync(store.get, client_id)
+        try:
+            info = await anyio.to_thread.run_sync(store.get, client_id)
+        except SQLAlchemyError as exc:
+            log.warning("registered client not read: database unavailable (%s)", type(exc).__name__)
+            raise TemporarilyUnavailableError(UNAVAILABLE, status_code=503) from exc
         if info is None:
             self._registered.pop(client_id, None)
             return
@@ -602,27 +628,35 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
     # codes
     def _save_code(self, code: str, request: _Request) -> None:
         user: BuiltinUser = request.user
-        self._codes[code] = _Code(
-            code=code,
+        issued = IssuedCode(
             client_id=request.client.client_id,
             redirect_uri=request.payload.redirect_uri,
             scope=request.scope,
-            user=user,
+            subject=user.name,
+            roles=list(user.roles),
             resource=self._resource(request.payload.datalist.get("resource", [])),
             code_challenge=request.payload.data["code_challenge"],
             code_challenge_method=request.payload.data["code_challenge_method"],
-            expires_at=time.monotonic() + CODE_TTL_S,
         )
-        now = time.monotonic()
-        for stale in [c for c, v in self._codes.items() if v.expires_at < now]:
-            del self._codes[stale]
+        self.pending.save_code(code, issued, CODE_TTL_S)
 
-    def _take_code(self, code: str, client: _Client, request: _Request) -> _Code | None:
-        # One use only: taken out before it is checked, so a replay finds nothing.
-        found = self._codes.pop(code, None)
-        if found is None or found.client_id != client.client_id or found.expires_at < time.monotonic():
+    def _take_code(self, code: str, client: _Client) -> _Code | None:
+        # One use only: taken out before it is checked, so a replay (on any node) finds nothing.
+        found = self.pending.take_code(code)
+        if found is None or found.client_id != client.client_id:
             return None
-        return found
+        # A local user as configured now; a user of the provider with the roles it gave at sign-in.
+        user = self._users.get(found.subject) or _federated_user(found.subject, found.roles)
+        return _Code(
+            code=code,
+            client_id=found.client_id,
+            redirect_uri=found.redirect_uri,
+            scope=found.scope,
+            user=user,
+            resource=found.resource,
+            code_challenge=found.code_challenge,
+            code_challenge_method=found.code_challenge_method,
+        )
 
     # tokens
     def _resource(self, resources: Sequence[str], client: _Client | None = None) -> str:
@@ -722,7 +756,9 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
 
     @staticmethod
     def _bad_request(error: OAuth2Error) -> JSONResponse:
-        return JSONResponse(dict(error.get_body()), status_code=400, headers={"Cache-Control": "no-store"})
+        # A refusal the client cannot be redirected with: 400, or 503 for a database out of reach.
+        status = 503 if isinstance(error, TemporarilyUnavailableError) else 400
+        return JSONResponse(dict(error.get_body()), status_code=status, headers={"Cache-Control": "no-store"})
 
     def _login_page(
         self, oauth_request: _Request, error: str | None = None, status: int = 200
@@ -773,6 +809,8 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         """GET: validate and show the login form; POST: check the password and redirect with a code."""
         try:
             oauth_request = await self._read(request)
+            if _size(oauth_request.payload.datalist) > MAX_AUTHORIZE_REQUEST:
+                raise InvalidRequestError("the authorization request is too large")
         except OAuth2Error as error:
             return self._bad_request(error)
         try:
@@ -795,16 +833,24 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
         user = self._users.get(str(form.get("username") or ""))
         if user is None or not check_password(str(form.get("password") or ""), user.password_hash):
             return self._login_page(oauth_request, "Unknown user or wrong password.", 401)
-        return self.create_authorization_response(oauth_request, grant_user=user, grant=grant)  # type: ignore[no-any-return]  # authlib is untyped
+        return await self._issue_code(oauth_request, grant, user)
+
+    async def _issue_code(self, oauth_request: _Request, grant: Any, user: BuiltinUser) -> Response:
+        """Redirect to the client with a code, kept in the database (so in a worker thread); a database
+        that cannot be reached is the client's `temporarily_unavailable`, and no code exists."""
+        try:
+            response: Response = await anyio.to_thread.run_sync(
+                lambda: self.create_authorization_response(oauth_request, grant_user=user, grant=grant)
+            )
+        except SQLAlchemyError as exc:
+            log.warning("authorization code not stored: database unavailable (%s)", type(exc).__name__)
+            return self._refuse_to_client(oauth_request, grant, TemporarilyUnavailableError(UNAVAILABLE))
+        return response
 
     async def _federate(self, oauth_request: _Request, grant: Any) -> Response:
         """Send the browser to the identity provider; the client's request waits for its answer."""
         assert self.login is not None
-        params = {
-            k: list(v)
-            for k, v in oauth_request.payload.datalist.items()
-            if k not in ("username", "password", "login")
-        }
+        params = {k: list(v) for k, v in oauth_request.payload.datalist.items() if k in AUTHORIZE_PARAMS}
         try:
             url = await self.login.begin(params)
         except FederationError as exc:
@@ -830,7 +876,7 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
             return JSONResponse({"detail": "Not Found"}, status_code=404)
         query = request.query_params
         try:
-            pending = self.login.take(str(query.get("state") or ""))
+            pending = await self.login.take(str(query.get("state") or ""))
         except FederationError as exc:
             return self._problem_page(exc.message, exc.status)
         # The client's own request, as it first arrived: checked again (a client may be revoked meanwhile).
@@ -863,11 +909,13 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
             return self._refuse_to_client(oauth_request, grant, refusal)
         if self._federated is not None:
             federated = self._federated
-            await anyio.to_thread.run_sync(lambda: federated.signed_in(user))
+            try:
+                await anyio.to_thread.run_sync(lambda: federated.signed_in(user))
+            except SQLAlchemyError as exc:
+                log.warning("sign-in not recorded: database unavailable (%s)", type(exc).__name__)
+                return self._refuse_to_client(oauth_request, grant, TemporarilyUnavailableError(UNAVAILABLE))
         log.info("identity provider sign-in user=%s roles=%s", user.name, ",".join(user.roles))
-        return self.create_authorization_response(  # type: ignore[no-any-return]  # authlib is untyped
-            oauth_request, grant_user=_federated_user(user.name, user.roles), grant=grant
-        )
+        return await self._issue_code(oauth_request, grant, _federated_user(user.name, user.roles))
 
     async def token(self, request: Request) -> Response:
         """The token endpoint."""
@@ -880,8 +928,16 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
                 oauth_request.exchange = await self._verify_exchange(oauth_request)
             except OAuth2Error as error:
                 return self.handle_error_response(oauth_request, error)  # type: ignore[no-any-return]  # authlib is untyped
-        # Refresh tokens live in the database: the grants' synchronous hooks run off the event loop.
-        response: Response = await anyio.to_thread.run_sync(self.create_token_response, oauth_request)
+        # Codes and refresh tokens live in the database: the grants' synchronous hooks run off the loop.
+        try:
+            response: Response = await anyio.to_thread.run_sync(self.create_token_response, oauth_request)
+        except SQLAlchemyError as exc:
+            # Each store call is one transaction: a code not taken stays redeemable, one taken is spent.
+            log.warning("token request refused: database unavailable (%s)", type(exc).__name__)
+            body = {"error": "temporarily_unavailable", "error_description": UNAVAILABLE}
+            return JSONResponse(
+                body, status_code=503, headers={"Cache-Control": "no-store", "Retry-After": "5"}
+            )
         return response
 
     async def revoke(self, request: Request) -> Response:
@@ -962,6 +1018,10 @@ def _federated_user(name: str, roles: Sequence[str]) -> BuiltinUser:
     """A user the identity provider signed in, in the shape local users have (no password; the name
     was checked by the federation's own, wider, pattern)."""
     return BuiltinUser.model_construct(name=name, password_hash="!", roles=list(roles))  # noqa: S106  (no password: matches no scrypt hash)
+
+
+def _size(datalist: Mapping[str, Sequence[str]]) -> int:
+    return sum(len(k) + len(v) for k, values in datalist.items() for v in values)
 
 
 def _json(raw: bytes) -> Any:

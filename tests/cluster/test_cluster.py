@@ -1,5 +1,6 @@
 """Scenarios on three nodes behind nginx: budgets exact across nodes, legacy sessions that hop nodes,
-policy edits seen by every node, and a node killed under load."""
+policy edits seen by every node, a login at the built-in server whose every step reaches another node,
+and a node killed under load."""
 
 from __future__ import annotations
 
@@ -8,19 +9,23 @@ import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 
+from agentgw.oauth.server import hash_password
 from bench.cluster import Cluster, Node
 from conformance.fixtures.a2a_agents import agents_args
 from conformance.fixtures.launch import free_port, start_process
 from tests.cluster.conftest import bearer
+from tests.e2e.test_oauth_login import pkce
 from tests.support.mcp import META, modern_headers
 
 BUDGET = 12
 LEGACY = "2025-11-25"
 HEADERS = {"accept": "application/json, text/event-stream", "mcp-protocol-version": LEGACY}
+REDIRECT_URI = "http://127.0.0.1:1/callback"
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +52,12 @@ def cluster_extra(agents: str) -> dict[str, Any]:
         "budgets": {
             # Only the budget test's runs: the other tests make more calls than that in one run.
             "rules": [{"name": "cluster-run", "per": "run", "match": "budget-*", "calls": BUDGET}],
+        },
+        "auth": {
+            "builtin": {
+                "users": [{"name": "carol", "password_hash": hash_password("carol-pass")}],
+                "clients": [{"client_id": "app", "redirect_uris": [REDIRECT_URI]}],
+            }
         },
     }
 
@@ -176,6 +187,53 @@ def test_an_a2a_task_belongs_to_its_creator_on_every_node(cluster: Cluster) -> N
         # Another principal gets what it would get for a task that does not exist, on every node.
         foreign = a2a(f"{node.url}/a2a/echo", "GetTask", {"id": task}, bob)
         assert foreign["error"]["code"] == -32001, (node.name, foreign)
+
+
+def test_a_login_hops_nodes_at_every_step_and_finishes(cluster: Cluster) -> None:
+    verifier, challenge = pkce()
+    params = {
+        "response_type": "code",
+        "client_id": "app",
+        "redirect_uri": REDIRECT_URI,
+        "state": "st",
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+        "resource": f"{cluster.url}/mcp",
+    }
+    # No keep-alive: nginx deals each request to the next node.
+    with httpx.Client(
+        base_url=cluster.url, timeout=30, limits=httpx.Limits(max_keepalive_connections=0)
+    ) as client:
+        page = client.get("/oauth/authorize", params=params)
+        assert page.status_code == 200 and 'name="password"' in page.text, page.text
+        signed_in = client.post(
+            "/oauth/authorize", data=params | {"username": "carol", "password": "carol-pass"}
+        )
+        assert signed_in.status_code == 302, signed_in.text
+        code = parse_qs(urlsplit(signed_in.headers["location"]).query)["code"][0]
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT_URI,
+            "client_id": "app",
+            "code_verifier": verifier,
+        }
+        tokens = client.post("/oauth/token", data=form)
+        assert tokens.status_code == 200, tokens.text
+        renewed = client.post(
+            "/oauth/token",
+            data={
+                "grant_type": "refresh_token",
+                "refresh_token": tokens.json()["refresh_token"],
+                "client_id": "app",
+            },
+        )
+        assert renewed.status_code == 200, renewed.text
+        replayed = client.post("/oauth/token", data=form)
+        assert replayed.status_code == 400 and replayed.json()["error"] == "invalid_grant"
+    steps = [page, signed_in, tokens, renewed]
+    assert signed_in.headers["x-node"] != tokens.headers["x-node"]
+    assert len({step.headers["x-node"] for step in steps}) == len(cluster.nodes)
 
 
 # Last: it kills and restarts a node.

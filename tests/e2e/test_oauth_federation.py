@@ -25,7 +25,9 @@ from mcp.shared.auth import AuthorizationCodeResult, OAuthClientMetadata
 
 from agentgw.oauth.config import IdentityProviderSettings
 from agentgw.oauth.federation import FederationError, OidcLogin
+from agentgw.oauth.pending import PendingLogins
 from agentgw.oauth.server import hash_password
+from agentgw.storage import make_engine
 from conformance.fixtures.launch import REPO_ROOT, FixtureProcess, free_port, start_process
 from tests.e2e.test_oauth_login import Storage, list_tools, pkce, refresh, register
 from tests.support.gateway import RunningGateway, gateway_args, write_config
@@ -261,7 +263,7 @@ def test_an_unknown_or_replayed_state_is_refused_with_a_clear_page(federation: F
 
 
 async def test_an_id_token_from_another_sign_in_is_refused_by_its_nonce(
-    federation: Federation, caplog: pytest.LogCaptureFixture
+    federation: Federation, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     gateway = federation.gateway
     settings = IdentityProviderSettings(**provider_settings(federation.idp.url, client_secret=None))
@@ -270,13 +272,14 @@ async def test_an_id_token_from_another_sign_in_is_refused_by_its_nonce(
             settings,
             redirect_uri=f"{gateway.url}/oauth/callback",
             http=http,
+            pending=PendingLogins(make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")),
             client_secret=lambda: IDP_CLIENT[1],
         )
         url = await login.begin({"client_id": ["c"]})
         back = browse(url, "alice", stop=f"{gateway.url}/oauth/callback")
         assert isinstance(back, str)
         query = parse_qs(urlsplit(back).query)
-        pending = login.take(query["state"][0])
+        pending = await login.take(query["state"][0])
         # The provider's real ID token, checked against another sign-in's nonce.
         other = dataclasses.replace(pending, nonce="another-sign-in")
         with pytest.raises(FederationError, match="could not be verified") as refused:

@@ -35,10 +35,12 @@ from agentgw.oauth.exchange import (
 )
 from agentgw.oauth.jwks import LocalKeySet
 from agentgw.oauth.keys import SigningKeys
+from agentgw.oauth.pending import PendingLogins
 from agentgw.oauth.server import AuthorizationServer, hash_secret, mint_token, oauth_router
 from agentgw.oauth.verify import JwtVerifier, TrustedIssuer
 from agentgw.registry.models import ClientAuth
 from agentgw.registry.secrets import Secret
+from agentgw.storage import make_engine
 
 BASE = "http://127.0.0.1:8080"
 UPSTREAM = "https://payments.example/mcp"
@@ -90,7 +92,7 @@ def keys(tmp_path: Path) -> SigningKeys:
 
 
 @pytest.fixture
-async def client(keys: SigningKeys) -> AsyncIterator[httpx.AsyncClient]:
+async def client(keys: SigningKeys, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     exchange_grants = ["client_credentials", TOKEN_EXCHANGE]
     config = BuiltinAuthServer(
         clients=[
@@ -107,7 +109,12 @@ async def client(keys: SigningKeys) -> AsyncIterator[httpx.AsyncClient]:
     )
     verifier = JwtVerifier([TrustedIssuer(BASE, LocalKeySet(keys))])
     server = AuthorizationServer(
-        BASE, config, keys, verifier=verifier, known_scopes=lambda: {"payments", "payments.extra", "x"}
+        BASE,
+        config,
+        keys,
+        verifier=verifier,
+        known_scopes=lambda: {"payments", "payments.extra", "x"},
+        pending=PendingLogins(make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")),
     )
     app = FastAPI()
     app.include_router(oauth_router(server))

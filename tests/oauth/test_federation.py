@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import create_engine
+from sqlalchemy.pool import StaticPool
 from sqlmodel import Session
 
 from agentgw.oauth.config import IdentityProviderSettings
@@ -20,13 +21,25 @@ from agentgw.oauth.federation import (
     FederationError,
     OidcLogin,
 )
+from agentgw.oauth.pending import PendingLogins
+from agentgw.storage import make_engine
+from agentgw.storage.db import DatabaseSettings
+from tests.support.proxy import TcpProxy
 
 ISSUER = "https://idp.example"
 
 
 def login(**overrides: Any) -> OidcLogin:
     settings = IdentityProviderSettings(issuer=ISSUER, client_id="gw", **overrides)
-    return OidcLogin(settings, redirect_uri="https://gw.example/oauth/callback", http=httpx.AsyncClient())
+    return OidcLogin(
+        settings,
+        redirect_uri="https://gw.example/oauth/callback",
+        http=httpx.AsyncClient(),
+        # One in-memory database for every thread that uses it.
+        pending=PendingLogins(
+            create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
+        ),
+    )
 
 
 def test_groups_map_to_roles_and_an_unmapped_user_is_refused_by_default() -> None:
@@ -78,8 +91,28 @@ def test_a_sign_in_lets_its_user_refresh_until_session_max_then_not(tmp_path: Pa
     assert FederatedUsers(engine, issuer="https://other.example", session_max_s=3600).current("alice") is None
 
 
-def test_an_unknown_or_oversized_state_is_refused() -> None:
+async def test_an_unknown_or_oversized_state_is_refused() -> None:
     with pytest.raises(FederationError, match="unknown or has expired"):
-        login().take("never-issued")
+        await login().take("never-issued")
     with pytest.raises(FederationError, match="unknown or has expired"):
-        login().take("x" * 1000)
+        await login().take("x" * 1000)
+
+
+async def test_a_callback_while_the_database_is_out_of_reach_is_a_503_not_an_unknown_sign_in(
+    own_postgres: str, postgres_proxy: TcpProxy
+) -> None:
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{postgres_proxy.port}/{own_postgres}"
+    engine = make_engine(url, DatabaseSettings(statement_timeout_s=1.0))
+    settings = IdentityProviderSettings(issuer=ISSUER, client_id="gw")
+    async with httpx.AsyncClient() as http:
+        login = OidcLogin(
+            settings,
+            redirect_uri="https://gw.example/oauth/callback",
+            http=http,
+            pending=PendingLogins(engine),
+        )
+        postgres_proxy.refuse()
+        with pytest.raises(FederationError, match="unavailable right now") as refused:
+            await login.take("a-state")
+    assert refused.value.status == 503
+    engine.dispose()

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from agentgw.oauth.config import BuiltinAuthServer, RegistrationSettings
 from agentgw.oauth.jwks import LocalKeySet
 from agentgw.oauth.keys import SigningKeys
+from agentgw.oauth.pending import PendingLogins
 from agentgw.oauth.refresh import RefreshRefused, RefreshTokenStore
 from agentgw.oauth.registration import ClientStore, RegistrationLimiter
 from agentgw.oauth.server import AuthorizationServer, hash_secret, oauth_router
@@ -41,6 +42,7 @@ def server(tmp_path: Path) -> Server:
             keys,
             verifier=JwtVerifier([TrustedIssuer(BASE, LocalKeySet(keys))]),
             known_scopes=set,
+            pending=PendingLogins(engine),
             clients=ClientStore(engine),
             refresh=RefreshTokenStore(engine, ttl_s=60, max_s=600),
         )

@@ -22,6 +22,7 @@ from agentgw.fetch_guard import FetchGuard
 from agentgw.oauth.config import BuiltinAuthServer, BuiltinClient, BuiltinUser
 from agentgw.oauth.jwks import LocalKeySet
 from agentgw.oauth.keys import SigningKeys
+from agentgw.oauth.pending import PendingLogins
 from agentgw.oauth.server import (
     TOKEN_EXCHANGE,
     AuthorizationServer,
@@ -32,6 +33,7 @@ from agentgw.oauth.server import (
     oauth_router,
 )
 from agentgw.oauth.verify import JwtVerifier, TrustedIssuer
+from agentgw.storage import make_engine
 from tests.support.servers import Answer, LocalServer, Received, Scripted, tls_ca
 
 BASE = "http://127.0.0.1:8080"
@@ -71,7 +73,7 @@ def keys(tmp_path: Path) -> SigningKeys:
 
 
 @pytest.fixture
-async def client(keys: SigningKeys) -> AsyncIterator[httpx.AsyncClient]:
+async def client(keys: SigningKeys, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     config = BuiltinAuthServer(
         clients=[
             BuiltinClient(
@@ -92,6 +94,7 @@ async def client(keys: SigningKeys) -> AsyncIterator[httpx.AsyncClient]:
         keys,
         verifier=verifier,
         known_scopes=lambda: {"read", "write"},
+        pending=PendingLogins(make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")),
         fetch=FetchGuard(["127.0.0.1"], ssl_context=TRUST),
     )
     app = FastAPI()
