@@ -933,11 +933,7 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
             response: Response = await anyio.to_thread.run_sync(self.create_token_response, oauth_request)
         except SQLAlchemyError as exc:
             # Each store call is one transaction: a code not taken stays redeemable, one taken is spent.
-            log.warning("token request refused: database unavailable (%s)", type(exc).__name__)
-            body = {"error": "temporarily_unavailable", "error_description": UNAVAILABLE}
-            return JSONResponse(
-                body, status_code=503, headers={"Cache-Control": "no-store", "Retry-After": "5"}
-            )
+            return _unavailable("token request", exc)
         return response
 
     async def revoke(self, request: Request) -> Response:
@@ -946,9 +942,14 @@ class AuthorizationServer(rfc6749.AuthorizationServer):  # type: ignore[misc]  #
             oauth_request = await self._read(request)
         except OAuth2Error as error:
             return self._bad_request(error)
-        response: Response = await anyio.to_thread.run_sync(
-            self.create_endpoint_response, "revocation", oauth_request
-        )
+        try:
+            response: Response = await anyio.to_thread.run_sync(
+                self.create_endpoint_response, "revocation", oauth_request
+            )
+        except SQLAlchemyError as exc:
+            # RFC 7009 2.2.1: 503 when the server cannot handle it now; the client retries, and the
+            # token stays as it was (the revocation is one transaction).
+            return _unavailable("revocation", exc)
         return response
 
     async def register(self, request: Request) -> Response:
@@ -1148,3 +1149,10 @@ def oauth_router(server: AuthorizationServer) -> APIRouter:
             return await server.register(request)
 
     return router
+
+
+def _unavailable(what: str, exc: SQLAlchemyError) -> Response:
+    """The OAuth answer of an endpoint whose database cannot be reached: 503, retry later."""
+    log.warning("%s refused: database unavailable (%s)", what, type(exc).__name__)
+    body = {"error": "temporarily_unavailable", "error_description": UNAVAILABLE}
+    return JSONResponse(body, status_code=503, headers={"Cache-Control": "no-store", "Retry-After": "5"})

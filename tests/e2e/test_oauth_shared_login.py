@@ -187,6 +187,12 @@ def test_with_the_database_unreachable_the_server_refuses_clearly_and_keeps_no_h
         # A registered client cannot be read: it cannot be redirected to either.
         unknown = _password_login(node, registered, challenge, node.mcp())
         assert unknown.status_code == 503 and unknown.json()["error"] == "temporarily_unavailable"
+        # Revocation cannot be recorded: the client is told to retry (RFC 7009), not given a 500.
+        revoked = httpx.post(
+            f"{node.url}/oauth/revoke", data={"token": "any-refresh-token", "client_id": "app"}, timeout=10
+        )
+        assert revoked.status_code == 503, revoked.text
+        assert revoked.json()["error"] == "temporarily_unavailable"
 
         postgres_proxy.resume()
         # The refused redemption did not spend the code: it works, once.
