@@ -37,7 +37,6 @@ import mcp_types as types
 import orjson
 from mcp.server import Server
 from mcp.server.context import ServerRequestContext
-from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.subscriptions import (
     InMemorySubscriptionBus,
     ListenHandler,
@@ -64,6 +63,7 @@ from agentgw.errors import (
     ToolQuarantined,
     UpstreamError,
 )
+from agentgw.ingress.mcp.event_store import ResumableSessionManager, SessionEvents
 from agentgw.ingress.mcp.legacy_sse import SESSION_KEY, LegacySse
 from agentgw.ingress.mcp.messages import LIST_KEYS, item_object
 from agentgw.ingress.mcp.rendering import jsonrpc_error_response, run_id_of
@@ -279,8 +279,10 @@ class Bridge:
         self._bindings = bindings
         limits = session_limits or SessionLimits()
         # The SDK's own session limits match the bindings', so neither outlives the other for long.
-        self.session_manager = StreamableHTTPSessionManager(
-            app=server,
+        # Handshake-era streams are primed and kept (bounded) so a client can resume one on this node.
+        self.session_manager = ResumableSessionManager(
+            server,
+            events=SessionEvents(),
             max_request_body_size=max_body_bytes,
             session_idle_timeout=limits.idle_s,
             max_sessions=limits.total,
