@@ -51,6 +51,7 @@ from mcp.shared.inbound import (
     mcp_param_headers,
     x_mcp_header_map,
 )
+from mcp.shared.subscriptions import ResourceUpdated
 from mcp_types import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY, PROTOCOL_VERSION_META_KEY
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import TypeAdapter, ValidationError
@@ -428,6 +429,11 @@ class _Connection:
         # Tool name -> {argument path: header token}, from the upstream's listings; kept across
         # reconnects, as the tools are the upstream's, not the session's.
         self.param_maps: dict[str, dict[tuple[str, ...], str]] = {}
+        # The resources the bridge's clients watch, subscribed again after a reconnect; on 2026-07-28
+        # one subscriptions/listen stream carries them all, reopened when the set changes.
+        self.resource_uris: set[str] = set()
+        self.on_resource_updated: Callable[[str, str], None] | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     async def _sampling(self, context: Any, params: Any) -> Any:
         raw = await self.relay.ask("sampling/createMessage", params)
@@ -442,6 +448,9 @@ class _Connection:
         return raw if isinstance(raw, types.ErrorData) else types.ListRootsResult.model_validate(raw)
 
     def mark_dead(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         self.client = None
         self.post = None
         self.ready.clear()
@@ -462,10 +471,60 @@ class _Connection:
         return spec.url
 
     async def _message(self, message: Any) -> None:
-        method = getattr(getattr(message, "root", message), "method", "")
+        root = getattr(message, "root", message)
+        method = getattr(root, "method", "")
         kind = _LIST_CHANGED.get(method) if isinstance(method, str) else None
         if kind is not None:
             self._on_list_changed(self.spec.name, kind)
+        elif method == "notifications/resources/updated" and not self.session_bound and not self.modern:
+            # (2026-07-28: the same notice comes from the listen stream, `_watch_resources`.)
+            uri = getattr(getattr(root, "params", None), "uri", None)
+            if isinstance(uri, str) and self.on_resource_updated is not None:
+                self.on_resource_updated(self.spec.name, uri)
+
+    @property
+    def modern(self) -> bool:
+        client = self.client
+        return client is not None and client.session.protocol_version in MODERN_PROTOCOL_VERSIONS
+
+    def rewatch(self) -> asyncio.Future[None]:
+        """(Re)open the listen stream of the watched resources; done once the upstream acknowledged it."""
+        acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        client = self.client
+        if client is None or not self.resource_uris:
+            acked.set_result(None)
+            return acked
+        self._watch = asyncio.get_running_loop().create_task(
+            self._watch_resources(client, sorted(self.resource_uris), acked),
+            name=f"upstream:{self.spec.name}:watch",
+        )
+        return acked
+
+    async def _watch_resources(self, client: Client, uris: list[str], acked: asyncio.Future[None]) -> None:
+        try:
+            async with client.listen(resource_subscriptions=uris) as subscription:
+                if not acked.done():
+                    acked.set_result(None)
+                async for event in subscription:
+                    if isinstance(event, ResourceUpdated) and self.on_resource_updated is not None:
+                        self.on_resource_updated(self.spec.name, event.uri)
+        except Exception as exc:  # reported to the subscriber that waits, else logged
+            if not acked.done():
+                acked.set_exception(UpstreamError(f"upstream {self.spec.name!r} refused the subscription"))
+            log.info("upstream %s: resource subscriptions ended (%s)", self.spec.name, type(exc).__name__)
+
+    async def _resubscribe(self, client: Client) -> None:
+        # A new session knows nothing of the old one's subscriptions.
+        for uri in sorted(self.resource_uris):
+            try:
+                await client.session.send_request(
+                    types.SubscribeRequest(params=types.SubscribeRequestParams(uri=uri)), types.EmptyResult
+                )
+            except Exception as exc:
+                log.warning("upstream %s: a resource not subscribed again (%s)", self.spec.name, _reason(exc))
 
     async def _listen(self, client: Client) -> None:
         # A 2026-07-28 upstream sends change events only on a subscriptions/listen stream.
@@ -520,6 +579,9 @@ class _Connection:
                 if connected:
                     log.info("upstream %s: session ended by the upstream; reconnecting", self.spec.name)
             finally:
+                if self._watch is not None:
+                    self._watch.cancel()
+                    self._watch = None
                 self.client = None
                 self.post = None
                 self.ready.clear()
@@ -559,6 +621,11 @@ class _Connection:
                 async with anyio.create_task_group() as tg:
                     if modern and not self.session_bound:
                         tg.start_soon(self._listen, client)
+                    if self.resource_uris:
+                        if modern:
+                            self.rewatch()
+                        else:
+                            tg.start_soon(self._resubscribe, client)
                     await self._until_closed(client, version if modern else None)
                     tg.cancel_scope.cancel()
             return True
@@ -593,6 +660,7 @@ class UpstreamSessions:
     def __init__(self, credentials: SessionCredentials | None = None) -> None:
         self._credentials = credentials
         self._listeners: list[Callable[[str, str], None]] = []
+        self._updated: Callable[[str, str], None] | None = None
         self._connections: dict[str, tuple[_Connection, asyncio.Task[None]]] = {}
         self._peers: dict[tuple[str, str], tuple[_Connection, asyncio.Task[None]]] = {}
         self._http = HttpClient()
@@ -600,6 +668,66 @@ class UpstreamSessions:
     def on_list_changed(self, listener: Callable[[str, str], None]) -> None:
         """Call `listener(server, kind)` when an upstream says its tools, prompts or resources changed."""
         self._listeners.append(listener)
+
+    def on_resource_updated(self, listener: Callable[[str, str], None]) -> None:
+        """Call `listener(server, uri)` when an upstream says a subscribed resource changed."""
+        self._updated = listener
+        for conn, _ in self._connections.values():
+            conn.on_resource_updated = listener
+
+    async def subscribe(self, server: str, uri: str) -> None:
+        """Subscribe the shared session of `server` to the resource `uri` (once; see `unsubscribe`).
+
+        Raises:
+            UpstreamUnreachable: not connected in time.
+            UpstreamTimeout: no acknowledgment in time.
+            UpstreamError: the upstream refused the subscription.
+        """
+        conn = await self._ready(server)
+        if uri in conn.resource_uris:
+            return
+        if not conn.modern:
+            await self.request(server, "resources/subscribe", {"uri": uri})
+            conn.resource_uris.add(uri)
+            return
+        conn.resource_uris.add(uri)
+        try:
+            async with asyncio.timeout(conn.spec.timeout_s):
+                await conn.rewatch()
+        except (TimeoutError, GatewayError) as exc:
+            conn.resource_uris.discard(uri)
+            conn.rewatch()
+            if isinstance(exc, TimeoutError):
+                raise UpstreamTimeout(f"upstream {server!r} did not acknowledge the subscription") from exc
+            raise
+
+    async def unsubscribe(self, server: str, uri: str) -> None:
+        """Undo `subscribe` (the bridge calls it when the last client watching `uri` left).
+
+        Raises:
+            GatewayError: the upstream could not be told (its updates are dropped all the same).
+        """
+        entry = self._connections.get(server)
+        if entry is None or uri not in entry[0].resource_uris:
+            return
+        conn = entry[0]
+        conn.resource_uris.discard(uri)
+        if conn.modern:
+            conn.rewatch()
+        elif conn.client is not None:
+            await self.request(server, "resources/unsubscribe", {"uri": uri})
+
+    async def _ready(self, server: str) -> _Connection:
+        entry = self._connections.get(server)
+        if entry is None:
+            raise UpstreamUnreachable(f"upstream {server!r} is not connected")
+        conn = entry[0]
+        try:
+            async with asyncio.timeout(conn.spec.timeout_s):
+                await conn.ready.wait()
+        except TimeoutError as exc:
+            raise UpstreamUnreachable(f"upstream {server!r} is not connected") from exc
+        return conn
 
     def _list_changed(self, server: str, kind: str) -> None:
         for listener in self._listeners:
@@ -628,6 +756,7 @@ class UpstreamSessions:
                     log.error("upstream %s not connected: %s", name, exc)
                     continue
                 conn = _Connection(spec, self._list_changed, credential=credential, http=self._http)
+                conn.on_resource_updated = self._updated
                 task = asyncio.get_running_loop().create_task(conn.run(), name=f"upstream:{name}")
                 self._connections[name] = (conn, task)
 

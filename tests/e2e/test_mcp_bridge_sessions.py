@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import httpx
+import mcp_types as types
 import pytest
+from mcp import Client
+from mcp.shared.exceptions import MCPError
+from pydantic import TypeAdapter
 
+from agentgw.storage import make_engine
+from agentgw.storage.audit import AuditQuery
 from conformance.fixtures.launch import FIXTURES_DIR, free_port, start_process
+from tests.support.audit import records_until
 from tests.support.gateway import RunningGateway, run_gateway
 from tests.support.mcp import ACCEPT
 
@@ -135,3 +144,117 @@ def test_an_event_id_of_another_session_resumes_nothing(gateway: RunningGateway)
         except httpx.ReadTimeout:
             pass  # nothing replayed: the stream stays open and silent
     assert b"secret" not in seen
+
+
+# --- the SDK's client, handshake era ---
+
+
+class Inbox:
+    """The notifications one client received, by method, and a wait for the next of a kind."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, dict[str, Any]]] = []
+        self._arrived = anyio.Event()
+
+    async def handler(self, message: Any) -> None:
+        root = getattr(message, "root", message)
+        method = getattr(root, "method", None)
+        if isinstance(method, str):
+            params = getattr(root, "params", None)
+            dumped = params.model_dump(mode="json", exclude_none=True) if params is not None else {}
+            self.received.append((method, dumped))
+            self._arrived.set()
+            self._arrived = anyio.Event()
+
+    def of(self, method: str) -> list[dict[str, Any]]:
+        return [params for m, params in self.received if m == method]
+
+    async def until(self, method: str, count: int = 1) -> list[dict[str, Any]]:
+        with anyio.fail_after(10):
+            while len(self.of(method)) < count:
+                await self._arrived.wait()
+        return self.of(method)
+
+
+@asynccontextmanager
+async def legacy(url: str) -> AsyncIterator[tuple[Client, Inbox]]:
+    inbox = Inbox()
+    async with Client(url, mode="legacy", message_handler=inbox.handler) as client:
+        yield client, inbox
+
+
+_REQUEST: TypeAdapter[Any] = TypeAdapter(types.ClientRequest)
+
+
+async def request(client: Client, method: str, params: dict[str, Any]) -> None:
+    """A request the SDK's client marks deprecated (removed in 2026-07-28), sent as it would send it."""
+    typed = _REQUEST.validate_python({"method": method, "params": params})
+    await client.session.send_request(typed, types.EmptyResult)
+
+
+UPDATED = "notifications/resources/updated"
+
+
+async def test_an_update_reaches_each_subscribed_client_with_its_uri_and_no_one_else(
+    gateway: RunningGateway,
+) -> None:
+    async with (
+        legacy(gateway.mcp()) as (merged, merged_inbox),
+        legacy(gateway.mcp("plain")) as (plain, plain_inbox),
+        legacy(gateway.mcp()) as (bystander, bystander_inbox),
+    ):
+        await request(merged, "resources/subscribe", {"uri": f"every+{WATCHED}"})
+        await request(plain, "resources/subscribe", {"uri": WATCHED})
+        await bystander.call_tool("every__test_trigger_resource_update", {})
+        assert await merged_inbox.until(UPDATED) == [{"uri": f"every+{WATCHED}"}]
+        assert await plain_inbox.until(UPDATED) == [{"uri": WATCHED}]
+
+        await request(merged, "resources/unsubscribe", {"uri": f"every+{WATCHED}"})
+        await bystander.call_tool("every__test_trigger_resource_update", {})
+        assert len(await plain_inbox.until(UPDATED, 2)) == 2
+        # Each session's stream is its own: by now any notice to the others would have come first.
+        await merged.list_tools()
+        assert len(merged_inbox.of(UPDATED)) == 1
+        assert bystander_inbox.of(UPDATED) == []
+
+
+async def test_a_subscription_ends_with_its_session_and_the_upstream_is_subscribed_again(
+    gateway: RunningGateway,
+) -> None:
+    async with legacy(gateway.mcp()) as (first, _inbox):
+        await request(first, "resources/subscribe", {"uri": f"every+{WATCHED}"})
+    async with legacy(gateway.mcp()) as (second, inbox):
+        await request(second, "resources/subscribe", {"uri": f"every+{WATCHED}"})
+        await second.call_tool("every__test_trigger_resource_update", {})
+        assert await inbox.until(UPDATED) == [{"uri": f"every+{WATCHED}"}]
+
+
+@pytest.mark.parametrize(
+    ("method", "uri"),
+    [
+        ("resources/subscribe", WATCHED),  # no namespace on a prefixing endpoint
+        ("resources/subscribe", f"nosuch+{WATCHED}"),  # no such server
+        ("resources/subscribe", "every+" + "x" * 5000),  # longer than a URI may be
+        ("resources/unsubscribe", f"every+{WATCHED}"),  # never subscribed
+    ],
+)
+async def test_a_subscription_change_that_names_nothing_is_refused(
+    gateway: RunningGateway, method: str, uri: str
+) -> None:
+    async with legacy(gateway.mcp()) as (client, _inbox):
+        with pytest.raises(MCPError):
+            await request(client, method, {"uri": uri})
+
+
+async def test_a_subscription_the_policy_forbids_is_refused_and_audited(gateway: RunningGateway) -> None:
+    async with legacy(gateway.mcp()) as (client, _inbox):
+        with pytest.raises(MCPError) as refused:
+            await request(client, "resources/subscribe", {"uri": f"every+{FORBIDDEN}"})
+        assert refused.value.error.code == -32003, refused.value.error
+    engine = make_engine(gateway.database_url)
+    try:
+        query = AuditQuery(resource=f"mcp:every/resource/{FORBIDDEN}", decision="denied")
+        records = await records_until(engine, query, lambda records: len(records) >= 1)
+        assert records[0]["action"] == "read"
+    finally:
+        engine.dispose()

@@ -63,6 +63,7 @@ from agentgw.errors import (
     ToolQuarantined,
     UpstreamError,
 )
+from agentgw.ingress.mcp.bridge_sessions import Subscriptions, client_session
 from agentgw.ingress.mcp.event_store import ResumableSessionManager, SessionEvents
 from agentgw.ingress.mcp.legacy_sse import SESSION_KEY, LegacySse
 from agentgw.ingress.mcp.messages import LIST_KEYS, item_object
@@ -266,6 +267,7 @@ class Bridge:
         server.add_request_handler("prompts/get", types.GetPromptRequestParams, self._invoke)
         server.add_request_handler("resources/read", types.ReadResourceRequestParams, self._invoke)
         server.add_request_handler("resources/subscribe", types.SubscribeRequestParams, self._invoke)
+        server.add_request_handler("resources/unsubscribe", types.UnsubscribeRequestParams, self._unsubscribe)
         server.add_request_handler("completion/complete", types.CompleteRequestParams, self._invoke)
         # Change events: 2026-07-28 clients listen on subscriptions/listen streams fed by this bus;
         # handshake-era sessions get list_changed notifications on their standalone streams.
@@ -274,6 +276,9 @@ class Bridge:
             "subscriptions/listen", types.SubscriptionsListenRequestParams, ListenHandler(self.bus)
         )
         self._legacy_connections: weakref.WeakSet[Any] = weakref.WeakSet()
+        # Handshake-era clients' subscriptions, sharing one upstream subscription per resource.
+        self.subscriptions = Subscriptions(sessions)
+        sessions.on_resource_updated(self.subscriptions.on_updated)
         self._notify_tasks: set[asyncio.Task[None]] = set()
         self.server = server
         self._bindings = bindings
@@ -602,6 +607,13 @@ class Bridge:
             payload.setdefault("resultType", "complete")
         return payload
 
+    async def _unsubscribe(
+        self, ctx: ServerRequestContext[Any, Any], params: types.UnsubscribeRequestParams
+    ) -> dict[str, Any]:
+        """End one of the calling session's own subscriptions (no other session's is reachable)."""
+        await self.subscriptions.unsubscribe(client_session(ctx, self.subscriptions), params.uri)
+        return {}
+
     async def _check_param_headers(self, server: str, tool: str, arguments: Any, headers: Headers) -> None:
         """Refuse a 2026-07-28 tools/call whose `Mcp-Param-*` headers disagree with its arguments.
 
@@ -647,6 +659,13 @@ class Bridge:
         method: str,
         params: dict[str, Any],
     ) -> dict[str, Any]:
+        if method == "resources/subscribe":
+            # Kept per client session; the upstream is subscribed once, whoever else watches.
+            endpoint, _ = self._context(ctx)
+            uri = params["uri"]
+            exposed = f"{server}+{uri}" if endpoint.prefix else uri
+            await self.subscriptions.subscribe(client_session(ctx, self.subscriptions), exposed, server, uri)
+            return {}
         progress = self._progress(ctx, params)
         if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
             # A 2026-07-28 client answers input requests itself (MRTR): results pass through untouched,
