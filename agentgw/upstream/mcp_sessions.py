@@ -52,7 +52,12 @@ from mcp.shared.inbound import (
     x_mcp_header_map,
 )
 from mcp.shared.subscriptions import ResourceUpdated
-from mcp_types import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY, PROTOCOL_VERSION_META_KEY
+from mcp_types import (
+    CLIENT_CAPABILITIES_META_KEY,
+    CLIENT_INFO_META_KEY,
+    LOG_LEVEL_META_KEY,
+    PROTOCOL_VERSION_META_KEY,
+)
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import TypeAdapter, ValidationError
 
@@ -69,7 +74,7 @@ from agentgw.registry.models import McpServerSpec
 from agentgw.upstream.http import HttpClient, UpstreamResponse
 from agentgw.upstream.sse import read_events
 
-__all__ = ["ProgressFn", "Relay", "SessionCredentials", "UpstreamSessions"]
+__all__ = ["LogFn", "ProgressFn", "Relay", "SessionCredentials", "UpstreamSessions"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +100,8 @@ _EVENT_KINDS = {
 
 # Sends one server->client request (method, params) to the calling client; returns the raw result.
 Relay = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+# Passes the params of an upstream's `notifications/message` to the client whose call caused it.
+LogFn = Callable[[dict[str, Any]], Awaitable[None]]
 # The gateway's own credential for an upstream's shared connection (None: no Authorization header).
 SessionCredentials = Callable[[McpServerSpec], GatewayCredential | None]
 # The SDK's defaults for its own HTTP clients: a response stream may stay open a long time.
@@ -119,6 +126,8 @@ class _PeerRelay:
 
     def __init__(self) -> None:
         self.current: Relay | None = None
+        self.on_log: LogFn | None = None
+        self.level: str | None = None  # the level this session last asked the upstream for
 
     async def ask(self, method: str, params: Any) -> dict[str, Any] | types.ErrorData:
         relay = self.current
@@ -215,9 +224,18 @@ class _ModernPost:
         self._ids = itertools.count(1)
 
     async def request(
-        self, method: str, params: Mapping[str, Any] | None, *, timeout_s: float, progress: ProgressFn | None
+        self,
+        method: str,
+        params: Mapping[str, Any] | None,
+        *,
+        timeout_s: float,
+        progress: ProgressFn | None,
+        on_log: LogFn | None = None,
+        log_level: str | None = None,
     ) -> dict[str, Any]:
         """Send one request; its raw result (a tools/list's tools with valid `x-mcp-header`s only).
+
+        With `log_level`, the upstream may log at that level and above, and `on_log` gets each message.
 
         Raises:
             UpstreamTimeout: no answer within `timeout_s`.
@@ -232,19 +250,21 @@ class _ModernPost:
             # client declared, not for what the gateway could relay to a handshake-era client.
             envelope = envelope | {CLIENT_CAPABILITIES_META_KEY: meta[CLIENT_CAPABILITIES_META_KEY]}
         params["_meta"] = _strip_era_meta(meta) | envelope if isinstance(meta, dict) else envelope
+        if log_level is not None:
+            params["_meta"][LOG_LEVEL_META_KEY] = log_level
         headers = self._headers | {"mcp-method": method}
         name_key = NAME_BEARING_METHODS.get(method)
         name = params.get(name_key) if name_key is not None else None
         if isinstance(name, str):
             headers["mcp-name"] = encode_header_value(name)
         if method != "tools/call" or not isinstance(name, str):
-            result = await self._exchange(method, params, headers, timeout_s, progress)
+            result = await self._exchange(method, params, headers, timeout_s, progress, on_log)
             return self._absorb(result) if method == "tools/list" else result
         arguments = params.get("arguments")
         arguments = arguments if isinstance(arguments, Mapping) else {}
         try:
             return await self._exchange(
-                method, params, headers | self._param_headers(name, arguments), timeout_s, progress
+                method, params, headers | self._param_headers(name, arguments), timeout_s, progress, on_log
             )
         except UpstreamError as exc:
             if not isinstance(exc.data, dict) or exc.data.get("code") != types.HEADER_MISMATCH:
@@ -258,7 +278,7 @@ class _ModernPost:
                 log.warning("%s: tools not listed after a header mismatch (%s)", self._who, listing)
                 raise exc from None
         return await self._exchange(
-            method, params, headers | self._param_headers(name, arguments), timeout_s, progress
+            method, params, headers | self._param_headers(name, arguments), timeout_s, progress, on_log
         )
 
     def _param_headers(self, tool: str, arguments: Mapping[str, Any]) -> dict[str, str]:
@@ -281,12 +301,13 @@ class _ModernPost:
         headers: dict[str, str],
         timeout_s: float,
         progress: ProgressFn | None,
+        on_log: LogFn | None = None,
     ) -> dict[str, Any]:
         request_id = next(self._ids)
         body = orjson.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
         response = await self._send(headers, body, timeout_s)
         try:
-            return await self._answer(response, request_id, progress)
+            return await self._answer(response, request_id, progress, on_log)
         finally:
             await response.aclose()
 
@@ -331,7 +352,7 @@ class _ModernPost:
         return response
 
     async def _answer(
-        self, response: UpstreamResponse, request_id: int, progress: ProgressFn | None
+        self, response: UpstreamResponse, request_id: int, progress: ProgressFn | None, on_log: LogFn | None
     ) -> dict[str, Any]:
         if response.status_code == 200 and response.headers.get("content-type", "").startswith(
             "text/event-stream"
@@ -339,8 +360,11 @@ class _ModernPost:
             async for message in _sse_messages(response, self._who):
                 if message.get("id") == request_id and "method" not in message:
                     return self._outcome(message)
-                if message.get("method") == "notifications/progress" and progress is not None:
+                method = message.get("method")
+                if method == "notifications/progress" and progress is not None:
                     await _report(progress, message.get("params"))
+                elif method == "notifications/message" and on_log is not None:
+                    await _log(on_log, message.get("params"))
             raise UpstreamError(f"{self._who} ended its stream without an answer")
         try:
             answer: Any = orjson.loads(await response.aread())
@@ -385,6 +409,11 @@ async def _sse_messages(response: UpstreamResponse, who: str) -> AsyncIterator[d
             raise UpstreamError(f"{who} sent an event that is not JSON") from exc
         if isinstance(message, dict):
             yield message
+
+
+async def _log(on_log: LogFn, params: Any) -> None:
+    if isinstance(params, dict) and isinstance(params.get("level"), str):
+        await on_log(params)
 
 
 async def _report(progress: ProgressFn, params: Any) -> None:
@@ -476,6 +505,14 @@ class _Connection:
         kind = _LIST_CHANGED.get(method) if isinstance(method, str) else None
         if kind is not None:
             self._on_list_changed(self.spec.name, kind)
+        elif method == "notifications/message" and self.session_bound and self.relay.on_log is not None:
+            # A session-bound connection serves one client session: its log messages are that
+            # client's (a shared connection's belong to no one and are dropped).
+            params = getattr(root, "params", None)
+            if params is not None:
+                await _log(
+                    self.relay.on_log, params.model_dump(by_alias=True, mode="json", exclude_none=True)
+                )
         elif method == "notifications/resources/updated" and not self.session_bound and not self.modern:
             # (2026-07-28: the same notice comes from the listen stream, `_watch_resources`.)
             uri = getattr(getattr(root, "params", None), "uri", None)
@@ -781,7 +818,7 @@ class UpstreamSessions:
         self._peers.clear()
         await self._http.aclose()
 
-    def _peer(self, server: str, key: str, relay: Relay) -> _Connection | None:
+    def _peer(self, server: str, key: str, relay: Relay, on_log: LogFn | None) -> _Connection | None:
         shared = self._connections.get(server)
         if shared is None or shared[0].spec.transport == "stdio":
             return None  # one stdio child serves everyone: it can never know which caller to ask
@@ -797,6 +834,7 @@ class UpstreamSessions:
             entry = self._peers[(server, key)] = (conn, task)
         conn = entry[0]
         conn.relay.current = relay
+        conn.relay.on_log = on_log
         conn.last_used = time.monotonic()
         return conn
 
@@ -810,8 +848,13 @@ class UpstreamSessions:
         progress: ProgressFn | None = None,
         relay_key: str | None = None,
         relay: Relay | None = None,
+        on_log: LogFn | None = None,
+        log_level: str | None = None,
     ) -> dict[str, Any]:
         """Send one request upstream and return its raw result.
+
+        `log_level` asks the upstream for log messages at that level and above, for `on_log`: on a
+        2026-07-28 upstream per request, on a session-bound (relay) session for the session.
 
         Raises:
             BadRequest: the method and params are not a request the client may send.
@@ -824,7 +867,7 @@ class UpstreamSessions:
             raise UpstreamUnreachable(f"upstream {server!r} is not connected")
         conn = entry[0]
         if relay_key is not None and relay is not None:
-            conn = self._peer(server, relay_key, relay) or conn
+            conn = self._peer(server, relay_key, relay, on_log) or conn
         timeout = timeout_s or conn.spec.timeout_s
         post = conn.post
         try:
@@ -832,11 +875,25 @@ class UpstreamSessions:
                 # The hot path (set only while connected). asyncio's timeout costs half of anyio's,
                 # which the SDK's session below needs for its own cancel scopes.
                 async with asyncio.timeout(timeout):
-                    return await post.request(method, params, timeout_s=timeout, progress=progress)
+                    return await post.request(
+                        method,
+                        params,
+                        timeout_s=timeout,
+                        progress=progress,
+                        on_log=on_log,
+                        log_level=log_level,
+                    )
             with anyio.fail_after(timeout):
                 await conn.ready.wait()
                 if conn.post is not None:
-                    return await conn.post.request(method, params, timeout_s=timeout, progress=progress)
+                    return await conn.post.request(
+                        method,
+                        params,
+                        timeout_s=timeout,
+                        progress=progress,
+                        on_log=on_log,
+                        log_level=log_level,
+                    )
                 try:
                     request = _REQUEST.validate_python({"method": method, "params": _strip_era(params)})
                 except ValidationError as exc:
@@ -844,6 +901,9 @@ class UpstreamSessions:
                 client = conn.client
                 if client is None:
                     raise UpstreamUnreachable(f"upstream {server!r} is not connected")
+                if conn.session_bound and log_level is not None and conn.relay.level != log_level:
+                    await _set_level(client, log_level)
+                    conn.relay.level = log_level
                 # A TypeAdapter of a plain dict keeps the result raw; the SDK has already checked it
                 # against the negotiated era's schema before it gets here.
                 result: dict[str, Any] = await client.session.send_request(  # type: ignore[type-var]  # raw dict, see above
@@ -866,6 +926,14 @@ class UpstreamSessions:
             raise
         except Exception as exc:
             raise UpstreamError(f"upstream {server!r} failed: {type(exc).__name__}") from exc
+
+
+async def _set_level(client: Client, level: str) -> None:
+    try:
+        request = types.SetLevelRequest(params=types.SetLevelRequestParams(level=level))
+        await client.session.send_request(request, types.EmptyResult)
+    except MCPError as exc:  # an upstream without logging: it sends no messages, so none are missed
+        log.info("upstream log level not set: %s", exc.error.message)
 
 
 def _error_data(code: Any, data: Any) -> dict[str, Any] | None:

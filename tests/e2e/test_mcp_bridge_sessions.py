@@ -31,7 +31,9 @@ FORBIDDEN = "test://static-text"
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory, modern_upstream: str) -> Iterator[RunningGateway]:
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory, modern_upstream: str, legacy_upstream: str
+) -> Iterator[RunningGateway]:
     port = free_port()
     args = [sys.executable, str(FIXTURES_DIR / "mcp_everything.py"), "--port", str(port)]
     with start_process(args, port) as process:
@@ -40,12 +42,14 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, modern_upstream: str) -> I
             "servers": [
                 {"name": "every", "url": f"{process.url}/mcp"},
                 {"name": "modern", "url": f"{modern_upstream}/mcp"},
+                {"name": "legacy", "url": f"{legacy_upstream}/mcp"},
             ],
             "virtual_servers": [{"name": "plain", "resources": ["every/*"], "prefix": False}],
             "policy": {
                 "rules": [
                     "p, anonymous, mcp:every/*, *, allow",
                     "p, anonymous, mcp:modern/*, *, allow",
+                    "p, anonymous, mcp:legacy/*, *, allow",
                     f"p, anonymous, mcp:every/resource/{FORBIDDEN}, *, deny",
                 ]
             },
@@ -258,3 +262,50 @@ async def test_a_subscription_the_policy_forbids_is_refused_and_audited(gateway:
         assert records[0]["action"] == "read"
     finally:
         engine.dispose()
+
+
+# --- log levels ---
+
+MESSAGE = "notifications/message"
+
+
+# A 2026-07-28 upstream (asked per request) and a handshake-era one (each client session's own).
+@pytest.mark.parametrize("tool", ["every__test_log_levels", "legacy__log_levels"])
+async def test_each_client_gets_its_own_calls_log_messages_at_its_own_level(
+    gateway: RunningGateway, tool: str
+) -> None:
+    async with (
+        legacy(gateway.mcp()) as (verbose, verbose_inbox),
+        legacy(gateway.mcp()) as (terse, terse_inbox),
+    ):
+        await request(verbose, "logging/setLevel", {"level": "info"})
+        await request(terse, "logging/setLevel", {"level": "warning"})
+        async with anyio.create_task_group() as calls:
+            calls.start_soon(verbose.call_tool, tool, {"tag": "verbose"})
+            calls.start_soon(terse.call_tool, tool, {"tag": "terse"})
+
+        # Related to the call, so they came on its stream, before its answer.
+        assert [m["data"] for m in verbose_inbox.of(MESSAGE)] == [
+            "verbose info",
+            "verbose warning",
+            "verbose error",
+        ]
+        assert [m["data"] for m in terse_inbox.of(MESSAGE)] == ["terse warning", "terse error"]
+
+
+async def test_a_client_that_set_no_level_gets_no_log_messages(gateway: RunningGateway) -> None:
+    async with legacy(gateway.mcp()) as (client, inbox):
+        await client.call_tool("every__test_log_levels", {"tag": "quiet"})
+        await request(client, "logging/setLevel", {"level": "error"})
+        await client.call_tool("every__test_log_levels", {"tag": "loud"})
+    assert [m["data"] for m in inbox.of(MESSAGE)] == ["loud error"]
+
+
+def test_an_unknown_level_is_refused(gateway: RunningGateway) -> None:
+    url = gateway.mcp()
+    session = open_session(url)
+    answer = httpx.post(
+        url, json=rpc(5, "logging/setLevel", {"level": "loud"}), headers=HEADERS | {"mcp-session-id": session}
+    )
+    [event] = [e for e in events_of(answer.text.splitlines()) if e.get("data")]
+    assert json.loads(event["data"])["error"]["code"] == -32602

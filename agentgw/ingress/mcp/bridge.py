@@ -13,6 +13,12 @@ never ambiguous. Lists are fetched from every upstream in parallel, each with it
 or dead upstream drops out of the list (and is logged) instead of failing or stalling it. Lists are
 narrowed by policy, then paginated with gateway-minted opaque cursors.
 
+What a handshake-era client session asks for is kept on its connection (`bridge_sessions`): its log
+level (an upstream's log messages during its call reach it on that call's stream, at that level) and
+its resource subscriptions (one upstream subscription per resource, updates relayed with the URI each
+client subscribed to). Its streams are primed and kept for `Last-Event-ID` (`event_store`). All of it
+is per node, with the session (docs/decisions/0011).
+
 The `Mcp-Param-*` headers of a 2026-07-28 tools/call are checked here, after authorization, against the
 cached schema of the tool the call is routed to; the SDK's own check would list tools through the
 whole pipeline before every call (docs/decisions/0208).
@@ -49,7 +55,7 @@ from mcp.shared.exceptions import MCPError
 from mcp.shared.inbound import find_invalid_x_mcp_header, validate_mcp_param_headers, x_mcp_header_map
 from mcp.shared.message import ServerMessageMetadata
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
@@ -72,7 +78,7 @@ from agentgw.ingress.mcp.sessions import SessionLimits, SessionStore
 from agentgw.pipeline import Pipeline
 from agentgw.registry.models import McpServerSpec, VirtualServerSpec
 from agentgw.registry.pins import PinGate
-from agentgw.upstream.mcp_sessions import Relay, UpstreamSessions
+from agentgw.upstream.mcp_sessions import LogFn, Relay, UpstreamSessions
 
 __all__ = ["Bridge", "Endpoint"]
 
@@ -268,6 +274,9 @@ class Bridge:
         server.add_request_handler("resources/read", types.ReadResourceRequestParams, self._invoke)
         server.add_request_handler("resources/subscribe", types.SubscribeRequestParams, self._invoke)
         server.add_request_handler("resources/unsubscribe", types.UnsubscribeRequestParams, self._unsubscribe)
+        # Served by the bridge itself, per client session (so `logging` is always advertised to
+        # handshake-era clients); the SDK refuses it on 2026-07-28, where levels are per request.
+        server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, self._set_level)
         server.add_request_handler("completion/complete", types.CompleteRequestParams, self._invoke)
         # Change events: 2026-07-28 clients listen on subscriptions/listen streams fed by this bus;
         # handshake-era sessions get list_changed notifications on their standalone streams.
@@ -673,8 +682,17 @@ class Bridge:
             return await self._sessions.request(server, method, params, progress=progress)
         relay = self._relay(ctx)
         session_key = _session_of(request)
+        level = client_session(ctx, self.subscriptions).level
+        on_log = self._log(ctx) if level is not None else None
         result = await self._sessions.request(
-            server, method, params, progress=progress, relay_key=session_key, relay=relay
+            server,
+            method,
+            params,
+            progress=progress,
+            relay_key=session_key,
+            relay=relay,
+            on_log=on_log,
+            log_level=level,
         )
         # A handshake-era client cannot read input_required: answer the upstream's input requests by
         # asking the client the legacy way, then retry with the answers, as a 2026 client would.
@@ -689,7 +707,14 @@ class Bridge:
             if "requestState" in result:
                 retry["requestState"] = result["requestState"]
             result = await self._sessions.request(
-                server, method, retry, progress=progress, relay_key=session_key, relay=relay
+                server,
+                method,
+                retry,
+                progress=progress,
+                relay_key=session_key,
+                relay=relay,
+                on_log=on_log,
+                log_level=level,
             )
         raise UpstreamError(f"upstream {server!r} asked for input more than {MAX_INPUT_ROUNDS} times")
 
@@ -709,6 +734,32 @@ class Bridge:
             return dumped
 
         return relay
+
+    def _log(self, ctx: ServerRequestContext[Any, Any]) -> LogFn:
+        """Sends an upstream's log message on the stream of the client's call that caused it, if the
+        client's level (read when the message comes: it may change mid-call) lets it through."""
+        client = client_session(ctx, self.subscriptions)
+
+        async def relay(params: dict[str, Any]) -> None:
+            if not client.wants(params.get("level")):
+                return
+            try:
+                message = types.LoggingMessageNotificationParams.model_validate(params)
+            except ValidationError:
+                return  # not a log message the client could read
+            await ctx.session.send_notification(
+                types.LoggingMessageNotification(params=message), related_request_id=ctx.request_id
+            )
+
+        return relay
+
+    async def _set_level(
+        self, ctx: ServerRequestContext[Any, Any], params: types.SetLevelRequestParams
+    ) -> dict[str, Any]:
+        """Keep the level the calling session asked for: its calls' upstream log messages are relayed
+        at that level and above (none before it asks)."""
+        client_session(ctx, self.subscriptions).level = params.level
+        return {}
 
     def _progress(self, ctx: ServerRequestContext[Any, Any], params: Mapping[str, Any]) -> Any:
         meta = params.get("_meta")
