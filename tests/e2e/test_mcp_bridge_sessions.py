@@ -239,19 +239,24 @@ async def test_a_subscription_ends_with_its_session_and_the_upstream_is_subscrib
         ("resources/subscribe", WATCHED),  # no namespace on a prefixing endpoint
         ("resources/subscribe", f"nosuch+{WATCHED}"),  # no such server
         ("resources/subscribe", "every+" + "x" * 5000),  # longer than a URI may be
-        ("resources/unsubscribe", f"every+{WATCHED}"),  # never subscribed
+        ("resources/unsubscribe", f"every+{FORBIDDEN}"),  # never subscribed
     ],
 )
 async def test_a_subscription_change_that_names_nothing_is_refused(
     gateway: RunningGateway, method: str, uri: str
 ) -> None:
     async with legacy(gateway.mcp()) as (client, _inbox):
-        with pytest.raises(MCPError):
+        await request(client, "resources/subscribe", {"uri": f"every+{WATCHED}"})
+        with pytest.raises(MCPError) as refused:
             await request(client, method, {"uri": uri})
+        # A URI no server of the endpoint serves is no resource policy grants (-32003).
+        assert refused.value.error.code in (-32003, -32600, -32602), refused.value.error
+        await request(client, "resources/unsubscribe", {"uri": f"every+{WATCHED}"})
 
 
 async def test_a_subscription_the_policy_forbids_is_refused_and_audited(gateway: RunningGateway) -> None:
     async with legacy(gateway.mcp()) as (client, _inbox):
+        await request(client, "resources/subscribe", {"uri": f"every+{WATCHED}"})
         with pytest.raises(MCPError) as refused:
             await request(client, "resources/subscribe", {"uri": f"every+{FORBIDDEN}"})
         assert refused.value.error.code == -32003, refused.value.error
@@ -303,9 +308,13 @@ async def test_a_client_that_set_no_level_gets_no_log_messages(gateway: RunningG
 
 def test_an_unknown_level_is_refused(gateway: RunningGateway) -> None:
     url = gateway.mcp()
-    session = open_session(url)
-    answer = httpx.post(
-        url, json=rpc(5, "logging/setLevel", {"level": "loud"}), headers=HEADERS | {"mcp-session-id": session}
-    )
-    [event] = [e for e in events_of(answer.text.splitlines()) if e.get("data")]
-    assert json.loads(event["data"])["error"]["code"] == -32602
+    headers = HEADERS | {"mcp-session-id": open_session(url)}
+
+    def set_level(level: str) -> dict[str, Any]:
+        answer = httpx.post(url, json=rpc(5, "logging/setLevel", {"level": level}), headers=headers)
+        [event] = [e for e in events_of(answer.text.splitlines()) if e.get("data")]
+        parsed: dict[str, Any] = json.loads(event["data"])
+        return parsed
+
+    assert set_level("notice")["result"] == {}
+    assert set_level("loud")["error"]["code"] == -32602
