@@ -233,6 +233,31 @@ async def test_a_subscription_ends_with_its_session_and_the_upstream_is_subscrib
         assert await inbox.until(UPDATED) == [{"uri": f"every+{WATCHED}"}]
 
 
+async def test_a_handshake_era_upstream_is_subscribed_once_and_left_by_the_last_client(
+    gateway: RunningGateway,
+) -> None:
+    uri = "fixture://hello"
+    exposed = {"uri": f"legacy+{uri}"}
+
+    async def subscribers(client: Client) -> str:
+        # The upstream's count of sessions subscribed to `uri` (it tells each of them, too).
+        result = await client.call_tool("legacy__touch", {"uri": uri})
+        text: str = result.content[0].text  # type: ignore[union-attr]  # the fixture answers text
+        return text
+
+    async with legacy(gateway.mcp()) as (first, first_inbox), legacy(gateway.mcp()) as (second, second_inbox):
+        await request(first, "resources/subscribe", exposed)
+        await request(second, "resources/subscribe", exposed)
+        assert await subscribers(first) == "1"
+        assert await first_inbox.until(UPDATED) == [{"uri": f"legacy+{uri}"}]
+        assert await second_inbox.until(UPDATED) == [{"uri": f"legacy+{uri}"}]
+
+        await request(first, "resources/unsubscribe", exposed)
+        assert await subscribers(first) == "1"
+        await request(second, "resources/unsubscribe", exposed)
+        assert await subscribers(first) == "0"
+
+
 @pytest.mark.parametrize(
     ("method", "uri"),
     [
