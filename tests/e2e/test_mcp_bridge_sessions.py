@@ -343,3 +343,28 @@ def test_an_unknown_level_is_refused(gateway: RunningGateway) -> None:
 
     assert set_level("notice")["result"] == {}
     assert set_level("loud")["error"]["code"] == -32602
+
+
+async def test_a_2026_client_gets_its_calls_log_messages_at_the_level_of_each_request(
+    gateway: RunningGateway,
+) -> None:
+    received: dict[str, list[Any]] = {"warning": [], "none": []}
+
+    def collect(into: list[Any]) -> Any:
+        async def callback(params: types.LoggingMessageNotificationParams) -> None:
+            into.append(params.data)
+
+        return callback
+
+    async with (
+        Client(
+            gateway.mcp(),
+            mode="2026-07-28",
+            log_level="warning",
+            logging_callback=collect(received["warning"]),
+        ) as asking,
+        Client(gateway.mcp(), mode="2026-07-28", logging_callback=collect(received["none"])) as silent,
+    ):
+        await asking.call_tool("every__test_log_levels", {"tag": "asking"})
+        await silent.call_tool("every__test_log_levels", {"tag": "silent"})
+    assert received == {"warning": ["asking warning", "asking error"], "none": []}

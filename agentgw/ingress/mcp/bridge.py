@@ -54,6 +54,7 @@ from mcp.server.subscriptions import (
 from mcp.shared.exceptions import MCPError
 from mcp.shared.inbound import find_invalid_x_mcp_header, validate_mcp_param_headers, x_mcp_header_map
 from mcp.shared.message import ServerMessageMetadata
+from mcp_types import LOG_LEVEL_META_KEY
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.datastructures import Headers
@@ -69,7 +70,7 @@ from agentgw.errors import (
     ToolQuarantined,
     UpstreamError,
 )
-from agentgw.ingress.mcp.bridge_sessions import Subscriptions, client_session
+from agentgw.ingress.mcp.bridge_sessions import LOG_LEVELS, Subscriptions, at_or_above, client_session
 from agentgw.ingress.mcp.event_store import ResumableSessionManager, SessionEvents
 from agentgw.ingress.mcp.legacy_sse import SESSION_KEY, LegacySse
 from agentgw.ingress.mcp.messages import LIST_KEYS, item_object
@@ -678,12 +679,25 @@ class Bridge:
         progress = self._progress(ctx, params)
         if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
             # A 2026-07-28 client answers input requests itself (MRTR): results pass through untouched,
-            # and its retry, carrying requestState, routes by name to the same upstream.
-            return await self._sessions.request(server, method, params, progress=progress)
+            # and its retry, carrying requestState, routes by name to the same upstream. It asks for log
+            # messages per request: the upstream is asked the same (the SDK checked the level).
+            meta = params.get("_meta")
+            asked = meta.get(LOG_LEVEL_META_KEY) if isinstance(meta, dict) else None
+            if asked not in LOG_LEVELS:
+                return await self._sessions.request(server, method, params, progress=progress)
+            return await self._sessions.request(
+                server,
+                method,
+                params,
+                progress=progress,
+                on_log=self._log(ctx, lambda level: at_or_above(level, asked)),
+                log_level=asked,
+            )
         relay = self._relay(ctx)
         session_key = _session_of(request)
-        level = client_session(ctx, self.subscriptions).level
-        on_log = self._log(ctx) if level is not None else None
+        client = client_session(ctx, self.subscriptions)
+        level = client.level
+        on_log = self._log(ctx, client.wants) if level is not None else None
         result = await self._sessions.request(
             server,
             method,
@@ -735,13 +749,14 @@ class Bridge:
 
         return relay
 
-    def _log(self, ctx: ServerRequestContext[Any, Any]) -> LogFn:
+    @staticmethod
+    def _log(ctx: ServerRequestContext[Any, Any], wants: Callable[[Any], bool]) -> LogFn:
         """Sends an upstream's log message on the stream of the client's call that caused it, if the
-        client's level (read when the message comes: it may change mid-call) lets it through."""
-        client = client_session(ctx, self.subscriptions)
+        client's level lets it through (`wants`: a session's level is read when the message comes, as
+        it may change mid-call)."""
 
         async def relay(params: dict[str, Any]) -> None:
-            if not client.wants(params.get("level")):
+            if not wants(params.get("level")):
                 return
             try:
                 message = types.LoggingMessageNotificationParams.model_validate(params)

@@ -23,7 +23,14 @@ from mcp_types import INVALID_PARAMS, LoggingLevel
 
 from agentgw.errors import BadRequest
 
-__all__ = ["LOG_LEVELS", "ClientSession", "Subscriptions", "UpstreamSubscriber", "client_session"]
+__all__ = [
+    "LOG_LEVELS",
+    "ClientSession",
+    "Subscriptions",
+    "UpstreamSubscriber",
+    "at_or_above",
+    "client_session",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +61,16 @@ class ClientSession:
 
     def wants(self, level: Any) -> bool:
         """Whether a log message at `level` is at or above the level this client asked for."""
-        return (
-            self.level is not None
-            and level in LOG_LEVELS
-            and LOG_LEVELS.index(level) >= LOG_LEVELS.index(self.level)
-        )
+        return at_or_above(level, self.level)
+
+
+def at_or_above(level: Any, threshold: Any) -> bool:
+    """Whether `level` is a log level at or above `threshold` (never, when either is no level)."""
+    return (
+        level in LOG_LEVELS
+        and threshold in LOG_LEVELS
+        and LOG_LEVELS.index(level) >= LOG_LEVELS.index(threshold)
+    )
 
 
 def connection_of(ctx: ServerRequestContext[Any, Any]) -> Connection:
