@@ -13,7 +13,8 @@ import anyio
 import httpx
 import mcp_types as types
 import pytest
-from mcp import Client
+from mcp import Client, ClientSession
+from mcp.client.sse import sse_client
 from mcp.shared.exceptions import MCPError
 from pydantic import TypeAdapter
 
@@ -368,3 +369,22 @@ async def test_a_2026_client_gets_its_calls_log_messages_at_the_level_of_each_re
         await asking.call_tool("every__test_log_levels", {"tag": "asking"})
         await silent.call_tool("every__test_log_levels", {"tag": "silent"})
     assert received == {"warning": ["asking warning", "asking error"], "none": []}
+
+
+async def test_an_http_sse_client_has_its_own_level_and_subscriptions_too(gateway: RunningGateway) -> None:
+    inbox = Inbox()
+    async with (
+        sse_client(f"{gateway.url}/mcp/_sse") as (read, write),
+        ClientSession(read, write, message_handler=inbox.handler) as session,
+    ):
+        await session.initialize()
+        await session.send_request(
+            _REQUEST.validate_python({"method": "logging/setLevel", "params": {"level": "error"}}),
+            types.EmptyResult,
+        )
+        subscribe = {"method": "resources/subscribe", "params": {"uri": f"every+{WATCHED}"}}
+        await session.send_request(_REQUEST.validate_python(subscribe), types.EmptyResult)
+        await session.call_tool("every__test_log_levels", {"tag": "sse"})
+        await session.call_tool("every__test_trigger_resource_update", {})
+        assert await inbox.until(UPDATED) == [{"uri": f"every+{WATCHED}"}]
+        assert [m["data"] for m in inbox.of(MESSAGE)] == ["sse error"]
