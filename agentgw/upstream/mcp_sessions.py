@@ -777,10 +777,13 @@ class UpstreamSessions:
         token for everyone (the pass-through serves them).
         """
         wanted = {s.name: s for s in specs if not s.per_caller_credential}
+        # A changed server's new connection subscribes to what the old one did: clients still watch.
+        watched: dict[str, set[str]] = {}
         for name, (conn, task) in list(self._connections.items()):
             if wanted.get(name) != conn.spec:
                 task.cancel()
                 del self._connections[name]
+                watched[name] = conn.resource_uris
         for key, (conn, task) in list(self._peers.items()):
             if wanted.get(key[0]) != conn.spec:
                 task.cancel()
@@ -794,6 +797,7 @@ class UpstreamSessions:
                     continue
                 conn = _Connection(spec, self._list_changed, credential=credential, http=self._http)
                 conn.on_resource_updated = self._updated
+                conn.resource_uris = watched.get(name, set())
                 task = asyncio.get_running_loop().create_task(conn.run(), name=f"upstream:{name}")
                 self._connections[name] = (conn, task)
 
