@@ -51,7 +51,13 @@ from mcp.shared.inbound import (
     mcp_param_headers,
     x_mcp_header_map,
 )
-from mcp_types import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY, PROTOCOL_VERSION_META_KEY
+from mcp.shared.subscriptions import ResourceUpdated
+from mcp_types import (
+    CLIENT_CAPABILITIES_META_KEY,
+    CLIENT_INFO_META_KEY,
+    LOG_LEVEL_META_KEY,
+    PROTOCOL_VERSION_META_KEY,
+)
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import TypeAdapter, ValidationError
 
@@ -68,7 +74,7 @@ from agentgw.registry.models import McpServerSpec
 from agentgw.upstream.http import HttpClient, UpstreamResponse
 from agentgw.upstream.sse import read_events
 
-__all__ = ["ProgressFn", "Relay", "SessionCredentials", "UpstreamSessions"]
+__all__ = ["LogFn", "ProgressFn", "Relay", "SessionCredentials", "UpstreamSessions"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +100,8 @@ _EVENT_KINDS = {
 
 # Sends one server->client request (method, params) to the calling client; returns the raw result.
 Relay = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+# Passes the params of an upstream's `notifications/message` to the client whose call caused it.
+LogFn = Callable[[dict[str, Any]], Awaitable[None]]
 # The gateway's own credential for an upstream's shared connection (None: no Authorization header).
 SessionCredentials = Callable[[McpServerSpec], GatewayCredential | None]
 # The SDK's defaults for its own HTTP clients: a response stream may stay open a long time.
@@ -118,6 +126,8 @@ class _PeerRelay:
 
     def __init__(self) -> None:
         self.current: Relay | None = None
+        self.on_log: LogFn | None = None
+        self.level: str | None = None  # the level this session last asked the upstream for
 
     async def ask(self, method: str, params: Any) -> dict[str, Any] | types.ErrorData:
         relay = self.current
@@ -214,9 +224,18 @@ class _ModernPost:
         self._ids = itertools.count(1)
 
     async def request(
-        self, method: str, params: Mapping[str, Any] | None, *, timeout_s: float, progress: ProgressFn | None
+        self,
+        method: str,
+        params: Mapping[str, Any] | None,
+        *,
+        timeout_s: float,
+        progress: ProgressFn | None,
+        on_log: LogFn | None = None,
+        log_level: str | None = None,
     ) -> dict[str, Any]:
         """Send one request; its raw result (a tools/list's tools with valid `x-mcp-header`s only).
+
+        With `log_level`, the upstream may log at that level and above, and `on_log` gets each message.
 
         Raises:
             UpstreamTimeout: no answer within `timeout_s`.
@@ -231,19 +250,21 @@ class _ModernPost:
             # client declared, not for what the gateway could relay to a handshake-era client.
             envelope = envelope | {CLIENT_CAPABILITIES_META_KEY: meta[CLIENT_CAPABILITIES_META_KEY]}
         params["_meta"] = _strip_era_meta(meta) | envelope if isinstance(meta, dict) else envelope
+        if log_level is not None:
+            params["_meta"][LOG_LEVEL_META_KEY] = log_level
         headers = self._headers | {"mcp-method": method}
         name_key = NAME_BEARING_METHODS.get(method)
         name = params.get(name_key) if name_key is not None else None
         if isinstance(name, str):
             headers["mcp-name"] = encode_header_value(name)
         if method != "tools/call" or not isinstance(name, str):
-            result = await self._exchange(method, params, headers, timeout_s, progress)
+            result = await self._exchange(method, params, headers, timeout_s, progress, on_log)
             return self._absorb(result) if method == "tools/list" else result
         arguments = params.get("arguments")
         arguments = arguments if isinstance(arguments, Mapping) else {}
         try:
             return await self._exchange(
-                method, params, headers | self._param_headers(name, arguments), timeout_s, progress
+                method, params, headers | self._param_headers(name, arguments), timeout_s, progress, on_log
             )
         except UpstreamError as exc:
             if not isinstance(exc.data, dict) or exc.data.get("code") != types.HEADER_MISMATCH:
@@ -257,7 +278,7 @@ class _ModernPost:
                 log.warning("%s: tools not listed after a header mismatch (%s)", self._who, listing)
                 raise exc from None
         return await self._exchange(
-            method, params, headers | self._param_headers(name, arguments), timeout_s, progress
+            method, params, headers | self._param_headers(name, arguments), timeout_s, progress, on_log
         )
 
     def _param_headers(self, tool: str, arguments: Mapping[str, Any]) -> dict[str, str]:
@@ -280,12 +301,13 @@ class _ModernPost:
         headers: dict[str, str],
         timeout_s: float,
         progress: ProgressFn | None,
+        on_log: LogFn | None = None,
     ) -> dict[str, Any]:
         request_id = next(self._ids)
         body = orjson.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
         response = await self._send(headers, body, timeout_s)
         try:
-            return await self._answer(response, request_id, progress)
+            return await self._answer(response, request_id, progress, on_log)
         finally:
             await response.aclose()
 
@@ -330,7 +352,7 @@ class _ModernPost:
         return response
 
     async def _answer(
-        self, response: UpstreamResponse, request_id: int, progress: ProgressFn | None
+        self, response: UpstreamResponse, request_id: int, progress: ProgressFn | None, on_log: LogFn | None
     ) -> dict[str, Any]:
         if response.status_code == 200 and response.headers.get("content-type", "").startswith(
             "text/event-stream"
@@ -338,8 +360,11 @@ class _ModernPost:
             async for message in _sse_messages(response, self._who):
                 if message.get("id") == request_id and "method" not in message:
                     return self._outcome(message)
-                if message.get("method") == "notifications/progress" and progress is not None:
+                method = message.get("method")
+                if method == "notifications/progress" and progress is not None:
                     await _report(progress, message.get("params"))
+                elif method == "notifications/message" and on_log is not None:
+                    await _log(on_log, message.get("params"))
             raise UpstreamError(f"{self._who} ended its stream without an answer")
         try:
             answer: Any = orjson.loads(await response.aread())
@@ -386,6 +411,11 @@ async def _sse_messages(response: UpstreamResponse, who: str) -> AsyncIterator[d
             yield message
 
 
+async def _log(on_log: LogFn, params: Any) -> None:
+    if isinstance(params, dict) and isinstance(params.get("level"), str):
+        await on_log(params)
+
+
 async def _report(progress: ProgressFn, params: Any) -> None:
     if not isinstance(params, dict) or not isinstance(value := params.get("progress"), int | float):
         return
@@ -428,6 +458,11 @@ class _Connection:
         # Tool name -> {argument path: header token}, from the upstream's listings; kept across
         # reconnects, as the tools are the upstream's, not the session's.
         self.param_maps: dict[str, dict[tuple[str, ...], str]] = {}
+        # The resources the bridge's clients watch, subscribed again after a reconnect; on 2026-07-28
+        # one subscriptions/listen stream carries them all, reopened when the set changes.
+        self.resource_uris: set[str] = set()
+        self.on_resource_updated: Callable[[str, str], None] | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     async def _sampling(self, context: Any, params: Any) -> Any:
         raw = await self.relay.ask("sampling/createMessage", params)
@@ -442,6 +477,9 @@ class _Connection:
         return raw if isinstance(raw, types.ErrorData) else types.ListRootsResult.model_validate(raw)
 
     def mark_dead(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         self.client = None
         self.post = None
         self.ready.clear()
@@ -462,10 +500,68 @@ class _Connection:
         return spec.url
 
     async def _message(self, message: Any) -> None:
-        method = getattr(getattr(message, "root", message), "method", "")
+        root = getattr(message, "root", message)
+        method = getattr(root, "method", "")
         kind = _LIST_CHANGED.get(method) if isinstance(method, str) else None
         if kind is not None:
             self._on_list_changed(self.spec.name, kind)
+        elif method == "notifications/message" and self.session_bound and self.relay.on_log is not None:
+            # A session-bound connection serves one client session: its log messages are that
+            # client's (a shared connection's belong to no one and are dropped).
+            params = getattr(root, "params", None)
+            if params is not None:
+                await _log(
+                    self.relay.on_log, params.model_dump(by_alias=True, mode="json", exclude_none=True)
+                )
+        elif method == "notifications/resources/updated" and not self.session_bound and not self.modern:
+            # (2026-07-28: the same notice comes from the listen stream, `_watch_resources`.)
+            uri = getattr(getattr(root, "params", None), "uri", None)
+            if isinstance(uri, str) and self.on_resource_updated is not None:
+                self.on_resource_updated(self.spec.name, uri)
+
+    @property
+    def modern(self) -> bool:
+        client = self.client
+        return client is not None and client.session.protocol_version in MODERN_PROTOCOL_VERSIONS
+
+    def rewatch(self) -> asyncio.Future[None]:
+        """(Re)open the listen stream of the watched resources; done once the upstream acknowledged it."""
+        acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        client = self.client
+        if client is None or not self.resource_uris:
+            acked.set_result(None)
+            return acked
+        self._watch = asyncio.get_running_loop().create_task(
+            self._watch_resources(client, sorted(self.resource_uris), acked),
+            name=f"upstream:{self.spec.name}:watch",
+        )
+        return acked
+
+    async def _watch_resources(self, client: Client, uris: list[str], acked: asyncio.Future[None]) -> None:
+        try:
+            async with client.listen(resource_subscriptions=uris) as subscription:
+                if not acked.done():
+                    acked.set_result(None)
+                async for event in subscription:
+                    if isinstance(event, ResourceUpdated) and self.on_resource_updated is not None:
+                        self.on_resource_updated(self.spec.name, event.uri)
+        except Exception as exc:  # reported to the subscriber that waits, else logged
+            if not acked.done():
+                acked.set_exception(UpstreamError(f"upstream {self.spec.name!r} refused the subscription"))
+            log.info("upstream %s: resource subscriptions ended (%s)", self.spec.name, type(exc).__name__)
+
+    async def _resubscribe(self, client: Client) -> None:
+        # A new session knows nothing of the old one's subscriptions.
+        for uri in sorted(self.resource_uris):
+            try:
+                await client.session.send_request(
+                    types.SubscribeRequest(params=types.SubscribeRequestParams(uri=uri)), types.EmptyResult
+                )
+            except Exception as exc:
+                log.warning("upstream %s: a resource not subscribed again (%s)", self.spec.name, _reason(exc))
 
     async def _listen(self, client: Client) -> None:
         # A 2026-07-28 upstream sends change events only on a subscriptions/listen stream.
@@ -520,6 +616,9 @@ class _Connection:
                 if connected:
                     log.info("upstream %s: session ended by the upstream; reconnecting", self.spec.name)
             finally:
+                if self._watch is not None:
+                    self._watch.cancel()
+                    self._watch = None
                 self.client = None
                 self.post = None
                 self.ready.clear()
@@ -559,6 +658,11 @@ class _Connection:
                 async with anyio.create_task_group() as tg:
                     if modern and not self.session_bound:
                         tg.start_soon(self._listen, client)
+                    if self.resource_uris:
+                        if modern:
+                            self.rewatch()
+                        else:
+                            tg.start_soon(self._resubscribe, client)
                     await self._until_closed(client, version if modern else None)
                     tg.cancel_scope.cancel()
             return True
@@ -593,6 +697,7 @@ class UpstreamSessions:
     def __init__(self, credentials: SessionCredentials | None = None) -> None:
         self._credentials = credentials
         self._listeners: list[Callable[[str, str], None]] = []
+        self._updated: Callable[[str, str], None] | None = None
         self._connections: dict[str, tuple[_Connection, asyncio.Task[None]]] = {}
         self._peers: dict[tuple[str, str], tuple[_Connection, asyncio.Task[None]]] = {}
         self._http = HttpClient()
@@ -600,6 +705,66 @@ class UpstreamSessions:
     def on_list_changed(self, listener: Callable[[str, str], None]) -> None:
         """Call `listener(server, kind)` when an upstream says its tools, prompts or resources changed."""
         self._listeners.append(listener)
+
+    def on_resource_updated(self, listener: Callable[[str, str], None]) -> None:
+        """Call `listener(server, uri)` when an upstream says a subscribed resource changed."""
+        self._updated = listener
+        for conn, _ in self._connections.values():
+            conn.on_resource_updated = listener
+
+    async def subscribe(self, server: str, uri: str) -> None:
+        """Subscribe the shared session of `server` to the resource `uri` (once; see `unsubscribe`).
+
+        Raises:
+            UpstreamUnreachable: not connected in time.
+            UpstreamTimeout: no acknowledgment in time.
+            UpstreamError: the upstream refused the subscription.
+        """
+        conn = await self._ready(server)
+        if uri in conn.resource_uris:
+            return
+        if not conn.modern:
+            await self.request(server, "resources/subscribe", {"uri": uri})
+            conn.resource_uris.add(uri)
+            return
+        conn.resource_uris.add(uri)
+        try:
+            async with asyncio.timeout(conn.spec.timeout_s):
+                await conn.rewatch()
+        except (TimeoutError, GatewayError) as exc:
+            conn.resource_uris.discard(uri)
+            conn.rewatch()
+            if isinstance(exc, TimeoutError):
+                raise UpstreamTimeout(f"upstream {server!r} did not acknowledge the subscription") from exc
+            raise
+
+    async def unsubscribe(self, server: str, uri: str) -> None:
+        """Undo `subscribe` (the bridge calls it when the last client watching `uri` left).
+
+        Raises:
+            GatewayError: the upstream could not be told (its updates are dropped all the same).
+        """
+        entry = self._connections.get(server)
+        if entry is None or uri not in entry[0].resource_uris:
+            return
+        conn = entry[0]
+        conn.resource_uris.discard(uri)
+        if conn.modern:
+            conn.rewatch()
+        elif conn.client is not None:
+            await self.request(server, "resources/unsubscribe", {"uri": uri})
+
+    async def _ready(self, server: str) -> _Connection:
+        entry = self._connections.get(server)
+        if entry is None:
+            raise UpstreamUnreachable(f"upstream {server!r} is not connected")
+        conn = entry[0]
+        try:
+            async with asyncio.timeout(conn.spec.timeout_s):
+                await conn.ready.wait()
+        except TimeoutError as exc:
+            raise UpstreamUnreachable(f"upstream {server!r} is not connected") from exc
+        return conn
 
     def _list_changed(self, server: str, kind: str) -> None:
         for listener in self._listeners:
@@ -612,10 +777,13 @@ class UpstreamSessions:
         token for everyone (the pass-through serves them).
         """
         wanted = {s.name: s for s in specs if not s.per_caller_credential}
+        # A changed server's new connection subscribes to what the old one did: clients still watch.
+        watched: dict[str, set[str]] = {}
         for name, (conn, task) in list(self._connections.items()):
             if wanted.get(name) != conn.spec:
                 task.cancel()
                 del self._connections[name]
+                watched[name] = conn.resource_uris
         for key, (conn, task) in list(self._peers.items()):
             if wanted.get(key[0]) != conn.spec:
                 task.cancel()
@@ -628,6 +796,8 @@ class UpstreamSessions:
                     log.error("upstream %s not connected: %s", name, exc)
                     continue
                 conn = _Connection(spec, self._list_changed, credential=credential, http=self._http)
+                conn.on_resource_updated = self._updated
+                conn.resource_uris = watched.get(name, set())
                 task = asyncio.get_running_loop().create_task(conn.run(), name=f"upstream:{name}")
                 self._connections[name] = (conn, task)
 
@@ -652,7 +822,7 @@ class UpstreamSessions:
         self._peers.clear()
         await self._http.aclose()
 
-    def _peer(self, server: str, key: str, relay: Relay) -> _Connection | None:
+    def _peer(self, server: str, key: str, relay: Relay, on_log: LogFn | None) -> _Connection | None:
         shared = self._connections.get(server)
         if shared is None or shared[0].spec.transport == "stdio":
             return None  # one stdio child serves everyone: it can never know which caller to ask
@@ -668,6 +838,7 @@ class UpstreamSessions:
             entry = self._peers[(server, key)] = (conn, task)
         conn = entry[0]
         conn.relay.current = relay
+        conn.relay.on_log = on_log
         conn.last_used = time.monotonic()
         return conn
 
@@ -681,8 +852,13 @@ class UpstreamSessions:
         progress: ProgressFn | None = None,
         relay_key: str | None = None,
         relay: Relay | None = None,
+        on_log: LogFn | None = None,
+        log_level: str | None = None,
     ) -> dict[str, Any]:
         """Send one request upstream and return its raw result.
+
+        `log_level` asks the upstream for log messages at that level and above, for `on_log`: on a
+        2026-07-28 upstream per request, on a session-bound (relay) session for the session.
 
         Raises:
             BadRequest: the method and params are not a request the client may send.
@@ -695,7 +871,7 @@ class UpstreamSessions:
             raise UpstreamUnreachable(f"upstream {server!r} is not connected")
         conn = entry[0]
         if relay_key is not None and relay is not None:
-            conn = self._peer(server, relay_key, relay) or conn
+            conn = self._peer(server, relay_key, relay, on_log) or conn
         timeout = timeout_s or conn.spec.timeout_s
         post = conn.post
         try:
@@ -703,11 +879,25 @@ class UpstreamSessions:
                 # The hot path (set only while connected). asyncio's timeout costs half of anyio's,
                 # which the SDK's session below needs for its own cancel scopes.
                 async with asyncio.timeout(timeout):
-                    return await post.request(method, params, timeout_s=timeout, progress=progress)
+                    return await post.request(
+                        method,
+                        params,
+                        timeout_s=timeout,
+                        progress=progress,
+                        on_log=on_log,
+                        log_level=log_level,
+                    )
             with anyio.fail_after(timeout):
                 await conn.ready.wait()
                 if conn.post is not None:
-                    return await conn.post.request(method, params, timeout_s=timeout, progress=progress)
+                    return await conn.post.request(
+                        method,
+                        params,
+                        timeout_s=timeout,
+                        progress=progress,
+                        on_log=on_log,
+                        log_level=log_level,
+                    )
                 try:
                     request = _REQUEST.validate_python({"method": method, "params": _strip_era(params)})
                 except ValidationError as exc:
@@ -715,6 +905,9 @@ class UpstreamSessions:
                 client = conn.client
                 if client is None:
                     raise UpstreamUnreachable(f"upstream {server!r} is not connected")
+                if conn.session_bound and log_level is not None and conn.relay.level != log_level:
+                    await _set_level(client, log_level)
+                    conn.relay.level = log_level
                 # A TypeAdapter of a plain dict keeps the result raw; the SDK has already checked it
                 # against the negotiated era's schema before it gets here.
                 result: dict[str, Any] = await client.session.send_request(  # type: ignore[type-var]  # raw dict, see above
@@ -737,6 +930,14 @@ class UpstreamSessions:
             raise
         except Exception as exc:
             raise UpstreamError(f"upstream {server!r} failed: {type(exc).__name__}") from exc
+
+
+async def _set_level(client: Client, level: str) -> None:
+    try:
+        request = types.SetLevelRequest(params=types.SetLevelRequestParams(level=level))
+        await client.session.send_request(request, types.EmptyResult)
+    except MCPError as exc:  # an upstream without logging: it sends no messages, so none are missed
+        log.info("upstream log level not set: %s", exc.error.message)
 
 
 def _error_data(code: Any, data: Any) -> dict[str, Any] | None:

@@ -13,6 +13,12 @@ never ambiguous. Lists are fetched from every upstream in parallel, each with it
 or dead upstream drops out of the list (and is logged) instead of failing or stalling it. Lists are
 narrowed by policy, then paginated with gateway-minted opaque cursors.
 
+What a handshake-era client session asks for is kept on its connection (`bridge_sessions`): its log
+level (an upstream's log messages during its call reach it on that call's stream, at that level) and
+its resource subscriptions (one upstream subscription per resource, updates relayed with the URI each
+client subscribed to). Its streams are primed and kept for `Last-Event-ID` (`event_store`). All of it
+is per node, with the session (docs/decisions/0011).
+
 The `Mcp-Param-*` headers of a 2026-07-28 tools/call are checked here, after authorization, against the
 cached schema of the tool the call is routed to; the SDK's own check would list tools through the
 whole pipeline before every call (docs/decisions/0208).
@@ -37,7 +43,6 @@ import mcp_types as types
 import orjson
 from mcp.server import Server
 from mcp.server.context import ServerRequestContext
-from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.subscriptions import (
     InMemorySubscriptionBus,
     ListenHandler,
@@ -49,8 +54,9 @@ from mcp.server.subscriptions import (
 from mcp.shared.exceptions import MCPError
 from mcp.shared.inbound import find_invalid_x_mcp_header, validate_mcp_param_headers, x_mcp_header_map
 from mcp.shared.message import ServerMessageMetadata
+from mcp_types import LOG_LEVEL_META_KEY
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
@@ -64,6 +70,8 @@ from agentgw.errors import (
     ToolQuarantined,
     UpstreamError,
 )
+from agentgw.ingress.mcp.bridge_sessions import LOG_LEVELS, Subscriptions, at_or_above, client_session
+from agentgw.ingress.mcp.event_store import ResumableSessionManager, SessionEvents
 from agentgw.ingress.mcp.legacy_sse import SESSION_KEY, LegacySse
 from agentgw.ingress.mcp.messages import LIST_KEYS, item_object
 from agentgw.ingress.mcp.rendering import jsonrpc_error_response, run_id_of
@@ -71,7 +79,7 @@ from agentgw.ingress.mcp.sessions import SessionLimits, SessionStore
 from agentgw.pipeline import Pipeline
 from agentgw.registry.models import McpServerSpec, VirtualServerSpec
 from agentgw.registry.pins import PinGate
-from agentgw.upstream.mcp_sessions import Relay, UpstreamSessions
+from agentgw.upstream.mcp_sessions import LogFn, Relay, UpstreamSessions
 
 __all__ = ["Bridge", "Endpoint"]
 
@@ -266,6 +274,10 @@ class Bridge:
         server.add_request_handler("prompts/get", types.GetPromptRequestParams, self._invoke)
         server.add_request_handler("resources/read", types.ReadResourceRequestParams, self._invoke)
         server.add_request_handler("resources/subscribe", types.SubscribeRequestParams, self._invoke)
+        server.add_request_handler("resources/unsubscribe", types.UnsubscribeRequestParams, self._unsubscribe)
+        # Served by the bridge itself, per client session (so `logging` is always advertised to
+        # handshake-era clients); the SDK refuses it on 2026-07-28, where levels are per request.
+        server.add_request_handler("logging/setLevel", types.SetLevelRequestParams, self._set_level)
         server.add_request_handler("completion/complete", types.CompleteRequestParams, self._invoke)
         # Change events: 2026-07-28 clients listen on subscriptions/listen streams fed by this bus;
         # handshake-era sessions get list_changed notifications on their standalone streams.
@@ -274,13 +286,18 @@ class Bridge:
             "subscriptions/listen", types.SubscriptionsListenRequestParams, ListenHandler(self.bus)
         )
         self._legacy_connections: weakref.WeakSet[Any] = weakref.WeakSet()
+        # Handshake-era clients' subscriptions, sharing one upstream subscription per resource.
+        self.subscriptions = Subscriptions(sessions)
+        sessions.on_resource_updated(self.subscriptions.on_updated)
         self._notify_tasks: set[asyncio.Task[None]] = set()
         self.server = server
         self._bindings = bindings
         limits = session_limits or SessionLimits()
         # The SDK's own session limits match the bindings', so neither outlives the other for long.
-        self.session_manager = StreamableHTTPSessionManager(
-            app=server,
+        # Handshake-era streams are primed and kept (bounded) so a client can resume one on this node.
+        self.session_manager = ResumableSessionManager(
+            server,
+            events=SessionEvents(),
             max_request_body_size=max_body_bytes,
             session_idle_timeout=limits.idle_s,
             max_sessions=limits.total,
@@ -600,6 +617,13 @@ class Bridge:
             payload.setdefault("resultType", "complete")
         return payload
 
+    async def _unsubscribe(
+        self, ctx: ServerRequestContext[Any, Any], params: types.UnsubscribeRequestParams
+    ) -> dict[str, Any]:
+        """End one of the calling session's own subscriptions (no other session's is reachable)."""
+        await self.subscriptions.unsubscribe(client_session(ctx, self.subscriptions), params.uri)
+        return {}
+
     async def _check_param_headers(self, server: str, tool: str, arguments: Any, headers: Headers) -> None:
         """Refuse a 2026-07-28 tools/call whose `Mcp-Param-*` headers disagree with its arguments.
 
@@ -645,15 +669,44 @@ class Bridge:
         method: str,
         params: dict[str, Any],
     ) -> dict[str, Any]:
+        if method == "resources/subscribe":
+            # Kept per client session; the upstream is subscribed once, whoever else watches.
+            endpoint, _ = self._context(ctx)
+            uri = params["uri"]
+            exposed = f"{server}+{uri}" if endpoint.prefix else uri
+            await self.subscriptions.subscribe(client_session(ctx, self.subscriptions), exposed, server, uri)
+            return {}
         progress = self._progress(ctx, params)
         if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
             # A 2026-07-28 client answers input requests itself (MRTR): results pass through untouched,
-            # and its retry, carrying requestState, routes by name to the same upstream.
-            return await self._sessions.request(server, method, params, progress=progress)
+            # and its retry, carrying requestState, routes by name to the same upstream. It asks for log
+            # messages per request: the upstream is asked the same (the SDK checked the level).
+            meta = params.get("_meta")
+            asked = meta.get(LOG_LEVEL_META_KEY) if isinstance(meta, dict) else None
+            if asked not in LOG_LEVELS:
+                return await self._sessions.request(server, method, params, progress=progress)
+            return await self._sessions.request(
+                server,
+                method,
+                params,
+                progress=progress,
+                on_log=self._log(ctx, lambda level: at_or_above(level, asked)),
+                log_level=asked,
+            )
         relay = self._relay(ctx)
         session_key = _session_of(request)
+        client = client_session(ctx, self.subscriptions)
+        level = client.level
+        on_log = self._log(ctx, client.wants) if level is not None else None
         result = await self._sessions.request(
-            server, method, params, progress=progress, relay_key=session_key, relay=relay
+            server,
+            method,
+            params,
+            progress=progress,
+            relay_key=session_key,
+            relay=relay,
+            on_log=on_log,
+            log_level=level,
         )
         # A handshake-era client cannot read input_required: answer the upstream's input requests by
         # asking the client the legacy way, then retry with the answers, as a 2026 client would.
@@ -668,7 +721,14 @@ class Bridge:
             if "requestState" in result:
                 retry["requestState"] = result["requestState"]
             result = await self._sessions.request(
-                server, method, retry, progress=progress, relay_key=session_key, relay=relay
+                server,
+                method,
+                retry,
+                progress=progress,
+                relay_key=session_key,
+                relay=relay,
+                on_log=on_log,
+                log_level=level,
             )
         raise UpstreamError(f"upstream {server!r} asked for input more than {MAX_INPUT_ROUNDS} times")
 
@@ -688,6 +748,33 @@ class Bridge:
             return dumped
 
         return relay
+
+    @staticmethod
+    def _log(ctx: ServerRequestContext[Any, Any], wants: Callable[[Any], bool]) -> LogFn:
+        """Sends an upstream's log message on the stream of the client's call that caused it, if the
+        client's level lets it through (`wants`: a session's level is read when the message comes, as
+        it may change mid-call)."""
+
+        async def relay(params: dict[str, Any]) -> None:
+            if not wants(params.get("level")):
+                return
+            try:
+                message = types.LoggingMessageNotificationParams.model_validate(params)
+            except ValidationError:
+                return  # not a log message the client could read
+            await ctx.session.send_notification(
+                types.LoggingMessageNotification(params=message), related_request_id=ctx.request_id
+            )
+
+        return relay
+
+    async def _set_level(
+        self, ctx: ServerRequestContext[Any, Any], params: types.SetLevelRequestParams
+    ) -> dict[str, Any]:
+        """Keep the level the calling session asked for: its calls' upstream log messages are relayed
+        at that level and above (none before it asks)."""
+        client_session(ctx, self.subscriptions).level = params.level
+        return {}
 
     def _progress(self, ctx: ServerRequestContext[Any, Any], params: Mapping[str, Any]) -> Any:
         meta = params.get("_meta")
