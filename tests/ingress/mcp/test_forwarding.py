@@ -1,0 +1,126 @@
+"""Forwarding a bridged session's request to the node that holds it: which URLs a node may have,
+which requests go elsewhere, and an owner that is gone or silent (a lost session, never a hang)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.types import Message
+
+from agentgw.errors import ConfigError, SessionNotFound
+from agentgw.ingress.mcp.forwarding import FORWARDED_HEADER, Forwarder, node_url_error
+from agentgw.settings import load_settings
+from conformance.fixtures.launch import free_port
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8080", "http://10.20.0.7:80", "https://192.168.1.2:8443", "http://[::1]:8080"]
+)
+def test_a_loopback_or_private_address_can_be_a_node_url(url: str) -> None:
+    assert node_url_error(url) is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://gateway-1.internal:8080",  # a name: it could resolve anywhere
+        "http://8.8.8.8:80",  # public
+        "http://0.0.0.0:8080",  # every address, no one node
+        "http://127.0.0.1",  # no port
+        "ftp://127.0.0.1:21",
+        "http://127.0.0.1:8080/mcp",
+        "http://user:secret@127.0.0.1:8080",
+        "http://127.0.0.1:99999",
+        "127.0.0.1:8080",
+    ],
+)
+def test_anything_else_cannot(url: str) -> None:
+    assert node_url_error(url) is not None
+
+
+def test_a_node_url_is_configured_or_derived_from_a_private_bind_address(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"data_dir: {tmp_path / 'state'}\n")
+    assert load_settings(config, host="127.0.0.1", port=8123).own_node_url() == "http://127.0.0.1:8123"
+    assert load_settings(config, host="0.0.0.0", port=8123).own_node_url() is None
+    configured = load_settings(config, host="0.0.0.0", node_url="http://10.0.0.5:8080/")
+    assert configured.own_node_url() == "http://10.0.0.5:8080"
+    with pytest.raises(ConfigError, match="node_url"):
+        load_settings(config, node_url="http://attacker.example:80")
+
+
+def test_only_another_nodes_session_not_yet_forwarded_goes_elsewhere() -> None:
+    forwarder = Forwarder("http://127.0.0.1:8001", wait_s=1, max_body_bytes=1024)
+    other = "http://127.0.0.1:8002"
+    assert forwarder.elsewhere(other, {})
+    assert not forwarder.elsewhere("http://127.0.0.1:8001", {})
+    # Forwarded once already, whatever the header says: served where it arrived, never sent on.
+    assert not forwarder.elsewhere(other, {FORWARDED_HEADER: "anything"})
+    # A binding that names no node (the session id itself: a node without a node URL bound it).
+    assert not forwarder.elsewhere("3f2a9c", {})
+
+
+def _request(method: str = "POST") -> tuple[dict[str, Any], Any, Any, list[Message]]:
+    scope = {"type": "http", "method": method, "path": "/mcp", "query_string": b"", "headers": []}
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    return scope, receive, send, sent
+
+
+async def _forward_to(owner: str, wait_s: float) -> tuple[bool, list[Message], BaseException | None]:
+    forwarder = Forwarder("http://127.0.0.1:1", wait_s=wait_s, max_body_bytes=1024)
+    dropped = False
+
+    async def lost() -> None:
+        nonlocal dropped
+        dropped = True
+
+    scope, receive, send, sent = _request()
+    headers = {"content-type": "application/json", "mcp-session-id": "s1"}
+    error: BaseException | None = None
+    try:
+        await forwarder.forward(owner, scope, receive, send, headers, lost=lost)
+    except SessionNotFound as exc:
+        error = exc
+    finally:
+        await forwarder.aclose()
+    return dropped, sent, error
+
+
+async def test_an_owner_that_refuses_connections_is_a_lost_session() -> None:
+    dropped, sent, error = await _forward_to(f"http://127.0.0.1:{free_port()}", wait_s=5)
+    assert isinstance(error, SessionNotFound) and error.http_status == 404
+    assert dropped and sent == []
+
+
+@pytest.fixture
+async def silent_owner() -> AsyncIterator[str]:
+    """A node that accepts connections and never answers (hung)."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    for writer in held:
+        writer.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def test_an_owner_that_never_answers_is_a_lost_session_not_a_hang(silent_owner: str) -> None:
+    dropped, sent, error = await asyncio.wait_for(_forward_to(silent_owner, wait_s=0.5), timeout=30)
+    assert isinstance(error, SessionNotFound)
+    assert dropped and sent == []
