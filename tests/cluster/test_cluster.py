@@ -307,7 +307,10 @@ async def test_a_bridged_sdk_session_hops_nodes_on_every_request(
     http = create_mcp_http_client(headers=alice)
     http.event_hooks["response"].append(seen)
     transport = streamable_http_client(f"{cluster.url}/mcp", http_client=http)
-    async with http, Client(transport, mode="legacy", message_handler=on_message) as client:
+    async with (
+        http,
+        Client(transport, mode="legacy", message_handler=on_message) as client,
+    ):
         assert {"up__echo", "late__notify_change"} <= {t.name for t in (await client.list_tools()).tools}
         for i in range(6):
             result = await client.call_tool("up__echo", {"text": f"hop{i}"})
@@ -353,7 +356,6 @@ def test_a_bridged_notification_stream_reconnects_on_another_node(
 
 
 async def test_an_http_sse_session_takes_its_messages_on_every_node(cluster: Cluster) -> None:
-    alice = bearer(cluster, "alice", "/mcp")
     posted: list[str] = []
     sessions: list[str] = []
 
@@ -368,6 +370,14 @@ async def test_an_http_sse_session_takes_its_messages_on_every_node(cluster: Clu
         http.event_hooks["response"].append(seen)
         return http
 
+    # Bounded: a message the session never gets would leave the SDK waiting for its answer.
+    with anyio.fail_after(60):
+        await _sse_session_on_every_node(cluster, factory, sessions)
+    assert len(set(posted)) == len(cluster.nodes), posted
+
+
+async def _sse_session_on_every_node(cluster: Cluster, factory: Any, sessions: list[str]) -> None:
+    alice = bearer(cluster, "alice", "/mcp")
     async with (
         sse_client(
             f"{cluster.url}/mcp/_sse",
@@ -388,7 +398,6 @@ async def test_an_http_sse_session_takes_its_messages_on_every_node(cluster: Clu
                 url = f"{node.url}/mcp/_messages?session_id={sessions[0]}"
                 refused = await plain.post(url, json=LIST, headers=bob)
                 assert refused.status_code == 404, (node.name, refused.text)
-    assert len(set(posted)) == len(cluster.nodes), posted
 
 
 def test_when_a_bridged_sessions_node_dies_the_session_is_lost_and_a_new_one_works(cluster: Cluster) -> None:

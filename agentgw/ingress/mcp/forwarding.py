@@ -99,10 +99,11 @@ class Forwarder:
 
     def elsewhere(self, owner: str, headers: Mapping[str, str]) -> bool:
         """Whether a request for a session bound to `owner` goes to another node: `owner` is another
-        node's URL and the request was not forwarded already (it is never forwarded twice)."""
-        return (
-            owner != self.me and owner.startswith(("http://", "https://")) and FORWARDED_HEADER not in headers
-        )
+        node's URL and the request was not forwarded already (it is never forwarded twice).
+
+        The URL is checked again although only nodes write bindings: a caller's credentials go there.
+        """
+        return owner != self.me and FORWARDED_HEADER not in headers and node_url_error(owner) is None
 
     async def forward(
         self,
@@ -145,16 +146,23 @@ class Forwarder:
                 )
         except (UpstreamUnreachable, UpstreamTimeout, TimeoutError) as exc:
             log.warning("a bridged session is lost: its node %s did not answer (%s)", owner, exc)
-            try:
-                await lost()
-            except GatewayError as drop_failed:  # the binding expires on its own
-                log.warning("a lost session stays bound until it expires: %s", drop_failed.message)
+            await _drop(lost)
             raise SessionNotFound("session not found: start a new session with initialize") from exc
+        if answer.status_code == 404:
+            # The owner no longer holds it (restarted at the same URL, or the session ended there).
+            await _drop(lost)
         relayed = {k: v for k, v in answer.headers.items() if k not in _NOT_RELAYED}
         response = RelayResponse(
             _relayed(answer, owner), answer.aclose, status_code=answer.status_code, headers=relayed
         )
         await response(scope, receive, send)
+
+
+async def _drop(lost: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await lost()
+    except GatewayError as exc:  # the binding expires on its own
+        log.warning("a lost session stays bound until it expires: %s", exc.message)
 
 
 async def _relayed(answer: UpstreamResponse, owner: str) -> AsyncIterator[bytes]:

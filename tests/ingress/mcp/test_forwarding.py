@@ -62,14 +62,21 @@ def test_only_another_nodes_session_not_yet_forwarded_goes_elsewhere() -> None:
     assert not forwarder.elsewhere(other, {FORWARDED_HEADER: "anything"})
     # A binding that names no node (the session id itself: a node without a node URL bound it).
     assert not forwarder.elsewhere("3f2a9c", {})
+    # Nor one that names an address no node may have: a caller's credentials would go there.
+    assert not forwarder.elsewhere("http://8.8.8.8:80", {})
 
 
 def _request(method: str = "POST") -> tuple[dict[str, Any], Any, Any, list[Message]]:
     scope = {"type": "http", "method": method, "path": "/mcp", "query_string": b"", "headers": []}
     sent: list[Message] = []
 
+    pending = [{"type": "http.request", "body": b"{}", "more_body": False}]
+
     async def receive() -> Message:
-        return {"type": "http.request", "body": b"{}", "more_body": False}
+        if pending:
+            return pending.pop()
+        await asyncio.Event().wait()  # the client stays: no disconnect comes
+        raise AssertionError("unreachable")
 
     async def send(message: Message) -> None:
         sent.append(message)
@@ -124,3 +131,27 @@ async def test_an_owner_that_never_answers_is_a_lost_session_not_a_hang(silent_o
     dropped, sent, error = await asyncio.wait_for(_forward_to(silent_owner, wait_s=0.5), timeout=30)
     assert isinstance(error, SessionNotFound)
     assert dropped and sent == []
+
+
+@pytest.fixture
+async def restarted_owner() -> AsyncIterator[str]:
+    """A node that answers 404 to everything: it holds no session (restarted at the same URL)."""
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    server.close()
+    await server.wait_closed()
+
+
+async def test_an_owner_that_no_longer_holds_the_session_answers_and_its_binding_is_dropped(
+    restarted_owner: str,
+) -> None:
+    dropped, sent, error = await _forward_to(restarted_owner, wait_s=5)
+    assert error is None and dropped
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 404
