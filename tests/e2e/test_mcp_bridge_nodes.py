@@ -180,8 +180,13 @@ def test_a_session_whose_node_is_gone_is_lost_and_its_binding_dropped(
         session = open_session(a, keys, "alice")
         binding = f"agentgw:mcp-session:{session['mcp-session-id']}"
         assert redis.Redis.from_url(REDIS).exists(binding)
-        a.process.process.kill()
-        a.process.process.wait(10)
+        stream = session | {"accept": "text/event-stream"}
+        with httpx.stream("GET", b.mcp(), headers=stream, timeout=10) as listening:
+            assert listening.status_code == 200
+            a.process.process.kill()
+            a.process.process.wait(10)
+            # The stream B relayed ends with its owner (the client reconnects), rather than hanging.
+            assert list(listening.iter_lines()) == []
         lost = httpx.post(b.mcp(), json=LIST, headers=session, timeout=10)
         assert lost.status_code == 404, lost.text
         assert lost.json()["error"]["message"].startswith("session not found")
