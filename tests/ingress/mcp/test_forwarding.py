@@ -155,3 +155,70 @@ async def test_an_owner_that_no_longer_holds_the_session_answers_and_its_binding
     dropped, sent, error = await _forward_to(restarted_owner, wait_s=5)
     assert error is None and dropped
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 404
+
+
+@pytest.fixture
+async def recording_owner() -> AsyncIterator[tuple[str, list[bytes]]]:
+    """A node that records each request it gets and answers with a small SSE body."""
+    received: list[bytes] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            (
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ),
+            0,
+        )
+        received.append(head + await reader.readexactly(length))
+        body = b'data: {"jsonrpc":"2.0","id":1,"result":{}}\n\n'
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nmcp-session-id: s1\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", received
+    server.close()
+    await server.wait_closed()
+
+
+async def test_the_request_goes_to_the_owner_with_its_credentials_marked_forwarded(
+    recording_owner: tuple[str, list[bytes]],
+) -> None:
+    owner, received = recording_owner
+    forwarder = Forwarder("http://127.0.0.1:1", wait_s=5, max_body_bytes=1024)
+    scope, receive, send, sent = _request()
+    scope["query_string"] = b"session_id=abc"
+    headers = {
+        "host": "gateway.example.com",
+        "authorization": "Bearer caller-token",
+        "content-type": "application/json",
+        "mcp-session-id": "s1",
+        "connection": "keep-alive, x-private",
+        FORWARDED_HEADER: "a caller's own value",
+    }
+
+    async def never() -> None:
+        raise AssertionError("the session is not lost")
+
+    try:
+        await forwarder.forward(owner, scope, receive, send, headers, lost=never)
+    finally:
+        await forwarder.aclose()
+    [request] = received
+    head, _, body = request.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").lower().split("\r\n")
+    assert lines[0] == "post /mcp?session_id=abc http/1.1"
+    assert "authorization: bearer caller-token" in lines
+    assert "host: gateway.example.com" in lines  # the owner answers to the names this node does
+    assert f"{FORWARDED_HEADER}: http://127.0.0.1:1" in lines  # this node's mark, not the caller's
+    assert not any(line.startswith("connection: keep-alive, x-private") for line in lines)
+    assert body == b"{}"
+    assert sent[0]["status"] == 200
+    assert (b"mcp-session-id", b"s1") in sent[0]["headers"]
+    assert b"".join(m.get("body", b"") for m in sent[1:]).startswith(b"data: ")
