@@ -276,8 +276,9 @@ def _open_bridged(
 
 
 def _first_message(stream: httpx.Response) -> dict[str, Any]:
+    """The first JSON-RPC message of an SSE stream (its priming event, with no data, skipped)."""
     for line in stream.iter_lines():
-        if line.startswith("data:"):
+        if line.startswith("data:") and line[5:].strip():
             message: dict[str, Any] = json.loads(line[5:])
             return message
     raise AssertionError("the stream ended without a message")

@@ -116,11 +116,28 @@ def test_the_notification_stream_of_a_session_is_served_through_either_node(node
 
 
 def first_message(response: httpx.Response) -> dict[str, Any]:
+    """The first JSON-RPC message of an SSE stream (its priming event, with no data, skipped)."""
     for line in response.iter_lines():
-        if line.startswith("data:"):
+        if line.startswith("data:") and line[5:].strip():
             message: dict[str, Any] = json.loads(line[5:])
             return message
     raise AssertionError("the stream ended without a message")
+
+
+def test_a_stream_broken_off_resumes_through_the_other_node_with_last_event_id(nodes: Nodes) -> None:
+    a, b, keys = nodes
+    session = open_session(a, keys, "alice")
+    slow = {"name": "legacy__slow", "arguments": {"seconds": 1}}
+    call = {"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": slow}
+    # Sent through B; the client goes away after the priming event, before the answer exists.
+    with httpx.stream("POST", b.mcp(), json=call, headers=session, timeout=10) as response:
+        assert response.status_code == 200
+        priming = next(line for line in response.iter_lines() if line.startswith("id:"))
+    resume = session | {"accept": "text/event-stream", "last-event-id": priming[3:].strip()}
+    with httpx.stream("GET", b.mcp(), headers=resume, timeout=10) as resumed:
+        assert resumed.status_code == 200
+        answer = first_message(resumed)
+    assert answer["id"] == 7 and answer["result"]["content"][0]["text"] == "done", answer
 
 
 def test_another_principal_and_a_forged_hop_header_are_refused_on_both_nodes(nodes: Nodes) -> None:
@@ -186,7 +203,8 @@ def test_a_session_whose_node_is_gone_is_lost_and_its_binding_dropped(
             a.process.process.kill()
             a.process.process.wait(10)
             # The stream B relayed ends with its owner (the client reconnects), rather than hanging.
-            assert list(listening.iter_lines()) == []
+            lines = list(listening.iter_lines())
+            assert not [line for line in lines if line.startswith("data:") and line[5:].strip()], lines
         lost = httpx.post(b.mcp(), json=LIST, headers=session, timeout=10)
         assert lost.status_code == 404, lost.text
         assert lost.json()["error"]["message"].startswith("session not found")
