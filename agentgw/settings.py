@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 from agentgw.console import ConsoleSettings
 from agentgw.errors import ConfigError
 from agentgw.fetch_guard import parse_allow
+from agentgw.ingress.mcp.forwarding import node_url_error
 from agentgw.metrics import MetricsSettings
 from agentgw.oauth.config import AuthSettings
 from agentgw.records.audit import AuditSettings
@@ -92,6 +93,10 @@ class Settings(BaseSettings):
     allow_anonymous: bool = False
     # Shared state for scale-out (MCP session bindings): redis://host:port/db. Unset: in-process.
     redis_url: str | None = None
+    # This node's own URL, as the other nodes reach it (loopback or private IP address): a request for a
+    # bridged session this node holds is forwarded here by the node that gets it. Unset: derived from
+    # host and port when host is such an address (agentgw/ingress/mcp/forwarding.py).
+    node_url: str | None = None
     # Legacy-era MCP sessions (Mcp-Session-Id), on every node together when redis_url is set: at most
     # this many open per principal and in all; one unused for session_idle_s expires.
     max_sessions_per_principal: int = Field(default=100, ge=1)
@@ -145,6 +150,21 @@ class Settings(BaseSettings):
     # Sign the A2A cards the gateway serves with the built-in authorization server's key (JWKS at
     # /oauth/jwks). Unset: on when the built-in server is enabled; true without it is a config error.
     a2a_sign_cards: bool | None = None
+
+    @field_validator("node_url")
+    @classmethod
+    def _node_url(cls, value: str | None) -> str | None:
+        if value is not None and (problem := node_url_error(value)):
+            raise ValueError(f"node_url {value!r}: {problem}")
+        return value.rstrip("/") if value is not None else None
+
+    def own_node_url(self) -> str | None:
+        """`node_url`, else `http://host:port` when that is a loopback or private address; else None."""
+        if self.node_url is not None:
+            return self.node_url
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        derived = f"http://{host}:{self.port}"
+        return None if node_url_error(derived) else derived
 
     @field_validator("fetch_allow")
     @classmethod

@@ -108,12 +108,13 @@ class Cluster:
 
 
 def node_config(upstream: str, public_url: str, prefix: str, extra: dict[str, Any]) -> dict[str, Any]:
-    """What every node runs: shared stores, one upstream `up` open to anonymous callers."""
+    """What every node runs: shared stores, one upstream `up` open to anonymous callers (and the
+    servers of `extra`, beside it)."""
+    up = {"name": "up", "url": f"{upstream}/mcp", "timeout_s": 30}
     return {
         "allow_anonymous": True,
         "public_url": public_url,
         "redis_url": REDIS,
-        "servers": [{"name": "up", "url": f"{upstream}/mcp", "timeout_s": 30}],
         "policy": {
             "database": True,
             "rules": [
@@ -123,6 +124,7 @@ def node_config(upstream: str, public_url: str, prefix: str, extra: dict[str, An
             ],
         },
         **extra,
+        "servers": [up, *extra.get("servers", [])],
         "budgets": {"store": "redis", "redis_prefix": prefix, **extra.get("budgets", {})},
     }
 
@@ -155,7 +157,7 @@ def start_cluster(
         for i in range(nodes):
             home = root / f"node{i}"
             home.mkdir()
-            node = Node(f"node{i}", free_port(), home, write_config(home, config))
+            node = Node(f"node{i}", _other_port(lb_port, cluster), home, write_config(home, config))
             cluster.args[node.name] = gateway_args(node.config_path, node.port, database_url)
             cluster.nodes.append(node)
             if i:
@@ -180,6 +182,16 @@ def start_cluster(
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
         admin.dispose()
+
+
+def _other_port(lb_port: int, cluster: Cluster) -> int:
+    """A free port that is not nginx's nor another node's: nginx binds its port only after the nodes
+    start, so a free port may be the one it was promised."""
+    taken = {lb_port, *(node.port for node in cluster.nodes)}
+    port = free_port()
+    while port in taken:
+        port = free_port()
+    return port
 
 
 def _wait_serving(url: str, lb: subprocess.Popen[bytes]) -> None:

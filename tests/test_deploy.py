@@ -53,6 +53,10 @@ def test_replicas_are_probed_on_readiness_and_share_nothing_on_disk() -> None:
     container = deployment["spec"]["template"]["spec"]["containers"][0]  # type: ignore[index]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    # Each replica names its pod address, so the others can forward bridged sessions' requests to it.
+    env = {item["name"]: item for item in container["env"]}
+    assert env["AGENTGW_NODE_URL"]["value"] == "http://$(POD_IP):8080"
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     nodes = [name for name in compose["services"] if name.startswith("gateway-")]
     upstreams = [

@@ -42,6 +42,7 @@ def _kind(engine: Engine) -> str:
 def _stores(gateway: Gateway) -> dict[str, str]:
     """The store each component of the table uses, named as the table names them."""
     sessions = type(gateway.passthrough._sessions).__name__
+    bridged = type(gateway.bridge._bindings).__name__
     owners = type(gateway.a2a._owners).__name__
     budget = type(gateway.budget_store).__name__
     cache = gateway.credentials.cache if gateway.credentials is not None else None
@@ -58,6 +59,10 @@ def _stores(gateway: Gateway) -> dict[str, str]:
         "A2A task ownership": "Redis" if owners == "RedisTaskOwners" else "memory",
         "authorization codes": _kind(gateway.identity.pending.engine),
         "exchanged upstream tokens": "Redis" if shared is not None else "memory",
+        # Shared only when the node also forwards requests for the sessions it does not hold.
+        "legacy sessions of the bridge": (
+            "Redis" if bridged == "RedisSessionStore" and gateway.nodes is not None else "memory"
+        ),
     }
 
 

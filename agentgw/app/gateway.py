@@ -27,6 +27,7 @@ from agentgw.ingress.a2a import A2aIngress
 from agentgw.ingress.a2a.signatures import card_signer
 from agentgw.ingress.llm import LlmIngress
 from agentgw.ingress.mcp.bridge import Bridge
+from agentgw.ingress.mcp.forwarding import Forwarder
 from agentgw.ingress.mcp.passthrough import PassThrough
 from agentgw.ingress.mcp.sessions import MemorySessionStore, RedisSessionStore, SessionLimits, SessionStore
 from agentgw.metrics import Known, Metrics, State
@@ -47,7 +48,7 @@ from agentgw.storage.budget.rules import BudgetRuleBook
 from agentgw.storage.task_owners import RedisTaskOwners
 from agentgw.storage.token_cache import RedisTokenStore
 from agentgw.tracing import Tracing
-from agentgw.upstream.http import DEFAULT_LIMITS
+from agentgw.upstream.http import DEFAULT_LIMITS, HttpClient, Limits
 from agentgw.upstream.mcp import McpHttpUpstream
 from agentgw.upstream.mcp_sessions import UpstreamSessions
 
@@ -85,6 +86,27 @@ class Gateway:
     catalog: Catalog | None = None
     folder: RegistryFolder | None = None
     pins: Pins | None = None
+    nodes: Forwarder | None = None
+
+
+def _forwarder(settings: Settings, limits: Limits) -> Forwarder | None:
+    """What sends requests for bridged sessions on to the node that holds them: only when the nodes
+    share bindings (Redis) and this node has a URL the others can reach."""
+    if not settings.redis_url:
+        return None
+    me = settings.own_node_url()
+    if me is None:
+        log.warning(
+            "bridged MCP sessions stay on the node that opened them: set node_url (this node's loopback "
+            "or private address) so that other nodes forward their requests here"
+        )
+        return None
+    return Forwarder(
+        me,
+        wait_s=settings.upstream_timeout_s,
+        max_body_bytes=settings.max_body_bytes,
+        http=HttpClient(limits=limits),
+    )
 
 
 def build_gateway(settings: Settings, span_exporter: SpanExporter | None = None) -> Gateway:
@@ -195,6 +217,8 @@ def build_gateway(settings: Settings, span_exporter: SpanExporter | None = None)
         session_limits=session_limits,
     )
     bridge.pins = passthrough.pins
+    nodes = _forwarder(settings, limits)
+    bridge.nodes = bridge.sse.nodes = nodes
     sessions.on_list_changed(bridge.on_list_changed)
     llm = LlmIngress.build(
         settings.llm_routes,
@@ -257,6 +281,7 @@ def build_gateway(settings: Settings, span_exporter: SpanExporter | None = None)
         tracing=tracing,
         folder=folder,
         pins=pins,
+        nodes=nodes,
     )
 
 

@@ -77,6 +77,8 @@ def lifespan(gateway: Gateway, demo: MCPServer | None) -> Callable[[Any], Abstra
                     await gateway.credentials.aclose()
                 await gateway.sessions.aclose()
                 await gateway.mcp_upstream.aclose()
+                if gateway.nodes is not None:
+                    await gateway.nodes.aclose()
                 await gateway.llm.aclose()
                 await gateway.a2a.aclose()
                 await gateway.budget_store.aclose()

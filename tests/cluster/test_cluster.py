@@ -1,18 +1,25 @@
-"""Scenarios on three nodes behind nginx: budgets exact across nodes, legacy sessions that hop nodes,
-policy edits seen by every node, a login at the built-in server whose every step reaches another node,
-and a node killed under load."""
+"""Scenarios on three nodes behind nginx: budgets exact across nodes, legacy sessions that hop nodes
+(pass-through and bridged), policy edits seen by every node, a login at the built-in server whose
+every step reaches another node, and a node killed under load."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import anyio
 import httpx
+import httpx2
 import pytest
+from mcp import Client, ClientSession
+from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
 
 from agentgw.oauth.server import hash_password
 from bench.cluster import Cluster, Node
@@ -36,9 +43,11 @@ def agents() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def cluster_extra(agents: str) -> dict[str, Any]:
+def cluster_extra(agents: str, legacy_upstream: str) -> dict[str, Any]:
     return {
         "a2a_agents": [{"name": "echo", "card_url": f"{agents}/echo/.well-known/agent-card.json"}],
+        # A 2025-11-25 upstream whose `notify_change` makes the bridge announce a changed list.
+        "servers": [{"name": "late", "url": f"{legacy_upstream}/mcp", "timeout_s": 30}],
         "policy": {
             "database": True,
             "rules": [
@@ -47,6 +56,9 @@ def cluster_extra(agents: str) -> dict[str, Any]:
                 "p, user:ops, admin:audit, *, allow",
                 "p, user:alice, a2a:echo/*, *, allow",
                 "p, user:bob, a2a:echo/*, *, allow",
+                "p, user:alice, mcp:up/*, *, allow",
+                "p, user:alice, mcp:late/*, *, allow",
+                "p, user:bob, mcp:up/*, *, allow",
             ],
         },
         "budgets": {
@@ -234,6 +246,184 @@ def test_a_login_hops_nodes_at_every_step_and_finishes(cluster: Cluster) -> None
     steps = [page, signed_in, tokens, renewed]
     assert signed_in.headers["x-node"] != tokens.headers["x-node"]
     assert len({step.headers["x-node"] for step in steps}) == len(cluster.nodes)
+
+
+def _node_of(cluster: Cluster, x_node: str) -> Node:
+    """The node nginx names in `X-Node` (`127.0.0.1:<port>`)."""
+    return next(node for node in cluster.nodes if x_node == f"127.0.0.1:{node.port}")
+
+
+def _open_bridged(
+    client: httpx.Client, cluster: Cluster, auth: dict[str, str]
+) -> tuple[dict[str, str], Node]:
+    """A bridged session on `/mcp` opened through nginx: the headers that continue it, its owner."""
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": LEGACY,
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"},
+        },
+    }
+    started = client.post(f"{cluster.url}/mcp", json=init, headers=HEADERS | auth)
+    assert started.status_code == 200, started.text
+    headers = HEADERS | auth | {"mcp-session-id": started.headers["mcp-session-id"]}
+    note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    assert client.post(f"{cluster.url}/mcp", json=note, headers=headers).status_code == 202
+    return headers, _node_of(cluster, started.headers["x-node"])
+
+
+def _first_message(stream: httpx.Response) -> dict[str, Any]:
+    """The first JSON-RPC message of an SSE stream (its priming event, with no data, skipped)."""
+    for line in stream.iter_lines():
+        if line.startswith("data:") and line[5:].strip():
+            message: dict[str, Any] = json.loads(line[5:])
+            return message
+    raise AssertionError("the stream ended without a message")
+
+
+LIST = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+
+
+async def test_a_bridged_sdk_session_hops_nodes_on_every_request(
+    cluster: Cluster, legacy_upstream: str
+) -> None:
+    httpx.post(f"{legacy_upstream}/_fixture/reset", timeout=10).raise_for_status()
+    alice = bearer(cluster, "alice", "/mcp")
+    nodes: list[str] = []
+    sessions: set[str] = set()
+    changed = anyio.Event()
+
+    async def seen(response: httpx2.Response) -> None:
+        nodes.append(response.headers.get("x-node", ""))
+        if "mcp-session-id" in response.headers:
+            sessions.add(response.headers["mcp-session-id"])
+
+    async def on_message(message: Any) -> None:
+        if getattr(getattr(message, "root", message), "method", "") == "notifications/tools/list_changed":
+            changed.set()
+
+    http = create_mcp_http_client(headers=alice)
+    http.event_hooks["response"].append(seen)
+    transport = streamable_http_client(f"{cluster.url}/mcp", http_client=http)
+    async with (
+        http,
+        Client(transport, mode="legacy", message_handler=on_message) as client,
+    ):
+        assert {"up__echo", "late__notify_change"} <= {t.name for t in (await client.list_tools()).tools}
+        for i in range(6):
+            result = await client.call_tool("up__echo", {"text": f"hop{i}"})
+            assert result.content[0].text == f"hop{i}"  # type: ignore[union-attr]
+        # Announced on the session's notification stream, wherever nginx sent its GET.
+        await client.call_tool("late__notify_change", {})
+        with anyio.fail_after(10):
+            await changed.wait()
+        [session] = sessions
+        # Another principal with that session id: unknown on every node.
+        bob = HEADERS | bearer(cluster, "bob", "/mcp") | {"mcp-session-id": session}
+        async with httpx.AsyncClient(timeout=10) as plain:
+            for node in cluster.nodes:
+                refused = await plain.post(f"{node.url}/mcp", json=LIST, headers=bob)
+                assert refused.status_code == 404, (node.name, refused.text)
+    assert len(set(nodes)) == len(cluster.nodes), nodes
+    httpx.post(f"{legacy_upstream}/_fixture/reset", timeout=10).raise_for_status()
+
+
+def test_a_bridged_notification_stream_reconnects_on_another_node(
+    cluster: Cluster, legacy_upstream: str
+) -> None:
+    alice = bearer(cluster, "alice", "/mcp")
+    with httpx.Client(timeout=10, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        session, owner = _open_bridged(client, cluster, alice)
+        assert client.post(f"{cluster.url}/mcp", json=LIST, headers=session).status_code == 200
+        first, second = [node for node in cluster.nodes if node is not owner]
+        stream = session | {"accept": "text/event-stream"}
+        with client.stream("GET", f"{first.url}/mcp", headers=stream) as dropped:
+            assert dropped.status_code == 200
+        # The client is back, on another node: the owner let the first stream go with its client.
+        with client.stream("GET", f"{second.url}/mcp", headers=stream) as again:
+            assert again.status_code == 200
+            body = {
+                "jsonrpc": "2.0",
+                "id": 3,
+                "method": "tools/call",
+                "params": {"name": "late__notify_change"},
+            }
+            assert client.post(f"{cluster.url}/mcp", json=body, headers=session).status_code == 200
+            assert _first_message(again)["method"] == "notifications/tools/list_changed"
+    httpx.post(f"{legacy_upstream}/_fixture/reset", timeout=10).raise_for_status()
+
+
+async def test_an_http_sse_session_takes_its_messages_on_every_node(cluster: Cluster) -> None:
+    posted: list[str] = []
+    sessions: list[str] = []
+
+    async def seen(response: httpx2.Response) -> None:
+        if response.request.method == "POST":
+            posted.append(response.headers.get("x-node", ""))
+
+    def factory(
+        headers: dict[str, str] | None = None, timeout: Any = None, auth: Any = None
+    ) -> httpx2.AsyncClient:
+        http = create_mcp_http_client(headers, timeout, auth)
+        http.event_hooks["response"].append(seen)
+        return http
+
+    # Bounded: a message the session never gets would leave the SDK waiting for its answer.
+    with anyio.fail_after(60):
+        await _sse_session_on_every_node(cluster, factory, sessions)
+    assert len(set(posted)) == len(cluster.nodes), posted
+
+
+async def _sse_session_on_every_node(cluster: Cluster, factory: Any, sessions: list[str]) -> None:
+    alice = bearer(cluster, "alice", "/mcp")
+    async with (
+        sse_client(
+            f"{cluster.url}/mcp/_sse",
+            headers=alice,
+            httpx_client_factory=factory,
+            on_session_created=sessions.append,
+        ) as (read, write),
+        ClientSession(read, write) as session,
+    ):
+        await session.initialize()
+        assert "up__echo" in {t.name for t in (await session.list_tools()).tools}
+        for i in range(4):
+            result = await session.call_tool("up__echo", {"text": f"sse{i}"})
+            assert result.content[0].text == f"sse{i}"  # type: ignore[union-attr]
+        bob = bearer(cluster, "bob", "/mcp")
+        async with httpx.AsyncClient(timeout=10) as plain:
+            for node in cluster.nodes:
+                url = f"{node.url}/mcp/_messages?session_id={sessions[0]}"
+                refused = await plain.post(url, json=LIST, headers=bob)
+                assert refused.status_code == 404, (node.name, refused.text)
+
+
+def test_when_a_bridged_sessions_node_dies_the_session_is_lost_and_a_new_one_works(cluster: Cluster) -> None:
+    alice = bearer(cluster, "alice", "/mcp")
+    with httpx.Client(timeout=10, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        session, owner = _open_bridged(client, cluster, alice)
+        cluster.kill(owner)
+        try:
+            for node in cluster.nodes:
+                if node is not owner:
+                    lost = client.post(f"{node.url}/mcp", json=LIST, headers=session)
+                    assert lost.status_code == 404, (node.name, lost.text)
+            fresh, _ = _open_bridged(client, cluster, alice)
+            call = {
+                "jsonrpc": "2.0",
+                "id": 3,
+                "method": "tools/call",
+                "params": {"name": "up__echo", "arguments": {"text": "fresh"}},
+            }
+            for _ in range(3):
+                answer = client.post(f"{cluster.url}/mcp", json=call, headers=fresh)
+                assert answer.status_code == 200 and "fresh" in answer.text, answer.text
+        finally:
+            cluster.stop(owner)
+            cluster.start(owner)
 
 
 # Last: it kills and restarts a node.

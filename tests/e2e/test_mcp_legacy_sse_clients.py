@@ -382,7 +382,7 @@ def test_a_server_whose_credential_is_per_caller_has_no_sse_leg(
 REDIS = "redis://127.0.0.1:6379/0"
 
 
-async def test_with_redis_a_session_is_checked_on_every_node_and_served_by_its_own(
+async def test_with_redis_a_session_is_checked_on_every_node_and_its_own_checks_credentials_again(
     tmp_path: Path, modern_upstream: str, sse_upstream: str, legacy_upstream: str
 ) -> None:
     settings = config(modern_upstream, sse_upstream, legacy_upstream, redis_url=REDIS)
@@ -396,10 +396,12 @@ async def test_with_redis_a_session_is_checked_on_every_node_and_served_by_its_o
             # Another principal, on the node that holds the session: refused by the binding.
             foreign = httpx.post(f"{a.url}{messages}", json=CALL, headers=bearer(a, "bob", "/mcp"))
             assert foreign.status_code == 404
-            # The owner, on another node: the stream, and so the session, is not there.
+            # The owner, on another node: forwarded to the node holding the stream, which checks the
+            # credentials itself. These nodes have signing keys of their own, so a token only B
+            # accepts is refused there, with A's own challenge.
             elsewhere = httpx.post(f"{b.url}{messages}", json=CALL, headers=bearer(b, "alice", "/mcp"))
-            assert elsewhere.status_code == 404
-            assert "session not found" in elsewhere.json()["error"]["message"]
+            assert elsewhere.status_code == 401, elsewhere.text
+            assert "resource_metadata" in elsewhere.headers["www-authenticate"]
             assert text(await alice.call_tool("modern__echo", {"text": "still"})) == "still"
 
 

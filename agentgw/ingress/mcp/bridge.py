@@ -37,6 +37,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import mcp_types as types
@@ -72,6 +73,7 @@ from agentgw.errors import (
 )
 from agentgw.ingress.mcp.bridge_sessions import LOG_LEVELS, Subscriptions, at_or_above, client_session
 from agentgw.ingress.mcp.event_store import ResumableSessionManager, SessionEvents
+from agentgw.ingress.mcp.forwarding import Forwarder
 from agentgw.ingress.mcp.legacy_sse import SESSION_KEY, LegacySse
 from agentgw.ingress.mcp.messages import LIST_KEYS, item_object
 from agentgw.ingress.mcp.rendering import jsonrpc_error_response, run_id_of
@@ -238,6 +240,8 @@ class Bridge:
 
     # Pinning (agentgw/registry/pins.py): quarantined tools, prompts, templates are hidden and refused.
     pins: PinGate | None = None
+    # Nodes sharing session bindings: sessions are bound to this node, others' requests forwarded.
+    nodes: Forwarder | None = None
 
     def __init__(
         self,
@@ -358,7 +362,11 @@ class Bridge:
         session_id = headers.get("mcp-session-id")
         if session_id is not None:
             # Whatever the era the request claims: a session id is checked wherever it appears.
-            await self._bindings.resolve(session_id, key, principal.subject)
+            owner = await self._bindings.resolve(session_id, key, principal.subject)
+            if self.nodes is not None and self.nodes.elsewhere(owner, headers):
+                lost = partial(self._bindings.drop, session_id, principal.subject)
+                await self.nodes.forward(owner, scope, receive, send, headers, lost=lost)
+                return
             if scope["method"] != "DELETE":
                 await self.session_manager.handle_request(scope, receive, send)
                 return
@@ -382,7 +390,8 @@ class Bridge:
                 "a stream needs a session (Mcp-Session-Id); clients of the 2024-11-05 HTTP+SSE "
                 f"transport connect to {sse}"
             )
-        opened = _Opening(self._bindings, key, principal.subject, scope, receive, send)
+        holder = self.nodes.me if self.nodes is not None else None
+        opened = _Opening(self._bindings, key, principal.subject, scope, receive, send, holder=holder)
         await self.session_manager.handle_request(scope, receive, opened.send)
         if opened.orphan is not None:
             await self._end_sdk_session(scope, opened.orphan)
@@ -834,7 +843,8 @@ class Bridge:
 
 
 class _Opening:
-    """The `send` of a legacy request that may open a session: binds the id the SDK answers with.
+    """The `send` of a legacy request that may open a session: binds the id the SDK answers with, to
+    `holder` (the node that holds the SDK session) when nodes share bindings.
 
     The binding is made before the response starts, so the client never sees an id that is not bound.
     When the store refuses it (the caps, or unreachable), the client gets that refusal instead of the
@@ -842,9 +852,18 @@ class _Opening:
     """
 
     def __init__(
-        self, bindings: SessionStore, key: str, subject: str, scope: Scope, receive: Receive, send: Send
+        self,
+        bindings: SessionStore,
+        key: str,
+        subject: str,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        holder: str | None = None,
     ) -> None:
         self._bindings = bindings
+        self._holder = holder
         self._key = key
         self._subject = subject
         self._scope = scope
@@ -868,7 +887,8 @@ class _Opening:
             )
             if session_id is not None:
                 try:
-                    await self._bindings.bind(self._key, session_id, self._subject, session_id=session_id)
+                    behind = self._holder or session_id
+                    await self._bindings.bind(self._key, behind, self._subject, session_id=session_id)
                 except GatewayError as exc:
                     self._refused = True
                     self.orphan = session_id

@@ -13,8 +13,8 @@ is handled by the same handlers, and so the same pipeline, as on streamable HTTP
 what that transport does not do: a session is bound, before the client learns its id, to the principal
 that opened it, in the store of every legacy session (so the same caps count it); a POST naming an
 unknown session or another principal's is 404; a session no message used for `idle_s` is closed.
-A session lives in the process that opened it (its stream is that process's connection): there is no
-resuming it on another node.
+A session lives in the process that opened it (its stream is that process's connection); when nodes
+share bindings, a message that reaches another node is forwarded to it (forwarding.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -34,6 +35,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from agentgw.errors import BadRequest, GatewayError, SessionNotFound
 from agentgw.ingress.body import read_body_asgi
+from agentgw.ingress.mcp.forwarding import Forwarder
 from agentgw.ingress.mcp.messages import error_body, parse
 from agentgw.ingress.mcp.rendering import jsonrpc_error_response
 from agentgw.ingress.mcp.sessions import SessionLimits, SessionStore
@@ -63,6 +65,9 @@ def method_not_allowed(leg: str) -> Response:
 
 class LegacySse:
     """The HTTP+SSE sessions of one process, served by `server` (the bridge's SDK server)."""
+
+    # Nodes sharing session bindings: sessions are bound to this node, others' messages forwarded.
+    nodes: Forwarder | None = None
 
     def __init__(
         self, server: Server[Any], bindings: SessionStore, *, limits: SessionLimits, max_body_bytes: int
@@ -95,7 +100,10 @@ class LegacySse:
             closer.deadline = anyio.current_time() + self._idle_s
             self._open[session_id] = closer
 
-        opening = _Opening(self._bindings, key, subject, scope, receive, send, closer=closer, bound=bound)
+        holder = self.nodes.me if self.nodes is not None else None
+        opening = _Opening(
+            self._bindings, key, subject, scope, receive, send, closer=closer, bound=bound, holder=holder
+        )
         try:
             with closer:
                 async with transport.connect_sse(scope, receive, opening.send) as (read, write):
@@ -132,7 +140,7 @@ class LegacySse:
         Raises:
             BadRequest: no session id, or the body is not one JSON-RPC message (ParseError: not JSON).
             SessionNotFound: the session is unknown, closed, of another endpoint or another principal's,
-                or held by another node.
+                or held by a node that is gone.
             UnsupportedMediaType: the body is not application/json.
             PayloadTooLarge: the body is larger than the limit.
             Unavailable: the session store is unreachable.
@@ -141,13 +149,17 @@ class LegacySse:
         if not values:
             raise BadRequest("session_id is required: POST to the URL the stream's endpoint event names")
         session_id = values[0]
-        await self._bindings.resolve(session_id, key, subject)
+        owner = await self._bindings.resolve(session_id, key, subject)
         raw = await read_body_asgi(headers, receive, self._max_body)
         # Refused here with a JSON-RPC error, before the SDK would put a failure into the session.
         parse(raw, headers)
         closer = self._open.get(session_id)
         if closer is None:
-            # Bound (in Redis) but held by another node, or just closed: answered as any lost session.
+            if self.nodes is not None and self.nodes.elsewhere(owner, headers):
+                lost = partial(self._bindings.drop, session_id, subject)
+                await self.nodes.forward(owner, scope, receive, send, headers, lost=lost, body=raw)
+                return
+            # Just closed, or its node holds no more: answered as any lost session.
             raise SessionNotFound("session not found: open a new stream")
         closer.deadline = anyio.current_time() + self._idle_s
         scope[SESSION_KEY] = session_id
@@ -159,7 +171,8 @@ class _Opening:
     """The `send` of a GET that opens a session: binds the session id before the client can see it.
 
     The response's start is held back until the first event, the SDK's `endpoint` event, which names
-    the session; it goes out once the session is bound. When the store refuses the binding, the client
+    the session; it goes out once the session is bound (to `holder`, the node that holds the session,
+    when nodes share bindings). When the store refuses the binding, the client
     gets the refusal instead and the session is closed at once.
     """
 
@@ -174,8 +187,10 @@ class _Opening:
         *,
         closer: anyio.CancelScope,
         bound: Callable[[str], None],
+        holder: str | None = None,
     ) -> None:
         self._bindings = bindings
+        self._holder = holder
         self._key = key
         self._subject = subject
         self._http_scope = scope
@@ -202,7 +217,8 @@ class _Opening:
                 if found is None:
                     raise GatewayError("internal error: the SSE session has no id")
                 session_id = found.group(1).decode("ascii")
-                await self._bindings.bind(self._key, session_id, self._subject, session_id=session_id)
+                behind = self._holder or session_id
+                await self._bindings.bind(self._key, behind, self._subject, session_id=session_id)
             except GatewayError as exc:
                 self.refused = True
                 await jsonrpc_error_response(None, exc)(self._http_scope, self._receive, self._send)

@@ -2,8 +2,10 @@
 
 Every 2025-11-25-era session (`Mcp-Session-Id`) the gateway serves is bound here to the principal
 that created it, whichever path serves it: the pass-through mints its own ids in place of the
-upstream's; the bridge binds the ids its SDK server minted. One caller can never ride, listen on or
-end another caller's session: a foreign id answers exactly as an unknown one (404).
+upstream's; the bridge binds the ids its SDK server minted, with the URL of the node that holds the
+SDK session in place of an upstream id when nodes share bindings (forwarding.py). One caller can
+never ride, listen on or end another caller's session: a foreign id answers exactly as an unknown one
+(404).
 
 Bindings are bounded: at most `SessionLimits.per_principal` open sessions per principal and
 `SessionLimits.total` in all; one unused for `SessionLimits.idle_s` expires. In memory for one
