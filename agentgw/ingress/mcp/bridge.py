@@ -46,6 +46,7 @@ from mcp.server.subscriptions import (
     ServerEvent,
     ToolsListChanged,
 )
+from mcp.shared.dispatcher import ProgressFnT as ProgressFn
 from mcp.shared.exceptions import MCPError
 from mcp.shared.inbound import find_invalid_x_mcp_header, validate_mcp_param_headers, x_mcp_header_map
 from mcp.shared.message import ServerMessageMetadata
@@ -73,7 +74,7 @@ from agentgw.registry.models import McpServerSpec, VirtualServerSpec
 from agentgw.registry.pins import PinGate
 from agentgw.upstream.mcp_sessions import Relay, UpstreamSessions
 
-__all__ = ["Bridge", "Endpoint"]
+__all__ = ["Bridge", "Endpoint", "Inbound"]
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,27 @@ def _item_name(kind: str, item: Mapping[str, Any]) -> str:
     key = "name" if kind in ("tools", "prompts") else ("uri" if kind == "resources" else "uriTemplate")
     value = item.get(key)
     return value if isinstance(value, str) else ""
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """One client request to a bridged endpoint, as the bridge's logic reads it, whichever way it came
+    (the SDK's server, either era, or the 2026-07-28 fast path of `modern_bridge`)."""
+
+    endpoint: Endpoint
+    method: str
+    params: Mapping[str, Any]
+    headers: Headers
+    session_id: str | None  # the legacy session the request belongs to (`_session_of`)
+    protocol_version: str
+    # Forwards the upstream's progress notifications to the client; None when it asked for none.
+    progress: ProgressFn | None = None
+    # Handshake era only: asks the client for what an upstream's input_required result asks for.
+    relay: Relay | None = None
+
+    @property
+    def modern(self) -> bool:
+        return self.protocol_version in MODERN_PROTOCOL_VERSIONS
 
 
 class Bridge:
@@ -505,12 +527,18 @@ class Bridge:
         return [pair for per_server in results for pair in per_server]
 
     async def _list(self, ctx: ServerRequestContext[Any, Any], _params: Any) -> dict[str, Any]:
-        endpoint, request = self._context(ctx)
-        self._remember(ctx)
-        kind = LIST_KEYS[ctx.method]
-        raw = dict(ctx.params or {})
-        offset = _decode_cursor(raw.get("cursor"))
-        call = self._call(ctx, request, endpoint, "list", f"mcp:{endpoint.label}")
+        return await self.list_items(self._inbound(ctx))
+
+    async def list_items(self, inbound: Inbound) -> dict[str, Any]:
+        """Answer a list request (`tools/list`, ...): every member's items, narrowed, one page.
+
+        Raises:
+            MCPError: the refusal or failure, in the JSON-RPC error the client gets.
+        """
+        endpoint = inbound.endpoint
+        kind = LIST_KEYS[inbound.method]
+        offset = _decode_cursor(inbound.params.get("cursor"))
+        call = self._call(inbound, "list", f"mcp:{endpoint.label}")
 
         async def terminal(call: Call) -> Reply:
             # Discovery applies the scope check of invocation: a server whose calls the token's scopes
@@ -518,7 +546,7 @@ class Bridge:
             servers = endpoint.visible_to(call.principal)
             pairs = [
                 (server, item)
-                for server, item in await self._gather(servers, ctx.method, kind)
+                for server, item in await self._gather(servers, inbound.method, kind)
                 if endpoint.selects(kind, server, _item_name(kind, item))
             ]
             return Reply(payload=pairs, listing=[item_object(s, kind, i) for s, i in pairs])
@@ -541,17 +569,24 @@ class Bridge:
         result: dict[str, Any] = {kind: page}
         if offset + self._page_size < len(visible):
             result["nextCursor"] = _encode_cursor(offset + self._page_size)
-        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        if inbound.modern:
             # Narrowed for this caller: no shared cache may serve it to anyone else.
             result |= {"resultType": "complete", "ttlMs": 0, "cacheScope": "private"}
         return result
 
     # --- invocation ---
     async def _invoke(self, ctx: ServerRequestContext[Any, Any], _params: Any) -> dict[str, Any]:
-        endpoint, request = self._context(ctx)
-        self._remember(ctx)
-        params = dict(ctx.params or {})
-        method = ctx.method
+        return await self.invoke(self._inbound(ctx))
+
+    async def invoke(self, inbound: Inbound) -> dict[str, Any]:
+        """Answer a request for one item (`tools/call`, `prompts/get`, ...): route it, forward it.
+
+        Raises:
+            MCPError: the refusal or failure, in the JSON-RPC error the client gets.
+        """
+        endpoint = inbound.endpoint
+        params = dict(inbound.params)
+        method = inbound.method
         if method == "completion/complete":
             ref = dict(params.get("ref") or {})
             kind, key = ("prompts", "name") if ref.get("type") == "ref/prompt" else ("resources", "uri")
@@ -564,7 +599,7 @@ class Bridge:
         route = self._route(endpoint, kind, exposed) if isinstance(exposed, str) else None
         server, name = route if route else (endpoint.label, exposed if isinstance(exposed, str) else "")
         action = "call" if kind in ("tools", "prompts") else "read"
-        call = self._call(ctx, request, endpoint, action, item_object(server, kind, {key: name}))
+        call = self._call(inbound, action, item_object(server, kind, {key: name}))
         call.upstream = server
         if method == "tools/call":
             call.arguments = params.get("arguments")
@@ -577,12 +612,12 @@ class Bridge:
                 refused = self.pins.refusal(server, method, routed if target is params else {"ref": routed})
                 if refused is not None:
                     raise ToolQuarantined(refused)
-            if method == "tools/call" and ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
-                await self._check_param_headers(server, name, params.get("arguments"), request.headers)
+            if method == "tools/call" and inbound.modern:
+                await self._check_param_headers(server, name, params.get("arguments"), inbound.headers)
             target[key] = name
             if target is not params:
                 params["ref"] = target
-            return Reply(payload=await self._forward(ctx, request, server, method, params))
+            return Reply(payload=await self._forward(inbound, server, method, params))
 
         try:
             reply = await self._run(call, terminal)
@@ -595,7 +630,7 @@ class Bridge:
         payload: dict[str, Any] = reply.payload
         if method == "resources/read" and route is not None and endpoint.prefix:
             payload = self._expose_contents(server, payload)
-        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        if inbound.modern:
             # A handshake-era upstream's result has no resultType; the modern era requires one.
             payload.setdefault("resultType", "complete")
         return payload
@@ -638,20 +673,15 @@ class Bridge:
             raise HeaderMismatch(rejection.message)
 
     async def _forward(
-        self,
-        ctx: ServerRequestContext[Any, Any],
-        request: Request,
-        server: str,
-        method: str,
-        params: dict[str, Any],
+        self, inbound: Inbound, server: str, method: str, params: dict[str, Any]
     ) -> dict[str, Any]:
-        progress = self._progress(ctx, params)
-        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        progress = inbound.progress
+        relay = inbound.relay
+        if inbound.modern or relay is None:
             # A 2026-07-28 client answers input requests itself (MRTR): results pass through untouched,
             # and its retry, carrying requestState, routes by name to the same upstream.
             return await self._sessions.request(server, method, params, progress=progress)
-        relay = self._relay(ctx)
-        session_key = _session_of(request)
+        session_key = inbound.session_id
         result = await self._sessions.request(
             server, method, params, progress=progress, relay_key=session_key, relay=relay
         )
@@ -689,7 +719,8 @@ class Bridge:
 
         return relay
 
-    def _progress(self, ctx: ServerRequestContext[Any, Any], params: Mapping[str, Any]) -> Any:
+    @staticmethod
+    def _progress(ctx: ServerRequestContext[Any, Any], params: Mapping[str, Any]) -> ProgressFn | None:
         meta = params.get("_meta")
         token = meta.get("progressToken") if isinstance(meta, dict) else None
         if token is None:
@@ -703,21 +734,30 @@ class Bridge:
         return forward
 
     # --- pipeline glue ---
-    @staticmethod
-    def _context(ctx: ServerRequestContext[Any, Any]) -> tuple[Endpoint, Request]:
+    def _inbound(self, ctx: ServerRequestContext[Any, Any]) -> Inbound:
+        """The request the SDK's server hands a handler, as the bridge's logic reads it."""
         request = ctx.request
         if not isinstance(request, Request) or SCOPE_KEY not in request.scope:
             raise MCPError(code=-32603, message="the bridged endpoint needs an HTTP request")
-        endpoint: Endpoint = request.scope[SCOPE_KEY]
-        return endpoint, request
+        self._remember(ctx)
+        params = ctx.params or {}
+        modern = ctx.protocol_version in MODERN_PROTOCOL_VERSIONS
+        return Inbound(
+            endpoint=request.scope[SCOPE_KEY],
+            method=ctx.method,
+            params=params,
+            headers=request.headers,
+            session_id=_session_of(request),
+            protocol_version=ctx.protocol_version,
+            progress=self._progress(ctx, params),
+            relay=None if modern else self._relay(ctx),
+        )
 
     @staticmethod
-    def _call(
-        ctx: ServerRequestContext[Any, Any], request: Request, endpoint: Endpoint, action: Any, resource: str
-    ) -> Call:
-        params = ctx.params or {}
+    def _call(inbound: Inbound, action: Any, resource: str) -> Call:
+        endpoint = inbound.endpoint
         try:
-            run_id = run_id_of(request.headers, params)
+            run_id = run_id_of(inbound.headers, inbound.params)
         except GatewayError as exc:
             raise MCPError(code=exc.jsonrpc_code, message=exc.message) from exc
         return Call(
@@ -725,11 +765,11 @@ class Bridge:
             action=action,
             resource=resource,
             upstream=endpoint.label,
-            method=ctx.method,
-            credentials=request.headers.get("authorization"),
+            method=inbound.method,
+            credentials=inbound.headers.get("authorization"),
             endpoint=endpoint.path,  # not request.url: building that URL costs more than the rest
             run_id=run_id,
-            session_id=_session_of(request),
+            session_id=inbound.session_id,
         )
 
     async def _run(self, call: Call, terminal: Any) -> Reply:
