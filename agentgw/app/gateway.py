@@ -192,6 +192,7 @@ def build_gateway(settings: Settings, span_exporter: SpanExporter | None = None)
         session_limits=session_limits,
     )
     bridge.pins = passthrough.pins
+    bridge.fast_path = settings.bridge_fast_path
     sessions.on_list_changed(bridge.on_list_changed)
     llm = LlmIngress.build(
         settings.llm_routes,

@@ -29,7 +29,7 @@ import binascii
 import logging
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +67,7 @@ from agentgw.errors import (
 )
 from agentgw.ingress.mcp.legacy_sse import SESSION_KEY, LegacySse
 from agentgw.ingress.mcp.messages import LIST_KEYS, item_object
+from agentgw.ingress.mcp.modern_bridge import Dispatch, ModernEntry
 from agentgw.ingress.mcp.rendering import jsonrpc_error_response, run_id_of
 from agentgw.ingress.mcp.sessions import SessionLimits, SessionStore
 from agentgw.pipeline import Pipeline
@@ -102,6 +103,8 @@ _INPUT_RESULTS: dict[str, type[BaseModel]] = {
     "elicitation/create": types.ElicitResult,
     "roots/list": types.ListRootsResult,
 }
+# The item requests the 2026-07-28 fast path serves; `resources/subscribe` is no method of that era.
+_FAST_ITEM_METHODS = ("tools/call", "prompts/get", "resources/read", "completion/complete")
 # Which selector list of a virtual server governs each list key.
 _SELECTOR_KIND = {
     "tools": "tools",
@@ -250,6 +253,10 @@ class Inbound:
 class Bridge:
     """The gateway's own MCP server for bridged endpoints (one SDK server, routed per request)."""
 
+    # Whether 2026-07-28 requests take the hand-written path (`modern_bridge`); off, the SDK serves
+    # them all (the tests compare the two answers).
+    fast_path = True
+
     # Pinning (agentgw/registry/pins.py): quarantined tools, prompts, templates are hidden and refused.
     pins: PinGate | None = None
 
@@ -308,6 +315,12 @@ class Bridge:
             max_sessions=limits.total,
         )
         self.sse = LegacySse(server, bindings, limits=limits, max_body_bytes=max_body_bytes)
+        # 2026-07-28 requests for the bridge's own methods skip the SDK's per-request machinery.
+        self._served: dict[str, Callable[[Inbound], Awaitable[dict[str, Any]]]] = {
+            **dict.fromkeys(LIST_KEYS, self.list_items),
+            **dict.fromkeys(_FAST_ITEM_METHODS, self.invoke),
+        }
+        self.modern = ModernEntry(server, self.session_manager.handle_request, self._served, max_body_bytes)
 
     def speaks_only_legacy(self, server: str) -> bool:
         """Whether the upstream session negotiated a handshake-era version (unknown: False)."""
@@ -378,7 +391,10 @@ class Bridge:
         if version is not None and version not in HANDSHAKE_PROTOCOL_VERSIONS:
             # 2026-07-28 (or unknown, which the SDK refuses): stateless, no session to bind. The test is
             # the SDK's own, so a request it serves statefully is never taken for a stateless one.
-            await self.session_manager.handle_request(scope, receive, send)
+            if self.fast_path:
+                await self.modern(scope, receive, send, headers, self._dispatch(scope, endpoint))
+            else:
+                await self.session_manager.handle_request(scope, receive, send)
             return
         if scope["method"] == "GET":
             # What a client of the 2024-11-05 HTTP+SSE transport sends first: say where that one is.
@@ -391,6 +407,22 @@ class Bridge:
         await self.session_manager.handle_request(scope, receive, opened.send)
         if opened.orphan is not None:
             await self._end_sdk_session(scope, opened.orphan)
+
+    def _dispatch(self, scope: Scope, endpoint: Endpoint) -> Dispatch:
+        """How the fast path has the bridge answer a request it has checked (`modern_bridge`)."""
+
+        async def dispatch(method: str, params: dict[str, Any], version: str) -> dict[str, Any]:
+            inbound = Inbound(
+                endpoint=endpoint,
+                method=method,
+                params=params,
+                headers=Headers(scope=scope),
+                session_id=None,  # a 2026-07-28 request belongs to no session
+                protocol_version=version,
+            )
+            return await self._served[method](inbound)
+
+        return dispatch
 
     async def legacy_sse(
         self,
