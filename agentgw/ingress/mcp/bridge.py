@@ -4,6 +4,9 @@ Serves `/mcp` (every upstream, merged), virtual servers (`/mcp/<virtual>`), and 
 upstreams that are not streamable HTTP (stdio, legacy SSE). The SDK's server speaks both eras to the
 client; each request runs through the pipeline; upstream requests go through `UpstreamSessions`. The
 same server also serves the HTTP+SSE transport of every endpoint, any server's included (`legacy_sse`).
+A stateless 2026-07-28 request for the bridge's own methods skips the SDK's per-request machinery:
+`modern_bridge` checks it as the SDK would and calls `list_items` / `invoke` directly (decision 0010);
+the SDK's handlers call the same two with an `Inbound` built from their context.
 
 Namespacing, when an endpoint prefixes (the default for `/mcp` and virtual servers):
     tool or prompt `name` of server `github`   ->  `github__name`  (separator configurable)

@@ -54,6 +54,7 @@ __all__ = ["Dispatch", "ModernEntry"]
 Dispatch = Callable[[str, dict[str, Any], str], Awaitable[dict[str, Any]]]
 
 _JSON = [(b"content-type", b"application/json")]
+MAX_REMEMBERED_ACCEPTS = 64
 # The SDK's answer to a body that is JSON but not one request (a batch, a response, a bad envelope).
 _INVALID_BODY = {
     "code": INVALID_REQUEST,
@@ -71,6 +72,7 @@ class ModernEntry:
         self._fallback = fallback
         self._methods = frozenset(methods)
         self._max_body = max_body_bytes
+        self._accept: dict[str, bool] = {}
 
     async def __call__(
         self, scope: Scope, receive: Receive, send: Send, headers: Mapping[str, str], dispatch: Dispatch
@@ -79,7 +81,7 @@ class ModernEntry:
         if (
             scope["method"] != "POST"
             or not headers.get("content-type", "").lower().startswith("application/json")
-            or not all(check_accept_headers(Request(scope)))
+            or not self._accepts(scope, headers.get("accept", ""))
         ):
             await self._fallback(scope, receive, send)
             return
@@ -134,6 +136,18 @@ class ModernEntry:
             await _write(send, _status(data.code), msg_id, error=_error(data.code, data.message, data.data))
             return
         await _write(send, 200, msg_id, result=result)
+
+    def _accepts(self, scope: Scope, accept: str) -> bool:
+        """Whether `accept` takes both answers the SDK may give (JSON and SSE), by the SDK's check.
+
+        Clients send one Accept value on every request, so each value is checked once.
+        """
+        known = self._accept.get(accept)
+        if known is None:
+            known = all(check_accept_headers(Request(scope)))
+            if len(self._accept) < MAX_REMEMBERED_ACCEPTS:
+                self._accept[accept] = known
+        return known
 
     async def _serve(
         self, method: str, params: dict[str, Any] | None, version: str, dispatch: Dispatch
