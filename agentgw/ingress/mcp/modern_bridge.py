@@ -73,6 +73,9 @@ class ModernEntry:
         self._methods = frozenset(methods)
         self._max_body = max_body_bytes
         self._accept: dict[str, bool] = {}
+        # The SDK hands out a deep copy per response lest one alias another; these results are
+        # serialized at once and then dropped, so one copy serves them all.
+        self._stamp = server.server_info_stamp
 
     async def __call__(
         self, scope: Scope, receive: Receive, send: Send, headers: Mapping[str, str], dispatch: Dispatch
@@ -114,8 +117,9 @@ class ModernEntry:
             await self._fallback(scope, _replay(body, trailing, receive), send)
             return
         msg_id = request.id
+        # Routing headers are all `mcp-` names (ASGI names are lower case): the others need no decoding.
         duplicated = find_duplicated_routing_header(
-            (k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
+            (k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"] if k.startswith(b"mcp-")
         )
         if duplicated is not None:
             error = {"code": HEADER_MISMATCH, "message": f"{duplicated} header appears more than once"}
@@ -177,11 +181,11 @@ class ModernEntry:
             result["resultType"] = "complete"
         meta = result.get("_meta")
         if meta is None:
-            result["_meta"] = {SERVER_INFO_META_KEY: self._server.server_info_stamp}
+            result["_meta"] = {SERVER_INFO_META_KEY: self._stamp}
         elif isinstance(meta, dict) and meta.get(SERVER_INFO_META_KEY) is None:
             result["_meta"] = {
                 **cast("dict[str, Any]", meta),
-                SERVER_INFO_META_KEY: self._server.server_info_stamp,
+                SERVER_INFO_META_KEY: self._stamp,
             }
         return result
 
