@@ -33,7 +33,6 @@ from mcp.shared.inbound import (
     classify_inbound_request,
     find_duplicated_routing_header,
 )
-from mcp.shared.jsonrpc_dispatcher import progress_token_from_params
 from mcp_types import (
     CORE_RESULT_TYPES,
     HEADER_MISMATCH,
@@ -113,7 +112,7 @@ class ModernEntry:
             await _write(send, 400, None, error=_INVALID_BODY)
             return
         params = request.params
-        if request.method not in self._methods or progress_token_from_params(params) is not None:
+        if request.method not in self._methods or _names_progress(params):
             await self._fallback(scope, _replay(body, trailing, receive), send)
             return
         msg_id = request.id
@@ -204,6 +203,13 @@ class ModernEntry:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks), None
+
+
+def _names_progress(params: Mapping[str, Any] | None) -> bool:
+    """Whether the request carries a progress token, of any type: the bridge forwards the upstream's
+    progress for any token (the SDK's transport streams only valid ones), so the SDK serves them all."""
+    meta = params.get("_meta") if params else None
+    return isinstance(meta, dict) and "progressToken" in meta
 
 
 def _status(code: int) -> int:

@@ -95,8 +95,16 @@ async def test_a_served_method_is_answered_without_the_sdk() -> None:
         json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).encode(),
         b'{"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": {"x": NaN}}}',
         request(meta={**META, "progressToken": "p"}),
+        request(meta={**META, "progressToken": True}),
     ],
-    ids=["another method", "listen", "notification", "what orjson cannot parse", "a progress token"],
+    ids=[
+        "another method",
+        "listen",
+        "notification",
+        "what orjson cannot parse",
+        "a progress token",
+        "an invalid one",
+    ],
 )
 async def test_what_it_does_not_serve_goes_to_the_sdk_with_the_body_intact(body: bytes) -> None:
     status, _, fallback, dispatched = await serve(body, chunk=25)
