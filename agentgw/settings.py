@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     namespace_separator: str = "__"
     # Items per page of the merged catalog's lists (gateway-minted cursors).
     list_page_size: int = Field(default=100, ge=1, le=1000)
+    # 2026-07-28 requests to bridged endpoints take the gateway's own data path (decision 0010); off,
+    # the SDK's server serves every one of them, as it serves the handshake era.
+    bridge_fast_path: bool = True
     # Host names the gateway answers to (DNS-rebinding defence). Empty: loopback names, plus the host
     # of public_url; binding a non-loopback address without either answers any host (and warns).
     allowed_hosts: list[str] = Field(default_factory=list)

@@ -13,7 +13,7 @@ every pipeline stage this checkout has switched on), warms both up, then at each
 - `floor` (with `--floor`): through a bare forwarding proxy on the gateway's server and client with no
   pipeline (bench/floor.py), the least any gateway built on them could cost;
 - `gateway`: the pass-through path /mcp/bench;
-- `bridge`: the merged catalog /mcp (tool `bench__echo`), the SDK-served path.
+- `bridge`: the merged catalog /mcp (tool `bench__echo`), the bridge (2026-07-28: its own path).
 With `--kind a2a` (`llm`) the rows are the fixture's /a2a (/v1/chat/completions) and the gateway's
 /a2a/bench (/v1/chat/completions, model `bench`).
 For the other rows it reports the ratio of throughput to direct, the added p50/p99 latency, and the

@@ -219,6 +219,7 @@ def build_gateway(settings: Settings, span_exporter: SpanExporter | None = None)
     bridge.pins = passthrough.pins
     nodes = _forwarder(settings, limits)
     bridge.nodes = bridge.sse.nodes = nodes
+    bridge.fast_path = settings.bridge_fast_path
     sessions.on_list_changed(bridge.on_list_changed)
     llm = LlmIngress.build(
         settings.llm_routes,

@@ -4,6 +4,9 @@ Serves `/mcp` (every upstream, merged), virtual servers (`/mcp/<virtual>`), and 
 upstreams that are not streamable HTTP (stdio, legacy SSE). The SDK's server speaks both eras to the
 client; each request runs through the pipeline; upstream requests go through `UpstreamSessions`. The
 same server also serves the HTTP+SSE transport of every endpoint, any server's included (`legacy_sse`).
+A stateless 2026-07-28 request for the bridge's own methods skips the SDK's per-request machinery:
+`modern_bridge` checks it as the SDK would and calls `list_items` / `invoke` directly (decision 0010);
+the SDK's handlers call the same two with an `Inbound` built from their context.
 
 Namespacing, when an endpoint prefixes (the default for `/mcp` and virtual servers):
     tool or prompt `name` of server `github`   ->  `github__name`  (separator configurable)
@@ -35,7 +38,7 @@ import binascii
 import logging
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -52,6 +55,7 @@ from mcp.server.subscriptions import (
     ServerEvent,
     ToolsListChanged,
 )
+from mcp.shared.dispatcher import ProgressFnT as ProgressFn
 from mcp.shared.exceptions import MCPError
 from mcp.shared.inbound import find_invalid_x_mcp_header, validate_mcp_param_headers, x_mcp_header_map
 from mcp.shared.message import ServerMessageMetadata
@@ -71,11 +75,18 @@ from agentgw.errors import (
     ToolQuarantined,
     UpstreamError,
 )
-from agentgw.ingress.mcp.bridge_sessions import LOG_LEVELS, Subscriptions, at_or_above, client_session
+from agentgw.ingress.mcp.bridge_sessions import (
+    LOG_LEVELS,
+    ClientSession,
+    Subscriptions,
+    at_or_above,
+    client_session,
+)
 from agentgw.ingress.mcp.event_store import ResumableSessionManager, SessionEvents
 from agentgw.ingress.mcp.forwarding import Forwarder
 from agentgw.ingress.mcp.legacy_sse import SESSION_KEY, LegacySse
 from agentgw.ingress.mcp.messages import LIST_KEYS, item_object
+from agentgw.ingress.mcp.modern_bridge import Dispatch, ModernEntry
 from agentgw.ingress.mcp.rendering import jsonrpc_error_response, run_id_of
 from agentgw.ingress.mcp.sessions import SessionLimits, SessionStore
 from agentgw.pipeline import Pipeline
@@ -83,7 +94,7 @@ from agentgw.registry.models import McpServerSpec, VirtualServerSpec
 from agentgw.registry.pins import PinGate
 from agentgw.upstream.mcp_sessions import LogFn, Relay, UpstreamSessions
 
-__all__ = ["Bridge", "Endpoint"]
+__all__ = ["Bridge", "Endpoint", "Inbound"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +122,8 @@ _INPUT_RESULTS: dict[str, type[BaseModel]] = {
     "elicitation/create": types.ElicitResult,
     "roots/list": types.ListRootsResult,
 }
+# The item requests the 2026-07-28 fast path serves; `resources/subscribe` is no method of that era.
+_FAST_ITEM_METHODS = ("tools/call", "prompts/get", "resources/read", "completion/complete")
 # Which selector list of a virtual server governs each list key.
 _SELECTOR_KIND = {
     "tools": "tools",
@@ -235,8 +248,38 @@ def _item_name(kind: str, item: Mapping[str, Any]) -> str:
     return value if isinstance(value, str) else ""
 
 
+@dataclass(frozen=True)
+class Inbound:
+    """One client request to a bridged endpoint, as the bridge's logic reads it, whichever way it came
+    (the SDK's server, either era, or the 2026-07-28 fast path of `modern_bridge`)."""
+
+    endpoint: Endpoint
+    method: str
+    params: Mapping[str, Any]
+    headers: Headers
+    session_id: str | None  # the legacy session the request belongs to (`_session_of`)
+    protocol_version: str
+    # Forwards the upstream's progress notifications to the client; None when it asked for none.
+    progress: ProgressFn | None = None
+    # Handshake era only: asks the client for what an upstream's input_required result asks for.
+    relay: Relay | None = None
+    # Handshake era only: the client session's own state (log level, subscriptions).
+    client: ClientSession | None = None
+    # Makes a relay of upstream log messages onto this request's stream, for a client that wants
+    # the levels given; None when the request has no stream to carry them (the fast path).
+    log: Callable[[Callable[[Any], bool]], LogFn] | None = None
+
+    @property
+    def modern(self) -> bool:
+        return self.protocol_version in MODERN_PROTOCOL_VERSIONS
+
+
 class Bridge:
     """The gateway's own MCP server for bridged endpoints (one SDK server, routed per request)."""
+
+    # Whether 2026-07-28 requests take the hand-written path (`modern_bridge`); off, the SDK serves
+    # them all (the tests compare the two answers).
+    fast_path = True
 
     # Pinning (agentgw/registry/pins.py): quarantined tools, prompts, templates are hidden and refused.
     pins: PinGate | None = None
@@ -307,6 +350,12 @@ class Bridge:
             max_sessions=limits.total,
         )
         self.sse = LegacySse(server, bindings, limits=limits, max_body_bytes=max_body_bytes)
+        # 2026-07-28 requests for the bridge's own methods skip the SDK's per-request machinery.
+        self._served: dict[str, Callable[[Inbound], Awaitable[dict[str, Any]]]] = {
+            **dict.fromkeys(LIST_KEYS, self.list_items),
+            **dict.fromkeys(_FAST_ITEM_METHODS, self.invoke),
+        }
+        self.modern = ModernEntry(server, self.session_manager.handle_request, self._served, max_body_bytes)
 
     def speaks_only_legacy(self, server: str) -> bool:
         """Whether the upstream session negotiated a handshake-era version (unknown: False)."""
@@ -381,7 +430,10 @@ class Bridge:
         if version is not None and version not in HANDSHAKE_PROTOCOL_VERSIONS:
             # 2026-07-28 (or unknown, which the SDK refuses): stateless, no session to bind. The test is
             # the SDK's own, so a request it serves statefully is never taken for a stateless one.
-            await self.session_manager.handle_request(scope, receive, send)
+            if self.fast_path:
+                await self.modern(scope, receive, send, headers, self._dispatch(scope, endpoint))
+            else:
+                await self.session_manager.handle_request(scope, receive, send)
             return
         if scope["method"] == "GET":
             # What a client of the 2024-11-05 HTTP+SSE transport sends first: say where that one is.
@@ -395,6 +447,22 @@ class Bridge:
         await self.session_manager.handle_request(scope, receive, opened.send)
         if opened.orphan is not None:
             await self._end_sdk_session(scope, opened.orphan)
+
+    def _dispatch(self, scope: Scope, endpoint: Endpoint) -> Dispatch:
+        """How the fast path has the bridge answer a request it has checked (`modern_bridge`)."""
+
+        async def dispatch(method: str, params: dict[str, Any], version: str) -> dict[str, Any]:
+            inbound = Inbound(
+                endpoint=endpoint,
+                method=method,
+                params=params,
+                headers=Headers(scope=scope),
+                session_id=None,  # a 2026-07-28 request belongs to no session
+                protocol_version=version,
+            )
+            return await self._served[method](inbound)
+
+        return dispatch
 
     async def legacy_sse(
         self,
@@ -531,12 +599,18 @@ class Bridge:
         return [pair for per_server in results for pair in per_server]
 
     async def _list(self, ctx: ServerRequestContext[Any, Any], _params: Any) -> dict[str, Any]:
-        endpoint, request = self._context(ctx)
-        self._remember(ctx)
-        kind = LIST_KEYS[ctx.method]
-        raw = dict(ctx.params or {})
-        offset = _decode_cursor(raw.get("cursor"))
-        call = self._call(ctx, request, endpoint, "list", f"mcp:{endpoint.label}")
+        return await self.list_items(self._inbound(ctx))
+
+    async def list_items(self, inbound: Inbound) -> dict[str, Any]:
+        """Answer a list request (`tools/list`, ...): every member's items, narrowed, one page.
+
+        Raises:
+            MCPError: the refusal or failure, in the JSON-RPC error the client gets.
+        """
+        endpoint = inbound.endpoint
+        kind = LIST_KEYS[inbound.method]
+        offset = _decode_cursor(inbound.params.get("cursor"))
+        call = self._call(inbound, "list", f"mcp:{endpoint.label}")
 
         async def terminal(call: Call) -> Reply:
             # Discovery applies the scope check of invocation: a server whose calls the token's scopes
@@ -544,7 +618,7 @@ class Bridge:
             servers = endpoint.visible_to(call.principal)
             pairs = [
                 (server, item)
-                for server, item in await self._gather(servers, ctx.method, kind)
+                for server, item in await self._gather(servers, inbound.method, kind)
                 if endpoint.selects(kind, server, _item_name(kind, item))
             ]
             return Reply(payload=pairs, listing=[item_object(s, kind, i) for s, i in pairs])
@@ -567,17 +641,24 @@ class Bridge:
         result: dict[str, Any] = {kind: page}
         if offset + self._page_size < len(visible):
             result["nextCursor"] = _encode_cursor(offset + self._page_size)
-        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        if inbound.modern:
             # Narrowed for this caller: no shared cache may serve it to anyone else.
             result |= {"resultType": "complete", "ttlMs": 0, "cacheScope": "private"}
         return result
 
     # --- invocation ---
     async def _invoke(self, ctx: ServerRequestContext[Any, Any], _params: Any) -> dict[str, Any]:
-        endpoint, request = self._context(ctx)
-        self._remember(ctx)
-        params = dict(ctx.params or {})
-        method = ctx.method
+        return await self.invoke(self._inbound(ctx))
+
+    async def invoke(self, inbound: Inbound) -> dict[str, Any]:
+        """Answer a request for one item (`tools/call`, `prompts/get`, ...): route it, forward it.
+
+        Raises:
+            MCPError: the refusal or failure, in the JSON-RPC error the client gets.
+        """
+        endpoint = inbound.endpoint
+        params = dict(inbound.params)
+        method = inbound.method
         if method == "completion/complete":
             ref = dict(params.get("ref") or {})
             kind, key = ("prompts", "name") if ref.get("type") == "ref/prompt" else ("resources", "uri")
@@ -590,7 +671,7 @@ class Bridge:
         route = self._route(endpoint, kind, exposed) if isinstance(exposed, str) else None
         server, name = route if route else (endpoint.label, exposed if isinstance(exposed, str) else "")
         action = "call" if kind in ("tools", "prompts") else "read"
-        call = self._call(ctx, request, endpoint, action, item_object(server, kind, {key: name}))
+        call = self._call(inbound, action, item_object(server, kind, {key: name}))
         call.upstream = server
         if method == "tools/call":
             call.arguments = params.get("arguments")
@@ -603,12 +684,12 @@ class Bridge:
                 refused = self.pins.refusal(server, method, routed if target is params else {"ref": routed})
                 if refused is not None:
                     raise ToolQuarantined(refused)
-            if method == "tools/call" and ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
-                await self._check_param_headers(server, name, params.get("arguments"), request.headers)
+            if method == "tools/call" and inbound.modern:
+                await self._check_param_headers(server, name, params.get("arguments"), inbound.headers)
             target[key] = name
             if target is not params:
                 params["ref"] = target
-            return Reply(payload=await self._forward(ctx, request, server, method, params))
+            return Reply(payload=await self._forward(inbound, server, method, params))
 
         try:
             reply = await self._run(call, terminal)
@@ -621,7 +702,7 @@ class Bridge:
         payload: dict[str, Any] = reply.payload
         if method == "resources/read" and route is not None and endpoint.prefix:
             payload = self._expose_contents(server, payload)
-        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        if inbound.modern:
             # A handshake-era upstream's result has no resultType; the modern era requires one.
             payload.setdefault("resultType", "complete")
         return payload
@@ -671,42 +752,41 @@ class Bridge:
             raise HeaderMismatch(rejection.message)
 
     async def _forward(
-        self,
-        ctx: ServerRequestContext[Any, Any],
-        request: Request,
-        server: str,
-        method: str,
-        params: dict[str, Any],
+        self, inbound: Inbound, server: str, method: str, params: dict[str, Any]
     ) -> dict[str, Any]:
         if method == "resources/subscribe":
             # Kept per client session; the upstream is subscribed once, whoever else watches.
-            endpoint, _ = self._context(ctx)
+            if inbound.client is None:
+                raise MCPError(code=-32603, message="no client session to keep subscriptions for")
             uri = params["uri"]
-            exposed = f"{server}+{uri}" if endpoint.prefix else uri
-            await self.subscriptions.subscribe(client_session(ctx, self.subscriptions), exposed, server, uri)
+            exposed = f"{server}+{uri}" if inbound.endpoint.prefix else uri
+            await self.subscriptions.subscribe(inbound.client, exposed, server, uri)
             return {}
-        progress = self._progress(ctx, params)
-        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        progress = inbound.progress
+        relay = inbound.relay
+        if inbound.modern or relay is None:
             # A 2026-07-28 client answers input requests itself (MRTR): results pass through untouched,
             # and its retry, carrying requestState, routes by name to the same upstream. It asks for log
-            # messages per request: the upstream is asked the same (the SDK checked the level).
+            # messages per request: the upstream is asked the same (the SDK checked the level; the fast
+            # path leaves such requests to the SDK, whose stream carries the messages).
             meta = params.get("_meta")
             asked = meta.get(LOG_LEVEL_META_KEY) if isinstance(meta, dict) else None
-            if asked not in LOG_LEVELS:
+            if asked not in LOG_LEVELS or inbound.log is None:
                 return await self._sessions.request(server, method, params, progress=progress)
             return await self._sessions.request(
                 server,
                 method,
                 params,
                 progress=progress,
-                on_log=self._log(ctx, lambda level: at_or_above(level, asked)),
+                on_log=inbound.log(lambda level: at_or_above(level, asked)),
                 log_level=asked,
             )
-        relay = self._relay(ctx)
-        session_key = _session_of(request)
-        client = client_session(ctx, self.subscriptions)
-        level = client.level
-        on_log = self._log(ctx, client.wants) if level is not None else None
+        session_key = inbound.session_id
+        client = inbound.client
+        level = client.level if client is not None else None
+        on_log = (
+            inbound.log(client.wants) if client is not None and level is not None and inbound.log else None
+        )
         result = await self._sessions.request(
             server,
             method,
@@ -785,7 +865,8 @@ class Bridge:
         client_session(ctx, self.subscriptions).level = params.level
         return {}
 
-    def _progress(self, ctx: ServerRequestContext[Any, Any], params: Mapping[str, Any]) -> Any:
+    @staticmethod
+    def _progress(ctx: ServerRequestContext[Any, Any], params: Mapping[str, Any]) -> ProgressFn | None:
         meta = params.get("_meta")
         token = meta.get("progressToken") if isinstance(meta, dict) else None
         if token is None:
@@ -799,21 +880,32 @@ class Bridge:
         return forward
 
     # --- pipeline glue ---
-    @staticmethod
-    def _context(ctx: ServerRequestContext[Any, Any]) -> tuple[Endpoint, Request]:
+    def _inbound(self, ctx: ServerRequestContext[Any, Any]) -> Inbound:
+        """The request the SDK's server hands a handler, as the bridge's logic reads it."""
         request = ctx.request
         if not isinstance(request, Request) or SCOPE_KEY not in request.scope:
             raise MCPError(code=-32603, message="the bridged endpoint needs an HTTP request")
-        endpoint: Endpoint = request.scope[SCOPE_KEY]
-        return endpoint, request
+        self._remember(ctx)
+        params = ctx.params or {}
+        modern = ctx.protocol_version in MODERN_PROTOCOL_VERSIONS
+        return Inbound(
+            endpoint=request.scope[SCOPE_KEY],
+            method=ctx.method,
+            params=params,
+            headers=request.headers,
+            session_id=_session_of(request),
+            protocol_version=ctx.protocol_version,
+            progress=self._progress(ctx, params),
+            relay=None if modern else self._relay(ctx),
+            client=None if modern else client_session(ctx, self.subscriptions),
+            log=lambda wants: self._log(ctx, wants),
+        )
 
     @staticmethod
-    def _call(
-        ctx: ServerRequestContext[Any, Any], request: Request, endpoint: Endpoint, action: Any, resource: str
-    ) -> Call:
-        params = ctx.params or {}
+    def _call(inbound: Inbound, action: Any, resource: str) -> Call:
+        endpoint = inbound.endpoint
         try:
-            run_id = run_id_of(request.headers, params)
+            run_id = run_id_of(inbound.headers, inbound.params)
         except GatewayError as exc:
             raise MCPError(code=exc.jsonrpc_code, message=exc.message) from exc
         return Call(
@@ -821,11 +913,11 @@ class Bridge:
             action=action,
             resource=resource,
             upstream=endpoint.label,
-            method=ctx.method,
-            credentials=request.headers.get("authorization"),
+            method=inbound.method,
+            credentials=inbound.headers.get("authorization"),
             endpoint=endpoint.path,  # not request.url: building that URL costs more than the rest
             run_id=run_id,
-            session_id=_session_of(request),
+            session_id=inbound.session_id,
         )
 
     async def _run(self, call: Call, terminal: Any) -> Reply:

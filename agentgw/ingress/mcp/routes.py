@@ -101,6 +101,18 @@ class McpIngress:
         self._bridge = bridge
         self._authenticate = authenticate
         self._pipeline = pipeline
+        # The merged catalog's endpoint, built once per registry snapshot rather than per request.
+        self._merged: Endpoint | None = None
+        registry.on_change(self._forget_merged)
+
+    def _forget_merged(self) -> None:
+        self._merged = None
+
+    def _merged_endpoint(self) -> Endpoint:
+        merged = self._merged
+        if merged is None:
+            merged = self._merged = Endpoint.merged(self._registry.servers())
+        return merged
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         params: dict[str, str] = scope.get("path_params", {})
@@ -120,7 +132,7 @@ class McpIngress:
                 await self._audit_refusal(scope, headers, name, path)
                 raise exc
             if name is None:
-                endpoint = Endpoint.merged(self._registry.servers())
+                endpoint = self._merged_endpoint()
             else:
                 spec = self._registry.server(name)
                 if (
