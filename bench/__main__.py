@@ -1,4 +1,4 @@
-"""`python -m bench {load,upstream,floor,compare,stores,cluster,tokens,recovery}`."""
+"""`python -m bench {load,upstream,floor,compare,stores,cluster,tokens,recovery,stages}`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bench import cluster, compare, floor, load, recovery, stores, tokens, upstream
+from bench import cluster, compare, floor, load, recovery, stages, stores, tokens, upstream
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,6 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokens.add_arguments(cache)
     heal = sub.add_parser("recovery", help="one node losing PostgreSQL or Redis: refusals and recovery")
     recovery.add_arguments(heal)
+    own = sub.add_parser(
+        "stages", help="each pipeline stage's own cost, one switched off at a time (in process)"
+    )
+    stages.add_arguments(own)
     args = parser.parse_args(argv)
     if args.command == "load":
         return load.main(args)
@@ -47,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return tokens.main(args)
     if args.command == "recovery":
         return recovery.main(args)
+    if args.command == "stages":
+        return stages.main(args)
     return compare.main(args)
 
 

@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 from sqlmodel import Field, Session, SQLModel, select
 
 from agentgw.registry.models import McpServerRow, McpServerSpec, VirtualServerRow, VirtualServerSpec
-from agentgw.storage.owned_rows import put_owned, remove_owned, sync_owned
+from agentgw.storage.owned_rows import OwnedRows
 
 __all__ = ["RegistryConflict", "RegistryStore", "RegistryVersion"]
 
@@ -66,6 +66,7 @@ class RegistryStore:
         self._failing: dict[str, str] = {}
         self._version = -1
         self._listeners: list[Callable[[], None]] = []
+        self._rows = OwnedRows(engine, RegistryVersion, RegistryConflict, lambda: self.refresh(force=True))
 
     @property
     def engine(self) -> Engine:
@@ -122,12 +123,12 @@ class RegistryStore:
             if unknown := sorted(selected - {s.name for s in servers}):
                 raise RegistryConflict(f"virtual server {vspec.name!r} selects undeclared servers: {unknown}")
             _refuse_per_caller(vspec.name, selected & per_caller)
-        with Session(self._engine) as session:
-            sync_owned(session, McpServerRow, {s.name: s.model_dump() for s in servers})
-            sync_owned(session, VirtualServerRow, {v.name: v.model_dump() for v in virtual})
-            self._bump(session)
-            session.commit()
-        self.refresh(force=True)
+        self._rows.sync(
+            {
+                McpServerRow: {s.name: s.model_dump() for s in servers},
+                VirtualServerRow: {v.name: v.model_dump() for v in virtual},
+            }
+        )
 
     def put_server(self, spec: McpServerSpec, *, replace: bool = False) -> None:
         """Add (or with `replace`, update) an API-owned server.
@@ -136,7 +137,8 @@ class RegistryStore:
             RegistryConflict: the name exists (and `replace` is false), a virtual server has it, or the
                 config file owns it.
         """
-        with Session(self._engine) as session:
+
+        def check(session: Session) -> None:
             if session.get(VirtualServerRow, spec.name) is not None:
                 raise RegistryConflict(f"{spec.name!r} is a virtual server: both are served at /mcp/<name>")
             if spec.per_caller_credential:
@@ -144,18 +146,10 @@ class RegistryStore:
                     vspec = VirtualServerSpec.model_validate(vrow.spec)
                     if spec.name in vspec.servers():
                         _refuse_per_caller(vspec.name, {spec.name})
-            put_owned(
-                session,
-                McpServerRow,
-                spec.name,
-                spec.model_dump(),
-                replace=replace,
-                noun="server",
-                conflict=RegistryConflict,
-            )
-            self._bump(session)
-            session.commit()
-        self.refresh(force=True)
+
+        self._rows.put(
+            McpServerRow, spec.name, spec.model_dump(), replace=replace, noun="server", check=check
+        )
 
     def remove_server(self, name: str) -> bool:
         """Remove an API-owned server; returns whether it existed.
@@ -163,13 +157,7 @@ class RegistryStore:
         Raises:
             RegistryConflict: the config file owns it.
         """
-        with Session(self._engine) as session:
-            if not remove_owned(session, McpServerRow, name, noun="server", conflict=RegistryConflict):
-                return False
-            self._bump(session)
-            session.commit()
-        self.refresh(force=True)
-        return True
+        return self._rows.remove(McpServerRow, name, noun="server")
 
     def put_virtual(self, spec: VirtualServerSpec, *, replace: bool = False) -> None:
         """Add (or with `replace`, update) an API-owned virtual server.
@@ -178,7 +166,8 @@ class RegistryStore:
             RegistryConflict: the name is taken (by a server, or by a virtual server when not
                 replacing), the config file owns it, or a selector names an unknown server.
         """
-        with Session(self._engine) as session:
+
+        def check(session: Session) -> None:
             if session.get(McpServerRow, spec.name) is not None:
                 raise RegistryConflict(f"{spec.name!r} is a server: both are served at /mcp/<name>")
             selected = spec.servers()
@@ -191,18 +180,15 @@ class RegistryStore:
                 n for n in selected if McpServerSpec.model_validate(rows[n].spec).per_caller_credential
             }
             _refuse_per_caller(spec.name, per_caller)
-            put_owned(
-                session,
-                VirtualServerRow,
-                spec.name,
-                spec.model_dump(),
-                replace=replace,
-                noun="virtual server",
-                conflict=RegistryConflict,
-            )
-            self._bump(session)
-            session.commit()
-        self.refresh(force=True)
+
+        self._rows.put(
+            VirtualServerRow,
+            spec.name,
+            spec.model_dump(),
+            replace=replace,
+            noun="virtual server",
+            check=check,
+        )
 
     def remove_virtual(self, name: str) -> bool:
         """Remove an API-owned virtual server; returns whether it existed.
@@ -210,26 +196,12 @@ class RegistryStore:
         Raises:
             RegistryConflict: the config file owns it.
         """
-        with Session(self._engine) as session:
-            if not remove_owned(
-                session, VirtualServerRow, name, noun="virtual server", conflict=RegistryConflict
-            ):
-                return False
-            self._bump(session)
-            session.commit()
-        self.refresh(force=True)
-        return True
-
-    def _bump(self, session: Session) -> None:
-        row = session.get(RegistryVersion, 1) or RegistryVersion()
-        row.version += 1
-        session.add(row)
+        return self._rows.remove(VirtualServerRow, name, noun="virtual server")
 
     def refresh(self, *, force: bool = False) -> bool:
         """Reload the snapshot if another writer bumped the version; returns whether it changed."""
         with Session(self._engine) as session:
-            row = session.get(RegistryVersion, 1)
-            version = row.version if row else 0
+            version = self._rows.version(session)
             if version == self._version and not force:
                 return False
             servers: dict[str, McpServerSpec] = {}

@@ -17,7 +17,7 @@ from sqlalchemy import JSON, Column, Engine
 from sqlmodel import Field, Session, SQLModel, select
 
 from agentgw.records.budget import BudgetRule
-from agentgw.storage.owned_rows import put_owned, remove_owned, sync_owned
+from agentgw.storage.owned_rows import OwnedRows
 
 __all__ = ["BudgetRuleBook", "BudgetRuleConflict", "BudgetRuleRow", "BudgetRuleVersion"]
 
@@ -57,6 +57,9 @@ class BudgetRuleBook:
         self._version = -1
         self._checked = 0.0
         self._refreshing = False
+        self._rows = OwnedRows(
+            engine, BudgetRuleVersion, BudgetRuleConflict, lambda: self.refresh(force=True)
+        )
         SQLModel.metadata.create_all(engine, tables=_TABLES)
 
     # --- reads ---
@@ -85,11 +88,7 @@ class BudgetRuleBook:
     # --- writes ---
     def sync_config(self, rules: Sequence[BudgetRule]) -> None:
         """Make the config file's rules the truth for the rows it owns (and drop the ones it dropped)."""
-        with Session(self._engine) as session:
-            sync_owned(session, BudgetRuleRow, {r.name: r.model_dump() for r in rules})
-            self._bump(session)
-            session.commit()
-        self.refresh(force=True)
+        self._rows.sync({BudgetRuleRow: {r.name: r.model_dump() for r in rules}})
 
     def put(self, rule: BudgetRule, *, replace: bool = True) -> None:
         """Add or replace an API-owned rule.
@@ -97,19 +96,7 @@ class BudgetRuleBook:
         Raises:
             BudgetRuleConflict: the config file owns the name, or it exists and `replace` is false.
         """
-        with Session(self._engine) as session:
-            put_owned(
-                session,
-                BudgetRuleRow,
-                rule.name,
-                rule.model_dump(),
-                replace=replace,
-                noun="budget",
-                conflict=BudgetRuleConflict,
-            )
-            self._bump(session)
-            session.commit()
-        self.refresh(force=True)
+        self._rows.put(BudgetRuleRow, rule.name, rule.model_dump(), replace=replace, noun="budget")
 
     def remove(self, name: str) -> bool:
         """Remove an API-owned rule; returns whether it existed.
@@ -117,18 +104,7 @@ class BudgetRuleBook:
         Raises:
             BudgetRuleConflict: the config file owns it.
         """
-        with Session(self._engine) as session:
-            if not remove_owned(session, BudgetRuleRow, name, noun="budget", conflict=BudgetRuleConflict):
-                return False
-            self._bump(session)
-            session.commit()
-        self.refresh(force=True)
-        return True
-
-    def _bump(self, session: Session) -> None:
-        row = session.get(BudgetRuleVersion, 1) or BudgetRuleVersion()
-        row.version += 1
-        session.add(row)
+        return self._rows.remove(BudgetRuleRow, name, noun="budget")
 
     def refresh(self, *, force: bool = False) -> bool:
         """Reload the snapshot if another writer bumped the version; returns whether it changed.
@@ -138,8 +114,7 @@ class BudgetRuleBook:
                 last good snapshot stays in force rather than a budget silently dropping out.
         """
         with Session(self._engine) as session:
-            row = session.get(BudgetRuleVersion, 1)
-            version = row.version if row else 0
+            version = self._rows.version(session)
             if version == self._version and not force:
                 return False
             rows = session.exec(select(BudgetRuleRow)).all()
