@@ -21,10 +21,12 @@ if TYPE_CHECKING:
 
     from agentgw.settings import Settings
 
-__all__ = ["register", "worker_app"]
+__all__ = ["register", "worker_app", "worker_node_urls"]
 
 # Worker processes are spawned, not forked: they read the parent's settings from here.
 WORKER_SETTINGS_ENV = "_AGENTGW_WORKER_SETTINGS"
+# A worker's own node URL (its port of its own), which its bridged sessions' bindings name.
+WORKER_NODE_URL_ENV = "_AGENTGW_WORKER_NODE_URL"
 
 
 def register(sub: Any) -> None:
@@ -74,6 +76,8 @@ def worker_app() -> FastAPI:
     from agentgw.cli import client_timeouts
 
     settings = Settings.model_validate_json(encoded)
+    if own := os.environ.get(WORKER_NODE_URL_ENV):
+        settings = settings.model_copy(update={"node_url": own})
     _configure_logging(settings)
     client_timeouts.configure(settings.client_idle_timeout_s, settings.client_read_timeout_s)
     return create_app(settings)
@@ -164,12 +168,32 @@ def _uvicorn_options(args: argparse.Namespace, settings: Settings) -> dict[str, 
     }
 
 
+def worker_node_urls(settings: Settings, workers: int) -> list[tuple[int, str]]:
+    """Each worker's own port and node URL: the node's URL with port `port + 1 + slot`; none when the
+    node has no URL (it forwards nothing).
+
+    The shared port reaches whichever worker the kernel picks; a forwarded request for a bridged
+    session must reach the one process that holds it, so each worker is also reachable on its own.
+    """
+    from urllib.parse import urlsplit
+
+    node = settings.own_node_url()
+    if node is None:
+        return []
+    parts = urlsplit(node)
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+    ports = [settings.port + 1 + slot for slot in range(workers)]
+    return [(port, parts._replace(netloc=f"{host}:{port}").geturl()) for port in ports]
+
+
 def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
     """Run `args.workers` worker processes, each listening on its own SO_REUSEPORT socket.
 
     One shared listening socket lets whichever worker wakes first accept a whole burst; a socket per
-    worker lets the kernel spread new connections over them. The parent only supervises: it restarts
-    a worker that dies once serving, and stops them all on SIGTERM or SIGINT, or when one cannot start.
+    worker lets the kernel spread new connections over them. Each worker also listens on a port of
+    its own (`worker_node_urls`), where forwarded requests for its bridged sessions reach it. The
+    parent only supervises: it restarts a worker that dies once serving, and stops them all on
+    SIGTERM or SIGINT, or when one cannot start.
     """
     import multiprocessing
     import signal
@@ -181,11 +205,15 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     # Refuse a port something already listens on: with SO_REUSEPORT another gateway of this user
     # would otherwise silently share the port (and its traffic) with ours.
-    try:
-        _bound_socket(settings.host, settings.port, reuse_port=False).close()
-    except OSError as exc:
-        print(f"error: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
-        return 1
+    own = worker_node_urls(settings, args.workers)
+    for port in [settings.port, *(port for port, _ in own)]:
+        try:
+            if port > 65535:
+                raise OSError(f"port {port} is out of range (a worker's own port is port + 1 + its slot)")
+            _bound_socket(settings.host, port, reuse_port=False).close()
+        except OSError as exc:
+            print(f"error: cannot listen on {settings.host}:{port}: {exc}", file=sys.stderr)
+            return 1
     os.environ[WORKER_SETTINGS_ENV] = settings.model_dump_json()
     record_base_url(settings)
     options = _uvicorn_options(args, settings)
@@ -195,7 +223,9 @@ def _serve_workers(args: argparse.Namespace, settings: Settings) -> int:
     def start(slot: int) -> None:
         ready, ready_in_child = spawn.Pipe(duplex=False)
         process = spawn.Process(
-            target=_run_worker, args=(options, ready_in_child), name=f"agentgw-worker-{slot}"
+            target=_run_worker,
+            args=(options, ready_in_child, own[slot] if own else None),
+            name=f"agentgw-worker-{slot}",
         )
         process.start()
         ready_in_child.close()
@@ -281,8 +311,9 @@ def _stop_workers(processes: list[BaseProcess]) -> None:
             process.join()
 
 
-def _run_worker(options: dict[str, Any], ready: Connection) -> None:
-    """One worker process: uvicorn serving `worker_app` on a listening socket of its own."""
+def _run_worker(options: dict[str, Any], ready: Connection, own: tuple[int, str] | None) -> None:
+    """One worker process: uvicorn serving `worker_app` on a listening socket of its own on the shared
+    port, and on `own`'s port (its node URL) when the node forwards bridged sessions' requests."""
     import uvicorn
     from uvicorn.config import STARTUP_FAILURE
 
@@ -292,14 +323,18 @@ def _run_worker(options: dict[str, Any], ready: Connection) -> None:
             ready.send(True)
 
     config = uvicorn.Config("agentgw.cli.serve:worker_app", factory=True, **options)
-    try:
-        # Bound here, listening once the app has started (uvicorn's `listen`): until then the
-        # kernel gives new connections to the other workers.
-        sock = _bound_socket(config.host, config.port, reuse_port=True)
-    except OSError as exc:
-        print(f"error: worker cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
-        sys.exit(STARTUP_FAILURE)
-    _Worker(config).run(sockets=[sock])
+    if own is not None:
+        os.environ[WORKER_NODE_URL_ENV] = own[1]
+    sockets = []
+    # Bound here, listening once the app has started (uvicorn's `listen`): until then the kernel
+    # gives new connections to the other workers. Only this worker listens on its own port.
+    for port, shared in [(config.port, True), *([(own[0], False)] if own else [])]:
+        try:
+            sockets.append(_bound_socket(config.host, port, reuse_port=shared))
+        except OSError as exc:
+            print(f"error: worker cannot listen on {config.host}:{port}: {exc}", file=sys.stderr)
+            sys.exit(STARTUP_FAILURE)
+    _Worker(config).run(sockets=sockets)
 
 
 def _bound_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:

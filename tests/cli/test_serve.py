@@ -4,6 +4,7 @@ counts in one process only)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -15,13 +16,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
+import httpx2
 import pytest
+import redis
 import yaml
+from mcp import Client, ClientSession
+from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
 
 from agentgw import __version__
 from agentgw.cli import _parser, main
-from agentgw.cli.serve import _uvicorn_options
+from agentgw.cli.serve import _uvicorn_options, worker_node_urls
 from agentgw.settings import Settings
 from conformance.fixtures.launch import (
     FixtureProcess,
@@ -31,6 +38,9 @@ from conformance.fixtures.launch import (
     stdio_command,
 )
 from tests.support.gateway import gateway_args, run_gateway, write_config
+from tests.support.mcp import ACCEPT, answer_of
+
+REDIS = "redis://127.0.0.1:6379/0"
 
 
 def test_several_workers_with_the_local_budget_store_refuse_to_start(
@@ -240,10 +250,23 @@ def _workers_config() -> dict[str, Any]:
     }
 
 
+def _free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports: a node's and its workers' own (port + 1 + slot)."""
+    while True:
+        port = free_port()
+        with contextlib.ExitStack() as taken:
+            try:
+                for candidate in range(port, port + count):
+                    taken.enter_context(socket.create_server(("127.0.0.1", candidate)))
+            except OSError:
+                continue
+        return port
+
+
 @contextlib.contextmanager
 def _serving_workers(tmp_path: Path, config: dict[str, Any]) -> Iterator[FixtureProcess]:
     """`agentgw serve --workers 2`, once every worker serves (its banner says so)."""
-    port = free_port()
+    port = _free_ports(3)
     args = [
         *gateway_args(write_config(tmp_path, config), port, f"sqlite:///{tmp_path / 'gw.db'}"),
         "--workers",
@@ -328,14 +351,15 @@ def test_workers_listen_on_a_socket_each_so_a_burst_of_connections_reaches_all_o
         assert "Traceback" not in gateway.output()
 
 
+@pytest.mark.parametrize("offset", [0, 2], ids=["the port", "a worker's own port"])
 def test_workers_refuse_a_port_something_already_listens_on(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], offset: int
 ) -> None:
     # With SO_REUSEPORT a second gateway would otherwise silently share the first one's port.
     monkeypatch.delenv("AGENTGW_CONFIG", raising=False)
     config = {"redis_url": "redis://127.0.0.1:6379/0", "budgets": {"store": "redis"}}
-    with socket.create_server(("127.0.0.1", 0), reuse_port=True) as taken:
-        port = taken.getsockname()[1]
+    port = _free_ports(3)
+    with socket.create_server(("127.0.0.1", port + offset), reuse_port=True):
         argv = [
             "serve",
             "--config",
@@ -346,13 +370,13 @@ def test_workers_refuse_a_port_something_already_listens_on(
             "2",
         ]
         assert main(argv) == 1
-    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port + offset}" in capsys.readouterr().err
 
 
 def test_workers_that_cannot_start_stop_the_group_with_an_error(tmp_path: Path) -> None:
     # An empty policy makes every worker's app refuse to start: restarting them would loop forever.
     config = {k: v for k, v in _workers_config().items() if k != "policy"}
-    port = free_port()
+    port = _free_ports(3)
     args = [
         *gateway_args(write_config(tmp_path, config), port, f"sqlite:///{tmp_path / 'gw.db'}"),
         "--workers",
@@ -362,3 +386,103 @@ def test_workers_that_cannot_start_stop_the_group_with_an_error(tmp_path: Path) 
     assert done.returncode == 1, done.stderr
     assert "could not start" in done.stderr
     assert "listening on" not in done.stdout
+
+
+def test_each_worker_is_reached_on_the_node_urls_host_at_a_port_of_its_own() -> None:
+    # A pod bound to 0.0.0.0 names its pod IP: each worker's URL is that IP with its own port.
+    pod = Settings(host="0.0.0.0", port=8080, node_url="http://10.0.3.17:8080")
+    assert worker_node_urls(pod, 2) == [(8081, "http://10.0.3.17:8081"), (8082, "http://10.0.3.17:8082")]
+    assert worker_node_urls(Settings(host="::1", port=9000), 1) == [(9001, "http://[::1]:9001")]
+    # No node URL: the node forwards nothing, so its workers need no port of their own.
+    assert worker_node_urls(Settings(host="0.0.0.0", port=8080), 2) == []
+
+
+def _owner_of(session_id: str) -> str:
+    """The node URL a bridged session's binding in Redis names."""
+    raw = redis.Redis.from_url(REDIS).get(f"agentgw:mcp-session:{session_id}")
+    assert raw is not None, session_id
+    owner: str = json.loads(raw)["upstream"]
+    return owner
+
+
+# No keep-alive: each request is a new connection, which the kernel may give to either worker.
+_NO_KEEPALIVE = httpx2.Limits(max_keepalive_connections=0)
+
+
+def _new_connection_each_time(
+    headers: dict[str, str] | None = None, timeout: Any = None, auth: Any = None
+) -> httpx2.AsyncClient:
+    return httpx2.AsyncClient(headers=headers, timeout=timeout or 30, auth=auth, limits=_NO_KEEPALIVE)
+
+
+@pytest.fixture(scope="module")
+def bridging_workers(
+    tmp_path_factory: pytest.TempPathFactory, legacy_upstream: str
+) -> Iterator[FixtureProcess]:
+    """`serve --workers 2` bridging a 2025-11-25 upstream on `/mcp` (sessions held by the SDK)."""
+    config = _workers_config() | {
+        "allow_anonymous": True,
+        "servers": [{"name": "legacy", "url": f"{legacy_upstream}/mcp"}],
+        "policy": {"rules": ["p, anonymous, mcp:legacy/*, *, allow"]},
+    }
+    with _serving_workers(tmp_path_factory.mktemp("bridging"), config) as gateway:
+        yield gateway
+
+
+def _worker_urls(gateway: FixtureProcess) -> set[str]:
+    return {f"http://127.0.0.1:{gateway.port + n}" for n in (1, 2)}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
+async def test_a_bridged_session_continues_on_whichever_worker_takes_each_request(
+    bridging_workers: FixtureProcess,
+) -> None:
+    gateway = bridging_workers
+    # Each worker also answers on a port of its own, which its bindings name.
+    pids = {httpx.get(f"{url}/healthz").json()["pid"] for url in _worker_urls(gateway)}
+    assert len(pids) == 2 and pids <= _children(gateway.process.pid)
+    sessions: set[str] = set()
+
+    async def seen(response: httpx2.Response) -> None:
+        if "mcp-session-id" in response.headers:
+            sessions.add(response.headers["mcp-session-id"])
+
+    http = _new_connection_each_time()
+    http.event_hooks["response"].append(seen)
+    transport = streamable_http_client(f"{gateway.url}/mcp", http_client=http)
+    with anyio.fail_after(30):
+        async with http, Client(transport, mode="legacy") as mcp:
+            for i in range(12):
+                result = await mcp.call_tool("legacy__echo", {"text": f"call{i}"})
+                assert result.content[0].text == f"call{i}"  # type: ignore[union-attr]
+            [session] = sessions
+            assert _owner_of(session) in _worker_urls(gateway)
+            # Whichever worker a request reaches, this one included, it is served: by the owner, or
+            # forwarded by the other worker to the owner's own port.
+            headers = {"accept": ACCEPT, "mcp-protocol-version": "2025-11-25", "mcp-session-id": session}
+            listing = {"jsonrpc": "2.0", "id": 99, "method": "tools/list"}
+            for url in _worker_urls(gateway):
+                listed = answer_of(httpx.post(f"{url}/mcp", json=listing, headers=headers, timeout=10))
+                assert "legacy__echo" in {tool["name"] for tool in listed["result"]["tools"]}, url
+
+
+async def test_an_http_sse_sessions_messages_reach_it_through_either_worker(
+    bridging_workers: FixtureProcess,
+) -> None:
+    gateway = bridging_workers
+    opened: list[str] = []
+    # The stream stays on one worker; each message comes on a new connection.
+    with anyio.fail_after(30):
+        async with (
+            sse_client(
+                f"{gateway.url}/mcp/_sse",
+                httpx_client_factory=_new_connection_each_time,
+                on_session_created=opened.append,
+            ) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            for i in range(12):
+                result = await session.call_tool("legacy__echo", {"text": f"sse{i}"})
+                assert result.content[0].text == f"sse{i}"  # type: ignore[union-attr]
+            assert _owner_of(opened[0]) in _worker_urls(gateway)
