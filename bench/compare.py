@@ -45,7 +45,7 @@ import orjson
 import yaml
 
 from bench.load import ERAS, Era, Kind, Result, http_client, install_uvloop, run, workload
-from conformance.fixtures.launch import FixtureProcess, free_port, start_process
+from conformance.fixtures.launch import FixtureProcess, free_port, free_ports, start_process
 
 __all__ = ["Row", "Setup", "add_arguments", "compare", "main"]
 
@@ -541,7 +541,7 @@ def main(args: argparse.Namespace) -> int:
         args.redis_url = args.redis_url or "redis://127.0.0.1:6379/0"
     _stop_on_sigterm()
     install_uvloop()
-    upstream_port, gateway_port = free_port(), free_port()
+    upstream_port, gateway_port = free_port(), free_ports(args.workers + 1)
     upstream_url = f"http://127.0.0.1:{upstream_port}"
     if args.kind != "mcp" and args.upstream != "fast":
         raise SystemExit(f"--kind {args.kind} needs --upstream fast (the SDK fixture speaks MCP only)")

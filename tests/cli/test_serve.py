@@ -33,6 +33,7 @@ from agentgw.settings import Settings
 from conformance.fixtures.launch import (
     FixtureProcess,
     free_port,
+    free_ports,
     start_process,
     start_upstream_sync,
     stdio_command,
@@ -250,23 +251,10 @@ def _workers_config() -> dict[str, Any]:
     }
 
 
-def _free_ports(count: int) -> int:
-    """The first of `count` consecutive free ports: a node's and its workers' own (port + 1 + slot)."""
-    while True:
-        port = free_port()
-        with contextlib.ExitStack() as taken:
-            try:
-                for candidate in range(port, port + count):
-                    taken.enter_context(socket.create_server(("127.0.0.1", candidate)))
-            except OSError:
-                continue
-        return port
-
-
 @contextlib.contextmanager
 def _serving_workers(tmp_path: Path, config: dict[str, Any]) -> Iterator[FixtureProcess]:
     """`agentgw serve --workers 2`, once every worker serves (its banner says so)."""
-    port = _free_ports(3)
+    port = free_ports(3)
     args = [
         *gateway_args(write_config(tmp_path, config), port, f"sqlite:///{tmp_path / 'gw.db'}"),
         "--workers",
@@ -358,7 +346,7 @@ def test_workers_refuse_a_port_something_already_listens_on(
     # With SO_REUSEPORT a second gateway would otherwise silently share the first one's port.
     monkeypatch.delenv("AGENTGW_CONFIG", raising=False)
     config = {"redis_url": "redis://127.0.0.1:6379/0", "budgets": {"store": "redis"}}
-    port = _free_ports(3)
+    port = free_ports(3)
     with socket.create_server(("127.0.0.1", port + offset), reuse_port=True):
         argv = [
             "serve",
@@ -376,7 +364,7 @@ def test_workers_refuse_a_port_something_already_listens_on(
 def test_workers_that_cannot_start_stop_the_group_with_an_error(tmp_path: Path) -> None:
     # An empty policy makes every worker's app refuse to start: restarting them would loop forever.
     config = {k: v for k, v in _workers_config().items() if k != "policy"}
-    port = _free_ports(3)
+    port = free_ports(3)
     args = [
         *gateway_args(write_config(tmp_path, config), port, f"sqlite:///{tmp_path / 'gw.db'}"),
         "--workers",
