@@ -874,30 +874,22 @@ class UpstreamSessions:
             conn = self._peer(server, relay_key, relay, on_log) or conn
         timeout = timeout_s or conn.spec.timeout_s
         post = conn.post
+
+        def modern(post: _ModernPost) -> Awaitable[dict[str, Any]]:
+            return post.request(
+                method, params, timeout_s=timeout, progress=progress, on_log=on_log, log_level=log_level
+            )
+
         try:
             if post is not None:
                 # The hot path (set only while connected). asyncio's timeout costs half of anyio's,
                 # which the SDK's session below needs for its own cancel scopes.
                 async with asyncio.timeout(timeout):
-                    return await post.request(
-                        method,
-                        params,
-                        timeout_s=timeout,
-                        progress=progress,
-                        on_log=on_log,
-                        log_level=log_level,
-                    )
+                    return await modern(post)
             with anyio.fail_after(timeout):
                 await conn.ready.wait()
                 if conn.post is not None:
-                    return await conn.post.request(
-                        method,
-                        params,
-                        timeout_s=timeout,
-                        progress=progress,
-                        on_log=on_log,
-                        log_level=log_level,
-                    )
+                    return await modern(conn.post)
                 try:
                     request = _REQUEST.validate_python({"method": method, "params": _strip_era(params)})
                 except ValidationError as exc:
