@@ -23,12 +23,12 @@ from agentgw.oauth.keys import SigningKeys
 from agentgw.oauth.server import mint_token
 from conformance.fixtures.launch import start_upstream_sync
 from tests.support.gateway import run_gateway
+from tests.support.mcp import LEGACY, LEGACY_INIT
 
 __all__ = ["main"]
 
 REDIS = "redis://127.0.0.1:6379/0"
 PUBLIC = "http://127.0.0.1:9"  # the nodes' shared public URL (token audiences); nothing listens there
-LEGACY = "2025-11-25"
 
 
 def _session(node: str, authorization: str) -> dict[str, str]:
@@ -37,17 +37,7 @@ def _session(node: str, authorization: str) -> dict[str, str]:
         "mcp-protocol-version": LEGACY,
         "authorization": authorization,
     }
-    init = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": LEGACY,
-            "capabilities": {},
-            "clientInfo": {"name": "b", "version": "1"},
-        },
-    }
-    started = httpx.post(f"{node}/mcp", json=init, headers=headers, timeout=10)
+    started = httpx.post(f"{node}/mcp", json=LEGACY_INIT, headers=headers, timeout=10)
     started.raise_for_status()
     headers["mcp-session-id"] = started.headers["mcp-session-id"]
     ready = {"jsonrpc": "2.0", "method": "notifications/initialized"}

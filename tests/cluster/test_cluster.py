@@ -27,10 +27,9 @@ from conformance.fixtures.a2a_agents import agents_args
 from conformance.fixtures.launch import free_port, start_process
 from tests.cluster.conftest import bearer
 from tests.e2e.test_oauth_login import pkce
-from tests.support.mcp import META, modern_headers
+from tests.support.mcp import LEGACY, LEGACY_INIT, META, modern_headers
 
 BUDGET = 12
-LEGACY = "2025-11-25"
 HEADERS = {"accept": "application/json, text/event-stream", "mcp-protocol-version": LEGACY}
 REDIRECT_URI = "http://127.0.0.1:1/callback"
 
@@ -108,17 +107,7 @@ async def test_a_run_budget_admits_exactly_its_calls_over_every_node(cluster: Cl
 def test_a_legacy_session_continues_on_whichever_node_takes_each_request(cluster: Cluster) -> None:
     nodes: set[str] = set()
     with httpx.Client(timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as client:
-        init = {
-            "jsonrpc": "2.0",
-            "id": 1,
-            "method": "initialize",
-            "params": {
-                "protocolVersion": LEGACY,
-                "capabilities": {},
-                "clientInfo": {"name": "t", "version": "1"},
-            },
-        }
-        started = client.post(cluster.mcp("up"), json=init, headers=HEADERS)
+        started = client.post(cluster.mcp("up"), json=LEGACY_INIT, headers=HEADERS)
         assert started.status_code == 200, started.text
         nodes.add(started.headers["x-node"])
         headers = HEADERS | {"mcp-session-id": started.headers["mcp-session-id"]}
@@ -257,17 +246,7 @@ def _open_bridged(
     client: httpx.Client, cluster: Cluster, auth: dict[str, str]
 ) -> tuple[dict[str, str], Node]:
     """A bridged session on `/mcp` opened through nginx: the headers that continue it, its owner."""
-    init = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": LEGACY,
-            "capabilities": {},
-            "clientInfo": {"name": "t", "version": "1"},
-        },
-    }
-    started = client.post(f"{cluster.url}/mcp", json=init, headers=HEADERS | auth)
+    started = client.post(f"{cluster.url}/mcp", json=LEGACY_INIT, headers=HEADERS | auth)
     assert started.status_code == 200, started.text
     headers = HEADERS | auth | {"mcp-session-id": started.headers["mcp-session-id"]}
     note = {"jsonrpc": "2.0", "method": "notifications/initialized"}

@@ -18,19 +18,12 @@ from agentgw.ingress.mcp.forwarding import FORWARDED_HEADER
 from agentgw.oauth.keys import SigningKeys
 from agentgw.oauth.server import mint_token
 from tests.support.gateway import RunningGateway, run_gateway
-from tests.support.mcp import ACCEPT, answer_of
+from tests.support.mcp import ACCEPT, LEGACY, LEGACY_INIT, answer_of
 
 REDIS = "redis://127.0.0.1:6379/0"
 # What both nodes call themselves towards clients (token audiences); nothing listens there.
 PUBLIC = "http://127.0.0.1:9"
-LEGACY = "2025-11-25"
 HEADERS = {"accept": ACCEPT, "mcp-protocol-version": LEGACY}
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {"protocolVersion": LEGACY, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
-}
 READY = {"jsonrpc": "2.0", "method": "notifications/initialized"}
 LIST = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
 Nodes = tuple[RunningGateway, RunningGateway, Path]
@@ -76,7 +69,7 @@ def auth(keys: Path, who: str, path: str = "/mcp") -> dict[str, str]:
 def open_session(node: RunningGateway, keys: Path, who: str, path: str = "/mcp") -> dict[str, str]:
     """Open a bridged session on `node`; the headers that continue it."""
     headers = HEADERS | auth(keys, who, path)
-    started = httpx.post(f"{node.url}{path}", json=INIT, headers=headers, timeout=10)
+    started = httpx.post(f"{node.url}{path}", json=LEGACY_INIT, headers=headers, timeout=10)
     assert started.status_code == 200, started.text
     headers |= {"mcp-session-id": started.headers["mcp-session-id"]}
     ready = httpx.post(f"{node.url}{path}", json=READY, headers=headers, timeout=10)
@@ -180,7 +173,7 @@ def test_messages_of_an_http_sse_session_reach_it_through_the_other_node(nodes: 
         lines = events.iter_lines()
         endpoint = next(line[5:].strip() for line in lines if line.startswith("data:"))
         assert endpoint.startswith("/mcp/_messages?session_id=")
-        posted = client.post(f"{b.url}{endpoint}", json=INIT, headers=alice)
+        posted = client.post(f"{b.url}{endpoint}", json=LEGACY_INIT, headers=alice)
         assert posted.status_code == 202, posted.text
         answer = next(json.loads(line[5:]) for line in lines if line.startswith("data:"))
         assert answer["id"] == 1 and "serverInfo" in answer["result"]

@@ -1,4 +1,4 @@
-"""What a raw 2026-07-28 MCP request carries, for tests that speak JSON-RPC without the SDK."""
+"""What a raw MCP request carries, for tests that speak JSON-RPC without the SDK."""
 
 from __future__ import annotations
 
@@ -7,15 +7,25 @@ from typing import Any
 
 import httpx
 
-__all__ = ["ACCEPT", "META", "MODERN", "answer_of", "modern_headers"]
+__all__ = ["ACCEPT", "LEGACY", "LEGACY_INIT", "META", "MODERN", "answer_of", "modern_headers"]
 
 MODERN = "2026-07-28"
+LEGACY = "2025-11-25"
 ACCEPT = "application/json, text/event-stream"
 # The per-request `_meta` envelope every 2026-07-28 request must carry.
 META: dict[str, Any] = {
     "io.modelcontextprotocol/protocolVersion": MODERN,
     "io.modelcontextprotocol/clientCapabilities": {},
     "io.modelcontextprotocol/clientInfo": {"name": "agentgw-tests", "version": "1"},
+}
+
+
+# The handshake that opens a 2025-11-25 session, of a client that declares no capabilities.
+LEGACY_INIT: dict[str, Any] = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": LEGACY, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
 }
 
 
