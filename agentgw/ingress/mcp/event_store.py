@@ -2,8 +2,9 @@
 
 A 2025-11-25 client whose POST stream breaks reconnects with `Last-Event-ID` and gets what it missed
 (the first event of each stream, with an id and no data, primes it for that). The events live in the
-memory of the node that holds the session, bounded three ways: so many per stream, so many in all
-(the oldest go first), and none older than a few minutes. An event that is gone cannot be resumed
+memory of the node that holds the session, bounded four ways: so many per stream, so many and so
+many bytes in all (the oldest go first: an answer may be as large as the upstream's answer cap), and
+none older than a few minutes. An event that is gone cannot be resumed
 from: the client gets an empty stream, as after a restart.
 
 Each session has its own store: the SDK's stream ids are request ids, which repeat from session to
@@ -35,6 +36,7 @@ __all__ = ["ResumableSessionManager", "SessionEvents"]
 
 EVENTS_PER_STREAM = 256
 EVENTS_IN_ALL = 10_000
+BYTES_IN_ALL = 64 * 1024 * 1024
 EVENT_TTL_S = 300.0
 # How soon (ms) a client whose stream closed should come back, said in each stream's priming event.
 RETRY_MS = 1000
@@ -46,6 +48,7 @@ class _Event:
     stream: StreamId
     message: JSONRPCMessage | None  # None: a priming event
     at: float
+    size: int
 
 
 class SessionEvents:
@@ -57,9 +60,12 @@ class SessionEvents:
         per_stream: int = EVENTS_PER_STREAM,
         in_all: int = EVENTS_IN_ALL,
         ttl_s: float = EVENT_TTL_S,
+        bytes_in_all: int = BYTES_IN_ALL,
     ) -> None:
         self._per_stream = per_stream
         self._in_all = in_all
+        self._bytes_in_all = bytes_in_all
+        self._bytes = 0
         self._ttl_s = ttl_s
         self._events: OrderedDict[EventId, _Event] = OrderedDict()  # oldest first
         self._streams: dict[str, dict[StreamId, deque[EventId]]] = {}  # session -> stream -> ids
@@ -67,6 +73,16 @@ class SessionEvents:
 
     def __len__(self) -> int:
         return len(self._events)
+
+    @property
+    def bytes(self) -> int:
+        """The serialized size of the events kept."""
+        return self._bytes
+
+    def _forget(self, event_id: EventId) -> None:
+        event = self._events.pop(event_id, None)
+        if event is not None:
+            self._bytes -= event.size
 
     def for_session(self, session_id: str) -> EventStore:
         """The store the SDK's transport of `session_id` writes to and replays from."""
@@ -76,25 +92,31 @@ class SessionEvents:
         """Forget an ended session's events."""
         for ids in self._streams.pop(session_id, {}).values():
             for event_id in ids:
-                self._events.pop(event_id, None)
+                self._forget(event_id)
 
     def store(self, session_id: str, stream_id: StreamId, message: JSONRPCMessage | None) -> EventId:
         now = time.monotonic()
         event_id = str(next(self._ids))
-        self._events[event_id] = _Event(session_id, stream_id, message, now)
+        size = len(message.model_dump_json(by_alias=True, exclude_none=True)) if message is not None else 0
+        self._events[event_id] = _Event(session_id, stream_id, message, now, size)
+        self._bytes += size
         ids = self._streams.setdefault(session_id, {}).setdefault(stream_id, deque())
         ids.append(event_id)
         if len(ids) > self._per_stream:
-            self._events.pop(ids.popleft(), None)
+            self._forget(ids.popleft())
         self._expire(now)
         return event_id
 
     def _expire(self, now: float) -> None:
         while self._events:
             event_id, event = next(iter(self._events.items()))
-            if len(self._events) <= self._in_all and now - event.at <= self._ttl_s:
+            if (
+                len(self._events) <= self._in_all
+                and self._bytes <= self._bytes_in_all
+                and now - event.at <= self._ttl_s
+            ):
                 return
-            del self._events[event_id]
+            self._forget(event_id)
             streams = self._streams.get(event.session, {})
             ids = streams.get(event.stream)
             if ids and ids[0] == event_id:  # ids are increasing, so the oldest of all is its stream's

@@ -66,3 +66,15 @@ async def test_events_expire_and_end_with_their_session() -> None:
     events.drop("s")
     assert await replayed(events, "s", kept) == (None, [])
     assert len(events) == 0
+
+
+async def test_large_events_are_capped_by_their_bytes_in_all_oldest_first() -> None:
+    size = len(note(0).model_dump_json(by_alias=True, exclude_none=True))
+    events = SessionEvents(bytes_in_all=3 * size)
+    store = events.for_session("s")
+    ids = [await store.store_event("a", note(n)) for n in range(5)]
+    assert len(events) == 3 and events.bytes == 3 * size
+    assert await replayed(events, "s", ids[1]) == (None, [])  # pushed out by the bytes that came after
+    assert await replayed(events, "s", ids[2]) == ("a", [3, 4])
+    events.drop("s")
+    assert len(events) == 0 and events.bytes == 0
