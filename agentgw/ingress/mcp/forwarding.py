@@ -74,8 +74,11 @@ def node_url_error(url: str) -> str | None:
         address = ipaddress.ip_address(parts.hostname)
     except ValueError:
         return "the host must be an IP address (a name could resolve anywhere)"
-    if address.is_unspecified or not (address.is_loopback or address.is_private):
-        return "the address must be loopback or private"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # judged as the IPv4 address it reaches
+    # Link-local counts as private to `ipaddress`, but it is where cloud metadata services answer.
+    if address.is_unspecified or address.is_link_local or not (address.is_loopback or address.is_private):
+        return "the address must be loopback or private (not link-local)"
     return None
 
 

@@ -36,6 +36,10 @@ def test_a_loopback_or_private_address_can_be_a_node_url(url: str) -> None:
         "http://user:secret@127.0.0.1:8080",
         "http://127.0.0.1:99999",
         "127.0.0.1:8080",
+        "http://169.254.169.254:80",  # link-local: where cloud metadata services answer
+        "http://[fe80::1]:80",
+        "http://[::ffff:169.254.169.254]:80",  # the same, IPv4-mapped
+        "http://[::ffff:8.8.8.8]:80",
     ],
 )
 def test_anything_else_cannot(url: str) -> None:
